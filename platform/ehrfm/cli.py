@@ -1,0 +1,53 @@
+"""The `ehrfm` command: one subcommand per submittable job in `jobs/`.
+
+Each subcommand is a `main(argv) -> int` in the module that owns the work; the table below maps
+names to those functions and imports them lazily, so `ehrfm --help` does not import Ray or torch.
+`jobs/<name>.py` calls `run_command(<name>, argv)`, so the job files and the CLI cannot drift.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> ("module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synthesize": ("ehrfm.data.synthetic:main", "write a synthetic OMOP + PRS cohort with a known truth"),
+    "validate": ("ehrfm.data.validate:main", "validate OMOP tables and PRS files; quarantine bad rows"),
+    "preprocess": ("ehrfm.data.pipeline:main", "OMOP + PRS -> MEDS events -> tokenized timelines on Ray Data"),
+    "score_prs": ("ehrfm.data.prs_compute:main", "compute PRS from PLINK genotypes and PGS Catalog scoring files"),
+    "pretrain": ("ehrfm.train.pretrain:main", "pretrain the decoder on Ray Train + DeepSpeed ZeRO"),
+    "pipeline": ("ehrfm.pipeline:main", "the main job: every stage end to end on the embedded default"),
+}
+
+
+def run_command(name: str, argv: Sequence[str]) -> int:
+    """Run subcommand `name` with `argv` (its own arguments, without the name)."""
+    if name not in COMMANDS:
+        raise SystemExit(f"ehrfm: unknown command {name!r}; choose from {', '.join(sorted(COMMANDS))}")
+    target, _ = COMMANDS[name]
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    result = func(list(argv))
+    return int(result or 0)
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: ehrfm <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in sorted(COMMANDS.items())]
+    lines += ["", "Run `ehrfm <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    return run_command(args[0], args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

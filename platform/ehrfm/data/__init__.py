@@ -1,0 +1,1 @@
+"""Data: OMOP and PRS readers with validation, the synthetic cohort, events and tokenization."""
