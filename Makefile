@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(PY) jobs/pipeline.py --workdir $(RUN_DIR)
+	$(PY) jobs/pipeline.py --workdir $(RUN_DIR) --config jobs/configs/pipeline-demo.yaml
 
 test: setup
 	$(PY) -m pytest tests

@@ -34,3 +34,20 @@ def ray_cluster():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback (SQLite + local artifacts), for the session."""
+    import socket
+
+    from ehrfm.tracking import ServerSettings, start_server
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = ServerSettings(state_dir=tmp_path_factory.mktemp("mlflow"), port=port)
+    process = start_server(settings)
+    yield settings.url
+    process.terminate()
+    process.wait(timeout=30)

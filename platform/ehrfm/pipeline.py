@@ -1,0 +1,134 @@
+"""The main job: every stage end to end on the embedded default (what `make run` calls).
+
+Each stage is one of the `ehrfm` commands, run in-process with its own arguments and writing its
+own output directory under the work dir, as ../docs/ARCHITECTURE.md lays out. A stage is skipped
+when its output exists and was made from the same inputs: a fingerprint of the stage's arguments
+and of the fingerprints of the stages it reads, stored in `<output>/_stage.json` once the stage
+has finished. `--from STAGE` forces that stage and everything after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ehrfm.cli import run_command
+from ehrfm.config import StrictModel, load_config
+
+STAGE_FILE = "_stage.json"
+
+
+class PipelineConfig(StrictModel):
+    """Sizes and seeds of the embedded default; jobs/configs/pipeline-demo.yaml sets them."""
+
+    persons: int = 2000
+    seed: int = 0
+    num_pgs: int = 128
+    genotyped_fraction: float = 0.6
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline step: the command it runs, the stages it reads and the directory it writes."""
+
+    name: str
+    command: str
+    output: str  # relative to the work dir
+    upstream: tuple[str, ...]
+    arguments: Callable[[PipelineConfig, Path], list[str]]
+
+
+def _synthesize_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
+    return [
+        "--persons", str(cfg.persons), "--seed", str(cfg.seed), "--num-pgs", str(cfg.num_pgs),
+        "--genotyped-fraction", str(cfg.genotyped_fraction), "--out", str(workdir / "cohort"),
+    ]
+
+
+def _validate_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
+    cohort = workdir / "cohort"
+    return [
+        "--omop", str(cohort / "omop"),
+        "--prs", str(cohort / "prs" / "aggregated_scores.txt.gz"),
+        "--sample-map", str(cohort / "prs" / "sample_map.tsv"),
+        "--out", str(workdir / "validation"),
+    ]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("synthesize", "synthesize", "cohort", (), _synthesize_args),
+    Stage("validate", "validate", "validation", ("synthesize",), _validate_args),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def fingerprint(stage: Stage, args: list[str], upstream_prints: list[str]) -> str:
+    payload = json.dumps({"stage": stage.name, "args": args, "upstream": upstream_prints})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_stage_record(output: Path) -> dict | None:
+    path = output / STAGE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def run_pipeline(cfg: PipelineConfig, workdir: Path, start_from: str | None = None,
+                 until: str | None = None) -> dict[str, dict]:
+    """Run (or skip) each stage in order; returns {stage: record}."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    forced = False
+    records: dict[str, dict] = {}
+    for index, stage in enumerate(STAGES, start=1):
+        forced = forced or stage.name == start_from
+        output = workdir / stage.output
+        args = stage.arguments(cfg, workdir)
+        print_ = fingerprint(stage, args, [records[name]["fingerprint"] for name in stage.upstream])
+        record = read_stage_record(output)
+        header = f"[{index}/{len(STAGES)}] {stage.name}"
+        if not forced and record is not None and record.get("fingerprint") == print_:
+            print(f"{header}: up to date, skipped ({output})", flush=True)
+            records[stage.name] = record
+        else:
+            print(f"{header}: running -> {output}", flush=True)
+            if output.exists():
+                shutil.rmtree(output)
+            started = time.perf_counter()
+            code = run_command(stage.command, args)
+            if code != 0:
+                raise SystemExit(f"stage {stage.name} failed with exit code {code}")
+            record = {"stage": stage.name, "fingerprint": print_, "seconds": round(time.perf_counter() - started, 2)}
+            (output / STAGE_FILE).write_text(json.dumps(record, indent=2))
+            print(f"{header}: done in {record['seconds']:.1f}s", flush=True)
+            records[stage.name] = record
+        if stage.name == until:
+            break
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ehrfm pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--config", type=Path, default=None, help="pipeline YAML (PipelineConfig)")
+    parser.add_argument("--from", dest="start_from", choices=STAGE_NAMES, default=None,
+                        help="force this stage and every later one")
+    parser.add_argument("--until", choices=STAGE_NAMES, default=None, help="stop after this stage")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    args = parser.parse_args(argv)
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    started = time.perf_counter()
+    run_pipeline(cfg, args.workdir, args.start_from, args.until)
+    print(f"pipeline finished in {time.perf_counter() - started:.1f}s; outputs under {args.workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The MLflow tracking server: start it on loopback, find it, or reuse the one already running.
+
+Jobs find the server through `MLFLOW_TRACKING_URI`. With none set they use the embedded default:
+a local server (SQLite backend store + local artifact store under a state directory) that is
+started once, detached, and reused by later jobs. On a cluster the server is a shared service
+(PostgreSQL + an object store) and `MLFLOW_TRACKING_URI` points at it; see `mlflow/README.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PORT = 5005
+DEFAULT_STATE_DIR = Path(os.environ.get("EHRFM_STATE_DIR", Path.home() / ".ehrfm"))
+
+# MLflow's client retries transient HTTP failures (e.g. a server restart) with these settings;
+# the defaults are raised so a job logging through a restart waits instead of failing.
+CLIENT_RETRY_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where the server listens and stores; every field can come from the environment."""
+
+    state_dir: Path = DEFAULT_STATE_DIR / "mlflow"
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    backend_store_uri: str | None = None  # default: sqlite:///<state_dir>/mlflow.db
+    artifacts_destination: str | None = None  # default: <state_dir>/artifacts
+
+    @classmethod
+    def from_env(cls, **overrides) -> "ServerSettings":
+        env = os.environ
+        values = {
+            "state_dir": Path(env.get("EHRFM_MLFLOW_DIR", DEFAULT_STATE_DIR / "mlflow")),
+            "host": env.get("EHRFM_MLFLOW_HOST", "127.0.0.1"),
+            "port": int(env.get("EHRFM_MLFLOW_PORT", DEFAULT_PORT)),
+            "backend_store_uri": env.get("EHRFM_MLFLOW_BACKEND_STORE_URI"),
+            "artifacts_destination": env.get("EHRFM_MLFLOW_ARTIFACTS_DESTINATION"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        backend = self.backend_store_uri or f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
+        artifacts = self.artifacts_destination or str((self.state_dir / "artifacts").resolve())
+        return [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", backend,
+            "--artifacts-destination", artifacts,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--workers", "1",
+        ]
+
+
+def is_healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def wait_healthy(url: str, timeout_s: float = 90.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if is_healthy(url):
+            return
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"MLflow server exited with code {process.returncode}; see its log")
+        time.sleep(0.5)
+    raise TimeoutError(f"MLflow server at {url} not healthy after {timeout_s:.0f}s")
+
+
+def start_server(settings: ServerSettings, detach: bool = False) -> subprocess.Popen:
+    """Start `mlflow server` and wait until /health answers. Its log goes to <state_dir>/server.log."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    log = open(settings.state_dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
+    process = subprocess.Popen(
+        settings.command(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=detach,
+        cwd=settings.state_dir,
+    )
+    wait_healthy(settings.url, process=process)
+    return process
+
+
+def ensure_tracking_uri(settings: ServerSettings | None = None) -> str:
+    """`MLFLOW_TRACKING_URI` if set; else the local server, started (detached) if not running.
+
+    Also sets the client retry environment and exports the URI so Ray workers inherit it.
+    """
+    for key, value in CLIENT_RETRY_ENV.items():
+        os.environ.setdefault(key, value)
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    settings = settings or ServerSettings.from_env()
+    if not is_healthy(settings.url):
+        start_server(settings, detach=True)
+    os.environ["MLFLOW_TRACKING_URI"] = settings.url
+    return settings.url
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ehrfm tracking", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["serve", "start", "status"],
+                        help="serve: run in the foreground; start: detached, reused if running; status")
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--state-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    settings = ServerSettings.from_env(port=args.port, host=args.host, state_dir=args.state_dir)
+    if args.action == "status":
+        healthy = is_healthy(settings.url)
+        print(f"{settings.url}: {'healthy' if healthy else 'not running'}")
+        return 0 if healthy else 1
+    if args.action == "start":
+        if is_healthy(settings.url):
+            print(f"MLflow already running at {settings.url}")
+        else:
+            start_server(settings, detach=True)
+            print(f"MLflow started at {settings.url} (state in {settings.state_dir})")
+        return 0
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chdir(settings.state_dir)
+    os.execv(sys.executable, settings.command())  # foreground: this process becomes the server
+    return 0  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())
