@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("ehrfm.data.pipeline:main", "OMOP + PRS -> MEDS events -> tokenized timelines on Ray Data"),
     "score_prs": ("ehrfm.data.prs_compute:main", "compute PRS from PLINK genotypes and PGS Catalog scoring files"),
     "pretrain": ("ehrfm.train.pretrain:main", "pretrain the decoder on Ray Train + DeepSpeed ZeRO"),
+    "label": ("ehrfm.tasks.labeler:main", "label prediction times for a task (MEDS label parquet)"),
+    "baselines": ("ehrfm.evaluate.baselines:main", "PRS-only and count-feature baselines with bootstrap CIs"),
     "tracking": ("ehrfm.tracking:main", "start, reuse or check the local MLflow tracking server"),
     "pipeline": ("ehrfm.pipeline:main", "the main job: every stage end to end on the embedded default"),
 }

@@ -1,0 +1,1 @@
+"""Evaluation: metrics with bootstrap CIs, calibration, PRS-decile and subgroup tables, baselines, report."""

@@ -1,0 +1,137 @@
+"""AUROC and AUPRC with seeded bootstrap confidence intervals, computed for all resamples at once.
+
+A bootstrap resample is a vector of multiplicities (how often each person was drawn), so both
+metrics are written as weighted sums over the scores sorted once: tied scores form one threshold
+group, exactly as scikit-learn's roc_auc_score and average_precision_score treat ties. The
+resamples are processed in chunks so memory stays at about `chunk_elems` floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_BOOTSTRAP = 1000
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with a percentile bootstrap interval (NaN when undefined)."""
+
+    value: float
+    lower: float
+    upper: float
+    n_boot: int = 0
+    n_boot_valid: int = 0  # resamples with both classes present
+
+    def fmt(self, digits: int = 3) -> str:
+        if np.isnan(self.value):
+            return "n/a"
+        if np.isnan(self.lower):
+            return f"{self.value:.{digits}f}"
+        return f"{self.value:.{digits}f} [{self.lower:.{digits}f}, {self.upper:.{digits}f}]"
+
+
+def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).astype(bool).ravel()
+    s = np.asarray(y_score, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels ({y.size}) and scores ({s.size}) differ in length")
+    if not np.isfinite(s).all():
+        raise ValueError(f"{int((~np.isfinite(s)).sum())} of {s.size} scores are NaN or infinite")
+    return y, s
+
+
+def _tie_groups(s: np.ndarray, descending: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Sort order and start index of each run of equal scores in that order."""
+    order = np.argsort(-s if descending else s, kind="stable")
+    sorted_s = s[order]
+    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+    return order, starts
+
+
+def _group_sums(weights: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    return np.add.reduceat(weights, starts, axis=-1)
+
+
+def _auroc_weighted(pos_w: np.ndarray, neg_w: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """AUROC for rows of weights over ascending-sorted scores: P(s+ > s-) + P(tie) / 2."""
+    pos_g, neg_g = _group_sums(pos_w, starts), _group_sums(neg_w, starts)
+    neg_below = np.cumsum(neg_g, axis=-1) - neg_g
+    pairs = pos_g.sum(-1) * neg_g.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, (pos_g * (neg_below + 0.5 * neg_g)).sum(-1) / pairs, np.nan)
+
+
+def _auprc_weighted(pos_w: np.ndarray, neg_w: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Average precision for rows of weights over descending-sorted scores (step-wise, no interpolation)."""
+    pos_g, neg_g = _group_sums(pos_w, starts), _group_sums(neg_w, starts)
+    tp, fp = np.cumsum(pos_g, axis=-1), np.cumsum(neg_g, axis=-1)
+    total_pos = pos_g.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        ap = (pos_g * precision).sum(-1) / total_pos
+        has_both = (total_pos > 0) & (neg_g.sum(-1) > 0)
+    return np.where(has_both, ap, np.nan)
+
+
+_METRICS = {"auroc": (_auroc_weighted, False), "auprc": (_auprc_weighted, True)}
+
+
+def _point(metric: str, y: np.ndarray, s: np.ndarray) -> float:
+    fn, descending = _METRICS[metric]
+    order, starts = _tie_groups(s, descending)
+    ys = y[order].astype(np.float64)
+    return float(fn(ys, 1.0 - ys, starts))
+
+
+def auroc(y_true, y_score) -> float:
+    """Area under the ROC curve (ties count one half); NaN when a class is absent."""
+    return _point("auroc", *_check(y_true, y_score))
+
+
+def auprc(y_true, y_score) -> float:
+    """Average precision, as scikit-learn's average_precision_score; NaN when a class is absent."""
+    return _point("auprc", *_check(y_true, y_score))
+
+
+def bootstrap_weights(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n) multiplicities: how many times each of n items is drawn in each resample."""
+    draws = rng.integers(0, n, size=(n_boot, n))
+    offsets = (np.arange(n_boot) * n)[:, None]
+    return np.bincount((draws + offsets).ravel(), minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+
+
+def bootstrap_metric(metric: str, y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+                     alpha: float = 0.05, chunk_elems: int = 20_000_000) -> Estimate:
+    """Point estimate and percentile (1 - alpha) interval over `n_boot` seeded person resamples."""
+    if metric not in _METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {sorted(_METRICS)}")
+    y, s = _check(y_true, y_score)
+    value = _point(metric, y, s)
+    if n_boot <= 0 or y.size == 0:
+        return Estimate(value, np.nan, np.nan)
+    fn, descending = _METRICS[metric]
+    order, starts = _tie_groups(s, descending)
+    ys = y[order]
+    rng = np.random.default_rng(seed)
+    chunk = max(1, chunk_elems // max(1, y.size))
+    values = []
+    for first in range(0, n_boot, chunk):
+        w = bootstrap_weights(y.size, min(chunk, n_boot - first), rng)[:, order]
+        values.append(fn(w * ys, w * ~ys, starts))
+    boot = np.concatenate(values)
+    valid = boot[~np.isnan(boot)]
+    if valid.size == 0:
+        return Estimate(value, np.nan, np.nan, n_boot, 0)
+    lower, upper = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
+    return Estimate(value, float(lower), float(upper), n_boot, int(valid.size))
+
+
+def auroc_ci(y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, alpha: float = 0.05) -> Estimate:
+    return bootstrap_metric("auroc", y_true, y_score, n_boot, seed, alpha)
+
+
+def auprc_ci(y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, alpha: float = 0.05) -> Estimate:
+    return bootstrap_metric("auprc", y_true, y_score, n_boot, seed, alpha)

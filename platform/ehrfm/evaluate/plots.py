@@ -1,0 +1,94 @@
+"""Evaluation figures as PNG: ROC, precision-recall, reliability, observed risk by PRS decile.
+
+Figures are built on `matplotlib.figure.Figure` with the Agg canvas directly, never pyplot, so no
+display or global backend state is touched (safe in Ray workers and tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from ehrfm.evaluate.calibration import reliability_curve
+from ehrfm.evaluate.stratify import risk_by_prs_decile
+
+Risks = Mapping[str, np.ndarray]
+
+
+def _figure(title: str) -> tuple[Figure, object]:
+    figure = Figure(figsize=(5.5, 4.5), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.set_title(title)
+    return figure, axes
+
+
+def roc_figure(y_true, risks: Risks) -> Figure:
+    figure, ax = _figure("ROC")
+    for name, risk in risks.items():
+        fpr, tpr, _ = roc_curve(y_true, risk)
+        ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="lower right", fontsize=7)
+    return figure
+
+
+def pr_figure(y_true, risks: Risks) -> Figure:
+    figure, ax = _figure("Precision-recall")
+    for name, risk in risks.items():
+        precision, recall, _ = precision_recall_curve(y_true, risk)
+        ax.step(recall, precision, where="post", label=name)
+    ax.axhline(float(np.mean(y_true)), color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="upper right", fontsize=7)
+    return figure
+
+
+def calibration_figure(y_true, risks: Risks, n_bins: int = 10) -> Figure:
+    figure, ax = _figure("Reliability (quantile bins)")
+    for name, risk in risks.items():
+        curve = reliability_curve(y_true, risk, n_bins, strategy="quantile")
+        ax.plot(curve.mean_predicted, curve.observed, marker="o", markersize=3, label=f"{name} (ECE {curve.ece:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="mean predicted risk", ylabel="observed rate")
+    ax.legend(loc="upper left", fontsize=7)
+    return figure
+
+
+def prs_decile_figure(table: pl.DataFrame) -> Figure:
+    """Observed rate with Wilson CI per PRS decile (and the no-PRS group), mean predicted if present."""
+    figure, ax = _figure("Observed risk by PRS decile")
+    x = np.arange(table.height)
+    rate = table["observed_rate"].to_numpy()
+    errors = np.vstack([rate - table["ci_low"].to_numpy(), table["ci_high"].to_numpy() - rate])
+    ax.errorbar(x, rate, yerr=errors, fmt="o", capsize=3, label="observed")
+    if "mean_predicted" in table.columns:
+        ax.plot(x, table["mean_predicted"].to_numpy(), marker="x", linestyle="--", label="mean predicted")
+    ax.set_xticks(x, table["group"].to_list(), rotation=45, fontsize=7)
+    ax.set(xlabel="PRS group", ylabel="event rate")
+    ax.legend(loc="upper left", fontsize=7)
+    return figure
+
+
+def save_figures(out_dir: Path, y_true, risks: Risks, prs=None, decile_model: str | None = None) -> list[Path]:
+    """Write roc.png, pr.png, calibration.png (and prs_deciles.png when PRS is given)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = {"roc": roc_figure(y_true, risks), "pr": pr_figure(y_true, risks),
+               "calibration": calibration_figure(y_true, risks)}
+    if prs is not None:
+        model = decile_model or next(iter(risks), None)
+        table = risk_by_prs_decile(y_true, prs, risks[model] if model else None)
+        figures["prs_deciles"] = prs_decile_figure(table)
+    paths = []
+    for name, figure in figures.items():
+        path = out_dir / f"{name}.png"
+        figure.savefig(path, bbox_inches="tight")
+        paths.append(path)
+    return paths

@@ -1,0 +1,110 @@
+"""One evaluation summary per model, a markdown table of them, and logging to MLflow.
+
+The report and MLflow hold aggregate numbers and figures only (no person-level values).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ehrfm.evaluate.calibration import expected_calibration_error
+from ehrfm.evaluate.metrics import DEFAULT_BOOTSTRAP, Estimate, auprc_ci, auroc_ci
+from ehrfm.evaluate.plots import save_figures
+from ehrfm.evaluate.stratify import risk_by_prs_decile, subgroup_table
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """Discrimination with bootstrap CIs and calibration for one model on one evaluation set."""
+
+    name: str
+    n: int
+    n_positive: int
+    auroc: Estimate
+    auprc: Estimate
+    ece: float  # NaN when the scores are not probabilities (e.g. an oracle liability)
+
+    def metrics(self) -> dict[str, float]:
+        values = {
+            "auroc": self.auroc.value, "auroc_ci_low": self.auroc.lower, "auroc_ci_high": self.auroc.upper,
+            "auprc": self.auprc.value, "auprc_ci_low": self.auprc.lower, "auprc_ci_high": self.auprc.upper,
+            "ece": self.ece, "n": float(self.n), "n_positive": float(self.n_positive),
+        }
+        return {k: float(v) for k, v in values.items()}
+
+
+def evaluate_predictions(name: str, y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+                         n_bins: int = 10) -> ModelResult:
+    """AUROC, AUPRC (seeded bootstrap 95% CIs) and ECE of one model's scores."""
+    y = np.asarray(y_true).astype(bool).ravel()
+    score = np.asarray(y_score, dtype=np.float64).ravel()
+    is_probability = score.size > 0 and np.isfinite(score).all() and score.min() >= 0 and score.max() <= 1
+    return ModelResult(
+        name=name, n=int(y.size), n_positive=int(y.sum()),
+        auroc=auroc_ci(y, score, n_boot, seed), auprc=auprc_ci(y, score, n_boot, seed),
+        ece=expected_calibration_error(y, score, n_bins) if is_probability else float("nan"),
+    )
+
+
+def markdown_table(results: list[ModelResult], digits: int = 3) -> str:
+    """| model | n (events) | AUROC [95% CI] | AUPRC [95% CI] | ECE |"""
+    lines = ["| model | n (events) | AUROC [95% CI] | AUPRC [95% CI] | ECE |", "|---|---|---|---|---|"]
+    for r in results:
+        ece = "n/a" if np.isnan(r.ece) else f"{r.ece:.{digits}f}"
+        lines.append(f"| {r.name} | {r.n} ({r.n_positive}) | {r.auroc.fmt(digits)} | {r.auprc.fmt(digits)} | {ece} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: list[ModelResult], out_dir: Path, y_true=None, risks: dict | None = None,
+                 prs=None) -> list[Path]:
+    """report.md + metrics.json, and the PNG figures when labels and risks are given. Returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = out_dir / "report.md"
+    report.write_text("# Evaluation\n\n" + markdown_table(results))
+    metrics = out_dir / "metrics.json"
+    metrics.write_text(json.dumps({r.name: r.metrics() for r in results}, indent=2))
+    paths = [report, metrics]
+    if y_true is not None and risks:
+        probabilities = {k: v for k, v in risks.items() if np.min(v) >= 0 and np.max(v) <= 1}
+        paths += save_figures(out_dir, y_true, probabilities, prs)
+    return paths
+
+
+def write_stratified(out_dir: Path, y_true, risks: dict, groups: dict, prs=None, n_boot: int = 200,
+                     seed: int = 0) -> list[Path]:
+    """subgroups.csv (every model x subgroup level) and prs_deciles.csv (every model x decile)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = [subgroup_table(y_true, risk, groups, n_boot, seed).insert_column(0, pl.lit(name).alias("model"))
+              for name, risk in risks.items()]
+    paths = [out_dir / "subgroups.csv"]
+    pl.concat(tables).write_csv(paths[0])
+    if prs is not None:
+        deciles = [risk_by_prs_decile(y_true, prs, risk).insert_column(0, pl.lit(name).alias("model"))
+                   for name, risk in risks.items()]
+        paths.append(out_dir / "prs_deciles.csv")
+        pl.concat(deciles).write_csv(paths[1])
+    return paths
+
+
+def metric_key(model: str, metric: str) -> str:
+    """An MLflow-safe metric name such as `counts_lr/auroc`."""
+    return re.sub(r"[^\w\-./ ]", "_", f"{model}/{metric}")
+
+
+def log_to_mlflow(results: list[ModelResult], artifacts: list[Path] = (), artifact_dir: str = "evaluation") -> bool:
+    """Log every metric and artifact to the active MLflow run; False (nothing logged) without one."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return False
+    metrics = {metric_key(r.name, k): v for r in results for k, v in r.metrics().items() if np.isfinite(v)}
+    mlflow.log_metrics(metrics)
+    for path in artifacts:
+        mlflow.log_artifact(str(path), artifact_path=artifact_dir)
+    return True

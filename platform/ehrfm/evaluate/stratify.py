@@ -1,0 +1,101 @@
+"""Stratified views of a model: observed risk by PRS decile and metrics per subgroup.
+
+Tables hold group counts and rates only, never a person's row. Groups smaller than `min_count`
+get counts but no metrics (too few to estimate, and small cells are a disclosure risk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import polars as pl
+
+from ehrfm.evaluate.calibration import expected_calibration_error
+from ehrfm.evaluate.metrics import auprc_ci, auroc_ci
+
+AGE_EDGES = (40, 50, 60, 70)
+NO_PRS = "no PRS"
+
+
+def wilson_interval(events: np.ndarray, n: np.ndarray, z: float = 1.959964) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a proportion (well-behaved at 0 and 1 events)."""
+    events, n = np.asarray(events, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = events / n
+        denom = 1 + z**2 / n
+        centre = (p + z**2 / (2 * n)) / denom
+        half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    return centre - half, centre + half
+
+
+def prs_deciles(prs, n_groups: int = 10) -> np.ndarray:
+    """Group 1..n_groups by PRS quantile among persons with a PRS; 0 where the PRS is missing (NaN)."""
+    values = np.asarray(prs, dtype=np.float64).ravel()
+    present = np.isfinite(values)
+    groups = np.zeros(values.size, dtype=np.int64)
+    if present.any():
+        ranks = np.argsort(np.argsort(values[present], kind="stable"), kind="stable")
+        groups[present] = ranks * n_groups // present.sum() + 1
+    return groups
+
+
+def risk_by_prs_decile(y_true, prs, y_prob=None, n_groups: int = 10) -> pl.DataFrame:
+    """Observed event rate (Wilson 95% CI) and mean predicted risk per PRS decile (+ a no-PRS row)."""
+    y = np.asarray(y_true).astype(np.float64).ravel()
+    groups = prs_deciles(prs, n_groups)
+    if groups.size != y.size:
+        raise ValueError(f"labels ({y.size}) and PRS values ({groups.size}) differ in length")
+    n = np.bincount(groups, minlength=n_groups + 1)
+    events = np.bincount(groups, weights=y, minlength=n_groups + 1)
+    low, high = wilson_interval(events, n)
+    columns = {
+        "group": [NO_PRS] + [f"D{g}" for g in range(1, n_groups + 1)],
+        "n": n.astype(np.int64),
+        "events": events.astype(np.int64),
+        "observed_rate": np.divide(events, n, out=np.full(n.size, np.nan), where=n > 0),
+        "ci_low": low,
+        "ci_high": high,
+    }
+    if y_prob is not None:
+        p = np.asarray(y_prob, dtype=np.float64).ravel()
+        sums = np.bincount(groups, weights=p, minlength=n_groups + 1)
+        columns["mean_predicted"] = np.divide(sums, n, out=np.full(n.size, np.nan), where=n > 0)
+    table = pl.DataFrame(columns)
+    deciles = table.slice(1)
+    return deciles.vstack(table.slice(0, 1)) if n[0] > 0 else deciles
+
+
+def age_bucket(age_years, edges: tuple[int, ...] = AGE_EDGES) -> np.ndarray:
+    """Labels such as '<40', '40-49', ..., '70+' (NaN age -> 'unknown')."""
+    age = np.asarray(age_years, dtype=np.float64).ravel()
+    names = [f"<{edges[0]}"] + [f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])] + [f"{edges[-1]}+"]
+    index = np.searchsorted(np.asarray(edges, dtype=np.float64), age, side="right")
+    labels = np.asarray(names, dtype=object)[np.minimum(index, len(names) - 1)]
+    labels[~np.isfinite(age)] = "unknown"
+    return labels
+
+
+def subgroup_table(y_true, y_prob, groups: Mapping[str, np.ndarray], n_boot: int = 200, seed: int = 0,
+                   min_count: int = 20) -> pl.DataFrame:
+    """One row per (attribute, level): n, events, prevalence, AUROC/AUPRC with CIs, ECE."""
+    y = np.asarray(y_true).astype(bool).ravel()
+    p = np.asarray(y_prob, dtype=np.float64).ravel()
+    rows = []
+    for attribute, values in groups.items():
+        values = np.asarray(values, dtype=object).ravel()
+        if values.size != y.size:
+            raise ValueError(f"subgroup {attribute!r} has {values.size} values for {y.size} persons")
+        for level in sorted({str(v) for v in values}):
+            mask = values.astype(str) == level
+            n, events = int(mask.sum()), int(y[mask].sum())
+            row = {"attribute": attribute, "level": level, "n": n, "events": events,
+                   "prevalence": events / n, "auroc": np.nan, "auroc_low": np.nan, "auroc_high": np.nan,
+                   "auprc": np.nan, "auprc_low": np.nan, "auprc_high": np.nan, "ece": np.nan}
+            if n >= min_count and 0 < events < n:
+                roc, pr = auroc_ci(y[mask], p[mask], n_boot, seed), auprc_ci(y[mask], p[mask], n_boot, seed)
+                row.update(auroc=roc.value, auroc_low=roc.lower, auroc_high=roc.upper,
+                           auprc=pr.value, auprc_low=pr.lower, auprc_high=pr.upper,
+                           ece=expected_calibration_error(y[mask], p[mask]))
+            rows.append(row)
+    return pl.DataFrame(rows)

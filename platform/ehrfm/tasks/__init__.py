@@ -1,0 +1,1 @@
+"""Prediction tasks: definitions (YAML in jobs/configs/tasks/), concept sets and the MEDS labeler."""

@@ -1,0 +1,173 @@
+"""Metrics against scikit-learn, bootstrap CIs, calibration, stratified tables, report and MLflow."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from ehrfm.evaluate.calibration import Recalibrator, expected_calibration_error, reliability_curve
+from ehrfm.evaluate.metrics import auprc, auroc, auroc_ci, bootstrap_metric, bootstrap_weights
+from ehrfm.evaluate.report import evaluate_predictions, log_to_mlflow, markdown_table, write_report
+from ehrfm.evaluate.stratify import age_bucket, prs_deciles, risk_by_prs_decile, subgroup_table, wilson_interval
+
+
+def scored_sample(n: int, seed: int, ties: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.25
+    s = rng.normal(size=n) + 0.8 * y
+    return y, (np.round(s, 1) if ties else s)
+
+
+@pytest.mark.parametrize("n,seed,ties", [(7, 0, True), (50, 1, True), (2000, 2, True), (2000, 3, False)])
+def test_auroc_and_auprc_match_scikit_learn(n, seed, ties):
+    y, s = scored_sample(n, seed, ties)
+    y[0], y[1] = True, False  # both classes present even at n=7
+    assert auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert auprc(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+
+
+def test_single_class_gives_nan_not_an_error():
+    assert np.isnan(auroc([1, 1, 1], [0.2, 0.4, 0.3]))
+    assert np.isnan(auprc([0, 0], [0.2, 0.4]))
+    est = auroc_ci([0, 0, 0], [0.1, 0.2, 0.3], n_boot=50)
+    assert np.isnan(est.value) and est.n_boot_valid == 0
+    with pytest.raises(ValueError, match="1 of 3 scores are NaN"):
+        auroc([0, 1, 0], [0.1, np.nan, 0.2])
+
+
+@pytest.mark.parametrize("metric,reference", [("auroc", roc_auc_score), ("auprc", average_precision_score)])
+def test_every_bootstrap_resample_matches_weighted_scikit_learn(metric, reference):
+    y, s = scored_sample(300, 4)
+    n_boot, seed = 100, 11
+    est = bootstrap_metric(metric, y, s, n_boot=n_boot, seed=seed)
+    weights = bootstrap_weights(y.size, n_boot, np.random.default_rng(seed))
+    expected = np.array([reference(y, s, sample_weight=w) for w in weights])
+    lower, upper = np.quantile(expected, [0.025, 0.975])
+    assert (est.lower, est.upper) == pytest.approx((lower, upper), abs=1e-12)
+    assert est.n_boot_valid == n_boot
+
+
+def test_bootstrap_ci_contains_estimate_shrinks_with_n_and_is_seeded():
+    widths = []
+    for n in (200, 5000):
+        y, s = scored_sample(n, 5)
+        for metric in ("auroc", "auprc"):
+            est = bootstrap_metric(metric, y, s, n_boot=1000, seed=0)
+            assert est.lower <= est.value <= est.upper
+            widths.append(est.upper - est.lower)
+    assert widths[2] < widths[0] / 3 and widths[3] < widths[1] / 3  # ~ 1/sqrt(25) = 1/5
+    y, s = scored_sample(400, 6)
+    assert bootstrap_metric("auroc", y, s, seed=1) == bootstrap_metric("auroc", y, s, seed=1)
+    assert bootstrap_metric("auroc", y, s, seed=1).lower != bootstrap_metric("auroc", y, s, seed=2).lower
+    chunked = bootstrap_metric("auroc", y, s, seed=1, chunk_elems=1000)  # chunks of 2 resamples
+    assert chunked == bootstrap_metric("auroc", y, s, seed=1)
+
+
+def test_ece_near_zero_when_calibrated_and_near_known_gap_when_not():
+    rng = np.random.default_rng(7)
+    p = rng.random(200_000)
+    y = rng.random(p.size) < p
+    assert expected_calibration_error(y, p) < 0.005
+    assert expected_calibration_error(y, p, strategy="quantile") < 0.005
+    # Predicting half the true risk: every bin is off by mean(p)/2 on average -> ECE = E[p]/2 = 0.25.
+    assert expected_calibration_error(y, p / 2) == pytest.approx(0.25, abs=0.005)
+    curve = reliability_curve(y, p / 2, n_bins=10)
+    assert curve.count.sum() == p.size and curve.count.size == 5  # p/2 < 0.5 fills the lower 5 bins
+    with pytest.raises(ValueError, match="1 of 3 probabilities are outside"):
+        expected_calibration_error([0, 1, 1], [0.1, 1.2, 0.3])
+
+
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+def test_recalibration_fit_on_validation_fixes_test_calibration(method):
+    rng = np.random.default_rng(8)
+    logit = rng.normal(size=40_000)
+    y = rng.random(logit.size) < 1 / (1 + np.exp(-logit))
+    overconfident = 1 / (1 + np.exp(-3 * logit + 1))
+    val, test = slice(0, 20_000), slice(20_000, None)
+    before = expected_calibration_error(y[test], overconfident[test])
+    recal = Recalibrator(method).fit(y[val], overconfident[val])
+    after = expected_calibration_error(y[test], recal.transform(overconfident[test]))
+    assert before > 0.08 and after < 0.02
+    assert auroc(y[test], recal.transform(overconfident[test])) == pytest.approx(
+        auroc(y[test], overconfident[test]), abs=0.01)  # monotone: ranking kept
+
+
+def test_prs_deciles_and_observed_risk_rise_with_prs():
+    rng = np.random.default_rng(9)
+    prs = rng.normal(size=10_000)
+    prs[:500] = np.nan  # not genotyped
+    risk = 1 / (1 + np.exp(-(np.nan_to_num(prs) * 1.2 - 2)))
+    y = rng.random(prs.size) < risk
+    groups = prs_deciles(prs)
+    assert (groups[:500] == 0).all() and np.bincount(groups[500:]).tolist() == [0] + [950] * 10
+    table = risk_by_prs_decile(y, prs, risk)
+    assert table["group"].to_list() == [f"D{i}" for i in range(1, 11)] + ["no PRS"]
+    assert table["n"].sum() == 10_000 and table["events"].sum() == int(y.sum())
+    rates = table["observed_rate"].to_numpy()[:10]
+    assert rates[9] > 5 * rates[0] and np.all(np.diff(rates) > -0.03)
+    assert np.all(table["ci_low"].to_numpy() <= rates.tolist() + [table["observed_rate"][10]])
+    low, high = wilson_interval(np.array([0, 5]), np.array([10, 10]))
+    assert low[0] == pytest.approx(0.0, abs=1e-12) and high[0] == pytest.approx(0.2775, abs=1e-4)
+    assert (low[1], high[1]) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+
+
+def test_age_buckets_and_subgroup_table():
+    assert age_bucket([12, 40, 49.9, 55, 69, 70, 90, np.nan]).tolist() == [
+        "<40", "40-49", "40-49", "50-59", "60-69", "70+", "70+", "unknown"]
+    rng = np.random.default_rng(10)
+    n = 3000
+    sex = rng.choice(["female", "male"], size=n)
+    ancestry = rng.choice(["AFR", "EUR", "EAS"], p=[0.3, 0.695, 0.005], size=n)
+    y, s = scored_sample(n, 11, ties=False)
+    p = 1 / (1 + np.exp(-s))
+    table = subgroup_table(y, p, {"sex": sex, "ancestry": ancestry}, n_boot=100, min_count=20)
+    assert table.select("attribute", "level").rows() == [
+        ("sex", "female"), ("sex", "male"), ("ancestry", "AFR"), ("ancestry", "EAS"), ("ancestry", "EUR")]
+    female = table.row(0, named=True)
+    mask = sex == "female"
+    assert female["n"] == mask.sum() and female["events"] == y[mask].sum()
+    assert female["auroc"] == pytest.approx(roc_auc_score(y[mask], p[mask]))
+    assert female["auroc_low"] < female["auroc"] < female["auroc_high"]
+    eas = table.row(3, named=True)
+    assert eas["n"] < 20 and np.isnan(eas["auroc"])  # too small to estimate: counts only
+
+
+def test_report_table_figures_and_mlflow_logging(tmp_path, mlflow_server):
+    y, s = scored_sample(500, 12, ties=False)
+    risks = {"good": 1 / (1 + np.exp(-2 * s)), "noise": np.random.default_rng(0).random(500)}
+    results = [evaluate_predictions(name, y, r, n_boot=200) for name, r in risks.items()]
+    results.append(evaluate_predictions("oracle (liability)", y, s, n_boot=200))
+    table = markdown_table(results)
+    lines = table.strip().splitlines()
+    assert lines[0] == "| model | n (events) | AUROC [95% CI] | AUPRC [95% CI] | ECE |" and len(lines) == 5
+    good = results[0]
+    assert lines[2] == (f"| good | 500 ({int(y.sum())}) | {good.auroc.value:.3f} [{good.auroc.lower:.3f}, "
+                        f"{good.auroc.upper:.3f}] | {good.auprc.value:.3f} [{good.auprc.lower:.3f}, "
+                        f"{good.auprc.upper:.3f}] | {good.ece:.3f} |")
+    assert lines[4].endswith("| n/a |")  # a liability is not a probability: no ECE
+    prs = np.where(np.arange(500) < 50, np.nan, s + np.random.default_rng(1).normal(size=500))
+    paths = write_report(results, tmp_path / "eval", y, risks, prs)
+    assert sorted(p.name for p in paths) == sorted(
+        ["report.md", "metrics.json", "roc.png", "pr.png", "calibration.png", "prs_deciles.png"])
+    for path in paths:
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+    assert log_to_mlflow(results, paths) is False  # no active run: nothing logged
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        mlflow.set_experiment("evaluate-report")
+        with mlflow.start_run() as run:
+            assert log_to_mlflow(results, paths) is True
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert logged["good/auroc"] == pytest.approx(good.auroc.value)
+    assert logged["oracle _liability_/auroc"] == pytest.approx(results[2].auroc.value)
+    assert "oracle _liability_/ece" not in logged  # NaN metrics are not logged
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert artifacts == {f"evaluation/{p.name}" for p in paths}
