@@ -1,8 +1,13 @@
 """Submittable entrypoint: `python jobs/score_prs.py --help` (same as `ehrfm score_prs`)."""
 
 import sys
+from pathlib import Path
 
-from ehrfm.cli import run_command
+try:
+    from ehrfm.cli import run_command
+except ImportError:  # not installed: use the copy beside this file (`ray job submit --working-dir .`)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+    from ehrfm.cli import run_command
 
 if __name__ == "__main__":
     sys.exit(run_command("score_prs", sys.argv[1:]))

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("ehrfm.train.pretrain:main", "pretrain the decoder on Ray Train + DeepSpeed ZeRO"),
     "label": ("ehrfm.tasks.labeler:main", "label prediction times for a task (MEDS label parquet)"),
     "baselines": ("ehrfm.evaluate.baselines:main", "PRS-only and count-feature baselines with bootstrap CIs"),
+    "cluster": ("ehrfm.cluster.cli:main", "start, stop or inspect a local multi-node Ray cluster"),
     "tracking": ("ehrfm.tracking:main", "start, reuse or check the local MLflow tracking server"),
     "pipeline": ("ehrfm.pipeline:main", "the main job: every stage end to end on the embedded default"),
 }

@@ -3,7 +3,8 @@
 Jobs find the server through `MLFLOW_TRACKING_URI`. With none set they use the embedded default:
 a local server (SQLite backend store + local artifact store under a state directory) that is
 started once, detached, and reused by later jobs. On a cluster the server is a shared service
-(PostgreSQL + an object store) and `MLFLOW_TRACKING_URI` points at it; see `mlflow/README.md`.
+(PostgreSQL + an object store, set through the EHRFM_MLFLOW_* variables below) and
+`MLFLOW_TRACKING_URI` points at it; see `mlflow/README.md` and docs/OPERATIONS.md.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ CLIENT_RETRY_ENV = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
 
+# The server's own job runner (GenAI scorers, trace rollups) starts a pool of consumer processes
+# that ehrfm never uses; off unless the environment turns it on.
+SERVER_ENV_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -40,6 +45,8 @@ class ServerSettings:
     port: int = DEFAULT_PORT
     backend_store_uri: str | None = None  # default: sqlite:///<state_dir>/mlflow.db
     artifacts_destination: str | None = None  # default: <state_dir>/artifacts
+    workers: int = 1
+    allowed_hosts: str | None = None  # Host headers accepted; MLflow's default: localhost + private IPs
 
     @classmethod
     def from_env(cls, **overrides) -> "ServerSettings":
@@ -50,6 +57,8 @@ class ServerSettings:
             "port": int(env.get("EHRFM_MLFLOW_PORT", DEFAULT_PORT)),
             "backend_store_uri": env.get("EHRFM_MLFLOW_BACKEND_STORE_URI"),
             "artifacts_destination": env.get("EHRFM_MLFLOW_ARTIFACTS_DESTINATION"),
+            "workers": int(env.get("EHRFM_MLFLOW_WORKERS", 1)),
+            "allowed_hosts": env.get("EHRFM_MLFLOW_ALLOWED_HOSTS"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -61,14 +70,25 @@ class ServerSettings:
     def command(self) -> list[str]:
         backend = self.backend_store_uri or f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
         artifacts = self.artifacts_destination or str((self.state_dir / "artifacts").resolve())
-        return [
+        command = [
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", backend,
             "--artifacts-destination", artifacts,
             "--host", self.host,
             "--port", str(self.port),
-            "--workers", "1",
+            "--workers", str(self.workers),
         ]
+        if self.allowed_hosts:
+            command += ["--allowed-hosts", self.allowed_hosts]
+        return command
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: `base` (default: ours) with SERVER_ENV_DEFAULTS where unset."""
+    env = dict(os.environ if base is None else base)
+    for key, value in SERVER_ENV_DEFAULTS.items():
+        env.setdefault(key, value)
+    return env
 
 
 def is_healthy(url: str, timeout: float = 2.0) -> bool:
@@ -101,6 +121,7 @@ def start_server(settings: ServerSettings, detach: bool = False) -> subprocess.P
         stdin=subprocess.DEVNULL,
         start_new_session=detach,
         cwd=settings.state_dir,
+        env=server_env(),
     )
     wait_healthy(settings.url, process=process)
     return process
@@ -145,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     os.chdir(settings.state_dir)
-    os.execv(sys.executable, settings.command())  # foreground: this process becomes the server
+    os.execve(sys.executable, settings.command(), server_env())  # foreground: this process becomes the server
     return 0  # pragma: no cover
 
 

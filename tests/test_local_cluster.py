@@ -1,0 +1,214 @@
+"""The local multi-node launcher: a real 2-node Ray cluster (head + 1 worker) with token auth.
+
+The cluster lives in its own short temp dir with non-default ports, so it never touches the test
+session's `ray_cluster` or the user's ~/.ray/auth_token, and `down` stops only its own processes.
+Jobs are submitted the documented way: `ray job submit --working-dir . --runtime-env
+cluster/runtime_env.yaml -- python ...` from the repository root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from ehrfm.cluster.auth import AUTH_MODE_VAR, TOKEN_PATH_VAR, TOKEN_VAR
+from ehrfm.cluster.local import (LocalClusterSpec, _head_args, _worker_env, alive_nodes, down, free_port,
+                                 status, up)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    state_dir = Path(tempfile.mkdtemp(prefix="ehrfm-lc-", dir="/tmp"))  # short: Ray's socket paths
+    spec = LocalClusterSpec(state_dir=state_dir, workers=1, head_cpus=1, worker_cpus=1,
+                            dashboard_port=free_port(), object_store_bytes=80 * 1024**2)
+    cluster = up(spec)
+    pids = [node.pid for node in cluster.nodes]
+    try:
+        yield cluster
+    finally:
+        assert down(state_dir)
+        assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+CONVENTION = ("--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml")
+
+
+def _submit(env: dict[str, str], *entrypoint: str, runtime_env: tuple[str, ...] = CONVENTION) -> subprocess.CompletedProcess:
+    command = [RAY, "job", "submit", *runtime_env, "--", *entrypoint]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _smoke_report(done: subprocess.CompletedProcess) -> dict:
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("EHRFM_SMOKE "))
+    return json.loads(line.removeprefix("EHRFM_SMOKE "))
+
+
+def _without_token(env: dict[str, str], home: Path) -> dict[str, str]:
+    """A client with no token anywhere: no variables and a HOME without ~/.ray/auth_token."""
+    clean = {k: v for k, v in env.items() if k not in (AUTH_MODE_VAR, TOKEN_PATH_VAR, TOKEN_VAR)}
+    clean["HOME"] = str(home)
+    return clean
+
+
+def _job_count(cluster) -> int:
+    request = urllib.request.Request(f"{cluster.dashboard_url}/api/jobs/",
+                                     headers={"Authorization": f"Bearer {cluster.token_path.read_text().strip()}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return len(json.load(response))
+
+
+@pytest.mark.e2e
+def test_two_nodes_up_with_token_auth_and_loopback_dashboard(local_cluster):
+    report = status(local_cluster.state_dir)
+    assert report["running"] and report["alive_nodes"] == 2
+    assert report["processes"] == {"head": True, "worker-0": True}
+    nodes = alive_nodes(local_cluster.dashboard_url, local_cluster.token_path)
+    assert sorted(node["is_head_node"] for node in nodes) == [False, True]
+    assert [node["resources_total"]["CPU"] for node in nodes] == [1.0, 1.0]
+    assert local_cluster.dashboard_url.startswith("http://127.0.0.1:")
+    assert (local_cluster.token_path.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"{local_cluster.dashboard_url}/api/v0/nodes", timeout=10)
+    assert missing.value.code == 401
+    wrong = urllib.request.Request(f"{local_cluster.dashboard_url}/api/v0/nodes",
+                                   headers={"Authorization": "Bearer " + "0" * 64})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(wrong, timeout=10)
+    assert refused.value.code == 403
+
+
+@pytest.mark.e2e
+def test_submitted_job_imports_the_uploaded_package_on_every_node(local_cluster):
+    done = _submit(local_cluster.client_env(), "python", "cluster/smoke_job.py", "--expect-nodes", "2")
+    report = _smoke_report(done)
+    assert len(report["nodes"]) == 2
+    # `ehrfm` comes from the working dir Ray unpacked on each node, not from this checkout's install
+    for where in [report["driver"], *report["nodes"].values()]:
+        assert where["ehrfm"] == str(Path(where["cwd"]) / "platform" / "ehrfm" / "__init__.py")
+        assert str(local_cluster.temp_dir) in where["cwd"]
+        assert not where["ehrfm"].startswith(str(REPO_ROOT))
+
+
+@pytest.mark.e2e
+def test_code_already_on_the_nodes_runs_with_a_local_working_dir(local_cluster, tmp_path):
+    """The KubeRay convention: the image holds the code, the runtime env names it `local://`."""
+    image_dir = tmp_path / "image"
+    for part in ("platform", "cluster"):
+        shutil.copytree(REPO_ROOT / part, image_dir / part, ignore=shutil.ignore_patterns("__pycache__"))
+    runtime_env = json.dumps({"working_dir": f"local://{image_dir}", "env_vars": {"PYTHONPATH": "platform"}})
+    done = _submit(local_cluster.client_env(), "python", "cluster/smoke_job.py", "--expect-nodes", "2",
+                   runtime_env=("--runtime-env-json", runtime_env))
+    report = _smoke_report(done)
+    expected = str(image_dir / "platform" / "ehrfm" / "__init__.py")
+    assert [where["ehrfm"] for where in [report["driver"], *report["nodes"].values()]] == [expected] * 3
+
+
+@pytest.mark.e2e
+def test_synthesize_job_writes_its_cohort(local_cluster, tmp_path):
+    pytest.importorskip("ehrfm.data.synthetic", reason="the synthesize stage has not landed yet")
+    out = tmp_path / "cohort"
+    done = _submit(local_cluster.client_env(), "python", "jobs/synthesize.py", "--persons", "200", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert pq.read_table(out / "omop" / "person").num_rows == 200  # the layout in notes/CONTRACTS.md
+    assert (out / "prs" / "aggregated_scores.txt.gz").is_file()
+
+
+@pytest.mark.e2e
+def test_submit_without_or_with_a_wrong_token_is_refused(local_cluster, tmp_path):
+    jobs_before = _job_count(local_cluster)
+    anonymous = _without_token(local_cluster.client_env(), tmp_path)
+    refused = _submit(anonymous, "python", "-c", "print('should never run')")
+    assert refused.returncode != 0
+    assert "Unauthorized: Missing authentication token" in refused.stdout + refused.stderr
+
+    wrong_token = tmp_path / "wrong_token"
+    wrong_token.write_text("f" * 64)
+    impostor = local_cluster.client_env()
+    impostor[TOKEN_PATH_VAR] = str(wrong_token)
+    refused = _submit(impostor, "python", "-c", "print('should never run')")
+    assert refused.returncode != 0
+    assert "Invalid authentication token" in refused.stdout + refused.stderr
+    assert _job_count(local_cluster) == jobs_before
+
+
+FALLBACK_PROBE = """
+import runpy, sys
+from pathlib import Path
+installed = str(Path(sys.argv[1]).resolve())
+sys.path[:] = [p for p in sys.path if str(Path(p or '.').resolve()) != installed]
+job, sys.argv = sys.argv[2], [sys.argv[2], '--help']
+try:
+    runpy.run_path(job, run_name='__main__')
+finally:
+    print('EHRFM_FROM', sys.modules['ehrfm'].__file__)
+"""
+
+
+def test_job_entrypoint_falls_back_to_the_checkout_copy_when_not_installed(tmp_path):
+    """`jobs/*.py` import `ehrfm` from <their repo>/platform when it is not importable otherwise."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO_ROOT / "jobs", checkout / "jobs")
+    shutil.copytree(REPO_ROOT / "platform" / "ehrfm", checkout / "platform" / "ehrfm",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    job = checkout / "jobs" / "pipeline.py"
+    done = subprocess.run([sys.executable, "-c", FALLBACK_PROBE, str(REPO_ROOT / "platform"), str(job)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "usage: ehrfm pipeline" in done.stdout
+    assert f"EHRFM_FROM {checkout / 'platform' / 'ehrfm' / '__init__.py'}" in done.stdout
+
+
+@pytest.mark.e2e
+def test_up_after_a_crashed_head_clears_its_leftovers_and_down_leaves_nothing():
+    state_dir = Path(tempfile.mkdtemp(prefix="ehrfm-lc-", dir="/tmp"))
+    spec = LocalClusterSpec(state_dir=state_dir, workers=0, dashboard_port=free_port(),
+                            object_store_bytes=80 * 1024**2)
+    try:
+        first = up(spec)
+        head = psutil.Process(first.nodes[0].pid)
+        orphans = head.children(recursive=True)
+        assert any("raylet" in p.name() for p in orphans)
+        head.kill()  # the `ray start` process dies; its raylet, GCS and dashboard live on
+        head.wait(timeout=30)
+        assert any(p.is_running() and p.status() != "zombie" for p in orphans)
+        second = up(spec)  # sees the dead head, clears what it left, starts afresh
+        assert second.nodes[0].pid != first.nodes[0].pid
+        assert not [p for p in orphans if p.is_running() and p.status() != "zombie"]
+        assert status(state_dir)["alive_nodes"] == 1
+        survivors = psutil.Process(second.nodes[0].pid).children(recursive=True)
+    finally:
+        down(state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    assert not [p for p in survivors if p.is_running() and p.status() != "zombie"]
+
+
+def test_worker_nodes_get_distinct_gpus_and_the_head_none():
+    spec = LocalClusterSpec(state_dir=Path("/tmp/x"), workers=2, worker_gpus=2)
+    assert [_worker_env({}, index, 2).get("CUDA_VISIBLE_DEVICES") for index in range(2)] == ["0,1", "2,3"]
+    assert "CUDA_VISIBLE_DEVICES" not in _worker_env({}, 0, 0)
+    head = _head_args(spec)
+    assert head[head.index("--num-gpus") + 1] == "0"
+    assert head[head.index("--dashboard-host") + 1] == "127.0.0.1"
+
+
+def test_a_too_long_ray_temp_dir_is_refused_before_anything_starts(tmp_path):
+    spec = LocalClusterSpec(state_dir=tmp_path / ("deep" * 10), dashboard_port=free_port())
+    with pytest.raises(ValueError, match="107-byte limit"):
+        up(spec)
+    assert not (spec.state_dir / "logs").exists()
