@@ -12,6 +12,7 @@ import json
 import platform as stdlib_platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,12 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
     parser.add_argument("--only", nargs="*", help="benchmark names (file stems) to run")
     parser.add_argument("--quick", action="store_true", help="smoke-sized runs; README left unchanged")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: rebuild results.json and the README tables from bench/results/*.json")
     args = parser.parse_args(argv)
-    results_dir = BENCH_DIR / "results"
+    # quick runs go to a scratch folder so they never replace the recorded full-size results
+    results_dir = Path(tempfile.mkdtemp(prefix="ehrfm-bench-")) if args.quick else BENCH_DIR / "results"
     results_dir.mkdir(exist_ok=True)
     results: dict[str, dict] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     failed = []
-    for script in discover(args.only):
+    if args.render_only:
+        for path in sorted((BENCH_DIR / "results").glob("*.json")):
+            results[path.stem] = json.loads(path.read_text())
+    for script in [] if args.render_only else discover(args.only):
         out = results_dir / f"{script.stem}.json"
         command = [sys.executable, str(script), "--out", str(out)] + (["--quick"] if args.quick else [])
         print(f"== {script.stem}: {' '.join(command[1:])}", flush=True)
@@ -71,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results[script.stem] = json.loads(out.read_text())
     machine = machine_summary()
-    args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
     if not args.quick:
+        args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
         update_readme(results, machine)
     if failed:
         print(f"benchmarks failed: {', '.join(failed)}", file=sys.stderr)

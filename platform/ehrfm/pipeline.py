@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ehrfm.cli import run_command
 from ehrfm.config import StrictModel, load_config
@@ -32,6 +33,9 @@ class PipelineConfig(StrictModel):
     seed: int = 0
     num_pgs: int = 128
     genotyped_fraction: float = 0.6
+    # "genotypes": the cohort carries PLINK genotypes + scoring files and the score_prs stage
+    # computes the PRS from them (the path a biobank without precomputed scores takes)
+    prs_source: Literal["scores", "genotypes"] = "scores"
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,28 @@ class Stage:
     output: str  # relative to the work dir
     upstream: tuple[str, ...]
     arguments: Callable[[PipelineConfig, Path], list[str]]
+    enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
 
 
 def _synthesize_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     return [
         "--persons", str(cfg.persons), "--seed", str(cfg.seed), "--num-pgs", str(cfg.num_pgs),
-        "--genotyped-fraction", str(cfg.genotyped_fraction), "--out", str(workdir / "cohort"),
+        "--genotyped-fraction", str(cfg.genotyped_fraction), "--prs-source", cfg.prs_source,
+        "--out", str(workdir / "cohort"),
+    ]
+
+
+def _prs_file(cfg: PipelineConfig, workdir: Path) -> Path:
+    if cfg.prs_source == "genotypes":
+        return workdir / "prs_computed" / "aggregated_scores.txt.gz"
+    return workdir / "cohort" / "prs" / "aggregated_scores.txt.gz"
+
+
+def _score_prs_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
+    genotypes = workdir / "cohort" / "genotypes"
+    return [
+        "--genotypes", str(genotypes / "cohort"), "--scores", str(genotypes / "scores"),
+        "--build", "GRCh38", "--denominator", "shared", "--out", str(workdir / "prs_computed"),
     ]
 
 
@@ -56,7 +76,7 @@ def _validate_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     cohort = workdir / "cohort"
     return [
         "--omop", str(cohort / "omop"),
-        "--prs", str(cohort / "prs" / "aggregated_scores.txt.gz"),
+        "--prs", str(_prs_file(cfg, workdir)),
         "--sample-map", str(cohort / "prs" / "sample_map.tsv"),
         "--out", str(workdir / "validation"),
     ]
@@ -64,7 +84,9 @@ def _validate_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
 
 STAGES: tuple[Stage, ...] = (
     Stage("synthesize", "synthesize", "cohort", (), _synthesize_args),
-    Stage("validate", "validate", "validation", ("synthesize",), _validate_args),
+    Stage("score_prs", "score_prs", "prs_computed", ("synthesize",), _score_prs_args,
+          enabled=lambda cfg: cfg.prs_source == "genotypes"),
+    Stage("validate", "validate", "validation", ("synthesize", "score_prs"), _validate_args),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
@@ -89,6 +111,11 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path, start_from: str | None = No
     records: dict[str, dict] = {}
     for index, stage in enumerate(STAGES, start=1):
         forced = forced or stage.name == start_from
+        if not stage.enabled(cfg):
+            records[stage.name] = {"stage": stage.name, "fingerprint": "disabled"}
+            if stage.name == until:
+                break
+            continue
         output = workdir / stage.output
         args = stage.arguments(cfg, workdir)
         print_ = fingerprint(stage, args, [records[name]["fingerprint"] for name in stage.upstream])

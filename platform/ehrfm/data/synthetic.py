@@ -39,7 +39,7 @@ from ehrfm.data.synthetic_truth import truth_rows
 from ehrfm.data.synthetic_visits import observation_window, simulate_visits
 
 ID_STRIDE = 10**10  # event ids of chunk i are (i + 1) * ID_STRIDE + row
-_OUTPUTS = ("omop", "prs", "truth", "manifest.json")
+_OUTPUTS = ("omop", "prs", "genotypes", "truth", "manifest.json")
 
 
 def n_chunks(config: SynthConfig) -> int:
@@ -142,6 +142,10 @@ def synthesize(config: SynthConfig, with_figures: bool = True) -> dict[str, Any]
     write_table(cc.concept_table(), part_path(out, "concept", 0, config.format), config.format)
     summaries = _run_chunks(config)
     genotyped = _assemble_prs(config, out)
+    if config.prs_source == "genotypes":
+        from ehrfm.data.synthetic_genotypes import emit_cohort_genotypes
+
+        emit_cohort_genotypes(out, config.seed, config.genotype_variants)
     (out / "truth" / "params.json").write_text(json.dumps(config.model.model_dump(mode="json"), indent=1) + "\n")
     rows = {t: sum(s["rows"][t] for s in summaries) for t in CLINICAL_TABLES}
     rows["concept"] = cc.concept_table().num_rows
@@ -173,11 +177,14 @@ def parse_args(argv: list[str]) -> SynthConfig:
     parser.add_argument("--genotyped-fraction", dest="genotyped_fraction", type=float)
     parser.add_argument("--chunk-size", dest="chunk_size", type=int)
     parser.add_argument("--ray", action="store_true", default=None, help="run chunks as Ray tasks")
+    parser.add_argument("--prs-source", dest="prs_source", choices=["scores", "genotypes"],
+                        help="genotypes: write PLINK genotypes + PGS Catalog scoring files instead of scores")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. model.hazards.t2d.genetic=1.0")  # fmt: skip
     args = parser.parse_args(argv)
     overrides = list(args.set)
-    for name in ("persons", "seed", "out", "num_pgs", "format", "genotyped_fraction", "chunk_size", "ray"):
+    for name in ("persons", "seed", "out", "num_pgs", "format", "genotyped_fraction", "chunk_size", "ray",
+                 "prs_source"):
         value = getattr(args, name)
         if value is not None:
             overrides.append(f"{name}={json.dumps(value)}")

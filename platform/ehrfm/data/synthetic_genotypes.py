@@ -170,3 +170,42 @@ def write_genotypes_and_scores(
                             design.sign.data[lo:hi] > 0, bim, flips[lo:hi], genome_build)
         files.append(path)
     return SyntheticGenotypes(bed, files, pgs_ids, true_scores)
+
+
+# Memory guard for the cohort path below: per-sample allele frequencies are a dense [n, V] array.
+_MAX_FREQ_CELLS = 200_000_000
+
+
+def emit_cohort_genotypes(cohort_dir: str | Path, seed: int, n_variants: int = 10_000) -> SyntheticGenotypes:
+    """Replace a synthetic cohort's finished scores by genotypes + scoring files that reproduce them.
+
+    The genotyped persons' score SUMs (prs/scores_wide.parquet) become the targets, so scores that
+    `ehrfm score_prs` computes from cohort_dir/genotypes/ carry the same signal, ancestry shifts
+    included; allele frequencies differ by ancestry (from truth/), as real population structure
+    does. The finished score files are removed; the sample map and PCs stay.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    cohort = Path(cohort_dir)
+    wide = pq.read_table(cohort / "prs" / "scores_wide.parquet")
+    pgs_ids = [name for name in wide.column_names if name != "sample_id"]
+    sample_ids = np.asarray(wide["sample_id"].to_pylist(), dtype=str)
+    targets = np.column_stack([wide[name].to_numpy() for name in pgs_ids]) if pgs_ids else np.zeros((len(sample_ids), 0))
+    if len(sample_ids) * n_variants > _MAX_FREQ_CELLS:
+        raise ValueError(f"{len(sample_ids)} genotyped samples x {n_variants} variants is too large for the "
+                         f"synthetic genotype path (limit {_MAX_FREQ_CELLS:,} cells); lower genotype_variants")
+    truth = pq.read_table(cohort / "truth" / "persons", columns=["sample_id", "ancestry"])
+    truth = truth.filter(pc.is_valid(truth["sample_id"]))
+    ancestry_of = dict(zip(truth["sample_id"].to_pylist(), truth["ancestry"].to_pylist()))
+    groups = sorted(set(ancestry_of.values()))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 9151]))
+    base_logit = np.log(np.clip(rng.uniform(0.05, 0.95, n_variants), 1e-3, 1 - 1e-3))
+    base_logit -= np.log1p(-np.exp(base_logit))  # logit of the shared base frequency
+    group_freqs = {g: 1 / (1 + np.exp(-(base_logit + rng.normal(0, 0.4, n_variants)))) for g in groups}
+    freqs = np.stack([group_freqs[ancestry_of[s]] for s in sample_ids]) if len(sample_ids) else np.zeros((0, n_variants))
+    result = write_genotypes_and_scores(cohort / "genotypes", sample_ids, freqs, targets, seed, pgs_ids=pgs_ids,
+                                        prefix="cohort")
+    for name in ("aggregated_scores.txt.gz", "scores.sscore", "scores_wide.parquet"):
+        (cohort / "prs" / name).unlink()
+    return result

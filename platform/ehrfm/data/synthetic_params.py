@@ -174,4 +174,8 @@ class SynthConfig(StrictModel):
     chunk_size: int = Field(10_000, ge=1)
     ray: bool = False
     horizon_days: int = Field(730, ge=1)
+    # "scores": finished PRS files in prs/; "genotypes": a PLINK fileset + PGS Catalog scoring files
+    # in genotypes/ instead, for `ehrfm score_prs` to compute prs/aggregated_scores.txt.gz from
+    prs_source: Literal["scores", "genotypes"] = "scores"
+    genotype_variants: int = Field(10_000, ge=100)
     model: GenerativeParams = GenerativeParams()
