@@ -39,9 +39,13 @@ def machine_summary() -> str:
 
 def update_readme(results: dict[str, dict], machine: str) -> None:
     text = README.read_text()
-    body = [START, f"Measured by `make bench` on {machine} ({time.strftime('%Y-%m-%d')}).", ""]
+    body = [START, f"Recorded in `bench/results/` by the scripts `make bench` runs ({machine}; tables "
+            f"rebuilt {time.strftime('%Y-%m-%d')}). Each script measures its baseline in the same run.", ""]
     for name, result in results.items():
         body += [f"### {name}", "", result.get("markdown", "(no table)").strip(), ""]
+        note = (result.get("machine") or {}).get("note")
+        if note:
+            body += [f"Conditions: {note}.", ""]
     body.append(END)
     block = "\n".join(body)
     if START in text and END in text:
