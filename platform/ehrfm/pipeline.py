@@ -82,11 +82,21 @@ def _validate_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     ]
 
 
+def _preprocess_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
+    prs = workdir / "cohort" / "prs"
+    return [
+        "--omop", str(workdir / "cohort" / "omop"), "--prs", str(_prs_file(cfg, workdir)),
+        "--sample-map", str(prs / "sample_map.tsv"), "--pcs", str(prs / "pcs.tsv"),
+        "--out", str(workdir / "preprocessed"),
+    ]
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("synthesize", "synthesize", "cohort", (), _synthesize_args),
     Stage("score_prs", "score_prs", "prs_computed", ("synthesize",), _score_prs_args,
           enabled=lambda cfg: cfg.prs_source == "genotypes"),
     Stage("validate", "validate", "validation", ("synthesize", "score_prs"), _validate_args),
+    Stage("preprocess", "preprocess", "preprocessed", ("synthesize", "score_prs"), _preprocess_args),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
