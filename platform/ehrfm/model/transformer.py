@@ -1,0 +1,289 @@
+"""GPT-style decoder over event tokens, with age embeddings and PRS fusion (none / prefix / cross).
+
+Pre-norm blocks (RMSNorm), rotary position embeddings on q/k, SDPA attention with `is_causal`
+(flash/efficient kernels on GPU), GELU MLP, input and output embeddings tied. Padding is on the
+right, so causal attention never lets a real token see a pad and no padding mask is needed in
+attention; pads are excluded from the loss instead. Nothing here knows about Ray or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ehrfm.data.schemas import PAD_ID
+from ehrfm.model.config import ModelConfig
+from ehrfm.model.prs import CrossMemory, GatedCrossAttention, PRSEncoder
+
+DAYS_PER_YEAR = 365.25
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, head_dim/2] in fp32, computed from scratch (no buffer, so bf16 casts cannot blur them)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head by the position angle; x is [B, nh, T, hd]."""
+    first, second = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+    return rotated.to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys/values of every layer for incremental decoding, plus the PRS memory of the batch."""
+
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
+    length: int = 0
+    memory: tuple[torch.Tensor, torch.Tensor] | None = None  # cross fusion: (tokens, visible)
+    last_age: torch.Tensor | None = field(default=None)
+
+    @classmethod
+    def empty(cls, layers: int) -> "KVCache":
+        return cls(keys=[None] * layers, values=[None] * layers)
+
+
+class AgeEmbedding(nn.Module):
+    """Age in days -> hidden: sinusoids with periods from a week to 200 years, plus age/100y, projected."""
+
+    def __init__(self, frequencies: int, hidden: int):
+        super().__init__()
+        self.frequencies = frequencies
+        self.proj = nn.Linear(2 * frequencies + 1, hidden, bias=False)
+
+    def forward(self, ages: torch.Tensor) -> torch.Tensor:
+        days = ages.to(torch.float32)
+        periods = torch.logspace(math.log10(7.0), math.log10(200 * DAYS_PER_YEAR), self.frequencies,
+                                 device=ages.device, dtype=torch.float32)
+        angles = days[..., None] * (2 * math.pi / periods)
+        linear = (days / (100 * DAYS_PER_YEAR))[..., None]
+        features = torch.cat([angles.sin(), angles.cos(), linear], dim=-1)
+        return self.proj(features.to(self.proj.weight.dtype))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.head_dim, self.rope_base = cfg.heads, cfg.head_dim, cfg.rope_base
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=False)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            if cache.keys[layer] is not None:
+                k = torch.cat([cache.keys[layer], k], dim=2)
+                v = torch.cat([cache.values[layer], v], dim=2)
+            cache.keys[layer], cache.values[layer] = k, v
+        dropout = self.dropout if self.training else 0.0
+        if start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:  # new queries at positions start.. attend to every cached key up to their own position
+            key_pos = torch.arange(k.shape[2], device=x.device)
+            query_pos = start + torch.arange(length, device=x.device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, hidden))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        width = int(cfg.mlp_ratio * cfg.hidden)
+        self.fc = nn.Linear(cfg.hidden, width, bias=False)
+        self.proj = nn.Linear(width, cfg.hidden, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm: x += attn(norm(x)); [x = gated cross-attn(x, PRS)]; x += mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool):
+        super().__init__()
+        self.norm_attn = nn.RMSNorm(cfg.hidden)
+        self.attn = SelfAttention(cfg)
+        self.cross = GatedCrossAttention(cfg) if cross else None
+        self.norm_mlp = nn.RMSNorm(cfg.hidden)
+        self.mlp = MLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, memory=None, cache=None, layer=0):
+        x = x + self.resid_dropout(self.attn(self.norm_attn(x), rope, cache, layer))
+        if self.cross is not None:
+            x = self.cross(x, *memory)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class EHRDecoder(nn.Module):
+    """Next-event-token model over timelines, optionally conditioned on a PRS vector.
+
+    Inputs: tokens [B, T] int, ages [B, T] int (days), prs [B, K] float, has_prs [B] bool.
+    `forward` gives (logits, loss); `hidden_states` the representation at chosen positions;
+    `prefill` / `decode_step` run generation with a KV cache.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model config has no vocab_size; fill it from the data manifest (ModelConfig.with_data)")
+        if cfg.fusion != "none" and cfg.num_pgs <= 0:
+            raise ValueError(f"fusion '{cfg.fusion}' needs num_pgs > 0")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.age_emb = AgeEmbedding(cfg.age_frequencies, cfg.hidden)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.prs_encoder = PRSEncoder(cfg) if cfg.fusion != "none" else None
+        self.cross_memory = CrossMemory(cfg) if cfg.fusion == "cross" else None
+        cross = set(cfg.cross_layers())
+        self.blocks = nn.ModuleList(Block(cfg, i in cross) for i in range(cfg.layers))
+        self.norm_out = nn.RMSNorm(cfg.hidden)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied; used through lm_head so ZeRO-3 gathers it
+        self.apply(self._init_weights)
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.layers)
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight", "cross.proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+        if self.prs_encoder is not None:
+            nn.init.normal_(self.prs_encoder.missing, mean=0.0, std=cfg.init_std)
+        if self.cross_memory is not None:
+            nn.init.normal_(self.cross_memory.null, mean=0.0, std=cfg.init_std)
+        if cfg.adapter:
+            self.freeze_base()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # ---- parameters ---------------------------------------------------------------------------
+    def prs_parameter_names(self) -> list[str]:
+        """Parameters that belong to the PRS modality (what adapter mode trains)."""
+        prefixes = ("prs_encoder.", "cross_memory.")
+        return [n for n, _ in self.named_parameters() if n.startswith(prefixes) or ".cross." in n]
+
+    def freeze_base(self) -> None:
+        """Adapter mode: only the PRS encoder and cross-attention blocks stay trainable."""
+        trainable = set(self.prs_parameter_names())
+        for name, param in self.named_parameters():
+            param.requires_grad = name in trainable
+
+    def load_base_weights(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+        """Load an EHR-only model into this (possibly PRS-fused) one; returns the PRS keys left new.
+
+        Every key of `state_dict` must exist here, and every key missing from it must be a PRS
+        parameter, so a wrong or partial checkpoint fails instead of training from noise.
+        """
+        result = self.load_state_dict(state_dict, strict=False)
+        prs = set(self.prs_parameter_names())
+        not_prs = [k for k in result.missing_keys if k not in prs and k != "lm_head.weight"]
+        if result.unexpected_keys or not_prs:
+            raise ValueError(f"base checkpoint does not fit this model: unexpected {result.unexpected_keys[:5]}, "
+                             f"missing non-PRS {not_prs[:5]}")
+        return sorted(k for k in result.missing_keys if k in prs)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _prs_inputs(self, batch: int, prs, has_prs, device):
+        """PRS soft tokens (prefix) or cross-attention memory; zeros/missing when no PRS is given."""
+        if self.prs_encoder is None:
+            return None, None
+        if prs is None:
+            prs = torch.zeros(batch, self.cfg.num_pgs, device=device)
+            has_prs = torch.zeros(batch, dtype=torch.bool, device=device)
+        soft, has_prs = self.prs_encoder(prs, has_prs)
+        if self.cross_memory is not None:
+            return None, self.cross_memory(soft, has_prs)
+        return soft, None
+
+    def _trunk(self, tokens, ages, prs=None, has_prs=None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states of the event positions [B, T, H] (prefix positions dropped)."""
+        x = self.tok_emb(tokens) + self.age_emb(ages)
+        start = cache.length if cache is not None else 0
+        prefix, memory = None, None
+        if cache is None or start == 0:
+            prefix, memory = self._prs_inputs(tokens.shape[0], prs, has_prs, tokens.device)
+            if cache is not None:
+                cache.memory = memory
+        else:
+            memory = cache.memory
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        x = self.emb_dropout(x)
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_base)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, memory, cache, layer)
+        if cache is not None:
+            cache.length = start + x.shape[1]
+        if prefix is not None:
+            x = x[:, prefix.shape[1]:]
+        return self.norm_out(x)
+
+    def forward(self, tokens: torch.Tensor, ages: torch.Tensor, prs: torch.Tensor | None = None,
+                has_prs: torch.Tensor | None = None, targets: torch.Tensor | None = None):
+        """(logits [B, T, V], mean next-token loss over non-pad targets or None).
+
+        A batch with no real target (all padding) has loss 0, not NaN, so it cannot poison a step.
+        """
+        logits = self.lm_head(self._trunk(tokens, ages, prs, has_prs))
+        loss = None
+        if targets is not None:
+            total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long(), ignore_index=PAD_ID,
+                                    reduction="sum")
+            loss = total / (targets != PAD_ID).sum().clamp(min=1)
+        return logits, loss
+
+    @torch.no_grad()
+    def hidden_states(self, tokens, ages, prs=None, has_prs=None, positions: torch.Tensor | None = None):
+        """Representation [B, T, H], or [B, P, H] at `positions` [B, P] (e.g. each prediction time)."""
+        hidden = self._trunk(tokens, ages, prs, has_prs)
+        if positions is None:
+            return hidden
+        index = positions.long().unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        return hidden.gather(1, index)
+
+    def next_token_logits(self, tokens, ages, prs=None, has_prs=None, lengths: torch.Tensor | None = None):
+        """Logits [B, V] for the token after each sequence (after position lengths-1 when right-padded)."""
+        hidden = self._trunk(tokens, ages, prs, has_prs)
+        if lengths is None:
+            last = hidden[:, -1]
+        else:
+            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths.long() - 1]
+        return self.lm_head(last)
+
+    # ---- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, tokens, ages, prs=None, has_prs=None) -> tuple[torch.Tensor, KVCache]:
+        """Run a (non-padded) prompt, keep its keys/values; returns (last-position logits [B, V], cache)."""
+        cache = KVCache.empty(self.cfg.layers)
+        hidden = self._trunk(tokens, ages, prs, has_prs, cache)
+        cache.last_age = ages[:, -1]
+        return self.lm_head(hidden[:, -1]), cache
+
+    @torch.no_grad()
+    def decode_step(self, token: torch.Tensor, age: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per sequence ([B] ids and ages) -> logits [B, V] for the next one."""
+        hidden = self._trunk(token[:, None], age[:, None], cache=cache)
+        cache.last_age = age
+        return self.lm_head(hidden[:, -1])
