@@ -147,8 +147,7 @@ def test_rayjob_runs_pretraining_from_the_image_with_the_runtime_env_convention(
     assert spec["shutdownAfterJobFinishes"] is True
     config = command[command.index("--config") + 1]
     assert config == "jobs/configs/pretrain-gpu-300m.yaml"
-    if not (REPO / config).is_file():
-        pytest.xfail(f"{config} is not written yet (pretraining stage)")
+    assert (REPO / config).is_file()
 
 
 def test_rayservice_serve_config_is_valid_for_ray_serve():

@@ -36,6 +36,8 @@ class PipelineConfig(StrictModel):
     # "genotypes": the cohort carries PLINK genotypes + scoring files and the score_prs stage
     # computes the PRS from them (the path a biobank without precomputed scores takes)
     prs_source: Literal["scores", "genotypes"] = "scores"
+    pretrain_config: str = "jobs/configs/pretrain-cpu-small.yaml"
+    pretrain_overrides: list[str] = []  # key.path=value for the pretraining config, e.g. schedule.max_steps=30
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,22 @@ def _preprocess_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     ]
 
 
+def _pretrain_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
+    # storage and run name live inside the stage's output, so a forced re-run starts fresh and a
+    # killed one resumes from its last checkpoint when the same pipeline is started again
+    return [
+        "--config", cfg.pretrain_config, "--data", str((workdir / "preprocessed").resolve()),
+        "--storage", str((workdir / "pretrain").resolve()), "--name", "pretrain", *cfg.pretrain_overrides,
+    ]
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("synthesize", "synthesize", "cohort", (), _synthesize_args),
     Stage("score_prs", "score_prs", "prs_computed", ("synthesize",), _score_prs_args,
           enabled=lambda cfg: cfg.prs_source == "genotypes"),
     Stage("validate", "validate", "validation", ("synthesize", "score_prs"), _validate_args),
     Stage("preprocess", "preprocess", "preprocessed", ("synthesize", "score_prs"), _preprocess_args),
+    Stage("pretrain", "pretrain", "pretrain", ("preprocess",), _pretrain_args),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
@@ -136,7 +148,9 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path, start_from: str | None = No
             records[stage.name] = record
         else:
             print(f"{header}: running -> {output}", flush=True)
-            if output.exists():
+            # outputs of other inputs go; an unfinished output (no record) stays, so a stage that
+            # resumes (pretraining checkpoints) picks up where a killed run stopped
+            if output.exists() and (forced or record is not None):
                 shutil.rmtree(output)
             started = time.perf_counter()
             code = run_command(stage.command, args)
