@@ -43,7 +43,8 @@ def update_readme(results: dict[str, dict], machine: str) -> None:
             f"rebuilt {time.strftime('%Y-%m-%d')}). Each script measures its baseline in the same run.", ""]
     for name, result in results.items():
         body += [f"### {name}", "", result.get("markdown", "(no table)").strip(), ""]
-        note = (result.get("machine") or {}).get("note")
+        machine_info = result.get("machine")
+        note = machine_info.get("note") if isinstance(machine_info, dict) else None
         if note:
             body += [f"Conditions: {note}.", ""]
     body.append(END)
