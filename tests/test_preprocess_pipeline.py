@@ -308,3 +308,18 @@ def test_counts_logged_to_mlflow_when_a_tracking_uri_is_set(run: dict, mlflow_se
     assert metrics["persons.train"] == 4 and metrics["tokens"] == run["report"]["tokens"]["total"]
     assert logged.data.params == {"tokenizer.min_count": "1"}
     assert (run["out"] / "summary.txt").read_text().startswith("table")
+
+
+def test_schema_error_inside_a_ray_task_is_a_clear_message(ray_cluster, tmp_path: Path, capsys) -> None:
+    from ehrfm.cli import run_command
+
+    omop = tmp_path / "omop"
+    _csv(omop / "person.csv", "person_id,gender_concept_id,year_of_birth,race_concept_id,ethnicity_concept_id\n1,8507,1970,0,0")
+    _csv(omop / "measurement.csv", "measurement_id,person_id,measurement_concept_id,measurement_type_concept_id\n1,1,3,4")
+    args = ["--omop", str(omop), "--out", str(tmp_path / "out"), "progress_bars=false",
+            "shuffle_strategy=sort_shuffle_pull_based"]
+    assert run_command("preprocess", args) == 2
+    lines = capsys.readouterr().err.splitlines()  # Ray's own log lines come too
+    assert ("ehrfm preprocess: measurement: file measurement.csv lacks required CDM v5.4 column(s) "
+            "measurement_date") in lines
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["omop"]

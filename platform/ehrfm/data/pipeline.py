@@ -1,17 +1,18 @@
 """`ehrfm preprocess`: OMOP CDM (or MEDS) + PRS -> MEDS events -> PRS z-scores -> tokenized timelines.
 
-One Ray Data graph per step, streaming, with no step that holds the dataset in one process:
+One Ray Data graph per step (preprocess_stages.py; the task functions in pipeline_tasks.py),
+streaming, with no step that holds the dataset in one process:
  1. person and death are validated in the driver (small) -> PersonIndex, put in the object store.
  2. only when two files of a table may share a primary key: their kept keys are grouped by a key
     bucket (hash shuffle) to find cross-file duplicates exactly (see ingest.py).
  3. ingest + events: one task per OMOP file validates it batch by batch (quarantine + row
-    account), maps kept rows to events and tags each with its subject's shard; a groupby on the
-    shard (hash-partitioned shuffle) gathers each shard, which is sorted and written as
-    events/part-S.parquet (meds.DataSchema-valid).
+    account), maps kept rows to events and tags each with its shard, a hash of subject_id; a
+    groupby on the shard (Ray's shuffle) gathers each shard, which is sorted and written as
+    events/part-S.parquet (meds.DataSchema-valid, subject-complete).
  4. PRS in the driver (K floats per person): validated, z-scored / ancestry-adjusted on the train
     split -> prs/part-S.parquet (same shards) and prs/pgs_ids.json.
- 5. tokenizer fit on train persons only: code counts (groupby code) and value-bin edges (groupby
-    code) -> tokenizer.json.
+ 5. tokenizer fit on train persons only: code counts come back from the shard writers, value-bin
+    edges from a groupby on code over the train values -> tokenizer.json.
  6. timelines: one task per shard -> timelines/part-S.parquet + timelines/manifest.json.
  7. report.json, splits.parquet, quarantine/; all written under a hidden temp directory beside
     OUT, which replaces OUT by a rename only when everything succeeded.
@@ -24,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,21 +38,17 @@ import pyarrow.parquet as pq
 
 from ehrfm.config import dump_config, load_config
 from ehrfm.data import pipeline_tasks as tasks
-from ehrfm.data.events import SHARD_COLUMN, death_events, person_events
-from ehrfm.data.ingest import IngestContext, duplicates_by_unit, plan_units, table_accounts, tables_needing_key_check
-from ehrfm.data.omop import PersonIndex, find_tables, validate_table
-from ehrfm.data.omop_io import OmopSchemaError, file_name
-from ehrfm.data.omop_spec import TABLE_ORDER
+from ehrfm.data import preprocess_stages as stages
+from ehrfm.data.omop import find_tables
+from ehrfm.data.omop_io import OmopSchemaError
 from ehrfm.data.preprocess_config import PreprocessConfig
 from ehrfm.data.preprocess_report import log_to_mlflow, percentiles, summary_lines
 from ehrfm.data.prs import PrsFormatError
 from ehrfm.data.prs_stage import PersonPrs, PrsInputs, build_person_prs, write_prs
 from ehrfm.data.schemas import FIRST_CODE_ID, SPECIAL_TOKENS, SPLITS
-from ehrfm.data.splits import num_shards_for, shard_of, split_codes
-from ehrfm.data.tokenizer import Tokenizer, build_tokenizer
+from ehrfm.data.splits import shard_of, split_codes
 
 TIMELINES_FORMAT = "ehrfm-timelines/1"
-DRIVER_TABLES = ("person", "death")
 
 
 @dataclass
@@ -106,27 +102,6 @@ def atomic_directory(out: Path) -> Iterator[Path]:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def _collect(dataset) -> pa.Table:
-    """All (small) output rows of a dataset as one table."""
-    parts = [batch for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow")]
-    parts = [p for p in parts if p.num_rows]
-    return pa.concat_tables(parts) if parts else pa.table({})
-
-
-def _write_quarantine(directory: Path, table: str, quarantine: pa.Table) -> None:
-    if quarantine.num_rows:
-        (directory / table).mkdir(parents=True, exist_ok=True)
-        pq.write_table(quarantine, directory / table / "00000-all.parquet")
-
-
-def _meds_files(root: Path) -> list[str]:
-    data = root / "data" if (root / "data").is_dir() else root
-    files = sorted(str(p) for p in data.rglob("*.parquet") if "metadata" not in p.relative_to(root).parts)
-    if not files:
-        raise FileNotFoundError(f"MEDS input {root}: no parquet data files")
-    return files
-
-
 @contextmanager
 def data_context(config: PreprocessConfig) -> Iterator[None]:
     """The Ray Data settings of this run (shuffle strategy, progress bars), restored afterwards."""
@@ -143,182 +118,10 @@ def data_context(config: PreprocessConfig) -> Iterator[None]:
         ctx.shuffle_strategy, ctx.enable_progress_bars = saved
 
 
-class Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._start = time.perf_counter()
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - started, 3)
-
-    def total(self) -> dict[str, float]:
-        return {**self.seconds, "total": round(time.perf_counter() - self._start, 3)}
-
-
-# ---- the stages ---------------------------------------------------------------------------------
-@dataclass
-class EventsResult:
-    subjects: np.ndarray  # sorted person ids that have events
-    n_shards: int
-    tables: dict[str, dict]
-    shards: list[dict]
-    events: int
-    train_code_counts: dict[str, int]
-
-
-def _shard_events_dataset(dataset, n_shards: int, events_dir: Path, quarantine_dir: Path, meds_input: bool,
-                          cfg: PreprocessConfig) -> pa.Table:
-    """groupby(shard) -> one sorted events file per shard; returns the per-shard counts."""
-    written = dataset.groupby(SHARD_COLUMN, num_partitions=max(1, n_shards)).map_groups(
-        tasks.write_event_shard, batch_format="pyarrow",
-        fn_kwargs={"events_dir": str(events_dir), "quarantine_dir": str(quarantine_dir), "meds_input": meds_input,
-                   "ratios": cfg.splits.ratios, "salt": cfg.splits.salt},
-    )
-    return _collect(written)
-
-
-def _omop_events(ray, root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> EventsResult:
-    import ray.data
-
-    tables = find_tables(root)
-    if "person" not in tables:
-        raise OmopSchemaError(f"OMOP root {root} has no person table")
-    quarantine_dir, accounts_dir = tmp / "quarantine", tmp / "_work" / "accounts"
-    with timer.stage("persons"):
-        person = validate_table(tables["person"], "person", None, cfg.batch_rows)
-        persons = PersonIndex.from_tables(person.kept)
-        death = validate_table(tables["death"], "death", persons, cfg.batch_rows) if "death" in tables else None
-        persons = PersonIndex.from_tables(person.kept, death.kept if death else None)
-        n_shards = num_shards_for(len(persons), cfg.subjects_per_shard, cfg.min_shards)
-        driver_events, driver_counts = person_events(person.kept)
-        accounts = {"person": {**person.account, "events": driver_counts.events, "mapping": driver_counts.as_dict()}}
-        _write_quarantine(quarantine_dir, "person", person.quarantine)
-        if death is not None:
-            dead, dead_counts = death_events(death.kept)
-            driver_events = pa.concat_tables([driver_events, dead])
-            accounts["death"] = {**death.account, "events": dead_counts.events, "mapping": dead_counts.as_dict()}
-            _write_quarantine(quarantine_dir, "death", death.quarantine)
-        subjects = driver_events["subject_id"].to_numpy()
-        driver_events = driver_events.append_column(SHARD_COLUMN, pa.array(shard_of(subjects, n_shards)))
-
-    units = plan_units(tables, skip=DRIVER_TABLES)
-    context = IngestContext(persons, n_shards, cfg.batch_rows, str(quarantine_dir), str(accounts_dir))
-    flagged = tables_needing_key_check(units)
-    if flagged:
-        with timer.stage("cross_file_keys"):
-            key_units = [asdict(u) for u in units if u.table in flagged]
-            context.key_buckets = min(context.key_buckets, len(key_units))
-            ref = [ray.put(context)]
-            keys = ray.data.from_items(key_units, override_num_blocks=len(key_units)).map_batches(
-                tasks.unit_keys_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"ctx": ref})
-            dupes = _collect(keys.groupby("bucket", num_partitions=context.key_buckets).map_groups(
-                tasks.duplicate_keys_group, batch_format="pyarrow"))
-            context.cross_unit_duplicates = duplicates_by_unit(dupes) if dupes.num_rows else {}
-    with timer.stage("ingest_events"):
-        ref = [ray.put(context)]
-        parts = [ray.data.from_arrow(driver_events)]
-        if units:
-            parts.insert(0, ray.data.from_items([asdict(u) for u in units], override_num_blocks=len(units)).map_batches(
-                tasks.ingest_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"ctx": ref}))
-        staged = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-        (tmp / "events").mkdir()
-        shards = _shard_events_dataset(staged, n_shards, tmp / "events", quarantine_dir, False, cfg)
-    accounts.update(table_accounts(accounts_dir, units))
-    ordered = {t: accounts[t] for t in TABLE_ORDER if t in accounts}
-    if flagged:
-        for table in flagged:
-            ordered[table]["cross_file_key_check"] = True
-    return _events_result(shards, n_shards, ordered)
-
-
-def _events_result(shards: pa.Table, n_shards: int, tables: dict[str, dict]) -> EventsResult:
-    rows = shards.sort_by("shard").to_pylist() if shards.num_rows else []
-    subjects = np.sort(np.concatenate([np.asarray(r["subject_ids"], dtype=np.int64) for r in rows])) if rows else np.zeros(0, np.int64)
-    if len(subjects) and np.any(subjects[1:] == subjects[:-1]):
-        raise AssertionError("a subject appears in two event shards")
-    summaries = [{"file": f"part-{r['shard']:05d}.parquet", "shard": r["shard"], "events": r["events"],
-                  "persons": len(r["subject_ids"]), "rows_in": r["rows_in"], "dropped": json.loads(r["dropped"]),
-                  "sha256": r["sha256"]} for r in rows]
-    code_counts: dict[str, int] = {}
-    for r in rows:
-        for code, n in zip(r["train_codes"], r["train_counts"]):
-            code_counts[code] = code_counts.get(code, 0) + n
-    return EventsResult(subjects, n_shards, tables, summaries, int(sum(r["events"] for r in rows)), code_counts)
-
-
-def _meds_events(ray, root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> EventsResult:
-    import ray.data
-
-    files = _meds_files(Path(root))
-    with timer.stage("ingest_events"):
-        births = _collect(ray.data.read_parquet(files, columns=["code"]).map_batches(
-            tasks.count_births_batch, batch_format="pyarrow"))
-        n_shards = num_shards_for(int(births["n"].to_numpy().sum()) if births.num_rows else 0,
-                                  cfg.subjects_per_shard, cfg.min_shards)
-        staged = ray.data.read_parquet(files).map_batches(
-            tasks.stage_meds_batch, batch_format="pyarrow", fn_kwargs={"n_shards": n_shards})
-        (tmp / "events").mkdir()
-        shards = _shard_events_dataset(staged, n_shards, tmp / "events", tmp / "quarantine", True, cfg)
-    result = _events_result(shards, n_shards, {})
-    by_reason: dict[str, int] = {}
-    for shard in result.shards:
-        for reason, n in shard["dropped"].items():
-            by_reason[reason] = by_reason.get(reason, 0) + n
-    rows_in = sum(s["rows_in"] for s in result.shards)
-    result.tables = {"meds": {"table": "meds", "files": [file_name(f) for f in files], "rows_in": rows_in,
-                              "rows_kept": result.events, "rows_quarantined": rows_in - result.events,
-                              "by_reason": by_reason, "events": result.events}}
-    if sum(by_reason.values()) != rows_in - result.events:
-        raise AssertionError("MEDS row account does not add up")
-    return result
-
-
-def _fit_tokenizer(ray, events_dir: Path, events: EventsResult, cfg: PreprocessConfig) -> Tokenizer:
-    """Vocabulary from the train code counts the shard writers returned; value-bin edges from the
-    train values of the vocabulary's codes, grouped by code (exact order statistics per code)."""
-    import ray.data
-
-    settings, ratios, salt = cfg.tokenizer, cfg.splits.ratios, cfg.splits.salt
-    code_counts = events.train_code_counts
-    candidates = sorted(c for c, n in code_counts.items() if n >= max(settings.min_count, settings.min_values_for_bins))
-    edges: dict[str, np.ndarray] = {}
-    if candidates:
-        files = [{"path": str(p)} for p in sorted(events_dir.glob("part-*.parquet"))]
-        events_ds = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
-            tasks.read_parquet_batch, batch_size=1, batch_format="pyarrow",
-            fn_kwargs={"columns": ["subject_id", "code", "numeric_value"]})
-        values = events_ds.map_batches(
-            tasks.train_code_values, batch_format="pyarrow",
-            fn_kwargs={"ratios": ratios, "salt": salt, "bin_codes": pa.array(candidates, pa.string())})
-        partitions = max(1, min(len(candidates), events.n_shards))
-        fitted = _collect(values.groupby("code_index", num_partitions=partitions).map_groups(
-            tasks.code_edges_group, batch_format="pyarrow",
-            fn_kwargs={"n_bins": settings.value_bins, "min_values": settings.min_values_for_bins}))
-        for index, edge in zip(fitted["code_index"].to_pylist() if fitted.num_rows else [],
-                               fitted["edges"].to_pylist() if fitted.num_rows else []):
-            if edge is not None:
-                edges[candidates[index]] = np.asarray(edge, dtype=np.float32)
-    train = split_codes(events.subjects, ratios, salt) == 0
-    summary = {"train_persons": int(train.sum()), "train_events": int(sum(code_counts.values()))}
-    return build_tokenizer(code_counts, edges, min_count=settings.min_count, n_bins=settings.value_bins,
-                           min_values_for_bins=settings.min_values_for_bins,
-                           gap_edges_days=settings.gap_edges_days, fit_summary=summary)
-
-
-def _timelines(ray, tmp: Path, tok: Tokenizer, num_pgs: int, shards: list[int], cfg: PreprocessConfig) -> pa.Table:
-    import ray.data
-
-    (tmp / "timelines").mkdir()
-    items = [{"shard": s} for s in shards]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-        tasks.timeline_batch, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"tokenizer": [ray.put(tok)], "events_dir": str(tmp / "events"), "prs_dir": str(tmp / "prs"),
-                   "timelines_dir": str(tmp / "timelines"), "num_pgs": num_pgs, "ratios": cfg.splits.ratios,
-                   "salt": cfg.splits.salt})
-    return _collect(dataset).sort_by("shard")
+def default_ray_address() -> str:
+    """RAY_ADDRESS when set (a submitted job), else a new local instance: never silently join
+    some other `ray start` cluster on the machine (pass --ray-address auto for that)."""
+    return os.environ.get("RAY_ADDRESS") or "local"
 
 
 def check_inputs(inputs: PreprocessInputs) -> None:
@@ -339,14 +142,14 @@ def _input_files(inputs: PreprocessInputs) -> list[str]:
         for table_files in find_tables(inputs.omop).values():
             files += table_files
     if inputs.meds:
-        files += _meds_files(Path(inputs.meds))
+        files += stages.meds_files(Path(inputs.meds))
     files += [f for f in (inputs.prs, inputs.sample_map, inputs.pcs) if f]
     return sorted(f for f in files if "://" not in f)
 
 
 def _token_report(timelines: pa.Table) -> tuple[dict, dict, list[dict]]:
     stats = [json.loads(s) for s in timelines["stats"].to_pylist()] if timelines.num_rows else []
-    lengths = np.concatenate([np.asarray(x, dtype=np.int64) for x in timelines["lengths"].to_pylist()]) if stats else np.zeros(0)
+    lengths = timelines["lengths"].combine_chunks().flatten().to_numpy() if stats else np.zeros(0, np.int64)
     splits = {name: sum(s["subjects_by_split"][name] for s in stats) for name in SPLITS}
     tokens = {
         "total": int(lengths.sum()),
@@ -368,24 +171,24 @@ def run_preprocess(config: PreprocessConfig, inputs: PreprocessInputs, out: str 
 
     check_inputs(inputs)
     if not ray.is_initialized():
-        ray.init()
+        ray.init(address=default_ray_address())
     # hashing releases the GIL: one driver thread checksums the inputs while the stages run
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
     try:
         files = _input_files(inputs) if config.checksum_inputs else []
         checksums = {f: hasher.submit(tasks.file_sha256, f) for f in files}
         with data_context(config), atomic_directory(Path(out)) as tmp:
-            report = _run_stages(ray, config, inputs, tmp, checksums)
+            report = _run_stages(config, inputs, tmp, checksums)
     finally:
         hasher.shutdown(wait=False, cancel_futures=True)
     log_to_mlflow(report, {**_flatten(config.model_dump(mode="json")), "tokenizer_version": report["tokenizer"]["version"]})
     return report
 
 
-def _run_stages(ray, config: PreprocessConfig, inputs: PreprocessInputs, tmp: Path, checksums: dict) -> dict:
-    timer = Timer()
-    stage = _omop_events if inputs.omop else _meds_events
-    events = stage(ray, inputs.omop or inputs.meds, config, tmp, timer)
+def _run_stages(config: PreprocessConfig, inputs: PreprocessInputs, tmp: Path, checksums: dict) -> dict:
+    timer = stages.Timer()
+    stage = stages.omop_events if inputs.omop else stages.meds_events
+    events = stage(inputs.omop or inputs.meds, config, tmp, timer)
     subjects, n_shards = events.subjects, events.n_shards
     person_split = split_codes(subjects, config.splits.ratios, config.splits.salt)
     with timer.stage("prs"):
@@ -397,10 +200,10 @@ def _run_stages(ray, config: PreprocessConfig, inputs: PreprocessInputs, tmp: Pa
             person_prs = PersonPrs.empty(subjects)
         write_prs(tmp / "prs", person_prs, shard_of(subjects, n_shards), n_shards)
     with timer.stage("tokenizer_fit"):
-        tok = _fit_tokenizer(ray, tmp / "events", events, config)
+        tok = stages.fit_tokenizer(tmp / "events", events, config)
         tok.save(tmp / "tokenizer.json")
     with timer.stage("timelines"):
-        timelines = _timelines(ray, tmp, tok, len(person_prs.pgs_ids), [s["shard"] for s in events.shards], config)
+        timelines = stages.build_timelines(tmp, tok, len(person_prs.pgs_ids), [s["shard"] for s in events.shards], config)
     splits, tokens, timeline_shards = _token_report(timelines)
     pq.write_table(pa.table({"subject_id": pa.array(subjects, pa.int64()),
                              "split": pa.array(np.asarray(SPLITS, dtype=object)[person_split].tolist(), pa.string())}),
@@ -442,6 +245,25 @@ def _run_stages(ray, config: PreprocessConfig, inputs: PreprocessInputs, tmp: Pa
     return report
 
 
+INPUT_ERRORS = (OmopSchemaError, PrsFormatError, FileNotFoundError, ValueError)
+
+
+def input_error(exc: BaseException) -> BaseException | None:
+    """The input error behind `exc`: itself, or the original exception of a failed Ray task
+    (RayTaskError.cause), following causes; None when it is not an input error."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, INPUT_ERRORS) and not type(current).__module__.startswith("ray"):
+            return current
+        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None
+
+
 def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in data.items():
@@ -465,7 +287,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pcs", help="genetic PCs (sample_id PC1..PCn) for ancestry adjustment")
     parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
     parser.add_argument("--config", help="PreprocessConfig YAML (jobs/configs/preprocess-default.yaml)")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join ('auto': the running local one; default: RAY_ADDRESS, else a new local instance)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     return parser
 
@@ -480,11 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=args.ray_address)
+        ray.init(address=args.ray_address or default_ray_address())
     try:
         report = run_preprocess(config, inputs, args.out)
-    except (OmopSchemaError, PrsFormatError, FileNotFoundError, ValueError) as exc:
-        print(f"ehrfm preprocess: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - an input error raised inside a Ray task arrives wrapped
+        cause = input_error(exc)
+        if cause is None:
+            raise
+        print(f"ehrfm preprocess: {cause}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(report)))
     print(f"outputs: {Path(args.out).resolve()}")

@@ -199,101 +199,132 @@ def _subject_runs(subject: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return subject[starts], np.cumsum(starts) - 1
 
 
-def tokenize_events(events: pa.Table, tok: Tokenizer) -> ShardTimelines:
-    subject = events["subject_id"].combine_chunks().to_numpy(zero_copy_only=False).astype(np.int64)
-    time_us = events["time"].combine_chunks().cast(pa.int64()).to_numpy(zero_copy_only=False)
-    code = events["code"].combine_chunks()
-    value = pc.fill_null(events["numeric_value"].combine_chunks(), np.nan).to_numpy(zero_copy_only=False)
+@dataclass
+class _CodeTable:
+    """Per distinct code of a shard (the dictionary): everything the tokenizer decides about it."""
+
+    is_birth: np.ndarray
+    priority: np.ndarray
+    token_id: np.ndarray  # vocabulary id or UNK
+    known: np.ndarray
+    bin_row: np.ndarray  # row of the code's value edges, -1 without bins
+
+    @classmethod
+    def build(cls, dictionary: pa.Array, tok: Tokenizer) -> _CodeTable:
+        vocab_codes, vocab_ids = tok._code_lookup
+        row = pc.fill_null(pc.index_in(dictionary, value_set=vocab_codes), -1).to_numpy(zero_copy_only=False)
+        bin_codes, _ = tok._bin_lookup
+        bins = (pc.fill_null(pc.index_in(dictionary, value_set=bin_codes), -1).to_numpy(zero_copy_only=False)
+                if len(bin_codes) else np.full(len(dictionary), -1))
+        return cls(
+            is_birth=pc.fill_null(pc.equal(dictionary, BIRTH_CODE), False).to_numpy(zero_copy_only=False),
+            priority=code_priority(dictionary),
+            token_id=np.where(row >= 0, vocab_ids[np.maximum(row, 0)], UNK_ID).astype(np.int32),
+            known=row >= 0,
+            bin_row=np.asarray(bins, dtype=np.int64),
+        )
+
+
+def _check_sorted(subject: np.ndarray, time_us: np.ndarray) -> None:
     if len(subject) and (np.any(subject[1:] < subject[:-1])
                          or np.any((subject[1:] == subject[:-1]) & (time_us[1:] < time_us[:-1]))):
         raise ValueError("tokenize: events must be sorted by subject_id and time (an events/ shard)")
 
-    # every per-code decision is made once per distinct code (the dictionary), then indexed per row
-    encoded = code.dictionary_encode()
-    entry = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    dictionary = encoded.dictionary
-    entry_is_birth = pc.fill_null(pc.equal(dictionary, BIRTH_CODE), False).to_numpy(zero_copy_only=False)
-    entry_priority = code_priority(dictionary)
-    vocab_codes, vocab_ids = tok._code_lookup
-    vocab_row = pc.fill_null(pc.index_in(dictionary, value_set=vocab_codes), -1).to_numpy(zero_copy_only=False)
-    entry_id = np.where(vocab_row >= 0, vocab_ids[np.maximum(vocab_row, 0)], UNK_ID).astype(np.int32)
-    bin_codes, edges = tok._bin_lookup
-    entry_bins = (pc.fill_null(pc.index_in(dictionary, value_set=bin_codes), -1).to_numpy(zero_copy_only=False)
-                  if len(bin_codes) else np.full(len(dictionary), -1))
 
-    subjects, run = _subject_runs(subject)
-    is_birth = entry_is_birth[entry]
-    birth_us = np.full(len(subjects), np.iinfo(np.int64).max, dtype=np.int64)
+def _birth_days(run: np.ndarray, time_us: np.ndarray, is_birth: np.ndarray, n_subjects: int) -> np.ndarray:
+    """Day number (since 1970) of each subject's earliest MEDS_BIRTH event."""
+    birth_us = np.full(n_subjects, np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(birth_us, run[is_birth], time_us[is_birth])
-    if np.any(birth_us == np.iinfo(np.int64).max):
-        raise ValueError(f"tokenize: {int((birth_us == np.iinfo(np.int64).max).sum())} subjects have no {BIRTH_CODE} event")
-    birth_day = np.floor_divide(birth_us, DAY_US)
+    missing = int((birth_us == np.iinfo(np.int64).max).sum())
+    if missing:
+        raise ValueError(f"tokenize: {missing} subjects have no {BIRTH_CODE} event")
+    return np.floor_divide(birth_us, DAY_US)
 
-    rows = np.flatnonzero(~is_birth)
-    run, entry, value = run[rows], entry[rows], value[rows]
-    day = np.floor_divide(time_us[rows], DAY_US) - birth_day[run]
-    if np.any(day < 0):
-        raise ValueError(f"tokenize: {int((day < 0).sum())} events before their subject's birth")
-    # events/ order is (subject, time, ...), so (subject, day) groups are already contiguous and in
-    # order: a stable sort on (group, priority) puts each day's events in timeline order
+
+def _timeline_order(run: np.ndarray, day: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """Row order of the timeline: by subject, day, then priority, keeping events/ order within.
+
+    events/ is sorted by (subject, time, ...), so (subject, day) groups are already contiguous and
+    in order; a stable sort on (group, priority) is all that is left to do.
+    """
     new_group = np.r_[True, (run[1:] != run[:-1]) | (day[1:] != day[:-1])] if len(run) else np.zeros(0, bool)
-    key = (np.cumsum(new_group) << 4) | entry_priority[entry].astype(np.int64)
-    order = np.argsort(key, kind="stable")
-    run, day, value, entry = run[order], day[order], value[order], entry[order]
+    return np.argsort((np.cumsum(new_group) << 4) | priority.astype(np.int64), kind="stable")
 
-    code_ids = entry_id[entry]
-    known_entries = vocab_row >= 0
-    bin_row = entry_bins[entry]
-    has_q = (bin_row >= 0) & ~np.isnan(value)
-    q_rows = np.flatnonzero(has_q)
-    q_bins = (edges[bin_row[q_rows]] < value[q_rows, None]).sum(axis=1)
 
-    first_of_subject = np.r_[True, run[1:] != run[:-1]] if len(run) else np.zeros(0, dtype=bool)
-    previous_day = np.where(first_of_subject, 0, np.r_[0, day[:-1]])
-    gap = day - previous_day
-    has_gap = gap >= tok.gap_edges_days[0]
-    gap_bucket = np.searchsorted(np.asarray(tok.gap_edges_days), gap, side="right") - 1
+def _assemble(run: np.ndarray, day: np.ndarray, code_ids: np.ndarray, q_rows: np.ndarray, q_ids: np.ndarray,
+              gap_ids: np.ndarray, n_subjects: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, tokens, ages): BOS, per event [gap] code [Q], EOS, for events in timeline order.
 
-    n_subjects = len(subjects)
-    per_event = has_gap.astype(np.int64) + 1 + has_q.astype(np.int64)
+    `gap_ids` holds each event's gap token id or -1 (no gap); a gap token carries the age of the
+    event it precedes.
+    """
+    has_gap = gap_ids >= 0
+    has_q = np.zeros(len(run), dtype=bool)
+    has_q[q_rows] = True
+    per_event = has_gap.astype(np.int64) + 1 + has_q
     per_subject = np.bincount(run, weights=per_event, minlength=n_subjects).astype(np.int64) + 2
     offsets = np.r_[0, np.cumsum(per_subject)]
     if offsets[-1] >= 2**31:
         raise ValueError("tokenize: a shard holds 2^31 tokens or more; use more shards (subjects_per_shard)")
     earlier_events = np.cumsum(per_event) - per_event  # tokens of all earlier events in the shard
     before_subject = np.r_[0, np.cumsum(per_subject - 2)[:-1]]  # tokens of earlier subjects' events
-    event_start = offsets[run] + 1 + earlier_events - before_subject[run]
+    code_pos = offsets[run] + 1 + earlier_events - before_subject[run] + has_gap
     tokens = np.empty(offsets[-1], dtype=np.int32)
     ages = np.empty(offsets[-1], dtype=np.int32)
-    tokens[offsets[:-1]] = BOS_ID
-    ages[offsets[:-1]] = 0
-    gap_pos = event_start[has_gap]
-    tokens[gap_pos] = tok._gap_ids[gap_bucket[has_gap]]
-    ages[gap_pos] = day[has_gap]
-    code_pos = event_start + has_gap
-    tokens[code_pos] = code_ids
-    ages[code_pos] = day
-    tokens[code_pos[q_rows] + 1] = tok._value_ids[q_bins]
-    ages[code_pos[q_rows] + 1] = day[q_rows]
+    tokens[offsets[:-1]], ages[offsets[:-1]] = BOS_ID, 0
+    tokens[code_pos[has_gap] - 1], ages[code_pos[has_gap] - 1] = gap_ids[has_gap], day[has_gap]
+    tokens[code_pos], ages[code_pos] = code_ids, day
+    tokens[code_pos[q_rows] + 1], ages[code_pos[q_rows] + 1] = q_ids, day[q_rows]
     last_day = np.zeros(n_subjects, dtype=np.int64)
-    np.maximum.at(last_day, run, day)
-    tokens[offsets[1:] - 1] = EOS_ID
-    ages[offsets[1:] - 1] = last_day
+    last_of_subject = np.r_[run[1:] != run[:-1], True] if len(run) else np.zeros(0, dtype=bool)
+    last_day[run[last_of_subject]] = day[last_of_subject]  # rows are in (subject, day) order
+    tokens[offsets[1:] - 1], ages[offsets[1:] - 1] = EOS_ID, last_day
+    return offsets, tokens, ages
+
+
+def tokenize_events(events: pa.Table, tok: Tokenizer) -> ShardTimelines:
+    subject = events["subject_id"].combine_chunks().to_numpy(zero_copy_only=False).astype(np.int64)
+    time_us = events["time"].combine_chunks().cast(pa.int64()).to_numpy(zero_copy_only=False)
+    value = pc.fill_null(events["numeric_value"].combine_chunks(), np.nan).to_numpy(zero_copy_only=False)
+    _check_sorted(subject, time_us)
+    encoded = events["code"].combine_chunks().dictionary_encode()  # decide per distinct code, index per row
+    codes = _CodeTable.build(encoded.dictionary, tok)
+    entry = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    subjects, run = _subject_runs(subject)
+    is_birth = codes.is_birth[entry]
+    birth_day = _birth_days(run, time_us, is_birth, len(subjects))
+    rows = np.flatnonzero(~is_birth)
+    run, entry, value = run[rows], entry[rows], value[rows]
+    day = np.floor_divide(time_us[rows], DAY_US) - birth_day[run]
+    if np.any(day < 0):
+        raise ValueError(f"tokenize: {int((day < 0).sum())} events before their subject's birth")
+    order = _timeline_order(run, day, codes.priority[entry])
+    run, day, value, entry = run[order], day[order], value[order], entry[order]
+
+    code_ids = codes.token_id[entry]
+    bin_row = codes.bin_row[entry]
+    q_rows = np.flatnonzero((bin_row >= 0) & ~np.isnan(value))
+    _, edges = tok._bin_lookup
+    q_ids = tok._value_ids[(edges[bin_row[q_rows]] < value[q_rows, None]).sum(axis=1)]
+    first_of_subject = np.r_[True, run[1:] != run[:-1]] if len(run) else np.zeros(0, dtype=bool)
+    gap = day - np.where(first_of_subject, 0, np.r_[0, day[:-1]])  # the first event's gap is from birth
+    bucket = np.searchsorted(np.asarray(tok.gap_edges_days), gap, side="right") - 1
+    gap_ids = np.where(bucket >= 0, tok._gap_ids[np.maximum(bucket, 0)], -1)
+    offsets, tokens, ages = _assemble(run, day, code_ids, q_rows, q_ids, gap_ids, len(subjects))
 
     pa_offsets = pa.array(offsets.astype(np.int32))
-    token_lists = pa.ListArray.from_arrays(pa_offsets, pa.array(tokens))
-    age_lists = pa.ListArray.from_arrays(pa_offsets, pa.array(ages))
-    unseen = int((~known_entries & ~entry_is_birth).sum())
     stats = {
-        "subjects": n_subjects,
+        "subjects": len(subjects),
         "events": int(len(rows)),
         "tokens": int(offsets[-1]),
         "unk_tokens": int((code_ids == UNK_ID).sum()),
-        "unseen_codes": unseen,
+        "unseen_codes": int((~codes.known & ~codes.is_birth).sum()),
         "value_tokens": int(len(q_rows)),
-        "gap_tokens": int(has_gap.sum()),
+        "gap_tokens": int((gap_ids >= 0).sum()),
     }
-    return ShardTimelines(subjects, birth_day, token_lists, age_lists, stats)
+    return ShardTimelines(subjects, birth_day, pa.ListArray.from_arrays(pa_offsets, pa.array(tokens)),
+                          pa.ListArray.from_arrays(pa_offsets, pa.array(ages)), stats)
 
 
 # ---- fit: per-batch partial statistics (train split only) ---------------------------------------
