@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     split = splits_for(labels, pl.read_parquet(args.splits, columns=["subject_id", "split"]), args.splits.name)
     prs = has_prs = None
     if args.prs is not None:
-        prs, has_prs = prs_for(labels, pq.read_table(args.prs), args.prs_columns)
+        prs, has_prs = prs_for(labels, read_parquet_parts(args.prs), args.prs_columns)
     train_labels = labels.filter(pa.array(split == TRAIN))
     vocab = CodeVocabulary.fit(events, train_labels, tuple(config.windows_days),
                                config.min_persons_per_code, config.max_codes)
@@ -221,6 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     log_to_mlflow(results, paths)
     print(json.dumps({r.name: {"auroc": r.auroc.value, "auprc": r.auprc.value} for r in results}, indent=2))
     return 0
+
+
+def read_parquet_parts(path: Path) -> pa.Table:
+    """A parquet file, or a stage output directory's `part-*.parquet` files (its JSON sidecars skipped)."""
+    path = Path(path)
+    if path.is_file():
+        return pq.read_table(path)
+    parts = sorted(path.glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"no part-*.parquet files in {path}")
+    return pa.concat_tables([pq.read_table(p) for p in parts])
 
 
 def recalibrated(risks: dict[str, np.ndarray], y: np.ndarray, split: np.ndarray, method: str) -> dict[str, np.ndarray]:

@@ -254,6 +254,17 @@ class EHRDecoder(nn.Module):
             loss = total / (targets != PAD_ID).sum().clamp(min=1)
         return logits, loss
 
+    def encode(self, tokens, ages, prs=None, has_prs=None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, H] of the event positions, with gradients (fine-tuning)."""
+        return self._trunk(tokens, ages, prs, has_prs)
+
+    def prs_summary(self, prs: torch.Tensor, has_prs: torch.Tensor) -> torch.Tensor:
+        """Mean of the PRS soft tokens [B, H] (the learned missing tokens where has_prs is false)."""
+        if self.prs_encoder is None:
+            raise ValueError("this model has no PRS modality (fusion 'none')")
+        soft, _ = self.prs_encoder(prs, has_prs)
+        return soft.mean(dim=1)
+
     @torch.no_grad()
     def hidden_states(self, tokens, ages, prs=None, has_prs=None, positions: torch.Tensor | None = None):
         """Representation [B, T, H], or [B, P, H] at `positions` [B, P] (e.g. each prediction time)."""
