@@ -35,6 +35,7 @@ from ehrfm.evaluate.stratify import age_bucket
 
 BASELINES = ("prs_lr", "counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb")
 TRAIN, VAL, TEST = "train", "val", "test"
+EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value")
 
 
 class BaselineConfig(StrictModel):
@@ -196,17 +197,13 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_config(BaselineConfig, args.config, args.overrides)
     labels = pq.read_table(args.labels)
-    events = pq.read_table(args.events, columns=["subject_id", "time", "code", "numeric_value"])
+    events = read_events(args.events)
     split = splits_for(labels, pl.read_parquet(args.splits, columns=["subject_id", "split"]), args.splits.name)
     prs = has_prs = None
     if args.prs is not None:
         prs, has_prs = prs_for(labels, read_parquet_parts(args.prs), args.prs_columns)
-    train_labels = labels.filter(pa.array(split == TRAIN))
-    vocab = CodeVocabulary.fit(events, train_labels, tuple(config.windows_days),
-                               config.min_persons_per_code, config.max_codes)
-    features = build_features(events, labels, vocab)
     y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(int)
-    risks = run_baselines(y, split, features, prs, has_prs, config)
+    risks = baseline_risks(events, labels, split, prs, has_prs, config)
     if args.recalibrate:
         risks |= recalibrated(risks, y, split, args.recalibrate)
     groups = subgroups(events, labels, has_prs, args.ancestry)
@@ -223,22 +220,56 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def read_parquet_parts(path: Path) -> pa.Table:
+def read_events(path: Path) -> pa.Table:
+    """The event columns the count features need, from a MEDS events file or a directory of parquet shards."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no event parquet at {path}")
+    return pa.concat_tables([pq.read_table(f, columns=list(EVENT_COLUMNS)) for f in files], promote_options="permissive")
+
+
+def baseline_risks(events: pa.Table, labels: pa.Table, split: np.ndarray, prs: np.ndarray | None,
+                   has_prs: np.ndarray | None, config: BaselineConfig | None = None,
+                   names: tuple[str, ...] = BASELINES) -> dict[str, np.ndarray]:
+    """Every baseline's risk for every label row: code vocabulary fit on the train rows, then the fits."""
+    config = config or BaselineConfig()
+    train_labels = labels.filter(pa.array(np.asarray(split) == TRAIN))
+    vocab = CodeVocabulary.fit(events, train_labels, tuple(config.windows_days),
+                               config.min_persons_per_code, config.max_codes)
+    features = build_features(events, labels, vocab)
+    y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(int)
+    return run_baselines(y, split, features, prs, has_prs, config, names)
+
+
+def read_parquet_parts(path: Path, columns: list[str] | None = None) -> pa.Table:
     """A parquet file, or a stage output directory's `part-*.parquet` files (its JSON sidecars skipped)."""
     path = Path(path)
     if path.is_file():
-        return pq.read_table(path)
+        return pq.read_table(path, columns=columns)
     parts = sorted(path.glob("part-*.parquet"))
     if not parts:
         raise FileNotFoundError(f"no part-*.parquet files in {path}")
-    return pa.concat_tables([pq.read_table(p) for p in parts])
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
 
 
 def recalibrated(risks: dict[str, np.ndarray], y: np.ndarray, split: np.ndarray, method: str) -> dict[str, np.ndarray]:
-    """Each model's risks mapped by a recalibrator fit on its validation-split risks."""
-    val = split == VAL
-    return {f"{name} ({method})": Recalibrator(method).fit(y[val], risk[val]).transform(risk)
-            for name, risk in risks.items()}
+    """Each model's risks mapped by a recalibrator fit on its validation-split risks.
+
+    Risks may be NaN on rows a model did not score; a model without scored validation rows of
+    both classes, or whose scores are not probabilities, has no recalibrated version.
+    """
+    out = {}
+    for name, risk in risks.items():
+        scored = np.isfinite(risk)
+        val = (split == VAL) & scored
+        probabilities = scored.any() and risk[scored].min() >= 0 and risk[scored].max() <= 1
+        if not (probabilities and _both_classes(y[val])):
+            continue
+        values = np.full(risk.shape, np.nan)
+        values[scored] = Recalibrator(method).fit(y[val], risk[val]).transform(risk[scored])
+        out[f"{name} ({method})"] = values
+    return out
 
 
 def subgroups(events: pa.Table, labels: pa.Table, has_prs: np.ndarray | None,
@@ -250,10 +281,16 @@ def subgroups(events: pa.Table, labels: pa.Table, has_prs: np.ndarray | None,
         groups["has_prs"] = np.where(has_prs, "PRS", "no PRS")
     if ancestry_path is not None:
         table = pl.read_parquet(ancestry_path, columns=["subject_id", "ancestry"])
-        joined = demo.select("subject_id").join(table.unique("subject_id"), on="subject_id", how="left",
-                                                maintain_order="left")
-        groups["ancestry"] = joined["ancestry"].cast(pl.String).fill_null("unknown").to_numpy()
+        groups["ancestry"] = ancestry_of(demo["subject_id"].to_numpy(), table)
     return groups
+
+
+def ancestry_of(subject_ids: np.ndarray, table: pl.DataFrame) -> np.ndarray:
+    """Each subject's ancestry label from a (subject_id, ancestry) table; 'unknown' when absent."""
+    subjects = pl.DataFrame({"subject_id": np.asarray(subject_ids, dtype=np.int64)})
+    lookup = table.select(pl.col("subject_id").cast(pl.Int64), pl.col("ancestry").cast(pl.String))
+    joined = subjects.join(lookup.unique("subject_id"), on="subject_id", how="left", maintain_order="left")
+    return joined["ancestry"].fill_null("unknown").to_numpy()
 
 
 if __name__ == "__main__":

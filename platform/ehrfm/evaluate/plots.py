@@ -67,7 +67,9 @@ def prs_decile_figure(table: pl.DataFrame) -> Figure:
     figure, ax = _figure("Observed risk by PRS decile")
     x = np.arange(table.height)
     rate = table["observed_rate"].to_numpy()
-    errors = np.vstack([rate - table["ci_low"].to_numpy(), table["ci_high"].to_numpy() - rate])
+    # clipped: at a rate of 0 or 1 the Wilson bound can miss the rate by a rounding error, and
+    # matplotlib refuses negative error bars
+    errors = np.clip(np.vstack([rate - table["ci_low"].to_numpy(), table["ci_high"].to_numpy() - rate]), 0.0, None)
     ax.errorbar(x, rate, yerr=errors, fmt="o", capsize=3, label="observed")
     if "mean_predicted" in table.columns:
         ax.plot(x, table["mean_predicted"].to_numpy(), marker="x", linestyle="--", label="mean predicted")

@@ -1,0 +1,317 @@
+"""`ehrfm evaluate`: every model of one task scored on the same test label rows, side by side.
+
+Models: the fine-tuned model and the same model with its PRS masked (predictions.parquet), the
+zero-shot trajectory scores (zero_shot.parquet), the baselines (fit here on the same labels and
+splits), optional recalibrated versions (fit on validation rows), and on a synthetic cohort the
+oracle from the generative truth. Each gets AUROC and AUPRC with bootstrap 95% CIs and ECE;
+differences that decide the task (PRS gain, margin over the baselines, gap to the oracle) get a
+paired bootstrap CI. Writes report.md, report.json, PNG figures and subgroup / PRS-decile tables,
+and logs metrics and those files (aggregates only, no person rows) to MLflow when a tracking URI
+is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ehrfm.config import load_config
+from ehrfm.data.synthetic_truth import load_truth
+from ehrfm.evaluate.alignment import align_scores
+from ehrfm.evaluate.baselines import (
+    BASELINES, TEST, BaselineConfig, ancestry_of, baseline_risks, prs_for, read_events, read_parquet_parts,
+    recalibrated, splits_for, subgroups,
+)
+from ehrfm.evaluate.metrics import DEFAULT_BOOTSTRAP, Estimate, bootstrap_difference
+from ehrfm.evaluate.oracle import ORACLE_GENETIC, ORACLE_GROUP_MEAN, oracle_scores, pgs_column, trait_pgs, truth_ancestry
+from ehrfm.evaluate.plots import save_figures
+from ehrfm.evaluate.report import ModelResult, evaluate_predictions, log_to_mlflow, markdown_table, metric_key
+from ehrfm.evaluate.report import write_stratified
+from ehrfm.transfer.examples import read_labels
+
+EXPERIMENT = "ehrfm-evaluate"
+FINETUNED, FINETUNED_MASKED = "finetuned", "finetuned_prs_masked"
+ZS_PATH, ZS_SHARE = "zero_shot_path_probability", "zero_shot_share"
+MIN_PRS_GAIN = 0.04
+MODEL_NOTES = {
+    FINETUNED: "fine-tuned foundation model (calibrated risk)",
+    FINETUNED_MASKED: "same weights, every person's PRS masked",
+    ZS_PATH: "zero-shot: probability of the target along sampled trajectories",
+    ZS_SHARE: "zero-shot: share of sampled trajectories reaching the target",
+    "prs_lr": "logistic regression on the PRS vector",
+    "counts_lr": "logistic regression on code counts", "counts_prs_lr": "same + PRS",
+    "counts_hgb": "gradient boosting on code counts", "counts_prs_hgb": "same + PRS",
+    ORACLE_GENETIC: "true T2D onset probability with the true genetic liability",
+    ORACLE_GROUP_MEAN: "true T2D onset probability with only the ancestry-group mean liability",
+}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """AUROC(model) - AUROC(reference) on the same test rows, paired bootstrap CI."""
+
+    name: str
+    model: str
+    reference: str
+    estimate: Estimate
+
+    def to_dict(self) -> dict:
+        e = self.estimate
+        return {"model": self.model, "reference": self.reference, "auroc_difference": e.value,
+                "ci_low": e.lower, "ci_high": e.upper, "n_boot_valid": e.n_boot_valid}
+
+
+def evaluate_all(data_dir: Path, labels_path: Path, out_dir: Path, *, predictions: Path | None = None,
+                 zero_shot: Path | None = None, cohort: Path | None = None, n_boot: int = DEFAULT_BOOTSTRAP,
+                 recalibrate: str | None = None, horizon_days: int = 730, baselines: tuple[str, ...] = BASELINES,
+                 baseline_config: BaselineConfig | None = None, decile_pgs: str | None = None,
+                 ancestry: Path | None = None, tracking_uri: str | None = None, seed: int = 0) -> dict:
+    """Evaluate every available model on the test label rows; write the report; return its numbers."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    labels = read_labels(labels_path)
+    splits_path = data_dir / "splits.parquet"
+    split = splits_for(labels, pl.read_parquet(splits_path, columns=["subject_id", "split"]), str(splits_path))
+    y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
+    prs_dir = data_dir / "prs"
+    prs, has_prs = prs_for(labels, read_parquet_parts(prs_dir)) if prs_dir.exists() else (None, None)
+    events = read_events(data_dir / "events")
+
+    risks: dict[str, np.ndarray] = {}
+    if predictions is not None:
+        risks |= align_scores(predictions, labels, split, {FINETUNED: "risk", FINETUNED_MASKED: "risk_prs_masked"})
+    if zero_shot is not None:
+        risks |= align_scores(zero_shot, labels, split, {ZS_PATH: "zs_path_probability", ZS_SHARE: "zs_share"})
+    fitted = baseline_risks(events, labels, split, prs, has_prs, baseline_config, tuple(baselines)) if baselines else {}
+    risks |= fitted
+    if recalibrate:
+        risks |= recalibrated(dict(risks), y.astype(int), split, recalibrate)
+    truth = load_truth(cohort) if cohort is not None else None
+    oracle = oracle_scores(truth, labels, horizon_days, str(cohort)) if truth is not None else None
+    if oracle is not None:
+        risks |= oracle.risks
+
+    test = split == TEST
+    if not 0 < int(y[test].sum()) < int(test.sum()):
+        raise ValueError(f"{labels_path}: the test split needs both classes: {int(y[test].sum())} positives "
+                         f"of {int(test.sum())} rows")
+    test_risks = {name: risk[test] for name, risk in risks.items()}
+    results = [evaluate_predictions(name, y[test], risk, n_boot=n_boot, seed=seed) for name, risk in test_risks.items()]
+    by_name = {r.name: r for r in results}
+    best_baseline = max(fitted, key=lambda n: by_name[n].auroc.value) if fitted else None
+    headline = FINETUNED if FINETUNED in risks else best_baseline
+    comparisons = _comparisons(y[test], test_risks, list(fitted), headline, n_boot, seed)
+
+    if decile_pgs is None and cohort is not None:
+        decile_pgs = trait_pgs(cohort)
+    prs_test = None
+    if prs is not None:
+        column = pgs_column(prs_dir, decile_pgs)
+        prs_test = np.where(has_prs[test], prs[test, column], np.nan)
+    groups = subgroups(events, labels, has_prs, ancestry)
+    if "ancestry" not in groups and truth is not None:
+        groups["ancestry"] = ancestry_of(labels["subject_id"].to_numpy(zero_copy_only=False), truth_ancestry(truth))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # figures: each model once (a Platt-recalibrated ROC is the raw one), the headline also recalibrated
+    plotted = [k for k in test_risks if " (" not in k or k.startswith(f"{headline} (")]
+    probabilities = {k: test_risks[k] for k in plotted if test_risks[k].min() >= 0 and test_risks[k].max() <= 1}
+    paths = save_figures(out_dir, y[test], probabilities, prs_test,
+                         decile_model=headline if headline in probabilities else None)
+    paths += write_stratified(out_dir, y[test], test_risks, {k: v[test] for k, v in groups.items()}, prs_test,
+                              n_boot=n_boot, seed=seed)
+    subgroup_md = out_dir / "subgroups.md"
+    key_models = [m for m in (FINETUNED, FINETUNED_MASKED, ZS_PATH, best_baseline, ORACLE_GENETIC) if m in risks]
+    subgroup_md.write_text(subgroup_markdown(pl.read_csv(out_dir / "subgroups.csv"), key_models))
+    paths.append(subgroup_md)
+
+    summary = {
+        "labels": str(labels_path), "n_test": int(test.sum()), "n_test_positive": int(y[test].sum()),
+        "n_boot": n_boot, "seed": seed, "decile_pgs": decile_pgs, "headline": headline,
+        "best_baseline": best_baseline,
+        "models": {r.name: r.metrics() for r in results},
+        "comparisons": {c.name: c.to_dict() for c in comparisons},
+        "oracle": None if oracle is None else {"horizon_days": oracle.horizon_days,
+                                               "test_rows_already_begun": int(oracle.already_begun[test].sum())},
+        "acceptance": _acceptance(by_name, comparisons, list(fitted)),
+    }
+    report = out_dir / "report.md"
+    report.write_text(report_markdown(summary, results, comparisons))
+    report_json = out_dir / "report.json"
+    report_json.write_text(json.dumps(summary, indent=2, default=_json_number))
+    paths = [report, report_json, *paths]
+    summary["files"] = [p.name for p in paths]
+    summary["mlflow_run_id"] = _log(tracking_uri, results, comparisons, paths, summary)
+    report_json.write_text(json.dumps(summary, indent=2, default=_json_number))
+    return summary
+
+
+def _comparisons(y, risks: dict[str, np.ndarray], baselines: list[str], headline: str | None, n_boot: int,
+                 seed: int) -> list[Comparison]:
+    """The paired AUROC differences the task is judged on, for the models that are present."""
+    pairs = []
+    if FINETUNED in risks and FINETUNED_MASKED in risks:
+        pairs.append(("prs_gain", FINETUNED, FINETUNED_MASKED))
+    if FINETUNED in risks:
+        pairs += [(f"margin_over_{b}", FINETUNED, b) for b in baselines]
+        if ZS_PATH in risks:
+            pairs.append(("margin_over_zero_shot", FINETUNED, ZS_PATH))
+    if ORACLE_GENETIC in risks:
+        pairs.append(("oracle_genetic_headroom", ORACLE_GENETIC, ORACLE_GROUP_MEAN))
+        if headline is not None:
+            pairs.append(("gap_to_oracle", ORACLE_GENETIC, headline))
+    return [Comparison(name, a, b, bootstrap_difference("auroc", y, risks[a], risks[b], n_boot, seed))
+            for name, a, b in pairs]
+
+
+def _acceptance(results: dict[str, ModelResult], comparisons: list[Comparison], baselines: list[str]) -> dict:
+    """Issue #5's bars, where the models they need are present (None where they are not)."""
+    by_name = {c.name: c.estimate for c in comparisons}
+    gain = by_name.get("prs_gain")
+    margins = [by_name[f"margin_over_{b}"].value for b in baselines if f"margin_over_{b}" in by_name]
+    return {
+        "prs_gain_at_least_0.04": None if gain is None else bool(gain.value >= MIN_PRS_GAIN),
+        "beats_every_baseline": None if not margins else bool(min(margins) > 0),
+        "zero_shot_reported_beside_finetuned": (ZS_PATH in results and FINETUNED in results) or None,
+    }
+
+
+def report_markdown(summary: dict, results: list[ModelResult], comparisons: list[Comparison]) -> str:
+    """The table of every model and the lines that say what it means."""
+    lines = [f"# Evaluation on {summary['n_test']} test rows ({summary['n_test_positive']} events)", "",
+             f"Bootstrap: {summary['n_boot']} person resamples (seed {summary['seed']}), percentile 95% CIs; "
+             "differences are paired (both models on each resample).", "",
+             markdown_table(results)]
+    by_name = {c.name: c for c in comparisons}
+    auroc = {r.name: r.auroc for r in results}
+    if "prs_gain" in by_name:
+        gain = by_name["prs_gain"].estimate
+        verdict = "meets" if gain.value >= MIN_PRS_GAIN else "falls short of"
+        lines.append(f"- PRS gain = AUROC({FINETUNED}) - AUROC({FINETUNED_MASKED}) = {gain.fmt()}; "
+                     f"{verdict} the {MIN_PRS_GAIN} target")
+    best = summary["best_baseline"]
+    if best is not None:
+        lines.append(f"- Best baseline: {best}, AUROC {auroc[best].fmt()}")
+    margins = [c for c in comparisons if c.name.startswith("margin_over_") and c.reference != ZS_PATH]
+    if margins:
+        worst = min(margins, key=lambda c: c.estimate.value)
+        beaten = sum(c.estimate.value > 0 for c in margins)
+        lines.append(f"- {FINETUNED} beats {beaten} of {len(margins)} baselines; margin over {best}: "
+                     f"{by_name[f'margin_over_{best}'].estimate.fmt()}; smallest margin ({worst.reference}): "
+                     f"{worst.estimate.fmt()}")
+    if ZS_PATH in auroc:
+        beside = f" beside fine-tuned AUROC {auroc[FINETUNED].fmt()}" if FINETUNED in auroc else ""
+        lines.append(f"- Zero-shot path-probability AUROC {auroc[ZS_PATH].fmt()}{beside}")
+    if summary["oracle"] is not None:
+        oracle = summary["oracle"]
+        lines.append(f"- Oracle AUROC with the true genetic liability {auroc[ORACLE_GENETIC].fmt()}, with the "
+                     f"ancestry-group mean only {auroc[ORACLE_GROUP_MEAN].fmt()}: genetic headroom "
+                     f"{by_name['oracle_genetic_headroom'].estimate.fmt()} ({oracle['test_rows_already_begun']} "
+                     f"test rows had T2D begun before the prediction time: oracle risk 1)")
+        if "gap_to_oracle" in by_name:
+            lines.append(f"- Gap to oracle = AUROC({ORACLE_GENETIC}) - AUROC({summary['headline']}) = "
+                         f"{by_name['gap_to_oracle'].estimate.fmt()}")
+    if summary["decile_pgs"]:
+        lines.append(f"- PRS deciles from {summary['decile_pgs']}")
+    lines += ["", "Models:", *[f"- {r.name}: {_note(r.name)}" for r in results]]
+    return "\n".join(lines) + "\n"
+
+
+def _note(name: str) -> str:
+    base, recalibrated_by, method = name.partition(" (")
+    note = MODEL_NOTES.get(base, "")
+    return f"{note}; recalibrated on validation rows ({method}" if recalibrated_by else note
+
+
+def subgroup_markdown(table: pl.DataFrame, models: list[str]) -> str:
+    """AUROC [95% CI] per subgroup level for the key models (every model is in subgroups.csv)."""
+    if not models:
+        return "# Subgroups\n\nno models\n"
+    first = table.filter(pl.col("model") == models[0])
+    header = "| attribute | level | n (events) | " + " | ".join(f"{m} AUROC" for m in models) + " |"
+    lines = ["# Subgroups (test rows; AUROC with bootstrap 95% CI; n/a: too few rows or one class)", "",
+             header, "|" + "---|" * (3 + len(models))]
+    for row in first.iter_rows(named=True):
+        cells = []
+        for model in models:
+            match = table.filter((pl.col("model") == model) & (pl.col("attribute") == row["attribute"])
+                                 & (pl.col("level").cast(pl.String) == str(row["level"]))).row(0, named=True)
+            estimate = Estimate(*(np.nan if match[k] is None else match[k] for k in ("auroc", "auroc_low", "auroc_high")))
+            cells.append(estimate.fmt())
+        lines.append(f"| {row['attribute']} | {row['level']} | {row['n']} ({row['events']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _log(tracking_uri: str | None, results: list[ModelResult], comparisons: list[Comparison], paths: list[Path],
+         summary: dict) -> str | None:
+    """One run in experiment `ehrfm-evaluate`: every metric, the comparisons, the report files."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return None
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(EXPERIMENT)
+        with mlflow.start_run(run_name=f"evaluate-{Path(summary['labels']).stem}") as run:
+            mlflow.log_params({"n_boot": summary["n_boot"], "seed": summary["seed"], "n_test": summary["n_test"],
+                               "n_test_positive": summary["n_test_positive"], "headline": summary["headline"],
+                               "best_baseline": summary["best_baseline"], "decile_pgs": summary["decile_pgs"]})
+            log_to_mlflow(results, paths)
+            comparison_metrics = {metric_key(f"comparison/{c.name}", k): v for c in comparisons
+                                  for k, v in c.to_dict().items() if isinstance(v, float) and np.isfinite(v)}
+            mlflow.log_metrics(comparison_metrics)
+            return run.info.run_id
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _json_number(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ehrfm evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="preprocessed dir: events/, prs/, splits.parquet")
+    parser.add_argument("--labels", type=Path, required=True, help="labels.parquet from `ehrfm label`")
+    parser.add_argument("--predictions", type=Path, default=None, help="fine-tuning predictions.parquet")
+    parser.add_argument("--zero-shot", type=Path, default=None, help="zero_shot.parquet")
+    parser.add_argument("--cohort", type=Path, default=None, help="synthetic cohort dir with truth/ (T2D oracle)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--n-boot", type=int, default=DEFAULT_BOOTSTRAP)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recalibrate", choices=["platt", "isotonic"], default=None,
+                        help="also report each model recalibrated on its validation rows")
+    parser.add_argument("--horizon-days", type=int, default=730, help="the labels' horizon (for the oracle)")
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
+                        help="baselines to fit (none: pass the flag with no names)")
+    parser.add_argument("--baseline-config", type=Path, default=None, help="BaselineConfig YAML")
+    parser.add_argument("--decile-pgs", default=None, help="PGS id for the PRS deciles (default: the cohort "
+                        "truth's T2D score, else the first PGS)")
+    parser.add_argument("--ancestry", type=Path, default=None, help="parquet with subject_id, ancestry")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI; none: no logging)")
+    parser.add_argument("overrides", nargs="*", help="BaselineConfig overrides, key=value")
+    args = parser.parse_args(argv)
+    config = load_config(BaselineConfig, args.baseline_config, args.overrides)
+    summary = evaluate_all(
+        args.data, args.labels, args.out, predictions=args.predictions, zero_shot=args.zero_shot,
+        cohort=args.cohort, n_boot=args.n_boot, recalibrate=args.recalibrate, horizon_days=args.horizon_days,
+        baselines=tuple(args.baselines), baseline_config=config, decile_pgs=args.decile_pgs,
+        ancestry=args.ancestry, tracking_uri=args.tracking_uri, seed=args.seed,
+    )
+    print((args.out / "report.md").read_text())
+    if summary["mlflow_run_id"]:
+        print(f"MLflow run {summary['mlflow_run_id']} in experiment {EXPERIMENT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

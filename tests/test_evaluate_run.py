@@ -1,0 +1,257 @@
+"""`ehrfm evaluate` on a tiny hand-made task: paired bootstrap, alignment checks, report, oracle, MLflow."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow import MlflowClient
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from ehrfm.cli import run_command
+from ehrfm.data.schemas import EVENT_SCHEMA, prs_schema
+from ehrfm.data.synthetic_oracle import oracle_t2d_risk
+from ehrfm.data.synthetic_params import TRAITS, GenerativeParams
+from ehrfm.data.synthetic_truth import ONSETS, load_truth
+from ehrfm.evaluate.alignment import align_scores
+from ehrfm.evaluate.baselines import BASELINES, BaselineConfig
+from ehrfm.evaluate.metrics import bootstrap_difference, bootstrap_metric, bootstrap_weights
+from ehrfm.evaluate.run import evaluate_all
+from ehrfm.tasks.labeler import LABEL_SCHEMA
+
+PT = datetime(2020, 6, 1)
+N = 240
+PGS_IDS = ["PGS000001", "PGS000002", "PGS000003"]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _events(subjects: np.ndarray, signal: np.ndarray, rng: np.random.Generator) -> pa.Table:
+    """Birth, sex, `signal` SIGNAL codes and a few noise codes per person, all before PT."""
+    subj, times, codes = [], [], []
+    for s, k in zip(subjects, signal):
+        birth = PT - timedelta(days=float(rng.uniform(40, 75) * 365.25))
+        noise = rng.integers(1, 6)
+        subj += [s] * (2 + k + noise)
+        times += [birth, None] + [PT - timedelta(days=float(d)) for d in rng.uniform(1, 900, k + noise)]
+        codes += ["MEDS_BIRTH", rng.choice(["GENDER/8532", "GENDER/8507"])] + ["CONDITION/999"] * k + [
+            f"CONDITION/{c}" for c in rng.integers(100, 106, noise)]
+    n = len(subj)
+    return pa.table({"subject_id": np.asarray(subj, np.int64), "time": times, "code": codes,
+                     "numeric_value": [None] * n, "visit_id": [None] * n, "visit_type": [None] * n},
+                    schema=EVENT_SCHEMA)
+
+
+def _timestamps(days_from_pt: np.ndarray) -> pa.Array:
+    """Days relative to PT (NaN = never) as timestamp[ms]."""
+    stamps = [None if np.isnan(d) else PT + timedelta(days=float(d)) for d in days_from_pt]
+    return pa.array(stamps, pa.timestamp("ms"))
+
+
+def _truth(root: Path, subjects: np.ndarray, liability: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A truth/ dir the oracle can read; returns the T2D onset (days from PT, NaN = none)."""
+    n = subjects.size
+    ancestry = rng.choice(["EUR", "AFR"], n)
+    group_mean = np.where(ancestry == "EUR", 0.0, 0.3)
+    onset_t2d = np.where(rng.random(n) < 0.35, rng.uniform(-400, 1500, n), np.nan)
+    cols = {"person_id": subjects, "ancestry": ancestry, "male": rng.random(n) < 0.5,
+            "birth_date": pa.array((np.datetime64("1950-01-01") + rng.integers(0, 7000, n)).astype("datetime64[D]")),
+            "death": _timestamps(np.full(n, np.nan))}
+    for i, trait in enumerate(TRAITS):
+        cols[f"liability_{trait}"] = liability if i == 0 else rng.normal(size=n)
+        cols[f"group_mean_{trait}"] = group_mean if i == 0 else np.zeros(n)
+    cols.update(bmi18=rng.normal(23, 3, n), bmi_slope=rng.uniform(0, 0.2, n), smoke_start_age=np.full(n, np.inf),
+                smoke_quit_age=np.full(n, np.inf))
+    for disease in ONSETS:
+        cols[f"onset_{disease}"] = _timestamps(onset_t2d if disease == "t2d" else np.full(n, np.nan))
+    (root / "truth" / "persons").mkdir(parents=True)
+    pq.write_table(pa.table(cols), root / "truth" / "persons" / "part-00000.parquet")
+    (root / "truth" / "params.json").write_text(GenerativeParams().model_dump_json())
+    pq.write_table(pa.table({"pgs_id": PGS_IDS, "trait": ["cad", "t2d", ""], "accuracy_reference": [0.5, 0.7, 0.0]}),
+                   root / "truth" / "pgs.parquet")
+    return onset_t2d
+
+
+def make_task(root: Path, seed: int = 0) -> dict:
+    """data/ (events, prs parts + sidecar, splits), labels, predictions and a cohort truth."""
+    rng = np.random.default_rng(seed)
+    subjects = np.arange(1, N + 1, dtype=np.int64) * 1000
+    prs = rng.normal(size=(N, 3)).astype(np.float32)
+    has_prs = rng.random(N) < 0.85
+    signal = rng.poisson(1.0, N)
+    onset = _truth(root / "cohort", subjects, prs[:, 1] + 0.5 * rng.normal(size=N), rng)
+    y = (onset <= 730) | (rng.random(N) < _sigmoid(1.2 * signal + 1.5 * prs[:, 1] * has_prs - 3.5))
+    split = np.array(["train"] * 140 + ["val"] * 50 + ["test"] * 50)
+    data = root / "data"
+    (data / "events").mkdir(parents=True)
+    (data / "prs").mkdir()
+    pq.write_table(_events(subjects, signal, rng), data / "events" / "part-00000.parquet")
+    pq.write_table(pa.table({"subject_id": subjects, "prs": list(prs), "has_prs": has_prs}, schema=prs_schema(3)),
+                   data / "prs" / "part-00000.parquet")
+    (data / "prs" / "pgs_ids.json").write_text(json.dumps(PGS_IDS))
+    pq.write_table(pa.table({"subject_id": subjects, "split": split}), data / "splits.parquet")
+    labels = pa.table({"subject_id": subjects, "prediction_time": [PT] * N, "boolean_value": y}, schema=LABEL_SCHEMA)
+    pq.write_table(labels, root / "labels.parquet")
+    logit = 1.2 * signal + 1.5 * prs[:, 1] * has_prs - 3.5 + rng.normal(0, 0.5, N)
+    masked = 1.2 * signal - 3.5 + rng.normal(0, 0.5, N)
+    keep = split != "train"
+    predictions = pa.table({
+        "subject_id": subjects[keep], "prediction_time": pa.array([PT] * int(keep.sum()), pa.timestamp("us")),
+        "split": split[keep], "label": y[keep], "risk": _sigmoid(logit[keep]), "risk_prs_masked": _sigmoid(masked[keep]),
+        "logit": logit[keep], "logit_prs_masked": masked[keep]})
+    pq.write_table(predictions, root / "predictions.parquet")
+    return {"data": data, "labels": root / "labels.parquet", "predictions": root / "predictions.parquet",
+            "cohort": root / "cohort", "y": y, "split": split, "subjects": subjects, "risk": _sigmoid(logit),
+            "masked": _sigmoid(masked), "labels_table": labels}
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, mlflow_server):
+    root = tmp_path_factory.mktemp("evaluate")
+    task = make_task(root)
+    summary = evaluate_all(task["data"], task["labels"], root / "out", predictions=task["predictions"],
+                           cohort=task["cohort"], n_boot=200, recalibrate="platt",
+                           baseline_config=BaselineConfig(hgb_max_iter=30, threads=1, min_persons_per_code=3),
+                           tracking_uri=mlflow_server)
+    return task, summary, root / "out", mlflow_server
+
+
+def test_paired_bootstrap_difference_matches_a_direct_loop():
+    rng = np.random.default_rng(4)
+    n, n_boot, seed = 60, 150, 11
+    y = rng.random(n) < 0.3
+    a = np.round(rng.normal(size=n) + 1.0 * y, 1)  # ties, as real risks have
+    b = rng.normal(size=n) + 0.4 * y
+    for metric, reference in (("auroc", roc_auc_score), ("auprc", average_precision_score)):
+        est = bootstrap_difference(metric, y, a, b, n_boot=n_boot, seed=seed)
+        assert est.value == pytest.approx(reference(y, a) - reference(y, b), abs=1e-12)
+        weights = bootstrap_weights(n, n_boot, np.random.default_rng(seed)).astype(int)
+        diffs = []
+        for w in weights:
+            idx = np.repeat(np.arange(n), w)
+            if 0 < y[idx].sum() < idx.size:
+                diffs.append(reference(y[idx], a[idx]) - reference(y[idx], b[idx]))
+        assert est.n_boot_valid == len(diffs) > 0.9 * n_boot
+        assert (est.lower, est.upper) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])), abs=1e-12)
+        assert est.lower < est.value < est.upper
+        single = bootstrap_metric(metric, y, a, n_boot=n_boot, seed=seed)
+        assert single.n_boot_valid == est.n_boot_valid  # the same resamples as the single-model bootstrap
+
+
+def test_mismatched_predictions_are_refused_with_counts(tmp_path):
+    task = make_task(tmp_path)
+    frame = pq.read_table(task["predictions"])
+    columns = {"finetuned": "risk"}
+    test_rows = int((task["split"] == "test").sum())
+    short = tmp_path / "short.parquet"
+    pq.write_table(frame.slice(0, frame.num_rows - 3), short)
+    with pytest.raises(ValueError, match=rf"short.parquet: scores {test_rows - 3} of {test_rows} test label rows"):
+        align_scores(short, task["labels_table"], task["split"], columns)
+    stranger = tmp_path / "stranger.parquet"
+    ids = frame["subject_id"].to_numpy().copy()
+    ids[:2] = [-1, -2]
+    pq.write_table(frame.set_column(0, "subject_id", pa.array(ids)), stranger)
+    with pytest.raises(ValueError, match=rf"2 of {frame.num_rows} rows match no label row \({N} label rows\)"):
+        align_scores(stranger, task["labels_table"], task["split"], columns)
+    flipped = tmp_path / "flipped.parquet"
+    labels = frame["label"].to_numpy(zero_copy_only=False).copy()
+    labels[:5] = ~labels[:5]
+    pq.write_table(frame.set_column(frame.schema.get_field_index("label"), "label", pa.array(labels)), flipped)
+    with pytest.raises(ValueError, match=rf"'label' disagrees with the labels/splits on 5 of {frame.num_rows} rows"):
+        align_scores(flipped, task["labels_table"], task["split"], columns)
+    repeated = tmp_path / "repeated.parquet"
+    pq.write_table(pa.concat_tables([frame, frame.slice(0, 4)]), repeated)
+    with pytest.raises(ValueError, match=rf"4 of {frame.num_rows + 4} rows repeat"):
+        align_scores(repeated, task["labels_table"], task["split"], columns)
+    # the command refuses it before fitting anything
+    with pytest.raises(ValueError, match="short.parquet: scores"):
+        run_command("evaluate", ["--data", str(task["data"]), "--labels", str(task["labels"]),
+                                 "--predictions", str(short), "--out", str(tmp_path / "out")])
+
+
+def test_report_has_every_model_with_cis_and_the_prs_gain(evaluated):
+    task, summary, out, _ = evaluated
+    test = task["split"] == "test"
+    y = task["y"][test]
+    report = (out / "report.md").read_text()
+    expected = ["finetuned", "finetuned_prs_masked", *BASELINES, "oracle_genetic", "oracle_group_mean",
+                "finetuned (platt)", "counts_lr (platt)"]
+    for name in expected:
+        assert re.search(rf"^\| {re.escape(name)} \| 50 \({int(y.sum())}\) \| \d\.\d{{3}} \[\d\.\d{{3}}, \d\.\d{{3}}\] \| "
+                         rf"\d\.\d{{3}} \[\d\.\d{{3}}, \d\.\d{{3}}\] \|", report, re.M), name
+    assert set(summary["models"]) >= set(expected)
+    fin, masked = summary["models"]["finetuned"], summary["models"]["finetuned_prs_masked"]
+    assert fin["auroc"] == pytest.approx(roc_auc_score(y, task["risk"][test]), abs=1e-12)
+    assert fin["auprc"] == pytest.approx(average_precision_score(y, task["risk"][test]), abs=1e-12)
+    gain = summary["comparisons"]["prs_gain"]
+    assert gain["auroc_difference"] == pytest.approx(fin["auroc"] - masked["auroc"], abs=1e-12)
+    assert gain["ci_low"] <= gain["auroc_difference"] <= gain["ci_high"]
+    assert f"PRS gain = AUROC(finetuned) - AUROC(finetuned_prs_masked) = {gain['auroc_difference']:.3f}" in report
+    best = max(BASELINES, key=lambda b: summary["models"][b]["auroc"])
+    assert summary["best_baseline"] == best and f"Best baseline: {best}" in report
+    assert summary["acceptance"]["beats_every_baseline"] == all(
+        fin["auroc"] > summary["models"][b]["auroc"] for b in BASELINES)
+    assert json.loads((out / "report.json").read_text())["comparisons"]["prs_gain"] == gain
+    for name in ("roc.png", "pr.png", "calibration.png", "prs_deciles.png", "subgroups.csv", "subgroups.md",
+                 "prs_deciles.csv"):
+        assert (out / name).stat().st_size > 0, name
+    subgroup_md = (out / "subgroups.md").read_text()
+    assert all(f"| {a} |" in subgroup_md for a in ("sex", "age", "has_prs", "ancestry"))
+
+
+def test_oracle_auroc_from_the_truth_matches_scikit_learn(evaluated):
+    task, summary, out, _ = evaluated
+    test = task["split"] == "test"
+    truth = load_truth(task["cohort"])
+    times = np.full(test.sum(), np.datetime64(PT, "us"))
+    expected = {}
+    for name, genetics in (("oracle_genetic", True), ("oracle_group_mean", False)):
+        risk = oracle_t2d_risk(truth, task["subjects"][test], times, 730, use_genetics=genetics)
+        begun = np.isnan(risk)
+        expected[name] = roc_auc_score(task["y"][test], np.where(begun, 1.0, risk))
+        assert summary["models"][name]["auroc"] == pytest.approx(expected[name], abs=1e-12)
+    assert summary["oracle"]["test_rows_already_begun"] == int(begun.sum()) > 0
+    headroom = summary["comparisons"]["oracle_genetic_headroom"]["auroc_difference"]
+    assert headroom == pytest.approx(expected["oracle_genetic"] - expected["oracle_group_mean"], abs=1e-12)
+    gap = summary["comparisons"]["gap_to_oracle"]
+    assert gap["reference"] == "finetuned"
+    assert gap["auroc_difference"] == pytest.approx(expected["oracle_genetic"] - summary["models"]["finetuned"]["auroc"])
+    assert summary["decile_pgs"] == "PGS000002"  # the truth's T2D score, not the first column
+
+
+def test_mlflow_run_records_the_metrics_and_report(evaluated):
+    _, summary, _, uri = evaluated
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "ehrfm-evaluate"
+    metrics = run.data.metrics
+    for name in ("finetuned", "counts_prs_hgb", "oracle_genetic"):
+        assert metrics[f"{name}/auroc"] == pytest.approx(summary["models"][name]["auroc"])
+        assert metrics[f"{name}/auroc_ci_low"] == pytest.approx(summary["models"][name]["auroc_ci_low"])
+    gain = summary["comparisons"]["prs_gain"]
+    assert metrics["comparison/prs_gain/auroc_difference"] == pytest.approx(gain["auroc_difference"])
+    assert metrics["comparison/prs_gain/ci_high"] == pytest.approx(gain["ci_high"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/report.md", "evaluation/report.json", "evaluation/roc.png"} <= artifacts
+
+
+def test_cli_prints_the_table_without_fine_tune_predictions(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    task = make_task(tmp_path, seed=1)
+    code = run_command("evaluate", ["--data", str(task["data"]), "--labels", str(task["labels"]),
+                                    "--out", str(tmp_path / "out"), "--n-boot", "50", "--baselines", "prs_lr",
+                                    "--decile-pgs", "PGS000003", "threads=1"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "| prs_lr | 50 (" in printed and "finetuned" not in printed
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert summary["headline"] == "prs_lr" and summary["oracle"] is None and summary["decile_pgs"] == "PGS000003"
+    assert summary["acceptance"]["prs_gain_at_least_0.04"] is None
+    assert summary["mlflow_run_id"] is None  # no tracking URI given
