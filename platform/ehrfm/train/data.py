@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
+from ehrfm.data.arrow_lists import list_values_offsets
 from ehrfm.data.schemas import PAD_ID, SPLITS
 
 COLUMNS = ["subject_id", "tokens", "ages", "prs", "has_prs"]
@@ -97,13 +98,6 @@ def cut_windows(values: np.ndarray, offsets: np.ndarray, starts: np.ndarray, win
     return out
 
 
-def _list_column(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = array.offsets.to_numpy().astype(np.int64)
-    values = array.flatten().to_numpy(zero_copy_only=False)  # only this slice's values
-    return values, offsets - offsets[0]
-
-
 class WindowCollate(ArrowBatchCollateFn):
     """Arrow batch of timelines -> dict of tensors: tokens/targets/ages [B, context], prs [B, K], has_prs [B].
 
@@ -116,8 +110,8 @@ class WindowCollate(ArrowBatchCollateFn):
 
     def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
         window = self.context + 1
-        tokens, offsets = _list_column(batch.column("tokens"))
-        ages, age_offsets = _list_column(batch.column("ages"))
+        tokens, offsets = list_values_offsets(batch.column("tokens"))
+        ages, age_offsets = list_values_offsets(batch.column("ages"))
         if not np.array_equal(offsets, age_offsets):
             raise ValueError("timelines: tokens and ages differ in length for some rows")
         subject_ids = batch.column("subject_id").to_numpy()

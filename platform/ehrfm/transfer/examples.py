@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from ehrfm.data.arrow_lists import list_values_offsets
 from ehrfm.data.schemas import PAD_ID
-from ehrfm.train.data import _list_column, timeline_files
 
 DAY_US = 86_400_000_000
 EXAMPLE_COLUMNS = ["subject_id", "prediction_time", "label", "split", "tokens", "ages", "length", "dropped",
@@ -83,8 +83,8 @@ def prediction_windows(timelines: pa.Table, labels: pa.Table, context: int) -> p
     found = (ids[order][pos] == label_ids) if len(ids) else np.zeros(len(label_ids), dtype=bool)
     labels = labels.filter(pa.array(found))
     rows = order[pos[found]]
-    tokens, offsets = _list_column(timelines["tokens"])
-    ages, _ = _list_column(timelines["ages"])
+    tokens, offsets = list_values_offsets(timelines["tokens"])
+    ages, _ = list_values_offsets(timelines["ages"])
     taken = pa.array(rows, pa.int64())
     cut = prediction_ages(labels["prediction_time"].combine_chunks(), timelines["birth_date"].take(taken).combine_chunks())
     win_tokens, win_ages, lengths, dropped = cut_windows_at(tokens, ages, offsets, rows, cut, context)
@@ -108,7 +108,10 @@ def prediction_windows(timelines: pa.Table, labels: pa.Table, context: int) -> p
 
 def build_examples(data_dir: str | Path, labels: pa.Table, context: int) -> pa.Table:
     """Windows for every label row, shard by shard, in (shard, label) order; errors on unknown subjects."""
-    parts = [prediction_windows(pq.read_table(f), labels, context) for f in timeline_files(data_dir)]
+    files = sorted((Path(data_dir) / "timelines").glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no parquet files in {Path(data_dir) / 'timelines'}")
+    parts = [prediction_windows(pq.read_table(f), labels, context) for f in files]
     examples = pa.concat_tables(parts) if parts else None
     found = 0 if examples is None else examples.num_rows
     if found != labels.num_rows:

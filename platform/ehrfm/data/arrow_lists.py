@@ -1,0 +1,15 @@
+"""Arrow list columns as flat numpy values + offsets (how timelines are cut without Python loops
+over tokens); kept free of Ray and torch so the online scorer imports it cheaply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def list_values_offsets(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(values of this slice, int64 offsets starting at 0) of a list<...> column."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    values = array.flatten().to_numpy(zero_copy_only=False)  # only this slice's values
+    return values, offsets - offsets[0]

@@ -1,0 +1,300 @@
+"""Online scoring of person records with a risk-model directory: the path Serve and the registry's
+pyfunc use. It builds the same MEDS rows the preprocessing builds from OMOP (MEDS_BIRTH and the
+GENDER/RACE/ETHNICITY codes at the birth time, then the clinical events), sorts and tokenizes
+them with the model's own tokenizer artifact, and cuts the window with the training code
+(`examples.cut_windows_at` at `examples.prediction_ages`), so a person scored here gets the
+score the offline examples give for the same events and prediction time.
+
+Choices that differ from, or go beyond, the offline path (documented for Serve):
+- A served record is open: it ends at the prediction time, not at the end of follow-up, so the
+  EOS token ("record ended") is never part of an online window. Offline windows contain it only
+  when the prediction day is the last day of the whole record, which the labelers avoid
+  (prediction times are visit ends before the last visit).
+- PRS values are z-scores on the scale of the pipeline's prs/ output (after the fitted
+  train-split transform). Missing PGS ids are filled with 0 (the train mean), as the pipeline
+  does for a genotyped person with a missing score; a record counts as genotyped
+  (has_prs=true) only when at least `min_prs_share` of the model's PGS ids are present.
+  No PRS at all gives has_prs=false, never a vector of zeros shown as genotyped.
+- Event times are day-resolution for the model (as in training); aware datetimes are converted
+  to UTC and made naive, matching the naive UTC timestamps of events/.
+
+Validation errors name the field and counts only, never a patient's values (pydantic is told
+to hide inputs in its messages).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator
+
+from ehrfm.data.events import BIRTH_CODE, PRIORITY_COLUMN, code_priority, finalize_shard
+from ehrfm.data.schemas import EOS_ID, FIRST_CODE_ID, UNK_ID
+from ehrfm.data.tokenizer import Tokenizer, gap_token_names, value_token_names
+from ehrfm.transfer.classifier import TOKENIZER_FILE, HeadSpec, RiskModel, load_risk_model, predict_logits
+from ehrfm.transfer.examples import cut_windows_at, example_tensors, prediction_ages
+
+# OMOP gender concepts; "unknown" is 0 (no matching concept), what the pipeline writes for a null.
+SEX_CONCEPTS = {"male": 8507, "female": 8532, "other": 8521, "unknown": 0}
+# Codes the record's own fields produce; an event carrying one would duplicate or contradict them.
+RESERVED_CODE_PREFIXES = ("GENDER/", "RACE/", "ETHNICITY/")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+DEFAULT_MIN_PRS_SHARE = 0.5
+
+
+def _naive_utc(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value
+
+
+class ClinicalEvent(BaseModel):
+    """One MEDS event: a namespaced code (`CONDITION/201826`, `MEASUREMENT/3004410`, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    code: str = Field(min_length=1)
+    time: dt.datetime
+    numeric_value: FiniteFloat | None = None
+
+    @field_validator("code")
+    @classmethod
+    def _not_reserved(cls, code: str) -> str:
+        if code == BIRTH_CODE or code.startswith(RESERVED_CODE_PREFIXES):
+            raise ValueError(f"{BIRTH_CODE} and {'/'.join(p.rstrip('/') for p in RESERVED_CODE_PREFIXES)} "
+                             "codes come from birth_date, sex, race_concept_id and ethnicity_concept_id")
+        return code
+
+    @field_validator("time")
+    @classmethod
+    def _utc(cls, value: dt.datetime) -> dt.datetime:
+        return _naive_utc(value)
+
+    @field_validator("numeric_value")
+    @classmethod
+    def _float32(cls, value: float | None) -> float | None:
+        if value is not None and abs(value) > _FLOAT32_MAX:
+            raise ValueError("numeric_value is beyond the float32 range")
+        return value
+
+
+class PersonRecord(BaseModel):
+    """What Serve receives for one person. Fields are validated in declaration order, so the
+    checks against birth_date see it. Pass `context={"pgs_ids": [...]}` to model_validate to have
+    unknown PGS ids rejected here (RiskPredictor.parse does)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    birth_date: dt.date
+    sex: Literal["male", "female", "other", "unknown"]
+    race_concept_id: int = Field(default=0, ge=0)
+    ethnicity_concept_id: int = Field(default=0, ge=0)
+    events: list[ClinicalEvent] = Field(default_factory=list)
+    prs: dict[str, FiniteFloat] | None = None
+    prediction_time: dt.datetime | None = Field(default=None, validate_default=True)
+
+    @field_validator("events")
+    @classmethod
+    def _after_birth(cls, events: list[ClinicalEvent], info: ValidationInfo) -> list[ClinicalEvent]:
+        birth = info.data.get("birth_date")
+        if birth is not None:
+            before = sum(event.time.date() < birth for event in events)
+            if before:
+                raise ValueError(f"{before} of {len(events)} events are dated before birth_date")
+        return events
+
+    @field_validator("prs")
+    @classmethod
+    def _known_pgs(cls, prs: dict[str, float] | None, info: ValidationInfo) -> dict[str, float] | None:
+        expected = (info.context or {}).get("pgs_ids")
+        if prs and expected is not None:
+            check_pgs_ids(prs, expected)
+        return prs
+
+    @field_validator("prediction_time")
+    @classmethod
+    def _prediction_time(cls, value: dt.datetime | None, info: ValidationInfo) -> dt.datetime | None:
+        if value is None:
+            if "events" in info.data and not info.data["events"]:
+                raise ValueError("required when there are no events (the default is the last event's time)")
+            return None
+        value = _naive_utc(value)
+        birth = info.data.get("birth_date")
+        if birth is not None and value.date() < birth:
+            raise ValueError("is before birth_date")
+        return value
+
+    def scored_time(self) -> dt.datetime:
+        """The prediction time, by default the last event's time."""
+        return self.prediction_time if self.prediction_time is not None else max(e.time for e in self.events)
+
+
+def check_pgs_ids(prs: dict[str, float], expected: list[str]) -> None:
+    unknown = sorted(set(prs) - set(expected))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ValueError(f"{len(unknown)} PGS id(s) the model does not use ({shown}); "
+                         f"it expects {len(expected)} ids")
+
+
+# ---- records -> MEDS events ----------------------------------------------------------------------
+def _birth_us(record: PersonRecord) -> int:
+    return (record.birth_date - dt.date(1970, 1, 1)).days * 86_400_000_000
+
+
+def _time_us(value: dt.datetime) -> int:
+    return (value - dt.datetime(1970, 1, 1)) // dt.timedelta(microseconds=1)
+
+
+def records_to_events(records: list[PersonRecord]) -> pa.Table:
+    """Sorted MEDS events (EVENT_SCHEMA) of the records; subject_id is the record's position."""
+    subject, time_us, codes, values = [], [], [], []
+    for i, record in enumerate(records):
+        birth = _birth_us(record)
+        demographics = [BIRTH_CODE, f"GENDER/{SEX_CONCEPTS[record.sex]}", f"RACE/{record.race_concept_id}",
+                        f"ETHNICITY/{record.ethnicity_concept_id}"]
+        subject += [i] * (len(demographics) + len(record.events))
+        time_us += [birth] * len(demographics) + [_time_us(e.time) for e in record.events]
+        codes += demographics + [e.code for e in record.events]
+        values += [None] * len(demographics) + [e.numeric_value for e in record.events]
+    n = len(subject)
+    code_array = pa.array(codes, pa.string())
+    staged = pa.table({
+        "subject_id": pa.array(subject, pa.int64()),
+        "time": pa.array(time_us, pa.int64()).cast(pa.timestamp("us")),
+        "code": code_array,
+        "numeric_value": pa.array(values, pa.float64()).cast(pa.float32()),
+        "visit_id": pa.nulls(n, pa.int64()),
+        "visit_type": pa.nulls(n, pa.string()),
+        PRIORITY_COLUMN: pa.array(code_priority(code_array), pa.int8()),
+    })
+    return finalize_shard(staged)
+
+
+def _without_eos(tokens: pa.ListArray, ages: pa.ListArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat tokens, ages and offsets of timelines with their closing EOS removed (open records)."""
+    offsets = tokens.offsets.to_numpy().astype(np.int64)
+    flat_tokens = tokens.flatten().to_numpy(zero_copy_only=False)
+    flat_ages = ages.flatten().to_numpy(zero_copy_only=False)
+    keep = np.ones(len(flat_tokens), dtype=bool)
+    keep[offsets[1:] - 1] = False
+    assert np.all(flat_tokens[~keep] == EOS_ID)
+    return flat_tokens[keep], flat_ages[keep], offsets - np.arange(len(offsets))
+
+
+@dataclass
+class Windows:
+    """Model inputs for a batch of records plus the per-record counts Serve reports."""
+
+    tokens: np.ndarray  # [n, context] int32
+    ages: np.ndarray
+    length: np.ndarray
+    unknown_codes: np.ndarray  # events at or before the prediction time whose code is not in the vocabulary
+    truncated_events: np.ndarray  # events at or before the prediction time left out of the window
+
+
+# ---- the predictor ---------------------------------------------------------------------------------
+@dataclass
+class RiskPredictor:
+    """A loaded risk model + tokenizer that scores PersonRecords (CPU, fp32, eval mode)."""
+
+    model: RiskModel
+    spec: HeadSpec
+    tokenizer: Tokenizer
+    min_prs_share: float = DEFAULT_MIN_PRS_SHARE
+    batch_size: int = 64
+
+    @classmethod
+    def load(cls, model_dir: str | Path, min_prs_share: float = DEFAULT_MIN_PRS_SHARE,
+             batch_size: int = 64) -> RiskPredictor:
+        model, spec = load_risk_model(model_dir)
+        tokenizer = Tokenizer.load(Path(model_dir) / TOKENIZER_FILE)
+        if spec.tokenizer_version and spec.tokenizer_version != tokenizer.version:
+            raise ValueError(f"{model_dir}: head.json expects tokenizer {spec.tokenizer_version}, "
+                             f"{TOKENIZER_FILE} is {tokenizer.version}")
+        num_pgs = model.decoder.cfg.num_pgs
+        if num_pgs and len(spec.pgs_ids) != num_pgs:
+            raise ValueError(f"{model_dir}: the decoder reads {num_pgs} PGS but head.json lists "
+                             f"{len(spec.pgs_ids)} ids")
+        if not 0.0 < min_prs_share <= 1.0:
+            raise ValueError("min_prs_share must be in (0, 1]")
+        return cls(model, spec, tokenizer, min_prs_share, batch_size)
+
+    @property
+    def first_code_token(self) -> int:
+        """Lowest id of a vocabulary code (ids below are special, value-bin and gap tokens)."""
+        tok = self.tokenizer
+        return FIRST_CODE_ID + len(value_token_names(tok.n_bins)) + len(gap_token_names(tok.gap_edges_days))
+
+    def parse(self, data: dict[str, Any] | str | bytes) -> PersonRecord:
+        """A validated record (a dict or JSON text), unknown PGS ids rejected."""
+        context = {"pgs_ids": self.spec.pgs_ids}
+        if isinstance(data, (str, bytes)):
+            return PersonRecord.model_validate_json(data, context=context)
+        return PersonRecord.model_validate(data, context=context)
+
+    def windows(self, records: list[PersonRecord]) -> Windows:
+        timelines = self.tokenizer.tokenize(records_to_events(records))
+        tokens, ages, offsets = _without_eos(timelines.tokens, timelines.ages)
+        times = pa.array([r.scored_time() for r in records], pa.timestamp("us"))
+        births = pa.array(timelines.birth_day.astype(np.int32), pa.int32()).cast(pa.date32())
+        cut = prediction_ages(times, births)
+        rows = np.arange(len(records))
+        win_tokens, win_ages, lengths, dropped = cut_windows_at(tokens, ages, offsets, rows, cut, self.spec.context)
+        is_code = (tokens == UNK_ID) | (tokens >= self.first_code_token)
+        unknown = np.zeros(len(records), dtype=np.int64)
+        truncated = np.zeros(len(records), dtype=np.int64)
+        for i in rows:
+            lo = offsets[i]
+            end, start = lo + dropped[i] + lengths[i], lo + dropped[i]
+            unknown[i] = int((tokens[lo:end] == UNK_ID).sum())
+            truncated[i] = int(is_code[lo:start].sum())
+        return Windows(win_tokens, win_ages, lengths, unknown, truncated)
+
+    def prs_inputs(self, records: list[PersonRecord]) -> tuple[np.ndarray, np.ndarray]:
+        """(z-scores [n, K] in the model's PGS order, has_prs [n]) under the min_prs_share rule."""
+        ids = self.spec.pgs_ids
+        column = {pgs: k for k, pgs in enumerate(ids)}
+        values = np.zeros((len(records), len(ids)), dtype=np.float32)
+        has_prs = np.zeros(len(records), dtype=bool)
+        for i, record in enumerate(records):
+            if not record.prs:
+                continue
+            check_pgs_ids(record.prs, ids)
+            if len(record.prs) >= math.ceil(self.min_prs_share * len(ids) - 1e-9):
+                has_prs[i] = True
+                for pgs, value in record.prs.items():
+                    values[i, column[pgs]] = value
+        return values, has_prs
+
+    def predict(self, records: list[PersonRecord]) -> list[dict[str, Any]]:
+        """Per record: calibrated risk with the PRS as given and masked, validation percentile,
+        has_prs, and counts of unknown codes and truncated events."""
+        if not records:
+            return []
+        windows = self.windows(records)
+        prs, has_prs = self.prs_inputs(records)
+        logits, masked = [], []
+        for lo in range(0, len(records), self.batch_size):
+            part = slice(lo, lo + self.batch_size)
+            batch = example_tensors({  # the offline path's conversion; labels are not used for scoring
+                "tokens": windows.tokens[part], "ages": windows.ages[part], "length": windows.length[part],
+                "prs": prs[part], "has_prs": has_prs[part], "label": np.zeros(len(has_prs[part]), dtype=bool),
+            })
+            logits.append(predict_logits(self.model, batch).numpy())
+            masked.append(predict_logits(self.model, batch, mask_prs=True).numpy())
+        risk = self.spec.calibrate(np.concatenate(logits))
+        risk_masked = self.spec.calibrate(np.concatenate(masked))
+        percentile = self.spec.percentile(risk)
+        return [
+            {"risk": float(risk[i]), "risk_prs_masked": float(risk_masked[i]), "percentile": float(percentile[i]),
+             "has_prs": bool(has_prs[i]), "unknown_codes": int(windows.unknown_codes[i]),
+             "truncated_events": int(windows.truncated_events[i])}
+            for i in range(len(records))
+        ]

@@ -1,0 +1,186 @@
+"""Online scoring of person records (transfer/predictor.py): the offline path's windows and risks,
+counts of unknown codes and truncated events, PRS masking and partial PRS, field validation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from ehrfm.transfer.classifier import load_risk_model
+from ehrfm.transfer.predictor import PersonRecord, RiskPredictor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from risk_model_factory import (CONTEXT, PGS_IDS, Person, labels_at, make_person,  # noqa: E402
+                                offline_risks, offline_timelines, person_record, write_risk_model, write_tokenizer)
+
+FULL_PRS = {k: float(i) - 1.5 for i, k in enumerate(PGS_IDS)}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("risk")
+    return write_risk_model(root / "model", write_tokenizer(root / "tokenizer.json"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir):
+    return RiskPredictor.load(model_dir)
+
+
+def evening_of(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time(18, 30))
+
+
+def test_online_windows_and_risks_equal_the_offline_path(predictor, model_dir):
+    genotyped = make_person(11, seed=1, n_visits=8, prs=FULL_PRS, unknown_code=True)
+    plain = make_person(12, seed=2, n_visits=5, sex=8507)
+    times = {11: evening_of(genotyped.visits[5][1]), 12: evening_of(plain.visits[3][1])}
+    records = [predictor.parse(person_record(p, times[p.person_id])) for p in (genotyped, plain)]
+
+    online = predictor.predict(records)
+    windows = predictor.windows(records)
+    model, spec = load_risk_model(model_dir)
+    offline = offline_risks(model, spec, offline_timelines([genotyped, plain], predictor.tokenizer),
+                            labels_at([(11, times[11]), (12, times[12])]))
+
+    assert windows.tokens.tolist() == offline["tokens"]
+    assert windows.length.tolist() == [CONTEXT, CONTEXT]
+    np.testing.assert_allclose([r["risk"] for r in online], offline["risk"], rtol=1e-6)
+    np.testing.assert_allclose([r["risk_prs_masked"] for r in online], offline["risk_prs_masked"], rtol=1e-6)
+    assert len({round(r["risk"], 6) for r in online}) == 2  # the two persons really differ
+    expected_percentile = np.interp([r["risk"] for r in online], spec.reference_quantiles, np.linspace(0, 100, 101))
+    np.testing.assert_allclose([r["percentile"] for r in online], expected_percentile)
+
+
+def test_later_events_stay_hidden_and_the_default_time_is_the_last_event(predictor):
+    person = make_person(13, seed=3, n_visits=9)
+    cut = person.visits[4][1]
+    full = predictor.parse(person_record(person, evening_of(cut)))
+    upto = person_record(person)
+    upto["events"] = [e for e in upto["events"] if e["time"] <= dt.datetime.combine(cut, dt.time()).isoformat()]
+    truncated_record = predictor.parse(upto)  # no prediction_time: the last event's time
+    assert truncated_record.scored_time().date() == cut
+    windows = predictor.windows([full, truncated_record])
+    assert windows.tokens[0].tolist() == windows.tokens[1].tolist()
+    assert windows.ages[0].tolist() == windows.ages[1].tolist()
+    a, b = predictor.predict([full, truncated_record])
+    assert a == pytest.approx(b, rel=1e-6)  # float32 rounding differs by position in a batch, nothing more
+    later = predictor.predict([predictor.parse(person_record(person, evening_of(person.visits[8][1])))])[0]
+    assert later["risk"] != a["risk"]
+
+
+def one_day_visits(days: int) -> Person:
+    """Single-day visits: per day VISIT, CONDITION, MEASUREMENT (+ value bin), VISIT_END and a gap."""
+    person = Person(20, dt.date(1960, 5, 5), 8532, 8527, 38003564)
+    for k in range(days):
+        day = dt.date(2015, 1, 1) + dt.timedelta(days=10 * k)
+        person.visits.append((day, day, 9202))
+        person.conditions.append((day, 320128))
+        person.measurements.append((day, 3004410, 6.0 + k / 10))
+    return person
+
+
+@pytest.mark.parametrize("visit_days", [1, 2, 3, 6])
+def test_truncated_events_are_counted_from_the_window_start(predictor, visit_days):
+    person = one_day_visits(8)
+    record = predictor.parse(person_record(person, evening_of(person.visits[visit_days - 1][0])))
+    [out] = predictor.predict([record])
+    # BOS + 3 demographic codes, then 6 tokens (gap, 4 codes, 1 value bin) per day; the window
+    # (12 tokens) holds the last two days = 8 events; everything earlier is truncated
+    events_so_far, tokens_so_far = 3 + 4 * visit_days, 4 + 6 * visit_days
+    expected = 0 if tokens_so_far <= CONTEXT else events_so_far - 8
+    assert out["truncated_events"] == expected == {1: 0, 2: 3, 3: 7, 6: 19}[visit_days]
+    assert out["unknown_codes"] == 0
+
+
+def test_unknown_codes_count_only_events_up_to_the_prediction_time(predictor):
+    person = make_person(14, seed=4, n_visits=8, unknown_code=True)  # the unknown code sits at visit 4
+    before = predictor.parse(person_record(person, evening_of(person.visits[2][1])))
+    after = predictor.parse(person_record(person, evening_of(person.visits[6][1])))
+    assert [r["unknown_codes"] for r in predictor.predict([before, after])] == [0, 1]
+    person.race_concept_id = 8516  # a race code absent from the vocabulary counts too
+    assert predictor.predict([predictor.parse(person_record(person, evening_of(person.visits[6][1])))])[0][
+        "unknown_codes"] == 2
+
+
+def test_prs_masking_changes_only_genotyped_persons(predictor):
+    base = make_person(15, seed=5, n_visits=6)
+    genotyped = predictor.parse({**person_record(base), "prs": FULL_PRS})
+    plain = predictor.parse(person_record(base))
+    g, p = predictor.predict([genotyped, plain])
+    assert g["has_prs"] and not p["has_prs"]
+    assert p["risk"] == p["risk_prs_masked"]
+    assert abs(g["risk"] - g["risk_prs_masked"]) > 1e-4
+    assert g["risk_prs_masked"] == pytest.approx(p["risk"], rel=1e-6)  # masked = the same person without PRS
+
+
+def test_partial_prs_is_genotyped_only_above_the_share_and_fills_the_mean(model_dir):
+    predictor = RiskPredictor.load(model_dir, min_prs_share=0.5)
+    record = person_record(make_person(16, seed=6, n_visits=4))
+    half = {PGS_IDS[0]: 1.2, PGS_IDS[2]: -0.7}
+    explicit = {**{k: 0.0 for k in PGS_IDS}, **half}
+    one = {PGS_IDS[1]: 2.0}
+    rows = predictor.predict([predictor.parse({**record, "prs": p}) for p in (half, explicit, one, None)])
+    assert [r["has_prs"] for r in rows] == [True, True, False, False]
+    assert rows[0]["risk"] == rows[1]["risk"]  # missing ids are the population mean (0)
+    assert rows[2]["risk"] == rows[3]["risk"] == rows[2]["risk_prs_masked"]  # too few ids: as non-genotyped
+    assert rows[0]["risk"] != rows[3]["risk"]
+    strict = RiskPredictor.load(model_dir, min_prs_share=1.0)
+    assert strict.predict([strict.parse({**record, "prs": half})])[0]["has_prs"] is False
+
+
+def test_a_record_without_events_scores_its_demographic_prefix_and_aware_times_become_utc(predictor):
+    empty = predictor.parse({"birth_date": "1980-02-02", "sex": "male", "prediction_time": "1980-02-02T05:00:00"})
+    aware = predictor.parse({"birth_date": "1980-02-02", "sex": "female", "race_concept_id": 8516,
+                             "events": [{"code": "CONDITION/320128", "time": "2001-01-01T23:30:00-05:00"}]})
+    assert aware.events[0].time == dt.datetime(2001, 1, 2, 4, 30) and aware.scored_time() == aware.events[0].time
+    windows = predictor.windows([empty, aware])
+    assert windows.length.tolist() == [4, 6]  # BOS + 3 demographic codes; then a gap token and the condition
+    first_code = predictor.first_code_token
+    assert windows.tokens[1, 2] == 1 and windows.tokens[1, 4] < first_code <= windows.tokens[1, 5]  # RACE/8516 is UNK
+    rows = predictor.predict([empty, aware])
+    assert [r["unknown_codes"] for r in rows] == [0, 1] and [r["truncated_events"] for r in rows] == [0, 0]
+
+
+BIRTH = "1961-04-02"
+
+
+@pytest.mark.parametrize("change, location, message", [
+    ({"events": [{"code": "CONDITION/1", "time": "1960-12-30T08:00:00"}]}, ("events",),
+     "1 of 1 events are dated before"),
+    ({"prediction_time": "1950-03-03T00:00:00"}, ("prediction_time",), "before birth_date"),
+    ({"events": [{"code": "MEASUREMENT/3004410", "time": "1999-01-01T00:00:00", "numeric_value": float("nan")}]},
+     ("events", 0, "numeric_value"), "finite"),
+    ({"events": [{"code": "MEASUREMENT/3004410", "time": "1999-01-01T00:00:00", "numeric_value": 1e300}]},
+     ("events", 0, "numeric_value"), "float32"),
+    ({"prs": {PGS_IDS[0]: float("inf")}}, ("prs", PGS_IDS[0]), "finite"),
+    ({"prs": {"PGS999999": 0.3}}, ("prs",), "1 PGS id(s) the model does not use (PGS999999)"),
+    ({"sex": "robot"}, ("sex",), "'male', 'female'"),
+    ({"events": [{"code": "GENDER/8507", "time": "1999-01-01T00:00:00"}]}, ("events", 0, "code"), "come from"),
+    ({"events": [], "prediction_time": None}, ("prediction_time",), "required when there are no events"),
+    ({"weight": 81.5}, ("weight",), "Extra inputs"),
+])
+def test_validation_errors_name_the_field_and_hide_the_values(predictor, change, location, message):
+    data = {"birth_date": BIRTH, "sex": "female", "prediction_time": "2001-07-07T00:00:00",
+            "events": [{"code": "CONDITION/320128", "time": "2000-01-01T00:00:00"}], **change}
+    with pytest.raises(ValidationError) as caught:
+        predictor.parse(data)
+    assert isinstance(caught.value, ValueError)
+    errors = caught.value.errors(include_input=False)
+    assert [e["loc"] for e in errors] == [location]
+    assert message in errors[0]["msg"]
+    text = str(caught.value)
+    assert "input_value" not in text
+    for value in (BIRTH, "1960-12-30", "1950-03-03", "robot", "81.5", "1e+300"):
+        assert value not in text
+
+
+def test_unknown_pgs_ids_are_refused_at_scoring_too(predictor):
+    record = PersonRecord.model_validate({**person_record(make_person(17, seed=7, n_visits=3)), "prs": {"PGS777": 1.0}})
+    with pytest.raises(ValueError, match="1 PGS id"):
+        predictor.predict([record])
