@@ -23,9 +23,10 @@ DAYS_PER_YEAR = 365.25
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [T, head_dim/2] in fp32, computed from scratch (no buffer, so bf16 casts cannot blur them)."""
+    """cos/sin [T, head_dim/2] (or [B, T, head_dim/2] for per-row positions [B, T]) in fp32, computed
+    from scratch (no buffer, so bf16 casts cannot blur them)."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -38,17 +39,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @dataclass
 class KVCache:
-    """Keys/values of every layer for incremental decoding, plus the PRS memory of the batch."""
+    """Keys/values of every layer for incremental decoding, plus the PRS memory of the batch.
+
+    A cache prefilled from right-padded prompts of different lengths also keeps `key_valid`
+    (False at the padding, which later tokens must not attend to) and `positions` (each row's
+    next rotary position), so every row decodes exactly as its unpadded prompt would alone.
+    """
 
     keys: list[torch.Tensor | None]
     values: list[torch.Tensor | None]
     length: int = 0
     memory: tuple[torch.Tensor, torch.Tensor] | None = None  # cross fusion: (tokens, visible)
     last_age: torch.Tensor | None = field(default=None)
+    key_valid: torch.Tensor | None = None  # [B, length] bool; None: every cached key is real
+    positions: torch.Tensor | None = None  # [B] rotary position of the next token; None: `length`
 
     @classmethod
     def empty(cls, layers: int) -> "KVCache":
         return cls(keys=[None] * layers, values=[None] * layers)
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """The cache of batch rows `rows` (a row may repeat: one prompt, several continuations)."""
+        def take(t):
+            return None if t is None else t.index_select(0, rows)
+        memory = None if self.memory is None else (take(self.memory[0]), take(self.memory[1]))
+        return KVCache([take(k) for k in self.keys], [take(v) for v in self.values], self.length, memory,
+                       take(self.last_age), take(self.key_valid), take(self.positions))
 
 
 class AgeEmbedding(nn.Module):
@@ -96,6 +112,8 @@ class SelfAttention(nn.Module):
             key_pos = torch.arange(k.shape[2], device=x.device)
             query_pos = start + torch.arange(length, device=x.device)
             mask = key_pos[None, :] <= query_pos[:, None]
+            if cache.key_valid is not None:  # ragged prompts: padding between prompt and new tokens
+                mask = mask[None, None] & cache.key_valid[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.proj(out.transpose(1, 2).reshape(batch, length, hidden))
 
@@ -230,8 +248,14 @@ class EHRDecoder(nn.Module):
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
         x = self.emb_dropout(x)
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
-        rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_base)
+        steps = torch.arange(x.shape[1], device=x.device)
+        if cache is not None and cache.positions is not None:  # per-row positions [B, T]
+            cos, sin = rotary_tables(cache.positions[:, None] + steps, self.cfg.head_dim, self.cfg.rope_base)
+            rope = (cos[:, None], sin[:, None])
+            cache.key_valid = torch.cat([cache.key_valid, cache.key_valid.new_ones(x.shape[0], x.shape[1])], dim=1)
+            cache.positions = cache.positions + x.shape[1]
+        else:
+            rope = rotary_tables(start + steps, self.cfg.head_dim, self.cfg.rope_base)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, memory, cache, layer)
         if cache is not None:
@@ -285,12 +309,24 @@ class EHRDecoder(nn.Module):
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, tokens, ages, prs=None, has_prs=None) -> tuple[torch.Tensor, KVCache]:
-        """Run a (non-padded) prompt, keep its keys/values; returns (last-position logits [B, V], cache)."""
+    def prefill(self, tokens, ages, prs=None, has_prs=None,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Run a prompt, keep its keys/values; returns (last-position logits [B, V], cache).
+
+        With `lengths` the prompts are right-padded and each row's logits are those after its
+        last real token; the cache then masks the padding for every later step.
+        """
         cache = KVCache.empty(self.cfg.layers)
         hidden = self._trunk(tokens, ages, prs, has_prs, cache)
-        cache.last_age = ages[:, -1]
-        return self.lm_head(hidden[:, -1]), cache
+        if lengths is None:
+            cache.last_age = ages[:, -1]
+            return self.lm_head(hidden[:, -1]), cache
+        rows, last = torch.arange(tokens.shape[0], device=tokens.device), lengths.long() - 1
+        prefix = cache.length - tokens.shape[1]
+        cache.key_valid = torch.arange(cache.length, device=tokens.device)[None, :] < (prefix + last + 1)[:, None]
+        cache.positions = prefix + last + 1
+        cache.last_age = ages[rows, last]
+        return self.lm_head(hidden[rows, last]), cache
 
     @torch.no_grad()
     def decode_step(self, token: torch.Tensor, age: torch.Tensor, cache: KVCache) -> torch.Tensor:

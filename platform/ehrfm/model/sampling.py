@@ -1,0 +1,181 @@
+"""Zero-shot risk: sample futures from the pretrained decoder and read the outcome off them.
+
+For each prompt (a prediction window) N continuations are decoded together through one batched
+KV cache (the prompt is prefilled once and its cache replicated N times). A continuation stops at
+EOS, when its summed gap-token time passes the horizon (the crossing gap token ends it: nothing
+after it counts), or after `max_new_tokens` (truncated, and counted as such).
+
+Two scores per prompt, both estimates of P(target code within the horizon) under the model:
+  share             the fraction of the N continuations in which a target code occurs;
+  path_probability  the mean over continuations of sum_t p_t * prod_{s<t} (1 - p_s), where p_t
+                    is the model's probability mass on the target codes at step t.
+The continuations are sampled target-free: at each step a Bernoulli draw with the sampler's
+target mass decides whether the target occurs there (it is then counted for `share`), and the
+token fed on is drawn from the sampler restricted to non-target tokens. Up to the first target
+this is exactly the sampler's own process, so `share` is unchanged in law; and the path
+probability then sums the hazard along futures in which the outcome has not happened yet, which
+is what the product (1 - p_s) assumes. p_t is the plain model distribution (no temperature,
+top-k or top-p), so with the default sampler both scores estimate the same probability.
+
+Randomness comes from one generator per prompt (seeded by the caller), drawn up front, so a
+prompt's result does not depend on the batch it is scored in. Plain torch: no Ray here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ehrfm.data.schemas import BOS_ID, EOS_ID, PAD_ID
+from ehrfm.model.transformer import EHRDecoder
+
+# Why a continuation stopped (per row of `Trajectories.stop`).
+RUNNING, STOP_EOS, STOP_HORIZON, STOP_TRUNCATED = 0, 1, 2, 3
+# Tokens that can never follow a prompt: padding and start-of-timeline.
+NEVER_GENERATED = (PAD_ID, BOS_ID)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits of the sampling distribution: tempered, then top-k, then top-p (nucleus); removed -> -inf.
+
+    temperature 0 is greedy (only the argmax stays); top_k 0 and top_p 1 switch those filters off.
+    top-p keeps the most likely tokens until their mass reaches top_p, the token crossing it included.
+    """
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    neg_inf = torch.finfo(logits.dtype).min
+    if temperature == 0:
+        scaled, top_k = logits, 1
+    else:
+        scaled = logits / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        keep = torch.zeros_like(scaled, dtype=torch.bool).scatter(-1, scaled.topk(top_k, dim=-1).indices, True)
+        scaled = scaled.masked_fill(~keep, neg_inf)
+    if top_p < 1.0:
+        probs, order = torch.softmax(scaled, dim=-1).sort(dim=-1, descending=True)
+        mass_before = probs.cumsum(dim=-1) - probs
+        keep = torch.zeros_like(scaled, dtype=torch.bool).scatter(-1, order, mass_before < top_p)
+        scaled = scaled.masked_fill(~keep, neg_inf)
+    return scaled
+
+
+def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One index per row from non-negative `weights` [B, V] (any total > 0) by inverse CDF of `uniforms` [B]."""
+    cdf = weights.double().cumsum(dim=-1)
+    picked = torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1])[:, None].contiguous(), right=True).squeeze(1)
+    last_positive = weights.shape[-1] - 1 - (weights > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(picked, last_positive)  # u * total rounding up to the total must not pick a zero
+
+
+def path_probability(p: torch.Tensor) -> torch.Tensor:
+    """sum_t p_t prod_{s<t} (1 - p_s) along the last dimension (chance the first event is within t steps)."""
+    survival = torch.cumprod(1 - p, dim=-1)
+    before = torch.cat([torch.ones_like(p[..., :1]), survival[..., :-1]], dim=-1)
+    return (p * before).sum(dim=-1)
+
+
+@dataclass
+class Trajectories:
+    """Per prompt: the two scores and the truncated count; per continuation (row r = prompt * N + i):
+    the tokens and ages fed back (PAD / 0 after the end), whether the target occurred, why it stopped."""
+
+    share: torch.Tensor  # [P] float64
+    path_probability: torch.Tensor  # [P] float64
+    truncated: torch.Tensor  # [P] int64: continuations that hit max_new_tokens
+    p_target: torch.Tensor  # [P*N, max_new_tokens] float64: model's target mass per step (0 after the end)
+    tokens: torch.Tensor  # [P*N, max_new_tokens]
+    ages: torch.Tensor  # [P*N, max_new_tokens]
+    hit: torch.Tensor  # [P*N] bool
+    stop: torch.Tensor  # [P*N] int8, STOP_* codes
+
+
+def prompt_uniforms(seeds: Sequence[int], n_samples: int, max_new_tokens: int) -> torch.Tensor:
+    """[P*N, max_new_tokens, 2] uniforms, each prompt's from its own generator (target draw, token draw)."""
+    draws = [torch.rand(n_samples, max_new_tokens, 2, generator=torch.Generator().manual_seed(int(seed)),
+                        dtype=torch.float64) for seed in seeds]
+    return torch.cat(draws, dim=0)
+
+
+@torch.no_grad()
+def sample_trajectories(model: EHRDecoder, tokens: torch.Tensor, ages: torch.Tensor, lengths: torch.Tensor,
+                        prs: torch.Tensor | None, has_prs: torch.Tensor | None, *, n_samples: int,
+                        max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                        target_ids: Sequence[int] | torch.Tensor, gap_days: torch.Tensor, horizon_days: float,
+                        seeds: Sequence[int]) -> Trajectories:
+    """Sample `n_samples` continuations of each right-padded prompt and score the target within the horizon.
+
+    tokens/ages [P, C] (right-padded, `lengths` real tokens each), gap_days [V] days a token moves
+    the clock (0 for non-gap tokens), seeds one per prompt. A generated token's age is the prompt's
+    last age plus the time elapsed so far (a gap token carries the age of the event it precedes).
+    Elapsed time exactly at the horizon is still inside it.
+    """
+    prompts, vocab = tokens.shape[0], model.cfg.vocab_size
+    if len(seeds) != prompts or n_samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"need one seed per prompt ({len(seeds)} for {prompts}), n_samples and max_new_tokens >= 1")
+    if gap_days.shape != (vocab,):
+        raise ValueError(f"gap_days has shape {tuple(gap_days.shape)}, the model's vocabulary is {vocab}")
+    device = tokens.device
+    target = torch.zeros(vocab, dtype=torch.bool, device=device)
+    target[torch.as_tensor(target_ids, dtype=torch.long, device=device)] = True
+    if not target.any() or target[list(NEVER_GENERATED) + [EOS_ID]].any():
+        raise ValueError("target_ids must name at least one code token (not PAD, BOS or EOS)")
+    blocked = torch.zeros(vocab, dtype=torch.bool, device=device)
+    blocked[list(NEVER_GENERATED)] = True
+    gap_days = gap_days.to(device=device, dtype=torch.float64)
+
+    was_training = model.training
+    model.eval()
+    logits, cache = model.prefill(tokens, ages, prs, has_prs, lengths=lengths)
+    rows_total = prompts * n_samples
+    replicate = torch.arange(prompts, device=device).repeat_interleave(n_samples)
+    cache, logits = cache.select(replicate), logits.index_select(0, replicate)
+    start_age = cache.last_age.to(torch.float64)
+    uniforms = prompt_uniforms(seeds, n_samples, max_new_tokens).to(device)
+
+    out_tokens = torch.full((rows_total, max_new_tokens), PAD_ID, dtype=torch.long, device=device)
+    out_ages = torch.zeros((rows_total, max_new_tokens), dtype=torch.long, device=device)
+    hit = torch.zeros(rows_total, dtype=torch.bool, device=device)
+    stop = torch.full((rows_total,), RUNNING, dtype=torch.int8, device=device)
+    p_steps = torch.zeros((rows_total, max_new_tokens), dtype=torch.float64, device=device)
+    elapsed = torch.zeros(rows_total, dtype=torch.float64, device=device)
+    live = torch.arange(rows_total, device=device)  # rows still being decoded, in cache order
+
+    for step in range(max_new_tokens):
+        scores = logits.float().masked_fill(blocked, float("-inf"))
+        p_steps[live, step] = torch.softmax(scores, dim=-1)[:, target].sum(dim=-1).double()
+        sampler = torch.softmax(filter_logits(scores, temperature, top_k, top_p), dim=-1)
+        u = uniforms[live, step]
+        hit[live] |= u[:, 0] < sampler[:, target].sum(dim=-1).double()
+        rest = sampler.masked_fill(target, 0.0)
+        best_rest = scores.masked_fill(target, float("-inf")).argmax(dim=-1)  # sampler left only targets
+        nxt = torch.where(rest.sum(dim=-1) > 0, draw(rest, u[:, 1]), best_rest)
+
+        elapsed[live] += gap_days[nxt]
+        age = (start_age[live] + elapsed[live]).round().long()
+        out_tokens[live, step], out_ages[live, step] = nxt, age
+        crossed = elapsed[live] > horizon_days
+        ended = crossed | (nxt == EOS_ID)
+        stop[live[nxt == EOS_ID]] = STOP_EOS
+        stop[live[crossed]] = STOP_HORIZON
+        if step == max_new_tokens - 1:
+            stop[live[~ended]] = STOP_TRUNCATED
+            break
+        if ended.any():
+            keep = (~ended).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            live, nxt, age = live[keep], nxt[keep], age[keep]
+            cache = cache.select(keep)
+        logits = model.decode_step(nxt, age, cache)
+    model.train(was_training)
+
+    per_prompt = (prompts, n_samples)
+    return Trajectories(
+        share=hit.view(per_prompt).double().mean(dim=1),
+        path_probability=path_probability(p_steps).view(per_prompt).mean(dim=1),
+        truncated=(stop == STOP_TRUNCATED).view(per_prompt).sum(dim=1),
+        p_target=p_steps,
+        tokens=out_tokens, ages=out_ages, hit=hit, stop=stop,
+    )
