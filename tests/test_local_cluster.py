@@ -3,13 +3,14 @@
 The cluster lives in its own short temp dir with non-default ports, so it never touches the test
 session's `ray_cluster` or the user's ~/.ray/auth_token, and `down` stops only its own processes.
 Jobs are submitted the documented way: `ray job submit --working-dir . --runtime-env
-cluster/runtime_env.yaml -- python ...` from the repository root.
+cluster/runtime_env.yaml -- python ...` from the repository root; the pretraining job gets the
+session's real MLflow server through MLFLOW_TRACKING_URI in the runtime env's env_vars.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,8 @@ import urllib.request
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from ehrfm.cluster.auth import AUTH_MODE_VAR, TOKEN_PATH_VAR, TOKEN_VAR
 from ehrfm.cluster.local import (LocalClusterSpec, _head_args, _worker_env, alive_nodes, down, free_port,
@@ -28,6 +29,8 @@ from ehrfm.cluster.local import (LocalClusterSpec, _head_args, _worker_env, aliv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timeline_factory import write_timelines  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +51,10 @@ def local_cluster():
 CONVENTION = ("--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml")
 
 
-def _submit(env: dict[str, str], *entrypoint: str, runtime_env: tuple[str, ...] = CONVENTION) -> subprocess.CompletedProcess:
+def _submit(env: dict[str, str], *entrypoint: str, runtime_env: tuple[str, ...] = CONVENTION,
+            timeout_s: float = 300) -> subprocess.CompletedProcess:
     command = [RAY, "job", "submit", *runtime_env, "--", *entrypoint]
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
 def _smoke_report(done: subprocess.CompletedProcess) -> dict:
@@ -66,11 +70,15 @@ def _without_token(env: dict[str, str], home: Path) -> dict[str, str]:
     return clean
 
 
-def _job_count(cluster) -> int:
+def _jobs(cluster) -> list[dict]:
     request = urllib.request.Request(f"{cluster.dashboard_url}/api/jobs/",
                                      headers={"Authorization": f"Bearer {cluster.token_path.read_text().strip()}"})
     with urllib.request.urlopen(request, timeout=10) as response:
-        return len(json.load(response))
+        return json.load(response)
+
+
+def _job_count(cluster) -> int:
+    return len(_jobs(cluster))
 
 
 @pytest.mark.e2e
@@ -119,14 +127,48 @@ def test_code_already_on_the_nodes_runs_with_a_local_working_dir(local_cluster, 
     assert [where["ehrfm"] for where in [report["driver"], *report["nodes"].values()]] == [expected] * 3
 
 
+# A few steps of the small CPU config: 2 Ray Train workers of 0.5 CPU fit the cluster's 2 CPUs (one
+# per node) and leave one for Ray Data. Train loss every 2 steps, validation + checkpoint every 3.
+SHORT_PRETRAIN = ("schedule.max_steps=6", "schedule.log_every=2", "schedule.val_every=3",
+                  "schedule.checkpoint_every=3", "optim.warmup_steps=2", "scaling.num_workers=2",
+                  "scaling.cpus_per_worker=0.5")
+
+
 @pytest.mark.e2e
-def test_synthesize_job_writes_its_cohort(local_cluster, tmp_path):
-    pytest.importorskip("ehrfm.data.synthetic", reason="the synthesize stage has not landed yet")
-    out = tmp_path / "cohort"
-    done = _submit(local_cluster.client_env(), "python", "jobs/synthesize.py", "--persons", "200", "--out", str(out))
+def test_pretrain_job_trains_and_logs_its_run_to_the_tracking_server(local_cluster, mlflow_server, tmp_path):
+    timelines = write_timelines(tmp_path / "data", persons=120, files=2, max_events=150)
+    storage, name = tmp_path / "runs", "cluster-pretrain"
+    runtime_env = yaml.safe_load((REPO_ROOT / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = mlflow_server  # how jobs find the server
+    done = _submit(local_cluster.client_env(), "python", "jobs/pretrain.py",
+                   "--config", "jobs/configs/pretrain-cpu-small.yaml", "--data", str(timelines.root),
+                   "--storage", str(storage), "--name", name, *SHORT_PRETRAIN,
+                   runtime_env=("--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env)),
+                   timeout_s=900)  # ~3 min on a loaded 2-core machine; DeepSpeed's first run also builds its CPU op
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert pq.read_table(out / "omop" / "person").num_rows == 200  # the layout in notes/CONTRACTS.md
-    assert (out / "prs" / "aggregated_scores.txt.gz").is_file()
+    [job] = [job for job in _jobs(local_cluster) if f"--name {name}" in job["entrypoint"]]
+    assert job["status"] == "SUCCEEDED"
+    run_dir = storage.resolve() / name
+    summary = json.loads((run_dir / "pretrain_result.json").read_text())
+    assert summary["tracking_uri"] == mlflow_server and summary["run_dir"] == str(run_dir)
+    assert Path(summary["checkpoint"]).name == "checkpoint_0000006"
+    state = json.loads((Path(summary["checkpoint"]) / "train_state.json").read_text())
+    assert state["step"] == 6 and [point["step"] for point in state["history"]] == [3, 6]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("ehrfm-pretrain")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`ehrfm.run_dir` = '{run_dir}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_name == name
+    run = runs[0]
+    assert run.data.params["world_size"] == "2" and run.data.params["config.schedule.max_steps"] == "6"
+    train_loss = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in train_loss] == [2, 4, 6]  # max_steps / log_every points, once each
+    assert all(0 < m.value < 2 * math.log(timelines.vocab_size) for m in train_loss)
+    assert train_loss[-1].value < train_loss[0].value  # it trained
+    val_loss = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [(m.step, m.value) for m in val_loss] == [(p["step"], pytest.approx(p["val_loss"])) for p in state["history"]]
 
 
 @pytest.mark.e2e

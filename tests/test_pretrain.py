@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -28,6 +30,7 @@ from ehrfm.model.io import load_state_dict  # noqa: E402
 from ehrfm.train.config import PretrainConfig  # noqa: E402
 from ehrfm.train.data import TimelineManifest, WindowCollate  # noqa: E402
 from ehrfm.train.deepspeed_config import WarmupCosine, deepspeed_config  # noqa: E402
+from ehrfm.tracking import CLIENT_RETRY_ENV  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 SMALL = CONFIGS / "pretrain-cpu-small.yaml"
@@ -115,6 +118,38 @@ def test_manifest_problems_are_reported(tmp_path):
     manifest.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="num_pgs=3"):
         TimelineManifest.read(tmp_path)
+
+
+@pytest.fixture
+def local_server_is_the_session_server(mlflow_server, monkeypatch, tmp_path):
+    """No MLFLOW_TRACKING_URI, and the local server's settings naming the session's server, so the
+    fallback finds it running and starts nothing; what ensure_tracking_uri exports is undone after."""
+    for key in ("MLFLOW_TRACKING_URI", *CLIENT_RETRY_ENV):
+        monkeypatch.setenv(key, "")  # recorded first, so teardown restores the value (or its absence)
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("EHRFM_MLFLOW_PORT", mlflow_server.rsplit(":", 1)[1])
+    monkeypatch.setenv("EHRFM_MLFLOW_DIR", str(tmp_path / "never-started"))
+    return tmp_path / "never-started"
+
+
+def test_tracking_uri_is_the_config_then_the_environment_then_the_local_server(
+        local_server_is_the_session_server, mlflow_server, tmp_path, monkeypatch):
+    from ehrfm.train.mlflow_logger import resolve_tracking_uri
+
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolve_tracking_uri(store, str(tmp_path)) == store  # explicit store: no server at all
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert resolve_tracking_uri(None, str(tmp_path)) == mlflow_server  # running: reused
+    assert os.environ["MLFLOW_TRACKING_URI"] == mlflow_server  # exported for what the driver starts
+    assert {k: os.environ[k] for k in CLIENT_RETRY_ENV} == CLIENT_RETRY_ENV
+    assert {p.pid for p in psutil.Process().children(recursive=True)} == children
+    assert not local_server_is_the_session_server.exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert resolve_tracking_uri(None, "s3://bucket/runs") == "http://mlflow.example:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(ValueError, match="s3://bucket/runs is remote"):
+        resolve_tracking_uri(None, "s3://bucket/runs")
 
 
 # ---- Ray Train + DeepSpeed runs -------------------------------------------------------------
@@ -280,10 +315,10 @@ def test_rerun_resumes_and_a_killed_worker_recovers_on_the_same_curve(pretrain, 
 
 @pytest.mark.ray
 @pytest.mark.e2e
-def test_ehr_only_model_then_prs_adapter(datasets, timelines, storage, monkeypatch):
+def test_ehr_only_model_then_prs_adapter(datasets, timelines, storage, mlflow_server,
+                                         local_server_is_the_session_server):
     from ehrfm.train.pretrain import main, run_pretraining
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # default store: sqlite beside the checkpoints
     base_storage = storage / "ehr-only"
     code = main(["--config", str(SMALL), "--data", str(timelines.root), "--storage", str(base_storage),
                  "--name", "ehr-only", "model.fusion=none", "deepspeed.zero_stage=2",
@@ -293,12 +328,14 @@ def test_ehr_only_model_then_prs_adapter(datasets, timelines, storage, monkeypat
     base_checkpoint = Path(summary["checkpoint"])
     base_state = json.loads((base_checkpoint / "train_state.json").read_text())
     assert val_losses(base_state)[-1] < val_losses(base_state)[0]
-    assert summary["tracking_uri"] == f"sqlite:///{(base_storage / 'mlflow.db').resolve()}"
+    assert summary["tracking_uri"] == mlflow_server  # no URI set: the driver found the local server
+    assert not local_server_is_the_session_server.exists()
     from mlflow import MlflowClient
 
-    local = MlflowClient(tracking_uri=summary["tracking_uri"])
-    run = local.search_runs([local.get_experiment_by_name("ehrfm-pretrain").experiment_id])[0]
-    assert [m.step for m in local.get_metric_history(run.info.run_id, "val_loss")] == [10, 20]
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("ehrfm-pretrain").experiment_id],
+                              filter_string=f"tags.`ehrfm.run_dir` = '{summary['run_dir']}'")
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [10, 20]
 
     cfg = make_config(timelines, storage, ["run.name=adapter", f"run.init_from={base_checkpoint}", "mlflow.enabled=false",
                                            "model.fusion=cross", "model.adapter=true", "schedule.max_steps=20",

@@ -74,7 +74,7 @@ class FaultSection(StrictModel):
 
 class MlflowSection(StrictModel):
     enabled: bool = True
-    tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db
+    tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else the local server; sqlite:///... for none
     experiment: str = "ehrfm-pretrain"
 
 

@@ -8,21 +8,24 @@ figures are logged, never patient-level values.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
+
+from ehrfm.tracking import CLIENT_RETRY_ENV, ensure_tracking_uri
 
 RUN_TAG = "ehrfm.run_dir"
 
 
 def resolve_tracking_uri(configured: str | None, storage_path: str) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else a SQLite store beside the checkpoints."""
+    """Config value, else `ensure_tracking_uri()`: $MLFLOW_TRACKING_URI, or the local server, started
+    (detached) or reused. The driver calls this once and hands the answer to the workers, so no
+    worker starts a server. A run that wants no server sets a store explicitly (`sqlite:///...`).
+    """
     if configured:
         return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if "://" in storage_path:
+    if "://" in storage_path and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # a loopback server on the driver's machine is out of reach of a remote cluster's workers
         raise ValueError(f"storage {storage_path} is remote: set mlflow.tracking_uri or MLFLOW_TRACKING_URI")
-    return f"sqlite:///{(Path(storage_path) / 'mlflow.db').resolve()}"
+    return ensure_tracking_uri()
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -39,6 +42,9 @@ class RunLogger:
     def __init__(self, tracking_uri: str, experiment: str, run_dir: str, run_name: str, artifact_root: str | None):
         from mlflow import MlflowClient
 
+        # workers of a running cluster do not inherit the driver's environment: the retry settings again
+        for key, value in CLIENT_RETRY_ENV.items():
+            os.environ.setdefault(key, value)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:

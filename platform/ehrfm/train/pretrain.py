@@ -5,6 +5,8 @@
 The driver reads the timelines manifest (vocabulary size, PRS width), builds the train/val Ray
 Datasets and starts a TorchTrainer; each worker runs `ehrfm.train.loop.train_loop_per_worker`.
 Starting the same run (storage_path + name) again resumes it from its latest checkpoint.
+Metrics go to MLflow: mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else the local tracking
+server (started or reused by the driver, which passes the URI to the workers).
 """
 
 from __future__ import annotations
