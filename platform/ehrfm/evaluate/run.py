@@ -40,6 +40,7 @@ EXPERIMENT = "ehrfm-evaluate"
 FINETUNED, FINETUNED_MASKED = "finetuned", "finetuned_prs_masked"
 ZS_PATH, ZS_SHARE = "zero_shot_path_probability", "zero_shot_share"
 MIN_PRS_GAIN = 0.04
+MIN_EVENTS_FOR_COMPARISON = 20  # below this many test events a table of AUROCs is anecdote
 MODEL_NOTES = {
     FINETUNED: "fine-tuned foundation model (calibrated risk)",
     FINETUNED_MASKED: "same weights, every person's PRS masked",
@@ -187,11 +188,15 @@ def report_markdown(summary: dict, results: list[ModelResult], comparisons: list
              f"Bootstrap: {summary['n_boot']} person resamples (seed {summary['seed']}), percentile 95% CIs; "
              "differences are paired (both models on each resample).", "",
              markdown_table(results)]
+    if summary["n_test_positive"] < MIN_EVENTS_FOR_COMPARISON:
+        lines.append(f"- Only {summary['n_test_positive']} test events (fewer than {MIN_EVENTS_FOR_COMPARISON}): "
+                     "the intervals are wide and the comparisons below are not evidence either way")
     by_name = {c.name: c for c in comparisons}
     auroc = {r.name: r.auroc for r in results}
     if "prs_gain" in by_name:
         gain = by_name["prs_gain"].estimate
         verdict = "meets" if gain.value >= MIN_PRS_GAIN else "falls short of"
+        verdict = f"point estimate {verdict}"
         lines.append(f"- PRS gain = AUROC({FINETUNED}) - AUROC({FINETUNED_MASKED}) = {gain.fmt()}; "
                      f"{verdict} the {MIN_PRS_GAIN} target")
     best = summary["best_baseline"]

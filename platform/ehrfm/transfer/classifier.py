@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 
 from ehrfm.model.config import ModelConfig
@@ -65,7 +66,7 @@ class HeadSpec:
         z = np.asarray(logits, dtype=np.float64)
         if self.platt is not None:
             z = self.platt[0] * z + self.platt[1]
-        return 1.0 / (1.0 + np.exp(-z))
+        return expit(z)  # no overflow for large |z|
 
     def percentile(self, risks: np.ndarray) -> np.ndarray:
         """Percentile (0-100) of each risk among the validation population's risks."""

@@ -213,7 +213,7 @@ def summarize(scores: pa.Table, config: ZeroShotConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm zero_shot", description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", type=Path, required=True,
-                        help="checkpoint dir with model.pt + model_config.json")
+                        help="pretraining run dir or checkpoint dir (model.pt + model_config.json)")
     parser.add_argument("--data", type=Path, required=True, help="preprocessed dir (timelines/, tokenizer.json)")
     parser.add_argument("--labels", type=Path, required=True, help="labels.parquet from `ehrfm label`")
     parser.add_argument("--task", required=True, help="task name (t2d) or task YAML path")
@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     task = load_task(args.task)
     import ray
 
+    from ehrfm.transfer.finetune import resolve_pretrained
+
+    args.pretrained = resolve_pretrained(args.pretrained)
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS / a running cluster if there is one, else a local instance
     scores = score_zero_shot(args.pretrained, args.data, read_labels(args.labels), task, config)

@@ -1,0 +1,88 @@
+"""Fine-tuning configuration (jobs/configs/finetune-*.yaml): what to fine-tune from, on which labels,
+how much of the decoder trains, and the per-epoch schedule that Ray Tune trials vary.
+
+Scaling and MLflow sections are the pretraining ones, so a cluster set-up carries over unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ehrfm.config import StrictModel
+from ehrfm.train.config import MlflowSection, ScalingSection
+
+Mode = Literal["linear_probe", "full", "partial"]
+Imbalance = Literal["none", "pos_weight", "oversample"]
+
+
+class FinetuneRun(StrictModel):
+    name: str = "finetune"  # Ray Train run name; the run directory is <storage_path>/<name>
+    storage_path: str = "runs/finetune"  # local dir or URI; checkpoints, model/ and predictions go there
+    max_failures: int = Field(1, ge=-1)  # worker-group restarts from the last epoch checkpoint
+
+
+class FinetuneData(StrictModel):
+    dir: str | None = None  # preprocessed directory: timelines/ (+ tokenizer.json, events/ for labeling)
+    labels: str | None = None  # MEDS label parquet (file or dir); None: label <dir>/events with the task
+    omop: str | None = None  # OMOP dir with concept_ancestor, for on-the-fly labeling (optional)
+    context: int | None = Field(None, ge=1)  # window length; None: the pretrained model's context
+
+
+class FinetuneModel(StrictModel):
+    pretrained: str | None = None  # checkpoint dir (model.pt + model_config.json) or pretraining run dir
+    mode: Mode = "linear_probe"  # linear_probe: head only; partial: + top blocks; full: everything
+    unfrozen_layers: int = Field(0, ge=0)  # partial mode: how many top decoder blocks train
+    head_inputs: Literal["last", "last+prs"] = "last+prs"
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class FinetuneOptim(StrictModel):
+    head_lr: float = Field(1e-3, gt=0)
+    backbone_lr: float = Field(1e-4, gt=0)  # the decoder's trainable parameters (partial / full)
+    weight_decay: float = Field(0.01, ge=0)  # on weight matrices only, not biases or norms
+    grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping
+
+
+class FinetuneSchedule(StrictModel):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=1)  # examples per worker per step
+    eval_batch_size: int = Field(128, ge=1)
+    shuffle_buffer: int = Field(512, ge=0)  # rows in each worker's local shuffle buffer (0 = off)
+    # Share of genotyped people shown as non-genotyped in training (has_prs false for trunk and head
+    # alike), so the masked path the PRS contribution is measured with is trained too.
+    modality_dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    imbalance: Imbalance = "pos_weight"  # pos_weight: weight positives in the loss; oversample: repeat them
+    pos_weight: float | None = Field(None, gt=0)  # None: negatives / positives of the train split
+    keep_checkpoints: int = Field(1, ge=1)  # best by validation AUROC (the latest is kept as well)
+    seed: int = 0
+
+
+class FinetuneMlflow(MlflowSection):
+    experiment: str = "ehrfm-finetune"
+
+
+class FinetuneConfig(StrictModel):
+    run: FinetuneRun = FinetuneRun()
+    task: str = "t2d"  # shipped task name or task YAML (labels, horizon)
+    horizon_days: int | None = Field(None, gt=0)  # None: the task definition's horizon
+    data: FinetuneData = FinetuneData()
+    model: FinetuneModel = FinetuneModel()
+    optim: FinetuneOptim = FinetuneOptim()
+    train: FinetuneSchedule = FinetuneSchedule()
+    scaling: ScalingSection = ScalingSection()
+    mlflow: FinetuneMlflow = FinetuneMlflow()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FinetuneConfig":
+        if self.model.mode == "partial" and self.model.unfrozen_layers < 1:
+            raise ValueError("model.mode partial needs model.unfrozen_layers >= 1")
+        if self.model.mode != "partial" and self.model.unfrozen_layers:
+            raise ValueError(f"model.unfrozen_layers is only used with mode partial (mode is {self.model.mode})")
+        if self.train.pos_weight is not None and self.train.imbalance != "pos_weight":
+            raise ValueError("train.pos_weight is set but train.imbalance is not pos_weight")
+        return self
+
+    def run_dir(self) -> str:
+        return f"{self.run.storage_path.rstrip('/')}/{self.run.name}"
