@@ -2,6 +2,10 @@
 
 import json
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
 from ehrfm.pipeline import PipelineConfig, run_pipeline
 
 
@@ -64,3 +68,47 @@ def test_genotype_path_computes_prs_that_track_the_finished_scores(tmp_path, ray
         assert r > 0.8, (pgs_id, r)
     report = json.loads((workdir / "validation" / "validation_report.json").read_text())
     assert report["prs"]["samples_kept"] == len(wide)
+
+
+@pytest.mark.e2e
+def test_main_job_runs_every_stage_registers_a_champion_and_reruns_cheaply(tmp_path, ray_cluster, mlflow_server,
+                                                                         monkeypatch, capsys):
+    """synthesize → … → pretrain → label → finetune → zero_shot → evaluate → register, tiny settings.
+
+    Hypertension rather than T2D: its prevalence gives both classes in every split of a small cohort.
+    """
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    cfg = PipelineConfig(
+        persons=600, num_pgs=8, task="hypertension", n_boot=20,
+        pretrain_overrides=["schedule.max_steps=4", "schedule.log_every=2", "schedule.val_every=2",
+                            "schedule.checkpoint_every=2", "optim.warmup_steps=1"],
+        finetune_overrides=["train.epochs=1"],
+        zero_shot_overrides=["n_samples=2", "max_new_tokens=8"],
+    )
+    workdir = tmp_path / "run"
+    records = run_pipeline(cfg, workdir)
+    assert [name for name, r in records.items() if r["fingerprint"] != "disabled"] == [
+        "synthesize", "validate", "preprocess", "pretrain", "label", "finetune", "zero_shot", "evaluate", "register"]
+
+    report = json.loads((workdir / "evaluation" / "report.json").read_text())
+    labels = pq.read_table(workdir / "labels" / "labels.parquet")
+    predictions = pq.read_table(workdir / "finetune" / "predictions.parquet")
+    assert report["n_test"] == predictions.filter(pc.equal(predictions["split"], "test")).num_rows
+    assert report["n_test"] < labels.num_rows
+    for model in ("finetuned", "finetuned_prs_masked", "zero_shot_path_probability", "counts_lr", "prs_lr"):
+        low, value, high = (report["models"][model][k] for k in ("auroc_ci_low", "auroc", "auroc_ci_high"))
+        assert 0.0 <= low <= value <= high <= 1.0, model
+    assert "oracle_genetic" not in report["models"]  # the simulator's oracle is for T2D only
+
+    registered = json.loads((workdir / "registry" / "registered.json").read_text())
+    assert registered["name"] == "ehrfm-hypertension" and registered["promoted"] is True
+    champion = MlflowClient(mlflow_server).get_model_version_by_alias("ehrfm-hypertension", "champion")
+    assert int(champion.version) == registered["version"]
+    assert float(champion.tags["val_auroc"]) == pytest.approx(registered["metric"])
+
+    capsys.readouterr()
+    again = run_pipeline(cfg, workdir)
+    assert capsys.readouterr().out.count("up to date, skipped") == 9
+    assert {k: v["fingerprint"] for k, v in again.items()} == {k: v["fingerprint"] for k, v in records.items()}

@@ -22,6 +22,7 @@ from typing import Literal
 
 from ehrfm.cli import run_command
 from ehrfm.config import StrictModel, load_config
+from ehrfm.tracking import ensure_tracking_uri
 
 STAGE_FILE = "_stage.json"
 
@@ -38,6 +39,12 @@ class PipelineConfig(StrictModel):
     prs_source: Literal["scores", "genotypes"] = "scores"
     pretrain_config: str = "jobs/configs/pretrain-cpu-small.yaml"
     pretrain_overrides: list[str] = []  # key.path=value for the pretraining config, e.g. schedule.max_steps=30
+    task: str = "t2d"  # shipped task name (jobs/configs/tasks/) or a task YAML
+    finetune_config: str = "jobs/configs/finetune-t2d.yaml"
+    finetune_overrides: list[str] = []
+    zero_shot_config: str = "jobs/configs/zero-shot-t2d.yaml"
+    zero_shot_overrides: list[str] = []
+    n_boot: int = 1000  # bootstrap resamples behind every confidence interval
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,46 @@ def _pretrain_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     ]
 
 
+def _label_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
+    return ["--events", str(workdir / "preprocessed" / "events"), "--task", cfg.task, "--out", str(workdir / "labels")]
+
+
+def _labels_file(workdir: Path) -> str:
+    return str((workdir / "labels" / "labels.parquet").resolve())
+
+
+def _finetune_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
+    return [
+        "--config", cfg.finetune_config, "--task", cfg.task, "--pretrained", str((workdir / "pretrain" / "pretrain").resolve()),
+        "--data", str((workdir / "preprocessed").resolve()), "--labels", _labels_file(workdir),
+        "--out", str((workdir / "finetune").resolve()), *cfg.finetune_overrides,
+    ]
+
+
+def _zero_shot_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
+    return [
+        "--config", cfg.zero_shot_config, "--task", cfg.task, "--pretrained", str((workdir / "pretrain" / "pretrain").resolve()),
+        "--data", str(workdir / "preprocessed"), "--labels", _labels_file(workdir), "--out", str(workdir / "zero_shot"),
+        *cfg.zero_shot_overrides,
+    ]
+
+
+def _evaluate_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
+    return [
+        "--data", str(workdir / "preprocessed"), "--labels", _labels_file(workdir),
+        "--predictions", str(workdir / "finetune" / "predictions.parquet"),
+        "--zero-shot", str(workdir / "zero_shot" / "zero_shot.parquet"),
+        "--n-boot", str(cfg.n_boot), "--recalibrate", "platt", "--out", str(workdir / "evaluation"),
+        # the simulator's oracle is the T2D one
+        *(["--cohort", str(workdir / "cohort")] if cfg.task == "t2d" else []),
+    ]
+
+
+def _register_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
+    return ["--finetune", str(workdir / "finetune"), "--evaluation", str(workdir / "evaluation"),
+            "--out", str(workdir / "registry")]
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("synthesize", "synthesize", "cohort", (), _synthesize_args),
     Stage("score_prs", "score_prs", "prs_computed", ("synthesize",), _score_prs_args,
@@ -109,6 +156,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("validate", "validate", "validation", ("synthesize", "score_prs"), _validate_args),
     Stage("preprocess", "preprocess", "preprocessed", ("synthesize", "score_prs"), _preprocess_args),
     Stage("pretrain", "pretrain", "pretrain", ("preprocess",), _pretrain_args),
+    Stage("label", "label", "labels", ("preprocess",), _label_args),
+    Stage("finetune", "finetune", "finetune", ("pretrain", "label"), _finetune_args),
+    Stage("zero_shot", "zero_shot", "zero_shot", ("pretrain", "label"), _zero_shot_args),
+    Stage("evaluate", "evaluate", "evaluation", ("finetune", "zero_shot"), _evaluate_args),
+    Stage("register", "register", "registry", ("finetune", "evaluate"), _register_args),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
@@ -176,9 +228,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(PipelineConfig, args.config, args.overrides)
     started = time.perf_counter()
-    run_pipeline(cfg, args.workdir, args.start_from, args.until)
+    # one tracking server for every stage: $MLFLOW_TRACKING_URI, else the local one (started or reused)
+    print(f"MLflow tracking at {ensure_tracking_uri()}", flush=True)
+    records = run_pipeline(cfg, args.workdir, args.start_from, args.until)
+    print_final_report(args.workdir, records)
     print(f"pipeline finished in {time.perf_counter() - started:.1f}s; outputs under {args.workdir}")
     return 0
+
+
+def print_final_report(workdir: Path, records: dict[str, dict]) -> None:
+    """The evaluation table and the registry outcome, when those stages ran."""
+    report = workdir / "evaluation" / "report.md"
+    if "evaluate" in records and report.is_file():
+        print("\n" + report.read_text(encoding="utf-8"), flush=True)
+    registered = workdir / "registry" / "registered.json"
+    if "register" in records and registered.is_file():
+        outcome = json.loads(registered.read_text())
+        print(f"registry: {outcome['name']} version {outcome['version']} "
+              f"({outcome['metric_name']} {outcome['metric']:.3f}); champion is version "
+              f"{outcome['champion_version']} ({outcome['reason']})", flush=True)
 
 
 if __name__ == "__main__":
