@@ -171,3 +171,11 @@ def test_report_table_figures_and_mlflow_logging(tmp_path, mlflow_server):
     assert "oracle _liability_/ece" not in logged  # NaN metrics are not logged
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert artifacts == {f"evaluation/{p.name}" for p in paths}
+
+
+def test_quantile_reliability_with_identical_scores_is_one_bin():
+    from ehrfm.evaluate.calibration import reliability_curve
+
+    curve = reliability_curve([0, 1, 0, 0], [0.2] * 4, strategy="quantile")
+    assert curve.count.tolist() == [4.0] and curve.observed.tolist() == [0.25]
+    assert curve.ece == pytest.approx(0.05)

@@ -50,8 +50,9 @@ def reliability_curve(y_true, y_prob, n_bins: int = 10, strategy: Strategy = "un
     if strategy == "uniform":
         edges = np.linspace(0.0, 1.0, n_bins + 1)
     elif strategy == "quantile":
-        edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, n_bins + 1))) if p.size else np.array([0.0, 1.0])
-        edges[0], edges[-1] = 0.0, 1.0
+        inner = np.unique(np.quantile(p, np.linspace(0.0, 1.0, n_bins + 1))[1:-1]) if p.size else np.array([])
+        # identical scores leave one bin [0, 1], never an empty edge list
+        edges = np.concatenate([[0.0], inner[(inner > 0.0) & (inner < 1.0)], [1.0]])
     else:
         raise ValueError(f"unknown binning strategy {strategy!r}")
     index = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, len(edges) - 2)
