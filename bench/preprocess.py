@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 
 BENCH_DIR = Path(__file__).resolve().parent
-STRATEGIES = ("shuffle_v2", "sort_shuffle_pull_based")
+STRATEGIES = ("shard_files", "shuffle_v2", "sort_shuffle_pull_based")
 
 
 def make_cohort(data_dir: Path, persons: int) -> Path:

@@ -1,6 +1,7 @@
 """The Ray pipeline against independent routes to the same timelines, on a small synthetic cohort:
 the single-process polars reference (same OMOP + PRS input), and the pipeline's own events fed back
-in as a MEDS dataset. The run here uses the default hash shuffle (shuffle_v2)."""
+in as a MEDS dataset. The first run uses Ray's hash shuffle (shuffle_v2); the other strategies must
+reproduce its bytes."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ehrfm.data.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.ray
 CONFIG = PreprocessConfig.model_validate({"subjects_per_shard": 60, "progress_bars": False,
-                                          "tokenizer": {"min_count": 3}})
+                                          "tokenizer": {"min_count": 3}, "shuffle_strategy": "shuffle_v2"})
 
 
 def _timelines(out: Path) -> pa.Table:
@@ -49,19 +50,36 @@ def test_ray_pipeline_equals_polars_reference(cohort: dict) -> None:
     assert cohort["report"]["prs"]["transform"]["ancestry_adjusted"] is True
 
 
-def test_meds_input_gives_the_same_timelines(cohort: dict) -> None:
-    config = CONFIG.model_copy(update={"shuffle_strategy": "sort_shuffle_pull_based"})
-    out = cohort["root"] / "from_meds"
+def _assert_same_bytes(first: Path, second: Path, subs: tuple[str, ...]) -> None:
+    for sub in subs:
+        names = sorted(p.name for p in (first / sub).glob("*.parquet"))
+        assert names and names == sorted(p.name for p in (second / sub).glob("*.parquet"))
+        for name in names:
+            assert (first / sub / name).read_bytes() == (second / sub / name).read_bytes(), f"{sub}/{name}"
+
+
+@pytest.mark.parametrize("strategy", ["sort_shuffle_pull_based", "shard_files"])
+def test_meds_input_gives_the_same_timelines(cohort: dict, strategy: str) -> None:
+    config = CONFIG.model_copy(update={"shuffle_strategy": strategy})
+    out = cohort["root"] / f"from_meds-{strategy}"
     inputs = cohort["inputs"]
     report = run_preprocess(config, PreprocessInputs(meds=str(cohort["out"] / "events"), prs=inputs.prs,
                                                      sample_map=inputs.sample_map, pcs=inputs.pcs), out)
     assert report["tables"]["meds"]["rows_quarantined"] == 0
     assert report["tables"]["meds"]["rows_in"] == cohort["report"]["events"]["events"]
-    for sub in ("events", "timelines"):
-        names = sorted(p.name for p in (cohort["out"] / sub).glob("*.parquet"))
-        assert names == sorted(p.name for p in (out / sub).glob("*.parquet"))
-        for name in names:  # also: the hash shuffle (first run) and the sort shuffle agree byte for byte
-            assert (cohort["out"] / sub / name).read_bytes() == (out / sub / name).read_bytes(), f"{sub}/{name}"
+    # also: the hash shuffle (first run) and this strategy agree byte for byte
+    _assert_same_bytes(cohort["out"], out, ("events", "timelines"))
+
+
+def test_shard_files_strategy_gives_the_hash_shuffle_bytes(cohort: dict) -> None:
+    """Events staged in per-shard files instead of a Ray shuffle: the same files, tokenizer and report."""
+    out = cohort["root"] / "shard_files"
+    report = run_preprocess(CONFIG.model_copy(update={"shuffle_strategy": "shard_files"}), cohort["inputs"], out)
+    _assert_same_bytes(cohort["out"], out, ("events", "prs", "timelines"))
+    assert (out / "tokenizer.json").read_bytes() == (cohort["out"] / "tokenizer.json").read_bytes()
+    first = {k: v for k, v in cohort["report"].items() if k != "seconds"}
+    assert {k: v for k, v in report.items() if k != "seconds"} == first
+    assert report["events"]["events"] > 0 and not (out / "_work").exists()
 
 
 def test_command_line_with_the_default_config(cohort: dict, repo_root: Path, capsys: pytest.CaptureFixture) -> None:

@@ -251,6 +251,20 @@ def test_second_run_gives_identical_bytes(run: dict, tmp_path: Path) -> None:
     assert (run["out"] / "tokenizer.json").read_bytes() == (again / "tokenizer.json").read_bytes()
 
 
+def test_shard_files_strategy_gives_the_same_bytes_and_row_account(run: dict, tmp_path: Path) -> None:
+    """Events staged in per-shard files instead of a Ray shuffle (the 1M-person route), bad rows included."""
+    out = tmp_path / "shard_files"
+    report = run_preprocess(CONFIG.model_copy(update={"shuffle_strategy": "shard_files"}), _inputs(run["root"]), out)
+    for sub in ("timelines", "events", "prs", "quarantine"):
+        first = sorted(str(p.relative_to(run["out"])) for p in (run["out"] / sub).rglob("*.parquet"))
+        assert first and first == sorted(str(p.relative_to(out)) for p in (out / sub).rglob("*.parquet"))
+        for name in first:
+            assert (run["out"] / name).read_bytes() == (out / name).read_bytes(), name
+    assert (run["out"] / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    assert report["tables"] == run["report"]["tables"] and report["events"] == run["report"]["events"]
+    assert report["tokens"] == run["report"]["tokens"] and not list(out.glob("_work"))
+
+
 def test_failed_run_leaves_previous_output_untouched(run: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

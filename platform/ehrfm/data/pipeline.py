@@ -6,9 +6,11 @@ streaming, with no step that holds the dataset in one process:
  2. only when two files of a table may share a primary key: their kept keys are grouped by a key
     bucket (hash shuffle) to find cross-file duplicates exactly (see ingest.py).
  3. ingest + events: one task per OMOP file validates it batch by batch (quarantine + row
-    account), maps kept rows to events and tags each with its shard, a hash of subject_id; a
-    groupby on the shard (Ray's shuffle) gathers each shard, which is sorted and written as
-    events/part-S.parquet (meds.DataSchema-valid, subject-complete).
+    account), maps kept rows to events and tags each with its shard, a hash of subject_id; each
+    shard's events are gathered, sorted and written as events/part-S.parquet
+    (meds.DataSchema-valid, subject-complete). Gathered either by a groupby on the shard (a Ray
+    shuffle) or, with shuffle_strategy=shard_files, through per-shard files the ingest tasks
+    write under the temp directory, read back by one task per shard (no object-store traffic).
  4. PRS in the driver (K floats per person): validated, z-scored / ancestry-adjusted on the train
     split -> prs/part-S.parquet (same shards) and prs/pgs_ids.json.
  5. tokenizer fit on train persons only: code counts come back from the shard writers, value-bin
@@ -109,7 +111,7 @@ def data_context(config: PreprocessConfig) -> Iterator[None]:
 
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.shuffle_strategy, ctx.enable_progress_bars)
-    ctx.shuffle_strategy = config.shuffle_strategy
+    ctx.shuffle_strategy = config.ray_shuffle_strategy
     if not config.progress_bars:
         ctx.enable_progress_bars = False
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import meds
@@ -23,6 +23,7 @@ from ehrfm.data.events import BIRTH_CODE, SHARD_COLUMN, STAGED_SCHEMA, finalize_
 from ehrfm.data.ingest import KEY_SCHEMA, IngestContext, Unit, duplicate_keys, ingest_unit, unit_keys
 from ehrfm.data.omop import quarantine_rows
 from ehrfm.data.splits import shard_of, split_codes
+from ehrfm.data.staged_partitions import PartitionedWriter, read_partition
 from ehrfm.data.timelines import build_shard, shard_name
 from ehrfm.data.tokenizer import code_counts_table, code_values_table, fit_value_edges, train_rows
 
@@ -56,6 +57,26 @@ def ingest_batch(batch: pa.Table, ctx: list) -> Iterator[pa.Table]:
     yield STAGED_SCHEMA.empty_table()  # a unit without events must still give the shuffle a typed block
 
 
+def write_staged_events(parts: Iterable[pa.Table], staged_dir: str, stem: str) -> int:
+    """Staged events (with their shard) -> `<staged_dir>/shard=S/<stem>.parquet`; the rows written."""
+    with PartitionedWriter(staged_dir, stem, SHARD_COLUMN, STAGED_SCHEMA) as writer:
+        for part in parts:
+            writer.add(part)
+    return sum(writer.rows.values())
+
+
+def _staged_counts(stems: list[str], rows: list[int]) -> pa.Table:
+    return pa.table({"stem": pa.array(stems, pa.string()), "rows": pa.array(rows, pa.int64())})
+
+
+def ingest_to_staged_files(batch: pa.Table, ctx: list, staged_dir: str) -> pa.Table:
+    """ingest_batch for the "shard_files" strategy: events go to per-shard files, counts come back."""
+    context: IngestContext = resolve(ctx)
+    units = [Unit(**row) for row in batch.to_pylist()]
+    rows = [write_staged_events(ingest_unit(unit, context), staged_dir, unit.name) for unit in units]
+    return _staged_counts([u.name for u in units], rows)
+
+
 def unit_keys_batch(batch: pa.Table, ctx: list) -> Iterator[pa.Table]:
     context: IngestContext = resolve(ctx)
     for row in batch.to_pylist():
@@ -75,6 +96,16 @@ def stage_meds_batch(batch: pa.Table, n_shards: int) -> pa.Table:
     return staged.append_column(SHARD_COLUMN, pa.array(shards.astype(np.int32)))
 
 
+def stage_meds_files(batch: pa.Table, n_shards: int, staged_dir: str) -> pa.Table:
+    """stage_meds_batch over whole MEDS files, row group by row group, into per-shard files."""
+    stems, rows = [], []
+    for path, index in zip(batch["path"].to_pylist(), batch["index"].to_pylist()):
+        parts = (stage_meds_batch(part, n_shards) for part in parquet_row_groups(path))
+        stems.append(f"meds-{index:05d}")
+        rows.append(write_staged_events(parts, staged_dir, stems[-1]))
+    return _staged_counts(stems, rows)
+
+
 def count_births_batch(batch: pa.Table) -> pa.Table:
     births = pc.sum(pc.fill_null(pc.equal(batch["code"], BIRTH_CODE), False)).as_py() or 0
     return pa.table({"n": pa.array([births], pa.int64())})
@@ -83,9 +114,23 @@ def count_births_batch(batch: pa.Table) -> pa.Table:
 # ---- events shards ------------------------------------------------------------------------------
 def write_event_shard(group: pa.Table, events_dir: str, quarantine_dir: str, meds_input: bool,
                       ratios: tuple[float, float, float], salt: int) -> pa.Table:
+    """One shard's group from the Ray shuffle -> events/part-S.parquet; returns its counts."""
+    return event_shard(int(group[SHARD_COLUMN][0].as_py()), group, events_dir, quarantine_dir, meds_input, ratios, salt)
+
+
+def write_staged_event_shards(batch: pa.Table, staged_dir: str, events_dir: str, quarantine_dir: str,
+                              meds_input: bool, ratios: tuple[float, float, float], salt: int) -> pa.Table:
+    """The "shard_files" strategy: each listed shard's staged files -> events/part-S.parquet."""
+    return pa.concat_tables([
+        event_shard(shard, read_partition(staged_dir, SHARD_COLUMN, shard), events_dir, quarantine_dir, meds_input,
+                    ratios, salt)
+        for shard in batch["shard"].to_pylist()])
+
+
+def event_shard(shard: int, group: pa.Table, events_dir: str, quarantine_dir: str, meds_input: bool,
+                ratios: tuple[float, float, float], salt: int) -> pa.Table:
     """All staged events of one shard -> events/part-S.parquet (sorted MEDS); returns its counts,
     including the train-split event count per code (the vocabulary's input, so no extra pass)."""
-    shard = int(group[SHARD_COLUMN][0].as_py())
     rows_in = group.num_rows
     dropped_by: dict[str, int] = {}
     if meds_input:
@@ -119,9 +164,13 @@ def write_event_shard(group: pa.Table, events_dir: str, quarantine_dir: str, med
 def read_parquet_batch(batch: pa.Table, columns: list[str]) -> Iterator[pa.Table]:
     """The row groups of the listed parquet files (one task per file; cheaper than a listing step)."""
     for path in batch["path"].to_pylist():
-        parquet = pq.ParquetFile(path)
-        for group in range(parquet.num_row_groups):
-            yield parquet.read_row_group(group, columns=columns)
+        yield from parquet_row_groups(path, columns)
+
+
+def parquet_row_groups(path: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    parquet = pq.ParquetFile(path)
+    for group in range(parquet.num_row_groups):
+        yield parquet.read_row_group(group, columns=columns)
 
 
 def train_code_counts(batch: pa.Table, ratios: tuple[float, float, float], salt: int) -> pa.Table:

@@ -4,6 +4,7 @@ over files, runs it and returns the small per-shard summaries its tasks produced
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +22,9 @@ from ehrfm.data.ingest import IngestContext, duplicates_by_unit, plan_units, tab
 from ehrfm.data.omop import PersonIndex, find_tables, validate_table
 from ehrfm.data.omop_io import OmopSchemaError, file_name
 from ehrfm.data.omop_spec import TABLE_ORDER
-from ehrfm.data.preprocess_config import PreprocessConfig
+from ehrfm.data.preprocess_config import SHARD_FILES, PreprocessConfig
 from ehrfm.data.splits import num_shards_for, shard_of, split_codes
+from ehrfm.data.staged_partitions import partition_values
 from ehrfm.data.tokenizer import Tokenizer, build_tokenizer
 
 DRIVER_TABLES = ("person", "death")
@@ -79,11 +81,57 @@ def _shard_events_dataset(dataset, n_shards: int, events_dir: Path, quarantine_d
                           cfg: PreprocessConfig) -> pa.Table:
     """groupby(shard) -> one sorted events file per shard; returns the per-shard counts."""
     written = dataset.groupby(SHARD_COLUMN, num_partitions=max(1, n_shards)).map_groups(
-        tasks.write_event_shard, batch_format="pyarrow",
-        fn_kwargs={"events_dir": str(events_dir), "quarantine_dir": str(quarantine_dir), "meds_input": meds_input,
-                   "ratios": cfg.splits.ratios, "salt": cfg.splits.salt},
-    )
+        tasks.write_event_shard, batch_format="pyarrow", fn_kwargs=_shard_writer_kwargs(events_dir, quarantine_dir,
+                                                                                         meds_input, cfg))
     return collect(written)
+
+
+def _shard_writer_kwargs(events_dir: Path, quarantine_dir: Path, meds_input: bool, cfg: PreprocessConfig) -> dict:
+    return {"events_dir": str(events_dir), "quarantine_dir": str(quarantine_dir), "meds_input": meds_input,
+            "ratios": cfg.splits.ratios, "salt": cfg.splits.salt}
+
+
+def _total_rows(counts: pa.Table, column: str = "rows") -> int:
+    return int(pc.sum(counts[column]).as_py() or 0) if counts.num_rows else 0
+
+
+def _shard_staged_files(staged_dir: Path, staged_rows: int, events_dir: Path, quarantine_dir: Path, meds_input: bool,
+                        cfg: PreprocessConfig) -> pa.Table:
+    """The "shard_files" strategy's second step: one task per shard reads that shard's staged files
+    and writes its events file (the same code as the groupby's); the staged files are then removed."""
+    import ray.data
+
+    shards = [{"shard": s} for s in partition_values(staged_dir, SHARD_COLUMN)]
+    written = pa.table({})
+    if shards:
+        written = collect(ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
+            tasks.write_staged_event_shards, batch_size=1, batch_format="pyarrow",
+            fn_kwargs={"staged_dir": str(staged_dir), **_shard_writer_kwargs(events_dir, quarantine_dir, meds_input, cfg)}))
+    read_rows = _total_rows(written, "rows_in")
+    if staged_rows != read_rows:
+        raise AssertionError(f"staged events: {staged_rows} rows written, {read_rows} read back")
+    shutil.rmtree(staged_dir, ignore_errors=True)
+    return written
+
+
+def _unit_items(units: list) -> object:
+    """A dataset of the ingest units, one block (so one task) each."""
+    import ray.data
+
+    return ray.data.from_items([asdict(u) for u in units], override_num_blocks=len(units))
+
+
+def _omop_shard_files(driver_events: pa.Table, units: list, ctx_ref: list, tmp: Path, quarantine_dir: Path,
+                      cfg: PreprocessConfig) -> pa.Table:
+    """The "shard_files" strategy for OMOP: the driver's person/death events and every ingest task
+    write their events to per-shard files (only row counts come back), then one task per shard."""
+    staged_dir = tmp / "_work" / "staged"
+    staged_rows = tasks.write_staged_events([driver_events], str(staged_dir), "person-death")
+    if units:
+        staged_rows += _total_rows(collect(_unit_items(units).map_batches(
+            tasks.ingest_to_staged_files, batch_size=1, batch_format="pyarrow",
+            fn_kwargs={"ctx": ctx_ref, "staged_dir": str(staged_dir)})))
+    return _shard_staged_files(staged_dir, staged_rows, tmp / "events", quarantine_dir, False, cfg)
 
 
 def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> EventsResult:
@@ -127,13 +175,16 @@ def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
             context.cross_unit_duplicates = duplicates_by_unit(dupes) if dupes.num_rows else {}
     with timer.stage("ingest_events"):
         ref = [ray.put(context)]
-        parts = [ray.data.from_arrow(driver_events)]
-        if units:
-            parts.insert(0, ray.data.from_items([asdict(u) for u in units], override_num_blocks=len(units)).map_batches(
-                tasks.ingest_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"ctx": ref}))
-        staged = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
         (tmp / "events").mkdir()
-        shards = _shard_events_dataset(staged, n_shards, tmp / "events", quarantine_dir, False, cfg)
+        if cfg.shuffle_strategy == SHARD_FILES:
+            shards = _omop_shard_files(driver_events, units, ref, tmp, quarantine_dir, cfg)
+        else:
+            parts = [ray.data.from_arrow(driver_events)]
+            if units:
+                parts.insert(0, _unit_items(units).map_batches(tasks.ingest_batch, batch_size=1, batch_format="pyarrow",
+                                                       fn_kwargs={"ctx": ref}))
+            dataset = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+            shards = _shard_events_dataset(dataset, n_shards, tmp / "events", quarantine_dir, False, cfg)
     accounts.update(table_accounts(accounts_dir, units))
     ordered = {t: accounts[t] for t in TABLE_ORDER if t in accounts}
     if flagged:
@@ -170,10 +221,18 @@ def meds_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
             tasks.count_births_batch, batch_format="pyarrow"))
         n_shards = num_shards_for(int(births["n"].to_numpy().sum()) if births.num_rows else 0,
                                   cfg.subjects_per_shard, cfg.min_shards)
-        staged = ray.data.read_parquet(files).map_batches(
-            tasks.stage_meds_batch, batch_format="pyarrow", fn_kwargs={"n_shards": n_shards})
         (tmp / "events").mkdir()
-        shards = _shard_events_dataset(staged, n_shards, tmp / "events", tmp / "quarantine", True, cfg)
+        if cfg.shuffle_strategy == SHARD_FILES:
+            staged_dir = tmp / "_work" / "staged"
+            items = [{"path": f, "index": i} for i, f in enumerate(files)]
+            staged = collect(ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                tasks.stage_meds_files, batch_size=1, batch_format="pyarrow",
+                fn_kwargs={"n_shards": n_shards, "staged_dir": str(staged_dir)}))
+            shards = _shard_staged_files(staged_dir, _total_rows(staged), tmp / "events", tmp / "quarantine", True, cfg)
+        else:
+            dataset = ray.data.read_parquet(files).map_batches(
+                tasks.stage_meds_batch, batch_format="pyarrow", fn_kwargs={"n_shards": n_shards})
+            shards = _shard_events_dataset(dataset, n_shards, tmp / "events", tmp / "quarantine", True, cfg)
     result = _events_result(shards, n_shards, {})
     by_reason: dict[str, int] = {}
     for shard in result.shards:
