@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "register": ("ehrfm.registry_cli:main", "log a risk model to MLflow; alias champion only when it beats the current one"),
     "cluster": ("ehrfm.cluster.cli:main", "start, stop or inspect a local multi-node Ray cluster"),
     "tracking": ("ehrfm.tracking:main", "start, reuse or check the local MLflow tracking server"),
+    "serve": ("ehrfm.serve.app:main", "deploy the registered champion on Ray Serve (FastAPI, /v1/score, /docs)"),
     "pipeline": ("ehrfm.pipeline:main", "the main job: every stage end to end on the embedded default"),
 }
 

@@ -1,0 +1,175 @@
+"""Entry points of the scoring service.
+
+- `build_app(args)`: the Serve application builder named in cluster/serve.yaml and the
+  RayService (`import_path: ehrfm.serve.app:build_app`). `args` is ServeConfig as a dict
+  (`model_uri` is the only required key), optionally `config: <yaml file>` whose values the other
+  keys override; dotted keys (`batching.max_batch_size: 1`, or `serve run ... key=value`) set
+  nested fields.
+- `main(argv)`: `ehrfm serve` / `jobs/serve.py`. Resolves `models:/<model>@<alias>` to a version,
+  pins it in the deployment (re-running it after the alias moved is a rolling update of the
+  running application to the new version), starts Serve bound to 127.0.0.1 unless told otherwise and waits until /readyz
+  answers. With `--smoke N` it then scores N made-up persons over HTTP and checks them against
+  the model scored in this process. On a Ray cluster of its own (or of the calling process) it
+  keeps serving until Ctrl-C, or stops after the smoke run; on a running cluster (`--address`,
+  RAY_ADDRESS) it deploys and exits, leaving the service up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ehrfm.serve.config import ServeConfig
+
+APP_NAME = "ehrfm"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+def _set_nested(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"args key {dotted!r}: {part!r} is not a section")
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        for key, inner in value.items():
+            _set_nested(node[leaf], key, inner)
+    else:
+        node[leaf] = value
+
+
+def config_from_args(args: dict[str, Any]) -> ServeConfig:
+    """ServeConfig from builder args (see the module docstring)."""
+    args = dict(args or {})
+    data: dict[str, Any] = {}
+    path = args.pop("config", None)
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config {path}: top level must be a mapping")
+        data = loaded
+    for key, value in args.items():
+        _set_nested(data, key, value)
+    return ServeConfig.model_validate(data)
+
+
+def build_app(args: dict[str, Any]):
+    """Serve application builder: args dict -> bound application (ScoringAPI -> RiskModel)."""
+    from ehrfm.serve.deployment import build_deployments
+
+    return build_deployments(config_from_args(args))
+
+
+# ---- ehrfm serve ------------------------------------------------------------------------------------
+def wait_ready(base_url: str, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Poll /readyz until the service has a model; the readiness body."""
+    from ehrfm.serve.smoke import request_json
+
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            status, body = request_json(f"{base_url}/readyz", timeout=10)
+            if status == 200:
+                return body
+            last = status
+        except OSError as exc:
+            last = type(exc).__name__
+        time.sleep(1.0)
+    raise TimeoutError(f"{base_url}/readyz not ready after {timeout_s:.0f}s (last: {last})")
+
+
+def smoke(base_url: str, config: ServeConfig, n: int, token: str | None) -> int:
+    """Score `n` made-up persons over HTTP; 0 when every response is a 200 whose risk equals the
+    model scored in this process (same version) to 1e-5 (float32 rounding differs with batch position)."""
+    from ehrfm.serve import model_store
+    from ehrfm.serve.smoke import request_json, synthetic_persons
+    from ehrfm.transfer.predictor import PersonRecord
+
+    local = model_store.load(model_store.resolve(config.model_uri, config.model_version), config.min_prs_share)
+    persons = synthetic_persons(local.predictor.tokenizer, local.predictor.spec.pgs_ids, n, seed=7)
+    expected = local.predictor.predict([PersonRecord.model_validate(p) for p in persons])
+    failures = 0
+    print(f"{'person':>6}  {'risk':>8}  {'pct':>6}  {'PRS contribution':>16}  {'unknown':>7}  version")
+    for i, (person, want) in enumerate(zip(persons, expected)):
+        status, body = request_json(f"{base_url}/v1/score", person, token=token)
+        ok = status == 200 and math.isclose(body["risk"], want["risk"], rel_tol=1e-5, abs_tol=1e-9) \
+            and body["model_version"] == local.ref.version
+        failures += not ok
+        if status == 200:
+            print(f"{i:>6}  {body['risk']:8.4f}  {body['percentile'] or float('nan'):6.1f}  "
+                  f"{body['prs_contribution']:+16.4f}  {body['unknown_codes']:>7}  {body['model_version']}")
+        else:
+            print(f"{i:>6}  HTTP {status}")
+    print(f"{n - failures}/{n} persons scored over HTTP match the registered model's own predictions")
+    return 0 if failures == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ehrfm serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ehrfm-t2d", help="registered model name")
+    parser.add_argument("--alias", default="champion", help="registry alias to serve")
+    parser.add_argument("--model-dir", default=None, help="serve a local risk-model directory instead")
+    parser.add_argument("--config", default=None, help="ServeConfig YAML (model_uri may be omitted)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (loopback by default)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a new local one)")
+    parser.add_argument("--smoke", type=int, default=0, metavar="N",
+                        help="score N made-up persons over HTTP, check them, shut down and exit")
+    parser.add_argument("overrides", nargs="*", help="ServeConfig key.path=value overrides")
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from ehrfm.serve import model_store
+    from ehrfm.serve.auth import read_token
+    from ehrfm.tracking import ensure_tracking_uri
+
+    overrides = dict(item.split("=", 1) for item in args.overrides)
+    if args.config:
+        overrides = {"config": args.config, **overrides}
+    if args.model_dir:
+        overrides["model_uri"] = str(Path(args.model_dir).resolve())
+    elif "model_uri" not in overrides:
+        overrides.setdefault("model_uri", f"models:/{args.model}@{args.alias}")
+    config = config_from_args(overrides)
+    if config.model_uri.startswith("models:/"):
+        config.tracking_uri = config.tracking_uri or ensure_tracking_uri()
+        os.environ["MLFLOW_TRACKING_URI"] = config.tracking_uri
+        ref = model_store.resolve(config.model_uri)
+        config.model_version = ref.version
+        print(f"deploying {ref.name} version {ref.version}" + (f" (alias {ref.alias})" if ref.alias else ""))
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    # on a cluster that outlives this command the service keeps running after it exits
+    external = started_here and bool(args.address or os.environ.get("RAY_ADDRESS"))
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(config.model_dump(mode="json")), name=APP_NAME, route_prefix="/")
+    base_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    ready = wait_ready(base_url)
+    print(f"ready at {base_url} (OpenAPI at {base_url}/docs): {ready['model_name']} version {ready['model_version']}")
+    code = smoke(base_url, config, args.smoke, read_token(config.auth)) if args.smoke else 0
+    if external:
+        print(f"deployed as Serve application {APP_NAME!r}; `serve shutdown` stops it")
+        return code
+    if not args.smoke:
+        print("serving; Ctrl-C stops")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    serve.shutdown()
+    if started_here:
+        ray.shutdown()
+    return code
