@@ -1,6 +1,7 @@
 """The main job's stage bookkeeping: run, skip when inputs are unchanged, re-run when forced or changed."""
 
 import json
+import socket
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -70,10 +71,16 @@ def test_genotype_path_computes_prs_that_track_the_finished_scores(tmp_path, ray
     assert report["prs"]["samples_kept"] == len(wide)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.e2e
 def test_main_job_runs_every_stage_registers_a_champion_and_reruns_cheaply(tmp_path, ray_cluster, mlflow_server,
                                                                          monkeypatch, capsys):
-    """synthesize → … → pretrain → label → finetune → zero_shot → evaluate → register, tiny settings.
+    """synthesize → … → pretrain → label → finetune → zero_shot → evaluate → register → serve, tiny settings.
 
     Hypertension rather than T2D: its prevalence gives both classes in every split of a small cohort.
     """
@@ -86,11 +93,12 @@ def test_main_job_runs_every_stage_registers_a_champion_and_reruns_cheaply(tmp_p
                             "schedule.checkpoint_every=2", "optim.warmup_steps=1"],
         finetune_overrides=["train.epochs=1"],
         zero_shot_overrides=["n_samples=2", "max_new_tokens=8"],
+        serve_port=_free_port(), serve_smoke_persons=3,
     )
     workdir = tmp_path / "run"
     records = run_pipeline(cfg, workdir)
     assert [name for name, r in records.items() if r["fingerprint"] != "disabled"] == [
-        "synthesize", "validate", "preprocess", "pretrain", "label", "finetune", "zero_shot", "evaluate", "register"]
+        "synthesize", "validate", "preprocess", "pretrain", "label", "finetune", "zero_shot", "evaluate", "register", "serve"]
 
     report = json.loads((workdir / "evaluation" / "report.json").read_text())
     labels = pq.read_table(workdir / "labels" / "labels.parquet")
@@ -108,7 +116,8 @@ def test_main_job_runs_every_stage_registers_a_champion_and_reruns_cheaply(tmp_p
     assert int(champion.version) == registered["version"]
     assert float(champion.tags["val_auroc"]) == pytest.approx(registered["metric"])
 
-    capsys.readouterr()
+    assert "3/3 persons scored over HTTP match the registered model's own predictions" in capsys.readouterr().out
+
     again = run_pipeline(cfg, workdir)
-    assert capsys.readouterr().out.count("up to date, skipped") == 9
+    assert capsys.readouterr().out.count("up to date, skipped") == 10
     assert {k: v["fingerprint"] for k, v in again.items()} == {k: v["fingerprint"] for k, v in records.items()}

@@ -45,6 +45,8 @@ class PipelineConfig(StrictModel):
     zero_shot_config: str = "jobs/configs/zero-shot-t2d.yaml"
     zero_shot_overrides: list[str] = []
     n_boot: int = 1000  # bootstrap resamples behind every confidence interval
+    serve_port: int = 8000  # loopback port of the Serve smoke test that ends the job
+    serve_smoke_persons: int = 5
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,14 @@ def _register_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
             "--out", str(workdir / "registry")]
 
 
+def _serve_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
+    # deploys the champion, scores made-up persons over HTTP, checks them against the registered
+    # model's own predictions, and shuts Serve down again
+    task = Path(cfg.task).stem if cfg.task.endswith((".yaml", ".yml")) else cfg.task
+    return ["--model", f"ehrfm-{task}", "--alias", "champion", "--port", str(cfg.serve_port),
+            "--smoke", str(cfg.serve_smoke_persons)]
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("synthesize", "synthesize", "cohort", (), _synthesize_args),
     Stage("score_prs", "score_prs", "prs_computed", ("synthesize",), _score_prs_args,
@@ -161,6 +171,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("zero_shot", "zero_shot", "zero_shot", ("pretrain", "label"), _zero_shot_args),
     Stage("evaluate", "evaluate", "evaluation", ("finetune", "zero_shot"), _evaluate_args),
     Stage("register", "register", "registry", ("finetune", "evaluate"), _register_args),
+    Stage("serve", "serve", "serving", ("register",), _serve_args),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
@@ -209,6 +220,7 @@ def run_pipeline(cfg: PipelineConfig, workdir: Path, start_from: str | None = No
             if code != 0:
                 raise SystemExit(f"stage {stage.name} failed with exit code {code}")
             record = {"stage": stage.name, "fingerprint": print_, "seconds": round(time.perf_counter() - started, 2)}
+            output.mkdir(parents=True, exist_ok=True)  # commands with nothing to write (serve) still get a record
             (output / STAGE_FILE).write_text(json.dumps(record, indent=2))
             print(f"{header}: done in {record['seconds']:.1f}s", flush=True)
             records[stage.name] = record
