@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from ehrfm.data.arrow_lists import list_values_offsets
+from ehrfm.data.arrow_lists import list_values_offsets, timeline_files
 from ehrfm.data.schemas import PAD_ID, SPLITS
 
 COLUMNS = ["subject_id", "tokens", "ages", "prs", "has_prs"]
@@ -48,13 +48,6 @@ class TimelineManifest:
         if len(data["pgs_ids"]) != data["num_pgs"]:
             raise ValueError(f"{path}: num_pgs={data['num_pgs']} but {len(data['pgs_ids'])} pgs_ids")
         return cls(int(data["vocab_size"]), int(data["num_pgs"]), list(data["pgs_ids"]))
-
-
-def timeline_files(data_dir: str | Path) -> list[str]:
-    files = sorted(str(p) for p in (Path(data_dir) / "timelines").glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no parquet files in {Path(data_dir) / 'timelines'}")
-    return files
 
 
 def timeline_dataset(data_dir: str | Path, split: str):

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from ehrfm.data.arrow_lists import list_values_offsets
+from ehrfm.data.arrow_lists import list_values_offsets, timeline_files
 from ehrfm.data.schemas import PAD_ID
 
 DAY_US = 86_400_000_000
@@ -108,10 +108,7 @@ def prediction_windows(timelines: pa.Table, labels: pa.Table, context: int) -> p
 
 def build_examples(data_dir: str | Path, labels: pa.Table, context: int) -> pa.Table:
     """Windows for every label row, shard by shard, in (shard, label) order; errors on unknown subjects."""
-    files = sorted((Path(data_dir) / "timelines").glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no parquet files in {Path(data_dir) / 'timelines'}")
-    parts = [prediction_windows(pq.read_table(f), labels, context) for f in files]
+    parts = [prediction_windows(pq.read_table(f), labels, context) for f in timeline_files(data_dir)]
     examples = pa.concat_tables(parts) if parts else None
     found = 0 if examples is None else examples.num_rows
     if found != labels.num_rows:
