@@ -108,7 +108,12 @@ def make_task(root: Path, seed: int = 0) -> dict:
         "split": split[keep], "label": y[keep], "risk": _sigmoid(logit[keep]), "risk_prs_masked": _sigmoid(masked[keep]),
         "logit": logit[keep], "logit_prs_masked": masked[keep]})
     pq.write_table(predictions, root / "predictions.parquet")
+    # a weaker "default fine-tune" beside the headline model (a sweep's winner): a noisier logit
+    default_logit = logit + rng.normal(0, 1.5, N)
+    pq.write_table(predictions.select(["subject_id", "prediction_time", "split", "label"]).append_column(
+        "risk", pa.array(_sigmoid(default_logit[keep]))), root / "default_predictions.parquet")
     return {"data": data, "labels": root / "labels.parquet", "predictions": root / "predictions.parquet",
+            "default_predictions": root / "default_predictions.parquet", "default_risk": _sigmoid(default_logit),
             "cohort": root / "cohort", "y": y, "split": split, "subjects": subjects, "risk": _sigmoid(logit),
             "masked": _sigmoid(masked), "labels_table": labels}
 
@@ -118,7 +123,7 @@ def evaluated(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("evaluate")
     task = make_task(root)
     summary = evaluate_all(task["data"], task["labels"], root / "out", predictions=task["predictions"],
-                           cohort=task["cohort"], n_boot=200, recalibrate="platt",
+                           default_predictions=task["default_predictions"], cohort=task["cohort"], n_boot=200, recalibrate="platt",
                            baseline_config=BaselineConfig(hgb_max_iter=30, threads=1, min_persons_per_code=3),
                            tracking_uri=mlflow_server)
     return task, summary, root / "out", mlflow_server
@@ -182,7 +187,7 @@ def test_report_has_every_model_with_cis_and_the_prs_gain(evaluated):
     test = task["split"] == "test"
     y = task["y"][test]
     report = (out / "report.md").read_text()
-    expected = ["finetuned", "finetuned_prs_masked", *BASELINES, "oracle_genetic", "oracle_group_mean",
+    expected = ["finetuned", "finetuned_prs_masked", "finetuned_default", *BASELINES, "oracle_genetic", "oracle_group_mean",
                 "finetuned (platt)", "counts_lr (platt)"]
     for name in expected:
         assert re.search(rf"^\| {re.escape(name)} \| 50 \({int(y.sum())}\) \| \d\.\d{{3}} \[\d\.\d{{3}}, \d\.\d{{3}}\] \| "
@@ -195,6 +200,12 @@ def test_report_has_every_model_with_cis_and_the_prs_gain(evaluated):
     assert gain["auroc_difference"] == pytest.approx(fin["auroc"] - masked["auroc"], abs=1e-12)
     assert gain["ci_low"] <= gain["auroc_difference"] <= gain["ci_high"]
     assert f"PRS gain = AUROC(finetuned) - AUROC(finetuned_prs_masked) = {gain['auroc_difference']:.3f}" in report
+    default = summary["models"]["finetuned_default"]
+    assert default["auroc"] == pytest.approx(roc_auc_score(y, task["default_risk"][test]), abs=1e-12)
+    tuning = summary["comparisons"]["tuning_gain"]
+    assert tuning["auroc_difference"] == pytest.approx(fin["auroc"] - default["auroc"], abs=1e-12)
+    assert tuning["auroc_difference"] > 0  # the noisier default ranks worse
+    assert f"Tuning gain = AUROC(finetuned) - AUROC(finetuned_default) = {tuning['auroc_difference']:.3f}" in report
     best = max(BASELINES, key=lambda b: summary["models"][b]["auroc"])
     assert summary["best_baseline"] == best and f"Best baseline: {best}" in report
     assert summary["acceptance"]["beats_every_baseline"] == all(

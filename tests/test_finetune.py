@@ -1,11 +1,6 @@
 """Fine-tuning on Ray Train (2 CPU workers, DDP over gloo) from a tiny decoder, on timelines from
-tests/timeline_factory.py with labels whose answer is known:
-
-- PRS labels: genotyped people only, label = PRS column 0 > 0. A linear probe can read it only
-  through the PRS, so AUROC with the PRS is high and with the PRS masked it is near chance.
-- token labels: everyone, label = the window's last token is the T2D token (half the prediction
-  times are put on a T2D token). Full fine-tuning must learn it.
-"""
+tests/timeline_factory.py with labels whose answer is known (PRS labels and token labels, see
+tests/finetune_factory.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timeline_factory import T2D_TOKEN, write_timelines  # noqa: E402
+from finetune_factory import DAY_US, make_labels, timelines_table, write_finetune_data, write_pretrained  # noqa: E402
 
 from ehrfm.config import load_config  # noqa: E402
 from ehrfm.model.config import ModelConfig  # noqa: E402
@@ -31,7 +26,6 @@ from ehrfm.transfer.classifier import load_risk_model  # noqa: E402
 from ehrfm.transfer.finetune_config import FinetuneConfig  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "finetune-t2d.yaml"
-DAY_US = 86_400_000_000
 FAST = ["train.epochs=3", "train.batch_size=16", "train.shuffle_buffer=64", "train.eval_batch_size=64",
         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1"]
 
@@ -39,53 +33,13 @@ FAST = ["train.epochs=3", "train.batch_size=16", "train.shuffle_buffer=64", "tra
 # ---- data and model ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    info = write_timelines(tmp_path_factory.mktemp("ft-data"), persons=600, files=2, min_events=12, max_events=80)
-    (info.root / "tokenizer.json").write_text(json.dumps({"format": "test", "version": "factory-1"}))
-    return info
-
-
-def timelines_table(info) -> pa.Table:
-    return pa.concat_tables(pq.read_table(p) for p in sorted((info.root / "timelines").glob("*.parquet")))
-
-
-def make_labels(info, path: Path, kind: str, seed: int = 0) -> pa.Table:
-    """A label file for `kind` ("prs" or "token"), prediction times at token ages (birth = day 0)."""
-    rng = np.random.default_rng(seed)
-    table = timelines_table(info)
-    rows = []
-    for sid, tokens, ages, prs, has_prs in zip(table["subject_id"].to_pylist(), table["tokens"].to_pylist(),
-                                               table["ages"].to_pylist(), table["prs"].to_pylist(),
-                                               table["has_prs"].to_pylist()):
-        tokens, ages = np.asarray(tokens), np.asarray(ages)
-        candidates = np.arange(2, len(tokens) - 1)
-        if kind == "prs":
-            if not has_prs:
-                continue
-            cut = ages[rng.choice(candidates)]
-            label = prs[0] > 0
-        else:
-            t2d = candidates[tokens[candidates] == T2D_TOKEN]
-            pick = rng.choice(t2d) if len(t2d) and rng.random() < 0.5 else rng.choice(candidates)
-            cut = ages[pick]
-            last = np.searchsorted(ages, cut, side="right") - 1  # the window ends at the last token of that day
-            label = tokens[last] == T2D_TOKEN
-        rows.append((sid, int(cut) * DAY_US, bool(label)))
-    labels = pa.table({"subject_id": pa.array([r[0] for r in rows], pa.int64()),
-                       "prediction_time": pa.array([r[1] for r in rows], pa.timestamp("us")),
-                       "boolean_value": pa.array([r[2] for r in rows])})
-    pq.write_table(labels, path)
-    return labels
+    return write_finetune_data(tmp_path_factory.mktemp("ft-data"))
 
 
 @pytest.fixture(scope="module")
 def pretrained(data, tmp_path_factory) -> Path:
     """A randomly initialised decoder with PRS prefix fusion, saved as a pretraining checkpoint."""
-    cfg = ModelConfig(vocab_size=data.vocab_size, num_pgs=data.num_pgs, hidden=32, layers=2, heads=4, context=32,
-                      fusion="prefix", prs_tokens=2, prs_hidden=32, modality_dropout=0.3)
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("pretrain") / "run" / "checkpoint_0000010"
-    save_model_files(directory, EHRDecoder(cfg).state_dict(), cfg)
-    return directory
+    return write_pretrained(data, tmp_path_factory.mktemp("pretrain"))
 
 
 def config(data, pretrained, labels: Path, storage: Path, name: str, *overrides: str) -> FinetuneConfig:

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score_prs": ("ehrfm.data.prs_compute:main", "compute PRS from PLINK genotypes and PGS Catalog scoring files"),
     "pretrain": ("ehrfm.train.pretrain:main", "pretrain the decoder on Ray Train + DeepSpeed ZeRO"),
     "finetune": ("ehrfm.transfer.finetune:main", "fine-tune a risk head on a pretrained decoder (Ray Train)"),
+    "tune": ("ehrfm.tune.sweep:main", "Ray Tune sweep of fine-tuning runs (ASHA, Optuna); registers the best trial"),
     "zero_shot": ("ehrfm.transfer.zero_shot:main", "zero-shot risk: sample futures from the pretrained decoder"),
     "label": ("ehrfm.tasks.labeler:main", "label prediction times for a task (MEDS label parquet)"),
     "baselines": ("ehrfm.evaluate.baselines:main", "PRS-only and count-feature baselines with bootstrap CIs"),

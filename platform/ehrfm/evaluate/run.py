@@ -1,6 +1,7 @@
 """`ehrfm evaluate`: every model of one task scored on the same test label rows, side by side.
 
 Models: the fine-tuned model and the same model with its PRS masked (predictions.parquet), the
+default fine-tune when the headline model came out of a sweep (its own predictions.parquet), the
 zero-shot trajectory scores (zero_shot.parquet), the baselines (fit here on the same labels and
 splits), optional recalibrated versions (fit on validation rows), and on a synthetic cohort the
 oracle from the generative truth. Each gets AUROC and AUPRC with bootstrap 95% CIs and ECE;
@@ -38,12 +39,14 @@ from ehrfm.transfer.examples import read_labels
 
 EXPERIMENT = "ehrfm-evaluate"
 FINETUNED, FINETUNED_MASKED = "finetuned", "finetuned_prs_masked"
+FINETUNED_DEFAULT = "finetuned_default"
 ZS_PATH, ZS_SHARE = "zero_shot_path_probability", "zero_shot_share"
 MIN_PRS_GAIN = 0.04
 MIN_EVENTS_FOR_COMPARISON = 20  # below this many test events a table of AUROCs is anecdote
 MODEL_NOTES = {
     FINETUNED: "fine-tuned foundation model (calibrated risk)",
     FINETUNED_MASKED: "same weights, every person's PRS masked",
+    FINETUNED_DEFAULT: "the default fine-tune (the configuration a sweep starts from)",
     ZS_PATH: "zero-shot: probability of the target along sampled trajectories",
     ZS_SHARE: "zero-shot: share of sampled trajectories reaching the target",
     "prs_lr": "logistic regression on the PRS vector",
@@ -70,7 +73,7 @@ class Comparison:
 
 
 def evaluate_all(data_dir: Path, labels_path: Path, out_dir: Path, *, predictions: Path | None = None,
-                 zero_shot: Path | None = None, cohort: Path | None = None, n_boot: int = DEFAULT_BOOTSTRAP,
+                 default_predictions: Path | None = None, zero_shot: Path | None = None, cohort: Path | None = None, n_boot: int = DEFAULT_BOOTSTRAP,
                  recalibrate: str | None = None, horizon_days: int = 730, baselines: tuple[str, ...] = BASELINES,
                  baseline_config: BaselineConfig | None = None, decile_pgs: str | None = None,
                  ancestry: Path | None = None, tracking_uri: str | None = None, seed: int = 0) -> dict:
@@ -87,6 +90,8 @@ def evaluate_all(data_dir: Path, labels_path: Path, out_dir: Path, *, prediction
     risks: dict[str, np.ndarray] = {}
     if predictions is not None:
         risks |= align_scores(predictions, labels, split, {FINETUNED: "risk", FINETUNED_MASKED: "risk_prs_masked"})
+    if default_predictions is not None:
+        risks |= align_scores(default_predictions, labels, split, {FINETUNED_DEFAULT: "risk"})
     if zero_shot is not None:
         risks |= align_scores(zero_shot, labels, split, {ZS_PATH: "zs_path_probability", ZS_SHARE: "zs_share"})
     fitted = baseline_risks(events, labels, split, prs, has_prs, baseline_config, tuple(baselines)) if baselines else {}
@@ -127,7 +132,7 @@ def evaluate_all(data_dir: Path, labels_path: Path, out_dir: Path, *, prediction
     paths += write_stratified(out_dir, y[test], test_risks, {k: v[test] for k, v in groups.items()}, prs_test,
                               n_boot=n_boot, seed=seed)
     subgroup_md = out_dir / "subgroups.md"
-    key_models = [m for m in (FINETUNED, FINETUNED_MASKED, ZS_PATH, best_baseline, ORACLE_GENETIC) if m in risks]
+    key_models = [m for m in (FINETUNED, FINETUNED_MASKED, FINETUNED_DEFAULT, ZS_PATH, best_baseline, ORACLE_GENETIC) if m in risks]
     subgroup_md.write_text(subgroup_markdown(pl.read_csv(out_dir / "subgroups.csv"), key_models))
     paths.append(subgroup_md)
 
@@ -158,6 +163,8 @@ def _comparisons(y, risks: dict[str, np.ndarray], baselines: list[str], headline
     pairs = []
     if FINETUNED in risks and FINETUNED_MASKED in risks:
         pairs.append(("prs_gain", FINETUNED, FINETUNED_MASKED))
+    if FINETUNED in risks and FINETUNED_DEFAULT in risks:
+        pairs.append(("tuning_gain", FINETUNED, FINETUNED_DEFAULT))
     if FINETUNED in risks:
         pairs += [(f"margin_over_{b}", FINETUNED, b) for b in baselines]
         if ZS_PATH in risks:
@@ -199,6 +206,9 @@ def report_markdown(summary: dict, results: list[ModelResult], comparisons: list
         verdict = f"point estimate {verdict}"
         lines.append(f"- PRS gain = AUROC({FINETUNED}) - AUROC({FINETUNED_MASKED}) = {gain.fmt()}; "
                      f"{verdict} the {MIN_PRS_GAIN} target")
+    if "tuning_gain" in by_name:
+        lines.append(f"- Tuning gain = AUROC({FINETUNED}) - AUROC({FINETUNED_DEFAULT}) = "
+                     f"{by_name['tuning_gain'].estimate.fmt()} (the sweep picked on validation rows)")
     best = summary["best_baseline"]
     if best is not None:
         lines.append(f"- Best baseline: {best}, AUROC {auroc[best].fmt()}")
@@ -288,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="preprocessed dir: events/, prs/, splits.parquet")
     parser.add_argument("--labels", type=Path, required=True, help="labels.parquet from `ehrfm label`")
     parser.add_argument("--predictions", type=Path, default=None, help="fine-tuning predictions.parquet")
+    parser.add_argument("--default-predictions", type=Path, default=None,
+                        help="the default fine-tune's predictions.parquet when --predictions is a sweep's winner")
     parser.add_argument("--zero-shot", type=Path, default=None, help="zero_shot.parquet")
     parser.add_argument("--cohort", type=Path, default=None, help="synthetic cohort dir with truth/ (T2D oracle)")
     parser.add_argument("--out", type=Path, required=True)
@@ -307,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(BaselineConfig, args.baseline_config, args.overrides)
     summary = evaluate_all(
-        args.data, args.labels, args.out, predictions=args.predictions, zero_shot=args.zero_shot,
+        args.data, args.labels, args.out, predictions=args.predictions,
+        default_predictions=args.default_predictions, zero_shot=args.zero_shot,
         cohort=args.cohort, n_boot=args.n_boot, recalibrate=args.recalibrate, horizon_days=args.horizon_days,
         baselines=tuple(args.baselines), baseline_config=config, decile_pgs=args.decile_pgs,
         ancestry=args.ancestry, tracking_uri=args.tracking_uri, seed=args.seed,
