@@ -72,9 +72,14 @@ def register_winner(summary: dict, data: PreparedData, task: str, tracking_uri: 
     counts = {f"{split} {k}": v for split, c in data.counts().items() for k, v in c.items() if k != "genotyped"}
     metrics = {k: float(v) for k, v in summary["metrics"].items()}
     metrics |= {"test_auroc_ci_low": results[0].auroc.lower, "test_auroc_ci_high": results[0].auroc.upper}
-    with mlflow_tracking(tracking_uri), mlflow.start_run(run_id=parent_run_id):
-        model_uri = log_risk_model(summary["model_dir"], task, metrics, model_card(spec, counts, results))
-        outcome = register_if_better(model_uri, task, metrics[METRIC], METRIC)
-        MlflowClient().set_model_version_tag(outcome["name"], str(outcome["version"]), TRIAL_TAG, summary["trial_id"])
+    with mlflow_tracking(tracking_uri):
+        # resuming a run by id is refused while the process's active experiment (set by any
+        # earlier `mlflow.set_experiment`, possibly on another server) is a different one
+        mlflow.set_experiment(experiment_id=MlflowClient().get_run(parent_run_id).info.experiment_id)
+        with mlflow.start_run(run_id=parent_run_id):
+            model_uri = log_risk_model(summary["model_dir"], task, metrics, model_card(spec, counts, results))
+            outcome = register_if_better(model_uri, task, metrics[METRIC], METRIC)
+            MlflowClient().set_model_version_tag(outcome["name"], str(outcome["version"]), TRIAL_TAG,
+                                                 summary["trial_id"])
     outcome["model_uri"] = model_uri
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in outcome.items()}
