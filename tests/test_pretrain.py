@@ -38,10 +38,13 @@ BASE_RUN = ["schedule.max_steps=30", "schedule.val_every=5", "schedule.checkpoin
 
 
 # ---- configs and windows (no Ray) -------------------------------------------------------------
-def test_both_pretrain_configs_validate():
+def test_the_shipped_pretrain_configs_validate():
     small = load_config(PretrainConfig, SMALL)
     assert (small.model.hidden, small.model.layers, small.model.context) == (64, 2, 128)
     assert not small.bf16 and small.scaling.num_workers == 2 and not small.scaling.use_gpu
+    cpu_20k = load_config(PretrainConfig, CONFIGS / "pretrain-cpu-20k.yaml")  # the same decoder, longer window
+    assert (cpu_20k.model.hidden, cpu_20k.model.layers, cpu_20k.model.context) == (64, 2, 512)
+    assert cpu_20k.schedule.max_steps == 1500 and not cpu_20k.scaling.use_gpu
     big = load_config(PretrainConfig, CONFIGS / "pretrain-gpu-300m.yaml")
     m = big.model
     assert (m.hidden, m.layers, m.heads, m.context, m.prs_tokens, m.prs_hidden) == (960, 12, 8, 2048, 10, 4096)
