@@ -111,7 +111,9 @@ def test_main_job_runs_every_stage_registers_a_champion_and_reruns_cheaply(tmp_p
     # the headline model, reported beside the default fine-tune with the paired tuning gain
     sweep = json.loads((workdir / "tune" / "sweep_result.json").read_text())
     assert len(sweep["trials"]) == 2 and sweep["registry"] is None  # the register stage registers
-    assert sweep["default_trial"] is not None and sweep["best_val_auroc"] >= sweep["default_trial"]["best_val_auroc"]
+    default = sweep["default_trial"]["config"]  # the pipeline's own fine-tune, run as the first trial
+    assert (default["model.mode"], default["optim.head_lr"]) == ("linear_probe", 3.0e-3)
+    assert sweep["best_val_auroc"] == max(t["best_val_auroc"] for t in sweep["trials"])
     winner = pq.read_table(workdir / "tune" / "best" / "predictions.parquet").to_pandas()
     winner_test = winner[winner["split"] == "test"]
     assert report["models"]["finetuned"]["n"] == len(winner_test) == report["n_test"]

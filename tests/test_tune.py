@@ -222,7 +222,7 @@ def test_winner_goes_through_the_champion_rule(asha, mlflow_server, tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
-    from ehrfm.tune.winner import mlflow_tracking
+    from ehrfm.tracking import mlflow_tracking
 
     result, before = asha
     registry = result["registry"]

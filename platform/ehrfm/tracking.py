@@ -16,6 +16,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +144,23 @@ def ensure_tracking_uri(settings: ServerSettings | None = None) -> str:
         start_server(settings, detach=True)
     os.environ["MLFLOW_TRACKING_URI"] = settings.url
     return settings.url
+
+
+@contextmanager
+def mlflow_tracking(uri: str) -> Iterator[None]:
+    """The fluent MLflow API (the registry helpers use it) pointed at `uri`, restored afterwards."""
+    import mlflow
+
+    previous_uri, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def main(argv: list[str] | None = None) -> int:

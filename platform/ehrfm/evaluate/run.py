@@ -270,9 +270,9 @@ def _log(tracking_uri: str | None, results: list[ModelResult], comparisons: list
         return None
     import mlflow
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    from ehrfm.tracking import mlflow_tracking
+
+    with mlflow_tracking(uri):
         mlflow.set_experiment(EXPERIMENT)
         with mlflow.start_run(run_name=f"evaluate-{Path(summary['labels']).stem}") as run:
             mlflow.log_params({"n_boot": summary["n_boot"], "seed": summary["seed"], "n_test": summary["n_test"],
@@ -283,8 +283,6 @@ def _log(tracking_uri: str | None, results: list[ModelResult], comparisons: list
                                   for k, v in c.to_dict().items() if isinstance(v, float) and np.isfinite(v)}
             mlflow.log_metrics(comparison_metrics)
             return run.info.run_id
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def _json_number(value):

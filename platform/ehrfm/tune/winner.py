@@ -5,34 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ehrfm.tracking import mlflow_tracking
 from ehrfm.transfer.finetune import RESULT_FILE, PreparedData, finalize_run
 from ehrfm.tune.trial import TrialContext, trial_finetune_config
 from ehrfm.tune.tuner import METRIC
 
 BEST_DIR = "best"
-
-
-@contextmanager
-def mlflow_tracking(uri: str) -> Iterator[None]:
-    """The fluent MLflow API (the registry helpers use it) pointed at `uri`, restored afterwards."""
-    import mlflow
-
-    previous_uri, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def finalize_best(sweep_dir: Path, context: TrialContext, best: dict, data: PreparedData) -> dict:
