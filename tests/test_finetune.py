@@ -339,7 +339,7 @@ def test_saved_model_directory_round_trips(probe, data):
     cfg, _, labels = probe
     run_dir = Path(cfg.run_dir())
     model, spec = load_risk_model(run_dir / "model")
-    assert spec.context == 32 and spec.tokenizer_version == "factory-1" and spec.head_inputs == "last+prs"
+    assert spec.context == 32 and spec.tokenizer_version == "factory-1" and spec.head_inputs == "last+mean+prs"  # the shipped default
     table = predictions(run_dir)
     examples = build_examples(data.root, labels, spec.context)
     val = examples.filter(pc.equal(examples["split"], "val"))

@@ -22,6 +22,8 @@ from ehrfm.data.synthetic_oracle import oracle_t2d_risk
 from ehrfm.data.synthetic_time import from_datetime64
 from ehrfm.data.synthetic_truth import load_truth
 
+REPO = Path(__file__).resolve().parents[1]
+
 SYNTHEA = Path("synthea27nj_omop54/parquet/Synthea27NjParquet")
 
 
@@ -232,23 +234,40 @@ def test_genotyped_fraction_is_respected(cohort, tmp_path):
     assert pq.read_metadata(tmp_path / "few" / "prs" / "scores_wide.parquet").num_rows == few["genotyped"]
 
 
-def test_prs_track_liabilities_and_lose_accuracy_outside_the_reference_ancestry(cohort):
+def _t2d_score_and_liability(cohort: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """(truth pgs rows, best T2D score, true T2D liability, ancestry) over the genotyped persons."""
     truth = load_truth(cohort)
     pgs = pq.read_table(cohort / "truth" / "pgs.parquet").to_pylist()
     best_t2d = max((p for p in pgs if p["trait"] == "t2d"), key=lambda p: p["accuracy_reference"])["pgs_id"]
-    unrelated = next(p["pgs_id"] for p in pgs if p["trait"] == "")
     wide = pq.read_table(cohort / "prs" / "scores_wide.parquet")
     table = truth.table.filter(truth.table.column("genotyped"))
     by_sample = dict(zip(table.column("sample_id").to_pylist(), range(table.num_rows)))
     rows = np.array([by_sample[s] for s in wide.column("sample_id").to_pylist()])
     liability = table.column("liability_t2d").to_numpy()[rows]
     ancestry = np.asarray(table.column("ancestry").to_pylist())[rows]
-    score = wide.column(best_t2d).to_numpy()
+    return {"rows": pgs, "wide": wide}, wide.column(best_t2d).to_numpy(), liability, ancestry
+
+
+def test_prs_track_liabilities_and_lose_accuracy_outside_the_reference_ancestry(cohort):
+    pgs, score, liability, ancestry = _t2d_score_and_liability(cohort)
+    unrelated = next(p["pgs_id"] for p in pgs["rows"] if p["trait"] == "")
     eur, afr = ancestry == "EUR", ancestry == "AFR"
     r_eur = np.corrcoef(score[eur], liability[eur])[0, 1]
     r_afr = np.corrcoef(score[afr], liability[afr])[0, 1]
     assert r_eur > 0.6 and r_afr < r_eur - 0.2
-    assert abs(np.corrcoef(wide.column(unrelated).to_numpy()[eur], liability[eur])[0, 1]) < 0.15
+    assert abs(np.corrcoef(pgs["wide"].column(unrelated).to_numpy()[eur], liability[eur])[0, 1]) < 0.15
+
+
+def test_prs_testbed_genotypes_everyone_with_a_sharper_t2d_score(tmp_path):
+    config = REPO / "jobs" / "configs" / "synthetic-prs-testbed.yaml"
+    manifest = _generate(tmp_path / "bed", "--config", str(config), "--persons", "800", "--num-pgs", "24")
+    assert manifest["genotyped"] == 800
+    pgs, score, liability, ancestry = _t2d_score_and_liability(tmp_path / "bed")
+    eur = ancestry == "EUR"
+    assert np.corrcoef(score[eur], liability[eur])[0, 1] > 0.88  # 0.95 by design; the default's best is 0.75
+    assert {p["trait"] for p in pgs["rows"]} >= {"t2d", "cad", "copd"}  # the YAML merges into the defaults
+    params = json.loads((tmp_path / "bed" / "truth" / "params.json").read_text())
+    assert params["hazards"]["prediabetes"]["genetic"] == 1.2 and params["hazards"]["t2d"]["genetic"] == 1.6
 
 
 def test_truth_files_are_complete_and_consistent(cohort):

@@ -114,3 +114,25 @@ def test_risk_model_directory_round_trips_to_identical_logits(tmp_path):
 def test_last_plus_prs_needs_a_prs_modality():
     with pytest.raises(ValueError, match="needs a decoder with PRS fusion"):
         RiskModel(small_decoder("none"), head_inputs="last+prs")
+
+
+def test_mean_pooled_head_reads_only_real_tokens_and_round_trips(tmp_path):
+    model = RiskModel(small_decoder(), head_inputs="last+mean+prs").eval()
+    assert model.head.linear.in_features == 3 * 16  # last, window mean, PRS summary
+    batch = example_tensors(prediction_windows(timelines(), labels([(7, 150, True), (9, 60, False)]), context=4))
+    padded = dict(batch)  # three more padding positions change nothing: the mean covers real tokens only
+    padded["tokens"] = torch.nn.functional.pad(batch["tokens"], (0, 3), value=int(batch["tokens"].max()) + 1)
+    padded["ages"] = torch.nn.functional.pad(batch["ages"], (0, 3), value=7)
+    torch.testing.assert_close(predict_logits(model, padded), predict_logits(model, batch))
+    hidden = model.decoder.encode(batch["tokens"], batch["ages"], batch["prs"], batch["has_prs"])
+    n = int(batch["length"][1])
+    assert n < batch["tokens"].shape[1]  # this row is right-padded already
+    head_in = torch.cat([hidden[1, n - 1], hidden[1, :n].mean(0), model.decoder.prs_summary(
+        batch["prs"][1:2], batch["has_prs"][1:2])[0]])
+    torch.testing.assert_close(predict_logits(model, batch)[1], model.head(head_in[None]).squeeze())
+    tokenizer = tmp_path / "tok.json"
+    tokenizer.write_text("{}")
+    save_risk_model(tmp_path / "m", model, HeadSpec(task="t2d", horizon_days=730, context=4,
+                                                    head_inputs="last+mean+prs"), tokenizer)
+    loaded, _ = load_risk_model(tmp_path / "m")
+    assert torch.equal(predict_logits(model, batch), predict_logits(loaded, batch))

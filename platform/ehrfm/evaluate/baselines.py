@@ -90,7 +90,7 @@ def fit_logistic(x, y: np.ndarray, split: np.ndarray, config: BaselineConfig) ->
     return best.predict_proba(xs)[:, 1]
 
 
-def _dense_columns(features: FeatureMatrix, train: np.ndarray, limit: int) -> np.ndarray:
+def dense_columns(features: FeatureMatrix, train: np.ndarray, limit: int) -> np.ndarray:
     """The `limit` columns non-zero in most training rows (ties by position), in column order."""
     nonzero = np.asarray((features.matrix[train] != 0).sum(axis=0)).ravel()
     keep = np.argsort(-nonzero, kind="stable")[:limit]
@@ -144,7 +144,7 @@ def _fit_each(y: np.ndarray, split: np.ndarray, features: FeatureMatrix | None, 
         elif name.endswith("_lr"):
             results[name] = fit_logistic(_lr_design(features, prs_cols if wants_prs else None), y, split, config)
         else:
-            columns = _dense_columns(features, split == TRAIN, config.hgb_max_dense_features)
+            columns = dense_columns(features, split == TRAIN, config.hgb_max_dense_features)
             dense = features.to_dense(columns)
             if wants_prs:
                 dense = np.column_stack([dense, prs_cols.astype(np.float32)])

@@ -33,6 +33,7 @@ from ehrfm.evaluate.baselines import (
 from ehrfm.evaluate.metrics import DEFAULT_BOOTSTRAP, Estimate, bootstrap_difference
 from ehrfm.evaluate.oracle import ORACLE_GENETIC, ORACLE_GROUP_MEAN, oracle_scores, pgs_column, trait_pgs, truth_ancestry
 from ehrfm.evaluate.plots import save_figures
+from ehrfm.evaluate.prs_use import prs_use
 from ehrfm.evaluate.report import ModelResult, evaluate_predictions, log_to_mlflow, markdown_table, metric_key
 from ehrfm.evaluate.report import write_stratified
 from ehrfm.transfer.examples import read_labels
@@ -40,6 +41,7 @@ from ehrfm.transfer.examples import read_labels
 EXPERIMENT = "ehrfm-evaluate"
 FINETUNED, FINETUNED_MASKED = "finetuned", "finetuned_prs_masked"
 FINETUNED_DEFAULT = "finetuned_default"
+HGB, HGB_PRS = "counts_hgb", "counts_prs_hgb"
 ZS_PATH, ZS_SHARE = "zero_shot_path_probability", "zero_shot_share"
 MIN_PRS_GAIN = 0.04
 MIN_EVENTS_FOR_COMPARISON = 20  # below this many test events a table of AUROCs is anecdote
@@ -142,6 +144,7 @@ def evaluate_all(data_dir: Path, labels_path: Path, out_dir: Path, *, prediction
         "best_baseline": best_baseline,
         "models": {r.name: r.metrics() for r in results},
         "comparisons": {c.name: c.to_dict() for c in comparisons},
+        "prs_use": _prs_use(test_risks, prs_test, decile_pgs),
         "oracle": None if oracle is None else {"horizon_days": oracle.horizon_days,
                                                "test_rows_already_begun": int(oracle.already_begun[test].sum())},
         "acceptance": _acceptance(by_name, comparisons, list(fitted)),
@@ -165,6 +168,8 @@ def _comparisons(y, risks: dict[str, np.ndarray], baselines: list[str], headline
         pairs.append(("prs_gain", FINETUNED, FINETUNED_MASKED))
     if FINETUNED in risks and FINETUNED_DEFAULT in risks:
         pairs.append(("tuning_gain", FINETUNED, FINETUNED_DEFAULT))
+    if HGB in risks and HGB_PRS in risks:  # what a strong tabular model gains from the same PRS
+        pairs.append(("baseline_prs_gain", HGB_PRS, HGB))
     if FINETUNED in risks:
         pairs += [(f"margin_over_{b}", FINETUNED, b) for b in baselines]
         if ZS_PATH in risks:
@@ -175,6 +180,13 @@ def _comparisons(y, risks: dict[str, np.ndarray], baselines: list[str], headline
             pairs.append(("gap_to_oracle", ORACLE_GENETIC, headline))
     return [Comparison(name, a, b, bootstrap_difference("auroc", y, risks[a], risks[b], n_boot, seed))
             for name, a, b in pairs]
+
+
+def _prs_use(test_risks: dict[str, np.ndarray], prs_test: np.ndarray | None, pgs_id: str | None) -> dict | None:
+    if prs_test is None or FINETUNED not in test_risks or FINETUNED_MASKED not in test_risks:
+        return None
+    use = prs_use(test_risks[FINETUNED], test_risks[FINETUNED_MASKED], prs_test, pgs_id)
+    return None if use is None else use.to_dict()
 
 
 def _acceptance(results: dict[str, ModelResult], comparisons: list[Comparison], baselines: list[str]) -> dict:
@@ -206,6 +218,14 @@ def report_markdown(summary: dict, results: list[ModelResult], comparisons: list
         verdict = f"point estimate {verdict}"
         lines.append(f"- PRS gain = AUROC({FINETUNED}) - AUROC({FINETUNED_MASKED}) = {gain.fmt()}; "
                      f"{verdict} the {MIN_PRS_GAIN} target")
+    if "baseline_prs_gain" in by_name:
+        lines.append(f"- The same PRS in gradient boosting: AUROC({HGB_PRS}) - AUROC({HGB}) = "
+                     f"{by_name['baseline_prs_gain'].estimate.fmt()}")
+    if summary.get("prs_use"):
+        use = summary["prs_use"]
+        lines.append(f"- PRS use: on {use['n_genotyped']} genotyped test rows the PRS moves the logit by SD "
+                     f"{use['logit_shift_sd']:.2f}; that shift correlates with {use['pgs_id'] or 'the PGS'} at r = "
+                     f"{use['corr_with_pgs']:.2f} [{use['ci_low']:.2f}, {use['ci_high']:.2f}]")
     if "tuning_gain" in by_name:
         lines.append(f"- Tuning gain = AUROC({FINETUNED}) - AUROC({FINETUNED_DEFAULT}) = "
                      f"{by_name['tuning_gain'].estimate.fmt()} (the sweep picked on validation rows)")
@@ -282,6 +302,9 @@ def _log(tracking_uri: str | None, results: list[ModelResult], comparisons: list
             comparison_metrics = {metric_key(f"comparison/{c.name}", k): v for c in comparisons
                                   for k, v in c.to_dict().items() if isinstance(v, float) and np.isfinite(v)}
             mlflow.log_metrics(comparison_metrics)
+            if summary.get("prs_use"):
+                mlflow.log_metrics({f"prs_use/{k}": float(v) for k, v in summary["prs_use"].items()
+                                    if isinstance(v, (int, float)) and np.isfinite(v)})
             return run.info.run_id
 
 

@@ -1,8 +1,9 @@
 """The risk model: pretrained decoder + classification head, and its self-contained directory.
 
 The head reads the hidden state at the last token of the prediction window, optionally beside
-the mean PRS soft token (`head_inputs: last+prs`), so the PRS reaches the head both through the
-decoder's fusion and directly. PRS masking sets has_prs to false for everyone: the same weights
+the mean hidden state over the window (`+mean`: a small decoder's last state need not carry
+everything a long history said) and the mean PRS soft token (`+prs`), so the PRS reaches the
+head both through the decoder's fusion and directly. PRS masking sets has_prs to false for everyone: the same weights
 then use the learned missing-PRS path, which is how the PRS contribution is measured.
 
 Directory (what the registry logs and Serve loads; no pickle anywhere):
@@ -20,8 +21,6 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
 import numpy as np
 import torch
 from scipy.special import expit
@@ -31,10 +30,10 @@ from ehrfm.model.config import ModelConfig
 from ehrfm.model.heads import ClassificationHead
 from ehrfm.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model_config, save_model_files
 from ehrfm.model.transformer import EHRDecoder
+from ehrfm.transfer.finetune_config import HeadInputs, head_uses_prs
 
 HEAD_FILE = "head.json"
 TOKENIZER_FILE = "tokenizer.json"
-HeadInputs = Literal["last", "last+prs"]
 
 
 @dataclass
@@ -81,11 +80,12 @@ class RiskModel(nn.Module):
 
     def __init__(self, decoder: EHRDecoder, head_inputs: HeadInputs = "last+prs", dropout: float = 0.0):
         super().__init__()
-        if head_inputs == "last+prs" and decoder.prs_encoder is None:
-            raise ValueError("head_inputs 'last+prs' needs a decoder with PRS fusion; use 'last'")
+        if head_uses_prs(head_inputs) and decoder.prs_encoder is None:
+            raise ValueError(f"head_inputs {head_inputs!r} needs a decoder with PRS fusion; drop '+prs'")
         self.decoder = decoder
         self.head_inputs = head_inputs
-        width = decoder.cfg.hidden * (2 if head_inputs == "last+prs" else 1)
+        self.pool_mean = "+mean" in head_inputs
+        width = decoder.cfg.hidden * (1 + self.pool_mean + head_uses_prs(head_inputs))
         self.head = ClassificationHead(width, 1, dropout)
 
     def forward(self, tokens: torch.Tensor, ages: torch.Tensor, length: torch.Tensor,
@@ -94,13 +94,17 @@ class RiskModel(nn.Module):
         if prs is not None and has_prs is None:
             has_prs = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         hidden = self.decoder.encode(tokens, ages, prs, has_prs)
-        last = hidden[torch.arange(tokens.shape[0], device=tokens.device), length.long().clamp(min=1) - 1]
-        if self.head_inputs == "last+prs":
+        length = length.long().clamp(min=1)
+        features = [hidden[torch.arange(tokens.shape[0], device=tokens.device), length - 1]]
+        if self.pool_mean:
+            real = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < length[:, None]).to(hidden.dtype)
+            features.append((hidden * real.unsqueeze(-1)).sum(dim=1) / length.unsqueeze(-1).to(hidden.dtype))
+        if head_uses_prs(self.head_inputs):
             if prs is None:
                 prs = torch.zeros(tokens.shape[0], self.decoder.cfg.num_pgs, device=tokens.device)
                 has_prs = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-            last = torch.cat([last, self.decoder.prs_summary(prs, has_prs).to(last.dtype)], dim=-1)
-        return self.head(last).squeeze(-1)
+            features.append(self.decoder.prs_summary(prs, has_prs).to(hidden.dtype))
+        return self.head(torch.cat(features, dim=-1)).squeeze(-1)
 
     def freeze_decoder(self, unfrozen_layers: int = 0) -> None:
         """Linear probe (0) or partial fine-tune: only the head and the top `unfrozen_layers` blocks

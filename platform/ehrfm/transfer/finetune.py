@@ -41,7 +41,7 @@ from ehrfm.train.pretrain import _absolute
 from ehrfm.transfer.classifier import (TOKENIZER_FILE, HeadSpec, RiskModel, load_risk_model, predict_logits,
                                       save_risk_model)
 from ehrfm.transfer.examples import build_examples, example_tensors, read_labels
-from ehrfm.transfer.finetune_config import FinetuneConfig
+from ehrfm.transfer.finetune_config import FinetuneConfig, head_uses_prs
 
 RESULT_FILE = "finetune_result.json"
 PREDICTIONS_FILE = "predictions.parquet"
@@ -160,7 +160,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[FinetuneConfig, PreparedData]
         raise ValueError(f"{cfg.model.pretrained}/{CONFIG_FILE} has vocab_size={model_cfg.vocab_size}, "
                          f"num_pgs={model_cfg.num_pgs} but {cfg.data.dir}/timelines/manifest.json has "
                          f"{manifest.vocab_size}, {manifest.num_pgs}: the model was pretrained on other data")
-    if cfg.model.head_inputs == "last+prs" and model_cfg.fusion == "none":
+    if head_uses_prs(cfg.model.head_inputs) and model_cfg.fusion == "none":
         raise ValueError(f"{cfg.model.pretrained} has no PRS fusion: set model.head_inputs=last")
     cfg.data.context = cfg.data.context or model_cfg.context
     if cfg.data.context > model_cfg.context:

@@ -15,6 +15,12 @@ from ehrfm.train.config import MlflowSection, ScalingSection
 
 Mode = Literal["linear_probe", "full", "partial"]
 Imbalance = Literal["none", "pos_weight", "oversample"]
+# what the head reads: the last hidden state, + the mean hidden state of the window, + the mean PRS soft token
+HeadInputs = Literal["last", "last+prs", "last+mean", "last+mean+prs"]
+
+
+def head_uses_prs(head_inputs: str) -> bool:
+    return head_inputs.endswith("+prs")
 
 
 class FinetuneRun(StrictModel):
@@ -34,7 +40,7 @@ class FinetuneModel(StrictModel):
     pretrained: str | None = None  # checkpoint dir (model.pt + model_config.json) or pretraining run dir
     mode: Mode = "linear_probe"  # linear_probe: head only; partial: + top blocks; full: everything
     unfrozen_layers: int = Field(0, ge=0)  # partial mode: how many top decoder blocks train
-    head_inputs: Literal["last", "last+prs"] = "last+prs"
+    head_inputs: HeadInputs = "last+mean+prs"
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ehrfm.config import StrictModel, load_config
-from ehrfm.transfer.finetune_config import FinetuneConfig
+from ehrfm.transfer.finetune_config import FinetuneConfig, head_uses_prs
 from ehrfm.tune.search_space import Dimension, complete_point, default_point, trial_config
 
 SWEEP_CONFIG_FILE = "sweep_config.json"
@@ -102,9 +102,9 @@ def sweep_points(sweep: SweepConfig, base: FinetuneConfig, decoder_fusion: str) 
                 cfg = trial_config(base, anchor | {key: value})
             except ValueError as err:
                 raise ValueError(f"search space {key}={value!r} gives an invalid fine-tuning config: {err}") from err
-            if cfg.model.head_inputs == "last+prs" and decoder_fusion == "none":
+            if head_uses_prs(cfg.model.head_inputs) and decoder_fusion == "none":
                 raise ValueError(f"search space {key}={value!r}: the decoder {base.model.pretrained} has no PRS "
-                                 "fusion, so head_inputs last+prs is impossible")
+                                 f"fusion, so head_inputs {cfg.model.head_inputs} is impossible")
     return points
 
 
