@@ -3,8 +3,9 @@
 The head reads the hidden state at the last token of the prediction window, optionally beside
 the mean hidden state over the window (`+mean`: a small decoder's last state need not carry
 everything a long history said) and the mean PRS soft token (`+prs`), so the PRS reaches the
-head both through the decoder's fusion and directly. PRS masking sets has_prs to false for everyone: the same weights
-then use the learned missing-PRS path, which is how the PRS contribution is measured.
+head both through the decoder's fusion and directly. PRS masking sets has_prs to false for
+everyone: the same weights then use the learned missing-PRS path, which is how the PRS
+contribution is measured.
 
 Directory (what the registry logs and Serve loads; no pickle anywhere):
   model.pt          flat state dict, decoder.* and head.* tensors (torch.load weights_only=True)
@@ -21,6 +22,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import torch
 from scipy.special import expit
