@@ -149,8 +149,8 @@ def test_oracle_auroc_from_the_truth_matches_scikit_learn(evaluated):
 def test_prs_use_and_the_baselines_own_prs_gain(evaluated):
     task, summary, out, _ = evaluated
     test = task["split"] == "test"
-    prs = np.asarray(pq.read_table(task["data"] / "prs" / "part-00000.parquet")["prs"].to_pylist())[:, 1]
-    has = pq.read_table(task["data"] / "prs" / "part-00000.parquet")["has_prs"].to_numpy()
+    prs_table = pq.read_table(task["data"] / "prs" / "part-00000.parquet")
+    prs, has = np.asarray(prs_table["prs"].to_pylist())[:, 1], prs_table["has_prs"].to_numpy()
     genotyped = test & has
     shift = np.log(task["risk"] / (1 - task["risk"])) - np.log(task["masked"] / (1 - task["masked"]))
     use = summary["prs_use"]

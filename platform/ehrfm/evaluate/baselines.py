@@ -97,16 +97,19 @@ def dense_columns(features: FeatureMatrix, train: np.ndarray, limit: int) -> np.
     return np.sort(keep[nonzero[keep] > 0])
 
 
+def boosting_model(config: BaselineConfig, early_stopping: bool) -> HistGradientBoostingClassifier:
+    """The gradient-boosting baseline's estimator, unfitted (also cross-validated by `prs_headroom`)."""
+    return HistGradientBoostingClassifier(learning_rate=config.hgb_learning_rate, max_iter=config.hgb_max_iter,
+                                          early_stopping=early_stopping, random_state=config.seed)
+
+
 def fit_boosting(x: np.ndarray, y: np.ndarray, split: np.ndarray, config: BaselineConfig) -> np.ndarray:
     """HistGradientBoosting; early stopping on the validation split when it has both classes."""
     train, val = split == TRAIN, split == VAL
     if not _both_classes(y[train]):
         raise ValueError(f"training split needs both classes: {int(y[train].sum())} positives of {int(train.sum())}")
     use_val = _both_classes(y[val])
-    model = HistGradientBoostingClassifier(
-        learning_rate=config.hgb_learning_rate, max_iter=config.hgb_max_iter,
-        early_stopping=use_val, random_state=config.seed,
-    )
+    model = boosting_model(config, use_val)
     if use_val:
         model.fit(x[train], y[train], X_val=x[val], y_val=y[val])
     else:

@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
@@ -31,7 +30,8 @@ from threadpoolctl import threadpool_limits
 
 from ehrfm.config import load_config
 from ehrfm.data.synthetic_truth import load_truth
-from ehrfm.evaluate.baselines import BaselineConfig, dense_columns, prs_for, read_events, read_parquet_parts
+from ehrfm.evaluate.baselines import (BaselineConfig, boosting_model, dense_columns, prs_for, read_events,
+                                      read_parquet_parts)
 from ehrfm.evaluate.features import CodeVocabulary, build_features
 from ehrfm.evaluate.oracle import ORACLE_GENETIC, ORACLE_GROUP_MEAN, oracle_scores, pgs_column, trait_pgs
 from ehrfm.transfer.examples import read_labels
@@ -79,12 +79,9 @@ def prs_headroom(data_dir: Path, labels_path: Path, cohort: Path | None = None, 
                                         config.max_codes)  # label-free: which codes are common enough
         features = build_features(events, labels, vocabulary)
         counts = features.to_dense(dense_columns(features, np.ones(len(y), bool), config.hgb_max_dense_features))
-
-        def boosting():
-            return HistGradientBoostingClassifier(learning_rate=config.hgb_learning_rate, max_iter=config.hgb_max_iter,
-                                                  early_stopping=True, random_state=config.seed)
-
-        result["hgb_counts"] = _with_and_without(counts, score[:, None], y, boosting, folds, seeds)
+        # early stopping on an internal split of each training fold (the folds have no validation split)
+        result["hgb_counts"] = _with_and_without(counts, score[:, None], y, lambda: boosting_model(config, True),
+                                                 folds, seeds)
         if cohort is not None:
             oracle = oracle_scores(load_truth(cohort), labels, horizon_days, str(cohort))
             genetic, group_mean = oracle.risks[ORACLE_GENETIC], oracle.risks[ORACLE_GROUP_MEAN]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy.special import logit
 
 MIN_ROWS = 10
 
@@ -30,18 +31,14 @@ class PRSUse:
         return asdict(self)
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
-
-
 def prs_use(risk: np.ndarray, risk_masked: np.ndarray, pgs: np.ndarray, pgs_id: str | None = None) -> PRSUse | None:
     """`pgs` is NaN where the person has no PRS. None when too few genotyped rows or no variation."""
     genotyped = ~np.isnan(pgs)
     n = int(genotyped.sum())
     if n < MIN_ROWS:
         return None
-    shift = (_logit(risk) - _logit(risk_masked))[genotyped]
+    shown, masked = logit(np.clip(np.asarray([risk, risk_masked], dtype=np.float64), 1e-7, 1 - 1e-7))  # 0/1 stay finite
+    shift = (shown - masked)[genotyped]
     score = pgs[genotyped]
     if shift.std() == 0 or score.std() == 0:
         return None
