@@ -88,8 +88,8 @@ def run_measured(command: list[str]) -> tuple[dict, float]:
 def engine_ray(cohort: str, out: str, strategy: str) -> dict:
     import ray
 
-    from ehrfm.data.pipeline import PreprocessInputs, run_preprocess
-    from ehrfm.data.preprocess_config import PreprocessConfig
+    from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
+    from ehrfm.preprocess.config import PreprocessConfig
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     config = PreprocessConfig(progress_bars=False, shuffle_strategy=strategy)
@@ -102,10 +102,10 @@ def engine_ray(cohort: str, out: str, strategy: str) -> dict:
 def engine_polars(cohort: str, out: str) -> dict:
     import pyarrow.parquet as pq
 
-    from ehrfm.data.pipeline import PreprocessInputs
-    from ehrfm.data.polars_reference import reference_timelines
-    from ehrfm.data.preprocess_config import PreprocessConfig
-    from ehrfm.data.prs_stage import PrsInputs
+    from ehrfm.preprocess.job import PreprocessInputs
+    from tests.support.polars_reference import reference_timelines
+    from ehrfm.preprocess.config import PreprocessConfig
+    from ehrfm.prs.person import PrsInputs
 
     inputs = PreprocessInputs.from_cohort(cohort)
     started = time.perf_counter()

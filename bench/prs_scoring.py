@@ -1,6 +1,6 @@
 """Benchmark: PRS scoring throughput of the Ray Data path vs a single-process numpy implementation.
 
-Both score the same synthetic PLINK fileset (ehrfm.data.synthetic_genotypes) with the same matched
+Both score the same synthetic PLINK fileset (ehrfm_synthetic.genotypes) with the same matched
 weights and plink2's semantics (mean imputation of missing genotypes), in the same run; the
 results must agree. Throughput = scored variants x samples x scores / second of scoring (reading
 genotypes, allele frequencies, weighted sums; data generation and matching are timed apart).
@@ -24,11 +24,11 @@ import numpy as np
 import ray
 from bed_reader import open_bed
 
-from ehrfm.data.genotypes import GenotypeSet, open_genotypes
-from ehrfm.data.prs_compute import ScorePrsConfig, load_scores, match_all
-from ehrfm.data.prs_ray import RunSettings, block_layouts, score_sample_blocks, variant_means
-from ehrfm.data.prs_weights import WeightMatrix, build_weight_matrix, plan_blocks
-from ehrfm.data.synthetic_genotypes import write_genotypes_and_scores
+from ehrfm.genetics.genotypes import GenotypeSet, open_genotypes
+from ehrfm.genetics.score import ScorePrsConfig, load_scores, match_all
+from ehrfm.genetics.ray_scoring import RunSettings, block_layouts, score_sample_blocks, variant_means
+from ehrfm.genetics.weights import WeightMatrix, build_weight_matrix, plan_blocks
+from ehrfm_synthetic.genotypes import write_genotypes_and_scores
 
 
 def numpy_scores(genotypes: GenotypeSet, weights: WeightMatrix, chunk: int) -> np.ndarray:

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from ehrfm.cluster.local import free_port
-from ehrfm.data.tokenizer import Tokenizer, build_tokenizer, quantile_edges
+from ehrfm.preprocess.tokenizer import Tokenizer, build_tokenizer, quantile_edges
 from ehrfm.model.config import ModelConfig
 from ehrfm.model.transformer import EHRDecoder
-from ehrfm.transfer.classifier import HeadSpec, RiskModel, save_risk_model
+from ehrfm.model.risk import HeadSpec, RiskModel, save_risk_model
 
 CONFIGS = [  # (label, max_batch_size, model replicas)
     ("no batching, 1 replica", 1, 1),

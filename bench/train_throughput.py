@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO / "tests"))
 from timeline_factory import write_timelines  # noqa: E402
 
 from ehrfm.config import load_config  # noqa: E402
-from ehrfm.data.schemas import PAD_ID  # noqa: E402
+from ehrfm.constants import PAD_ID  # noqa: E402
 from ehrfm.model import EHRDecoder  # noqa: E402
-from ehrfm.train.config import PretrainConfig  # noqa: E402
-from ehrfm.train.data import WindowCollate  # noqa: E402
-from ehrfm.train.deepspeed_config import build_optimizer  # noqa: E402
+from ehrfm.training.config import PretrainConfig  # noqa: E402
+from ehrfm.training.windows import WindowCollate  # noqa: E402
+from ehrfm.training.engine import build_optimizer  # noqa: E402
 
 
 def bench_config(args, data_dir: Path, storage: Path, stage: int, name: str) -> PretrainConfig:
@@ -88,7 +88,7 @@ def plain_loop(cfg: PretrainConfig, data_dir: Path, manifest: dict, args, thread
 
 
 def ray_job(cfg: PretrainConfig, datasets: dict) -> dict:
-    from ehrfm.train.pretrain import run_pretraining
+    from ehrfm.training.pretrain import run_pretraining
 
     started = time.perf_counter()
     result = run_pretraining(cfg, datasets)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from ehrfm.train.pretrain import load_datasets
+    from ehrfm.training.pretrain import load_datasets
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     datasets = load_datasets(bench_config(args, data_dir, work / "runs", 0, "data"))

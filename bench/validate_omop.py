@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ehrfm.data.omop import find_tables, validate_omop
+from ehrfm.omop.validation import find_tables, validate_omop
 
 # events per person, per table (start date column, end date column or None)
 _EVENT_TABLES = {

@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ehrfm.data.schemas import EVENT_SCHEMA, prs_schema
-from ehrfm.data.synthetic_params import TRAITS, GenerativeParams
-from ehrfm.data.synthetic_truth import ONSETS
+from ehrfm.schemas import EVENT_SCHEMA, prs_schema
+from ehrfm_synthetic.params import TRAITS, GenerativeParams
+from ehrfm_synthetic.truth import ONSETS
 from ehrfm.tasks.labeler import LABEL_SCHEMA
 
 PT = datetime(2020, 6, 1)

@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ehrfm.data.events import finalize_shard, person_events, table_events
-from ehrfm.data.timelines import timeline_table
-from ehrfm.data.tokenizer import Tokenizer, build_tokenizer, quantile_edges
+from ehrfm.omop.events import finalize_shard, person_events, table_events
+from ehrfm.preprocess.timelines import timeline_table
+from ehrfm.preprocess.tokenizer import Tokenizer, build_tokenizer, quantile_edges
 from ehrfm.model.config import ModelConfig
 from ehrfm.model.transformer import EHRDecoder
-from ehrfm.transfer.classifier import HeadSpec, RiskModel, predict_logits, save_risk_model
+from ehrfm.model.risk import HeadSpec, RiskModel, predict_logits, save_risk_model
 from ehrfm.transfer.examples import example_tensors, prediction_windows
 
 PGS_IDS = ["PGS000001", "PGS000002", "PGS000003", "PGS000004"]

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.data.schemas import EVENT_SCHEMA, prs_schema
+from ehrfm.schemas import EVENT_SCHEMA, prs_schema
 from ehrfm.evaluate.baselines import BaselineConfig, main, prs_for, run_baselines, splits_for
 from ehrfm.evaluate.features import CodeVocabulary, build_features, demographics
-from ehrfm.evaluate.metrics import auroc
+from ehrfm.metrics import auroc
 from ehrfm.evaluate.report import evaluate_predictions
 from ehrfm.tasks.labeler import LABEL_SCHEMA
 

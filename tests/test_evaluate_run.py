@@ -15,11 +15,11 @@ from mlflow import MlflowClient
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ehrfm.cli import run_command
-from ehrfm.data.synthetic_oracle import oracle_t2d_risk
-from ehrfm.data.synthetic_truth import load_truth
+from ehrfm_synthetic.oracle import oracle_t2d_risk
+from ehrfm_synthetic.truth import load_truth
 from ehrfm.evaluate.alignment import align_scores
 from ehrfm.evaluate.baselines import BASELINES, BaselineConfig
-from ehrfm.evaluate.metrics import bootstrap_difference, bootstrap_metric, bootstrap_weights
+from ehrfm.metrics import bootstrap_difference, bootstrap_metric, bootstrap_weights
 from ehrfm.evaluate.run import evaluate_all
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

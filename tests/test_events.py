@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.data.events import (
+from ehrfm.omop.events import (
     DAY_US, PRIORITY_COLUMN, code_priority, death_events, fill_visit_types, finalize_shard, person_events,
     place_meds_events, stage_meds, table_events,
 )  # fmt: skip
-from ehrfm.data.ingest import SeenKeys, Unit, duplicate_keys, primary_key, tables_needing_key_check
-from ehrfm.data.omop_spec import CDM_TABLES
-from ehrfm.data.schemas import EVENT_SCHEMA
+from ehrfm.preprocess.ingest import SeenKeys, Unit, duplicate_keys, primary_key, tables_needing_key_check
+from ehrfm.omop.spec import CDM_TABLES
+from ehrfm.schemas import EVENT_SCHEMA
 
 D, T = dt.date, dt.datetime
 

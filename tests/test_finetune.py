@@ -22,7 +22,7 @@ from ehrfm.config import load_config  # noqa: E402
 from ehrfm.model.config import ModelConfig  # noqa: E402
 from ehrfm.model.io import load_state_dict, save_model_files  # noqa: E402
 from ehrfm.model.transformer import EHRDecoder  # noqa: E402
-from ehrfm.transfer.classifier import load_risk_model  # noqa: E402
+from ehrfm.model.risk import load_risk_model  # noqa: E402
 from ehrfm.transfer.finetune_config import FinetuneConfig  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "finetune-t2d.yaml"
@@ -127,7 +127,7 @@ def test_model_from_other_data_or_one_class_split_is_refused(tmp_path, data, pre
 
 
 def test_labels_are_made_from_events_when_none_are_given(tmp_path):
-    from ehrfm.data.schemas import EVENT_SCHEMA
+    from ehrfm.schemas import EVENT_SCHEMA
     from ehrfm.transfer.finetune import label_on_the_fly
 
     def day(d):

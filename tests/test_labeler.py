@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.data.schemas import EVENT_SCHEMA
+from ehrfm.schemas import EVENT_SCHEMA
 from ehrfm.tasks.concept_sets import expand_descendants, read_concept_ancestor
 from ehrfm.tasks.definitions import SHIPPED_TASKS, TaskDefinition, load_task, resolve_task
 from ehrfm.tasks.labeler import (

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ehrfm.evaluate.calibration import Recalibrator, expected_calibration_error, reliability_curve
-from ehrfm.evaluate.metrics import auprc, auroc, auroc_ci, bootstrap_metric, bootstrap_weights
+from ehrfm.metrics import auprc, auroc, auroc_ci, bootstrap_metric, bootstrap_weights
 from ehrfm.evaluate.report import evaluate_predictions, log_to_mlflow, markdown_table, write_report
 from ehrfm.evaluate.stratify import age_bucket, prs_deciles, risk_by_prs_decile, subgroup_table, wilson_interval
 

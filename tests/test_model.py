@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ehrfm.data.schemas import PAD_ID
+from ehrfm.constants import PAD_ID
 from ehrfm.model import ClassificationHead, EHRDecoder, ModelConfig, generate, load_model, save_model_files
 from ehrfm.model.io import load_state_dict
 

@@ -20,7 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.data.omop import (
+from ehrfm.omop.validation import (
     CDM_TABLES,
     REASONS,
     OmopSchemaError,
@@ -32,7 +32,7 @@ from ehrfm.data.omop import (
     validate_omop,
     validate_table,
 )
-from ehrfm.data.validate import main as validate_main
+from ehrfm.omop.validate import main as validate_main
 
 BIG_ID = "9007199254740993"  # 2^53 + 1: not representable as float64, must stay exact
 SECRET = "SECRET-VALUE-77"  # a cell value that must never appear in messages or reports
@@ -463,7 +463,7 @@ def test_person_birth_date_must_be_formable() -> None:
 def test_synthetic_cohort_validates_clean(tmp_path: Path, fmt: str) -> None:
     """The synthetic cohort (several part files per table) passes with zero quarantined rows."""
     from ehrfm.cli import run_command
-    from ehrfm.data.prs import read_prs, read_sample_map, validate_prs
+    from ehrfm.prs.readers import read_prs, read_sample_map, validate_prs
 
     out = tmp_path / "synthetic"
     assert run_command("synthesize", ["--persons", "300", "--chunk-size", "100", "--format", fmt,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ehrfm.data.pgs_catalog import ScoringFileError, find_scoring_files, read_header, read_scoring_file
+from ehrfm.genetics.pgs_catalog import ScoringFileError, find_scoring_files, read_header, read_scoring_file
 
 CATALOG = "prs_pgs_catalog_scoring_files"
 CINECA = "prs_pgsc_calc_cineca_chr22"

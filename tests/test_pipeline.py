@@ -7,7 +7,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.pipeline import PipelineConfig, run_pipeline
+from ehrfm.workflow import PipelineConfig, run_pipeline
 
 
 def _fingerprints(records):
@@ -50,7 +50,7 @@ def test_genotype_path_computes_prs_that_track_the_finished_scores(tmp_path, ray
     import numpy as np
     import pyarrow.parquet as pq
 
-    from ehrfm.data.prs import read_prs
+    from ehrfm.prs.readers import read_prs
 
     cfg = dict(persons=400, num_pgs=6)
     scores_run = run_pipeline(PipelineConfig(**cfg), tmp_path / "scores", until="score_prs")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from ehrfm.transfer.classifier import load_risk_model
+from ehrfm.model.risk import load_risk_model
 from ehrfm.transfer.predictor import PersonRecord, RiskPredictor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.data.pipeline import PreprocessInputs, run_preprocess
-from ehrfm.data.polars_reference import reference_timelines
-from ehrfm.data.preprocess_config import PreprocessConfig
-from ehrfm.data.prs_stage import PrsInputs
-from ehrfm.data.synthetic import main as synthesize
-from ehrfm.data.tokenizer import Tokenizer
+from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
+from tests.support.polars_reference import reference_timelines
+from ehrfm.preprocess.config import PreprocessConfig
+from ehrfm.prs.person import PrsInputs
+from ehrfm_synthetic.cohort import main as synthesize
+from ehrfm.preprocess.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.ray
 CONFIG = PreprocessConfig.model_validate({"subjects_per_shard": 60, "progress_bars": False,

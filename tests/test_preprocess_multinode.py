@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ehrfm.data.pipeline import PreprocessInputs, run_preprocess
-from ehrfm.data.preprocess_config import PreprocessConfig
-from ehrfm.data.synthetic import main as synthesize
+from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
+from ehrfm.preprocess.config import PreprocessConfig
+from ehrfm_synthetic.cohort import main as synthesize
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 SETTINGS = {"subjects_per_shard": 40, "progress_bars": False, "tokenizer": {"min_count": 3}}
@@ -22,8 +22,8 @@ SCRIPT = """
 import json, sys
 import ray
 from ray.cluster_utils import Cluster
-from ehrfm.data.pipeline import PreprocessInputs, run_preprocess
-from ehrfm.data.preprocess_config import PreprocessConfig
+from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
+from ehrfm.preprocess.config import PreprocessConfig
 
 cohort, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})

@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.data.omop_io import OmopSchemaError
-from ehrfm.data.omop_spec import CDM_TABLES
-from ehrfm.data.pipeline import PreprocessInputs, atomic_directory, run_preprocess
-from ehrfm.data.preprocess_config import PreprocessConfig
-from ehrfm.data.schemas import EVENT_SCHEMA, timeline_schema
-from ehrfm.data.splits import split_codes
-from ehrfm.data.tokenizer import Tokenizer
+from ehrfm.omop.files import OmopSchemaError
+from ehrfm.omop.spec import CDM_TABLES
+from ehrfm.preprocess.job import PreprocessInputs, atomic_directory, run_preprocess
+from ehrfm.preprocess.config import PreprocessConfig
+from ehrfm.schemas import EVENT_SCHEMA, timeline_schema
+from ehrfm.splits import split_codes
+from ehrfm.preprocess.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.ray
 D, T = dt.date, dt.datetime
@@ -293,7 +293,7 @@ def test_atomic_directory_replaces_only_on_success(tmp_path: Path) -> None:
         (tmp / "b.txt").write_text("two")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
     # a killed process leaves only its hidden temp directory; `out` stays the last complete run
-    script = (f"import time; from pathlib import Path; from ehrfm.data.pipeline import atomic_directory\n"
+    script = (f"import time; from pathlib import Path; from ehrfm.preprocess.job import atomic_directory\n"
               f"with atomic_directory(Path({str(out)!r})) as tmp:\n"
               f"    (tmp / 'c.txt').write_text('partial'); print('inside', flush=True); time.sleep(60)\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -307,7 +307,7 @@ def test_atomic_directory_replaces_only_on_success(tmp_path: Path) -> None:
 def test_counts_logged_to_mlflow_when_a_tracking_uri_is_set(run: dict, mlflow_server: str, monkeypatch) -> None:
     from mlflow.tracking import MlflowClient
 
-    from ehrfm.data.preprocess_report import log_to_mlflow
+    from ehrfm.preprocess.report import log_to_mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert log_to_mlflow(run["report"], {"tokenizer.min_count": 1}) is False

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.data.events import EVENT_SOURCES
-from ehrfm.data.omop import validate_omop
-from ehrfm.data.pipeline import PreprocessInputs, run_preprocess
-from ehrfm.data.preprocess_config import PreprocessConfig
-from ehrfm.data.prs_stage import storable
-from ehrfm.data.schemas import EVENT_SCHEMA, timeline_schema
-from ehrfm.data.tokenizer import Tokenizer
+from ehrfm.omop.events import EVENT_SOURCES
+from ehrfm.omop.validation import validate_omop
+from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
+from ehrfm.preprocess.config import PreprocessConfig
+from ehrfm.prs.person import storable
+from ehrfm.schemas import EVENT_SCHEMA, timeline_schema
+from ehrfm.preprocess.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.ray
 CONFIG = PreprocessConfig.model_validate({"progress_bars": False, "shuffle_strategy": "sort_shuffle_pull_based",

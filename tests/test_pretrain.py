@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timeline_factory import T2D_TOKEN, write_timelines  # noqa: E402
 
 from ehrfm.config import load_config  # noqa: E402
-from ehrfm.data.schemas import PAD_ID  # noqa: E402
+from ehrfm.constants import PAD_ID  # noqa: E402
 from ehrfm.model import load_model  # noqa: E402
 from ehrfm.model.io import load_state_dict  # noqa: E402
-from ehrfm.train.config import PretrainConfig  # noqa: E402
-from ehrfm.train.data import TimelineManifest, WindowCollate  # noqa: E402
-from ehrfm.train.deepspeed_config import WarmupCosine, deepspeed_config  # noqa: E402
+from ehrfm.training.config import PretrainConfig  # noqa: E402
+from ehrfm.training.windows import TimelineManifest, WindowCollate  # noqa: E402
+from ehrfm.training.engine import WarmupCosine, deepspeed_config  # noqa: E402
 from ehrfm.tracking import CLIENT_RETRY_ENV  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -137,7 +137,7 @@ def local_server_is_the_session_server(mlflow_server, monkeypatch, tmp_path):
 
 def test_tracking_uri_is_the_config_then_the_environment_then_the_local_server(
         local_server_is_the_session_server, mlflow_server, tmp_path, monkeypatch):
-    from ehrfm.train.mlflow_logger import resolve_tracking_uri
+    from ehrfm.training.run_logger import resolve_tracking_uri
 
     children = {p.pid for p in psutil.Process().children(recursive=True)}
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -175,7 +175,7 @@ def make_config(timelines, storage: Path, overrides: list[str]) -> PretrainConfi
 
 @pytest.fixture(scope="module")
 def datasets(ray_cluster, timelines, storage):
-    from ehrfm.train.pretrain import load_datasets
+    from ehrfm.training.pretrain import load_datasets
 
     return load_datasets(make_config(timelines, storage, []))
 
@@ -183,7 +183,7 @@ def datasets(ray_cluster, timelines, storage):
 @pytest.fixture(scope="module")
 def pretrain(datasets, timelines, storage, mlflow_server):
     """Run (or resume) a pretraining run named `name`; returns (result, final train_state)."""
-    from ehrfm.train.pretrain import run_pretraining
+    from ehrfm.training.pretrain import run_pretraining
 
     def run(name: str, *overrides: str):
         cfg = make_config(timelines, storage, [f"run.name={name}", f"mlflow.tracking_uri={mlflow_server}", *overrides])
@@ -224,7 +224,7 @@ def test_zero3_with_cross_attention_fusion_pretrains(cross_zero3, timelines, mlf
     checkpoint = Path(result.checkpoint)
     assert sorted(p.name for p in checkpoint.parent.glob("checkpoint_0*")) == ["checkpoint_0000020", "checkpoint_0000030"]
     weights = torch.load(checkpoint / "model.pt", weights_only=True)  # plain tensors, safe to load
-    from ehrfm.train.checkpoint import DEEPSPEED_SAFE_GLOBALS
+    from ehrfm.training.checkpoint import DEEPSPEED_SAFE_GLOBALS
 
     shards = sorted((checkpoint / "deepspeed" / "state").glob("*.pt"))
     assert len(shards) == 4  # model + ZeRO-3 optimiser partition of each of the 2 ranks
@@ -320,7 +320,7 @@ def test_rerun_resumes_and_a_killed_worker_recovers_on_the_same_curve(pretrain, 
 @pytest.mark.e2e
 def test_ehr_only_model_then_prs_adapter(datasets, timelines, storage, mlflow_server,
                                          local_server_is_the_session_server):
-    from ehrfm.train.pretrain import main, run_pretraining
+    from ehrfm.training.pretrain import main, run_pretraining
 
     base_storage = storage / "ehr-only"
     code = main(["--config", str(SMALL), "--data", str(timelines.root), "--storage", str(base_storage),

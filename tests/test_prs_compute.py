@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from bed_reader import open_bed, to_bed
 
-from ehrfm.data.genotypes import GenotypeError, open_genotypes
-from ehrfm.data.prs import read_prs
-from ehrfm.data.prs_compute import PrsMatchError, ScorePrsConfig, compute_prs, main
-from ehrfm.data.synthetic_genotypes import write_genotypes_and_scores
+from ehrfm.genetics.genotypes import GenotypeError, open_genotypes
+from ehrfm.prs.readers import read_prs
+from ehrfm.genetics.score import PrsMatchError, ScorePrsConfig, compute_prs, main
+from ehrfm_synthetic.genotypes import write_genotypes_and_scores
 
 CINECA = "prs_pgsc_calc_cineca_chr22"
 EDGE = "plink_edgecase_fixtures_bedreader"

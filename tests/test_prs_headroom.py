@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from ehrfm.cli import run_command
-from ehrfm.data.synthetic_truth import load_truth
+from ehrfm_synthetic.truth import load_truth
 from ehrfm.evaluate.baselines import BaselineConfig
 from ehrfm.evaluate.oracle import oracle_scores
 from ehrfm.evaluate.prs_headroom import prs_headroom

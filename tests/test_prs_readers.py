@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.data.prs import (
+from ehrfm.prs.readers import (
     PrsFormatError,
     PRSScores,
     detect_format,
@@ -25,7 +25,7 @@ from ehrfm.data.prs import (
     read_sample_map,
     validate_prs,
 )
-from ehrfm.data.validate import main as validate_main
+from ehrfm.omop.validate import main as validate_main
 
 CINECA = "prs_pgsc_calc_cineca_chr22/expected_outputs"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ehrfm.data.prs_transform import PrsTransform, fit_prs_transform
+from ehrfm.prs.transform import PrsTransform, fit_prs_transform
 
 
 def test_plain_z_scores_use_train_persons_only() -> None:
@@ -69,7 +69,7 @@ def test_too_few_reference_persons_is_a_clear_error() -> None:
 def test_prs_tables_round_trip_through_parquet_with_and_without_scores(tmp_path) -> None:
     import pyarrow.parquet as pq
 
-    from ehrfm.data.prs_stage import prs_arrow, vectors_to_numpy
+    from ehrfm.prs.person import prs_arrow, vectors_to_numpy
 
     ids = np.array([3, 7], dtype=np.int64)
     for k in (2, 0):  # k = 0: no PRS given; parquet cannot hold zero-width fixed-size lists

@@ -14,7 +14,7 @@ import duckdb
 import pyarrow.compute as pc
 import pytest
 
-from ehrfm.data.omop import find_tables, validate_omop, validate_table
+from ehrfm.omop.validation import find_tables, validate_omop, validate_table
 
 GIBLEED_ROWS = {  # gibleed_omop53/README.txt
     "person": 2694, "visit_occurrence": 1037, "condition_occurrence": 65332, "drug_exposure": 67707,

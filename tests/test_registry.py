@@ -20,10 +20,10 @@ from mlflow import MlflowClient
 
 from ehrfm.evaluate.report import evaluate_predictions
 from ehrfm.evaluate.stratify import subgroup_table
-from ehrfm.model_card import model_card
-from ehrfm.registry import CHAMPION, RISK_MODEL_FILES, load_champion, log_risk_model, register_if_better
-from ehrfm.registry_model import OUTPUT_COLUMNS, records_frame
-from ehrfm.transfer.classifier import load_risk_model
+from ehrfm.mlops.model_card import model_card
+from ehrfm.mlops.registry import CHAMPION, RISK_MODEL_FILES, load_champion, log_risk_model, register_if_better
+from ehrfm.mlops.pyfunc_model import OUTPUT_COLUMNS, records_frame
+from ehrfm.model.risk import load_risk_model
 from ehrfm.transfer.predictor import RiskPredictor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -124,7 +124,7 @@ def test_logged_model_holds_weights_config_tokenizer_and_card_but_no_pickle_or_p
     logged = {f for f in files if f.startswith("artifacts/risk_model/")}
     assert logged == {f"artifacts/risk_model/{n}" for n in RISK_MODEL_FILES}
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".parquet"))]
-    assert "code/ehrfm/transfer/predictor.py" in files and "registry_model.py" in files
+    assert "code/ehrfm/transfer/predictor.py" in files and "pyfunc_model.py" in files
     assert (local / "artifacts" / "model_card.md").read_text() == card
     for name in RISK_MODEL_FILES:
         assert (local / "artifacts" / "risk_model" / name).read_bytes() == (directory / name).read_bytes()

@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ehrfm.cluster.local import free_port
-from ehrfm.registry import log_risk_model, register_if_better
+from ehrfm.mlops.registry import log_risk_model, register_if_better
 from ehrfm.serve.app import build_app
-from ehrfm.transfer.classifier import load_risk_model
+from ehrfm.model.risk import load_risk_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from risk_model_factory import (PGS_IDS, UNKNOWN_CONDITION, labels_at, make_person,  # noqa: E402
@@ -169,7 +169,7 @@ def test_scores_over_http_equal_the_registered_models_offline_predictions(servic
 
     model, spec = load_risk_model(model_dirs[1])
     tokenizer_path = model_dirs[1] / "tokenizer.json"
-    from ehrfm.data.tokenizer import Tokenizer
+    from ehrfm.preprocess.tokenizer import Tokenizer
 
     offline = offline_risks(model, spec, offline_timelines(people, Tokenizer.load(tokenizer_path)),
                             labels_at([(p.person_id, t) for p, t in zip(people, times)]))

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.data.staged_partitions import PartitionedWriter, partition_dir, partition_values, read_partition
+from ehrfm.preprocess.staged_partitions import PartitionedWriter, partition_dir, partition_values, read_partition
 
 SCHEMA = pa.schema([("row", pa.int64()), ("name", pa.string()), ("_part", pa.int32())])
 

@@ -14,13 +14,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.data import synthetic_concepts as cc
-from ehrfm.data.synthetic import load_synth_config, main, synthesize
-from ehrfm.data.synthetic_figures import cohort_figures, prediction_times, read_part, table_parts
-from ehrfm.data.synthetic_omop import CDM_COLUMNS, CLINICAL_TABLES
-from ehrfm.data.synthetic_oracle import oracle_t2d_risk
-from ehrfm.data.synthetic_time import from_datetime64
-from ehrfm.data.synthetic_truth import load_truth
+from ehrfm_synthetic import concepts as cc
+from ehrfm_synthetic.cohort import load_synth_config, main, synthesize
+from ehrfm_synthetic.figures import cohort_figures, prediction_times, read_part, table_parts
+from ehrfm_synthetic.omop import CDM_COLUMNS, CLINICAL_TABLES
+from ehrfm_synthetic.oracle import oracle_t2d_risk
+from ehrfm_synthetic.time import from_datetime64
+from ehrfm_synthetic.truth import load_truth
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -363,10 +363,10 @@ def test_overrides_merge_into_the_defaults_and_unknown_keys_fail():
 
 
 def test_shipped_concepts_are_the_ones_rederived_from_shared_data(shared_data, tmp_path):
-    from ehrfm.data.synthetic_vocab_build import write_resources
+    from ehrfm_synthetic.vocab_build import write_resources
 
     write_resources(shared_data, tmp_path)
-    shipped = Path(cc.__file__).resolve().parents[1] / "resources"
+    shipped = Path(cc.__file__).resolve().parent / "resources"
     for name in ("concepts.csv.gz", "measurement_values.csv.gz"):
         assert (tmp_path / name).read_bytes() == (shipped / name).read_bytes(), name
     assert CDM_COLUMNS["concept"][0][0] == "concept_id"

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ehrfm.data.schemas import BOS_ID, EOS_ID, FIRST_CODE_ID, PAD_ID, UNK_ID
-from ehrfm.data.splits import num_shards_for, shard_of, split_codes, subject_uniform
-from ehrfm.data.tokenizer import (
+from ehrfm.constants import BOS_ID, EOS_ID, FIRST_CODE_ID, PAD_ID, UNK_ID
+from ehrfm.splits import num_shards_for, shard_of, split_codes, subject_uniform
+from ehrfm.preprocess.tokenizer import (
     Tokenizer, build_tokenizer, code_counts_table, fit_value_edges, gap_token_names, quantile_edges, train_rows,
 )  # fmt: skip
 

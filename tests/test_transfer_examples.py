@@ -9,10 +9,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ehrfm.data.schemas import BOS_ID, EOS_ID, PAD_ID
+from ehrfm.constants import BOS_ID, EOS_ID, PAD_ID
 from ehrfm.model.config import ModelConfig
 from ehrfm.model.transformer import EHRDecoder
-from ehrfm.transfer.classifier import HeadSpec, RiskModel, load_risk_model, predict_logits, save_risk_model
+from ehrfm.model.risk import HeadSpec, RiskModel, load_risk_model, predict_logits, save_risk_model
 from ehrfm.transfer.examples import example_tensors, prediction_windows
 
 BIRTH = dt.date(2000, 1, 1)

@@ -28,7 +28,7 @@ from finetune_factory import make_labels, write_finetune_data, write_pretrained 
 from risk_model_factory import write_tokenizer  # noqa: E402
 
 from ehrfm.config import dump_config, load_config  # noqa: E402
-from ehrfm.train.config import ScalingSection  # noqa: E402
+from ehrfm.training.config import ScalingSection  # noqa: E402
 from ehrfm.transfer.finetune_config import FinetuneConfig  # noqa: E402
 from ehrfm.tune.resources import max_concurrent_trials  # noqa: E402
 from ehrfm.tune.search_space import Dimension, complete_point, default_point, trial_config, tune_space  # noqa: E402
@@ -167,8 +167,8 @@ def test_asha_stops_the_trial_that_cannot_learn_and_keeps_the_best(asha):
 @pytest.mark.ray
 @pytest.mark.e2e
 def test_the_best_trial_is_scored_on_test_once_into_a_finetune_directory(asha):
-    from ehrfm.evaluate.metrics import auroc
-    from ehrfm.transfer.classifier import load_risk_model
+    from ehrfm.metrics import auroc
+    from ehrfm.model.risk import load_risk_model
 
     result, _ = asha
     best_dir = Path(result["best_dir"])

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ehrfm.data.genotypes import open_genotypes
-from ehrfm.data.pgs_catalog import Score, read_scoring_file
-from ehrfm.data.variant_match import MatchOptions, match_score, prepare_target, refusal_message
+from ehrfm.genetics.genotypes import open_genotypes
+from ehrfm.genetics.pgs_catalog import Score, read_scoring_file
+from ehrfm.genetics.variant_match import MatchOptions, match_score, prepare_target, refusal_message
 
 CINECA = "prs_pgsc_calc_cineca_chr22"
 

@@ -18,8 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from ehrfm.data.schemas import BOS_ID, EOS_ID, PAD_ID, timeline_schema
-from ehrfm.data.tokenizer import Tokenizer, gap_token_names, value_token_names
+from ehrfm.constants import BOS_ID, EOS_ID, PAD_ID
+from ehrfm.schemas import timeline_schema
+from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names, value_token_names
 from ehrfm.model import EHRDecoder, ModelConfig, save_model_files
 from ehrfm.model.sampling import (STOP_EOS, STOP_HORIZON, STOP_TRUNCATED, draw, filter_logits, path_probability,
                                   sample_trajectories)

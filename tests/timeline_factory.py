@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ehrfm.data.schemas import BOS_ID, EOS_ID, FIRST_CODE_ID, SPLITS, timeline_schema
+from ehrfm.constants import BOS_ID, EOS_ID, FIRST_CODE_ID, SPLITS
+from ehrfm.schemas import timeline_schema
 
 T2D_TOKEN = FIRST_CODE_ID  # the disease code whose rate PRS column 0 raises
 SEX_TOKENS = (FIRST_CODE_ID + 1, FIRST_CODE_ID + 2)

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 # subcommand -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synthesize": ("ehrfm.data.synthetic:main", "write a synthetic OMOP + PRS cohort with a known truth"),
-    "validate": ("ehrfm.data.validate:main", "validate OMOP tables and PRS files; quarantine bad rows"),
-    "preprocess": ("ehrfm.data.pipeline:main", "OMOP + PRS -> MEDS events -> tokenized timelines on Ray Data"),
-    "score_prs": ("ehrfm.data.prs_compute:main", "compute PRS from PLINK genotypes and PGS Catalog scoring files"),
-    "pretrain": ("ehrfm.train.pretrain:main", "pretrain the decoder on Ray Train + DeepSpeed ZeRO"),
+    "synthesize": ("ehrfm_synthetic.cohort:main", "write a synthetic OMOP + PRS cohort with a known truth"),
+    "validate": ("ehrfm.omop.validate:main", "validate OMOP tables and PRS files; quarantine bad rows"),
+    "preprocess": ("ehrfm.preprocess.job:main", "OMOP + PRS -> MEDS events -> tokenized timelines on Ray Data"),
+    "score_prs": ("ehrfm.genetics.score:main", "compute PRS from PLINK genotypes and PGS Catalog scoring files"),
+    "pretrain": ("ehrfm.training.pretrain:main", "pretrain the decoder on Ray Train + DeepSpeed ZeRO"),
     "finetune": ("ehrfm.transfer.finetune:main", "fine-tune a risk head on a pretrained decoder (Ray Train)"),
     "tune": ("ehrfm.tune.sweep:main", "Ray Tune sweep of fine-tuning runs (ASHA, Optuna); registers the best trial"),
     "zero_shot": ("ehrfm.transfer.zero_shot:main", "zero-shot risk: sample futures from the pretrained decoder"),
@@ -25,11 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "baselines": ("ehrfm.evaluate.baselines:main", "PRS-only and count-feature baselines with bootstrap CIs"),
     "prs_headroom": ("ehrfm.evaluate.prs_headroom:main", "how much the observed PRS could add to a task (CV, oracle)"),
     "evaluate": ("ehrfm.evaluate.run:main", "every model of a task on the same test rows: CIs, calibration, oracle, report"),
-    "register": ("ehrfm.registry_cli:main", "log a risk model to MLflow; alias champion only when it beats the current one"),
+    "register": ("ehrfm.mlops.register:main", "log a risk model to MLflow; alias champion only when it beats the current one"),
     "cluster": ("ehrfm.cluster.cli:main", "start, stop or inspect a local multi-node Ray cluster"),
     "tracking": ("ehrfm.tracking:main", "start, reuse or check the local MLflow tracking server"),
     "serve": ("ehrfm.serve.app:main", "deploy the registered champion on Ray Serve (FastAPI, /v1/score, /docs)"),
-    "pipeline": ("ehrfm.pipeline:main", "the main job: every stage end to end on the embedded default"),
+    "pipeline": ("ehrfm.workflow:main", "the main job: every stage end to end on the embedded default"),
 }
 
 

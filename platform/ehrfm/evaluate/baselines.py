@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 from ehrfm.config import StrictModel, load_config
 from ehrfm.evaluate.calibration import Recalibrator
 from ehrfm.evaluate.features import CodeVocabulary, FeatureMatrix, build_features, demographics
-from ehrfm.evaluate.metrics import auroc
+from ehrfm.metrics import auroc
 from ehrfm.evaluate.report import evaluate_predictions, log_to_mlflow, write_report, write_stratified
 from ehrfm.evaluate.stratify import age_bucket
 

@@ -18,8 +18,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from ehrfm.data.synthetic_oracle import oracle_t2d_risk
-from ehrfm.data.synthetic_truth import SyntheticTruth
+from ehrfm_synthetic.oracle import oracle_t2d_risk
+from ehrfm_synthetic.truth import SyntheticTruth
 
 ORACLE_GENETIC = "oracle_genetic"
 ORACLE_GROUP_MEAN = "oracle_group_mean"

@@ -29,7 +29,7 @@ from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 from ehrfm.config import load_config
-from ehrfm.data.synthetic_truth import load_truth
+from ehrfm_synthetic.truth import load_truth
 from ehrfm.evaluate.baselines import (BaselineConfig, boosting_model, dense_columns, prs_for, read_events,
                                       read_parquet_parts)
 from ehrfm.evaluate.features import CodeVocabulary, build_features

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from ehrfm.evaluate.calibration import expected_calibration_error
-from ehrfm.evaluate.metrics import DEFAULT_BOOTSTRAP, Estimate, auprc_ci, auroc_ci
+from ehrfm.metrics import DEFAULT_BOOTSTRAP, Estimate, auprc_ci, auroc_ci
 from ehrfm.evaluate.plots import save_figures
 from ehrfm.evaluate.stratify import risk_by_prs_decile, subgroup_table
 

@@ -24,13 +24,13 @@ import numpy as np
 import polars as pl
 
 from ehrfm.config import load_config
-from ehrfm.data.synthetic_truth import load_truth
+from ehrfm_synthetic.truth import load_truth
 from ehrfm.evaluate.alignment import align_scores
 from ehrfm.evaluate.baselines import (
     BASELINES, TEST, BaselineConfig, ancestry_of, baseline_risks, prs_for, read_events, read_parquet_parts,
     recalibrated, splits_for, subgroups,
 )
-from ehrfm.evaluate.metrics import DEFAULT_BOOTSTRAP, Estimate, bootstrap_difference
+from ehrfm.metrics import DEFAULT_BOOTSTRAP, Estimate, bootstrap_difference
 from ehrfm.evaluate.oracle import ORACLE_GENETIC, ORACLE_GROUP_MEAN, oracle_scores, pgs_column, trait_pgs, truth_ancestry
 from ehrfm.evaluate.plots import save_figures
 from ehrfm.evaluate.prs_use import prs_use

@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 
 from ehrfm.evaluate.calibration import expected_calibration_error
-from ehrfm.evaluate.metrics import auprc_ci, auroc_ci
+from ehrfm.metrics import auprc_ci, auroc_ci
 
 AGE_EDGES = (40, 50, 60, 70)
 NO_PRS = "no PRS"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ehrfm.data.schemas import EOS_ID, PAD_ID
+from ehrfm.constants import EOS_ID, PAD_ID
 from ehrfm.model.transformer import EHRDecoder
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ehrfm.data.schemas import BOS_ID, EOS_ID, PAD_ID
+from ehrfm.constants import BOS_ID, EOS_ID, PAD_ID
 from ehrfm.model.transformer import EHRDecoder
 
 # Why a continuation stopped (per row of `Trajectories.stop`).

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ehrfm.data.schemas import PAD_ID
+from ehrfm.constants import PAD_ID
 from ehrfm.model.config import ModelConfig
 from ehrfm.model.prs import CrossMemory, GatedCrossAttention, PRSEncoder
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ehrfm.registry_model import RISK_MODEL_ARTIFACT, example_record
+from ehrfm.mlops.pyfunc_model import RISK_MODEL_ARTIFACT, example_record
 from ehrfm.transfer.predictor import RiskPredictor
 
 LOCAL_VERSION = "local"

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ehrfm.data.schemas import UNK_ID
+from ehrfm.constants import UNK_ID
 from ehrfm.transfer.predictor import PersonRecord, RiskPredictor, check_pgs_ids
 
 EXPLAIN_METHOD = "occlusion"

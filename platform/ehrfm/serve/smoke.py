@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ehrfm.data.tokenizer import Tokenizer
+from ehrfm.preprocess.tokenizer import Tokenizer
 from ehrfm.transfer.predictor import RESERVED_CODE_PREFIXES
 
 

@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from ehrfm.data.arrow_lists import list_values_offsets, timeline_files
-from ehrfm.data.schemas import PAD_ID
+from ehrfm.preprocess.arrow_lists import list_values_offsets, timeline_files
+from ehrfm.constants import PAD_ID
 
 DAY_US = 86_400_000_000
 EXAMPLE_COLUMNS = ["subject_id", "prediction_time", "label", "split", "tokens", "ages", "length", "dropped",

@@ -31,17 +31,18 @@ import pyarrow.parquet as pq
 import torch
 
 from ehrfm.config import load_config
-from ehrfm.data.schemas import SPLITS
-from ehrfm.evaluate.metrics import auroc
+from ehrfm.constants import SPLITS
+from ehrfm.metrics import auroc
 from ehrfm.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model_config
-from ehrfm.train.data import TimelineManifest
-from ehrfm.train.mlflow_logger import RunLogger, resolve_tracking_uri
-from ehrfm.train.pretrain import RESULT_FILE as PRETRAIN_RESULT_FILE
-from ehrfm.train.pretrain import _absolute
-from ehrfm.transfer.classifier import (TOKENIZER_FILE, HeadSpec, RiskModel, load_risk_model, predict_logits,
+from ehrfm.training.windows import TimelineManifest
+from ehrfm.training.run_logger import RunLogger, resolve_tracking_uri
+from ehrfm.training.pretrain import RESULT_FILE as PRETRAIN_RESULT_FILE
+from ehrfm.training.pretrain import _absolute
+from ehrfm.model.risk import (TOKENIZER_FILE, HeadSpec, RiskModel, load_risk_model, predict_logits,
                                       save_risk_model)
 from ehrfm.transfer.examples import build_examples, example_tensors, read_labels
-from ehrfm.transfer.finetune_config import FinetuneConfig, head_uses_prs
+from ehrfm.model.risk import head_uses_prs
+from ehrfm.transfer.finetune_config import FinetuneConfig
 
 RESULT_FILE = "finetune_result.json"
 PREDICTIONS_FILE = "predictions.parquet"

@@ -11,18 +11,11 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ehrfm.config import StrictModel
-from ehrfm.train.config import MlflowSection, ScalingSection
+from ehrfm.model.risk import HeadInputs
+from ehrfm.training.config import MlflowSection, ScalingSection
 
 Mode = Literal["linear_probe", "full", "partial"]
 Imbalance = Literal["none", "pos_weight", "oversample"]
-# what the head reads: the last hidden state, + the mean hidden state of the window, + the mean PRS soft token
-HeadInputs = Literal["last", "last+prs", "last+mean", "last+mean+prs"]
-
-
-def head_uses_prs(head_inputs: str) -> bool:
-    return head_inputs.endswith("+prs")
-
-
 class FinetuneRun(StrictModel):
     name: str = "finetune"  # Ray Train run name; the run directory is <storage_path>/<name>
     storage_path: str = "runs/finetune"  # local dir or URI; checkpoints, model/ and predictions go there

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from ehrfm.config import dump_config
-from ehrfm.evaluate.metrics import auroc
+from ehrfm.metrics import auroc
 from ehrfm.model.io import WEIGHTS_FILE, load_model_config, load_state_dict
 from ehrfm.model.transformer import EHRDecoder
-from ehrfm.train.mlflow_logger import RunLogger
-from ehrfm.transfer.classifier import HeadSpec, RiskModel, predict_logits, save_risk_model
+from ehrfm.training.run_logger import RunLogger
+from ehrfm.model.risk import HeadSpec, RiskModel, predict_logits, save_risk_model
 from ehrfm.transfer.examples import example_tensors
 from ehrfm.transfer.finetune_config import FinetuneConfig
 

@@ -34,10 +34,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator
 
-from ehrfm.data.events import BIRTH_CODE, PRIORITY_COLUMN, code_priority, finalize_shard
-from ehrfm.data.schemas import EOS_ID, FIRST_CODE_ID, UNK_ID
-from ehrfm.data.tokenizer import Tokenizer, gap_token_names, value_token_names
-from ehrfm.transfer.classifier import TOKENIZER_FILE, HeadSpec, RiskModel, load_risk_model, predict_logits
+from ehrfm.omop.events import BIRTH_CODE, PRIORITY_COLUMN, code_priority, finalize_shard
+from ehrfm.constants import EOS_ID, FIRST_CODE_ID, UNK_ID
+from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names, value_token_names
+from ehrfm.model.risk import TOKENIZER_FILE, HeadSpec, RiskModel, load_risk_model, predict_logits
 from ehrfm.transfer.examples import cut_windows_at, example_tensors, prediction_ages
 
 # OMOP gender concepts; "unknown" is 0 (no matching concept), what the pipeline writes for a null.

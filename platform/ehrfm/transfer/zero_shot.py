@@ -34,8 +34,8 @@ import torch
 from pydantic import Field
 
 from ehrfm.config import StrictModel, load_config
-from ehrfm.data.tokenizer import Tokenizer, gap_token_names
-from ehrfm.evaluate.metrics import auroc_ci
+from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names
+from ehrfm.metrics import auroc_ci
 from ehrfm.model.io import load_model, load_model_config
 from ehrfm.model.sampling import sample_trajectories
 from ehrfm.tasks.definitions import CODE_DOMAINS, TaskDefinition, load_task, resolve_task

@@ -12,7 +12,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ehrfm.config import StrictModel, load_config
-from ehrfm.transfer.finetune_config import FinetuneConfig, head_uses_prs
+from ehrfm.model.risk import head_uses_prs
+from ehrfm.transfer.finetune_config import FinetuneConfig
 from ehrfm.tune.search_space import Dimension, complete_point, default_point, trial_config
 
 SWEEP_CONFIG_FILE = "sweep_config.json"

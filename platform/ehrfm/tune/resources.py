@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from ehrfm.train.config import ScalingSection
+from ehrfm.training.config import ScalingSection
 
 EPSILON = 1e-9  # float sums like 3 x 0.1 must not lose a whole trial to rounding
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ehrfm.train.mlflow_logger import RunLogger
+from ehrfm.training.run_logger import RunLogger
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows children under the parent
 SWEEP_TAG = "ehrfm.sweep"

@@ -31,7 +31,7 @@ from typing import Any
 
 from ehrfm.config import dump_config
 from ehrfm.model.io import load_model_config
-from ehrfm.train.pretrain import _absolute
+from ehrfm.training.pretrain import _absolute
 from ehrfm.transfer.finetune import PreparedData, artifact_root_for, prepare_finetune, tracking_uri_for
 from ehrfm.transfer.finetune_config import FinetuneConfig
 from ehrfm.tune.config import SweepConfig, check_or_record_config, load_sweep, sweep_points

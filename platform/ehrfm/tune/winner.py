@@ -41,8 +41,8 @@ def register_winner(summary: dict, data: PreparedData, task: str, tracking_uri: 
     from mlflow import MlflowClient
 
     from ehrfm.evaluate.report import evaluate_predictions
-    from ehrfm.registry import log_risk_model, model_card, register_if_better
-    from ehrfm.transfer.classifier import load_risk_model
+    from ehrfm.mlops.registry import log_risk_model, model_card, register_if_better
+    from ehrfm.model.risk import load_risk_model
     from ehrfm.tune.runs import TRIAL_TAG
 
     _, spec = load_risk_model(summary["model_dir"])

@@ -1,1 +1,0 @@
-"""Data: OMOP and PRS readers with validation, the synthetic cohort, events and tokenization."""

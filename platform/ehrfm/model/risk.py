@@ -1,0 +1,166 @@
+"""The risk model: pretrained decoder + classification head, and its self-contained directory.
+
+The head reads the hidden state at the last token of the prediction window, optionally beside
+the mean hidden state over the window (`+mean`: a small decoder's last state need not carry
+everything a long history said) and the mean PRS soft token (`+prs`), so the PRS reaches the
+head both through the decoder's fusion and directly. PRS masking sets has_prs to false for
+everyone: the same weights then use the learned missing-PRS path, which is how the PRS
+contribution is measured.
+
+Directory (what the registry logs and Serve loads; no pickle anywhere):
+  model.pt          flat state dict, decoder.* and head.* tensors (torch.load weights_only=True)
+  model_config.json the decoder's ModelConfig
+  head.json         HeadSpec: task, horizon, window length, head inputs, Platt calibration fit on
+                    validation, validation risk quantiles (for percentiles), PGS ids, metrics
+  tokenizer.json    the tokenizer artifact the timelines were made with
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.special import expit
+from torch import nn
+
+from ehrfm.model.config import ModelConfig
+from ehrfm.model.heads import ClassificationHead
+from ehrfm.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model_config, save_model_files
+from ehrfm.model.transformer import EHRDecoder
+
+# what the head reads: the last hidden state, + the mean hidden state of the window, + the mean PRS soft token
+HeadInputs = Literal["last", "last+prs", "last+mean", "last+mean+prs"]
+
+
+def head_uses_prs(head_inputs: str) -> bool:
+    return head_inputs.endswith("+prs")
+
+
+HEAD_FILE = "head.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class HeadSpec:
+    """Everything besides the weights that scoring a person needs."""
+
+    task: str
+    horizon_days: int
+    context: int
+    head_inputs: HeadInputs = "last+prs"
+    pgs_ids: list[str] = field(default_factory=list)
+    tokenizer_version: str = ""
+    platt: tuple[float, float] | None = None  # calibrated = sigmoid(a * logit + b), fit on validation
+    reference_quantiles: list[float] = field(default_factory=list)  # 101 quantiles of validation risks
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HeadSpec":
+        data = json.loads(text)
+        if data.get("platt") is not None:
+            data["platt"] = tuple(data["platt"])
+        return cls(**data)
+
+    def calibrate(self, logits: np.ndarray) -> np.ndarray:
+        """Probabilities from raw logits, through the Platt map when one was fit."""
+        z = np.asarray(logits, dtype=np.float64)
+        if self.platt is not None:
+            z = self.platt[0] * z + self.platt[1]
+        return expit(z)  # no overflow for large |z|
+
+    def percentile(self, risks: np.ndarray) -> np.ndarray:
+        """Percentile (0-100) of each risk among the validation population's risks."""
+        q = np.asarray(self.reference_quantiles, dtype=np.float64)
+        if q.size < 2:
+            return np.full(np.shape(risks), np.nan)
+        return np.interp(np.asarray(risks, dtype=np.float64), q, np.linspace(0.0, 100.0, q.size))
+
+
+class RiskModel(nn.Module):
+    """Decoder + head: logit of the task at the end of each prediction window."""
+
+    def __init__(self, decoder: EHRDecoder, head_inputs: HeadInputs = "last+prs", dropout: float = 0.0):
+        super().__init__()
+        if head_uses_prs(head_inputs) and decoder.prs_encoder is None:
+            raise ValueError(f"head_inputs {head_inputs!r} needs a decoder with PRS fusion; drop '+prs'")
+        self.decoder = decoder
+        self.head_inputs = head_inputs
+        self.pool_mean = "+mean" in head_inputs
+        width = decoder.cfg.hidden * (1 + self.pool_mean + head_uses_prs(head_inputs))
+        self.head = ClassificationHead(width, 1, dropout)
+
+    def forward(self, tokens: torch.Tensor, ages: torch.Tensor, length: torch.Tensor,
+                prs: torch.Tensor | None = None, has_prs: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B]; `length` [B] real tokens per right-padded window (>= 1)."""
+        if prs is not None and has_prs is None:
+            has_prs = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        hidden = self.decoder.encode(tokens, ages, prs, has_prs)
+        length = length.long().clamp(min=1)
+        features = [hidden[torch.arange(tokens.shape[0], device=tokens.device), length - 1]]
+        if self.pool_mean:
+            real = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < length[:, None]).to(hidden.dtype)
+            features.append((hidden * real.unsqueeze(-1)).sum(dim=1) / length.unsqueeze(-1).to(hidden.dtype))
+        if head_uses_prs(self.head_inputs):
+            if prs is None:
+                prs = torch.zeros(tokens.shape[0], self.decoder.cfg.num_pgs, device=tokens.device)
+                has_prs = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+            features.append(self.decoder.prs_summary(prs, has_prs).to(hidden.dtype))
+        return self.head(torch.cat(features, dim=-1)).squeeze(-1)
+
+    def freeze_decoder(self, unfrozen_layers: int = 0) -> None:
+        """Linear probe (0) or partial fine-tune: only the head and the top `unfrozen_layers` blocks
+        (plus the final norm and the PRS modules when any block is unfrozen) keep gradients."""
+        for param in self.decoder.parameters():
+            param.requires_grad = False
+        if unfrozen_layers > 0:
+            layers = self.decoder.cfg.layers
+            open_blocks = {f"blocks.{i}." for i in range(max(0, layers - unfrozen_layers), layers)}
+            for name, param in self.decoder.named_parameters():
+                if name.startswith(tuple(open_blocks)) or name.startswith("norm_out.") \
+                        or name in set(self.decoder.prs_parameter_names()):
+                    param.requires_grad = True
+
+
+def save_risk_model(directory: str | Path, model: RiskModel, spec: HeadSpec, tokenizer_path: str | Path) -> Path:
+    directory = Path(directory)
+    state = {f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}
+    state |= {f"head.{k}": v for k, v in model.head.state_dict().items()}
+    save_model_files(directory, state, model.decoder.cfg)
+    (directory / HEAD_FILE).write_text(spec.to_json())
+    shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
+    return directory
+
+
+def load_risk_model(directory: str | Path) -> tuple[RiskModel, HeadSpec]:
+    """The model (eval mode, fp32, CPU) and its spec; weights loaded with weights_only=True."""
+    directory = Path(directory)
+    for name in (WEIGHTS_FILE, CONFIG_FILE, HEAD_FILE, TOKENIZER_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a risk-model directory: {name} missing")
+    cfg: ModelConfig = load_model_config(directory)
+    spec = HeadSpec.from_json((directory / HEAD_FILE).read_text())
+    state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    model = RiskModel(EHRDecoder(cfg), spec.head_inputs)
+    decoder_state = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
+    head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    model.decoder.load_state_dict(decoder_state)
+    model.head.load_state_dict(head_state)
+    return model.eval(), spec
+
+
+@torch.no_grad()
+def predict_logits(model: RiskModel, batch: dict[str, torch.Tensor], mask_prs: bool = False) -> torch.Tensor:
+    """Logits for a batch from `examples.example_tensors`; mask_prs shows everyone as non-genotyped."""
+    has_prs = batch["has_prs"]
+    if mask_prs:
+        has_prs = torch.zeros_like(has_prs)
+    return model(batch["tokens"], batch["ages"], batch["length"], batch["prs"], has_prs)

@@ -1,0 +1,1 @@
+"""`ehrfm preprocess`: the Ray Data job (ingest, PRS, tokenizer, timelines) and its stages."""

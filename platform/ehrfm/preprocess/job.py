@@ -1,0 +1,323 @@
+"""`ehrfm preprocess`: OMOP CDM (or MEDS) + PRS -> MEDS events -> PRS z-scores -> tokenized timelines.
+
+One Ray Data graph per step (stages.py; the task functions in ray_tasks.py),
+streaming, with no step that holds the dataset in one process:
+ 1. person and death are validated in the driver (small) -> PersonIndex, put in the object store.
+ 2. only when two files of a table may share a primary key: their kept keys are grouped by a key
+    bucket (hash shuffle) to find cross-file duplicates exactly (see ingest.py).
+ 3. ingest + events: one task per OMOP file validates it batch by batch (quarantine + row
+    account), maps kept rows to events and tags each with its shard, a hash of subject_id; each
+    shard's events are gathered, sorted and written as events/part-S.parquet
+    (meds.DataSchema-valid, subject-complete). Gathered either by a groupby on the shard (a Ray
+    shuffle) or, with shuffle_strategy=shard_files, through per-shard files the ingest tasks
+    write under the temp directory, read back by one task per shard (no object-store traffic).
+ 4. PRS in the driver (K floats per person): validated, z-scored / ancestry-adjusted on the train
+    split -> prs/part-S.parquet (same shards) and prs/pgs_ids.json.
+ 5. tokenizer fit on train persons only: code counts come back from the shard writers, value-bin
+    edges from a groupby on code over the train values -> tokenizer.json.
+ 6. timelines: one task per shard -> timelines/part-S.parquet + timelines/manifest.json.
+ 7. report.json, splits.parquet, quarantine/; all written under a hidden temp directory beside
+    OUT, which replaces OUT by a rename only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ehrfm.config import dump_config, load_config
+from ehrfm.preprocess import ray_tasks as tasks
+from ehrfm.preprocess import stages as stages
+from ehrfm.omop.validation import find_tables
+from ehrfm.omop.files import OmopSchemaError
+from ehrfm.preprocess.config import PreprocessConfig
+from ehrfm.preprocess.report import log_to_mlflow, percentiles, summary_lines
+from ehrfm.prs.readers import PrsFormatError
+from ehrfm.prs.person import PersonPrs, PrsInputs, build_person_prs, write_prs
+from ehrfm.constants import FIRST_CODE_ID, SPECIAL_TOKENS, SPLITS
+from ehrfm.splits import shard_of, split_codes
+
+TIMELINES_FORMAT = "ehrfm-timelines/1"
+
+
+@dataclass
+class PreprocessInputs:
+    """Where the data come from: an OMOP root or a MEDS dataset, plus optional PRS files."""
+
+    omop: str | None = None
+    meds: str | None = None
+    prs: str | None = None
+    sample_map: str | None = None
+    pcs: str | None = None
+
+    @classmethod
+    def from_cohort(cls, cohort: str | Path) -> PreprocessInputs:
+        """The layout `ehrfm synthesize` writes: omop/ and prs/ (wide parquet, sample map, PCs)."""
+        root = Path(cohort)
+        prs_dir = root / "prs"
+        prs = next((p for p in (prs_dir / "scores_wide.parquet", prs_dir / "aggregated_scores.txt.gz") if p.is_file()), None)
+        return cls(
+            omop=str(root / "omop"),
+            prs=str(prs) if prs else None,
+            sample_map=str(prs_dir / "sample_map.tsv") if (prs_dir / "sample_map.tsv").is_file() else None,
+            pcs=str(prs_dir / "pcs.tsv") if (prs_dir / "pcs.tsv").is_file() else None,
+        )
+
+
+# ---- atomic output ------------------------------------------------------------------------------
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yield a hidden temp directory beside `out`; on success it replaces `out` by rename.
+
+    A failed or killed run leaves only the hidden `.NAME.tmp-*` directory (removed on failure
+    when possible), never a partial `out` that a later stage could read.
+    """
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+@contextmanager
+def data_context(config: PreprocessConfig) -> Iterator[None]:
+    """The Ray Data settings of this run (shuffle strategy, progress bars), restored afterwards."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.shuffle_strategy, ctx.enable_progress_bars)
+    ctx.shuffle_strategy = config.ray_shuffle_strategy
+    if not config.progress_bars:
+        ctx.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ctx.shuffle_strategy, ctx.enable_progress_bars = saved
+
+
+def default_ray_address() -> str:
+    """RAY_ADDRESS when set (a submitted job), else a new local instance: never silently join
+    some other `ray start` cluster on the machine (pass --ray-address auto for that)."""
+    return os.environ.get("RAY_ADDRESS") or "local"
+
+
+def check_inputs(inputs: PreprocessInputs) -> None:
+    """Fail before any work when a named input is missing (no stage should find out late)."""
+    if bool(inputs.omop) == bool(inputs.meds):
+        raise ValueError("give exactly one of an OMOP root or a MEDS dataset")
+    for flag, path in (("--omop", inputs.omop), ("--meds", inputs.meds), ("--prs", inputs.prs),
+                       ("--sample-map", inputs.sample_map), ("--pcs", inputs.pcs)):
+        if path and "://" not in path and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+    if (inputs.sample_map or inputs.pcs) and not inputs.prs:
+        raise ValueError("--sample-map and --pcs need --prs")
+
+
+def _input_files(inputs: PreprocessInputs) -> list[str]:
+    files: list[str] = []
+    if inputs.omop:
+        for table_files in find_tables(inputs.omop).values():
+            files += table_files
+    if inputs.meds:
+        files += stages.meds_files(Path(inputs.meds))
+    files += [f for f in (inputs.prs, inputs.sample_map, inputs.pcs) if f]
+    return sorted(f for f in files if "://" not in f)
+
+
+def _token_report(timelines: pa.Table) -> tuple[dict, dict, list[dict]]:
+    stats = [json.loads(s) for s in timelines["stats"].to_pylist()] if timelines.num_rows else []
+    lengths = timelines["lengths"].combine_chunks().flatten().to_numpy() if stats else np.zeros(0, np.int64)
+    splits = {name: sum(s["subjects_by_split"][name] for s in stats) for name in SPLITS}
+    tokens = {
+        "total": int(lengths.sum()),
+        "per_person": percentiles(lengths),
+        "mean_per_person": float(lengths.mean()) if len(lengths) else 0.0,
+        "unk_tokens": sum(s["unk_tokens"] for s in stats),
+        "unk_tokens_by_split": {n: sum(s["unk_tokens_by_split"][n] for s in stats) for n in SPLITS},
+        "value_tokens": sum(s["value_tokens"] for s in stats),
+        "gap_tokens": sum(s["gap_tokens"] for s in stats),
+    }
+    shards = [{"file": f"part-{shard:05d}.parquet", "persons": s["subjects"], "tokens": s["tokens"], "sha256": sha}
+              for shard, s, sha in zip(timelines["shard"].to_pylist(), stats, timelines["sha256"].to_pylist())]
+    return splits, tokens, shards
+
+
+def run_preprocess(config: PreprocessConfig, inputs: PreprocessInputs, out: str | Path) -> dict:
+    """Run every stage into a temp directory, then move it to `out`; returns the report."""
+    import ray
+
+    check_inputs(inputs)
+    if not ray.is_initialized():
+        ray.init(address=default_ray_address())
+    # hashing releases the GIL: one driver thread checksums the inputs while the stages run
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    try:
+        files = _input_files(inputs) if config.checksum_inputs else []
+        checksums = {f: hasher.submit(tasks.file_sha256, f) for f in files}
+        with data_context(config), atomic_directory(Path(out)) as tmp:
+            report = _run_stages(config, inputs, tmp, checksums)
+    finally:
+        hasher.shutdown(wait=False, cancel_futures=True)
+    log_to_mlflow(report, {**_flatten(config.model_dump(mode="json")), "tokenizer_version": report["tokenizer"]["version"]})
+    return report
+
+
+def _run_stages(config: PreprocessConfig, inputs: PreprocessInputs, tmp: Path, checksums: dict) -> dict:
+    timer = stages.Timer()
+    stage = stages.omop_events if inputs.omop else stages.meds_events
+    events = stage(inputs.omop or inputs.meds, config, tmp, timer)
+    subjects, n_shards = events.subjects, events.n_shards
+    person_split = split_codes(subjects, config.splits.ratios, config.splits.salt)
+    with timer.stage("prs"):
+        if inputs.prs:
+            prs_inputs = PrsInputs(inputs.prs, inputs.sample_map, inputs.pcs, config.prs.column,
+                                   config.prs.sampleset, config.prs.adjust_ancestry)
+            person_prs = build_person_prs(prs_inputs, subjects, person_split, tmp / "quarantine" / "prs_samples.parquet")
+        else:
+            person_prs = PersonPrs.empty(subjects)
+        write_prs(tmp / "prs", person_prs, shard_of(subjects, n_shards), n_shards)
+    with timer.stage("tokenizer_fit"):
+        tok = stages.fit_tokenizer(tmp / "events", events, config)
+        tok.save(tmp / "tokenizer.json")
+    with timer.stage("timelines"):
+        timelines = stages.build_timelines(tmp, tok, len(person_prs.pgs_ids), [s["shard"] for s in events.shards], config)
+    splits, tokens, timeline_shards = _token_report(timelines)
+    pq.write_table(pa.table({"subject_id": pa.array(subjects, pa.int64()),
+                             "split": pa.array(np.asarray(SPLITS, dtype=object)[person_split].tolist(), pa.string())}),
+                   tmp / "splits.parquet")
+    manifest = {
+        "format": TIMELINES_FORMAT,
+        "vocab_size": tok.vocab_size,
+        "num_pgs": len(person_prs.pgs_ids),
+        "pgs_ids": person_prs.pgs_ids,
+        "tokenizer_version": tok.version,
+        "tokenizer_file": "../tokenizer.json",
+        "special_tokens": SPECIAL_TOKENS,
+        "first_code_id": FIRST_CODE_ID,
+        "counts": {"persons": int(len(subjects)), "persons_by_split": splits, "events": events.events,
+                   "tokens": tokens["total"], "persons_with_prs": int(person_prs.has_prs.sum())},
+        "token_statistics": tokens,
+        "splits": {"ratios": dict(zip(SPLITS, config.splits.ratios)), "salt": config.splits.salt},
+        "shards": timeline_shards,
+        "input_checksums": {"sha256": {f: future.result() for f, future in checksums.items()}},
+    }
+    (tmp / "timelines" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    shutil.rmtree(tmp / "_work", ignore_errors=True)
+    (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    prs_report = {"persons": int(len(subjects)), "persons_with_prs": int(person_prs.has_prs.sum()),
+                  "pgs": len(person_prs.pgs_ids), **person_prs.report}
+    report = {
+        "inputs": {k: v for k, v in asdict(inputs).items() if v},
+        "tables": events.tables,
+        "totals": {key: sum(a[key] for a in events.tables.values()) for key in ("rows_in", "rows_kept", "rows_quarantined")},
+        "events": {"events": events.events, "subjects": int(len(subjects)), "shards": n_shards, "files": events.shards},
+        "splits": splits,
+        "tokens": tokens,
+        "tokenizer": {"version": tok.version, "vocab_size": tok.vocab_size, **tok.fit_summary},
+        "prs": prs_report,
+        "seconds": timer.total(),
+    }
+    (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (tmp / "summary.txt").write_text("\n".join(summary_lines(report)) + "\n", encoding="utf-8")
+    return report
+
+
+INPUT_ERRORS = (OmopSchemaError, PrsFormatError, FileNotFoundError, ValueError)
+
+
+def input_error(exc: BaseException) -> BaseException | None:
+    """The input error behind `exc`: itself, or the original exception of a failed Ray task
+    (RayTaskError.cause), following causes; None when it is not an input error."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, INPUT_ERRORS) and not type(current).__module__.startswith("ray"):
+            return current
+        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+# ---- command line -------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ehrfm preprocess", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--omop", help="OMOP CDM root (csv/parquet tables, local path or filesystem URI)")
+    source.add_argument("--meds", help="MEDS dataset (data/*.parquet) in place of OMOP")
+    source.add_argument("--cohort", help="a cohort directory from `ehrfm synthesize` (omop/ + prs/)")
+    parser.add_argument("--prs", help="PRS file: pgsc_calc aggregated scores, plink2 .sscore or wide table")
+    parser.add_argument("--sample-map", help="sample_id<TAB>person_id (without it, sample ids are person ids)")
+    parser.add_argument("--pcs", help="genetic PCs (sample_id PC1..PCn) for ancestry adjustment")
+    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    parser.add_argument("--config", help="PreprocessConfig YAML (jobs/configs/preprocess-default.yaml)")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join ('auto': the running local one; default: RAY_ADDRESS, else a new local instance)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = load_config(PreprocessConfig, args.config, args.overrides)
+    inputs = PreprocessInputs.from_cohort(args.cohort) if args.cohort else PreprocessInputs(omop=args.omop, meds=args.meds)
+    for name in ("prs", "sample_map", "pcs"):
+        if getattr(args, name):
+            setattr(inputs, name, getattr(args, name))
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=args.ray_address or default_ray_address())
+    try:
+        report = run_preprocess(config, inputs, args.out)
+    except Exception as exc:  # noqa: BLE001 - an input error raised inside a Ray task arrives wrapped
+        cause = input_error(exc)
+        if cause is None:
+            raise
+        print(f"ehrfm preprocess: {cause}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_lines(report)))
+    print(f"outputs: {Path(args.out).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""`ehrfm pretrain` / jobs/pretrain.py: pretrain the decoder on Ray Train + DeepSpeed ZeRO.
+
+    python jobs/pretrain.py --config jobs/configs/pretrain-cpu-small.yaml --data runs/demo [key=value ...]
+
+The driver reads the timelines manifest (vocabulary size, PRS width), builds the train/val Ray
+Datasets and starts a TorchTrainer; each worker runs `ehrfm.training.pretrain_loop.train_loop_per_worker`.
+Starting the same run (storage_path + name) again resumes it from its latest checkpoint.
+Metrics go to MLflow: mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else the local tracking
+server (started or reused by the driver, which passes the URI to the workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ehrfm.config import load_config
+from ehrfm.training.config import PretrainConfig
+from ehrfm.training.windows import TimelineManifest, timeline_dataset
+from ehrfm.training.run_logger import resolve_tracking_uri
+
+RESULT_FILE = "pretrain_result.json"
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    run_dir: str
+    checkpoint: str | None  # the latest checkpoint directory (holds model.pt + model_config.json)
+    metrics: dict
+    tracking_uri: str | None
+
+    def to_dict(self) -> dict:
+        return {"run_dir": self.run_dir, "checkpoint": self.checkpoint, "metrics": self.metrics,
+                "tracking_uri": self.tracking_uri}
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def load_datasets(cfg: PretrainConfig) -> dict:
+    """The train and val Ray Datasets of `cfg.data.dir` (materialised when the config asks for it)."""
+    datasets = {split: timeline_dataset(cfg.data.dir, split) for split in ("train", "val")}
+    if cfg.data.materialize:
+        datasets = {split: ds.materialize() for split, ds in datasets.items()}
+    return datasets
+
+
+def build_trainer(cfg: PretrainConfig, datasets: dict | None = None):
+    """(TorchTrainer, MLflow tracking URI) for `cfg`, whose paths are already absolute.
+
+    `datasets` lets callers that start several runs on the same data (sweeps, tests) read it once.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    manifest = TimelineManifest.read(cfg.data.dir)
+    model_cfg = cfg.model.with_data(manifest.vocab_size, manifest.num_pgs)
+    if model_cfg.fusion != "none" and manifest.num_pgs == 0:
+        raise ValueError(f"model.fusion={model_cfg.fusion} but {cfg.data.dir}/timelines has no PRS columns")
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.storage_path) if cfg.mlflow.enabled else None
+    artifact_root = None if "://" in cfg.run.storage_path else str(Path(cfg.run.storage_path) / "mlflow-artifacts")
+    loop_config = {"config": cfg.model_dump(mode="json"), "model": model_cfg.to_dict(),
+                   "tracking_uri": tracking_uri, "artifact_root": artifact_root}
+    datasets = datasets if datasets is not None else load_datasets(cfg)
+    scaling = cfg.scaling
+    from ehrfm.training.pretrain_loop import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},  # plus 1 GPU each when use_gpu
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.fault.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.schedule.keep_checkpoints),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    ), tracking_uri
+
+
+def run_pretraining(cfg: PretrainConfig, datasets: dict | None = None) -> PretrainResult:
+    """Train (or resume) the run described by `cfg`; returns where its latest checkpoint is."""
+    if not cfg.data.dir:
+        raise ValueError("no data directory: pass --data DIR (the directory holding timelines/) or set data.dir")
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.dir = _absolute(cfg.data.dir)
+    cfg.run.storage_path = _absolute(cfg.run.storage_path)
+    if cfg.run.init_from:
+        cfg.run.init_from = _absolute(cfg.run.init_from)
+    if "://" not in cfg.run.storage_path:
+        Path(cfg.run.storage_path).mkdir(parents=True, exist_ok=True)
+    trainer, tracking_uri = build_trainer(cfg, datasets)
+    result = trainer.fit()
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    outcome = PretrainResult(cfg.run_dir(), checkpoint, dict(result.metrics or {}), tracking_uri)
+    if "://" not in cfg.run.storage_path:
+        (Path(cfg.run_dir()) / RESULT_FILE).write_text(json.dumps(outcome.to_dict(), indent=2))
+    return outcome
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ehrfm pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=None, help="pretraining YAML (PretrainConfig)")
+    parser.add_argument("--data", default=None, help="directory holding timelines/ (overrides data.dir)")
+    parser.add_argument("--storage", default=None, help="checkpoint storage path (overrides run.storage_path)")
+    parser.add_argument("--name", default=None, help="run name (overrides run.name); same name = resume")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key.path=value")
+    args = parser.parse_args(argv)
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    if args.data:
+        cfg.data.dir = args.data
+    if args.storage:
+        cfg.run.storage_path = args.storage
+    if args.name:
+        cfg.run.name = args.name
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS / a running cluster if there is one, else a local instance
+    outcome = run_pretraining(cfg)
+    print(json.dumps(outcome.to_dict(), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

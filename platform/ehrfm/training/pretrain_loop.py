@@ -1,0 +1,236 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Ray Train has already set up the process group (gloo on CPU, NCCL on GPU); DeepSpeed wraps the
+model on top of it. A step does no host sync: losses and token counts accumulate in device
+tensors and are all-reduced and read only every `log_every` steps. Checkpoints go through
+`ray.train.report`; a restarted worker group (or the same run started again) resumes from the
+latest one, at the same data position.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import deepspeed
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ehrfm.config import dump_config
+from ehrfm.constants import PAD_ID
+from ehrfm.model.config import ModelConfig
+from ehrfm.model.io import load_state_dict
+from ehrfm.model.transformer import EHRDecoder
+from ehrfm.training.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+from ehrfm.training.config import PretrainConfig
+from ehrfm.training.windows import VALIDATION_EPOCH, hash_uniform, iter_epoch
+from ehrfm.training.engine import build_optimizer, deepspeed_config, scheduler_factory
+from ehrfm.training.run_logger import RunLogger
+from ehrfm.training.throughput import WindowMeter, flops_per_token, peak_flops
+
+MODEL_INPUTS = ("tokens", "ages", "prs", "has_prs")
+
+
+class BatchStream:
+    """Endless micro-batches over epochs of this worker's shard, tracking (epoch, batch in epoch)."""
+
+    def __init__(self, shard, cfg: PretrainConfig, num_pgs: int, state: TrainState):
+        self.shard, self.cfg, self.num_pgs = shard, cfg, num_pgs
+        self.epoch, self.consumed = state.epoch, state.batch_in_epoch
+        self._batches = self._open(skip=self.consumed)
+
+    def _open(self, skip: int):
+        data = self.cfg.data
+        batches = iter(iter_epoch(self.shard, data.batch_size, self.cfg.model.context, self.num_pgs,
+                                  self.cfg.schedule.seed, self.epoch, data.shuffle_buffer))
+        for skipped in range(skip):  # resume mid-epoch where the checkpoint left off
+            if next(batches, None) is None:
+                raise RuntimeError(f"checkpoint says {skip} batches of epoch {self.epoch} were used, "
+                                   f"but this shard has only {skipped}")
+        return batches
+
+    def next(self) -> dict[str, torch.Tensor]:
+        batch = next(self._batches, None)
+        if batch is None:
+            self.epoch, self.consumed = self.epoch + 1, 0
+            self._batches = self._open(skip=0)
+            batch = next(self._batches, None)
+            if batch is None:
+                raise RuntimeError(f"the train split gives this worker no full batch of {self.cfg.data.batch_size}: "
+                                   "lower data.batch_size or scaling.num_workers")
+        self.consumed += 1
+        return batch
+
+
+def validation_batches(shard, cfg: PretrainConfig, num_pgs: int, rank: int, world: int) -> list[dict]:
+    """This rank's share of a fixed validation set, the same whatever order Ray Data delivers rows in.
+
+    Every rank reads the (unsplit) val split once; the `val_max_windows` people with the smallest
+    hash of their id are kept and dealt round-robin to the ranks, then cached for every evaluation.
+    """
+    keep = cfg.data.val_max_windows
+    kept: dict[str, torch.Tensor] | None = None
+    for batch in iter_epoch(shard, cfg.data.val_batch_size, cfg.model.context, num_pgs, cfg.schedule.seed,
+                            VALIDATION_EPOCH, shuffle_buffer=0, drop_last=False):
+        batch = {k: v.cpu() for k, v in batch.items()}
+        kept = batch if kept is None else {k: torch.cat([kept[k], batch[k]]) for k in batch}
+        priority = torch.from_numpy(hash_uniform(kept["subject_id"].numpy(), cfg.schedule.seed, VALIDATION_EPOCH))
+        order = torch.argsort(priority)[:keep]
+        kept = {k: v[order] for k, v in kept.items()}
+    if kept is None:
+        raise RuntimeError("the val split is empty: pretraining needs validation timelines")
+    order = torch.argsort(kept["subject_id"])  # round-robin over a fixed order
+    mine = order[rank::world]
+    device = ray.train.torch.get_device()
+    size = cfg.data.val_batch_size
+    return [{k: v[mine[i:i + size]].to(device) for k, v in kept.items()} for i in range(0, len(mine), size)]
+
+
+def evaluate(engine, batches: list[dict], device: torch.device) -> float:
+    """Mean next-token loss over all ranks' validation windows (exact token-weighted average)."""
+    engine.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in batches:
+            logits, _ = engine(*(batch[k] for k in MODEL_INPUTS))
+            targets = batch["targets"]
+            sums[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD_ID,
+                                       reduction="sum")
+            sums[1] += (targets != PAD_ID).sum()
+    dist.all_reduce(sums)
+    engine.train()
+    return float(sums[0] / sums[1].clamp(min=1))
+
+
+def _maybe_inject_fault(cfg: PretrainConfig, rank: int, next_step: int) -> None:
+    """Test hook: the chosen rank dies (once, guarded by a marker file) before `next_step`."""
+    fault = cfg.fault
+    if fault.kill_rank_at_step != next_step or rank != fault.kill_rank:
+        return
+    marker = cfg.fault_marker()
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"rank {rank} killed before step {next_step}\n")
+    os._exit(17)
+
+
+def build_model(cfg: PretrainConfig, model_cfg: ModelConfig) -> EHRDecoder:
+    torch.manual_seed(cfg.schedule.seed)  # identical initial weights on every rank
+    model = EHRDecoder(model_cfg)
+    if cfg.run.init_from:
+        fresh = model.load_base_weights(load_state_dict(cfg.run.init_from))
+        if model_cfg.adapter:
+            model.freeze_base()
+        print(f"initialised from {cfg.run.init_from}; new PRS parameters: {len(fresh)}")
+    return model
+
+
+def report(engine, model_cfg: ModelConfig, state: TrainState, metrics: dict, logger: RunLogger | None,
+           rank: int, with_checkpoint: bool) -> None:
+    """Metrics to MLflow (rank 0) and to Ray Train; with a checkpoint every rank adds its shard."""
+    if logger:
+        logger.log_metrics(metrics, state.step)
+    metrics = {**metrics, "step": state.step}
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="ehrfm-ckpt-") as tmp:
+        save_checkpoint(engine, model_cfg, state, Path(tmp), rank)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{state.step:07d}")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = PretrainConfig.model_validate(loop_config["config"])
+    model_cfg = ModelConfig.from_dict(loop_config["model"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if cfg.scaling.torch_threads:
+        torch.set_num_threads(cfg.scaling.torch_threads)
+    device = ray.train.torch.get_device()
+
+    model = build_model(cfg, model_cfg)
+    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, cfg), lr_scheduler=scheduler_factory(cfg),
+        config=deepspeed_config(cfg, world),
+    )
+    engine.train()
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = restore_checkpoint(engine, Path(directory))
+        state.restarts += 1
+
+    logger = None
+    if rank == 0 and cfg.mlflow.enabled:
+        logger = RunLogger(loop_config["tracking_uri"], cfg.mlflow.experiment, cfg.run_dir(), cfg.run.name,
+                           loop_config.get("artifact_root"))
+        logger.log_params({"config": cfg.model_dump(mode="json"), "model.parameters": total,
+                           "model.trainable_parameters": trainable, "world_size": world})
+        if not logger.resumed:
+            logger.log_text(dump_config(cfg), "pretrain_config.yaml")
+        if checkpoint is not None:  # one point per resume: proof that a restart continued, not restarted
+            logger.log_metrics({"resumed_from_step": float(state.step)}, state.step)
+
+    stream = BatchStream(ray.train.get_dataset_shard("train"), cfg, model_cfg.num_pgs, state)
+    val_batches = validation_batches(ray.train.get_dataset_shard("val"), cfg, model_cfg.num_pgs, rank, world)
+    flops_token = flops_per_token(model_cfg, trainable, total)
+    peak = peak_flops(device, cfg.scaling.peak_tflops)
+    sched = cfg.schedule
+    last_step = cfg.last_step
+
+    meter = WindowMeter(device)
+    positions_per_micro_step = world * cfg.data.batch_size * cfg.model.context
+    train_loss = math.nan
+    try:
+        while state.step < last_step:
+            _maybe_inject_fault(cfg, rank, state.step + 1)
+            for micro in range(sched.grad_accum):
+                batch = stream.next()
+                torch.manual_seed(sched.seed * 1_000_003 + (state.step * sched.grad_accum + micro) * 131 + rank)
+                _, loss = engine(*(batch[k] for k in MODEL_INPUTS), targets=batch["targets"])
+                engine.backward(loss)
+                engine.step()
+                meter.add(loss, (batch["targets"] != PAD_ID).sum())
+            state.step += 1
+            state.epoch, state.batch_in_epoch = stream.epoch, stream.consumed
+            is_last = state.step == last_step
+            metrics: dict[str, float] = {}
+            if state.step % sched.log_every == 0 or is_last:
+                metrics = meter.summary(engine, positions_per_micro_step, sched.grad_accum)
+                state.tokens_seen += int(metrics.pop("window_tokens"))
+                train_loss = metrics["train_loss"]
+                metrics.update(lr=scheduler.get_last_lr()[0], epoch=float(stream.epoch),
+                               tokens_seen=float(state.tokens_seen))
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                if peak:
+                    metrics["mfu"] = flops_token * metrics["positions_per_s"] / (peak * world)
+            checkpoint_due = state.step % sched.checkpoint_every == 0 or is_last
+            if state.step % sched.val_every == 0 or checkpoint_due:
+                started = time.perf_counter()
+                val_loss = evaluate(engine, val_batches, device)
+                metrics.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
+                state.history.append({"step": state.step, "val_loss": val_loss, "train_loss": train_loss,
+                                      "lr": scheduler.get_last_lr()[0]})
+                report(engine, model_cfg, state, metrics, logger, rank, checkpoint_due)
+                meter.exclude(time.perf_counter() - started)
+            elif metrics and logger:
+                logger.log_metrics(metrics, state.step)
+    except BaseException:
+        if logger:
+            logger.finish("FAILED")
+        raise
+    if logger:
+        logger.finish("FINISHED")
