@@ -33,8 +33,10 @@ test-fast: setup
 bench: setup
 	$(PY) bench/run.py --out bench/results.json
 
+# ruff: the formatter's check and the lint rules of pyproject.toml ([tool.ruff])
 lint: setup
-	$(PY) -m compileall -q platform jobs tests bench
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -33,8 +33,21 @@ def make_cohort(data_dir: Path, persons: int) -> Path:
     cohort = data_dir / f"cohort-{persons}"
     if (cohort / "manifest.json").is_file():
         return cohort
-    command = [sys.executable, "-m", "ehrfm", "synthesize", "--persons", str(persons), "--seed", "0",
-               "--num-pgs", "128", "--out", str(cohort), "--ray"]
+    command = [
+        sys.executable,
+        "-m",
+        "ehrfm",
+        "synthesize",
+        "--persons",
+        str(persons),
+        "--seed",
+        "0",
+        "--num-pgs",
+        "128",
+        "--out",
+        str(cohort),
+        "--ray",
+    ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return cohort
 
@@ -88,8 +101,8 @@ def run_measured(command: list[str]) -> tuple[dict, float]:
 def engine_ray(cohort: str, out: str, strategy: str) -> dict:
     import ray
 
-    from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
     from ehrfm.preprocess.config import PreprocessConfig
+    from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     config = PreprocessConfig(progress_bars=False, shuffle_strategy=strategy)
@@ -102,10 +115,10 @@ def engine_ray(cohort: str, out: str, strategy: str) -> dict:
 def engine_polars(cohort: str, out: str) -> dict:
     import pyarrow.parquet as pq
 
-    from ehrfm.preprocess.job import PreprocessInputs
-    from tests.support.polars_reference import reference_timelines
     from ehrfm.preprocess.config import PreprocessConfig
+    from ehrfm.preprocess.job import PreprocessInputs
     from ehrfm.prs.person import PrsInputs
+    from tests.support.polars_reference import reference_timelines
 
     inputs = PreprocessInputs.from_cohort(cohort)
     started = time.perf_counter()
@@ -129,20 +142,36 @@ def measure(persons: int, data_dir: Path, strategies: list[str], with_reference:
     result: dict = {"persons": persons}
     polars_out = data_dir / f"polars-{persons}"
     if with_reference:
-        stats, peak = run_best([sys.executable, __file__, "--engine", "polars", "--cohort", str(cohort),
-                                "--to", str(polars_out)], repeat)
+        stats, peak = run_best(
+            [sys.executable, __file__, "--engine", "polars", "--cohort", str(cohort), "--to", str(polars_out)], repeat
+        )
         result["polars"] = {**stats, "events_per_s": stats["events"] / stats["seconds"], "peak_pss_gib": round(peak, 2)}
     for strategy in strategies:
         ray_out = data_dir / f"ray-{persons}-{strategy}"
-        stats, peak = run_best([sys.executable, __file__, "--engine", "ray", "--strategy", strategy,
-                                "--cohort", str(cohort), "--to", str(ray_out)], repeat)
+        stats, peak = run_best(
+            [
+                sys.executable,
+                __file__,
+                "--engine",
+                "ray",
+                "--strategy",
+                strategy,
+                "--cohort",
+                str(cohort),
+                "--to",
+                str(ray_out),
+            ],
+            repeat,
+        )
         result[strategy] = {**stats, "events_per_s": stats["events"] / stats["seconds"], "peak_pss_gib": round(peak, 2)}
         if with_reference:
             same = identical(ray_out, polars_out)
             if not same or stats["events"] != result["polars"]["events"]:
                 raise AssertionError(f"{persons} persons, {strategy}: Ray and polars timelines differ")
-            result[strategy].update(identical_to_polars=same,
-                                    ratio_vs_polars=result[strategy]["events_per_s"] / result["polars"]["events_per_s"])
+            result[strategy].update(
+                identical_to_polars=same,
+                ratio_vs_polars=result[strategy]["events_per_s"] / result["polars"]["events_per_s"],
+            )
     return result
 
 
@@ -151,19 +180,25 @@ def _load(stats: dict) -> str:
 
 
 def markdown(results: list[dict], strategies: list[str]) -> str:
-    rows = ["| persons | events | engine | wall s | events/s | peak PSS GiB | vs polars | identical | load avg |",
-            "|---:|---:|---|---:|---:|---:|---:|---|---|"]
+    rows = [
+        "| persons | events | engine | wall s | events/s | peak PSS GiB | vs polars | identical | load avg |",
+        "|---:|---:|---|---:|---:|---:|---:|---|---|",
+    ]
     for r in results:
         if "polars" in r:
             p = r["polars"]
-            rows.append(f"| {r['persons']:,} | {p['events']:,} | polars (1 process) | {p['seconds']:.1f} | "
-                        f"{p['events_per_s']:,.0f} | {p['peak_pss_gib']:.2f} | 1.00 | - | {_load(p)} |")
+            rows.append(
+                f"| {r['persons']:,} | {p['events']:,} | polars (1 process) | {p['seconds']:.1f} | "
+                f"{p['events_per_s']:,.0f} | {p['peak_pss_gib']:.2f} | 1.00 | - | {_load(p)} |"
+            )
         for s in strategies:
             x = r[s]
             ratio = f"{x['ratio_vs_polars']:.2f}" if "ratio_vs_polars" in x else "not run (memory)"
             same = ("yes" if x["identical_to_polars"] else "NO") if "identical_to_polars" in x else "-"
-            rows.append(f"| {r['persons']:,} | {x['events']:,} | Ray Data ({s}) | {x['seconds']:.1f} | "
-                        f"{x['events_per_s']:,.0f} | {x['peak_pss_gib']:.2f} | {ratio} | {same} | {_load(x)} |")
+            rows.append(
+                f"| {r['persons']:,} | {x['events']:,} | Ray Data ({s}) | {x['seconds']:.1f} | "
+                f"{x['events_per_s']:,.0f} | {x['peak_pss_gib']:.2f} | {ratio} | {same} | {_load(x)} |"
+            )
     return "\n".join(rows)
 
 
@@ -173,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one small size (2k persons)")
     parser.add_argument("--sizes", type=int, nargs="*", default=None)
     parser.add_argument("--repeat", type=int, default=1, help="runs per engine and size; the fastest is kept")
-    parser.add_argument("--reference-max-persons", type=int, default=50_000,
-                        help="run the in-memory polars reference only up to this size (it needs ~3.4 GiB per 10M events)")
+    parser.add_argument(
+        "--reference-max-persons",
+        type=int,
+        default=50_000,
+        help="run the in-memory polars reference only up to this size (it needs ~3.4 GiB per 10M events)",
+    )
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("EHRFM_BENCH_DATA", "/tmp/ehrfm-bench")))
     parser.add_argument("--engine", choices=["ray", "polars"], help=argparse.SUPPRESS)
@@ -192,11 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     args.data_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for persons in sizes:
-        results.append(measure(persons, args.data_dir, args.strategies, persons <= args.reference_max_persons,
-                               args.repeat))
+        results.append(
+            measure(persons, args.data_dir, args.strategies, persons <= args.reference_max_persons, args.repeat)
+        )
         print(json.dumps(results[-1], indent=1), flush=True)
-    payload = {"machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-               "results": results, "markdown": markdown(results, args.strategies)}
+    payload = {
+        "machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "results": results,
+        "markdown": markdown(results, args.strategies),
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(payload, indent=2) + "\n")

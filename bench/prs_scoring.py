@@ -25,8 +25,8 @@ import ray
 from bed_reader import open_bed
 
 from ehrfm.genetics.genotypes import GenotypeSet, open_genotypes
-from ehrfm.genetics.score import ScorePrsConfig, load_scores, match_all
 from ehrfm.genetics.ray_scoring import RunSettings, block_layouts, score_sample_blocks, variant_means
+from ehrfm.genetics.score import ScorePrsConfig, load_scores, match_all
 from ehrfm.genetics.weights import WeightMatrix, build_weight_matrix, plan_blocks
 from ehrfm_synthetic.genotypes import write_genotypes_and_scores
 
@@ -41,10 +41,12 @@ def numpy_scores(genotypes: GenotypeSet, weights: WeightMatrix, chunk: int) -> n
         rows = np.flatnonzero(fileset == index)
         with open_bed(info.bed, iid_count=info.n_samples, sid_count=info.n_variants) as reader:
             for start in range(0, len(rows), chunk):
-                part = rows[start:start + chunk]
+                part = rows[start : start + chunk]
                 dosage = reader.read(index=np.s_[:, local[part]], dtype="float64")
                 missing = np.isnan(dosage)
-                means = np.where(missing.all(axis=0), 0.0, np.nanmean(np.where(missing.all(axis=0), 0.0, dosage), axis=0))
+                means = np.where(
+                    missing.all(axis=0), 0.0, np.nanmean(np.where(missing.all(axis=0), 0.0, dosage), axis=0)
+                )
                 dosage[missing] = np.take(means, np.nonzero(missing)[1])
                 sums += dosage @ weights.weights[part].toarray()
     return sums + weights.offsets[None, :]
@@ -56,7 +58,7 @@ def ray_scores(genotypes: GenotypeSet, weights: WeightMatrix, settings: RunSetti
     means, _ = variant_means(genotypes, blocks, settings, layouts)
     sums = np.zeros((genotypes.n_samples, weights.n_scores))
     for block in score_sample_blocks(genotypes, weights, blocks, means, settings, layouts):
-        sums[block.start:block.stop] = block.sums
+        sums[block.start : block.stop] = block.sums
     return sums
 
 
@@ -97,14 +99,20 @@ def main(argv: list[str]) -> int:
     rng = np.random.default_rng(args.seed)
     started = time.perf_counter()
     synthetic = write_genotypes_and_scores(
-        workdir, [f"S{i:07d}" for i in range(args.samples)], rng.uniform(0.05, 0.95, args.variants),
-        rng.normal(size=(args.samples, args.scores)), args.seed, variants_per_score=args.variants_per_score,
-        missing_rate=args.missing_rate)
+        workdir,
+        [f"S{i:07d}" for i in range(args.samples)],
+        rng.uniform(0.05, 0.95, args.variants),
+        rng.normal(size=(args.samples, args.scores)),
+        args.seed,
+        variants_per_score=args.variants_per_score,
+        missing_rate=args.missing_rate,
+    )
     generate_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    config = ScorePrsConfig(genotypes=str(synthetic.bed), scores=[str(p) for p in synthetic.scoring_files],
-                            out=str(workdir / "out"))
+    config = ScorePrsConfig(
+        genotypes=str(synthetic.bed), scores=[str(p) for p in synthetic.scoring_files], out=str(workdir / "out")
+    )
     genotypes = open_genotypes(config.genotypes)
     matches, refusals = match_all(load_scores(config.scores), genotypes, config)
     if refusals:
@@ -122,23 +130,44 @@ def main(argv: list[str]) -> int:
     equal = bool(np.allclose(scored, reference, rtol=1e-9, atol=1e-9))
 
     work = len(weights.targets) * genotypes.n_samples * weights.n_scores
-    markdown = (f"| path | seconds | variants x samples x scores / s |\n|---|---|---|\n"
-                f"| numpy, single process | {numpy_s:.2f} | {work / numpy_s:.3g} |\n"
-                f"| Ray Data ({args.num_cpus} CPUs) | {ray_s:.2f} | {work / ray_s:.3g} |\n\n"
-                f"{len(weights.targets)} scored variants x {genotypes.n_samples} samples x {weights.n_scores} "
-                f"scores; Ray/numpy speed ratio {numpy_s / ray_s:.2f}; results equal: {equal} "
-                f"(max |diff| {max_diff:.2e})")
+    markdown = (
+        f"| path | seconds | variants x samples x scores / s |\n|---|---|---|\n"
+        f"| numpy, single process | {numpy_s:.2f} | {work / numpy_s:.3g} |\n"
+        f"| Ray Data ({args.num_cpus} CPUs) | {ray_s:.2f} | {work / ray_s:.3g} |\n\n"
+        f"{len(weights.targets)} scored variants x {genotypes.n_samples} samples x {weights.n_scores} "
+        f"scores; Ray/numpy speed ratio {numpy_s / ray_s:.2f}; results equal: {equal} "
+        f"(max |diff| {max_diff:.2e})"
+    )
     results = {
         "benchmark": "prs_scoring",
-        "shape": {"samples": genotypes.n_samples, "variants": args.variants, "scored_variants": len(weights.targets),
-                  "scores": weights.n_scores, "weights_nonzero": int(weights.weights.nnz),
-                  "missing_rate": args.missing_rate},
-        "settings": {"variants_per_block": args.variants_per_block, "memory_mb": args.memory_mb,
-                     "ray_num_cpus": args.num_cpus, "repeats": args.repeats},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                    "note": args.note},
-        "seconds": {"generate": round(generate_s, 3), "match": round(match_s, 3), "numpy_single_process": numpy_s,
-                    "ray_data": ray_s, "numpy_runs": numpy_times, "ray_data_runs": ray_times},
+        "shape": {
+            "samples": genotypes.n_samples,
+            "variants": args.variants,
+            "scored_variants": len(weights.targets),
+            "scores": weights.n_scores,
+            "weights_nonzero": int(weights.weights.nnz),
+            "missing_rate": args.missing_rate,
+        },
+        "settings": {
+            "variants_per_block": args.variants_per_block,
+            "memory_mb": args.memory_mb,
+            "ray_num_cpus": args.num_cpus,
+            "repeats": args.repeats,
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "note": args.note,
+        },
+        "seconds": {
+            "generate": round(generate_s, 3),
+            "match": round(match_s, 3),
+            "numpy_single_process": numpy_s,
+            "ray_data": ray_s,
+            "numpy_runs": numpy_times,
+            "ray_data_runs": ray_times,
+        },
         "throughput_vxsxk_per_s": {"numpy_single_process": work / numpy_s, "ray_data": work / ray_s},
         "ray_vs_numpy_speedup": numpy_s / ray_s,
         "results_equal": equal,

@@ -39,8 +39,12 @@ def machine_summary() -> str:
 
 def update_readme(results: dict[str, dict], machine: str) -> None:
     text = README.read_text()
-    body = [START, f"Recorded in `bench/results/` by the scripts `make bench` runs ({machine}; tables "
-            f"rebuilt {time.strftime('%Y-%m-%d')}). Each script measures its baseline in the same run.", ""]
+    body = [
+        START,
+        f"Recorded in `bench/results/` by the scripts `make bench` runs ({machine}; tables "
+        f"rebuilt {time.strftime('%Y-%m-%d')}). Each script measures its baseline in the same run.",
+        "",
+    ]
     for name, result in results.items():
         body += [f"### {name}", "", result.get("markdown", "(no table)").strip(), ""]
         machine_info = result.get("machine")
@@ -63,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
     parser.add_argument("--only", nargs="*", help="benchmark names (file stems) to run")
     parser.add_argument("--quick", action="store_true", help="smoke-sized runs; README left unchanged")
-    parser.add_argument("--render-only", action="store_true",
-                        help="run nothing: rebuild results.json and the README tables from bench/results/*.json")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="run nothing: rebuild results.json and the README tables from bench/results/*.json",
+    )
     args = parser.parse_args(argv)
     # quick runs go to a scratch folder so they never replace the recorded full-size results
     results_dir = Path(tempfile.mkdtemp(prefix="ehrfm-bench-")) if args.quick else BENCH_DIR / "results"

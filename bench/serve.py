@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from ehrfm.cluster.local import free_port
-from ehrfm.preprocess.tokenizer import Tokenizer, build_tokenizer, quantile_edges
 from ehrfm.model.config import ModelConfig
-from ehrfm.model.transformer import EHRDecoder
 from ehrfm.model.risk import HeadSpec, RiskModel, save_risk_model
+from ehrfm.model.transformer import EHRDecoder
+from ehrfm.preprocess.tokenizer import Tokenizer, build_tokenizer, quantile_edges
 
 CONFIGS = [  # (label, max_batch_size, model replicas)
     ("no batching, 1 replica", 1, 1),
@@ -49,19 +49,35 @@ def write_model(directory: Path, num_pgs: int, seed: int = 0) -> Path:
     codes |= {f"DRUG/{500000 + i}": int(rng.integers(20, 500)) for i in range(96)}
     codes |= {"GENDER/8507": 100, "GENDER/8532": 100, "RACE/0": 100, "ETHNICITY/0": 100}
     edges = {f"MEASUREMENT/{300000 + i}": quantile_edges(rng.normal(i, 1.0, 300), 10) for i in range(50)}
-    tokenizer = build_tokenizer(codes, edges, min_count=1, n_bins=10, min_values_for_bins=20,
-                                gap_edges_days=[1, 7, 30, 90, 365])
+    tokenizer = build_tokenizer(
+        codes, edges, min_count=1, n_bins=10, min_values_for_bins=20, gap_edges_days=[1, 7, 30, 90, 365]
+    )
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer_path = directory.parent / "tokenizer.json"
     tokenizer.save(tokenizer_path)
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, num_pgs=num_pgs, hidden=64, layers=2, heads=4, context=128,
-                      fusion="prefix", prs_tokens=4, prs_hidden=128)
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        num_pgs=num_pgs,
+        hidden=64,
+        layers=2,
+        heads=4,
+        context=128,
+        fusion="prefix",
+        prs_tokens=4,
+        prs_hidden=128,
+    )
     model = RiskModel(EHRDecoder(cfg), "last+prs").eval()
     reference = np.quantile(rng.uniform(0.01, 0.6, 1000), np.linspace(0, 1, 101))
-    spec = HeadSpec(task="bench", horizon_days=730, context=128, pgs_ids=[f"PGS{i:06d}" for i in range(num_pgs)],
-                    tokenizer_version=tokenizer.version, platt=(1.0, -2.0),
-                    reference_quantiles=[float(q) for q in reference])
+    spec = HeadSpec(
+        task="bench",
+        horizon_days=730,
+        context=128,
+        pgs_ids=[f"PGS{i:06d}" for i in range(num_pgs)],
+        tokenizer_version=tokenizer.version,
+        platt=(1.0, -2.0),
+        reference_quantiles=[float(q) for q in reference],
+    )
     return save_risk_model(directory, model, spec, tokenizer_path)
 
 
@@ -94,11 +110,17 @@ async def drive(url: str, bodies: list[bytes], concurrency: int) -> tuple[list[f
 
 
 def markdown(rows: list[dict], concurrency: int) -> str:
-    lines = [f"Single-person `POST /v1/score`, {concurrency} concurrent clients.", "",
-             "| configuration | requests/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Single-person `POST /v1/score`, {concurrency} concurrent clients.",
+        "",
+        "| configuration | requests/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['configuration']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} "
-                     f"| {r['p99_ms']:.1f} | {r['errors']} |")
+        lines.append(
+            f"| {r['configuration']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} "
+            f"| {r['p99_ms']:.1f} | {r['errors']} |"
+        )
     return "\n".join(lines)
 
 
@@ -139,23 +161,37 @@ def main(argv: list[str]) -> int:
     rows = []
     try:
         for label, batch_size, replicas in CONFIGS:
-            app = build_app({
-                "model_uri": str(model_dir), "batching": {"max_batch_size": batch_size, "batch_wait_timeout_s": 0.005},
-                "model_deployment": {"num_replicas": replicas, "num_cpus": args.replica_cpus,
-                                     "max_ongoing_requests": 64},
-                "ingress_deployment": {"num_cpus": 0.25, "max_ongoing_requests": 256},
-            })
+            app = build_app(
+                {
+                    "model_uri": str(model_dir),
+                    "batching": {"max_batch_size": batch_size, "batch_wait_timeout_s": 0.005},
+                    "model_deployment": {
+                        "num_replicas": replicas,
+                        "num_cpus": args.replica_cpus,
+                        "max_ongoing_requests": 64,
+                    },
+                    "ingress_deployment": {"num_cpus": 0.25, "max_ongoing_requests": 256},
+                }
+            )
             serve.run(app, name="bench", route_prefix="/")
             wait_ready(base)
             asyncio.run(drive(f"{base}/v1/score", warmup, args.concurrency))
             latencies, wall, errors = asyncio.run(drive(f"{base}/v1/score", bodies, args.concurrency))
             ms = np.asarray(latencies) * 1000.0
-            rows.append({"configuration": label, "max_batch_size": batch_size, "replicas": replicas,
-                         "requests": len(bodies), "seconds": round(wall, 3),
-                         "requests_per_s": round(len(bodies) / wall, 2),
-                         "p50_ms": round(float(np.percentile(ms, 50)), 2),
-                         "p95_ms": round(float(np.percentile(ms, 95)), 2),
-                         "p99_ms": round(float(np.percentile(ms, 99)), 2), "errors": int(errors)})
+            rows.append(
+                {
+                    "configuration": label,
+                    "max_batch_size": batch_size,
+                    "replicas": replicas,
+                    "requests": len(bodies),
+                    "seconds": round(wall, 3),
+                    "requests_per_s": round(len(bodies) / wall, 2),
+                    "p50_ms": round(float(np.percentile(ms, 50)), 2),
+                    "p95_ms": round(float(np.percentile(ms, 95)), 2),
+                    "p99_ms": round(float(np.percentile(ms, 99)), 2),
+                    "errors": int(errors),
+                }
+            )
             print(rows[-1], flush=True)
             serve.delete("bench")
     finally:
@@ -164,13 +200,24 @@ def main(argv: list[str]) -> int:
 
     result = {
         "benchmark": "serve",
-        "shape": {"persons": len(persons), "events_per_person": [20, 80], "num_pgs": args.num_pgs,
-                  "model": {"hidden": 64, "layers": 2, "context": 128}, "requests": args.requests,
-                  "warmup": args.warmup, "concurrency": args.concurrency},
+        "shape": {
+            "persons": len(persons),
+            "events_per_person": [20, 80],
+            "num_pgs": args.num_pgs,
+            "model": {"hidden": 64, "layers": 2, "context": 128},
+            "requests": args.requests,
+            "warmup": args.warmup,
+            "concurrency": args.concurrency,
+        },
         "settings": {"batch_wait_timeout_s": 0.005, "replica_num_cpus": args.replica_cpus, "ingress_replicas": 1},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                    "load_average_at_start": [round(x, 2) for x in load_before],
-                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "note": args.note},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "load_average_at_start": [round(x, 2) for x in load_before],
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "note": args.note,
+        },
         "results": rows,
         "markdown": markdown(rows, args.concurrency),
     }

@@ -48,19 +48,27 @@ def make_cohort(persons: int, seed: int = 0) -> dict[str, pa.Table]:
     last = np.where(dead, death_day, end)
     birth_dates = birth.astype("datetime64[D]")
     tables = {
-        "person": pa.table({
-            "person_id": person_id, "gender_concept_id": rng.choice([8507, 8532], persons),
-            "year_of_birth": birth_dates.astype("datetime64[Y]").astype(np.int64) + 1970,
-            "month_of_birth": birth_dates.astype("datetime64[M]").astype(np.int64) % 12 + 1,
-            "day_of_birth": (birth_dates - birth_dates.astype("datetime64[M]")).astype(np.int64) + 1,
-            "race_concept_id": np.zeros(persons, np.int64), "ethnicity_concept_id": np.zeros(persons, np.int64),
-        }),
+        "person": pa.table(
+            {
+                "person_id": person_id,
+                "gender_concept_id": rng.choice([8507, 8532], persons),
+                "year_of_birth": birth_dates.astype("datetime64[Y]").astype(np.int64) + 1970,
+                "month_of_birth": birth_dates.astype("datetime64[M]").astype(np.int64) % 12 + 1,
+                "day_of_birth": (birth_dates - birth_dates.astype("datetime64[M]")).astype(np.int64) + 1,
+                "race_concept_id": np.zeros(persons, np.int64),
+                "ethnicity_concept_id": np.zeros(persons, np.int64),
+            }
+        ),
         "death": pa.table({"person_id": person_id[dead], "death_date": _days(death_day[dead])}),
-        "observation_period": pa.table({
-            "observation_period_id": person_id, "person_id": person_id,
-            "observation_period_start_date": _days(birth), "observation_period_end_date": _days(last),
-            "period_type_concept_id": np.full(persons, 32817),
-        }),
+        "observation_period": pa.table(
+            {
+                "observation_period_id": person_id,
+                "person_id": person_id,
+                "observation_period_start_date": _days(birth),
+                "observation_period_end_date": _days(last),
+                "period_type_concept_id": np.full(persons, 32817),
+            }
+        ),
     }
     for table, (per_person, start_col, end_col) in _EVENT_TABLES.items():
         owner = np.repeat(np.arange(persons), per_person)
@@ -109,9 +117,15 @@ def measure(root: Path, repeats: int) -> dict:
         report = validate_omop(root)
         best = min(best, time.perf_counter() - started)
     rows = report["totals"]["rows_in"]
-    return {"persons": report["persons"], "rows": rows, "rows_quarantined": report["totals"]["rows_quarantined"],
-            "validate_s": round(best, 3), "plain_read_s": round(read_s, 3),
-            "rows_per_s": round(rows / best), "validate_over_read": round(best / read_s, 2)}
+    return {
+        "persons": report["persons"],
+        "rows": rows,
+        "rows_quarantined": report["totals"]["rows_quarantined"],
+        "validate_s": round(best, 3),
+        "plain_read_s": round(read_s, 3),
+        "rows_per_s": round(rows / best),
+        "validate_over_read": round(best / read_s, 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,11 +146,15 @@ def main(argv: list[str] | None = None) -> int:
             for fmt in ("parquet", "csv"):
                 write_cohort(tables, Path(tmp) / fmt, fmt)
                 results[fmt] = measure(Path(tmp) / fmt, repeats)
-    lines = ["| input | persons | rows | quarantined | validate s | plain read s | rows/s | validate / read |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| input | persons | rows | quarantined | validate s | plain read s | rows/s | validate / read |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['persons']:,} | {r['rows']:,} | {r['rows_quarantined']:,} | {r['validate_s']} | "
-                     f"{r['plain_read_s']} | {r['rows_per_s']:,} | {r['validate_over_read']} |")
+        lines.append(
+            f"| {name} | {r['persons']:,} | {r['rows']:,} | {r['rows_quarantined']:,} | {r['validate_s']} | "
+            f"{r['plain_read_s']} | {r['rows_per_s']:,} | {r['validate_over_read']} |"
+        )
     payload = {"results": results, "markdown": "\n".join(lines)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2))

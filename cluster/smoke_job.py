@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     ray.init()
     nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
     remote_import = ray.remote(num_cpus=1)(import_ehrfm)
-    pinned = [remote_import.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
-              for node in nodes]
+    pinned = [
+        remote_import.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+        for node in nodes
+    ]
     report = {"driver": import_ehrfm(), "nodes": dict(zip(nodes, ray.get(pinned, timeout=300)))}
     print("EHRFM_SMOKE " + json.dumps(report), flush=True)
     if len(nodes) < args.expect_nodes:

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ehrfm.schemas import EVENT_SCHEMA, prs_schema
+from ehrfm.tasks.labeler import LABEL_SCHEMA
 from ehrfm_synthetic.params import TRAITS, GenerativeParams
 from ehrfm_synthetic.truth import ONSETS
-from ehrfm.tasks.labeler import LABEL_SCHEMA
 
 PT = datetime(2020, 6, 1)
 N = 240
@@ -36,12 +36,23 @@ def _events(subjects: np.ndarray, signal: np.ndarray, rng: np.random.Generator) 
         noise = rng.integers(1, 6)
         subj += [s] * (2 + k + noise)
         times += [birth, None] + [PT - timedelta(days=float(d)) for d in rng.uniform(1, 900, k + noise)]
-        codes += ["MEDS_BIRTH", rng.choice(["GENDER/8532", "GENDER/8507"])] + ["CONDITION/999"] * k + [
-            f"CONDITION/{c}" for c in rng.integers(100, 106, noise)]
+        codes += (
+            ["MEDS_BIRTH", rng.choice(["GENDER/8532", "GENDER/8507"])]
+            + ["CONDITION/999"] * k
+            + [f"CONDITION/{c}" for c in rng.integers(100, 106, noise)]
+        )
     n = len(subj)
-    return pa.table({"subject_id": np.asarray(subj, np.int64), "time": times, "code": codes,
-                     "numeric_value": [None] * n, "visit_id": [None] * n, "visit_type": [None] * n},
-                    schema=EVENT_SCHEMA)
+    return pa.table(
+        {
+            "subject_id": np.asarray(subj, np.int64),
+            "time": times,
+            "code": codes,
+            "numeric_value": [None] * n,
+            "visit_id": [None] * n,
+            "visit_type": [None] * n,
+        },
+        schema=EVENT_SCHEMA,
+    )
 
 
 def _timestamps(days_from_pt: np.ndarray) -> pa.Array:
@@ -56,21 +67,31 @@ def _truth(root: Path, subjects: np.ndarray, liability: np.ndarray, rng: np.rand
     ancestry = rng.choice(["EUR", "AFR"], n)
     group_mean = np.where(ancestry == "EUR", 0.0, 0.3)
     onset_t2d = np.where(rng.random(n) < 0.35, rng.uniform(-400, 1500, n), np.nan)
-    cols = {"person_id": subjects, "ancestry": ancestry, "male": rng.random(n) < 0.5,
-            "birth_date": pa.array((np.datetime64("1950-01-01") + rng.integers(0, 7000, n)).astype("datetime64[D]")),
-            "death": _timestamps(np.full(n, np.nan))}
+    cols = {
+        "person_id": subjects,
+        "ancestry": ancestry,
+        "male": rng.random(n) < 0.5,
+        "birth_date": pa.array((np.datetime64("1950-01-01") + rng.integers(0, 7000, n)).astype("datetime64[D]")),
+        "death": _timestamps(np.full(n, np.nan)),
+    }
     for i, trait in enumerate(TRAITS):
         cols[f"liability_{trait}"] = liability if i == 0 else rng.normal(size=n)
         cols[f"group_mean_{trait}"] = group_mean if i == 0 else np.zeros(n)
-    cols.update(bmi18=rng.normal(23, 3, n), bmi_slope=rng.uniform(0, 0.2, n), smoke_start_age=np.full(n, np.inf),
-                smoke_quit_age=np.full(n, np.inf))
+    cols.update(
+        bmi18=rng.normal(23, 3, n),
+        bmi_slope=rng.uniform(0, 0.2, n),
+        smoke_start_age=np.full(n, np.inf),
+        smoke_quit_age=np.full(n, np.inf),
+    )
     for disease in ONSETS:
         cols[f"onset_{disease}"] = _timestamps(onset_t2d if disease == "t2d" else np.full(n, np.nan))
     (root / "truth" / "persons").mkdir(parents=True)
     pq.write_table(pa.table(cols), root / "truth" / "persons" / "part-00000.parquet")
     (root / "truth" / "params.json").write_text(GenerativeParams().model_dump_json())
-    pq.write_table(pa.table({"pgs_id": PGS_IDS, "trait": ["cad", "t2d", ""], "accuracy_reference": [0.5, 0.7, 0.0]}),
-                   root / "truth" / "pgs.parquet")
+    pq.write_table(
+        pa.table({"pgs_id": PGS_IDS, "trait": ["cad", "t2d", ""], "accuracy_reference": [0.5, 0.7, 0.0]}),
+        root / "truth" / "pgs.parquet",
+    )
     return onset_t2d
 
 
@@ -88,8 +109,10 @@ def make_task(root: Path, seed: int = 0) -> dict:
     (data / "events").mkdir(parents=True)
     (data / "prs").mkdir()
     pq.write_table(_events(subjects, signal, rng), data / "events" / "part-00000.parquet")
-    pq.write_table(pa.table({"subject_id": subjects, "prs": list(prs), "has_prs": has_prs}, schema=prs_schema(3)),
-                   data / "prs" / "part-00000.parquet")
+    pq.write_table(
+        pa.table({"subject_id": subjects, "prs": list(prs), "has_prs": has_prs}, schema=prs_schema(3)),
+        data / "prs" / "part-00000.parquet",
+    )
     (data / "prs" / "pgs_ids.json").write_text(json.dumps(PGS_IDS))
     pq.write_table(pa.table({"subject_id": subjects, "split": split}), data / "splits.parquet")
     labels = pa.table({"subject_id": subjects, "prediction_time": [PT] * N, "boolean_value": y}, schema=LABEL_SCHEMA)
@@ -97,16 +120,38 @@ def make_task(root: Path, seed: int = 0) -> dict:
     logit = 1.2 * signal + 1.5 * prs[:, 1] * has_prs - 3.5 + rng.normal(0, 0.5, N)
     masked = 1.2 * signal - 3.5 + rng.normal(0, 0.5, N)
     keep = split != "train"
-    predictions = pa.table({
-        "subject_id": subjects[keep], "prediction_time": pa.array([PT] * int(keep.sum()), pa.timestamp("us")),
-        "split": split[keep], "label": y[keep], "risk": _sigmoid(logit[keep]), "risk_prs_masked": _sigmoid(masked[keep]),
-        "logit": logit[keep], "logit_prs_masked": masked[keep]})
+    predictions = pa.table(
+        {
+            "subject_id": subjects[keep],
+            "prediction_time": pa.array([PT] * int(keep.sum()), pa.timestamp("us")),
+            "split": split[keep],
+            "label": y[keep],
+            "risk": _sigmoid(logit[keep]),
+            "risk_prs_masked": _sigmoid(masked[keep]),
+            "logit": logit[keep],
+            "logit_prs_masked": masked[keep],
+        }
+    )
     pq.write_table(predictions, root / "predictions.parquet")
     # a weaker "default fine-tune" beside the headline model (a sweep's winner): a noisier logit
     default_logit = logit + rng.normal(0, 1.5, N)
-    pq.write_table(predictions.select(["subject_id", "prediction_time", "split", "label"]).append_column(
-        "risk", pa.array(_sigmoid(default_logit[keep]))), root / "default_predictions.parquet")
-    return {"data": data, "labels": root / "labels.parquet", "predictions": root / "predictions.parquet",
-            "default_predictions": root / "default_predictions.parquet", "default_risk": _sigmoid(default_logit),
-            "cohort": root / "cohort", "y": y, "split": split, "subjects": subjects, "risk": _sigmoid(logit),
-            "masked": _sigmoid(masked), "labels_table": labels}
+    pq.write_table(
+        predictions.select(["subject_id", "prediction_time", "split", "label"]).append_column(
+            "risk", pa.array(_sigmoid(default_logit[keep]))
+        ),
+        root / "default_predictions.parquet",
+    )
+    return {
+        "data": data,
+        "labels": root / "labels.parquet",
+        "predictions": root / "predictions.parquet",
+        "default_predictions": root / "default_predictions.parquet",
+        "default_risk": _sigmoid(default_logit),
+        "cohort": root / "cohort",
+        "y": y,
+        "split": split,
+        "subjects": subjects,
+        "risk": _sigmoid(logit),
+        "masked": _sigmoid(masked),
+        "labels_table": labels,
+    }

@@ -20,11 +20,10 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timeline_factory import T2D_TOKEN, write_timelines  # noqa: E402
-
 from ehrfm.model.config import ModelConfig  # noqa: E402
 from ehrfm.model.io import save_model_files  # noqa: E402
 from ehrfm.model.transformer import EHRDecoder  # noqa: E402
+from timeline_factory import T2D_TOKEN, write_timelines  # noqa: E402
 
 DAY_US = 86_400_000_000
 
@@ -45,9 +44,13 @@ def make_labels(info, path: Path, kind: str, seed: int = 0) -> pa.Table:
     rng = np.random.default_rng(seed)
     table = timelines_table(info)
     rows = []
-    for sid, tokens, ages, prs, has_prs in zip(table["subject_id"].to_pylist(), table["tokens"].to_pylist(),
-                                               table["ages"].to_pylist(), table["prs"].to_pylist(),
-                                               table["has_prs"].to_pylist()):
+    for sid, tokens, ages, prs, has_prs in zip(
+        table["subject_id"].to_pylist(),
+        table["tokens"].to_pylist(),
+        table["ages"].to_pylist(),
+        table["prs"].to_pylist(),
+        table["has_prs"].to_pylist(),
+    ):
         tokens, ages = np.asarray(tokens), np.asarray(ages)
         candidates = np.arange(2, len(tokens) - 1)
         if kind == "prs":
@@ -62,9 +65,13 @@ def make_labels(info, path: Path, kind: str, seed: int = 0) -> pa.Table:
             last = np.searchsorted(ages, cut, side="right") - 1  # the window ends at the last token of that day
             label = tokens[last] == T2D_TOKEN
         rows.append((sid, int(cut) * DAY_US, bool(label)))
-    labels = pa.table({"subject_id": pa.array([r[0] for r in rows], pa.int64()),
-                       "prediction_time": pa.array([r[1] for r in rows], pa.timestamp("us")),
-                       "boolean_value": pa.array([r[2] for r in rows])})
+    labels = pa.table(
+        {
+            "subject_id": pa.array([r[0] for r in rows], pa.int64()),
+            "prediction_time": pa.array([r[1] for r in rows], pa.timestamp("us")),
+            "boolean_value": pa.array([r[2] for r in rows]),
+        }
+    )
     pq.write_table(labels, path)
     return labels
 
@@ -72,8 +79,18 @@ def make_labels(info, path: Path, kind: str, seed: int = 0) -> pa.Table:
 def write_pretrained(info, root: Path) -> Path:
     """A randomly initialised decoder with PRS prefix fusion, saved as a pretraining checkpoint
     (<root>/run/checkpoint_0000010, so <root>/run is a pretraining run directory)."""
-    cfg = ModelConfig(vocab_size=info.vocab_size, num_pgs=info.num_pgs, hidden=32, layers=2, heads=4, context=32,
-                      fusion="prefix", prs_tokens=2, prs_hidden=32, modality_dropout=0.3)
+    cfg = ModelConfig(
+        vocab_size=info.vocab_size,
+        num_pgs=info.num_pgs,
+        hidden=32,
+        layers=2,
+        heads=4,
+        context=32,
+        fusion="prefix",
+        prs_tokens=2,
+        prs_hidden=32,
+        modality_dropout=0.3,
+    )
     torch.manual_seed(0)
     directory = root / "run" / "checkpoint_0000010"
     save_model_files(directory, EHRDecoder(cfg).state_dict(), cfg)

@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ehrfm.model.config import ModelConfig
+from ehrfm.model.risk import HeadSpec, RiskModel, predict_logits, save_risk_model
+from ehrfm.model.transformer import EHRDecoder
 from ehrfm.omop.events import finalize_shard, person_events, table_events
 from ehrfm.preprocess.timelines import timeline_table
 from ehrfm.preprocess.tokenizer import Tokenizer, build_tokenizer, quantile_edges
-from ehrfm.model.config import ModelConfig
-from ehrfm.model.transformer import EHRDecoder
-from ehrfm.model.risk import HeadSpec, RiskModel, predict_logits, save_risk_model
 from ehrfm.transfer.examples import example_tensors, prediction_windows
 
 PGS_IDS = ["PGS000001", "PGS000002", "PGS000003", "PGS000004"]
@@ -29,17 +29,35 @@ HB_A1C = 3004410  # the measurement with value bins
 UNKNOWN_CONDITION = 999999  # never in the vocabulary
 CONTEXT = 12
 VOCAB_CODES = {
-    "VISIT/9202": 400, "VISIT_END/9202": 400, "VISIT/9201": 90, "VISIT_END/9201": 90,
-    "CONDITION/320128": 150, "CONDITION/201826": 60, "CONDITION/4329847": 40, "DRUG/1503297": 120,
-    f"MEASUREMENT/{HB_A1C}": 300, "MEASUREMENT/3038553": 200, "GENDER/8507": 50, "GENDER/8532": 50,
-    "RACE/8527": 60, "RACE/0": 40, "ETHNICITY/38003564": 70, "ETHNICITY/0": 30,
+    "VISIT/9202": 400,
+    "VISIT_END/9202": 400,
+    "VISIT/9201": 90,
+    "VISIT_END/9201": 90,
+    "CONDITION/320128": 150,
+    "CONDITION/201826": 60,
+    "CONDITION/4329847": 40,
+    "DRUG/1503297": 120,
+    f"MEASUREMENT/{HB_A1C}": 300,
+    "MEASUREMENT/3038553": 200,
+    "GENDER/8507": 50,
+    "GENDER/8532": 50,
+    "RACE/8527": 60,
+    "RACE/0": 40,
+    "ETHNICITY/38003564": 70,
+    "ETHNICITY/0": 30,
 }
 
 
 def write_tokenizer(path: Path) -> Path:
     values = np.random.default_rng(0).normal(6.0, 1.0, 300)
-    tok = build_tokenizer(VOCAB_CODES, {f"MEASUREMENT/{HB_A1C}": quantile_edges(values, 4)}, min_count=1, n_bins=4,
-                          min_values_for_bins=20, gap_edges_days=[1, 7, 30, 365])
+    tok = build_tokenizer(
+        VOCAB_CODES,
+        {f"MEASUREMENT/{HB_A1C}": quantile_edges(values, 4)},
+        min_count=1,
+        n_bins=4,
+        min_values_for_bins=20,
+        gap_edges_days=[1, 7, 30, 365],
+    )
     tok.save(path)
     return path
 
@@ -48,15 +66,32 @@ def write_risk_model(directory: Path, tokenizer_path: Path, seed: int, platt=(1.
     """A random-init decoder (prefix PRS fusion) + head, saved as a risk-model directory."""
     tok = Tokenizer.load(tokenizer_path)
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, num_pgs=len(PGS_IDS), hidden=16, layers=2, heads=2, context=16,
-                      fusion="prefix", prs_tokens=2, prs_hidden=8)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        num_pgs=len(PGS_IDS),
+        hidden=16,
+        layers=2,
+        heads=2,
+        context=16,
+        fusion="prefix",
+        prs_tokens=2,
+        prs_hidden=8,
+    )
     model = RiskModel(EHRDecoder(cfg), "last+prs").eval()
     with torch.no_grad():  # head weights large enough that persons get visibly different risks
         model.head.linear.weight.normal_(0.0, 1.0)
     reference = np.quantile(np.random.default_rng(seed).uniform(0.02, 0.98, 400), np.linspace(0, 1, 101))
-    spec = HeadSpec(task=task, horizon_days=730, context=CONTEXT, head_inputs="last+prs", pgs_ids=list(PGS_IDS),
-                    tokenizer_version=tok.version, platt=platt, reference_quantiles=[float(q) for q in reference],
-                    metrics={"val_auroc": 0.5})
+    spec = HeadSpec(
+        task=task,
+        horizon_days=730,
+        context=CONTEXT,
+        head_inputs="last+prs",
+        pgs_ids=list(PGS_IDS),
+        tokenizer_version=tok.version,
+        platt=platt,
+        reference_quantiles=[float(q) for q in reference],
+        metrics={"val_auroc": 0.5},
+    )
     return save_risk_model(directory, model, spec, tokenizer_path)
 
 
@@ -75,8 +110,9 @@ class Person:
     prs: dict[str, float] | None = None
 
 
-def make_person(person_id: int, seed: int, n_visits: int, sex: int = 8532, prs: dict | None = None,
-                unknown_code: bool = False) -> Person:
+def make_person(
+    person_id: int, seed: int, n_visits: int, sex: int = 8532, prs: dict | None = None, unknown_code: bool = False
+) -> Person:
     rng = np.random.default_rng(seed)
     birth = dt.date(1950, 1, 1) + dt.timedelta(days=int(rng.integers(0, 20 * 365)))
     person = Person(person_id, birth, sex, 8527, 38003564, prs=prs)
@@ -95,59 +131,79 @@ def make_person(person_id: int, seed: int, n_visits: int, sex: int = 8532, prs: 
 
 def person_record(person: Person, prediction_time: dt.datetime | None = None) -> dict:
     """The online request for the person (the same events the OMOP rows give)."""
+
     def at(date: dt.date) -> str:
         return dt.datetime.combine(date, dt.time()).isoformat()
+
     events = [{"code": f"VISIT/{t}", "time": at(s)} for s, _, t in person.visits]
     events += [{"code": f"VISIT_END/{t}", "time": at(e)} for _, e, t in person.visits]
     events += [{"code": f"CONDITION/{c}", "time": at(d)} for d, c in person.conditions]
     events += [{"code": f"MEASUREMENT/{c}", "time": at(d), "numeric_value": v} for d, c, v in person.measurements]
     sex = {8507: "male", 8532: "female"}[person.gender_concept_id]
-    return {"birth_date": person.birth.isoformat(), "sex": sex, "race_concept_id": person.race_concept_id,
-            "ethnicity_concept_id": person.ethnicity_concept_id, "events": events, "prs": person.prs,
-            "prediction_time": None if prediction_time is None else prediction_time.isoformat()}
+    return {
+        "birth_date": person.birth.isoformat(),
+        "sex": sex,
+        "race_concept_id": person.race_concept_id,
+        "ethnicity_concept_id": person.ethnicity_concept_id,
+        "events": events,
+        "prs": person.prs,
+        "prediction_time": None if prediction_time is None else prediction_time.isoformat(),
+    }
 
 
 def _omop_tables(persons: list[Person]) -> dict[str, pa.Table]:
     def dates(values):
         return pa.array(values, pa.date32())
+
     def no_times(n):
         return pa.nulls(n, pa.timestamp("us"))
+
     visits = [(p.person_id, v) for p in persons for v in p.visits]
     conditions = [(p.person_id, c) for p in persons for c in p.conditions]
     measurements = [(p.person_id, m) for p in persons for m in p.measurements]
     return {
-        "person": pa.table({
-            "person_id": pa.array([p.person_id for p in persons], pa.int64()),
-            "gender_concept_id": pa.array([p.gender_concept_id for p in persons], pa.int64()),
-            "year_of_birth": pa.array([p.birth.year for p in persons], pa.int64()),
-            "month_of_birth": pa.array([p.birth.month for p in persons], pa.int64()),
-            "day_of_birth": pa.array([p.birth.day for p in persons], pa.int64()),
-            "birth_datetime": no_times(len(persons)),
-            "race_concept_id": pa.array([p.race_concept_id for p in persons], pa.int64()),
-            "ethnicity_concept_id": pa.array([p.ethnicity_concept_id for p in persons], pa.int64()),
-        }),
-        "visit_occurrence": pa.table({
-            "visit_occurrence_id": pa.array(range(len(visits)), pa.int64()),
-            "person_id": pa.array([pid for pid, _ in visits], pa.int64()),
-            "visit_concept_id": pa.array([v[2] for _, v in visits], pa.int64()),
-            "visit_start_date": dates([v[0] for _, v in visits]), "visit_start_datetime": no_times(len(visits)),
-            "visit_end_date": dates([v[1] for _, v in visits]), "visit_end_datetime": no_times(len(visits)),
-        }),
-        "condition_occurrence": pa.table({
-            "person_id": pa.array([pid for pid, _ in conditions], pa.int64()),
-            "condition_concept_id": pa.array([c[1] for _, c in conditions], pa.int64()),
-            "condition_start_date": dates([c[0] for _, c in conditions]),
-            "condition_start_datetime": no_times(len(conditions)),
-            "visit_occurrence_id": pa.nulls(len(conditions), pa.int64()),
-        }),
-        "measurement": pa.table({
-            "person_id": pa.array([pid for pid, _ in measurements], pa.int64()),
-            "measurement_concept_id": pa.array([m[1] for _, m in measurements], pa.int64()),
-            "measurement_date": dates([m[0] for _, m in measurements]),
-            "measurement_datetime": no_times(len(measurements)),
-            "value_as_number": pa.array([m[2] for _, m in measurements], pa.float64()),
-            "visit_occurrence_id": pa.nulls(len(measurements), pa.int64()),
-        }),
+        "person": pa.table(
+            {
+                "person_id": pa.array([p.person_id for p in persons], pa.int64()),
+                "gender_concept_id": pa.array([p.gender_concept_id for p in persons], pa.int64()),
+                "year_of_birth": pa.array([p.birth.year for p in persons], pa.int64()),
+                "month_of_birth": pa.array([p.birth.month for p in persons], pa.int64()),
+                "day_of_birth": pa.array([p.birth.day for p in persons], pa.int64()),
+                "birth_datetime": no_times(len(persons)),
+                "race_concept_id": pa.array([p.race_concept_id for p in persons], pa.int64()),
+                "ethnicity_concept_id": pa.array([p.ethnicity_concept_id for p in persons], pa.int64()),
+            }
+        ),
+        "visit_occurrence": pa.table(
+            {
+                "visit_occurrence_id": pa.array(range(len(visits)), pa.int64()),
+                "person_id": pa.array([pid for pid, _ in visits], pa.int64()),
+                "visit_concept_id": pa.array([v[2] for _, v in visits], pa.int64()),
+                "visit_start_date": dates([v[0] for _, v in visits]),
+                "visit_start_datetime": no_times(len(visits)),
+                "visit_end_date": dates([v[1] for _, v in visits]),
+                "visit_end_datetime": no_times(len(visits)),
+            }
+        ),
+        "condition_occurrence": pa.table(
+            {
+                "person_id": pa.array([pid for pid, _ in conditions], pa.int64()),
+                "condition_concept_id": pa.array([c[1] for _, c in conditions], pa.int64()),
+                "condition_start_date": dates([c[0] for _, c in conditions]),
+                "condition_start_datetime": no_times(len(conditions)),
+                "visit_occurrence_id": pa.nulls(len(conditions), pa.int64()),
+            }
+        ),
+        "measurement": pa.table(
+            {
+                "person_id": pa.array([pid for pid, _ in measurements], pa.int64()),
+                "measurement_concept_id": pa.array([m[1] for _, m in measurements], pa.int64()),
+                "measurement_date": dates([m[0] for _, m in measurements]),
+                "measurement_datetime": no_times(len(measurements)),
+                "value_as_number": pa.array([m[2] for _, m in measurements], pa.float64()),
+                "visit_occurrence_id": pa.nulls(len(measurements), pa.int64()),
+            }
+        ),
     }
 
 
@@ -174,12 +230,18 @@ def offline_risks(model: RiskModel, spec: HeadSpec, timelines: pa.Table, labels:
     """Risks (PRS as stored and masked) for label rows, through prediction_windows + predict_logits."""
     examples = prediction_windows(timelines, labels, spec.context)
     batch = example_tensors(examples)
-    return {"tokens": examples["tokens"].to_pylist(),
-            "risk": spec.calibrate(predict_logits(model, batch).numpy()),
-            "risk_prs_masked": spec.calibrate(predict_logits(model, batch, mask_prs=True).numpy())}
+    return {
+        "tokens": examples["tokens"].to_pylist(),
+        "risk": spec.calibrate(predict_logits(model, batch).numpy()),
+        "risk_prs_masked": spec.calibrate(predict_logits(model, batch, mask_prs=True).numpy()),
+    }
 
 
 def labels_at(rows: list[tuple[int, dt.datetime]]) -> pa.Table:
-    return pa.table({"subject_id": pa.array([r[0] for r in rows], pa.int64()),
-                     "prediction_time": pa.array([r[1] for r in rows], pa.timestamp("us")),
-                     "boolean_value": pa.array([False] * len(rows))})
+    return pa.table(
+        {
+            "subject_id": pa.array([r[0] for r in rows], pa.int64()),
+            "prediction_time": pa.array([r[1] for r in rows], pa.timestamp("us")),
+            "boolean_value": pa.array([False] * len(rows)),
+        }
+    )

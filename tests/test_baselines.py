@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.schemas import EVENT_SCHEMA, prs_schema
 from ehrfm.evaluate.baselines import BaselineConfig, main, prs_for, run_baselines, splits_for
 from ehrfm.evaluate.features import CodeVocabulary, build_features, demographics
-from ehrfm.metrics import auroc
 from ehrfm.evaluate.report import evaluate_predictions
+from ehrfm.metrics import auroc
+from ehrfm.schemas import EVENT_SCHEMA, prs_schema
 from ehrfm.tasks.labeler import LABEL_SCHEMA
 
 PT = datetime(2020, 6, 1)
@@ -26,17 +26,28 @@ def event_table(subject, days_before, code, value=None) -> pa.Table:
     """Events at `days_before` days before the common prediction time (negative = after it)."""
     n = len(subject)
     times = [None if d is None else PT - timedelta(days=float(d)) for d in days_before]
-    return pa.table({
-        "subject_id": np.asarray(subject, dtype=np.int64), "time": times, "code": list(code),
-        "numeric_value": [None] * n if value is None else list(value),
-        "visit_id": [None] * n, "visit_type": [None] * n,
-    }, schema=EVENT_SCHEMA)
+    return pa.table(
+        {
+            "subject_id": np.asarray(subject, dtype=np.int64),
+            "time": times,
+            "code": list(code),
+            "numeric_value": [None] * n if value is None else list(value),
+            "visit_id": [None] * n,
+            "visit_type": [None] * n,
+        },
+        schema=EVENT_SCHEMA,
+    )
 
 
 def label_table(subjects, y) -> pa.Table:
-    return pa.table({"subject_id": np.asarray(subjects, dtype=np.int64),
-                     "prediction_time": [PT] * len(subjects), "boolean_value": np.asarray(y, dtype=bool)},
-                    schema=LABEL_SCHEMA)
+    return pa.table(
+        {
+            "subject_id": np.asarray(subjects, dtype=np.int64),
+            "prediction_time": [PT] * len(subjects),
+            "boolean_value": np.asarray(y, dtype=bool),
+        },
+        schema=LABEL_SCHEMA,
+    )
 
 
 def synthetic_cohort(n: int, seed: int, label_from: str) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
@@ -100,8 +111,9 @@ def test_oracle_risk_bounds_the_learned_models():
     oracle = 1 / (1 + np.exp(-(2.0 * prs[:, 0] - 1.0)))
     y = (rng.random(n) < oracle).astype(int)
     split = rng.choice(["train", "val", "test"], p=[0.6, 0.2, 0.2], size=n)
-    risks = run_baselines(y, split, None, prs + rng.normal(scale=0.7, size=prs.shape), names=("prs_lr",),
-                          config=BaselineConfig(threads=1))
+    risks = run_baselines(
+        y, split, None, prs + rng.normal(scale=0.7, size=prs.shape), names=("prs_lr",), config=BaselineConfig(threads=1)
+    )
     test = split == "test"
     truth = evaluate_predictions("oracle", y[test], oracle[test], n_boot=200)
     learned = evaluate_predictions("prs_lr", y[test], risks["prs_lr"][test], n_boot=200)
@@ -110,13 +122,15 @@ def test_oracle_risk_bounds_the_learned_models():
 
 
 def test_window_counts_last_values_statics_and_age():
-    events = pa.concat_tables([
-        event_table([1, 1, 1, 1, 2], [10, 100, 1000, -5, 3], ["A", "A", "A", "A", "A"]),
-        event_table([1, 1, 1], [400, 20, 0], ["M"] * 3, [7.0, 0.0, 5.5]),  # last value at prediction time
-        event_table([2], [200], ["M"], [9.0]),
-        event_table([1, 2, 3], [None] * 3, ["GENDER/8532", "GENDER/8507", "GENDER/8532"]),
-        event_table([1], [365.25 * 40], ["MEDS_BIRTH"]),
-    ])
+    events = pa.concat_tables(
+        [
+            event_table([1, 1, 1, 1, 2], [10, 100, 1000, -5, 3], ["A", "A", "A", "A", "A"]),
+            event_table([1, 1, 1], [400, 20, 0], ["M"] * 3, [7.0, 0.0, 5.5]),  # last value at prediction time
+            event_table([2], [200], ["M"], [9.0]),
+            event_table([1, 2, 3], [None] * 3, ["GENDER/8532", "GENDER/8507", "GENDER/8532"]),
+            event_table([1], [365.25 * 40], ["MEDS_BIRTH"]),
+        ]
+    )
     labels = label_table([1, 2, 3], [True, False, False])
     vocab = CodeVocabulary.fit(events, labels, windows=(30, 365, None), min_persons=1)
     assert vocab.count_codes == ("A", "M") and vocab.value_codes == ("M",)
@@ -132,16 +146,23 @@ def test_window_counts_last_values_statics_and_age():
     assert features.matrix.nnz == int(np.count_nonzero(np.nan_to_num(features.to_dense(), nan=0)))
     assert demographics(events, labels)["sex"].to_list() == ["female", "male", "female"]
     # A last value of exactly 0 is a measurement, not a missing one.
-    zero = build_features(events, label_table([1], [True]).set_column(
-        1, "prediction_time", pa.array([PT - timedelta(days=20)], pa.timestamp("us"))), vocab)
+    zero = build_features(
+        events,
+        label_table([1], [True]).set_column(
+            1, "prediction_time", pa.array([PT - timedelta(days=20)], pa.timestamp("us"))
+        ),
+        vocab,
+    )
     assert dict(zip(zero.names, zero.to_dense()[0]))["M|last|30d"] == 0.0
 
 
 def test_vocabulary_uses_training_rows_only():
-    events = pa.concat_tables([
-        event_table([1, 2, 3], [5, 5, 5], ["SHARED"] * 3),
-        event_table([3, 3], [5, 6], ["TEST_ONLY"] * 2),
-    ])
+    events = pa.concat_tables(
+        [
+            event_table([1, 2, 3], [5, 5, 5], ["SHARED"] * 3),
+            event_table([3, 3], [5, 6], ["TEST_ONLY"] * 2),
+        ]
+    )
     labels = label_table([1, 2, 3], [True, False, True])
     vocab = CodeVocabulary.fit(events, labels.slice(0, 2), min_persons=2)
     assert vocab.count_codes == ("SHARED",)
@@ -154,8 +175,9 @@ def test_splits_and_prs_alignment():
     assert splits_for(labels, splits).tolist() == ["train", "val", "test"]
     with pytest.raises(ValueError, match="splits: 1 of 3 labeled subjects have no split"):
         splits_for(labels, splits.filter(pl.col("subject_id") != 6))
-    prs_table = pa.table({"subject_id": [7, 5], "prs": [[1.0, 2.0], [0.0, 0.0]], "has_prs": [True, False]},
-                         schema=prs_schema(2))
+    prs_table = pa.table(
+        {"subject_id": [7, 5], "prs": [[1.0, 2.0], [0.0, 0.0]], "has_prs": [True, False]}, schema=prs_schema(2)
+    )
     values, has = prs_for(labels, prs_table)
     assert values.tolist() == [[0, 0], [0, 0], [1, 2]] and has.tolist() == [False, False, True]
 
@@ -167,20 +189,42 @@ def test_baselines_command_writes_report(tmp_path):
     pq.write_table(labels, tmp_path / "labels.parquet")
     pq.write_table(pa.table({"subject_id": labels["subject_id"], "split": split}), tmp_path / "splits.parquet")
     has_prs = np.arange(400) % 4 != 0
-    pq.write_table(pa.table({"subject_id": labels["subject_id"], "prs": list(prs), "has_prs": has_prs},
-                            schema=prs_schema(3)), tmp_path / "prs.parquet")
+    pq.write_table(
+        pa.table({"subject_id": labels["subject_id"], "prs": list(prs), "has_prs": has_prs}, schema=prs_schema(3)),
+        tmp_path / "prs.parquet",
+    )
     ancestry = np.where(np.arange(400) % 2 == 0, "EUR", "AFR")
     pq.write_table(pa.table({"subject_id": labels["subject_id"], "ancestry": ancestry}), tmp_path / "anc.parquet")
-    code = main(["--events", str(tmp_path / "events"), "--labels", str(tmp_path / "labels.parquet"),
-                 "--splits", str(tmp_path / "splits.parquet"), "--prs", str(tmp_path / "prs.parquet"),
-                 "--ancestry", str(tmp_path / "anc.parquet"), "--recalibrate", "platt",
-                 "--out", str(tmp_path / "out"), "--n-boot", "100", "hgb_max_iter=50", "threads=1"])
+    code = main(
+        [
+            "--events",
+            str(tmp_path / "events"),
+            "--labels",
+            str(tmp_path / "labels.parquet"),
+            "--splits",
+            str(tmp_path / "splits.parquet"),
+            "--prs",
+            str(tmp_path / "prs.parquet"),
+            "--ancestry",
+            str(tmp_path / "anc.parquet"),
+            "--recalibrate",
+            "platt",
+            "--out",
+            str(tmp_path / "out"),
+            "--n-boot",
+            "100",
+            "hgb_max_iter=50",
+            "threads=1",
+        ]
+    )
     assert code == 0
     out = tmp_path / "out"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {name + suffix for name in
-                            ("prs_lr", "counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb")
-                            for suffix in ("", " (platt)")}
+    assert set(metrics) == {
+        name + suffix
+        for name in ("prs_lr", "counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb")
+        for suffix in ("", " (platt)")
+    }
     n_test = int((split == "test").sum())
     assert metrics["counts_hgb"]["auroc"] > 0.9 and metrics["counts_hgb"]["n"] == n_test
     assert metrics["counts_hgb (platt)"]["auroc"] == pytest.approx(metrics["counts_hgb"]["auroc"], abs=0.02)

@@ -54,7 +54,9 @@ def closed(schema):
 @pytest.fixture(scope="module")
 def kuberay_validators() -> dict[str, jsonschema.protocols.Validator]:
     schemas = {name: closed(yaml.safe_load((SCHEMAS / name).read_text())) for name in SCHEMA_FILES}
-    registry = Registry().with_resources((name, DRAFT202012.create_resource(schema)) for name, schema in schemas.items())
+    registry = Registry().with_resources(
+        (name, DRAFT202012.create_resource(schema)) for name, schema in schemas.items()
+    )
     return {name: jsonschema.Draft202012Validator({"$ref": name}, registry=registry) for name in SCHEMA_FILES}
 
 
@@ -64,7 +66,9 @@ def load_manifest(kind: str) -> dict:
 
 def cluster_spec(manifest: dict) -> dict:
     spec = manifest["spec"]
-    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[manifest["kind"]]
+    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[
+        manifest["kind"]
+    ]
 
 
 def errors(validator, document) -> list[str]:
@@ -79,16 +83,25 @@ def test_kuberay_manifest_is_valid_against_its_crd(kind, kuberay_validators):
     assert errors(kuberay_validators[SCHEMA_OF_KIND[kind]], manifest) == []
 
 
-@pytest.mark.parametrize("breakage, expected", [
-    (lambda m: m["spec"]["headGroupSpec"].update(rayStartParam={}), "'rayStartParam' was unexpected"),
-    (lambda m: m["spec"]["workerGroupSpecs"][0].pop("minReplicas"), "'minReplicas' is a required property"),
-    (lambda m: m["spec"]["authOptions"].update(mode="tokens"), "'tokens' is not one of"),
-    (lambda m: m["spec"]["workerGroupSpecs"][0].update(maxReplicas="8"), "'8' is not of type 'integer'"),
-    (lambda m: m["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(imagePullPolcy="Always"),
-     "'imagePullPolcy' was unexpected"),
-    (lambda m: m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
-     .update(memory="64 GB"), "does not match"),
-])
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        (lambda m: m["spec"]["headGroupSpec"].update(rayStartParam={}), "'rayStartParam' was unexpected"),
+        (lambda m: m["spec"]["workerGroupSpecs"][0].pop("minReplicas"), "'minReplicas' is a required property"),
+        (lambda m: m["spec"]["authOptions"].update(mode="tokens"), "'tokens' is not one of"),
+        (lambda m: m["spec"]["workerGroupSpecs"][0].update(maxReplicas="8"), "'8' is not of type 'integer'"),
+        (
+            lambda m: m["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(imagePullPolcy="Always"),
+            "'imagePullPolcy' was unexpected",
+        ),
+        (
+            lambda m: m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
+                "limits"
+            ].update(memory="64 GB"),
+            "does not match",
+        ),
+    ],
+)
 def test_crd_validation_catches_broken_manifests(breakage, expected, kuberay_validators):
     manifest = copy.deepcopy(load_manifest("RayCluster"))
     breakage(manifest)
@@ -124,7 +137,9 @@ def test_kuberay_cluster_has_a_gpu_group_and_shared_storage():
     claim = yaml.safe_load((KUBERAY / "storage.yaml").read_text())
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
     for template in [spec["headGroupSpec"]["template"]] + [g["template"] for g in groups.values()]:
-        claims = {v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v}
+        claims = {
+            v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v
+        }
         assert claims == {claim["metadata"]["name"]}
 
 
@@ -143,7 +158,10 @@ def test_rayjob_runs_pretraining_from_the_image_with_the_runtime_env_convention(
     env = _runtime_env(spec["runtimeEnvYAML"])
     workdir = re.search(r"^WORKDIR (\S+)$", (REPO / "cluster" / "image" / "Dockerfile").read_text(), re.M).group(1)
     assert workdir == IMAGE_WORKDIR and env["working_dir"] == f"local://{IMAGE_WORKDIR}"
-    assert env["env_vars"]["PYTHONPATH"] == _runtime_env((REPO / "cluster" / "runtime_env.yaml").read_text())["env_vars"]["PYTHONPATH"]
+    assert (
+        env["env_vars"]["PYTHONPATH"]
+        == _runtime_env((REPO / "cluster" / "runtime_env.yaml").read_text())["env_vars"]["PYTHONPATH"]
+    )
     assert spec["shutdownAfterJobFinishes"] is True
     config = command[command.index("--config") + 1]
     assert config == "jobs/configs/pretrain-gpu-300m.yaml"
@@ -218,14 +236,22 @@ def test_mlflow_k8s_objects_fit_together():
     assert container["command"] == ["python", "-m", "ehrfm.tracking", "serve"]
     tracking_uri = load_manifest("RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"][0]
     namespace = yaml.safe_load((REPO / "mlflow" / "k8s" / "kustomization.yaml").read_text())["namespace"]
-    assert tracking_uri == {"name": "MLFLOW_TRACKING_URI",
-                            "value": f"http://{service['metadata']['name']}.{namespace}.svc.cluster.local:5000"}
+    assert tracking_uri == {
+        "name": "MLFLOW_TRACKING_URI",
+        "value": f"http://{service['metadata']['name']}.{namespace}.svc.cluster.local:5000",
+    }
 
 
 def test_mlflow_deployment_settings_reach_the_server_command(monkeypatch):
     deployment = _mlflow_objects()["Deployment"]
-    for secret in ({}, {"backend-store-uri": "postgresql+psycopg2://mlflow@db:5432/mlflow",
-                        "artifacts-destination": "s3://bucket/mlflow", "PGPASSWORD": "x"}):
+    for secret in (
+        {},
+        {
+            "backend-store-uri": "postgresql+psycopg2://mlflow@db:5432/mlflow",
+            "artifacts-destination": "s3://bucket/mlflow",
+            "PGPASSWORD": "x",
+        },
+    ):
         env = _deployment_env(deployment, secret)
         for key in [k for k in os.environ if k.startswith("EHRFM_MLFLOW_")]:
             monkeypatch.delenv(key)

@@ -15,25 +15,33 @@ from mlflow import MlflowClient
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ehrfm.cli import run_command
-from ehrfm_synthetic.oracle import oracle_t2d_risk
-from ehrfm_synthetic.truth import load_truth
 from ehrfm.evaluate.alignment import align_scores
 from ehrfm.evaluate.baselines import BASELINES, BaselineConfig
-from ehrfm.metrics import bootstrap_difference, bootstrap_metric, bootstrap_weights
 from ehrfm.evaluate.run import evaluate_all
+from ehrfm.metrics import bootstrap_difference, bootstrap_metric, bootstrap_weights
+from ehrfm_synthetic.oracle import oracle_t2d_risk
+from ehrfm_synthetic.truth import load_truth
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate_factory import N, PT, make_task  # noqa: E402
+from evaluate_factory import PT, N, make_task  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("evaluate")
     task = make_task(root)
-    summary = evaluate_all(task["data"], task["labels"], root / "out", predictions=task["predictions"],
-                           default_predictions=task["default_predictions"], cohort=task["cohort"], n_boot=200, recalibrate="platt",
-                           baseline_config=BaselineConfig(hgb_max_iter=30, threads=1, min_persons_per_code=3),
-                           tracking_uri=mlflow_server)
+    summary = evaluate_all(
+        task["data"],
+        task["labels"],
+        root / "out",
+        predictions=task["predictions"],
+        default_predictions=task["default_predictions"],
+        cohort=task["cohort"],
+        n_boot=200,
+        recalibrate="platt",
+        baseline_config=BaselineConfig(hgb_max_iter=30, threads=1, min_persons_per_code=3),
+        tracking_uri=mlflow_server,
+    )
     return task, summary, root / "out", mlflow_server
 
 
@@ -86,8 +94,19 @@ def test_mismatched_predictions_are_refused_with_counts(tmp_path):
         align_scores(repeated, task["labels_table"], task["split"], columns)
     # the command refuses it before fitting anything
     with pytest.raises(ValueError, match="short.parquet: scores"):
-        run_command("evaluate", ["--data", str(task["data"]), "--labels", str(task["labels"]),
-                                 "--predictions", str(short), "--out", str(tmp_path / "out")])
+        run_command(
+            "evaluate",
+            [
+                "--data",
+                str(task["data"]),
+                "--labels",
+                str(task["labels"]),
+                "--predictions",
+                str(short),
+                "--out",
+                str(tmp_path / "out"),
+            ],
+        )
 
 
 def test_report_has_every_model_with_cis_and_the_prs_gain(evaluated):
@@ -95,11 +114,23 @@ def test_report_has_every_model_with_cis_and_the_prs_gain(evaluated):
     test = task["split"] == "test"
     y = task["y"][test]
     report = (out / "report.md").read_text()
-    expected = ["finetuned", "finetuned_prs_masked", "finetuned_default", *BASELINES, "oracle_genetic", "oracle_group_mean",
-                "finetuned (platt)", "counts_lr (platt)"]
+    expected = [
+        "finetuned",
+        "finetuned_prs_masked",
+        "finetuned_default",
+        *BASELINES,
+        "oracle_genetic",
+        "oracle_group_mean",
+        "finetuned (platt)",
+        "counts_lr (platt)",
+    ]
     for name in expected:
-        assert re.search(rf"^\| {re.escape(name)} \| 50 \({int(y.sum())}\) \| \d\.\d{{3}} \[\d\.\d{{3}}, \d\.\d{{3}}\] \| "
-                         rf"\d\.\d{{3}} \[\d\.\d{{3}}, \d\.\d{{3}}\] \|", report, re.M), name
+        assert re.search(
+            rf"^\| {re.escape(name)} \| 50 \({int(y.sum())}\) \| \d\.\d{{3}} \[\d\.\d{{3}}, \d\.\d{{3}}\] \| "
+            rf"\d\.\d{{3}} \[\d\.\d{{3}}, \d\.\d{{3}}\] \|",
+            report,
+            re.M,
+        ), name
     assert set(summary["models"]) >= set(expected)
     fin, masked = summary["models"]["finetuned"], summary["models"]["finetuned_prs_masked"]
     assert fin["auroc"] == pytest.approx(roc_auc_score(y, task["risk"][test]), abs=1e-12)
@@ -117,10 +148,18 @@ def test_report_has_every_model_with_cis_and_the_prs_gain(evaluated):
     best = max(BASELINES, key=lambda b: summary["models"][b]["auroc"])
     assert summary["best_baseline"] == best and f"Best baseline: {best}" in report
     assert summary["acceptance"]["beats_every_baseline"] == all(
-        fin["auroc"] > summary["models"][b]["auroc"] for b in BASELINES)
+        fin["auroc"] > summary["models"][b]["auroc"] for b in BASELINES
+    )
     assert json.loads((out / "report.json").read_text())["comparisons"]["prs_gain"] == gain
-    for name in ("roc.png", "pr.png", "calibration.png", "prs_deciles.png", "subgroups.csv", "subgroups.md",
-                 "prs_deciles.csv"):
+    for name in (
+        "roc.png",
+        "pr.png",
+        "calibration.png",
+        "prs_deciles.png",
+        "subgroups.csv",
+        "subgroups.md",
+        "prs_deciles.csv",
+    ):
         assert (out / name).stat().st_size > 0, name
     subgroup_md = (out / "subgroups.md").read_text()
     assert all(f"| {a} |" in subgroup_md for a in ("sex", "age", "has_prs", "ancestry"))
@@ -142,7 +181,9 @@ def test_oracle_auroc_from_the_truth_matches_scikit_learn(evaluated):
     assert headroom == pytest.approx(expected["oracle_genetic"] - expected["oracle_group_mean"], abs=1e-12)
     gap = summary["comparisons"]["gap_to_oracle"]
     assert gap["reference"] == "finetuned"
-    assert gap["auroc_difference"] == pytest.approx(expected["oracle_genetic"] - summary["models"]["finetuned"]["auroc"])
+    assert gap["auroc_difference"] == pytest.approx(
+        expected["oracle_genetic"] - summary["models"]["finetuned"]["auroc"]
+    )
     assert summary["decile_pgs"] == "PGS000002"  # the truth's T2D score, not the first column
 
 
@@ -163,7 +204,8 @@ def test_prs_use_and_the_baselines_own_prs_gain(evaluated):
     hgb = summary["comparisons"]["baseline_prs_gain"]
     assert (hgb["model"], hgb["reference"]) == ("counts_prs_hgb", "counts_hgb")
     assert hgb["auroc_difference"] == pytest.approx(
-        summary["models"]["counts_prs_hgb"]["auroc"] - summary["models"]["counts_hgb"]["auroc"], abs=1e-12)
+        summary["models"]["counts_prs_hgb"]["auroc"] - summary["models"]["counts_hgb"]["auroc"], abs=1e-12
+    )
     assert f"AUROC(counts_prs_hgb) - AUROC(counts_hgb) = {hgb['auroc_difference']:.3f}" in report
 
 
@@ -187,9 +229,24 @@ def test_mlflow_run_records_the_metrics_and_report(evaluated):
 def test_cli_prints_the_table_without_fine_tune_predictions(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     task = make_task(tmp_path, seed=1)
-    code = run_command("evaluate", ["--data", str(task["data"]), "--labels", str(task["labels"]),
-                                    "--out", str(tmp_path / "out"), "--n-boot", "50", "--baselines", "prs_lr",
-                                    "--decile-pgs", "PGS000003", "threads=1"])
+    code = run_command(
+        "evaluate",
+        [
+            "--data",
+            str(task["data"]),
+            "--labels",
+            str(task["labels"]),
+            "--out",
+            str(tmp_path / "out"),
+            "--n-boot",
+            "50",
+            "--baselines",
+            "prs_lr",
+            "--decile-pgs",
+            "PGS000003",
+            "threads=1",
+        ],
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "| prs_lr | 50 (" in printed and "finetuned" not in printed
     summary = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -12,11 +12,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from ehrfm.omop.events import (
-    DAY_US, PRIORITY_COLUMN, code_priority, death_events, fill_visit_types, finalize_shard, person_events,
-    place_meds_events, stage_meds, table_events,
+    DAY_US,
+    PRIORITY_COLUMN,
+    code_priority,
+    death_events,
+    fill_visit_types,
+    finalize_shard,
+    person_events,
+    place_meds_events,
+    stage_meds,
+    table_events,
 )  # fmt: skip
-from ehrfm.preprocess.ingest import SeenKeys, Unit, duplicate_keys, primary_key, tables_needing_key_check
 from ehrfm.omop.spec import CDM_TABLES
+from ehrfm.preprocess.ingest import SeenKeys, Unit, duplicate_keys, primary_key, tables_needing_key_check
 from ehrfm.schemas import EVENT_SCHEMA
 
 D, T = dt.date, dt.datetime
@@ -29,40 +37,83 @@ def cdm(table: str, rows: list[dict]) -> pa.Table:
 
 
 def rows_of(events: pa.Table) -> list[tuple]:
-    return list(zip(*(events[c].to_pylist() for c in ("subject_id", "time", "code", "numeric_value", "visit_id", "visit_type"))))
+    return list(
+        zip(*(events[c].to_pylist() for c in ("subject_id", "time", "code", "numeric_value", "visit_id", "visit_type")))
+    )
 
 
 def test_visit_gives_start_and_end_events_typed_by_visit_concept() -> None:
-    visits = cdm("visit_occurrence", [
-        {"visit_occurrence_id": 7, "person_id": 1, "visit_concept_id": 9201, "visit_start_date": D(2020, 3, 1),
-         "visit_start_datetime": T(2020, 3, 1, 8, 30), "visit_end_date": D(2020, 3, 4),
-         "visit_end_datetime": T(2020, 3, 4, 11, 0), "visit_type_concept_id": 32817},
-        # date-only end on the start day: the end must not precede the start
-        {"visit_occurrence_id": 8, "person_id": 2, "visit_concept_id": 9202, "visit_start_date": D(2021, 5, 2),
-         "visit_start_datetime": T(2021, 5, 2, 16, 0), "visit_end_date": D(2021, 5, 2), "visit_type_concept_id": 32817},
-    ])
+    visits = cdm(
+        "visit_occurrence",
+        [
+            {
+                "visit_occurrence_id": 7,
+                "person_id": 1,
+                "visit_concept_id": 9201,
+                "visit_start_date": D(2020, 3, 1),
+                "visit_start_datetime": T(2020, 3, 1, 8, 30),
+                "visit_end_date": D(2020, 3, 4),
+                "visit_end_datetime": T(2020, 3, 4, 11, 0),
+                "visit_type_concept_id": 32817,
+            },
+            # date-only end on the start day: the end must not precede the start
+            {
+                "visit_occurrence_id": 8,
+                "person_id": 2,
+                "visit_concept_id": 9202,
+                "visit_start_date": D(2021, 5, 2),
+                "visit_start_datetime": T(2021, 5, 2, 16, 0),
+                "visit_end_date": D(2021, 5, 2),
+                "visit_type_concept_id": 32817,
+            },
+        ],
+    )
     events, counts = table_events("visit_occurrence", visits)
-    assert sorted(rows_of(events)) == sorted([
-        (1, T(2020, 3, 1, 8, 30), "VISIT/9201", None, 7, "9201"),
-        (1, T(2020, 3, 4, 11, 0), "VISIT_END/9201", None, 7, "9201"),
-        (2, T(2021, 5, 2, 16, 0), "VISIT/9202", None, 8, "9202"),
-        (2, T(2021, 5, 2, 16, 0), "VISIT_END/9202", None, 8, "9202"),
-    ])
+    assert sorted(rows_of(events)) == sorted(
+        [
+            (1, T(2020, 3, 1, 8, 30), "VISIT/9201", None, 7, "9201"),
+            (1, T(2020, 3, 4, 11, 0), "VISIT_END/9201", None, 7, "9201"),
+            (2, T(2021, 5, 2, 16, 0), "VISIT/9202", None, 8, "9202"),
+            (2, T(2021, 5, 2, 16, 0), "VISIT_END/9202", None, 8, "9202"),
+        ]
+    )
     assert counts.events == 4
 
 
 def test_clinical_rows_use_datetime_only_when_it_falls_on_the_date() -> None:
-    measurement = cdm("measurement", [
-        {"measurement_id": 1, "person_id": 5, "measurement_concept_id": 3004410, "measurement_date": D(2019, 1, 2),
-         "measurement_datetime": T(2019, 1, 2, 9, 15), "measurement_type_concept_id": 32817, "value_as_number": 6.7,
-         "visit_occurrence_id": 70},
-        # datetime on another day than the (validated) date: the date decides, at midnight
-        {"measurement_id": 2, "person_id": 5, "measurement_concept_id": 3004410, "measurement_date": D(2019, 1, 3),
-         "measurement_datetime": T(2019, 1, 9, 9, 15), "measurement_type_concept_id": 32817},
-        # beyond float32 and a null concept: reported, not silently changed
-        {"measurement_id": 3, "person_id": 5, "measurement_concept_id": None, "measurement_date": D(2019, 1, 4),
-         "measurement_type_concept_id": 32817, "value_as_number": 1e300},
-    ])
+    measurement = cdm(
+        "measurement",
+        [
+            {
+                "measurement_id": 1,
+                "person_id": 5,
+                "measurement_concept_id": 3004410,
+                "measurement_date": D(2019, 1, 2),
+                "measurement_datetime": T(2019, 1, 2, 9, 15),
+                "measurement_type_concept_id": 32817,
+                "value_as_number": 6.7,
+                "visit_occurrence_id": 70,
+            },
+            # datetime on another day than the (validated) date: the date decides, at midnight
+            {
+                "measurement_id": 2,
+                "person_id": 5,
+                "measurement_concept_id": 3004410,
+                "measurement_date": D(2019, 1, 3),
+                "measurement_datetime": T(2019, 1, 9, 9, 15),
+                "measurement_type_concept_id": 32817,
+            },
+            # beyond float32 and a null concept: reported, not silently changed
+            {
+                "measurement_id": 3,
+                "person_id": 5,
+                "measurement_concept_id": None,
+                "measurement_date": D(2019, 1, 4),
+                "measurement_type_concept_id": 32817,
+                "value_as_number": 1e300,
+            },
+        ],
+    )
     events, counts = table_events("measurement", measurement)
     assert rows_of(events) == [
         (5, T(2019, 1, 2, 9, 15), "MEASUREMENT/3004410", pytest.approx(6.7), 70, None),
@@ -73,17 +124,25 @@ def test_clinical_rows_use_datetime_only_when_it_falls_on_the_date() -> None:
     assert (counts.null_concept_ids, counts.values_beyond_float32, counts.events) == (1, 1, 3)
 
 
-@pytest.mark.parametrize("table,column,prefix", [
-    ("condition_occurrence", "condition_concept_id", "CONDITION"),
-    ("drug_exposure", "drug_concept_id", "DRUG"),
-    ("procedure_occurrence", "procedure_concept_id", "PROCEDURE"),
-    ("device_exposure", "device_concept_id", "DEVICE"),
-    ("observation", "observation_concept_id", "OBSERVATION"),
-])
+@pytest.mark.parametrize(
+    "table,column,prefix",
+    [
+        ("condition_occurrence", "condition_concept_id", "CONDITION"),
+        ("drug_exposure", "drug_concept_id", "DRUG"),
+        ("procedure_occurrence", "procedure_concept_id", "PROCEDURE"),
+        ("device_exposure", "device_concept_id", "DEVICE"),
+        ("observation", "observation_concept_id", "OBSERVATION"),
+    ],
+)
 def test_every_clinical_table_is_namespaced_by_domain(table: str, column: str, prefix: str) -> None:
     spec = CDM_TABLES[table]
-    row = {spec.primary_key[0]: 1, "person_id": 3, column: 201826, spec.start_date: D(2018, 6, 1),
-           "visit_occurrence_id": 12}
+    row = {
+        spec.primary_key[0]: 1,
+        "person_id": 3,
+        column: 201826,
+        spec.start_date: D(2018, 6, 1),
+        "visit_occurrence_id": 12,
+    }
     if spec.end_date and CDM_TABLES[table].column(spec.end_date).required:
         row[spec.end_date] = D(2018, 6, 2)
     events, _ = table_events(table, cdm(table, [row]))
@@ -92,24 +151,53 @@ def test_every_clinical_table_is_namespaced_by_domain(table: str, column: str, p
 
 
 def test_person_and_death_events() -> None:
-    person = cdm("person", [
-        {"person_id": 1, "gender_concept_id": 8532, "year_of_birth": 1950, "month_of_birth": 4, "day_of_birth": 9,
-         "race_concept_id": 8527, "ethnicity_concept_id": 38003564},
-        {"person_id": 2, "gender_concept_id": 8507, "year_of_birth": 1970, "birth_datetime": T(1970, 2, 3, 10, 0),
-         "race_concept_id": 0, "ethnicity_concept_id": 0},
-        {"person_id": 3, "gender_concept_id": 8507, "year_of_birth": 1980,  # month/day default to 1
-         "race_concept_id": 0, "ethnicity_concept_id": 0},
-    ])
+    person = cdm(
+        "person",
+        [
+            {
+                "person_id": 1,
+                "gender_concept_id": 8532,
+                "year_of_birth": 1950,
+                "month_of_birth": 4,
+                "day_of_birth": 9,
+                "race_concept_id": 8527,
+                "ethnicity_concept_id": 38003564,
+            },
+            {
+                "person_id": 2,
+                "gender_concept_id": 8507,
+                "year_of_birth": 1970,
+                "birth_datetime": T(1970, 2, 3, 10, 0),
+                "race_concept_id": 0,
+                "ethnicity_concept_id": 0,
+            },
+            {
+                "person_id": 3,
+                "gender_concept_id": 8507,
+                "year_of_birth": 1980,  # month/day default to 1
+                "race_concept_id": 0,
+                "ethnicity_concept_id": 0,
+            },
+        ],
+    )
     events, counts = person_events(person)
     got = sorted(rows_of(events))
-    assert got == sorted([
-        (1, T(1950, 4, 9), "MEDS_BIRTH", None, None, None), (1, T(1950, 4, 9), "GENDER/8532", None, None, None),
-        (1, T(1950, 4, 9), "RACE/8527", None, None, None), (1, T(1950, 4, 9), "ETHNICITY/38003564", None, None, None),
-        (2, T(1970, 2, 3, 10), "MEDS_BIRTH", None, None, None), (2, T(1970, 2, 3, 10), "GENDER/8507", None, None, None),
-        (2, T(1970, 2, 3, 10), "RACE/0", None, None, None), (2, T(1970, 2, 3, 10), "ETHNICITY/0", None, None, None),
-        (3, T(1980, 1, 1), "MEDS_BIRTH", None, None, None), (3, T(1980, 1, 1), "GENDER/8507", None, None, None),
-        (3, T(1980, 1, 1), "RACE/0", None, None, None), (3, T(1980, 1, 1), "ETHNICITY/0", None, None, None),
-    ])
+    assert got == sorted(
+        [
+            (1, T(1950, 4, 9), "MEDS_BIRTH", None, None, None),
+            (1, T(1950, 4, 9), "GENDER/8532", None, None, None),
+            (1, T(1950, 4, 9), "RACE/8527", None, None, None),
+            (1, T(1950, 4, 9), "ETHNICITY/38003564", None, None, None),
+            (2, T(1970, 2, 3, 10), "MEDS_BIRTH", None, None, None),
+            (2, T(1970, 2, 3, 10), "GENDER/8507", None, None, None),
+            (2, T(1970, 2, 3, 10), "RACE/0", None, None, None),
+            (2, T(1970, 2, 3, 10), "ETHNICITY/0", None, None, None),
+            (3, T(1980, 1, 1), "MEDS_BIRTH", None, None, None),
+            (3, T(1980, 1, 1), "GENDER/8507", None, None, None),
+            (3, T(1980, 1, 1), "RACE/0", None, None, None),
+            (3, T(1980, 1, 1), "ETHNICITY/0", None, None, None),
+        ]
+    )
     assert meds.birth_code == "MEDS_BIRTH" and counts.events == 12
     death = cdm("death", [{"person_id": 1, "death_date": D(2001, 7, 1), "death_datetime": T(2001, 7, 1, 23, 0)}])
     events, _ = death_events(death)
@@ -117,14 +205,16 @@ def test_person_and_death_events() -> None:
 
 
 def staged(rows: list[tuple]) -> pa.Table:
-    table = pa.table({
-        "subject_id": pa.array([r[0] for r in rows], pa.int64()),
-        "time": pa.array([r[1] for r in rows], pa.timestamp("us")),
-        "code": pa.array([r[2] for r in rows], pa.string()),
-        "numeric_value": pa.array([r[3] for r in rows], pa.float32()),
-        "visit_id": pa.array([r[4] for r in rows], pa.int64()),
-        "visit_type": pa.array([r[5] for r in rows], pa.string()),
-    })
+    table = pa.table(
+        {
+            "subject_id": pa.array([r[0] for r in rows], pa.int64()),
+            "time": pa.array([r[1] for r in rows], pa.timestamp("us")),
+            "code": pa.array([r[2] for r in rows], pa.string()),
+            "numeric_value": pa.array([r[3] for r in rows], pa.float32()),
+            "visit_id": pa.array([r[4] for r in rows], pa.int64()),
+            "visit_type": pa.array([r[5] for r in rows], pa.string()),
+        }
+    )
     return table.append_column(PRIORITY_COLUMN, pa.array(code_priority(table["code"])))
 
 
@@ -152,18 +242,41 @@ def test_shard_is_sorted_meds_with_visit_types_from_the_same_subjects_visit() ->
 
 
 def test_meds_input_rows_are_placed_or_dropped_with_one_reason_each() -> None:
-    raw = pa.table({
-        "subject_id": pa.array([1, 1, 1, 1, None, 2, 3, 3], pa.int64()),
-        "time": pa.array([T(1990, 1, 1), None, T(1989, 12, 31), T(2000, 1, 1), T(2000, 1, 1), T(2000, 1, 1),
-                          T(1995, 1, 1), T(2001, 1, 1)], pa.timestamp("us")),
-        "code": pa.array(["MEDS_BIRTH", "GENDER/F", "DX/1", "DX/2", "DX/3", "DX/4", "MEDS_BIRTH", None], pa.string()),
-        "numeric_value": pa.array([None] * 8, pa.float32()),
-    })
+    raw = pa.table(
+        {
+            "subject_id": pa.array([1, 1, 1, 1, None, 2, 3, 3], pa.int64()),
+            "time": pa.array(
+                [
+                    T(1990, 1, 1),
+                    None,
+                    T(1989, 12, 31),
+                    T(2000, 1, 1),
+                    T(2000, 1, 1),
+                    T(2000, 1, 1),
+                    T(1995, 1, 1),
+                    T(2001, 1, 1),
+                ],
+                pa.timestamp("us"),
+            ),
+            "code": pa.array(
+                ["MEDS_BIRTH", "GENDER/F", "DX/1", "DX/2", "DX/3", "DX/4", "MEDS_BIRTH", None], pa.string()
+            ),
+            "numeric_value": pa.array([None] * 8, pa.float32()),
+        }
+    )
     kept, dropped = place_meds_events(stage_meds(raw))
     assert sorted(zip(kept["subject_id"].to_pylist(), kept["code"].to_pylist(), kept["time"].to_pylist())) == [
-        (1, "DX/2", T(2000, 1, 1)), (1, "GENDER/F", T(1990, 1, 1)), (1, "MEDS_BIRTH", T(1990, 1, 1)),
-        (3, "MEDS_BIRTH", T(1995, 1, 1))]
-    assert sorted(dropped["reason"].to_pylist()) == ["before_birth", "missing_code", "missing_subject_id", "no_birth_event"]
+        (1, "DX/2", T(2000, 1, 1)),
+        (1, "GENDER/F", T(1990, 1, 1)),
+        (1, "MEDS_BIRTH", T(1990, 1, 1)),
+        (3, "MEDS_BIRTH", T(1995, 1, 1)),
+    ]
+    assert sorted(dropped["reason"].to_pylist()) == [
+        "before_birth",
+        "missing_code",
+        "missing_subject_id",
+        "no_birth_event",
+    ]
     assert kept.num_rows + dropped.num_rows == raw.num_rows
 
 
@@ -184,24 +297,48 @@ def test_seen_keys_keep_first_occurrence_across_batches() -> None:
 
 
 def test_composite_keys_are_packed_exactly_and_range_checked() -> None:
-    table = cdm("concept_ancestor", [
-        {"ancestor_concept_id": 1, "descendant_concept_id": 2, "min_levels_of_separation": 0, "max_levels_of_separation": 0},
-        {"ancestor_concept_id": 2, "descendant_concept_id": 1, "min_levels_of_separation": 0, "max_levels_of_separation": 0},
-    ])
+    table = cdm(
+        "concept_ancestor",
+        [
+            {
+                "ancestor_concept_id": 1,
+                "descendant_concept_id": 2,
+                "min_levels_of_separation": 0,
+                "max_levels_of_separation": 0,
+            },
+            {
+                "ancestor_concept_id": 2,
+                "descendant_concept_id": 1,
+                "min_levels_of_separation": 0,
+                "max_levels_of_separation": 0,
+            },
+        ],
+    )
     keys, valid = primary_key("concept_ancestor", table)
     assert keys.tolist() == [(1 << 32) | 2, (2 << 32) | 1] and valid.all()
-    bad = cdm("concept_ancestor", [{"ancestor_concept_id": -1, "descendant_concept_id": 2,
-                                    "min_levels_of_separation": 0, "max_levels_of_separation": 0}])
+    bad = cdm(
+        "concept_ancestor",
+        [
+            {
+                "ancestor_concept_id": -1,
+                "descendant_concept_id": 2,
+                "min_levels_of_separation": 0,
+                "max_levels_of_separation": 0,
+            }
+        ],
+    )
     with pytest.raises(ValueError, match="concept_ancestor"):
         primary_key("concept_ancestor", bad)
 
 
 def test_cross_unit_duplicates_resolve_to_the_earliest_unit() -> None:
-    keys = pa.table({
-        "table_code": pa.array([4, 4, 4, 5, 4, 4], pa.int16()),
-        "unit": pa.array([2, 0, 1, 0, 3, 1], pa.int32()),
-        "key": pa.array([10, 10, 11, 10, 10, 12], pa.int64()),
-    })
+    keys = pa.table(
+        {
+            "table_code": pa.array([4, 4, 4, 5, 4, 4], pa.int16()),
+            "unit": pa.array([2, 0, 1, 0, 3, 1], pa.int32()),
+            "key": pa.array([10, 10, 11, 10, 10, 12], pa.int64()),
+        }
+    )
     got = duplicate_keys(keys)
     assert sorted(zip(*(got[c].to_pylist() for c in ("table_code", "unit", "key")))) == [(4, 2, 10), (4, 3, 10)]
 
@@ -212,18 +349,35 @@ def test_key_check_planned_only_when_files_may_share_keys(tmp_path) -> None:
         pq.write_table(pa.table({"condition_occurrence_id": pa.array(ids, pa.int64())}), path)
         return str(path)
 
-    disjoint = [Unit("condition_occurrence", part("a.parquet", [1, 5]), 0),
-                Unit("condition_occurrence", part("b.parquet", [6, 9]), 1)]
-    overlapping = [Unit("drug_exposure", part("c.parquet", [1, 5]), 0),
-                   Unit("drug_exposure", part("d.parquet", [5, 9]), 1)]
+    disjoint = [
+        Unit("condition_occurrence", part("a.parquet", [1, 5]), 0),
+        Unit("condition_occurrence", part("b.parquet", [6, 9]), 1),
+    ]
+    overlapping = [
+        Unit("drug_exposure", part("c.parquet", [1, 5]), 0),
+        Unit("drug_exposure", part("d.parquet", [5, 9]), 1),
+    ]
     csv_files = [Unit("measurement", str(tmp_path / "m1.csv"), 0), Unit("measurement", str(tmp_path / "m2.csv"), 1)]
     single = [Unit("observation", str(tmp_path / "o.csv"), 0)]
     assert tables_needing_key_check(disjoint + overlapping + csv_files + single) == ["drug_exposure", "measurement"]
 
 
 def test_day_arithmetic_floors_before_1970() -> None:
-    events, _ = table_events("condition_occurrence", cdm("condition_occurrence", [
-        {"condition_occurrence_id": 1, "person_id": 1, "condition_concept_id": 1, "condition_start_date": D(1969, 12, 31),
-         "condition_start_datetime": T(1969, 12, 31, 23, 0), "condition_type_concept_id": 1}]))
+    events, _ = table_events(
+        "condition_occurrence",
+        cdm(
+            "condition_occurrence",
+            [
+                {
+                    "condition_occurrence_id": 1,
+                    "person_id": 1,
+                    "condition_concept_id": 1,
+                    "condition_start_date": D(1969, 12, 31),
+                    "condition_start_datetime": T(1969, 12, 31, 23, 0),
+                    "condition_type_concept_id": 1,
+                }
+            ],
+        ),
+    )
     us = events["time"].cast(pa.int64()).to_pylist()[0]
     assert np.floor_divide(us, DAY_US) == -1

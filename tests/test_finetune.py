@@ -16,18 +16,24 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_factory import DAY_US, make_labels, timelines_table, write_finetune_data, write_pretrained  # noqa: E402
-
 from ehrfm.config import load_config  # noqa: E402
 from ehrfm.model.config import ModelConfig  # noqa: E402
 from ehrfm.model.io import load_state_dict, save_model_files  # noqa: E402
-from ehrfm.model.transformer import EHRDecoder  # noqa: E402
 from ehrfm.model.risk import load_risk_model  # noqa: E402
+from ehrfm.model.transformer import EHRDecoder  # noqa: E402
 from ehrfm.transfer.finetune_config import FinetuneConfig  # noqa: E402
+from finetune_factory import DAY_US, make_labels, timelines_table, write_finetune_data, write_pretrained  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "finetune-t2d.yaml"
-FAST = ["train.epochs=3", "train.batch_size=16", "train.shuffle_buffer=64", "train.eval_batch_size=64",
-        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1"]
+FAST = [
+    "train.epochs=3",
+    "train.batch_size=16",
+    "train.shuffle_buffer=64",
+    "train.eval_batch_size=64",
+    "scaling.num_workers=2",
+    "scaling.cpus_per_worker=0.5",
+    "scaling.torch_threads=1",
+]
 
 
 # ---- data and model ---------------------------------------------------------------------------
@@ -61,8 +67,17 @@ def probe(ray_cluster, data, pretrained, storage, mlflow_server):
 
     path = storage / "prs_labels.parquet"
     labels = make_labels(data, path, "prs")
-    cfg = config(data, pretrained, path, storage, "probe", "model.mode=linear_probe", "optim.head_lr=0.03",
-                 "train.modality_dropout=0.0", f"mlflow.tracking_uri={mlflow_server}")
+    cfg = config(
+        data,
+        pretrained,
+        path,
+        storage,
+        "probe",
+        "model.mode=linear_probe",
+        "optim.head_lr=0.03",
+        "train.modality_dropout=0.0",
+        f"mlflow.tracking_uri={mlflow_server}",
+    )
     return cfg, run_finetune(cfg), labels
 
 
@@ -74,10 +89,28 @@ def full(ray_cluster, data, pretrained, storage, mlflow_server):
     labels_path = storage / "token_labels.parquet"
     labels = make_labels(data, labels_path, "token")
     run_dir = storage / "full"
-    code = main(["--config", str(CONFIG), "--task", "t2d", "--pretrained", str(pretrained.parent),
-                 "--data", str(data.root), "--labels", str(labels_path), "--out", str(run_dir), *FAST,
-                 "model.mode=full", "optim.head_lr=0.01", "optim.backbone_lr=0.003", "train.epochs=2",
-                 f"mlflow.tracking_uri={mlflow_server}"])
+    code = main(
+        [
+            "--config",
+            str(CONFIG),
+            "--task",
+            "t2d",
+            "--pretrained",
+            str(pretrained.parent),
+            "--data",
+            str(data.root),
+            "--labels",
+            str(labels_path),
+            "--out",
+            str(run_dir),
+            *FAST,
+            "model.mode=full",
+            "optim.head_lr=0.01",
+            "optim.backbone_lr=0.003",
+            "train.epochs=2",
+            f"mlflow.tracking_uri={mlflow_server}",
+        ]
+    )
     assert code == 0
     return run_dir, labels
 
@@ -114,14 +147,24 @@ def test_pretrained_resolves_from_run_dir_summary_or_newest_checkpoint(tmp_path,
 def test_model_from_other_data_or_one_class_split_is_refused(tmp_path, data, pretrained):
     from ehrfm.transfer.finetune import prepare_finetune
 
-    other = ModelConfig(vocab_size=data.vocab_size + 5, num_pgs=data.num_pgs, hidden=32, layers=1, heads=4,
-                        context=32, fusion="prefix", prs_tokens=2, prs_hidden=32)
+    other = ModelConfig(
+        vocab_size=data.vocab_size + 5,
+        num_pgs=data.num_pgs,
+        hidden=32,
+        layers=1,
+        heads=4,
+        context=32,
+        fusion="prefix",
+        prs_tokens=2,
+        prs_hidden=32,
+    )
     save_model_files(tmp_path / "other", EHRDecoder(other).state_dict(), other)
     labels = make_labels(data, tmp_path / "labels.parquet", "prs")
     with pytest.raises(ValueError, match="vocab_size=45"):
         prepare_finetune(config(data, tmp_path / "other", tmp_path / "labels.parquet", tmp_path, "x"))
-    pq.write_table(labels.set_column(2, "boolean_value", pa.array([False] * labels.num_rows)),
-                   tmp_path / "negatives.parquet")
+    pq.write_table(
+        labels.set_column(2, "boolean_value", pa.array([False] * labels.num_rows)), tmp_path / "negatives.parquet"
+    )
     with pytest.raises(ValueError, match="split has 0 positives"):
         prepare_finetune(config(data, pretrained, tmp_path / "negatives.parquet", tmp_path, "x"))
 
@@ -139,11 +182,17 @@ def test_labels_are_made_from_events_when_none_are_given(tmp_path):
         if t2d:
             rows.append((subject, 500, "CONDITION/201826", None))
     rows.append((3, 100, "VISIT/9202", 1))
-    events = pa.table({"subject_id": [r[0] for r in rows],
-                       "time": pa.array([day(r[1]) for r in rows], pa.timestamp("us")),
-                       "code": [r[2] for r in rows], "numeric_value": pa.array([None] * len(rows), pa.float32()),
-                       "visit_id": pa.array([r[3] for r in rows], pa.int64()),
-                       "visit_type": pa.array([None] * len(rows), pa.string())}, schema=EVENT_SCHEMA)
+    events = pa.table(
+        {
+            "subject_id": [r[0] for r in rows],
+            "time": pa.array([day(r[1]) for r in rows], pa.timestamp("us")),
+            "code": [r[2] for r in rows],
+            "numeric_value": pa.array([None] * len(rows), pa.float32()),
+            "visit_id": pa.array([r[3] for r in rows], pa.int64()),
+            "visit_type": pa.array([None] * len(rows), pa.string()),
+        },
+        schema=EVENT_SCHEMA,
+    )
     (tmp_path / "events").mkdir()
     pq.write_table(events.filter(pc.less(events["subject_id"], 3)), tmp_path / "events" / "part-00000.parquet")
     pq.write_table(events.filter(pc.equal(events["subject_id"], 3)), tmp_path / "events" / "part-00001.parquet")
@@ -169,8 +218,17 @@ def test_modality_dropout_masks_only_the_genotyped_at_the_given_rate():
 def test_mode_decides_what_trains_and_at_which_learning_rate(data, pretrained, tmp_path, mode, layers):
     from ehrfm.transfer.finetune_loop import build_optimizer, build_risk_model
 
-    cfg = config(data, pretrained, tmp_path / "none.parquet", tmp_path, "x", f"model.mode={mode}",
-                 f"model.unfrozen_layers={layers}", "optim.head_lr=0.01", "optim.backbone_lr=0.001")
+    cfg = config(
+        data,
+        pretrained,
+        tmp_path / "none.parquet",
+        tmp_path,
+        "x",
+        f"model.mode={mode}",
+        f"model.unfrozen_layers={layers}",
+        "optim.head_lr=0.01",
+        "optim.backbone_lr=0.001",
+    )
     model = build_risk_model(cfg)
     assert model.decoder.prs_encoder.modality_dropout == 0.0  # dropout is applied to has_prs by the loop
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -258,8 +316,10 @@ def test_val_auroc_is_reported_each_epoch_and_logged(probe, mlflow_server):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("ehrfm-finetune").experiment_id],
-                              filter_string=f"tags.`ehrfm.run_dir` = '{cfg.run_dir()}'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("ehrfm-finetune").experiment_id],
+        filter_string=f"tags.`ehrfm.run_dir` = '{cfg.run_dir()}'",
+    )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     points = client.get_metric_history(runs[0].info.run_id, "val_auroc")
     assert [p.step for p in points] == [1, 2, 3]
@@ -301,11 +361,24 @@ def test_predictions_are_val_and_test_examples_with_their_labels(probe, data):
     cfg, _, labels = probe
     run_dir = Path(cfg.run_dir())
     table = predictions(run_dir)
-    assert table.column_names == ["subject_id", "prediction_time", "split", "label", "risk", "risk_prs_masked",
-                                  "logit", "logit_prs_masked"]
+    assert table.column_names == [
+        "subject_id",
+        "prediction_time",
+        "split",
+        "label",
+        "risk",
+        "risk_prs_masked",
+        "logit",
+        "logit_prs_masked",
+    ]
     split_of = dict(zip(timelines_table(data)["subject_id"].to_pylist(), timelines_table(data)["split"].to_pylist()))
-    expected = {(s, t, y) for s, t, y in zip(labels["subject_id"].to_pylist(), labels["prediction_time"].to_pylist(),
-                                             labels["boolean_value"].to_pylist()) if split_of[s] in ("val", "test")}
+    expected = {
+        (s, t, y)
+        for s, t, y in zip(
+            labels["subject_id"].to_pylist(), labels["prediction_time"].to_pylist(), labels["boolean_value"].to_pylist()
+        )
+        if split_of[s] in ("val", "test")
+    }
     got = list(zip(table["subject_id"].to_pylist(), table["prediction_time"].to_pylist(), table["label"].to_pylist()))
     assert len(got) == len(expected) and set(got) == expected
     assert [split_of[s] for s in table["subject_id"].to_pylist()] == table["split"].to_pylist()
@@ -339,13 +412,16 @@ def test_saved_model_directory_round_trips(probe, data):
     cfg, _, labels = probe
     run_dir = Path(cfg.run_dir())
     model, spec = load_risk_model(run_dir / "model")
-    assert spec.context == 32 and spec.tokenizer_version == "factory-1" and spec.head_inputs == "last+mean+prs"  # the shipped default
+    assert (
+        spec.context == 32 and spec.tokenizer_version == "factory-1" and spec.head_inputs == "last+mean+prs"
+    )  # the shipped default
     table = predictions(run_dir)
     examples = build_examples(data.root, labels, spec.context)
     val = examples.filter(pc.equal(examples["split"], "val"))
     logit, masked = predict_examples(model, val, batch_size=50)
-    np.testing.assert_allclose(logit, table.filter(pc.equal(table["split"], "val"))["logit"].to_numpy(), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        logit, table.filter(pc.equal(table["split"], "val"))["logit"].to_numpy(), rtol=1e-5, atol=1e-6
+    )
     best = json.loads((run_dir / "finetune_result.json").read_text())["best_checkpoint"]
     again, _ = load_risk_model(best)  # the best epoch's checkpoint holds the same weights
     np.testing.assert_allclose(predict_examples(again, val)[1], masked, rtol=1e-5, atol=1e-6)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from datetime import datetime, timedelta
 
 import meds
@@ -83,8 +82,12 @@ def test_prior_evidence_excludes_by_domain_and_hba1c_threshold():
     )
     got = status_of(table, t2d_task())
     assert got == {
-        1: ("prior_condition", None), 2: ("prior_drug", None), 3: ("prior_measurement", None),
-        4: ("labeled", False), 5: ("prior_condition", None), 6: ("prior_drug", None),
+        1: ("prior_condition", None),
+        2: ("prior_drug", None),
+        3: ("prior_measurement", None),
+        4: ("labeled", False),
+        5: ("prior_condition", None),
+        6: ("prior_drug", None),
         7: ("labeled", False),
     }
 
@@ -115,12 +118,18 @@ def test_censoring_excludes_or_labels_negative_as_configured():
     )
     task = t2d_task()
     assert status_of(table, task) == {
-        1: ("lost_to_follow_up", None), 2: ("died_before_horizon", None),
-        3: ("labeled", True), 4: ("labeled", False),
+        1: ("lost_to_follow_up", None),
+        2: ("died_before_horizon", None),
+        3: ("labeled", True),
+        4: ("labeled", False),
     }
     labels, account = label_events(table, resolve_task(t2d_task(censoring="negative")))
     assert dict(zip(labels["subject_id"].to_pylist(), labels["boolean_value"].to_pylist())) == {
-        1: False, 2: False, 3: True, 4: False}
+        1: False,
+        2: False,
+        3: True,
+        4: False,
+    }
     assert account.censored_as_negative == 2 and account.labeled == 4 and sum(account.excluded.values()) == 0
 
 
@@ -137,8 +146,12 @@ def test_too_few_visits_and_exact_account():
     )
     labels, account = label_events(table, resolve_task(t2d_task()))
     assert account.persons_in == 8
-    assert account.excluded == {**dict.fromkeys(EXCLUSION_REASONS, 0), "too_few_visits": 4,
-                                "prior_condition": 1, "lost_to_follow_up": 1}
+    assert account.excluded == {
+        **dict.fromkeys(EXCLUSION_REASONS, 0),
+        "too_few_visits": 4,
+        "prior_condition": 1,
+        "lost_to_follow_up": 1,
+    }
     assert (account.labeled, account.positive, account.negative) == (2, 1, 1)
     assert account.persons_in == account.labeled + sum(account.excluded.values())
     assert labels.schema == LABEL_SCHEMA
@@ -169,8 +182,7 @@ def test_last_visit_is_never_chosen_and_every_other_visit_can_be():
         for subject, pt in times.iter_rows():
             assert pt < last_end[subject]
             chosen.setdefault(subject, set()).add(pt)
-    ends = {s: set(visit_ends.filter(pl.col("subject_id") == s)["end"].to_list()) - {last_end[s]}
-            for s in last_end}
+    ends = {s: set(visit_ends.filter(pl.col("subject_id") == s)["end"].to_list()) - {last_end[s]} for s in last_end}
     assert chosen == ends  # every non-last visit end is drawn for some seed, nothing else ever is
 
 
@@ -193,7 +205,7 @@ def test_draw_is_deterministic_by_seed_and_independent_of_row_order_and_sharding
     other, _ = label_events(table, resolve_task(t2d_task(seed=8)))
     assert not other["prediction_time"].equals(first["prediction_time"])
     draws = subject_uniform(np.arange(100_000), 0)
-    assert 0 <= draws.min() and draws.max() < 1 and abs(draws.mean() - 0.5) < 0.01
+    assert draws.min() >= 0 and draws.max() < 1 and abs(draws.mean() - 0.5) < 0.01
 
 
 def test_subject_in_two_shards_is_an_error_naming_the_shards(tmp_path):
@@ -260,8 +272,22 @@ def test_label_command_writes_labels_and_account(tmp_path, capsys):
     events_dir.mkdir()
     pq.write_table(events(two_visits(1, [(1, 300, T2D)]) + two_visits(2, [(2, 1, T2D)])), events_dir / "0.parquet")
     pq.write_table(events([(3, None, "GENDER/8532")]), events_dir / "1.parquet")  # a shard without visits
-    assert main(["--events", str(events_dir), "--task", "t2d", "--out", str(tmp_path / "out"),
-                 "--omop", str(tmp_path), "horizon_days=200"]) == 0
+    assert (
+        main(
+            [
+                "--events",
+                str(events_dir),
+                "--task",
+                "t2d",
+                "--out",
+                str(tmp_path / "out"),
+                "--omop",
+                str(tmp_path),
+                "horizon_days=200",
+            ]
+        )
+        == 0
+    )
     assert "no concept_ancestor" in capsys.readouterr().err
     labels = pq.read_table(tmp_path / "out" / "labels.parquet")
     assert labels.to_pylist() == [{"subject_id": 1, "prediction_time": day(10), "boolean_value": False}]

@@ -24,8 +24,7 @@ import pytest
 import yaml
 
 from ehrfm.cluster.auth import AUTH_MODE_VAR, TOKEN_PATH_VAR, TOKEN_VAR
-from ehrfm.cluster.local import (LocalClusterSpec, _head_args, _worker_env, alive_nodes, down, free_port,
-                                 status, up)
+from ehrfm.cluster.local import LocalClusterSpec, _head_args, _worker_env, alive_nodes, down, free_port, status, up
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -36,8 +35,14 @@ from timeline_factory import write_timelines  # noqa: E402
 @pytest.fixture(scope="module")
 def local_cluster():
     state_dir = Path(tempfile.mkdtemp(prefix="ehrfm-lc-", dir="/tmp"))  # short: Ray's socket paths
-    spec = LocalClusterSpec(state_dir=state_dir, workers=1, head_cpus=1, worker_cpus=1,
-                            dashboard_port=free_port(), object_store_bytes=80 * 1024**2)
+    spec = LocalClusterSpec(
+        state_dir=state_dir,
+        workers=1,
+        head_cpus=1,
+        worker_cpus=1,
+        dashboard_port=free_port(),
+        object_store_bytes=80 * 1024**2,
+    )
     cluster = up(spec)
     pids = [node.pid for node in cluster.nodes]
     try:
@@ -51,8 +56,9 @@ def local_cluster():
 CONVENTION = ("--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml")
 
 
-def _submit(env: dict[str, str], *entrypoint: str, runtime_env: tuple[str, ...] = CONVENTION,
-            timeout_s: float = 300) -> subprocess.CompletedProcess:
+def _submit(
+    env: dict[str, str], *entrypoint: str, runtime_env: tuple[str, ...] = CONVENTION, timeout_s: float = 300
+) -> subprocess.CompletedProcess:
     command = [RAY, "job", "submit", *runtime_env, "--", *entrypoint]
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
 
@@ -71,8 +77,10 @@ def _without_token(env: dict[str, str], home: Path) -> dict[str, str]:
 
 
 def _jobs(cluster) -> list[dict]:
-    request = urllib.request.Request(f"{cluster.dashboard_url}/api/jobs/",
-                                     headers={"Authorization": f"Bearer {cluster.token_path.read_text().strip()}"})
+    request = urllib.request.Request(
+        f"{cluster.dashboard_url}/api/jobs/",
+        headers={"Authorization": f"Bearer {cluster.token_path.read_text().strip()}"},
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)
 
@@ -94,8 +102,9 @@ def test_two_nodes_up_with_token_auth_and_loopback_dashboard(local_cluster):
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"{local_cluster.dashboard_url}/api/v0/nodes", timeout=10)
     assert missing.value.code == 401
-    wrong = urllib.request.Request(f"{local_cluster.dashboard_url}/api/v0/nodes",
-                                   headers={"Authorization": "Bearer " + "0" * 64})
+    wrong = urllib.request.Request(
+        f"{local_cluster.dashboard_url}/api/v0/nodes", headers={"Authorization": "Bearer " + "0" * 64}
+    )
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(wrong, timeout=10)
     assert refused.value.code == 403
@@ -120,8 +129,14 @@ def test_code_already_on_the_nodes_runs_with_a_local_working_dir(local_cluster, 
     for part in ("platform", "cluster"):
         shutil.copytree(REPO_ROOT / part, image_dir / part, ignore=shutil.ignore_patterns("__pycache__"))
     runtime_env = json.dumps({"working_dir": f"local://{image_dir}", "env_vars": {"PYTHONPATH": "platform"}})
-    done = _submit(local_cluster.client_env(), "python", "cluster/smoke_job.py", "--expect-nodes", "2",
-                   runtime_env=("--runtime-env-json", runtime_env))
+    done = _submit(
+        local_cluster.client_env(),
+        "python",
+        "cluster/smoke_job.py",
+        "--expect-nodes",
+        "2",
+        runtime_env=("--runtime-env-json", runtime_env),
+    )
     report = _smoke_report(done)
     expected = str(image_dir / "platform" / "ehrfm" / "__init__.py")
     assert [where["ehrfm"] for where in [report["driver"], *report["nodes"].values()]] == [expected] * 3
@@ -129,9 +144,15 @@ def test_code_already_on_the_nodes_runs_with_a_local_working_dir(local_cluster, 
 
 # A few steps of the small CPU config: 2 Ray Train workers of 0.5 CPU fit the cluster's 2 CPUs (one
 # per node) and leave one for Ray Data. Train loss every 2 steps, validation + checkpoint every 3.
-SHORT_PRETRAIN = ("schedule.max_steps=6", "schedule.log_every=2", "schedule.val_every=3",
-                  "schedule.checkpoint_every=3", "optim.warmup_steps=2", "scaling.num_workers=2",
-                  "scaling.cpus_per_worker=0.5")
+SHORT_PRETRAIN = (
+    "schedule.max_steps=6",
+    "schedule.log_every=2",
+    "schedule.val_every=3",
+    "schedule.checkpoint_every=3",
+    "optim.warmup_steps=2",
+    "scaling.num_workers=2",
+    "scaling.cpus_per_worker=0.5",
+)
 
 
 @pytest.mark.e2e
@@ -140,11 +161,22 @@ def test_pretrain_job_trains_and_logs_its_run_to_the_tracking_server(local_clust
     storage, name = tmp_path / "runs", "cluster-pretrain"
     runtime_env = yaml.safe_load((REPO_ROOT / "cluster" / "runtime_env.yaml").read_text())
     runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = mlflow_server  # how jobs find the server
-    done = _submit(local_cluster.client_env(), "python", "jobs/pretrain.py",
-                   "--config", "jobs/configs/pretrain-cpu-small.yaml", "--data", str(timelines.root),
-                   "--storage", str(storage), "--name", name, *SHORT_PRETRAIN,
-                   runtime_env=("--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env)),
-                   timeout_s=900)  # ~3 min on a loaded 2-core machine; DeepSpeed's first run also builds its CPU op
+    done = _submit(
+        local_cluster.client_env(),
+        "python",
+        "jobs/pretrain.py",
+        "--config",
+        "jobs/configs/pretrain-cpu-small.yaml",
+        "--data",
+        str(timelines.root),
+        "--storage",
+        str(storage),
+        "--name",
+        name,
+        *SHORT_PRETRAIN,
+        runtime_env=("--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env)),
+        timeout_s=900,
+    )  # ~3 min on a loaded 2-core machine; DeepSpeed's first run also builds its CPU op
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [job] = [job for job in _jobs(local_cluster) if f"--name {name}" in job["entrypoint"]]
     assert job["status"] == "SUCCEEDED"
@@ -168,7 +200,9 @@ def test_pretrain_job_trains_and_logs_its_run_to_the_tracking_server(local_clust
     assert all(0 < m.value < 2 * math.log(timelines.vocab_size) for m in train_loss)
     assert train_loss[-1].value < train_loss[0].value  # it trained
     val_loss = client.get_metric_history(run.info.run_id, "val_loss")
-    assert [(m.step, m.value) for m in val_loss] == [(p["step"], pytest.approx(p["val_loss"])) for p in state["history"]]
+    assert [(m.step, m.value) for m in val_loss] == [
+        (p["step"], pytest.approx(p["val_loss"])) for p in state["history"]
+    ]
 
 
 @pytest.mark.e2e
@@ -206,11 +240,17 @@ def test_job_entrypoint_falls_back_to_the_checkout_copy_when_not_installed(tmp_p
     """`jobs/*.py` import `ehrfm` from <their repo>/platform when it is not importable otherwise."""
     checkout = tmp_path / "checkout"
     shutil.copytree(REPO_ROOT / "jobs", checkout / "jobs")
-    shutil.copytree(REPO_ROOT / "platform" / "ehrfm", checkout / "platform" / "ehrfm",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO_ROOT / "platform" / "ehrfm", checkout / "platform" / "ehrfm", ignore=shutil.ignore_patterns("__pycache__")
+    )
     job = checkout / "jobs" / "pipeline.py"
-    done = subprocess.run([sys.executable, "-c", FALLBACK_PROBE, str(REPO_ROOT / "platform"), str(job)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", FALLBACK_PROBE, str(REPO_ROOT / "platform"), str(job)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "usage: ehrfm pipeline" in done.stdout
     assert f"EHRFM_FROM {checkout / 'platform' / 'ehrfm' / '__init__.py'}" in done.stdout
@@ -219,8 +259,7 @@ def test_job_entrypoint_falls_back_to_the_checkout_copy_when_not_installed(tmp_p
 @pytest.mark.e2e
 def test_up_after_a_crashed_head_clears_its_leftovers_and_down_leaves_nothing():
     state_dir = Path(tempfile.mkdtemp(prefix="ehrfm-lc-", dir="/tmp"))
-    spec = LocalClusterSpec(state_dir=state_dir, workers=0, dashboard_port=free_port(),
-                            object_store_bytes=80 * 1024**2)
+    spec = LocalClusterSpec(state_dir=state_dir, workers=0, dashboard_port=free_port(), object_store_bytes=80 * 1024**2)
     try:
         first = up(spec)
         head = psutil.Process(first.nodes[0].pid)

@@ -8,9 +8,9 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ehrfm.evaluate.calibration import Recalibrator, expected_calibration_error, reliability_curve
-from ehrfm.metrics import auprc, auroc, auroc_ci, bootstrap_metric, bootstrap_weights
 from ehrfm.evaluate.report import evaluate_predictions, log_to_mlflow, markdown_table, write_report
 from ehrfm.evaluate.stratify import age_bucket, prs_deciles, risk_by_prs_decile, subgroup_table, wilson_interval
+from ehrfm.metrics import auprc, auroc, auroc_ci, bootstrap_metric, bootstrap_weights
 
 
 def scored_sample(n: int, seed: int, ties: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +91,8 @@ def test_recalibration_fit_on_validation_fixes_test_calibration(method):
     after = expected_calibration_error(y[test], recal.transform(overconfident[test]))
     assert before > 0.08 and after < 0.02
     assert auroc(y[test], recal.transform(overconfident[test])) == pytest.approx(
-        auroc(y[test], overconfident[test]), abs=0.01)  # monotone: ranking kept
+        auroc(y[test], overconfident[test]), abs=0.01
+    )  # monotone: ranking kept
 
 
 def test_prs_deciles_and_observed_risk_rise_with_prs():
@@ -115,7 +116,15 @@ def test_prs_deciles_and_observed_risk_rise_with_prs():
 
 def test_age_buckets_and_subgroup_table():
     assert age_bucket([12, 40, 49.9, 55, 69, 70, 90, np.nan]).tolist() == [
-        "<40", "40-49", "40-49", "50-59", "60-69", "70+", "70+", "unknown"]
+        "<40",
+        "40-49",
+        "40-49",
+        "50-59",
+        "60-69",
+        "70+",
+        "70+",
+        "unknown",
+    ]
     rng = np.random.default_rng(10)
     n = 3000
     sex = rng.choice(["female", "male"], size=n)
@@ -124,7 +133,12 @@ def test_age_buckets_and_subgroup_table():
     p = 1 / (1 + np.exp(-s))
     table = subgroup_table(y, p, {"sex": sex, "ancestry": ancestry}, n_boot=100, min_count=20)
     assert table.select("attribute", "level").rows() == [
-        ("sex", "female"), ("sex", "male"), ("ancestry", "AFR"), ("ancestry", "EAS"), ("ancestry", "EUR")]
+        ("sex", "female"),
+        ("sex", "male"),
+        ("ancestry", "AFR"),
+        ("ancestry", "EAS"),
+        ("ancestry", "EUR"),
+    ]
     female = table.row(0, named=True)
     mask = sex == "female"
     assert female["n"] == mask.sum() and female["events"] == y[mask].sum()
@@ -143,14 +157,17 @@ def test_report_table_figures_and_mlflow_logging(tmp_path, mlflow_server):
     lines = table.strip().splitlines()
     assert lines[0] == "| model | n (events) | AUROC [95% CI] | AUPRC [95% CI] | ECE |" and len(lines) == 5
     good = results[0]
-    assert lines[2] == (f"| good | 500 ({int(y.sum())}) | {good.auroc.value:.3f} [{good.auroc.lower:.3f}, "
-                        f"{good.auroc.upper:.3f}] | {good.auprc.value:.3f} [{good.auprc.lower:.3f}, "
-                        f"{good.auprc.upper:.3f}] | {good.ece:.3f} |")
+    assert lines[2] == (
+        f"| good | 500 ({int(y.sum())}) | {good.auroc.value:.3f} [{good.auroc.lower:.3f}, "
+        f"{good.auroc.upper:.3f}] | {good.auprc.value:.3f} [{good.auprc.lower:.3f}, "
+        f"{good.auprc.upper:.3f}] | {good.ece:.3f} |"
+    )
     assert lines[4].endswith("| n/a |")  # a liability is not a probability: no ECE
     prs = np.where(np.arange(500) < 50, np.nan, s + np.random.default_rng(1).normal(size=500))
     paths = write_report(results, tmp_path / "eval", y, risks, prs)
     assert sorted(p.name for p in paths) == sorted(
-        ["report.md", "metrics.json", "roc.png", "pr.png", "calibration.png", "prs_deciles.png"])
+        ["report.md", "metrics.json", "roc.png", "pr.png", "calibration.png", "prs_deciles.png"]
+    )
     for path in paths:
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000

@@ -71,8 +71,13 @@ def test_job_logs_through_a_server_restart_without_losing_anything(tmp_path):
     script.write_text(JOB)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
     env["MLFLOW_TRACKING_URI"] = settings.url
-    job = subprocess.Popen([sys.executable, str(script), str(STEPS), str(progress), str(result)],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = subprocess.Popen(
+        [sys.executable, str(script), str(STEPS), str(progress), str(result)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for_step(progress, RESTART_AT_STEP, job)
         server.terminate()

@@ -18,8 +18,18 @@ VOCAB, K = 50, 6
 
 
 def tiny(fusion: str = "none", **changes) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, num_pgs=K, hidden=32, layers=4, heads=4, context=64, fusion=fusion,
-                prs_tokens=3, prs_hidden=16, cross_every=2)
+    base = dict(
+        vocab_size=VOCAB,
+        num_pgs=K,
+        hidden=32,
+        layers=4,
+        heads=4,
+        context=64,
+        fusion=fusion,
+        prs_tokens=3,
+        prs_hidden=16,
+        cross_every=2,
+    )
     base.update(changes)
     return ModelConfig(**base)
 
@@ -176,7 +186,7 @@ def test_hidden_states_and_next_token_logits_for_right_padded_batches():
     torch.testing.assert_close(picked[:, 0], hidden[torch.arange(3), lengths - 1])
     next_logits = model.next_token_logits(padded, ages, prs, has_prs, lengths=lengths)
     for row, n in enumerate(lengths):  # same as running the unpadded sequence alone
-        alone, _ = model(tokens[row:row + 1, :n], ages[row:row + 1, :n], prs[row:row + 1], has_prs[row:row + 1])
+        alone, _ = model(tokens[row : row + 1, :n], ages[row : row + 1, :n], prs[row : row + 1], has_prs[row : row + 1])
         torch.testing.assert_close(next_logits[row], alone[0, -1], atol=1e-5, rtol=1e-4)
     head = ClassificationHead(32, outputs=1)
     assert head(picked[:, 0]).shape == (3, 1)
@@ -217,7 +227,9 @@ def test_initialisation_scales_residual_projections():
     torch.manual_seed(10)
     cfg = tiny("none", hidden=128, layers=8, heads=4)
     model = EHRDecoder(cfg)
-    proj = torch.cat([b.attn.proj.weight.flatten() for b in model.blocks] + [b.mlp.proj.weight.flatten() for b in model.blocks])
+    proj = torch.cat(
+        [b.attn.proj.weight.flatten() for b in model.blocks] + [b.mlp.proj.weight.flatten() for b in model.blocks]
+    )
     expected = cfg.init_std / math.sqrt(2 * cfg.layers)
     assert abs(proj.std().item() - expected) / expected < 0.05
     assert abs(model.tok_emb.weight.std().item() - cfg.init_std) / cfg.init_std < 0.05

@@ -20,6 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from ehrfm.omop.validate import main as validate_main
 from ehrfm.omop.validation import (
     CDM_TABLES,
     REASONS,
@@ -32,7 +33,6 @@ from ehrfm.omop.validation import (
     validate_omop,
     validate_table,
 )
-from ehrfm.omop.validate import main as validate_main
 
 BIG_ID = "9007199254740993"  # 2^53 + 1: not representable as float64, must stay exact
 SECRET = "SECRET-VALUE-77"  # a cell value that must never appear in messages or reports
@@ -46,8 +46,17 @@ PERSON = [
     (BIG_ID, "8507", "1990", "", "", "", "0", "0", ""),
     ("6", "8532", "1901", "", "", "1985-07-04 08:30:00", "0", "0", ""),  # birth_datetime wins
 ]
-PERSON_COLS = ["person_id", "gender_concept_id", "year_of_birth", "month_of_birth", "day_of_birth",
-               "birth_datetime", "race_concept_id", "ethnicity_concept_id", "person_source_value"]
+PERSON_COLS = [
+    "person_id",
+    "gender_concept_id",
+    "year_of_birth",
+    "month_of_birth",
+    "day_of_birth",
+    "birth_datetime",
+    "race_concept_id",
+    "ethnicity_concept_id",
+    "person_source_value",
+]
 
 DEATH_COLS = ["person_id", "death_date"]
 DEATH = [
@@ -57,8 +66,16 @@ DEATH = [
     ("2", "1959-12-31"),  # before_birth: death before birth (1960-01-01)
 ]
 
-COND_COLS = ["condition_occurrence_id", "person_id", "condition_concept_id", "condition_start_date",
-             "condition_start_datetime", "condition_end_date", "condition_type_concept_id", "note_extra"]
+COND_COLS = [
+    "condition_occurrence_id",
+    "person_id",
+    "condition_concept_id",
+    "condition_start_date",
+    "condition_start_datetime",
+    "condition_end_date",
+    "condition_type_concept_id",
+    "note_extra",
+]
 # id, person, concept, start, start_datetime, end, expected outcome
 CONDITIONS = [
     ("1", "1", "201826", "2000-01-01", "", "2000-01-05", "kept"),
@@ -83,8 +100,14 @@ CONDITIONS = [
     ("20", "1", "201826", " 2000-03-01 ", "", "", "kept"),  # surrounding whitespace
 ]
 
-MEAS_COLS = ["measurement_id", "person_id", "measurement_concept_id", "measurement_date",
-             "measurement_type_concept_id", "value_as_number"]
+MEAS_COLS = [
+    "measurement_id",
+    "person_id",
+    "measurement_concept_id",
+    "measurement_date",
+    "measurement_type_concept_id",
+    "value_as_number",
+]
 MEASUREMENTS = [
     ("1", "1", "3004410", "2001-01-01", "32817", "6.5", "kept"),
     ("2", "1", "3004410", "2001-01-01", "32817", "NaN", "unparsable_number"),
@@ -108,8 +131,9 @@ def _write(directory: Path, name: str, columns: list[str], rows: list[tuple], fm
     directory.mkdir(parents=True, exist_ok=True)
     rows = [row[: len(columns)] for row in rows]
     if fmt == "parquet":
-        table = pa.table({c: pa.array([r[i] if r[i] != "" else None for r in rows], pa.string())
-                          for i, c in enumerate(columns)})
+        table = pa.table(
+            {c: pa.array([r[i] if r[i] != "" else None for r in rows], pa.string()) for i, c in enumerate(columns)}
+        )
         path = directory / f"{name}.parquet"
         pq.write_table(table, path)
         return path
@@ -224,24 +248,34 @@ def test_typed_parquet_inputs(tmp_path: Path) -> None:
     """Stored types: int32 ids, float ids (whole or not), date32, tz-aware timestamps, nulls, NaN."""
     root = tmp_path / "omop"
     root.mkdir()
-    pq.write_table(pa.table({
-        "person_id": pa.array([1, 2], pa.int32()),
-        "gender_concept_id": pa.array([8507, 8532], pa.int64()),
-        "year_of_birth": pa.array([1950.0, 1960.0], pa.float64()),
-        "race_concept_id": pa.array([0, 0], pa.int32()),
-        "ethnicity_concept_id": pa.array([0, 0], pa.int32()),
-        "birth_datetime": pa.array([None, None], pa.timestamp("ms", tz="UTC")),
-    }), root / "person.parquet")
-    pq.write_table(pa.table({
-        "visit_occurrence_id": pa.array([10.0, 11.5, 12.0, 13.0, 14.0]),
-        "person_id": pa.array([1, 1, None, 2, 2], pa.int64()),
-        "visit_concept_id": pa.array([9202] * 5, pa.int32()),
-        "visit_start_date": pa.array([dt.date(2000, 1, 1)] * 4 + [None], pa.date32()),
-        "visit_end_date": pa.array([dt.datetime(2000, 1, 2, 23, 0)] * 5, pa.timestamp("ns")),
-        "visit_type_concept_id": pa.array([32817] * 5, pa.int64()),
-        "visit_start_datetime": pa.array([dt.datetime(2000, 1, 1, 9, 30)] * 5, pa.timestamp("s", tz="UTC")),
-        "admitting_source_concept_id": pa.array([0, 1, 2, 3, 4], pa.int64()),  # CDM 5.3 name
-    }), root / "visit_occurrence.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "person_id": pa.array([1, 2], pa.int32()),
+                "gender_concept_id": pa.array([8507, 8532], pa.int64()),
+                "year_of_birth": pa.array([1950.0, 1960.0], pa.float64()),
+                "race_concept_id": pa.array([0, 0], pa.int32()),
+                "ethnicity_concept_id": pa.array([0, 0], pa.int32()),
+                "birth_datetime": pa.array([None, None], pa.timestamp("ms", tz="UTC")),
+            }
+        ),
+        root / "person.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "visit_occurrence_id": pa.array([10.0, 11.5, 12.0, 13.0, 14.0]),
+                "person_id": pa.array([1, 1, None, 2, 2], pa.int64()),
+                "visit_concept_id": pa.array([9202] * 5, pa.int32()),
+                "visit_start_date": pa.array([dt.date(2000, 1, 1)] * 4 + [None], pa.date32()),
+                "visit_end_date": pa.array([dt.datetime(2000, 1, 2, 23, 0)] * 5, pa.timestamp("ns")),
+                "visit_type_concept_id": pa.array([32817] * 5, pa.int64()),
+                "visit_start_datetime": pa.array([dt.datetime(2000, 1, 1, 9, 30)] * 5, pa.timestamp("s", tz="UTC")),
+                "admitting_source_concept_id": pa.array([0, 1, 2, 3, 4], pa.int64()),  # CDM 5.3 name
+            }
+        ),
+        root / "visit_occurrence.parquet",
+    )
     report = validate_omop(root)
     account = report["tables"]["visit_occurrence"]
     assert account["by_reason"] == {"missing_person_id": 1, "unparsable_number": 1, "unparsable_date": 1}
@@ -255,17 +289,27 @@ def test_typed_parquet_inputs(tmp_path: Path) -> None:
 
 
 def test_dates_and_numbers_edge_forms() -> None:
-    raw = pa.table({
-        "concept_id": ["1", "2", "3", "4", "5", "6", "7", "8"],
-        "concept_name": ["a"] * 8,
-        "domain_id": ["Condition"] * 8,
-        "vocabulary_id": ["SNOMED"] * 8,
-        "concept_class_id": ["x"] * 8,
-        "concept_code": ["c"] * 8,
-        "valid_start_date": ["19700101", "2000-01-01 00:00:00", "2000-01-01T12:00:00Z", "2000-13-01",
-                             "2000-01-01\u00a0 ", "2024-02-29", "2023-02-29", "2000-01-01+02:00"],
-        "valid_end_date": ["20991231"] * 8,
-    })
+    raw = pa.table(
+        {
+            "concept_id": ["1", "2", "3", "4", "5", "6", "7", "8"],
+            "concept_name": ["a"] * 8,
+            "domain_id": ["Condition"] * 8,
+            "vocabulary_id": ["SNOMED"] * 8,
+            "concept_class_id": ["x"] * 8,
+            "concept_code": ["c"] * 8,
+            "valid_start_date": [
+                "19700101",
+                "2000-01-01 00:00:00",
+                "2000-01-01T12:00:00Z",
+                "2000-13-01",
+                "2000-01-01\u00a0 ",
+                "2024-02-29",
+                "2023-02-29",
+                "2000-01-01+02:00",
+            ],
+            "valid_end_date": ["20991231"] * 8,
+        }
+    )
     kept, quarantine = validate_batch("concept", raw, None)
     assert kept["concept_id"].to_pylist() == [1, 2, 3, 5, 6]
     assert quarantine["concept_id"].to_pylist() == ["4", "7", "8"]
@@ -275,13 +319,21 @@ def test_dates_and_numbers_edge_forms() -> None:
 
 
 def test_int64_limits_and_signs() -> None:
-    raw = pa.table({
-        "ancestor_concept_id": ["9223372036854775807", "9223372036854775808", "-9223372036854775808", "+7", "3.0",
-                                "3.5"],
-        "descendant_concept_id": ["1"] * 6,
-        "min_levels_of_separation": ["0"] * 6,
-        "max_levels_of_separation": ["0"] * 6,
-    })
+    raw = pa.table(
+        {
+            "ancestor_concept_id": [
+                "9223372036854775807",
+                "9223372036854775808",
+                "-9223372036854775808",
+                "+7",
+                "3.0",
+                "3.5",
+            ],
+            "descendant_concept_id": ["1"] * 6,
+            "min_levels_of_separation": ["0"] * 6,
+            "max_levels_of_separation": ["0"] * 6,
+        }
+    )
     kept, quarantine = validate_batch("concept_ancestor", raw, None)
     assert kept["ancestor_concept_id"].to_pylist() == [2**63 - 1, -(2**63), 7, 3]
     assert quarantine["ancestor_concept_id"].to_pylist() == ["9223372036854775808", "3.5"]
@@ -291,13 +343,19 @@ def test_int64_limits_and_signs() -> None:
 def test_duplicates_across_batches_and_composite_keys(tmp_path: Path) -> None:
     root = tmp_path / "omop"
     pairs = [(1, 2), (1, 3), (1, 2), (4, 5), (1, 3), (6, 7), (1, 2)]
-    _write(root, "concept_ancestor",
-           ["ancestor_concept_id", "descendant_concept_id", "min_levels_of_separation", "max_levels_of_separation"],
-           [(str(a), str(d), "1", "1") for a, d in pairs], "csv")
+    _write(
+        root,
+        "concept_ancestor",
+        ["ancestor_concept_id", "descendant_concept_id", "min_levels_of_separation", "max_levels_of_separation"],
+        [(str(a), str(d), "1", "1") for a, d in pairs],
+        "csv",
+    )
     for batch_rows in (2, 100):
         result = validate_table(root, "concept_ancestor", None, batch_rows=batch_rows)
         assert result.account["by_reason"] == {"duplicate_primary_key": 3}
-        kept = list(zip(result.kept["ancestor_concept_id"].to_pylist(), result.kept["descendant_concept_id"].to_pylist()))
+        kept = list(
+            zip(result.kept["ancestor_concept_id"].to_pylist(), result.kept["descendant_concept_id"].to_pylist())
+        )
         assert kept == [(1, 2), (1, 3), (4, 5), (6, 7)]
     table = pa.table({"person_id": pa.array([5, None, 5, 6, None], pa.int64())})
     assert first_occurrence_mask(table, "person").tolist() == [True, True, False, True, True]
@@ -340,8 +398,10 @@ def test_find_tables_names_formats_and_uris(tmp_path: Path) -> None:
 def test_tab_separated_athena_concept_with_compact_dates(tmp_path: Path) -> None:
     root = tmp_path / "vocab"
     root.mkdir()
-    header = "concept_id\tconcept_name\tdomain_id\tvocabulary_id\tconcept_class_id\tstandard_concept\tconcept_code\t" \
-             "valid_start_date\tvalid_end_date\tinvalid_reason"
+    header = (
+        "concept_id\tconcept_name\tdomain_id\tvocabulary_id\tconcept_class_id\tstandard_concept\tconcept_code\t"
+        "valid_start_date\tvalid_end_date\tinvalid_reason"
+    )
     line = '201826\tType 2 diabetes "mellitus"\tCondition\tSNOMED\tClinical Finding\tS\t44054006\t20020131\t20991231\t'
     (root / "CONCEPT.csv").write_text(header + "\n" + line + "\n", encoding="utf-8")
     kept = validate_table(root, "concept", None).kept
@@ -352,8 +412,13 @@ def test_tab_separated_athena_concept_with_compact_dates(tmp_path: Path) -> None
 
 def test_schema_errors_name_table_file_and_column_never_values(tmp_path: Path) -> None:
     root = tmp_path / "omop"
-    _write(root, "person", [c for c in PERSON_COLS if c != "year_of_birth"], [
-        tuple(v for c, v in zip(PERSON_COLS, r) if c != "year_of_birth") for r in PERSON], "csv")
+    _write(
+        root,
+        "person",
+        [c for c in PERSON_COLS if c != "year_of_birth"],
+        [tuple(v for c, v in zip(PERSON_COLS, r) if c != "year_of_birth") for r in PERSON],
+        "csv",
+    )
     with pytest.raises(OmopSchemaError) as info:
         validate_omop(root)
     message = str(info.value)
@@ -397,8 +462,13 @@ def test_cli_writes_report_and_returns_status(tmp_path: Path, capsys: pytest.Cap
 def test_header_only_and_empty_files(tmp_path: Path) -> None:
     root = tmp_path / "omop"
     _write(root, "person", PERSON_COLS, PERSON, "csv")
-    _write(root, "observation", ["observation_id", "person_id", "observation_concept_id", "observation_date",
-                                 "observation_type_concept_id"], [], "csv")
+    _write(
+        root,
+        "observation",
+        ["observation_id", "person_id", "observation_concept_id", "observation_date", "observation_type_concept_id"],
+        [],
+        "csv",
+    )
     report = validate_omop(root)
     assert report["tables"]["observation"]["rows_in"] == 0
     (root / "death.csv").write_text("")
@@ -411,8 +481,10 @@ def test_read_raw_keeps_csv_text_for_quarantine(tmp_path: Path) -> None:
     raw = read_raw(find_tables(str(root))["condition_occurrence"], "condition_occurrence")
     assert raw.num_rows == len(CONDITIONS)
     assert pc.count(raw["person_id"]).as_py() == len(CONDITIONS) - 1  # the empty cell is null
-    table = pacsv.read_csv(root / "condition_occurrence.csv",
-                           convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in COND_COLS}))
+    table = pacsv.read_csv(
+        root / "condition_occurrence.csv",
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in COND_COLS}),
+    )
     assert raw["condition_start_date"].to_pylist()[:4] == table["condition_start_date"].to_pylist()[:4]
 
 
@@ -443,20 +515,26 @@ def test_validate_batch_inside_ray_data_map_batches(tmp_path: Path, ray_cluster)
 
 
 def test_person_birth_date_must_be_formable() -> None:
-    raw = pa.table({
-        "person_id": ["1", "2", "3", "4", "5"],
-        "gender_concept_id": ["8507"] * 5,
-        "year_of_birth": ["", "1980", "19x0", "", "1980"],
-        "month_of_birth": ["", "13", "", "", "2"],
-        "day_of_birth": ["", "", "", "", "30"],
-        "birth_datetime": ["", "", "", "1975-05-05 00:00:00", ""],
-        "race_concept_id": ["0"] * 5,
-        "ethnicity_concept_id": ["0"] * 5,
-    })
+    raw = pa.table(
+        {
+            "person_id": ["1", "2", "3", "4", "5"],
+            "gender_concept_id": ["8507"] * 5,
+            "year_of_birth": ["", "1980", "19x0", "", "1980"],
+            "month_of_birth": ["", "13", "", "", "2"],
+            "day_of_birth": ["", "", "", "", "30"],
+            "birth_datetime": ["", "", "", "1975-05-05 00:00:00", ""],
+            "race_concept_id": ["0"] * 5,
+            "ethnicity_concept_id": ["0"] * 5,
+        }
+    )
     kept, quarantine = validate_batch("person", raw, None)
     assert kept["person_id"].to_pylist() == [4]  # birth_datetime alone is enough
     assert dict(zip(quarantine["person_id"].to_pylist(), quarantine["reason"].to_pylist())) == {
-        "1": "unparsable_date", "2": "unparsable_date", "3": "unparsable_number", "5": "unparsable_date"}
+        "1": "unparsable_date",
+        "2": "unparsable_date",
+        "3": "unparsable_number",
+        "5": "unparsable_date",
+    }
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
@@ -466,16 +544,18 @@ def test_synthetic_cohort_validates_clean(tmp_path: Path, fmt: str) -> None:
     from ehrfm.prs.readers import read_prs, read_sample_map, validate_prs
 
     out = tmp_path / "synthetic"
-    assert run_command("synthesize", ["--persons", "300", "--chunk-size", "100", "--format", fmt,
-                                      "--out", str(out)]) == 0
+    assert (
+        run_command("synthesize", ["--persons", "300", "--chunk-size", "100", "--format", fmt, "--out", str(out)]) == 0
+    )
     report = validate_omop(out / "omop")
     manifest = json.loads((out / "manifest.json").read_text())
     assert {t: a["rows_in"] for t, a in report["tables"].items()} == manifest["rows"]
     assert report["totals"]["rows_quarantined"] == 0
     assert len(report["tables"]["measurement"]["files"]) > 1
     sample_map = read_sample_map(out / "prs" / "sample_map.tsv")
-    scores = [read_prs(out / "prs" / name) for name in ("aggregated_scores.txt.gz", "scores.sscore",
-                                                          "scores_wide.parquet")]
+    scores = [
+        read_prs(out / "prs" / name) for name in ("aggregated_scores.txt.gz", "scores.sscore", "scores_wide.parquet")
+    ]
     for other in scores[1:]:
         assert other.sample_ids.tolist() == scores[0].sample_ids.tolist() and other.pgs_ids == scores[0].pgs_ids
         np.testing.assert_allclose(other.values, scores[0].values, rtol=1e-5, atol=1e-6)

@@ -31,17 +31,25 @@ def test_original_format_without_positions(shared_data: Path) -> None:
     assert score.variants["pos"].isna().all()  # no chr_position column: cannot be matched by position
     assert score.variants["unsupported"].isna().all()
     first = score.variants.iloc[0]
-    assert (first["rsid"], first["chr"], first["effect_allele"], first["other_allele"]) == ("rs78540526", "11", "T", "C")
+    assert (first["rsid"], first["chr"], first["effect_allele"], first["other_allele"]) == (
+        "rs78540526",
+        "11",
+        "T",
+        "C",
+    )
     assert first["effect_weight"] == pytest.approx(0.16220387987485377)
     header, lines = read_header(shared_data / CATALOG / "PGS000001.txt.gz")
     assert lines == 14 and header["pgs_name"] == "PRS77_BC" and header["format_version"] == "2.0"
 
 
-@pytest.mark.parametrize("name, build, first_pos", [
-    ("PGS000001_hmPOS_GRCh37.txt.gz", "GRCh37", 69331418),
-    ("PGS000001_hmPOS_GRCh38.txt.gz", "GRCh38", 69516650),
-    ("PGS000002_hmPOS_GRCh38.txt.gz", "GRCh38", 69516650),
-])
+@pytest.mark.parametrize(
+    "name, build, first_pos",
+    [
+        ("PGS000001_hmPOS_GRCh37.txt.gz", "GRCh37", 69331418),
+        ("PGS000001_hmPOS_GRCh38.txt.gz", "GRCh38", 69516650),
+        ("PGS000002_hmPOS_GRCh38.txt.gz", "GRCh38", 69516650),
+    ],
+)
 def test_harmonised_files_use_hm_positions(shared_data: Path, name: str, build: str, first_pos: int) -> None:
     score = _only(shared_data / CATALOG / name)
     assert score.harmonised and score.genome_build == build and score.n_rows == 77
@@ -101,9 +109,15 @@ def test_cineca_scoring_files(shared_data: Path) -> None:
 def test_plink2_multi_score_file(shared_data: Path) -> None:
     first, second = read_scoring_file(shared_data / CINECA / "scorefiles" / "multiscore.txt")
     assert (first.score_id, second.score_id) == ("PGS001229_22", "second_score")
-    assert first.n_rows == 829 and first.variants.iloc[0][["chr", "pos", "effect_allele", "other_allele"]].tolist() == \
-        ["22", 17080378, "G", "A"]
-    reference = read_scoring_file(shared_data / CINECA / "expected_outputs" / "cineca_22_additive_0.plink2_scorefile.gz")
+    assert first.n_rows == 829 and first.variants.iloc[0][["chr", "pos", "effect_allele", "other_allele"]].tolist() == [
+        "22",
+        17080378,
+        "G",
+        "A",
+    ]
+    reference = read_scoring_file(
+        shared_data / CINECA / "expected_outputs" / "cineca_22_additive_0.plink2_scorefile.gz"
+    )
     # pgsc_calc writes 0 where a variant is not in a score: 782 rows, duplicatetest has 7 of them
     assert [(s.score_id, s.n_rows) for s in reference] == [("PGS001229", 782), ("duplicatetest", 7)]
 
@@ -123,8 +137,10 @@ def test_bad_weights_and_alleles_are_counted_not_dropped(tmp_path: Path) -> None
     path = tmp_path / "mixed.txt.gz"
     rows = ["chr1\t100\ta\tg\t0.5", "1\t200\tA\tG\tNA", "1\t300\tHLA-B*57\tG\t0.1", "23\t400\tC\t\t-0.2"]
     with gzip.open(path, "wt") as handle:
-        handle.write("#pgs_id=PGS_T\n#genome_build=hg38\nchr_name\tchr_position\teffect_allele\tother_allele\t"
-                     "effect_weight\n" + "\n".join(rows) + "\n")
+        handle.write(
+            "#pgs_id=PGS_T\n#genome_build=hg38\nchr_name\tchr_position\teffect_allele\tother_allele\t"
+            "effect_weight\n" + "\n".join(rows) + "\n"
+        )
     score = _only(path)
     assert score.genome_build == "GRCh38" and score.n_rows == 4
     assert score.variants["unsupported"].tolist() == [None, "invalid_weight", "complex_allele", None]
@@ -134,7 +150,11 @@ def test_bad_weights_and_alleles_are_counted_not_dropped(tmp_path: Path) -> None
 
 def test_find_scoring_files(shared_data: Path) -> None:
     found = find_scoring_files(str(shared_data / CATALOG / "PGS00000*.txt.gz"))
-    assert [p.name for p in found] == ["PGS000001.txt.gz", "PGS000001_hmPOS_GRCh37.txt.gz",
-                                       "PGS000001_hmPOS_GRCh38.txt.gz", "PGS000002.txt.gz",
-                                       "PGS000002_hmPOS_GRCh38.txt.gz"]
+    assert [p.name for p in found] == [
+        "PGS000001.txt.gz",
+        "PGS000001_hmPOS_GRCh37.txt.gz",
+        "PGS000001_hmPOS_GRCh38.txt.gz",
+        "PGS000002.txt.gz",
+        "PGS000002_hmPOS_GRCh38.txt.gz",
+    ]
     assert len(find_scoring_files(shared_data / CINECA / "scorefiles")) == 7

@@ -78,8 +78,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.e2e
-def test_main_job_runs_every_stage_registers_a_champion_and_reruns_cheaply(tmp_path, ray_cluster, mlflow_server,
-                                                                         monkeypatch, capsys):
+def test_main_job_runs_every_stage_registers_a_champion_and_reruns_cheaply(
+    tmp_path, ray_cluster, mlflow_server, monkeypatch, capsys
+):
     """synthesize → … → pretrain → label → finetune → zero_shot → tune → evaluate → register → serve, tiny settings.
 
     Hypertension rather than T2D: its prevalence gives both classes in every split of a small cohort.
@@ -88,19 +89,39 @@ def test_main_job_runs_every_stage_registers_a_champion_and_reruns_cheaply(tmp_p
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     cfg = PipelineConfig(
-        persons=600, num_pgs=8, task="hypertension", n_boot=20,
-        pretrain_overrides=["schedule.max_steps=4", "schedule.log_every=2", "schedule.val_every=2",
-                            "schedule.checkpoint_every=2", "optim.warmup_steps=1"],
+        persons=600,
+        num_pgs=8,
+        task="hypertension",
+        n_boot=20,
+        pretrain_overrides=[
+            "schedule.max_steps=4",
+            "schedule.log_every=2",
+            "schedule.val_every=2",
+            "schedule.checkpoint_every=2",
+            "optim.warmup_steps=1",
+        ],
         finetune_overrides=["train.epochs=1"],
         zero_shot_overrides=["n_samples=2", "max_new_tokens=8"],
-        tune_samples=2, tune_overrides=["scheduler.max_epochs=1", "finetune.train.eval_batch_size=256"],
-        serve_port=_free_port(), serve_smoke_persons=3,
+        tune_samples=2,
+        tune_overrides=["scheduler.max_epochs=1", "finetune.train.eval_batch_size=256"],
+        serve_port=_free_port(),
+        serve_smoke_persons=3,
     )
     workdir = tmp_path / "run"
     records = run_pipeline(cfg, workdir)
     assert [name for name, r in records.items() if r["fingerprint"] != "disabled"] == [
-        "synthesize", "validate", "preprocess", "pretrain", "label", "finetune", "zero_shot", "tune", "evaluate", "register",
-        "serve"]
+        "synthesize",
+        "validate",
+        "preprocess",
+        "pretrain",
+        "label",
+        "finetune",
+        "zero_shot",
+        "tune",
+        "evaluate",
+        "register",
+        "serve",
+    ]
 
     report = json.loads((workdir / "evaluation" / "report.json").read_text())
     labels = pq.read_table(workdir / "labels" / "labels.parquet")
@@ -120,9 +141,16 @@ def test_main_job_runs_every_stage_registers_a_champion_and_reruns_cheaply(tmp_p
     gain = report["comparisons"]["tuning_gain"]
     assert (gain["model"], gain["reference"]) == ("finetuned", "finetuned_default")
     assert gain["auroc_difference"] == pytest.approx(
-        report["models"]["finetuned"]["auroc"] - report["models"]["finetuned_default"]["auroc"], abs=1e-9)
-    for model in ("finetuned", "finetuned_prs_masked", "finetuned_default", "zero_shot_path_probability",
-                  "counts_lr", "prs_lr"):
+        report["models"]["finetuned"]["auroc"] - report["models"]["finetuned_default"]["auroc"], abs=1e-9
+    )
+    for model in (
+        "finetuned",
+        "finetuned_prs_masked",
+        "finetuned_default",
+        "zero_shot_path_probability",
+        "counts_lr",
+        "prs_lr",
+    ):
         low, value, high = (report["models"][model][k] for k in ("auroc_ci_low", "auroc", "auroc_ci_high"))
         assert 0.0 <= low <= value <= high <= 1.0, model
     assert "oracle_genetic" not in report["models"]  # the simulator's oracle is for T2D only

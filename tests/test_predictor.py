@@ -15,8 +15,18 @@ from ehrfm.model.risk import load_risk_model
 from ehrfm.transfer.predictor import PersonRecord, RiskPredictor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from risk_model_factory import (CONTEXT, PGS_IDS, Person, labels_at, make_person,  # noqa: E402
-                                offline_risks, offline_timelines, person_record, write_risk_model, write_tokenizer)
+from risk_model_factory import (  # noqa: E402
+    CONTEXT,
+    PGS_IDS,
+    Person,
+    labels_at,
+    make_person,
+    offline_risks,
+    offline_timelines,
+    person_record,
+    write_risk_model,
+    write_tokenizer,
+)
 
 FULL_PRS = {k: float(i) - 1.5 for i, k in enumerate(PGS_IDS)}
 
@@ -45,8 +55,12 @@ def test_online_windows_and_risks_equal_the_offline_path(predictor, model_dir):
     online = predictor.predict(records)
     windows = predictor.windows(records)
     model, spec = load_risk_model(model_dir)
-    offline = offline_risks(model, spec, offline_timelines([genotyped, plain], predictor.tokenizer),
-                            labels_at([(11, times[11]), (12, times[12])]))
+    offline = offline_risks(
+        model,
+        spec,
+        offline_timelines([genotyped, plain], predictor.tokenizer),
+        labels_at([(11, times[11]), (12, times[12])]),
+    )
 
     assert windows.tokens.tolist() == offline["tokens"]
     assert windows.length.tolist() == [CONTEXT, CONTEXT]
@@ -104,8 +118,10 @@ def test_unknown_codes_count_only_events_up_to_the_prediction_time(predictor):
     after = predictor.parse(person_record(person, evening_of(person.visits[6][1])))
     assert [r["unknown_codes"] for r in predictor.predict([before, after])] == [0, 1]
     person.race_concept_id = 8516  # a race code absent from the vocabulary counts too
-    assert predictor.predict([predictor.parse(person_record(person, evening_of(person.visits[6][1])))])[0][
-        "unknown_codes"] == 2
+    assert (
+        predictor.predict([predictor.parse(person_record(person, evening_of(person.visits[6][1])))])[0]["unknown_codes"]
+        == 2
+    )
 
 
 def test_prs_masking_changes_only_genotyped_persons(predictor):
@@ -123,7 +139,7 @@ def test_partial_prs_is_genotyped_only_above_the_share_and_fills_the_mean(model_
     predictor = RiskPredictor.load(model_dir, min_prs_share=0.5)
     record = person_record(make_person(16, seed=6, n_visits=4))
     half = {PGS_IDS[0]: 1.2, PGS_IDS[2]: -0.7}
-    explicit = {**{k: 0.0 for k in PGS_IDS}, **half}
+    explicit = {**dict.fromkeys(PGS_IDS, 0.0), **half}
     one = {PGS_IDS[1]: 2.0}
     rows = predictor.predict([predictor.parse({**record, "prs": p}) for p in (half, explicit, one, None)])
     assert [r["has_prs"] for r in rows] == [True, True, False, False]
@@ -136,8 +152,14 @@ def test_partial_prs_is_genotyped_only_above_the_share_and_fills_the_mean(model_
 
 def test_a_record_without_events_scores_its_demographic_prefix_and_aware_times_become_utc(predictor):
     empty = predictor.parse({"birth_date": "1980-02-02", "sex": "male", "prediction_time": "1980-02-02T05:00:00"})
-    aware = predictor.parse({"birth_date": "1980-02-02", "sex": "female", "race_concept_id": 8516,
-                             "events": [{"code": "CONDITION/320128", "time": "2001-01-01T23:30:00-05:00"}]})
+    aware = predictor.parse(
+        {
+            "birth_date": "1980-02-02",
+            "sex": "female",
+            "race_concept_id": 8516,
+            "events": [{"code": "CONDITION/320128", "time": "2001-01-01T23:30:00-05:00"}],
+        }
+    )
     assert aware.events[0].time == dt.datetime(2001, 1, 2, 4, 30) and aware.scored_time() == aware.events[0].time
     windows = predictor.windows([empty, aware])
     assert windows.length.tolist() == [4, 6]  # BOS + 3 demographic codes; then a gap token and the condition
@@ -150,24 +172,41 @@ def test_a_record_without_events_scores_its_demographic_prefix_and_aware_times_b
 BIRTH = "1961-04-02"
 
 
-@pytest.mark.parametrize("change, location, message", [
-    ({"events": [{"code": "CONDITION/1", "time": "1960-12-30T08:00:00"}]}, ("events",),
-     "1 of 1 events are dated before"),
-    ({"prediction_time": "1950-03-03T00:00:00"}, ("prediction_time",), "before birth_date"),
-    ({"events": [{"code": "MEASUREMENT/3004410", "time": "1999-01-01T00:00:00", "numeric_value": float("nan")}]},
-     ("events", 0, "numeric_value"), "finite"),
-    ({"events": [{"code": "MEASUREMENT/3004410", "time": "1999-01-01T00:00:00", "numeric_value": 1e300}]},
-     ("events", 0, "numeric_value"), "float32"),
-    ({"prs": {PGS_IDS[0]: float("inf")}}, ("prs", PGS_IDS[0]), "finite"),
-    ({"prs": {"PGS999999": 0.3}}, ("prs",), "1 PGS id(s) the model does not use (PGS999999)"),
-    ({"sex": "robot"}, ("sex",), "'male', 'female'"),
-    ({"events": [{"code": "GENDER/8507", "time": "1999-01-01T00:00:00"}]}, ("events", 0, "code"), "come from"),
-    ({"events": [], "prediction_time": None}, ("prediction_time",), "required when there are no events"),
-    ({"weight": 81.5}, ("weight",), "Extra inputs"),
-])
+@pytest.mark.parametrize(
+    "change, location, message",
+    [
+        (
+            {"events": [{"code": "CONDITION/1", "time": "1960-12-30T08:00:00"}]},
+            ("events",),
+            "1 of 1 events are dated before",
+        ),
+        ({"prediction_time": "1950-03-03T00:00:00"}, ("prediction_time",), "before birth_date"),
+        (
+            {"events": [{"code": "MEASUREMENT/3004410", "time": "1999-01-01T00:00:00", "numeric_value": float("nan")}]},
+            ("events", 0, "numeric_value"),
+            "finite",
+        ),
+        (
+            {"events": [{"code": "MEASUREMENT/3004410", "time": "1999-01-01T00:00:00", "numeric_value": 1e300}]},
+            ("events", 0, "numeric_value"),
+            "float32",
+        ),
+        ({"prs": {PGS_IDS[0]: float("inf")}}, ("prs", PGS_IDS[0]), "finite"),
+        ({"prs": {"PGS999999": 0.3}}, ("prs",), "1 PGS id(s) the model does not use (PGS999999)"),
+        ({"sex": "robot"}, ("sex",), "'male', 'female'"),
+        ({"events": [{"code": "GENDER/8507", "time": "1999-01-01T00:00:00"}]}, ("events", 0, "code"), "come from"),
+        ({"events": [], "prediction_time": None}, ("prediction_time",), "required when there are no events"),
+        ({"weight": 81.5}, ("weight",), "Extra inputs"),
+    ],
+)
 def test_validation_errors_name_the_field_and_hide_the_values(predictor, change, location, message):
-    data = {"birth_date": BIRTH, "sex": "female", "prediction_time": "2001-07-07T00:00:00",
-            "events": [{"code": "CONDITION/320128", "time": "2000-01-01T00:00:00"}], **change}
+    data = {
+        "birth_date": BIRTH,
+        "sex": "female",
+        "prediction_time": "2001-07-07T00:00:00",
+        "events": [{"code": "CONDITION/320128", "time": "2000-01-01T00:00:00"}],
+        **change,
+    }
     with pytest.raises(ValidationError) as caught:
         predictor.parse(data)
     assert isinstance(caught.value, ValueError)

@@ -11,20 +11,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
-from tests.support.polars_reference import reference_timelines
 from ehrfm.preprocess.config import PreprocessConfig
+from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
+from ehrfm.preprocess.tokenizer import Tokenizer
 from ehrfm.prs.person import PrsInputs
 from ehrfm_synthetic.cohort import main as synthesize
-from ehrfm.preprocess.tokenizer import Tokenizer
+from tests.support.polars_reference import reference_timelines
 
 pytestmark = pytest.mark.ray
-CONFIG = PreprocessConfig.model_validate({"subjects_per_shard": 60, "progress_bars": False,
-                                          "tokenizer": {"min_count": 3}, "shuffle_strategy": "shuffle_v2"})
+CONFIG = PreprocessConfig.model_validate(
+    {"subjects_per_shard": 60, "progress_bars": False, "tokenizer": {"min_count": 3}, "shuffle_strategy": "shuffle_v2"}
+)
 
 
 def _timelines(out: Path) -> pa.Table:
-    return pa.concat_tables([pq.read_table(p) for p in sorted((out / "timelines").glob("part-*.parquet"))]).sort_by("subject_id")
+    return pa.concat_tables([pq.read_table(p) for p in sorted((out / "timelines").glob("part-*.parquet"))]).sort_by(
+        "subject_id"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +66,13 @@ def test_meds_input_gives_the_same_timelines(cohort: dict, strategy: str) -> Non
     config = CONFIG.model_copy(update={"shuffle_strategy": strategy})
     out = cohort["root"] / f"from_meds-{strategy}"
     inputs = cohort["inputs"]
-    report = run_preprocess(config, PreprocessInputs(meds=str(cohort["out"] / "events"), prs=inputs.prs,
-                                                     sample_map=inputs.sample_map, pcs=inputs.pcs), out)
+    report = run_preprocess(
+        config,
+        PreprocessInputs(
+            meds=str(cohort["out"] / "events"), prs=inputs.prs, sample_map=inputs.sample_map, pcs=inputs.pcs
+        ),
+        out,
+    )
     assert report["tables"]["meds"]["rows_quarantined"] == 0
     assert report["tables"]["meds"]["rows_in"] == cohort["report"]["events"]["events"]
     # also: the hash shuffle (first run) and this strategy agree byte for byte
@@ -86,8 +94,18 @@ def test_command_line_with_the_default_config(cohort: dict, repo_root: Path, cap
     from ehrfm.cli import run_command
 
     out = cohort["root"] / "cli"
-    args = ["--cohort", str(cohort["root"] / "cohort"), "--out", str(out), "--config", str(repo_root / "jobs/configs/preprocess-default.yaml"),
-            "shuffle_strategy=sort_shuffle_pull_based", "progress_bars=false", "subjects_per_shard=60", "tokenizer.min_count=3"]
+    args = [
+        "--cohort",
+        str(cohort["root"] / "cohort"),
+        "--out",
+        str(out),
+        "--config",
+        str(repo_root / "jobs/configs/preprocess-default.yaml"),
+        "shuffle_strategy=sort_shuffle_pull_based",
+        "progress_bars=false",
+        "subjects_per_shard=60",
+        "tokenizer.min_count=3",
+    ]
     assert run_command("preprocess", args) == 0
     printed = capsys.readouterr().out
     assert "persons per split:" in printed and "PRS: 4 scores" in printed

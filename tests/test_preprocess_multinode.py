@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
 from ehrfm.preprocess.config import PreprocessConfig
+from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
 from ehrfm_synthetic.cohort import main as synthesize
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
@@ -45,14 +45,20 @@ def test_two_node_cluster_gives_the_single_node_bytes(ray_cluster, tmp_path: Pat
     single = tmp_path / "single"
     report = run_preprocess(PreprocessConfig.model_validate(SETTINGS), PreprocessInputs.from_cohort(cohort), single)
     multi = tmp_path / "multi"
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(cohort), str(multi), json.dumps(SETTINGS)],
-                            capture_output=True, text=True, timeout=540)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(cohort), str(multi), json.dumps(SETTINGS)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info == {"nodes": 2, "cpus_per_node": [1.0, 1.0], "events": report["events"]["events"]}
     for sub in ("events", "prs", "timelines"):
         names = sorted(p.name for p in (single / sub).glob("*.parquet"))
-        assert len(names) == (3 if sub != "prs" else 3) and names == sorted(p.name for p in (multi / sub).glob("*.parquet"))
+        assert len(names) == (3 if sub != "prs" else 3) and names == sorted(
+            p.name for p in (multi / sub).glob("*.parquet")
+        )
         for name in names:
             assert (single / sub / name).read_bytes() == (multi / sub / name).read_bytes(), f"{sub}/{name}"
     assert (single / "tokenizer.json").read_bytes() == (multi / "tokenizer.json").read_bytes()

@@ -18,11 +18,11 @@ import pytest
 
 from ehrfm.omop.files import OmopSchemaError
 from ehrfm.omop.spec import CDM_TABLES
-from ehrfm.preprocess.job import PreprocessInputs, atomic_directory, run_preprocess
 from ehrfm.preprocess.config import PreprocessConfig
+from ehrfm.preprocess.job import PreprocessInputs, atomic_directory, run_preprocess
+from ehrfm.preprocess.tokenizer import Tokenizer
 from ehrfm.schemas import EVENT_SCHEMA, timeline_schema
 from ehrfm.splits import split_codes
-from ehrfm.preprocess.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.ray
 D, T = dt.date, dt.datetime
@@ -43,7 +43,9 @@ def _csv(path: Path, text: str) -> None:
 def write_cohort(root: Path) -> None:
     """The cohort: every quarantine reason at least once, a cross-file and an in-file duplicate."""
     omop = root / "omop"
-    _csv(omop / "PERSON.csv", f"""
+    _csv(
+        omop / "PERSON.csv",
+        f"""
 person_id,gender_concept_id,year_of_birth,month_of_birth,day_of_birth,birth_datetime,race_concept_id,ethnicity_concept_id
 {P1},8532,1950,1,1,,8527,38003564
 {P2},8507,1960,6,15,,8527,38003564
@@ -55,28 +57,52 @@ person_id,gender_concept_id,year_of_birth,month_of_birth,day_of_birth,birth_date
 90,8532,19x0,1,1,,0,0
 {P1},8532,1951,1,1,,0,0
 91,8532,1950,1,1,yesterday,0,0
-""")
-    _csv(omop / "death.csv", f"""
+""",
+    )
+    _csv(
+        omop / "death.csv",
+        f"""
 person_id,death_date,death_type_concept_id
 {P2},2005-01-01,32817
 77,2005-01-01,32817
 {P2},2006-01-01,32817
-""")
+""",
+    )
     visit = [
-        (100, P1, 9202, T(2000, 1, 1, 8), T(2000, 1, 1, 9)), (101, P2, 9201, T(2004, 1, 1), T(2004, 1, 5)),
-        (102, P3, 9202, T(2010, 5, 5), T(2010, 5, 5)), (103, P2, 9202, T(2005, 3, 1), T(2005, 3, 1)),  # after death
+        (100, P1, 9202, T(2000, 1, 1, 8), T(2000, 1, 1, 9)),
+        (101, P2, 9201, T(2004, 1, 1), T(2004, 1, 5)),
+        (102, P3, 9202, T(2010, 5, 5), T(2010, 5, 5)),
+        (103, P2, 9202, T(2005, 3, 1), T(2005, 3, 1)),  # after death
         (104, P4, 9202, T(2012, 1, 10), T(2012, 1, 1)),  # ends before it starts
         (105, P1, 9202, T(1940, 1, 1), T(1940, 1, 1)),  # before birth
         (106, 55, 9202, T(2010, 1, 1), T(2010, 1, 1)),  # unknown person
-        (107, V1, 9202, T(2015, 1, 1), T(2015, 1, 1)), (108, X1, 9202, T(2016, 1, 1), T(2016, 1, 1)),
+        (107, V1, 9202, T(2015, 1, 1), T(2015, 1, 1)),
+        (108, X1, 9202, T(2016, 1, 1), T(2016, 1, 1)),
     ]
     (omop / "visit_occurrence").mkdir(parents=True)
-    pq.write_table(_typed("visit_occurrence", [
-        {"visit_occurrence_id": i, "person_id": p, "visit_concept_id": c, "visit_start_date": s.date(),
-         "visit_start_datetime": s, "visit_end_date": e.date(), "visit_end_datetime": e, "visit_type_concept_id": 32817}
-        for i, p, c, s, e in visit]), omop / "visit_occurrence" / "part-00000.parquet")
+    pq.write_table(
+        _typed(
+            "visit_occurrence",
+            [
+                {
+                    "visit_occurrence_id": i,
+                    "person_id": p,
+                    "visit_concept_id": c,
+                    "visit_start_date": s.date(),
+                    "visit_start_datetime": s,
+                    "visit_end_date": e.date(),
+                    "visit_end_datetime": e,
+                    "visit_type_concept_id": 32817,
+                }
+                for i, p, c, s, e in visit
+            ],
+        ),
+        omop / "visit_occurrence" / "part-00000.parquet",
+    )
     header = "condition_occurrence_id,person_id,condition_concept_id,condition_start_date,condition_type_concept_id,visit_occurrence_id"
-    _csv(omop / "condition_occurrence" / "part-00000.csv", f"""
+    _csv(
+        omop / "condition_occurrence" / "part-00000.csv",
+        f"""
 {header}
 1,{P1},201826,2000-01-01,32817,100
 2,{P1},201826,2001-06-01,32817,
@@ -84,42 +110,94 @@ person_id,death_date,death_type_concept_id
 4,{P3},320128,2010-13-45,32817,
 5,{P3},320128,2010-05-05,32817,,surplus,fields
 3,{P3},320128,2011-01-01,32817,
-""")
-    _csv(omop / "condition_occurrence" / "part-00001.csv", f"""
+""",
+    )
+    _csv(
+        omop / "condition_occurrence" / "part-00001.csv",
+        f"""
 {header}
 2,{P2},201826,2004-01-02,32817,
 9,{P2},4329847,2004-01-02,32817,101
 10,{V1},777,2015-01-01,32817,107
-""")
-    measurement = [(1, P1, 3004410, T(2000, 1, 1, 8, 30), 7.0, 100), (2, P2, 3004410, T(2004, 1, 2), 5.0, 101),
-                   (3, P3, 3004410, T(2010, 5, 5), 6.0, None), (4, P4, 3004410, T(2012, 1, 10), 8.0, None),
-                   (5, V1, 3004410, T(2015, 1, 1), 1e6, 107), (6, X1, 3004410, T(2016, 1, 1), -1e6, 108),
-                   (7, X1, 999999, T(2016, 1, 1), 3.0, 108), (8, P4, 3004410, T(2012, 1, 11), float("nan"), None)]
-    pq.write_table(_typed("measurement", [
-        {"measurement_id": i, "person_id": p, "measurement_concept_id": c, "measurement_date": t.date(),
-         "measurement_datetime": t, "measurement_type_concept_id": 32817, "value_as_number": v, "visit_occurrence_id": vi}
-        for i, p, c, t, v, vi in measurement]), omop / "measurement.parquet")
-    pq.write_table(_typed("drug_exposure", [
-        {"drug_exposure_id": 1, "person_id": P1, "drug_concept_id": 1503297, "drug_exposure_start_date": D(2000, 1, 3),
-         "drug_exposure_end_date": D(2000, 1, 10), "drug_type_concept_id": 32817}]), omop / "drug_exposure.parquet")
+""",
+    )
+    measurement = [
+        (1, P1, 3004410, T(2000, 1, 1, 8, 30), 7.0, 100),
+        (2, P2, 3004410, T(2004, 1, 2), 5.0, 101),
+        (3, P3, 3004410, T(2010, 5, 5), 6.0, None),
+        (4, P4, 3004410, T(2012, 1, 10), 8.0, None),
+        (5, V1, 3004410, T(2015, 1, 1), 1e6, 107),
+        (6, X1, 3004410, T(2016, 1, 1), -1e6, 108),
+        (7, X1, 999999, T(2016, 1, 1), 3.0, 108),
+        (8, P4, 3004410, T(2012, 1, 11), float("nan"), None),
+    ]
+    pq.write_table(
+        _typed(
+            "measurement",
+            [
+                {
+                    "measurement_id": i,
+                    "person_id": p,
+                    "measurement_concept_id": c,
+                    "measurement_date": t.date(),
+                    "measurement_datetime": t,
+                    "measurement_type_concept_id": 32817,
+                    "value_as_number": v,
+                    "visit_occurrence_id": vi,
+                }
+                for i, p, c, t, v, vi in measurement
+            ],
+        ),
+        omop / "measurement.parquet",
+    )
+    pq.write_table(
+        _typed(
+            "drug_exposure",
+            [
+                {
+                    "drug_exposure_id": 1,
+                    "person_id": P1,
+                    "drug_concept_id": 1503297,
+                    "drug_exposure_start_date": D(2000, 1, 3),
+                    "drug_exposure_end_date": D(2000, 1, 10),
+                    "drug_type_concept_id": 32817,
+                }
+            ],
+        ),
+        omop / "drug_exposure.parquet",
+    )
     prs = root / "prs"
     prs.mkdir()
-    pq.write_table(pa.table({"sample_id": ["S1", "S2", "S3", "S4", "SV", "SX"],
-                             "PGS_A": [1.0, 2.0, 3.0, 6.0, 500.0, 1.5], "PGS_B": [0.5, 0.5, 1.5, 1.5, -80.0, 0.0]}),
-                   prs / "scores.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "sample_id": ["S1", "S2", "S3", "S4", "SV", "SX"],
+                "PGS_A": [1.0, 2.0, 3.0, 6.0, 500.0, 1.5],
+                "PGS_B": [0.5, 0.5, 1.5, 1.5, -80.0, 0.0],
+            }
+        ),
+        prs / "scores.parquet",
+    )
     _csv(prs / "sample_map.tsv", f"sample_id\tperson_id\nS1\t{P1}\nS2\t{P2}\nS3\t{P3}\nS4\t{P4}\nSV\t{V1}\n")
 
 
-CONFIG = PreprocessConfig.model_validate({
-    "tokenizer": {"min_count": 1, "value_bins": 4, "min_values_for_bins": 3},
-    "subjects_per_shard": 2, "progress_bars": False, "batch_rows": 4,
-    "shuffle_strategy": "sort_shuffle_pull_based",  # fast on tiny data; test_preprocess_equivalence runs the hash one
-})
+CONFIG = PreprocessConfig.model_validate(
+    {
+        "tokenizer": {"min_count": 1, "value_bins": 4, "min_values_for_bins": 3},
+        "subjects_per_shard": 2,
+        "progress_bars": False,
+        "batch_rows": 4,
+        "shuffle_strategy": "sort_shuffle_pull_based",  # fast on tiny data; test_preprocess_equivalence runs the hash one
+    }
+)
 
 
 def _inputs(root: Path) -> PreprocessInputs:
-    return PreprocessInputs(omop=str(root / "omop"), prs=str(root / "prs" / "scores.parquet"),
-                            sample_map=str(root / "prs" / "sample_map.tsv"))
+    return PreprocessInputs(
+        omop=str(root / "omop"),
+        prs=str(root / "prs" / "scores.parquet"),
+        sample_map=str(root / "prs" / "sample_map.tsv"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +210,9 @@ def run(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _timelines(out: Path) -> pa.Table:
-    return pa.concat_tables([pq.read_table(p) for p in sorted((out / "timelines").glob("part-*.parquet"))]).sort_by("subject_id")
+    return pa.concat_tables([pq.read_table(p) for p in sorted((out / "timelines").glob("part-*.parquet"))]).sort_by(
+        "subject_id"
+    )
 
 
 def _person(out: Path, subject: int) -> dict:
@@ -146,24 +226,47 @@ def test_hand_made_person_round_trips_to_exact_tokens(run: dict) -> None:
     row = _person(run["out"], P1)
     day = (D(2000, 1, 1) - D(1950, 1, 1)).days
     expected = [
-        ("[BOS]", 0), ("GENDER/8532", 0), ("RACE/8527", 0), ("ETHNICITY/38003564", 0),
-        ("GAP/1825D+", day), ("VISIT/9202", day), ("CONDITION/201826", day), ("MEASUREMENT/3004410", day), ("Q2", day),
-        ("VISIT_END/9202", day), ("GAP/1-6D", day + 2), ("DRUG/1503297", day + 2),
-        ("GAP/365-729D", day + 517), ("CONDITION/201826", day + 517), ("[EOS]", day + 517),
+        ("[BOS]", 0),
+        ("GENDER/8532", 0),
+        ("RACE/8527", 0),
+        ("ETHNICITY/38003564", 0),
+        ("GAP/1825D+", day),
+        ("VISIT/9202", day),
+        ("CONDITION/201826", day),
+        ("MEASUREMENT/3004410", day),
+        ("Q2", day),
+        ("VISIT_END/9202", day),
+        ("GAP/1-6D", day + 2),
+        ("DRUG/1503297", day + 2),
+        ("GAP/365-729D", day + 517),
+        ("CONDITION/201826", day + 517),
+        ("[EOS]", day + 517),
     ]
     assert [(tok.tokens[t], a) for t, a in zip(row["tokens"], row["ages"])] == expected
     assert row["split"] == "train" and row["birth_date"] == D(1950, 1, 1)
     dead = [(tok.tokens[t], a) for t, a in zip(*(_person(run["out"], P2)[k] for k in ("tokens", "ages")))]
-    assert dead[-2:] == [("MEDS_DEATH", (D(2005, 1, 1) - D(1960, 6, 15)).days)] * 1 + [("[EOS]", (D(2005, 1, 1) - D(1960, 6, 15)).days)]
+    assert dead[-2:] == [("MEDS_DEATH", (D(2005, 1, 1) - D(1960, 6, 15)).days)] * 1 + [
+        ("[EOS]", (D(2005, 1, 1) - D(1960, 6, 15)).days)
+    ]
 
 
 def test_row_account_is_exact_for_every_reason(run: dict) -> None:
     tables = run["report"]["tables"]
     got = {t: (a["rows_in"], a["rows_kept"], a["rows_quarantined"], a["by_reason"]) for t, a in tables.items()}
     assert got == {
-        "person": (10, 6, 4, {"missing_person_id": 1, "unparsable_date": 1, "unparsable_number": 1, "duplicate_primary_key": 1}),
+        "person": (
+            10,
+            6,
+            4,
+            {"missing_person_id": 1, "unparsable_date": 1, "unparsable_number": 1, "duplicate_primary_key": 1},
+        ),
         "death": (3, 1, 2, {"unknown_person_id": 1, "duplicate_primary_key": 1}),
-        "visit_occurrence": (9, 5, 4, {"unknown_person_id": 1, "end_before_start": 1, "before_birth": 1, "after_death": 1}),
+        "visit_occurrence": (
+            9,
+            5,
+            4,
+            {"unknown_person_id": 1, "end_before_start": 1, "before_birth": 1, "after_death": 1},
+        ),
         "condition_occurrence": (9, 5, 4, {"malformed_row": 1, "unparsable_date": 1, "duplicate_primary_key": 2}),
         "drug_exposure": (1, 1, 0, {}),
         "measurement": (8, 7, 1, {"unparsable_number": 1}),
@@ -172,8 +275,12 @@ def test_row_account_is_exact_for_every_reason(run: dict) -> None:
     quarantine = run["out"] / "quarantine"
     written = {t: sum(pq.read_metadata(p).num_rows for p in (quarantine / t).glob("*.parquet")) for t in tables}
     assert written == {t: a["rows_quarantined"] for t, a in tables.items()}
-    dupes = pa.concat_tables([pq.read_table(p, columns=["reason", "source_file"])
-                              for p in (quarantine / "condition_occurrence").glob("*duplicates*")])
+    dupes = pa.concat_tables(
+        [
+            pq.read_table(p, columns=["reason", "source_file"])
+            for p in (quarantine / "condition_occurrence").glob("*duplicates*")
+        ]
+    )
     assert sorted(dupes["source_file"].to_pylist()) == ["part-00000.csv", "part-00001.csv"]
     assert run["report"]["events"]["events"] == sum(a["events"] for a in tables.values())
 
@@ -284,18 +391,19 @@ def test_atomic_directory_replaces_only_on_success(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with atomic_directory(out) as tmp:
         (tmp / "a.txt").write_text("one")
-    with pytest.raises(RuntimeError):
-        with atomic_directory(out) as tmp:
-            (tmp / "a.txt").write_text("half-written")
-            raise RuntimeError("stage failed")
+    with pytest.raises(RuntimeError), atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("half-written")
+        raise RuntimeError("stage failed")
     assert (out / "a.txt").read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with atomic_directory(out) as tmp:
         (tmp / "b.txt").write_text("two")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
     # a killed process leaves only its hidden temp directory; `out` stays the last complete run
-    script = (f"import time; from pathlib import Path; from ehrfm.preprocess.job import atomic_directory\n"
-              f"with atomic_directory(Path({str(out)!r})) as tmp:\n"
-              f"    (tmp / 'c.txt').write_text('partial'); print('inside', flush=True); time.sleep(60)\n")
+    script = (
+        f"import time; from pathlib import Path; from ehrfm.preprocess.job import atomic_directory\n"
+        f"with atomic_directory(Path({str(out)!r})) as tmp:\n"
+        f"    (tmp / 'c.txt').write_text('partial'); print('inside', flush=True); time.sleep(60)\n"
+    )
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "inside"
     process.kill()
@@ -328,12 +436,24 @@ def test_schema_error_inside_a_ray_task_is_a_clear_message(ray_cluster, tmp_path
     from ehrfm.cli import run_command
 
     omop = tmp_path / "omop"
-    _csv(omop / "person.csv", "person_id,gender_concept_id,year_of_birth,race_concept_id,ethnicity_concept_id\n1,8507,1970,0,0")
-    _csv(omop / "measurement.csv", "measurement_id,person_id,measurement_concept_id,measurement_type_concept_id\n1,1,3,4")
-    args = ["--omop", str(omop), "--out", str(tmp_path / "out"), "progress_bars=false",
-            "shuffle_strategy=sort_shuffle_pull_based"]
+    _csv(
+        omop / "person.csv",
+        "person_id,gender_concept_id,year_of_birth,race_concept_id,ethnicity_concept_id\n1,8507,1970,0,0",
+    )
+    _csv(
+        omop / "measurement.csv", "measurement_id,person_id,measurement_concept_id,measurement_type_concept_id\n1,1,3,4"
+    )
+    args = [
+        "--omop",
+        str(omop),
+        "--out",
+        str(tmp_path / "out"),
+        "progress_bars=false",
+        "shuffle_strategy=sort_shuffle_pull_based",
+    ]
     assert run_command("preprocess", args) == 2
     lines = capsys.readouterr().err.splitlines()  # Ray's own log lines come too
-    assert ("ehrfm preprocess: measurement: file measurement.csv lacks required CDM v5.4 column(s) "
-            "measurement_date") in lines
+    assert (
+        "ehrfm preprocess: measurement: file measurement.csv lacks required CDM v5.4 column(s) measurement_date"
+    ) in lines
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["omop"]

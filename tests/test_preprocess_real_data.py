@@ -13,17 +13,23 @@ import pytest
 
 from ehrfm.omop.events import EVENT_SOURCES
 from ehrfm.omop.validation import validate_omop
-from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
 from ehrfm.preprocess.config import PreprocessConfig
+from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
+from ehrfm.preprocess.tokenizer import Tokenizer
 from ehrfm.prs.person import storable
 from ehrfm.schemas import EVENT_SCHEMA, timeline_schema
-from ehrfm.preprocess.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.ray
-CONFIG = PreprocessConfig.model_validate({"progress_bars": False, "shuffle_strategy": "sort_shuffle_pull_based",
-                                          "subjects_per_shard": 1000})
+CONFIG = PreprocessConfig.model_validate(
+    {"progress_bars": False, "shuffle_strategy": "sort_shuffle_pull_based", "subjects_per_shard": 1000}
+)
 ACCOUNT_KEYS = ("rows_in", "rows_kept", "rows_quarantined", "by_reason")
-EVENTS_PER_ROW = {"person": 4, "death": 1, "visit_occurrence": 2, **{t: 1 for t in EVENT_SOURCES if t != "visit_occurrence"}}
+EVENTS_PER_ROW = {
+    "person": 4,
+    "death": 1,
+    "visit_occurrence": 2,
+    **{t: 1 for t in EVENT_SOURCES if t != "visit_occurrence"},
+}
 
 
 def _check(root: Path, out: Path, report: dict, tmp: Path) -> pa.Table:
@@ -46,12 +52,18 @@ def test_synthea27nj_parquet(ray_cluster, shared_data: Path, tmp_path: Path) -> 
     root = shared_data / "synthea27nj_omop54" / "parquet" / "Synthea27NjParquet"
     report = run_preprocess(CONFIG, PreprocessInputs(omop=str(root)), tmp_path / "out")
     assert {t: report["tables"][t]["rows_in"] for t in ("person", "visit_occurrence", "measurement", "death")} == {
-        "person": 28, "visit_occurrence": 1791, "measurement": 10040, "death": 3}
+        "person": 28,
+        "visit_occurrence": 1791,
+        "measurement": 10040,
+        "death": 3,
+    }
     timelines = _check(root, tmp_path / "out", report, tmp_path)
     tok = Tokenizer.load(tmp_path / "out" / "tokenizer.json")
     assert "MEASUREMENT/3004410" in tok.value_edges  # HbA1c has real values in this sample
     assert report["tokens"]["value_tokens"] > 0 and report["splits"]["train"] > 0
-    events = pa.concat_tables([pq.read_table(p, columns=["code"]) for p in (tmp_path / "out" / "events").glob("*.parquet")])
+    events = pa.concat_tables(
+        [pq.read_table(p, columns=["code"]) for p in (tmp_path / "out" / "events").glob("*.parquet")]
+    )
     assert events["code"].to_pylist().count("MEDS_DEATH") == 3
     assert timelines.num_rows == 28 and "MEDS_DEATH" not in tok.tokens  # 3 deaths: below min_count in train
 
@@ -59,9 +71,15 @@ def test_synthea27nj_parquet(ray_cluster, shared_data: Path, tmp_path: Path) -> 
 def test_gibleed_cdm53_csv(ray_cluster, shared_data: Path, tmp_path: Path) -> None:
     root = shared_data / "gibleed_omop53"
     report = run_preprocess(CONFIG, PreprocessInputs(omop=str(root)), tmp_path / "out")
-    assert report["tables"]["person"]["rows_in"] == 2694 and report["tables"]["condition_occurrence"]["rows_in"] == 65332
+    assert (
+        report["tables"]["person"]["rows_in"] == 2694 and report["tables"]["condition_occurrence"]["rows_in"] == 65332
+    )
     assert report["tables"]["visit_occurrence"]["renamed_cdm53_columns"] == [
-        "admitting_source_concept_id", "admitting_source_value", "discharge_to_concept_id", "discharge_to_source_value"]
+        "admitting_source_concept_id",
+        "admitting_source_value",
+        "discharge_to_concept_id",
+        "discharge_to_source_value",
+    ]
     timelines = _check(root, tmp_path / "out", report, tmp_path)
     assert report["tokens"]["value_tokens"] == 0  # GiBleed has no numeric measurement values
     assert min(len(t) for t in timelines["tokens"].to_pylist()) >= 2

@@ -21,16 +21,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timeline_factory import T2D_TOKEN, write_timelines  # noqa: E402
-
 from ehrfm.config import load_config  # noqa: E402
 from ehrfm.constants import PAD_ID  # noqa: E402
 from ehrfm.model import load_model  # noqa: E402
 from ehrfm.model.io import load_state_dict  # noqa: E402
-from ehrfm.training.config import PretrainConfig  # noqa: E402
-from ehrfm.training.windows import TimelineManifest, WindowCollate  # noqa: E402
-from ehrfm.training.engine import WarmupCosine, deepspeed_config  # noqa: E402
 from ehrfm.tracking import CLIENT_RETRY_ENV  # noqa: E402
+from ehrfm.training.config import PretrainConfig  # noqa: E402
+from ehrfm.training.engine import WarmupCosine, deepspeed_config  # noqa: E402
+from ehrfm.training.windows import TimelineManifest, WindowCollate  # noqa: E402
+from timeline_factory import T2D_TOKEN, write_timelines  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 SMALL = CONFIGS / "pretrain-cpu-small.yaml"
@@ -97,9 +96,9 @@ def test_windows_are_slices_of_timelines_fixed_per_epoch(tmp_path):
     for row, timeline in enumerate(tokens):
         window = batch["tokens"][row].tolist() + [batch["targets"][row, -1].item()]
         real = [t for t in window if t != PAD_ID]
-        start = next(i for i in range(len(timeline)) if timeline[i:i + len(real)] == real)
+        start = next(i for i in range(len(timeline)) if timeline[i : i + len(real)] == real)
         assert len(real) == min(len(timeline) - start, 65)  # right-padded only when the timeline ends
-        assert window[len(real):] == [PAD_ID] * (65 - len(real))
+        assert window[len(real) :] == [PAD_ID] * (65 - len(real))
     shuffled = table.take(np.random.default_rng(0).permutation(60))
     again = WindowCollate(64, 8, 3, 0)(shuffled)
     order = np.argsort(again["subject_id"].numpy())
@@ -136,7 +135,8 @@ def local_server_is_the_session_server(mlflow_server, monkeypatch, tmp_path):
 
 
 def test_tracking_uri_is_the_config_then_the_environment_then_the_local_server(
-        local_server_is_the_session_server, mlflow_server, tmp_path, monkeypatch):
+    local_server_is_the_session_server, mlflow_server, tmp_path, monkeypatch
+):
     from ehrfm.training.run_logger import resolve_tracking_uri
 
     children = {p.pid for p in psutil.Process().children(recursive=True)}
@@ -222,7 +222,10 @@ def test_zero3_with_cross_attention_fusion_pretrains(cross_zero3, timelines, mlf
     assert_learns(state, timelines.vocab_size)
     assert state["step"] == 30 and state["restarts"] == 0 and state["tokens_seen"] > 30 * 16 * 20
     checkpoint = Path(result.checkpoint)
-    assert sorted(p.name for p in checkpoint.parent.glob("checkpoint_0*")) == ["checkpoint_0000020", "checkpoint_0000030"]
+    assert sorted(p.name for p in checkpoint.parent.glob("checkpoint_0*")) == [
+        "checkpoint_0000020",
+        "checkpoint_0000030",
+    ]
     weights = torch.load(checkpoint / "model.pt", weights_only=True)  # plain tensors, safe to load
     from ehrfm.training.checkpoint import DEEPSPEED_SAFE_GLOBALS
 
@@ -236,8 +239,10 @@ def test_zero3_with_cross_attention_fusion_pretrains(cross_zero3, timelines, mlf
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("ehrfm-pretrain").experiment_id],
-                              filter_string=f"tags.`ehrfm.run_dir` = '{result.run_dir}'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("ehrfm-pretrain").experiment_id],
+        filter_string=f"tags.`ehrfm.run_dir` = '{result.run_dir}'",
+    )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]
     assert run.data.params["config.deepspeed.zero_stage"] == "3" and run.data.params["world_size"] == "2"
@@ -304,13 +309,16 @@ def test_rerun_resumes_and_a_killed_worker_recovers_on_the_same_curve(pretrain, 
     # Tolerance: same losses to 1e-6 (data windows, RNG and optimiser state are all restored).
     assert val_losses(state) == pytest.approx(val_losses(reference), abs=1e-6)
     assert [p["train_loss"] for p in state["history"]] == pytest.approx(
-        [p["train_loss"] for p in reference["history"]], abs=1e-6)
+        [p["train_loss"] for p in reference["history"]], abs=1e-6
+    )
     assert state["tokens_seen"] == reference["tokens_seen"]
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("ehrfm-pretrain").experiment_id],
-                              filter_string=f"tags.`ehrfm.run_dir` = '{result.run_dir}'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("ehrfm-pretrain").experiment_id],
+        filter_string=f"tags.`ehrfm.run_dir` = '{result.run_dir}'",
+    )
     assert len(runs) == 1  # one MLflow run across the three worker-group starts
     resumes = [m.value for m in client.get_metric_history(runs[0].info.run_id, "resumed_from_step")]
     assert len(resumes) == 2 and all(step in (15, 20) for step in resumes)  # from checkpoints, not step 0
@@ -318,14 +326,29 @@ def test_rerun_resumes_and_a_killed_worker_recovers_on_the_same_curve(pretrain, 
 
 @pytest.mark.ray
 @pytest.mark.e2e
-def test_ehr_only_model_then_prs_adapter(datasets, timelines, storage, mlflow_server,
-                                         local_server_is_the_session_server):
+def test_ehr_only_model_then_prs_adapter(
+    datasets, timelines, storage, mlflow_server, local_server_is_the_session_server
+):
     from ehrfm.training.pretrain import main, run_pretraining
 
     base_storage = storage / "ehr-only"
-    code = main(["--config", str(SMALL), "--data", str(timelines.root), "--storage", str(base_storage),
-                 "--name", "ehr-only", "model.fusion=none", "deepspeed.zero_stage=2",
-                 "schedule.max_steps=20", "schedule.val_every=10", "schedule.checkpoint_every=10"])
+    code = main(
+        [
+            "--config",
+            str(SMALL),
+            "--data",
+            str(timelines.root),
+            "--storage",
+            str(base_storage),
+            "--name",
+            "ehr-only",
+            "model.fusion=none",
+            "deepspeed.zero_stage=2",
+            "schedule.max_steps=20",
+            "schedule.val_every=10",
+            "schedule.checkpoint_every=10",
+        ]
+    )
     assert code == 0
     summary = json.loads((base_storage / "ehr-only" / "pretrain_result.json").read_text())
     base_checkpoint = Path(summary["checkpoint"])
@@ -336,13 +359,26 @@ def test_ehr_only_model_then_prs_adapter(datasets, timelines, storage, mlflow_se
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("ehrfm-pretrain").experiment_id],
-                              filter_string=f"tags.`ehrfm.run_dir` = '{summary['run_dir']}'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("ehrfm-pretrain").experiment_id],
+        filter_string=f"tags.`ehrfm.run_dir` = '{summary['run_dir']}'",
+    )
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [10, 20]
 
-    cfg = make_config(timelines, storage, ["run.name=adapter", f"run.init_from={base_checkpoint}", "mlflow.enabled=false",
-                                           "model.fusion=cross", "model.adapter=true", "schedule.max_steps=20",
-                                           "schedule.val_every=10", "schedule.checkpoint_every=10"])
+    cfg = make_config(
+        timelines,
+        storage,
+        [
+            "run.name=adapter",
+            f"run.init_from={base_checkpoint}",
+            "mlflow.enabled=false",
+            "model.fusion=cross",
+            "model.adapter=true",
+            "schedule.max_steps=20",
+            "schedule.val_every=10",
+            "schedule.checkpoint_every=10",
+        ],
+    )
     result = run_pretraining(cfg, datasets)
     base, adapted = load_state_dict(base_checkpoint), load_state_dict(result.checkpoint)
     prs_keys = {k for k in adapted if k not in base}

@@ -11,11 +11,11 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from ehrfm.cli import run_command
-from ehrfm_synthetic.truth import load_truth
 from ehrfm.evaluate.baselines import BaselineConfig
 from ehrfm.evaluate.oracle import oracle_scores
 from ehrfm.evaluate.prs_headroom import prs_headroom
 from ehrfm.transfer.examples import read_labels
+from ehrfm_synthetic.truth import load_truth
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_factory import make_task  # noqa: E402
@@ -52,8 +52,25 @@ def test_oracle_rows_match_a_direct_computation(task):
 
 def test_cli_writes_json_and_a_table_without_a_cohort(task, tmp_path, capsys):
     out = tmp_path / "headroom.json"
-    assert run_command("prs_headroom", ["--data", str(task["data"]), "--labels", str(task["labels"]), "--seeds", "0",
-                                        "--out", str(out), "hgb_max_iter=40", "threads=1", "min_persons_per_code=3"]) == 0
+    assert (
+        run_command(
+            "prs_headroom",
+            [
+                "--data",
+                str(task["data"]),
+                "--labels",
+                str(task["labels"]),
+                "--seeds",
+                "0",
+                "--out",
+                str(out),
+                "hgb_max_iter=40",
+                "threads=1",
+                "min_persons_per_code=3",
+            ],
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert "oracle" not in result and result["pgs_id"] is None  # no cohort: column 0 of the PRS, no oracle rows
     assert np.isfinite(result["hgb_counts"]["gain"])

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ehrfm.omop.validate import main as validate_main
 from ehrfm.prs.readers import (
     PrsFormatError,
     PRSScores,
@@ -25,7 +26,6 @@ from ehrfm.prs.readers import (
     read_sample_map,
     validate_prs,
 )
-from ehrfm.omop.validate import main as validate_main
 
 CINECA = "prs_pgsc_calc_cineca_chr22/expected_outputs"
 
@@ -124,13 +124,20 @@ def test_validate_prs_reports_every_problem(tmp_path: Path) -> None:
     kept, report = validate_prs(scores, SAMPLE_MAP, PERSONS, problems_out=problems)
     assert report["samples_in"] == 10
     assert report["excluded_by_reason"] == {
-        "duplicate_sample_id": 1, "unmapped_sample": 1, "unknown_person_id": 1, "duplicate_person_id": 1,
+        "duplicate_sample_id": 1,
+        "unmapped_sample": 1,
+        "unknown_person_id": 1,
+        "duplicate_person_id": 1,
         "no_scores": 1,
     }
     assert report["samples_kept"] == 5 and report["samples_in"] == report["samples_kept"] + report["samples_excluded"]
     assert report["problems"] == {
-        "duplicate_sample_rows": 1, "nonfinite_values": 3, "samples_with_nonfinite": 2, "unparsable_values": 1,
-        "samples_with_incomplete_pgs_set": 3, "missing_cells": 3,
+        "duplicate_sample_rows": 1,
+        "nonfinite_values": 3,
+        "samples_with_nonfinite": 2,
+        "unparsable_values": 1,
+        "samples_with_incomplete_pgs_set": 3,
+        "missing_cells": 3,
     }
     assert report["persons"] == 6 and report["persons_with_prs"] == 5 and report["persons_without_prs"] == 1
     assert kept.sample_ids.tolist() == ["s1", "s2", "s3", "s4", "r1"]
@@ -153,11 +160,16 @@ def test_sample_without_any_finite_score_is_excluded() -> None:
 
 def test_wide_parquet_and_ids_without_a_map(tmp_path: Path) -> None:
     path = tmp_path / "scores_wide.parquet"
-    pq.write_table(pa.table({
-        "sample_id": ["7", "8", "x9"],
-        "PGS000001": pa.array([0.5, None, 1.5]),
-        "PGS000002": pa.array([1.0, float("nan"), 2.0]),
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "sample_id": ["7", "8", "x9"],
+                "PGS000001": pa.array([0.5, None, 1.5]),
+                "PGS000002": pa.array([1.0, float("nan"), 2.0]),
+            }
+        ),
+        path,
+    )
     assert detect_format(path) == "wide"
     scores = read_prs(path)
     assert scores.pgs_ids == ["PGS000001", "PGS000002"]
@@ -170,8 +182,9 @@ def test_wide_parquet_and_ids_without_a_map(tmp_path: Path) -> None:
 
 def test_sscore_duplicates_and_avg_only_files(tmp_path: Path) -> None:
     path = tmp_path / "scores.sscore"
-    path.write_text("#IID\tALLELE_CT\tNAMED_ALLELE_DOSAGE_SUM\tSCORE1_AVG\n"
-                    "a\t10\t5\t0.1\nb\t10\t5\t0.2\na\t10\t5\t0.3\n")
+    path.write_text(
+        "#IID\tALLELE_CT\tNAMED_ALLELE_DOSAGE_SUM\tSCORE1_AVG\na\t10\t5\t0.1\nb\t10\t5\t0.2\na\t10\t5\t0.3\n"
+    )
     with pytest.raises(PrsFormatError, match=r"scores.sscore: no score column ending in _SUM"):
         read_prs(path)
     scores = read_prs(path, column="AVG")
@@ -193,8 +206,12 @@ def test_sample_map_and_pcs(tmp_path: Path) -> None:
 
 
 BAD_FILES = [  # (file name, content, reader, expected message); "P7"/"s2x" must never be echoed
-    ("conflict.tsv", "sample_id\tperson_id\nS-001\t1\nS-001\t2\nS-003\t3\nS-003\t4\n", read_sample_map,
-     "conflict.tsv: 2 sample id"),
+    (
+        "conflict.tsv",
+        "sample_id\tperson_id\nS-001\t1\nS-001\t2\nS-003\t3\nS-003\t4\n",
+        read_sample_map,
+        "conflict.tsv: 2 sample id",
+    ),
     ("bad.tsv", "sample_id\tperson_id\nS-001\tP7\n", read_sample_map, "person_id has 1 value"),
     ("ref.eigenvec", "#FID\tIID\tPC1\tPC2\nf\tS-001\t0.1\tNA\n", read_pcs, "1 PC value"),
     ("scores.txt", "foo\tbar\n1\t2\n", read_prs, "not a recognised PRS format"),
@@ -222,7 +239,9 @@ def test_cli_with_prs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     sample_map = tmp_path / "sample_map.tsv"
     sample_map.write_text("sample_id\tperson_id\n" + "".join(f"{s}\t{p}\n" for s, p in SAMPLE_MAP.items()))
     out = tmp_path / "out"
-    assert validate_main(["--omop", str(omop), "--prs", str(prs), "--sample-map", str(sample_map), "--out", str(out)]) == 0
+    assert (
+        validate_main(["--omop", str(omop), "--prs", str(prs), "--sample-map", str(sample_map), "--out", str(out)]) == 0
+    )
     printed = capsys.readouterr().out
     assert "10 samples, 2 scores; kept 5, excluded 5" in printed
     report = json.loads((out / "validation_report.json").read_text())

@@ -17,14 +17,31 @@ import pytest
 from ehrfm.omop.validation import find_tables, validate_omop, validate_table
 
 GIBLEED_ROWS = {  # gibleed_omop53/README.txt
-    "person": 2694, "visit_occurrence": 1037, "condition_occurrence": 65332, "drug_exposure": 67707,
-    "procedure_occurrence": 37409, "measurement": 44053, "observation": 1477, "observation_period": 5343,
-    "death": 0, "concept": 444, "concept_ancestor": 65690,
+    "person": 2694,
+    "visit_occurrence": 1037,
+    "condition_occurrence": 65332,
+    "drug_exposure": 67707,
+    "procedure_occurrence": 37409,
+    "measurement": 44053,
+    "observation": 1477,
+    "observation_period": 5343,
+    "death": 0,
+    "concept": 444,
+    "concept_ancestor": 65690,
 }
 SYNTHEA_ROWS = {  # synthea27nj_omop54/README.txt
-    "person": 28, "visit_occurrence": 1791, "visit_detail": 1791, "condition_occurrence": 470,
-    "drug_exposure": 883, "procedure_occurrence": 1649, "measurement": 10040, "observation": 8099,
-    "death": 3, "observation_period": 28, "concept": 2294, "concept_ancestor": 0,
+    "person": 28,
+    "visit_occurrence": 1791,
+    "visit_detail": 1791,
+    "condition_occurrence": 470,
+    "drug_exposure": 883,
+    "procedure_occurrence": 1649,
+    "measurement": 10040,
+    "observation": 8099,
+    "death": 3,
+    "observation_period": 28,
+    "concept": 2294,
+    "concept_ancestor": 0,
 }
 
 
@@ -44,9 +61,19 @@ def test_gibleed_cdm53_row_counts(gibleed: dict) -> None:
     assert {t: a["rows_in"] for t, a in gibleed["tables"].items() if t in GIBLEED_ROWS} == GIBLEED_ROWS
     assert gibleed["persons"] == 2694
     assert gibleed["tables"]["visit_occurrence"]["renamed_cdm53_columns"] == [
-        "admitting_source_concept_id", "admitting_source_value", "discharge_to_concept_id", "discharge_to_source_value"]
-    for clean in ("person", "visit_occurrence", "condition_occurrence", "procedure_occurrence", "concept",
-                  "concept_ancestor"):
+        "admitting_source_concept_id",
+        "admitting_source_value",
+        "discharge_to_concept_id",
+        "discharge_to_source_value",
+    ]
+    for clean in (
+        "person",
+        "visit_occurrence",
+        "condition_occurrence",
+        "procedure_occurrence",
+        "concept",
+        "concept_ancestor",
+    ):
         assert gibleed["tables"][clean]["rows_quarantined"] == 0, clean
 
 
@@ -60,12 +87,15 @@ def test_gibleed_quality_findings_match_duckdb(gibleed: dict, shared_data: Path)
     for table in ("drug_exposure", "measurement", "observation"):
         repeats = scalar(f"select count(*) - count(distinct {table}_id) from '{{root}}/{table}.csv'")
         assert gibleed["tables"][table]["by_reason"].get("duplicate_primary_key") == repeats
-    orphans = scalar("select count(*) from '{root}/observation_period.csv' "
-                     "where person_id not in (select person_id from '{root}/person.csv')")
+    orphans = scalar(
+        "select count(*) from '{root}/observation_period.csv' "
+        "where person_id not in (select person_id from '{root}/person.csv')"
+    )
     assert gibleed["tables"]["observation_period"]["by_reason"] == {"unknown_person_id": orphans}
     before_birth = scalar(
         "select count(*) from '{root}/drug_exposure.csv' d "
-        "join '{root}/person.csv' p using (person_id) where d.drug_exposure_start_date < p.birth_datetime::date")
+        "join '{root}/person.csv' p using (person_id) where d.drug_exposure_start_date < p.birth_datetime::date"
+    )
     assert gibleed["tables"]["drug_exposure"]["by_reason"]["before_birth"] == before_birth
     assert (orphans, before_birth) == (2649, 1)
 
@@ -93,9 +123,19 @@ def test_ehrdata_edge_cases(shared_data: Path) -> None:
     vanilla = validate_omop(root / "vanilla")
     _assert_account_identity(vanilla)
     rows = {t: a["rows_in"] for t, a in vanilla["tables"].items()}
-    assert rows == {"person": 4, "death": 2, "observation_period": 3, "visit_occurrence": 3,
-                    "condition_occurrence": 9, "drug_exposure": 9, "procedure_occurrence": 9,
-                    "device_exposure": 9, "measurement": 9, "observation": 9, "concept": 0}
+    assert rows == {
+        "person": 4,
+        "death": 2,
+        "observation_period": 3,
+        "visit_occurrence": 3,
+        "condition_occurrence": 9,
+        "drug_exposure": 9,
+        "procedure_occurrence": 9,
+        "device_exposure": 9,
+        "measurement": 9,
+        "observation": 9,
+        "concept": 0,
+    }
     assert vanilla["totals"]["rows_quarantined"] == 0
     # measurement.csv starts with a BOM; row 2's datetime has a no-break space before the time
     measurement = validate_table(root / "vanilla", "measurement", None).kept
@@ -104,7 +144,10 @@ def test_ehrdata_edge_cases(shared_data: Path) -> None:
 
     capital = validate_omop(root / "capital_letters")
     assert {t: a["rows_kept"] for t, a in capital["tables"].items()} == {
-        "person": 1, "observation_period": 1, "measurement": 1}
+        "person": 1,
+        "observation_period": 1,
+        "measurement": 1,
+    }
     empty = validate_omop(root / "empty_observation")
     assert empty["tables"]["observation"]["rows_in"] == 0 and empty["tables"]["drug_exposure"]["rows_in"] == 0
     units = validate_table(root / "multiple_units", "observation", None).kept

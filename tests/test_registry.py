@@ -21,14 +21,22 @@ from mlflow import MlflowClient
 from ehrfm.evaluate.report import evaluate_predictions
 from ehrfm.evaluate.stratify import subgroup_table
 from ehrfm.mlops.model_card import model_card
-from ehrfm.mlops.registry import CHAMPION, RISK_MODEL_FILES, load_champion, log_risk_model, register_if_better
 from ehrfm.mlops.pyfunc_model import OUTPUT_COLUMNS, records_frame
+from ehrfm.mlops.registry import CHAMPION, RISK_MODEL_FILES, load_champion, log_risk_model, register_if_better
 from ehrfm.model.risk import load_risk_model
 from ehrfm.transfer.predictor import RiskPredictor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from risk_model_factory import (PGS_IDS, labels_at, make_person, offline_risks, offline_timelines,  # noqa: E402
-                                person_record, write_risk_model, write_tokenizer)
+from risk_model_factory import (  # noqa: E402
+    PGS_IDS,
+    labels_at,
+    make_person,
+    offline_risks,
+    offline_timelines,
+    person_record,
+    write_risk_model,
+    write_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +72,23 @@ def card_for(directory: Path) -> str:
     sex = np.where(rng.random(300) < 0.5, "female", "male")
     sex[:7] = "other"  # a 7-person subgroup: its counts and metrics must be suppressed
     subgroups = subgroup_table(y, score, {"sex": sex}, n_boot=50)
-    return model_card(spec, {"persons_train": 1400, "persons_val": 300, "positives_val": int(y.sum()),
-                             "positives_rare_group": 4},
-                      [evaluate_predictions("risk", y, score, n_boot=50)], subgroups)
+    return model_card(
+        spec,
+        {"persons_train": 1400, "persons_val": 300, "positives_val": int(y.sum()), "positives_rare_group": 4},
+        [evaluate_predictions("risk", y, score, n_boot=50)],
+        subgroups,
+    )
 
 
 def people() -> tuple[list, list[dict]]:
-    genotyped = make_person(11, seed=1, n_visits=8, prs={k: 0.8 - 0.5 * i for i, k in enumerate(PGS_IDS)},
-                            unknown_code=True)
+    genotyped = make_person(
+        11, seed=1, n_visits=8, prs={k: 0.8 - 0.5 * i for i, k in enumerate(PGS_IDS)}, unknown_code=True
+    )
     plain = make_person(12, seed=2, n_visits=5, sex=8507)
-    times = [dt.datetime.combine(genotyped.visits[5][1], dt.time(9)),
-             dt.datetime.combine(plain.visits[3][1], dt.time(9))]
+    times = [
+        dt.datetime.combine(genotyped.visits[5][1], dt.time(9)),
+        dt.datetime.combine(plain.visits[3][1], dt.time(9)),
+    ]
     partial = {**person_record(make_person(13, seed=3, n_visits=4)), "prs": {PGS_IDS[0]: 1.5, PGS_IDS[3]: -0.2}}
     return [genotyped, plain, times], [person_record(genotyped, times[0]), person_record(plain, times[1]), partial]
 
@@ -84,8 +98,9 @@ def t2d_champion(tracking, workdir):
     """Version 1 of ehrfm-t2d, logged from a model directory and registered (promoted: no champion yet)."""
     directory = risk_model(workdir, "t2d-1", seed=1, task="t2d")
     card = card_for(directory)
-    uri = log_risk_model(directory, "t2d", {"val_auroc": 0.71, "test_auroc": 0.69, "test_auroc_ci_low": float("nan")},
-                         card)
+    uri = log_risk_model(
+        directory, "t2d", {"val_auroc": 0.71, "test_auroc": 0.69, "test_auroc_ci_low": float("nan")}, card
+    )
     return directory, card, uri, register_if_better(uri, "t2d", 0.71)
 
 
@@ -107,8 +122,12 @@ def test_champion_round_trip_gives_the_predictor_and_offline_risks(t2d_champion)
     assert served["unknown_codes"].tolist()[:2] == [1, 0]
 
     model, spec = load_risk_model(directory)
-    offline = offline_risks(model, spec, offline_timelines([genotyped, plain], predictor.tokenizer),
-                            labels_at([(11, times[0]), (12, times[1])]))
+    offline = offline_risks(
+        model,
+        spec,
+        offline_timelines([genotyped, plain], predictor.tokenizer),
+        labels_at([(11, times[0]), (12, times[1])]),
+    )
     np.testing.assert_allclose(served["risk"].to_numpy()[:2], offline["risk"], rtol=1e-6)
     np.testing.assert_allclose(served["risk_prs_masked"].to_numpy()[:2], offline["risk_prs_masked"], rtol=1e-6)
 
@@ -156,8 +175,9 @@ def test_a_fresh_process_loads_the_champion_with_the_logged_code(t2d_champion, t
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(answer["ehrfm"]).parts[-3:] == ("code", "ehrfm", "__init__.py")  # the logged copy, not the checkout

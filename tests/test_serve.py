@@ -29,12 +29,21 @@ from hypothesis import strategies as st
 
 from ehrfm.cluster.local import free_port
 from ehrfm.mlops.registry import log_risk_model, register_if_better
-from ehrfm.serve.app import build_app
 from ehrfm.model.risk import load_risk_model
+from ehrfm.serve.app import build_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from risk_model_factory import (PGS_IDS, UNKNOWN_CONDITION, labels_at, make_person,  # noqa: E402
-                                offline_risks, offline_timelines, person_record, write_risk_model, write_tokenizer)
+from risk_model_factory import (  # noqa: E402
+    PGS_IDS,
+    UNKNOWN_CONDITION,
+    labels_at,
+    make_person,
+    offline_risks,
+    offline_timelines,
+    person_record,
+    write_risk_model,
+    write_tokenizer,
+)
 
 TASK = "servetest"  # its own registered model, so versions do not depend on other test files
 MODEL = f"ehrfm-{TASK}"
@@ -57,13 +66,17 @@ def test_serve_config_file_and_rayservice_args_are_valid_for_serve_and_build_a_c
     config = config_from_args(app.args)
     assert config.model_uri == "models:/ehrfm-t2d@champion" and config.model_deployment.autoscaling["max_replicas"] == 4
     assert "num_replicas" not in config.model_deployment.deployment_options()
-    rayservice = next(d for d in yaml.safe_load_all((repo_root / "cluster" / "kuberay" / "rayservice.yaml").read_text())
-                      if d and d.get("kind") == "RayService")
+    rayservice = next(
+        d
+        for d in yaml.safe_load_all((repo_root / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+        if d and d.get("kind") == "RayService"
+    )
     (service_app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
     assert config_from_args(service_app["args"]).model_uri.endswith("@champion")
     (tmp_path / "args.yaml").write_text(yaml.safe_dump(app.args))
-    dotted = config_from_args({"config": str(tmp_path / "args.yaml"), "batching.max_batch_size": "1",
-                               "model_deployment": {"num_cpus": 0.5}})
+    dotted = config_from_args(
+        {"config": str(tmp_path / "args.yaml"), "batching.max_batch_size": "1", "model_deployment": {"num_cpus": 0.5}}
+    )
     assert dotted.batching.max_batch_size == 1 and dotted.model_deployment.num_cpus == 0.5
     assert dotted.model_deployment.autoscaling["min_replicas"] == 1  # nested dicts merge, not replace
     with pytest.raises(ValueError, match="batch_size"):
@@ -117,12 +130,16 @@ def version_one(tracking, model_dirs):
 
 
 def app_args(tracking_uri: str, **extra) -> dict:
-    return {"model_uri": f"models:/{MODEL}@champion", "tracking_uri": tracking_uri,
-            "limits": {"max_events": MAX_EVENTS, "max_persons": MAX_PERSONS, "max_body_bytes": MAX_BODY},
-            # requests wait up to 20 ms for batch-mates, so a replica under load always holds some
-            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
-            "model_deployment": {"num_replicas": 2, "num_cpus": 0.2, "health_check_period_s": 2.0},
-            "ingress_deployment": {"num_cpus": 0.2}, **extra}
+    return {
+        "model_uri": f"models:/{MODEL}@champion",
+        "tracking_uri": tracking_uri,
+        "limits": {"max_events": MAX_EVENTS, "max_persons": MAX_PERSONS, "max_body_bytes": MAX_BODY},
+        # requests wait up to 20 ms for batch-mates, so a replica under load always holds some
+        "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
+        "model_deployment": {"num_replicas": 2, "num_cpus": 0.2, "health_check_period_s": 2.0},
+        "ingress_deployment": {"num_cpus": 0.2},
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -134,16 +151,30 @@ def service(ray_cluster, tracking, version_one, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args(tracking, model_version="1")), name="ehrfm", route_prefix="/")
-    serve.run(build_app(app_args(tracking, alias_poll_s=1.0, auth={"token_file": str(token_file)},
-                                 model_deployment={"num_replicas": 1, "num_cpus": 0.2})),
-              name="secure", route_prefix="/secure")
+    serve.run(
+        build_app(
+            app_args(
+                tracking,
+                alias_poll_s=1.0,
+                auth={"token_file": str(token_file)},
+                model_deployment={"num_replicas": 1, "num_cpus": 0.2},
+            )
+        ),
+        name="secure",
+        route_prefix="/secure",
+    )
     yield {"url": f"http://127.0.0.1:{port}", "tracking": tracking}
     serve.shutdown()
 
 
 def post(url: str, body, **kwargs) -> requests.Response:
-    return requests.post(url, data=body if isinstance(body, (bytes, str)) else json.dumps(body),
-                         headers={"Content-Type": "application/json", **kwargs.pop("headers", {})}, timeout=60, **kwargs)
+    return requests.post(
+        url,
+        data=body if isinstance(body, (bytes, str)) else json.dumps(body),
+        headers={"Content-Type": "application/json", **kwargs.pop("headers", {})},
+        timeout=60,
+        **kwargs,
+    )
 
 
 FULL_PRS = {k: 0.9 - 0.6 * i for i, k in enumerate(PGS_IDS)}
@@ -151,9 +182,11 @@ FULL_PRS = {k: 0.9 - 0.6 * i for i, k in enumerate(PGS_IDS)}
 
 def persons_and_requests():
     """A genotyped person with an unknown code, one without PRS, one with a partial PRS vector."""
-    people = [make_person(31, seed=11, n_visits=8, prs=FULL_PRS, unknown_code=True),
-              make_person(32, seed=12, n_visits=5, sex=8507),
-              make_person(33, seed=13, n_visits=6, prs={PGS_IDS[0]: 1.4, PGS_IDS[3]: -0.3})]
+    people = [
+        make_person(31, seed=11, n_visits=8, prs=FULL_PRS, unknown_code=True),
+        make_person(32, seed=12, n_visits=5, sex=8507),
+        make_person(33, seed=13, n_visits=6, prs={PGS_IDS[0]: 1.4, PGS_IDS[3]: -0.3}),
+    ]
     times = [dt.datetime.combine(p.visits[-2][1], dt.time(15)) for p in people]
     return people, times, [person_record(p, t) for p, t in zip(people, times)]
 
@@ -171,8 +204,12 @@ def test_scores_over_http_equal_the_registered_models_offline_predictions(servic
     tokenizer_path = model_dirs[1] / "tokenizer.json"
     from ehrfm.preprocess.tokenizer import Tokenizer
 
-    offline = offline_risks(model, spec, offline_timelines(people, Tokenizer.load(tokenizer_path)),
-                            labels_at([(p.person_id, t) for p, t in zip(people, times)]))
+    offline = offline_risks(
+        model,
+        spec,
+        offline_timelines(people, Tokenizer.load(tokenizer_path)),
+        labels_at([(p.person_id, t) for p, t in zip(people, times)]),
+    )
     for served in (single, batch):
         np.testing.assert_allclose([r["risk"] for r in served], offline["risk"], rtol=1e-5)
         np.testing.assert_allclose([r["risk_prs_masked"] for r in served], offline["risk_prs_masked"], rtol=1e-5)
@@ -208,8 +245,11 @@ def test_explain_contributions_equal_rescoring_without_the_event(service):
 
 def test_health_readiness_model_info_and_openapi(service):
     url = service["url"]
-    assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok", "model_name": None,
-                                                                 "model_version": None}
+    assert requests.get(f"{url}/healthz", timeout=30).json() == {
+        "status": "ok",
+        "model_name": None,
+        "model_version": None,
+    }
     ready = requests.get(f"{url}/readyz", timeout=30)
     assert ready.status_code == 200 and ready.json()["model_version"] == "1"
     info = requests.get(f"{url}/v1/model", timeout=30).json()
@@ -221,9 +261,15 @@ def test_health_readiness_model_info_and_openapi(service):
 
 
 def _valid() -> dict:
-    return {"birth_date": "1961-04-02", "sex": "female", "prs": {PGS_IDS[0]: 0.3},
-            "events": [{"code": "CONDITION/320128", "time": "2001-01-01T00:00:00"},
-                       {"code": "MEASUREMENT/3004410", "time": "2001-02-01T00:00:00", "numeric_value": 6.2}]}
+    return {
+        "birth_date": "1961-04-02",
+        "sex": "female",
+        "prs": {PGS_IDS[0]: 0.3},
+        "events": [
+            {"code": "CONDITION/320128", "time": "2001-01-01T00:00:00"},
+            {"code": "MEASUREMENT/3004410", "time": "2001-02-01T00:00:00", "numeric_value": 6.2},
+        ],
+    }
 
 
 def _events(n: int) -> list[dict]:
@@ -236,32 +282,55 @@ BAD_INPUTS = [  # (route, raw body, status, loc of the first error)
     ("score", json.dumps({**_valid(), "sex": 7}), 422, ["body", "sex"]),
     ("score", json.dumps({**_valid(), "birth_date": [1961]}), 422, ["body", "birth_date"]),
     ("score", json.dumps({**_valid(), "events": {"code": "x"}}), 422, ["body", "events"]),
-    ("score", json.dumps({**_valid(), "events": [{"code": "CONDITION/1", "time": "1950-05-05T00:00:00"}]}),
-     422, ["body", "events"]),
+    (
+        "score",
+        json.dumps({**_valid(), "events": [{"code": "CONDITION/1", "time": "1950-05-05T00:00:00"}]}),
+        422,
+        ["body", "events"],
+    ),
     ("score", json.dumps({**_valid(), "prediction_time": "1960-01-01T00:00:00"}), 422, ["body", "prediction_time"]),
     ("score", json.dumps({**_valid(), "prs": {"PGS999999": 0.2}}), 422, ["body", "prs"]),
     ("score", json.dumps({**_valid(), "prs": {PGS_IDS[0]: float("nan")}}), 422, ["body", "prs", PGS_IDS[0]]),
     ("score", json.dumps({**_valid(), "prs": {PGS_IDS[0]: 1e300}}), 422, ["body", "prs", PGS_IDS[0]]),
-    ("score", json.dumps({**_valid(), "events": [{"code": "MEASUREMENT/3004410", "time": "2001-02-01T00:00:00",
-                                                  "numeric_value": float("nan")}]}),
-     422, ["body", "events", 0, "numeric_value"]),
+    (
+        "score",
+        json.dumps(
+            {
+                **_valid(),
+                "events": [
+                    {"code": "MEASUREMENT/3004410", "time": "2001-02-01T00:00:00", "numeric_value": float("nan")}
+                ],
+            }
+        ),
+        422,
+        ["body", "events", 0, "numeric_value"],
+    ),
     ("score", json.dumps({**_valid(), "events": _events(MAX_EVENTS + 1)}), 422, ["body", "events"]),
     ("score", json.dumps({**_valid(), "events": _events(MAX_BODY // 40)}), 413, None),
     ("score", json.dumps({**_valid(), "weight_kg": 81.5}), 422, ["body", "weight_kg"]),
     ("score", b"", 422, ["body"]),
-    ("score", json.dumps({**_valid(), "events": [{"code": "CONDITION/1", "time": "9999-12-31T23:00:00-05:00"}]}),
-     422, ["body"]),
+    (
+        "score",
+        json.dumps({**_valid(), "events": [{"code": "CONDITION/1", "time": "9999-12-31T23:00:00-05:00"}]}),
+        422,
+        ["body"],
+    ),
     ("score:batch", json.dumps({"persons": [_valid()] * (MAX_PERSONS + 1)}), 422, ["body", "persons"]),
-    ("score:batch", json.dumps({"persons": [_valid(), {**_valid(), "prs": {"PGS1": 1.0}}]}),
-     422, ["body", "persons", 1, "prs"]),
+    (
+        "score:batch",
+        json.dumps({"persons": [_valid(), {**_valid(), "prs": {"PGS1": 1.0}}]}),
+        422,
+        ["body", "persons", 1, "prs"],
+    ),
     ("score:batch", json.dumps({"persons": []}), 422, ["body", "persons"]),
     ("explain", json.dumps({**_valid(), "prs": {"PGS999999": 0.2}}), 422, ["body", "prs"]),
     ("explain", json.dumps({**_valid(), "events": _events(MAX_EVENTS + 1)}), 422, ["body", "events"]),
 ]
 
 
-@pytest.mark.parametrize("route, body, status, loc", BAD_INPUTS,
-                         ids=[f"{i}-{case[0]}-{case[2]}" for i, case in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize(
+    "route, body, status, loc", BAD_INPUTS, ids=[f"{i}-{case[0]}-{case[2]}" for i, case in enumerate(BAD_INPUTS)]
+)
 def test_bad_input_is_a_4xx_naming_the_field_and_echoing_no_value(service, route, body, status, loc):
     response = post(f"{service['url']}/v1/{route}", body)
     assert response.status_code == status, response.text[:300]
@@ -274,8 +343,11 @@ def test_bad_input_is_a_4xx_naming_the_field_and_echoing_no_value(service, route
 
 
 def test_request_content_never_reaches_the_logs(service, ray_cluster):
-    body = {**_valid(), "birth_date": MARKER_BIRTH,
-            "events": [{"code": MARKER_CODE, "time": "2001-01-01T00:00:00", "numeric_value": 123.456789}]}
+    body = {
+        **_valid(),
+        "birth_date": MARKER_BIRTH,
+        "events": [{"code": MARKER_CODE, "time": "2001-01-01T00:00:00", "numeric_value": 123.456789}],
+    }
     assert post(f"{service['url']}/v1/score", body).status_code == 200
     assert post(f"{service['url']}/v1/explain", body).status_code == 200
     assert post(f"{service['url']}/v1/score", {**body, "sex": "robot"}).status_code == 422
@@ -312,23 +384,56 @@ def test_bearer_auth_guards_the_v1_routes_only_when_a_token_is_configured(servic
 
 
 # ---- JSON fuzzing: no input makes a 5xx -------------------------------------------------------------
-_json_leaf = st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True) | st.text(max_size=12)
-_json = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                     max_leaves=12)
+_json_leaf = (
+    st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats(allow_nan=True) | st.text(max_size=12)
+)
+_json = st.recursive(
+    _json_leaf,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 _times = st.datetimes().map(dt.datetime.isoformat)
 _aware = st.tuples(_times, st.sampled_from(["", "Z", "+14:00", "-12:00", "+05:30"])).map("".join)
-_codes = st.sampled_from(["CONDITION/320128", "MEASUREMENT/3004410", "VISIT/9202", "DRUG/1503297", "GENDER/8507",
-                          "MEDS_BIRTH", f"CONDITION/{UNKNOWN_CONDITION}", "", "x" * 300]) | st.text(max_size=20)
-_values = st.none() | st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10**40, 10**40) | st.text(max_size=5)
+_codes = st.sampled_from(
+    [
+        "CONDITION/320128",
+        "MEASUREMENT/3004410",
+        "VISIT/9202",
+        "DRUG/1503297",
+        "GENDER/8507",
+        "MEDS_BIRTH",
+        f"CONDITION/{UNKNOWN_CONDITION}",
+        "",
+        "x" * 300,
+    ]
+) | st.text(max_size=20)
+_values = (
+    st.none() | st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(10**40), 10**40) | st.text(max_size=5)
+)
 _event = st.fixed_dictionaries({"code": _codes, "time": _aware | _json_leaf}, optional={"numeric_value": _values})
 _record = st.fixed_dictionaries(
-    {"birth_date": st.dates().map(dt.date.isoformat) | _json_leaf,
-     "sex": st.sampled_from(["male", "female", "other", "unknown", "MALE", ""]) | _json_leaf},
-    optional={"events": st.lists(_event, max_size=8) | _json, "race_concept_id": st.integers(-5, 10**19) | _json_leaf,
-              "prs": st.dictionaries(st.sampled_from(PGS_IDS) | st.text(max_size=10), _values, max_size=5) | _json,
-              "prediction_time": _aware | _json_leaf, "extra": _json})
-_vocab_codes = st.sampled_from(["CONDITION/320128", "MEASUREMENT/3004410", "VISIT/9202", "VISIT_END/9202",
-                                "DRUG/1503297", f"CONDITION/{UNKNOWN_CONDITION}"]) | st.text(min_size=1, max_size=20)
+    {
+        "birth_date": st.dates().map(dt.date.isoformat) | _json_leaf,
+        "sex": st.sampled_from(["male", "female", "other", "unknown", "MALE", ""]) | _json_leaf,
+    },
+    optional={
+        "events": st.lists(_event, max_size=8) | _json,
+        "race_concept_id": st.integers(-5, 10**19) | _json_leaf,
+        "prs": st.dictionaries(st.sampled_from(PGS_IDS) | st.text(max_size=10), _values, max_size=5) | _json,
+        "prediction_time": _aware | _json_leaf,
+        "extra": _json,
+    },
+)
+_vocab_codes = st.sampled_from(
+    [
+        "CONDITION/320128",
+        "MEASUREMENT/3004410",
+        "VISIT/9202",
+        "VISIT_END/9202",
+        "DRUG/1503297",
+        f"CONDITION/{UNKNOWN_CONDITION}",
+    ]
+) | st.text(min_size=1, max_size=20)
 
 
 _finite = st.floats(allow_nan=False, allow_infinity=False)
@@ -340,13 +445,27 @@ def _plausible(draw) -> dict:
     values), so the model path itself is fuzzed, not only validation."""
     birth = draw(st.dates(min_value=dt.date(1900, 1, 1), max_value=dt.date(2000, 1, 1)))
     offsets = st.integers(0, 120 * 365 * 86_400)
+
     def at(seconds: int) -> str:
         return (dt.datetime.combine(birth, dt.time()) + dt.timedelta(seconds=seconds)).isoformat()
-    events = draw(st.lists(st.builds(lambda code, t, value: {"code": code, "time": at(t), **value}, _vocab_codes,
-                                     offsets, st.just({}) | st.builds(lambda v: {"numeric_value": v},
-                                                                      _finite)), max_size=30))
-    record = {"birth_date": birth.isoformat(), "sex": draw(st.sampled_from(["male", "female", "other", "unknown"])),
-              "events": events, "race_concept_id": draw(st.integers(0, 10**12))}
+
+    events = draw(
+        st.lists(
+            st.builds(
+                lambda code, t, value: {"code": code, "time": at(t), **value},
+                _vocab_codes,
+                offsets,
+                st.just({}) | st.builds(lambda v: {"numeric_value": v}, _finite),
+            ),
+            max_size=30,
+        )
+    )
+    record = {
+        "birth_date": birth.isoformat(),
+        "sex": draw(st.sampled_from(["male", "female", "other", "unknown"])),
+        "events": events,
+        "race_concept_id": draw(st.integers(0, 10**12)),
+    }
     if draw(st.booleans()):
         record["prs"] = draw(st.dictionaries(st.sampled_from(PGS_IDS), _finite, max_size=4))
     if not events or draw(st.booleans()):
@@ -354,12 +473,20 @@ def _plausible(draw) -> dict:
     return record
 
 
-_bodies = st.one_of(_plausible(), _record, st.fixed_dictionaries({"persons": st.lists(_plausible(), max_size=3)}),
-                    st.fixed_dictionaries({"persons": st.lists(_record, max_size=3)}), _json)
+_bodies = st.one_of(
+    _plausible(),
+    _record,
+    st.fixed_dictionaries({"persons": st.lists(_plausible(), max_size=3)}),
+    st.fixed_dictionaries({"persons": st.lists(_record, max_size=3)}),
+    _json,
+)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(body=_bodies, route=st.sampled_from(["score", "score:batch", "explain"]))
 def test_fuzzed_bodies_never_get_a_5xx(service, body, route):
     response = post(f"{service['url']}/v1/{route}", json.dumps(body, allow_nan=True))
@@ -383,13 +510,18 @@ class Load:
             try:
                 response = session.post(f"{self.url}/v1/score", json=self.body, timeout=120)
                 ok = response.status_code == 200
-                self.outcomes.append((time.monotonic(), response.status_code,
-                                      response.json()["model_version"] if ok else response.text[:200],
-                                      response.json()["risk"] if ok else None))
+                self.outcomes.append(
+                    (
+                        time.monotonic(),
+                        response.status_code,
+                        response.json()["model_version"] if ok else response.text[:200],
+                        response.json()["risk"] if ok else None,
+                    )
+                )
             except requests.RequestException as exc:
                 self.outcomes.append((time.monotonic(), -1, type(exc).__name__, None))
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self._threads:
             thread.start()
         return self
@@ -429,8 +561,12 @@ def test_killing_a_model_replica_under_load_loses_no_request(service, ray_cluste
     assert load.failures() == []
     # requests that were on the killed replica were retried by the ingress, not lost or failed
     serve_logs = Path(ray_cluster._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
-    retried = [line for path in serve_logs.glob("replica_ehrfm_ScoringAPI_*.log")
-               for line in path.read_text(errors="replace").splitlines() if "RiskModel replica lost" in line]
+    retried = [
+        line
+        for path in serve_logs.glob("replica_ehrfm_ScoringAPI_*.log")
+        for line in path.read_text(errors="replace").splitlines()
+        if "RiskModel replica lost" in line
+    ]
     # a kill between requests needs no retry; any retry that happened was for a lost replica
     assert all("ActorDiedError" in line or "Unavailable" in line for line in retried)
     risks = [o[3] for o in load.outcomes]
@@ -489,9 +625,26 @@ def test_serve_command_deploys_the_champion_and_scores_made_up_persons_over_http
     env = {**os.environ, "MLFLOW_TRACKING_URI": service["tracking"], "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(
-        [sys.executable, "jobs/serve.py", "--model", MODEL, "--alias", "champion", "--port", str(free_port()),
-         "--smoke", "3", "model_deployment.num_cpus=0.2", "ingress_deployment.num_cpus=0.2"],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=500)
+        [
+            sys.executable,
+            "jobs/serve.py",
+            "--model",
+            MODEL,
+            "--alias",
+            "champion",
+            "--port",
+            str(free_port()),
+            "--smoke",
+            "3",
+            "model_deployment.num_cpus=0.2",
+            "ingress_deployment.num_cpus=0.2",
+        ],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert f"deploying {MODEL} version {champion} (alias champion)" in done.stdout
     assert "3/3 persons scored over HTTP match the registered model's own predictions" in done.stdout

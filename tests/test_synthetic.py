@@ -102,7 +102,9 @@ def test_person_ids_are_large_unique_int64_and_dates_realistic(cohort):
     start = period.column("observation_period_start_date").cast(pa.int32()).to_numpy()
     end = period.column("observation_period_end_date").cast(pa.int32()).to_numpy()
     assert np.all(start <= end)
-    assert start.min() >= np.datetime64("2000-01-01").astype(int) and end.max() <= np.datetime64("2024-12-31").astype(int)
+    assert start.min() >= np.datetime64("2000-01-01").astype(int) and end.max() <= np.datetime64("2024-12-31").astype(
+        int
+    )
     assert np.array_equal(np.sort(period.column("person_id").to_numpy()), np.sort(ids))
 
 
@@ -154,7 +156,11 @@ def test_measurements_carry_values_units_and_ranges(cohort):
     assert np.isfinite(m.column("range_low").to_numpy(zero_copy_only=False)[concept == cc.HBA1C]).all()
     obs = _table(cohort, "observation", ["observation_concept_id", "value_as_concept_id"])
     smoking = obs.filter(pc.equal(obs.column("observation_concept_id"), cc.SMOKING_STATUS))
-    assert set(smoking.column("value_as_concept_id").to_pylist()) == {cc.NEVER_SMOKER, cc.FORMER_SMOKER, cc.CURRENT_SMOKER}
+    assert set(smoking.column("value_as_concept_id").to_pylist()) == {
+        cc.NEVER_SMOKER,
+        cc.FORMER_SMOKER,
+        cc.CURRENT_SMOKER,
+    }
 
 
 def test_treatment_follows_diagnosis(cohort):
@@ -163,7 +169,9 @@ def test_treatment_follows_diagnosis(cohort):
     t2d = cond.filter(pc.equal(cond.column("condition_concept_id"), cc.T2D))
     met = drug.filter(pc.equal(drug.column("drug_concept_id"), cc.METFORMIN))
     first_dx = {}
-    for p, d in zip(t2d.column("person_id").to_pylist(), t2d.column("condition_start_date").cast(pa.int32()).to_pylist()):
+    for p, d in zip(
+        t2d.column("person_id").to_pylist(), t2d.column("condition_start_date").cast(pa.int32()).to_pylist()
+    ):
         first_dx[p] = min(d, first_dx.get(p, d))
     met_people = met.column("person_id").to_numpy()
     met_days = met.column("drug_exposure_start_date").cast(pa.int32()).to_numpy()
@@ -204,7 +212,9 @@ def test_prs_files_agree_across_the_three_formats(cohort):
     assert long.column("PGS").to_pylist()[: len(pgs_ids)] == pgs_ids
     np.testing.assert_allclose(long.column("SUM").to_numpy().reshape(values.shape), values, rtol=1e-9)
     denom = long.column("DENOM").to_numpy()
-    np.testing.assert_allclose(long.column("AVG").to_numpy(), long.column("SUM").to_numpy() / denom, rtol=1e-5)  # both printed to 6 digits
+    np.testing.assert_allclose(
+        long.column("AVG").to_numpy(), long.column("SUM").to_numpy() / denom, rtol=1e-5
+    )  # both printed to 6 digits
 
     sscore = pacsv.read_csv(prs / "scores.sscore", parse_options=pacsv.ParseOptions(delimiter="\t"))
     assert sscore.column_names[:4] == ["#IID", "ALLELE_CT", "DENOM", "NAMED_ALLELE_DOSAGE_SUM"]

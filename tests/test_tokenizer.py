@@ -11,10 +11,16 @@ import pyarrow as pa
 import pytest
 
 from ehrfm.constants import BOS_ID, EOS_ID, FIRST_CODE_ID, PAD_ID, UNK_ID
-from ehrfm.splits import num_shards_for, shard_of, split_codes, subject_uniform
 from ehrfm.preprocess.tokenizer import (
-    Tokenizer, build_tokenizer, code_counts_table, fit_value_edges, gap_token_names, quantile_edges, train_rows,
+    Tokenizer,
+    build_tokenizer,
+    code_counts_table,
+    fit_value_edges,
+    gap_token_names,
+    quantile_edges,
+    train_rows,
 )  # fmt: skip
+from ehrfm.splits import num_shards_for, shard_of, split_codes, subject_uniform
 
 T = dt.datetime
 GAPS = [1, 7, 30, 365]
@@ -22,18 +28,28 @@ GAPS = [1, 7, 30, 365]
 
 def events(rows: list[tuple]) -> pa.Table:
     """(subject, time, code, value) rows, already in events/ order (subject, time)."""
-    return pa.table({
-        "subject_id": pa.array([r[0] for r in rows], pa.int64()),
-        "time": pa.array([r[1] for r in rows], pa.timestamp("us")),
-        "code": pa.array([r[2] for r in rows], pa.string()),
-        "numeric_value": pa.array([r[3] for r in rows], pa.float32()),
-    })
+    return pa.table(
+        {
+            "subject_id": pa.array([r[0] for r in rows], pa.int64()),
+            "time": pa.array([r[1] for r in rows], pa.timestamp("us")),
+            "code": pa.array([r[2] for r in rows], pa.string()),
+            "numeric_value": pa.array([r[3] for r in rows], pa.float32()),
+        }
+    )
 
 
-def tokenizer(counts: dict[str, int], values: dict[str, list[float]], min_count: int = 1, min_values: int = 4) -> Tokenizer:
+def tokenizer(
+    counts: dict[str, int], values: dict[str, list[float]], min_count: int = 1, min_values: int = 4
+) -> Tokenizer:
     edges = {c: fit_value_edges(np.asarray(v, np.float32), 10, min_values) for c, v in values.items()}
-    return build_tokenizer(counts, {c: e for c, e in edges.items() if e is not None}, min_count=min_count, n_bins=10,
-                           min_values_for_bins=min_values, gap_edges_days=GAPS)
+    return build_tokenizer(
+        counts,
+        {c: e for c, e in edges.items() if e is not None},
+        min_count=min_count,
+        n_bins=10,
+        min_values_for_bins=min_values,
+        gap_edges_days=GAPS,
+    )
 
 
 def test_quantile_edges_are_order_statistics() -> None:
@@ -47,7 +63,7 @@ def test_ids_reserved_structural_then_codes_by_count() -> None:
     tok = tokenizer({"B": 5, "A": 5, "C": 9, "RARE": 1, "MEDS_BIRTH": 100}, {}, min_count=2)
     assert tok.tokens[:4] == ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
     assert (PAD_ID, UNK_ID, BOS_ID, EOS_ID) == (0, 1, 2, 3)
-    assert tok.tokens[FIRST_CODE_ID:FIRST_CODE_ID + 10] == [f"Q{k}" for k in range(10)]
+    assert tok.tokens[FIRST_CODE_ID : FIRST_CODE_ID + 10] == [f"Q{k}" for k in range(10)]
     assert tok.tokens[14:18] == gap_token_names(GAPS) == ["GAP/1-6D", "GAP/7-29D", "GAP/30-364D", "GAP/365D+"]
     assert tok.tokens[18:] == ["C", "A", "B"]  # count desc, then code; RARE below min_count; birth never a token
     assert tok.vocab_size == 21
@@ -56,7 +72,8 @@ def test_ids_reserved_structural_then_codes_by_count() -> None:
 def test_hand_made_timeline_tokens_and_ages_are_exact() -> None:
     birth = T(1960, 1, 1)
     rows = [
-        (1, birth, "MEDS_BIRTH", None), (1, birth, "GENDER/8532", None),
+        (1, birth, "MEDS_BIRTH", None),
+        (1, birth, "GENDER/8532", None),
         (1, T(1980, 1, 1), "CONDITION/1", None),  # earlier time, but a visit's start comes first on its day
         (1, T(1980, 1, 1, 9), "VISIT/9202", None),
         (1, T(1980, 1, 1, 10), "LAB/1", 7.5),
@@ -66,21 +83,48 @@ def test_hand_made_timeline_tokens_and_ages_are_exact() -> None:
         (1, T(1983, 1, 1), "MEDS_DEATH", None),
         (2, T(2000, 5, 5), "MEDS_BIRTH", None),
     ]
-    tok = tokenizer({"GENDER/8532": 1, "VISIT/9202": 1, "CONDITION/1": 1, "LAB/1": 2, "VISIT_END/9202": 1, "MEDS_DEATH": 1},
-                    {"LAB/1": [5, 6, 7, 8, 9]})
+    tok = tokenizer(
+        {"GENDER/8532": 1, "VISIT/9202": 1, "CONDITION/1": 1, "LAB/1": 2, "VISIT_END/9202": 1, "MEDS_DEATH": 1},
+        {"LAB/1": [5, 6, 7, 8, 9]},
+    )
     assert tok.value_edges == {"LAB/1": [5.0, 5.0, 6.0, 6.0, 7.0, 7.0, 8.0, 8.0, 9.0]}
     out = tok.tokenize(events(rows))
     names = [[tok.tokens[i] for i in t] for t in out.tokens.to_pylist()]
     day_1980 = (dt.date(1980, 1, 1) - dt.date(1960, 1, 1)).days
-    assert names[0] == ["[BOS]", "GENDER/8532", "GAP/365D+", "VISIT/9202", "CONDITION/1", "LAB/1", "Q6",
-                        "VISIT_END/9202", "GAP/1-6D", "LAB/1", "GAP/7-29D", "[UNK]", "GAP/365D+", "MEDS_DEATH", "[EOS]"]
+    assert names[0] == [
+        "[BOS]",
+        "GENDER/8532",
+        "GAP/365D+",
+        "VISIT/9202",
+        "CONDITION/1",
+        "LAB/1",
+        "Q6",
+        "VISIT_END/9202",
+        "GAP/1-6D",
+        "LAB/1",
+        "GAP/7-29D",
+        "[UNK]",
+        "GAP/365D+",
+        "MEDS_DEATH",
+        "[EOS]",
+    ]
     last = (dt.date(1983, 1, 1) - dt.date(1960, 1, 1)).days
     assert out.ages.to_pylist()[0] == [0, 0] + [day_1980] * 6 + [day_1980 + 3] * 2 + [day_1980 + 19] * 2 + [last] * 3
     assert names[1] == ["[BOS]", "[EOS]"] and out.ages.to_pylist()[1] == [0, 0]
     assert out.subject_id.tolist() == [1, 2]
-    assert out.birth_day.tolist() == [(dt.date(1960, 1, 1) - dt.date(1970, 1, 1)).days, (dt.date(2000, 5, 5) - dt.date(1970, 1, 1)).days]
-    assert out.stats == {"subjects": 2, "events": 8, "tokens": 17, "unk_tokens": 1, "unseen_codes": 1,
-                         "value_tokens": 1, "gap_tokens": 4}
+    assert out.birth_day.tolist() == [
+        (dt.date(1960, 1, 1) - dt.date(1970, 1, 1)).days,
+        (dt.date(2000, 5, 5) - dt.date(1970, 1, 1)).days,
+    ]
+    assert out.stats == {
+        "subjects": 2,
+        "events": 8,
+        "tokens": 17,
+        "unk_tokens": 1,
+        "unseen_codes": 1,
+        "value_tokens": 1,
+        "gap_tokens": 4,
+    }
 
 
 def test_value_bins_count_edges_strictly_below() -> None:
@@ -115,8 +159,14 @@ def test_artifact_round_trip_and_version(tmp_path) -> None:
 
 
 def test_fit_statistics_see_only_the_given_train_rows() -> None:
-    table = events([(1, T(2000, 1, 1), "MEDS_BIRTH", None), (1, T(2001, 1, 1), "A", None),
-                    (2, T(2001, 1, 1), "B", None), (2, T(2001, 1, 1), "A", None)])
+    table = events(
+        [
+            (1, T(2000, 1, 1), "MEDS_BIRTH", None),
+            (1, T(2001, 1, 1), "A", None),
+            (2, T(2001, 1, 1), "B", None),
+            (2, T(2001, 1, 1), "A", None),
+        ]
+    )
     counts = code_counts_table(train_rows(table, np.array([True, True, False, False])))
     assert dict(zip(counts["code"].to_pylist(), counts["n"].to_pylist())) == {"A": 1}
 

@@ -11,8 +11,8 @@ import torch
 
 from ehrfm.constants import BOS_ID, EOS_ID, PAD_ID
 from ehrfm.model.config import ModelConfig
-from ehrfm.model.transformer import EHRDecoder
 from ehrfm.model.risk import HeadSpec, RiskModel, load_risk_model, predict_logits, save_risk_model
+from ehrfm.model.transformer import EHRDecoder
 from ehrfm.transfer.examples import example_tensors, prediction_windows
 
 BIRTH = dt.date(2000, 1, 1)
@@ -22,24 +22,28 @@ K = 3
 def timelines() -> pa.Table:
     # subject 7: BOS a GAP b GAP c EOS at ages 0 0 100 100 200 200 200; subject 9: BOS a EOS at 0 0 50
     a, gap, b, c = 10, 11, 12, 13
-    return pa.table({
-        "subject_id": pa.array([9, 7], pa.int64()),
-        "split": ["val", "train"],
-        "birth_date": pa.array([BIRTH, BIRTH], pa.date32()),
-        "tokens": pa.array([[BOS_ID, a, EOS_ID], [BOS_ID, a, gap, b, gap, c, EOS_ID]], pa.list_(pa.int32())),
-        "ages": pa.array([[0, 0, 50], [0, 0, 100, 100, 200, 200, 200]], pa.list_(pa.int32())),
-        "prs": pa.FixedSizeListArray.from_arrays(pa.array([0.0] * K + [1.0, -1.0, 2.0], pa.float32()), K),
-        "has_prs": [False, True],
-    })
+    return pa.table(
+        {
+            "subject_id": pa.array([9, 7], pa.int64()),
+            "split": ["val", "train"],
+            "birth_date": pa.array([BIRTH, BIRTH], pa.date32()),
+            "tokens": pa.array([[BOS_ID, a, EOS_ID], [BOS_ID, a, gap, b, gap, c, EOS_ID]], pa.list_(pa.int32())),
+            "ages": pa.array([[0, 0, 50], [0, 0, 100, 100, 200, 200, 200]], pa.list_(pa.int32())),
+            "prs": pa.FixedSizeListArray.from_arrays(pa.array([0.0] * K + [1.0, -1.0, 2.0], pa.float32()), K),
+            "has_prs": [False, True],
+        }
+    )
 
 
 def labels(rows: list[tuple[int, int, bool]]) -> pa.Table:
     base = dt.datetime(2000, 1, 1)
-    return pa.table({
-        "subject_id": pa.array([r[0] for r in rows], pa.int64()),
-        "prediction_time": pa.array([base + dt.timedelta(days=r[1], hours=13) for r in rows], pa.timestamp("us")),
-        "boolean_value": [r[2] for r in rows],
-    })
+    return pa.table(
+        {
+            "subject_id": pa.array([r[0] for r in rows], pa.int64()),
+            "prediction_time": pa.array([base + dt.timedelta(days=r[1], hours=13) for r in rows], pa.timestamp("us")),
+            "boolean_value": [r[2] for r in rows],
+        }
+    )
 
 
 def test_window_holds_the_last_tokens_at_or_before_the_prediction_day():
@@ -72,8 +76,20 @@ def test_labels_of_other_shards_are_skipped_and_times_before_birth_refused():
 
 def small_decoder(fusion: str = "prefix") -> EHRDecoder:
     torch.manual_seed(0)
-    return EHRDecoder(ModelConfig(vocab_size=16, num_pgs=K, hidden=16, layers=2, heads=2, context=8, fusion=fusion,
-                                  prs_tokens=2, prs_hidden=8, cross_every=1))
+    return EHRDecoder(
+        ModelConfig(
+            vocab_size=16,
+            num_pgs=K,
+            hidden=16,
+            layers=2,
+            heads=2,
+            context=8,
+            fusion=fusion,
+            prs_tokens=2,
+            prs_hidden=8,
+            cross_every=1,
+        )
+    )
 
 
 def test_masking_the_prs_changes_only_genotyped_people(tmp_path):
@@ -100,8 +116,14 @@ def test_risk_model_directory_round_trips_to_identical_logits(tmp_path):
     model = RiskModel(small_decoder("cross"), head_inputs="last+prs").eval()
     tokenizer = tmp_path / "tok.json"
     tokenizer.write_text("{}")
-    spec = HeadSpec(task="t2d", horizon_days=730, context=4, pgs_ids=["A", "B", "C"], platt=(2.0, -1.0),
-                    reference_quantiles=list(np.linspace(0.0, 0.5, 101)))
+    spec = HeadSpec(
+        task="t2d",
+        horizon_days=730,
+        context=4,
+        pgs_ids=["A", "B", "C"],
+        platt=(2.0, -1.0),
+        reference_quantiles=list(np.linspace(0.0, 0.5, 101)),
+    )
     save_risk_model(tmp_path / "m", model, spec, tokenizer)
     loaded, loaded_spec = load_risk_model(tmp_path / "m")
     batch = example_tensors(prediction_windows(timelines(), labels([(7, 150, True), (9, 60, False)]), context=4))
@@ -127,12 +149,18 @@ def test_mean_pooled_head_reads_only_real_tokens_and_round_trips(tmp_path):
     hidden = model.decoder.encode(batch["tokens"], batch["ages"], batch["prs"], batch["has_prs"])
     n = int(batch["length"][1])
     assert n < batch["tokens"].shape[1]  # this row is right-padded already
-    head_in = torch.cat([hidden[1, n - 1], hidden[1, :n].mean(0), model.decoder.prs_summary(
-        batch["prs"][1:2], batch["has_prs"][1:2])[0]])
+    head_in = torch.cat(
+        [
+            hidden[1, n - 1],
+            hidden[1, :n].mean(0),
+            model.decoder.prs_summary(batch["prs"][1:2], batch["has_prs"][1:2])[0],
+        ]
+    )
     torch.testing.assert_close(predict_logits(model, batch)[1], model.head(head_in[None]).squeeze())
     tokenizer = tmp_path / "tok.json"
     tokenizer.write_text("{}")
-    save_risk_model(tmp_path / "m", model, HeadSpec(task="t2d", horizon_days=730, context=4,
-                                                    head_inputs="last+mean+prs"), tokenizer)
+    save_risk_model(
+        tmp_path / "m", model, HeadSpec(task="t2d", horizon_days=730, context=4, head_inputs="last+mean+prs"), tokenizer
+    )
     loaded, _ = load_risk_model(tmp_path / "m")
     assert torch.equal(predict_logits(model, batch), predict_logits(loaded, batch))

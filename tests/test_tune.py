@@ -24,29 +24,45 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_factory import make_labels, write_finetune_data, write_pretrained  # noqa: E402
-from risk_model_factory import write_tokenizer  # noqa: E402
-
 from ehrfm.config import dump_config, load_config  # noqa: E402
 from ehrfm.training.config import ScalingSection  # noqa: E402
 from ehrfm.transfer.finetune_config import FinetuneConfig  # noqa: E402
 from ehrfm.tune.resources import max_concurrent_trials  # noqa: E402
 from ehrfm.tune.search_space import Dimension, complete_point, default_point, trial_config, tune_space  # noqa: E402
 from ehrfm.tune.sweep import load_sweep  # noqa: E402
+from finetune_factory import make_labels, write_finetune_data, write_pretrained  # noqa: E402
+from risk_model_factory import write_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "jobs" / "configs" / "tune-t2d.yaml"
-FAST = ["finetune.train.batch_size=16", "finetune.train.shuffle_buffer=64", "finetune.train.eval_batch_size=64",
-        "finetune.scaling.torch_threads=1", "finetune.train.modality_dropout=0.0", "finetune.model.head_dropout=0.0",
-        "resources.headroom_cpus=0.5", "registry.n_boot=50", "include_default=false", "search=optuna"]
+FAST = [
+    "finetune.train.batch_size=16",
+    "finetune.train.shuffle_buffer=64",
+    "finetune.train.eval_batch_size=64",
+    "finetune.scaling.torch_threads=1",
+    "finetune.train.modality_dropout=0.0",
+    "finetune.model.head_dropout=0.0",
+    "resources.headroom_cpus=0.5",
+    "registry.n_boot=50",
+    "include_default=false",
+    "search=optuna",
+]
 LEARNS, LEARNS_TOO, CANNOT_LEARN = 0.03, 0.01, 1e-7
 
 
 # ---- no Ray -------------------------------------------------------------------------------------
 def test_shipped_sweep_searches_the_issue_space():
     sweep, base = load_sweep(CONFIG)
-    assert {"optim.head_lr", "optim.backbone_lr", "optim.weight_decay", "model.head_dropout", "model.head_inputs",
-            "model.mode", "model.unfrozen_layers", "train.modality_dropout"} <= set(sweep.space)
+    assert {
+        "optim.head_lr",
+        "optim.backbone_lr",
+        "optim.weight_decay",
+        "model.head_dropout",
+        "model.head_inputs",
+        "model.mode",
+        "model.unfrozen_layers",
+        "train.modality_dropout",
+    } <= set(sweep.space)
     assert sweep.include_default and sweep.scheduler.grace_period == 1 and sweep.registry.enabled
     assert (base.scaling.num_workers, base.scaling.cpus_per_worker) == (1, 1.0)  # the sweep's own override
     domains = tune_space(sweep.space)
@@ -60,9 +76,14 @@ def test_shipped_sweep_searches_the_issue_space():
 
 def test_points_become_valid_fine_tuning_configs_and_bad_spaces_are_named():
     base = load_config(FinetuneConfig, REPO / "jobs" / "configs" / "finetune-t2d.yaml")
-    space = {"model.mode": Dimension(choice=["linear_probe", "partial", "full"]),
-             "model.unfrozen_layers": Dimension(randint=(1, 2)), "optim.head_lr": Dimension(loguniform=(1e-4, 1e-2))}
-    partial = trial_config(base, {"model.mode": "partial", "model.unfrozen_layers": 0, "optim.head_lr": np.float64(2e-3)})
+    space = {
+        "model.mode": Dimension(choice=["linear_probe", "partial", "full"]),
+        "model.unfrozen_layers": Dimension(randint=(1, 2)),
+        "optim.head_lr": Dimension(loguniform=(1e-4, 1e-2)),
+    }
+    partial = trial_config(
+        base, {"model.mode": "partial", "model.unfrozen_layers": 0, "optim.head_lr": np.float64(2e-3)}
+    )
     assert (partial.model.mode, partial.model.unfrozen_layers, partial.optim.head_lr) == ("partial", 1, 2e-3)
     assert trial_config(base, {"model.mode": "full", "model.unfrozen_layers": 2}).model.unfrozen_layers == 0
     assert base.model.mode == "linear_probe"  # the base is not modified
@@ -104,13 +125,18 @@ def inputs(tmp_path_factory):
     info = write_finetune_data(root / "data")
     write_tokenizer(info.root / "tokenizer.json")  # a real tokenizer: the registry loads the winner as served
     make_labels(info, root / "labels.parquet", "prs")
-    return SimpleNamespace(data=info.root, labels=root / "labels.parquet",
-                           pretrained=write_pretrained(info, root / "pretrain").parent)
+    return SimpleNamespace(
+        data=info.root, labels=root / "labels.parquet", pretrained=write_pretrained(info, root / "pretrain").parent
+    )
 
 
 def sweep_inputs(inputs, storage: Path, name: str, *overrides: str):
     sweep, base = load_sweep(CONFIG, FAST + list(overrides))
-    base.data.dir, base.data.labels, base.model.pretrained = str(inputs.data), str(inputs.labels), str(inputs.pretrained)
+    base.data.dir, base.data.labels, base.model.pretrained = (
+        str(inputs.data),
+        str(inputs.labels),
+        str(inputs.pretrained),
+    )
     sweep.storage_path, sweep.name = str(storage), name
     return sweep, base
 
@@ -129,10 +155,17 @@ def asha(ray_cluster, inputs, mlflow_server, tmp_path_factory):
 
     from ehrfm.tune.sweep import run_sweep
 
-    sweep, base = sweep_inputs(inputs, tmp_path_factory.mktemp("sweeps"), "asha", "finetune.scaling.cpus_per_worker=0.5",
-                               f"finetune.mlflow.tracking_uri={mlflow_server}")
-    sweep.space = {"optim.head_lr": Dimension(loguniform=(1e-3, 3e-2)),
-                   "optim.weight_decay": Dimension(loguniform=(1e-4, 1e-1))}
+    sweep, base = sweep_inputs(
+        inputs,
+        tmp_path_factory.mktemp("sweeps"),
+        "asha",
+        "finetune.scaling.cpus_per_worker=0.5",
+        f"finetune.mlflow.tracking_uri={mlflow_server}",
+    )
+    sweep.space = {
+        "optim.head_lr": Dimension(loguniform=(1e-3, 3e-2)),
+        "optim.weight_decay": Dimension(loguniform=(1e-4, 1e-1)),
+    }
     sweep.points_to_evaluate = [{"optim.head_lr": rate} for rate in (LEARNS, LEARNS_TOO, CANNOT_LEARN)]
     sweep.num_samples, sweep.scheduler.max_epochs = 4, 3
     before = champion_metric(MlflowClient(tracking_uri=mlflow_server))
@@ -180,8 +213,9 @@ def test_the_best_trial_is_scored_on_test_once_into_a_finetune_directory(asha):
     predictions = pq.read_table(best_dir / "predictions.parquet")
     test = predictions.filter(pc.equal(predictions["split"], "test"))
     assert test.num_rows > 0
-    assert result["test_auroc"] == pytest.approx(auroc(test["label"].to_numpy(zero_copy_only=False),
-                                                       test["logit"].to_numpy()))
+    assert result["test_auroc"] == pytest.approx(
+        auroc(test["label"].to_numpy(zero_copy_only=False), test["logit"].to_numpy())
+    )
     _, spec = load_risk_model(best_dir / "model")
     assert spec.platt is not None and spec.metrics == summary["metrics"]
     assert not list((best_dir.parent / "trials").glob("*/predictions.parquet"))  # no trial saw the test split
@@ -199,8 +233,9 @@ def test_sweep_is_a_parent_run_with_a_child_run_per_trial(asha, mlflow_server):
     assert parent.data.metrics["trials"] == 4 and parent.data.metrics["trials_early_stopped"] >= 1
     assert parent.data.metrics["best_val_auroc"] == pytest.approx(result["best_val_auroc"])
     assert parent.data.tags["ehrfm.tune.best_trial_id"] == result["best_trial_id"]
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     trials = {t["trial_id"]: t for t in result["trials"]}
     assert sorted(c.data.tags["ehrfm.tune.trial_id"] for c in children) == sorted(trials)
     for child in children:
@@ -260,8 +295,9 @@ def recorded_trials(tune_dir: Path) -> dict[str, tuple[str, int]]:
 
 @pytest.mark.ray
 @pytest.mark.e2e
-def test_killed_sweep_driver_is_restored_without_rerunning_finished_trials(ray_cluster, inputs, mlflow_server,
-                                                                             tmp_path):
+def test_killed_sweep_driver_is_restored_without_rerunning_finished_trials(
+    ray_cluster, inputs, mlflow_server, tmp_path
+):
     from mlflow import MlflowClient
 
     from ehrfm.tune.sweep import main
@@ -275,15 +311,37 @@ def test_killed_sweep_driver_is_restored_without_rerunning_finished_trials(ray_c
     config = tmp_path / "sweep.yaml"
     config.write_text(dump_config(sweep))
     storage = tmp_path / "sweeps"
-    args = ["--config", str(config), "--task", "t2d", "--pretrained", str(inputs.pretrained), "--data", str(inputs.data),
-            "--labels", str(inputs.labels), "--name", "resumable", "--storage", str(storage),
-            f"finetune.mlflow.tracking_uri={mlflow_server}", "registry.enabled=false"]
-    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-                        "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # the experiment state catches up within a second
+    args = [
+        "--config",
+        str(config),
+        "--task",
+        "t2d",
+        "--pretrained",
+        str(inputs.pretrained),
+        "--data",
+        str(inputs.data),
+        "--labels",
+        str(inputs.labels),
+        "--name",
+        "resumable",
+        "--storage",
+        str(storage),
+        f"finetune.mlflow.tracking_uri={mlflow_server}",
+        "registry.enabled=false",
+    ]
+    env = os.environ | {
+        "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+        "TUNE_GLOBAL_CHECKPOINT_S": "1",
+    }  # the experiment state catches up within a second
     tune_dir = storage / "resumable" / "tune"
     with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, str(REPO / "jobs" / "tune.py"), *args], env=env, cwd=REPO,
-                                  stdout=log, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            [sys.executable, str(REPO / "jobs" / "tune.py"), *args],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline, states = time.monotonic() + 300, {}
         while time.monotonic() < deadline and driver.poll() is None:
             states = recorded_trials(tune_dir)
@@ -308,7 +366,9 @@ def test_killed_sweep_driver_is_restored_without_rerunning_finished_trials(ray_c
     assert (tune_dir / f"trial_{first}" / "result.json").read_text() == first_results  # not run again
     assert recorded_trials(tune_dir)[first] == ("TERMINATED", 2)
     client = MlflowClient(tracking_uri=mlflow_server)
-    child = client.search_runs([client.get_experiment_by_name("ehrfm-tune").experiment_id],
-                               filter_string=f"tags.`ehrfm.tune.trial_id` = '{first}'")
+    child = client.search_runs(
+        [client.get_experiment_by_name("ehrfm-tune").experiment_id],
+        filter_string=f"tags.`ehrfm.tune.trial_id` = '{first}'",
+    )
     assert len(child) == 1 and child[0].data.tags["mlflow.parentRunId"] == result["parent_run_id"]
     assert [p.step for p in client.get_metric_history(child[0].info.run_id, "val_auroc")] == [1, 2]

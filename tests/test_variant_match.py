@@ -18,9 +18,15 @@ CINECA = "prs_pgsc_calc_cineca_chr22"
 
 # .bim rows: chr, pos, id, a1 (ALT, counted), a2 (REF)
 TARGET = pd.DataFrame(
-    [("1", 100, "v100", "G", "A"), ("1", 200, "v200", "C", "A"), ("1", 300, "v300", "T", "A"),
-     ("1", 400, "v400", "C", "A"), ("1", 400, "v400b", "G", "A"), ("1", 500, "v500", "T", "C"),
-     ("1", 600, "v600", "G", "T")],
+    [
+        ("1", 100, "v100", "G", "A"),
+        ("1", 200, "v200", "C", "A"),
+        ("1", 300, "v300", "T", "A"),
+        ("1", 400, "v400", "C", "A"),
+        ("1", 400, "v400b", "G", "A"),
+        ("1", 500, "v500", "T", "C"),
+        ("1", 600, "v600", "G", "T"),
+    ],
     columns=["chr", "pos", "id", "a1", "a2"],
 )
 
@@ -41,13 +47,15 @@ def _match(rows: list[tuple], **options):
 
 
 def test_match_types_and_weight_orientation() -> None:
-    result, log = _match([
-        ("1", 100, "A", "G", 0.1, None),  # effect = REF (allele 2): refalt, weight on 2 - count
-        ("1", 100, "G", "A", 0.2, None),  # effect = ALT (allele 1): altref  (same variant, other score row)
-        ("1", 200, "T", "G", 0.3, None),  # other strand of A/C: refalt_flip
-        ("1", 500, "A", "G", 0.4, None),  # other strand of C/T with effect on T: altref_flip
-        ("1", 600, "T", None, 0.5, None),  # effect allele only, = REF
-    ])
+    result, log = _match(
+        [
+            ("1", 100, "A", "G", 0.1, None),  # effect = REF (allele 2): refalt, weight on 2 - count
+            ("1", 100, "G", "A", 0.2, None),  # effect = ALT (allele 1): altref  (same variant, other score row)
+            ("1", 200, "T", "G", 0.3, None),  # other strand of A/C: refalt_flip
+            ("1", 500, "A", "G", 0.4, None),  # other strand of C/T with effect on T: altref_flip
+            ("1", 600, "T", None, 0.5, None),  # effect allele only, = REF
+        ]
+    )
     assert log["match_type"].tolist()[2:] == ["refalt_flip", "altref_flip", "ref_no_oa"]
     # rows 0 and 1 both land on v100: pgsc_calc excludes both (keep_first_match off)
     assert log.loc[[0, 1], "status"].tolist() == ["excluded", "excluded"]
@@ -76,8 +84,14 @@ def test_ambiguous_multiallelic_and_missing() -> None:
     ]
     result, log = _match(rows)
     assert log["status"].tolist() == ["excluded", "excluded", "unmatched", "unmatched", "unmatched", "unsupported"]
-    assert log["reason"].tolist() == ["ambiguous", "multiallelic", "allele_mismatch", "not_in_target", "no_position",
-                                      "dominant"]
+    assert log["reason"].tolist() == [
+        "ambiguous",
+        "multiallelic",
+        "allele_mismatch",
+        "not_in_target",
+        "no_position",
+        "dominant",
+    ]
     counts = result.summary["counts"]
     assert counts["rows"] == 6 == counts["matched"] + counts["excluded"] + counts["missing"] + counts["unsupported"]
     assert "matched 0 of 6" not in refusal_message(result.summary)
@@ -95,17 +109,27 @@ def test_cineca_match_counts_agree_with_plink2_variant_set(shared_data: Path) ->
     result = match_score(score, target, MatchOptions())
     counts = result.summary["counts"]
     # README: 782 of 835 matched, 47 strand-ambiguous dropped, 6 unmatched
-    assert (counts["rows"], counts["matched"], counts["excluded_ambiguous"], counts["missing_not_in_target"]) == \
-        (835, 782, 47, 6)
+    assert (counts["rows"], counts["matched"], counts["excluded_ambiguous"], counts["missing_not_in_target"]) == (
+        835,
+        782,
+        47,
+        6,
+    )
     assert counts["strand_flipped"] == 0 and result.passed
     matched = result.log[result.log["status"] == "matched"]
-    ids = {f"{c}:{p}:{r}:{a}" for c, p, r, a in matched[["chr", "pos", "target_ref", "target_alt"]].itertuples(index=False)}
+    ids = {
+        f"{c}:{p}:{r}:{a}" for c, p, r, a in matched[["chr", "pos", "target_ref", "target_alt"]].itertuples(index=False)
+    }
     plink_vars = (shared_data / CINECA / "expected_outputs" / "cineca_22_additive_0.sscore.vars").read_text().split()
     assert len(plink_vars) == 782 and ids == set(plink_vars)
     # the orientation: pgsc_calc's plink2 file names the effect allele; it is REF exactly where we flip the sign
     with gzip.open(shared_data / CINECA / "expected_outputs" / "cineca_22_additive_0.plink2_scorefile.gz", "rt") as f:
         rows = [line.split("\t") for line in f.read().splitlines()[1:]]
     effect_is_ref = {r[0] for r in rows if float(r[2]) != 0 and r[1] == r[0].split(":")[2]}
-    swapped = {f"{c}:{p}:{r}:{a}" for c, p, r, a in
-               matched.loc[~matched["effect_is_a1"], ["chr", "pos", "target_ref", "target_alt"]].itertuples(index=False)}
+    swapped = {
+        f"{c}:{p}:{r}:{a}"
+        for c, p, r, a in matched.loc[~matched["effect_is_a1"], ["chr", "pos", "target_ref", "target_alt"]].itertuples(
+            index=False
+        )
+    }
     assert swapped == effect_is_ref and counts["allele_swapped"] == len(effect_is_ref) == 216

@@ -19,15 +19,28 @@ import torch
 from torch import nn
 
 from ehrfm.constants import BOS_ID, EOS_ID, PAD_ID
-from ehrfm.schemas import timeline_schema
-from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names, value_token_names
 from ehrfm.model import EHRDecoder, ModelConfig, save_model_files
-from ehrfm.model.sampling import (STOP_EOS, STOP_HORIZON, STOP_TRUNCATED, draw, filter_logits, path_probability,
-                                  sample_trajectories)
+from ehrfm.model.sampling import (
+    STOP_EOS,
+    STOP_HORIZON,
+    STOP_TRUNCATED,
+    draw,
+    filter_logits,
+    path_probability,
+    sample_trajectories,
+)
+from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names, value_token_names
+from ehrfm.schemas import timeline_schema
 from ehrfm.tasks.definitions import ConceptCriteria, TaskDefinition
 from ehrfm.transfer.examples import build_examples
-from ehrfm.transfer.zero_shot import (ZeroShotConfig, ZeroShotScorer, gap_days_per_token, main, scoring_inputs,
-                                      target_token_ids)
+from ehrfm.transfer.zero_shot import (
+    ZeroShotConfig,
+    ZeroShotScorer,
+    gap_days_per_token,
+    main,
+    scoring_inputs,
+    target_token_ids,
+)
 
 # Markov-decoder vocabulary: specials 0-3, then two one-year gaps, a long gap, the target, states.
 GAP_A, GAP_B, GAP_LONG, TARGET, S0, S1, S2 = 4, 5, 6, 7, 8, 9, 10
@@ -65,10 +78,21 @@ def markov_decoder(transitions: dict[int, dict[int, float]]) -> EHRDecoder:
 def run_markov(model, *, n_samples=8, max_new_tokens=8, horizon_days=730.0, seed=0, **sampler):
     """Sample from one prompt `[BOS, S0]` at age 10,000 days."""
     settings = dict(temperature=1.0, top_k=0, top_p=1.0) | sampler
-    return sample_trajectories(model, torch.tensor([[BOS_ID, S0]]), torch.tensor([[10_000, 10_000]]),
-                               torch.tensor([2]), None, None, n_samples=n_samples, max_new_tokens=max_new_tokens,
-                               target_ids=[TARGET], gap_days=MARKOV_GAP_DAYS, horizon_days=horizon_days,
-                               seeds=[seed], **settings)
+    return sample_trajectories(
+        model,
+        torch.tensor([[BOS_ID, S0]]),
+        torch.tensor([[10_000, 10_000]]),
+        torch.tensor([2]),
+        None,
+        None,
+        n_samples=n_samples,
+        max_new_tokens=max_new_tokens,
+        target_ids=[TARGET],
+        gap_days=MARKOV_GAP_DAYS,
+        horizon_days=horizon_days,
+        seeds=[seed],
+        **settings,
+    )
 
 
 # ---- sampler pieces ------------------------------------------------------------------------------
@@ -112,8 +136,9 @@ def test_share_and_path_probability_estimate_the_same_chance():
     assert result.share.item() == pytest.approx(0.44, abs=0.04)  # binomial, sd 0.009
     assert (result.stop == STOP_EOS).all() and result.truncated.item() == 0
     assert result.tokens[0, :3].tolist() == [S1, S2, EOS_ID]  # the continuation fed on is target-free
-    torch.testing.assert_close(result.p_target[0, :3], torch.tensor([0.3, 0.2, 0.0], dtype=torch.float64),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        result.p_target[0, :3], torch.tensor([0.3, 0.2, 0.0], dtype=torch.float64), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize("horizon, counted", [(730.0, True), (729.0, False)])
@@ -132,8 +157,12 @@ def test_a_gap_that_crosses_the_horizon_ends_the_trajectory(horizon, counted):
 def test_certain_target_gives_one_and_unreachable_target_gives_zero_with_truncation_counted():
     always = run_markov(markov_decoder({S0: {TARGET: 1 - 1e-6, EOS_ID: 1e-6}}), n_samples=16)
     assert always.share.item() == 1.0 and always.path_probability.item() > 0.999
-    never = run_markov(markov_decoder({S0: {S0: 0.5, GAP_A: 0.5}, GAP_A: {S0: 1.0}}), n_samples=16,
-                       max_new_tokens=5, horizon_days=10_000)
+    never = run_markov(
+        markov_decoder({S0: {S0: 0.5, GAP_A: 0.5}, GAP_A: {S0: 1.0}}),
+        n_samples=16,
+        max_new_tokens=5,
+        horizon_days=10_000,
+    )
     assert never.share.item() == 0.0 and never.path_probability.item() == 0.0
     assert never.truncated.item() == 16 and (never.stop == STOP_TRUNCATED).all()
 
@@ -145,8 +174,18 @@ RANDOM_GAP_DAYS[4:8] = torch.tensor([1.0, 7.0, 30.0, 365.0], dtype=torch.float64
 
 def random_decoder(seed: int = 0, fusion: str = "prefix") -> EHRDecoder:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=VOCAB, num_pgs=K, hidden=32, layers=2, heads=4, context=32, fusion=fusion,
-                      prs_tokens=3, prs_hidden=16, cross_every=1)
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        num_pgs=K,
+        hidden=32,
+        layers=2,
+        heads=4,
+        context=32,
+        fusion=fusion,
+        prs_tokens=3,
+        prs_hidden=16,
+        cross_every=1,
+    )
     model = EHRDecoder(cfg).eval()
     with torch.no_grad():  # cross-attention gates start closed; open them so the PRS memory matters
         for name, param in model.named_parameters():
@@ -161,23 +200,42 @@ def prompts(lengths: list[int], width: int = 12, seed: int = 0):
     ages = 15_000 + torch.cumsum(torch.randint(0, 40, (len(lengths), width), generator=gen), dim=1)
     for row, n in enumerate(lengths):
         tokens[row, n:], ages[row, n:] = PAD_ID, 0
-    return tokens, ages, torch.tensor(lengths), torch.randn(len(lengths), K, generator=gen), \
-        torch.tensor([True, False, True][:len(lengths)])
+    return (
+        tokens,
+        ages,
+        torch.tensor(lengths),
+        torch.randn(len(lengths), K, generator=gen),
+        torch.tensor([True, False, True][: len(lengths)]),
+    )
 
 
 def test_greedy_kv_cache_decoding_matches_step_by_step_recomputation():
     model = random_decoder(3)
     tokens, ages, lengths, prs, has_prs = prompts([10, 4])
     targets = [12, 13]
-    result = sample_trajectories(model, tokens, ages, lengths, prs, has_prs, n_samples=2, max_new_tokens=6,
-                                 temperature=0.0, top_k=0, top_p=1.0, target_ids=targets,
-                                 gap_days=RANDOM_GAP_DAYS, horizon_days=1e9, seeds=[0, 1])
+    result = sample_trajectories(
+        model,
+        tokens,
+        ages,
+        lengths,
+        prs,
+        has_prs,
+        n_samples=2,
+        max_new_tokens=6,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        target_ids=targets,
+        gap_days=RANDOM_GAP_DAYS,
+        horizon_days=1e9,
+        seeds=[0, 1],
+    )
     for prompt in range(2):
         n = int(lengths[prompt])
-        seq, seq_ages = tokens[prompt:prompt + 1, :n], ages[prompt:prompt + 1, :n]
+        seq, seq_ages = tokens[prompt : prompt + 1, :n], ages[prompt : prompt + 1, :n]
         p_steps, hit = [], False
         for step in range(6):
-            logits, _ = model(seq, seq_ages, prs[prompt:prompt + 1], has_prs[prompt:prompt + 1])
+            logits, _ = model(seq, seq_ages, prs[prompt : prompt + 1], has_prs[prompt : prompt + 1])
             scores = logits[0, -1].masked_fill(torch.tensor([i in (PAD_ID, BOS_ID) for i in range(VOCAB)]), -1e9)
             p_steps.append(torch.softmax(scores, -1)[targets].sum().item())
             hit |= int(scores.argmax()) in targets
@@ -203,11 +261,12 @@ def test_ragged_prefill_then_decode_matches_each_unpadded_prompt(fusion):
     new_tokens, new_ages = torch.tensor([[9, 10, 11], [12, 13, 14]]), ages[torch.arange(3), lengths - 1] + 5
     steps = [model.decode_step(new_tokens[i], new_ages, cache) for i in range(2)]
     for row, n in enumerate(lengths.tolist()):
-        alone_first, alone = model.prefill(tokens[row:row + 1, :n], ages[row:row + 1, :n], prs[row:row + 1],
-                                           has_prs[row:row + 1])
+        alone_first, alone = model.prefill(
+            tokens[row : row + 1, :n], ages[row : row + 1, :n], prs[row : row + 1], has_prs[row : row + 1]
+        )
         torch.testing.assert_close(first[row], alone_first[0], atol=1e-6, rtol=1e-6)
         for i in range(2):
-            alone_step = model.decode_step(new_tokens[i, row:row + 1], new_ages[row:row + 1], alone)
+            alone_step = model.decode_step(new_tokens[i, row : row + 1], new_ages[row : row + 1], alone)
             torch.testing.assert_close(steps[i][row], alone_step[0], atol=1e-6, rtol=1e-6)  # wrong positions: ~1e-4
 
 
@@ -215,13 +274,29 @@ def test_ragged_prefill_then_decode_matches_each_unpadded_prompt(fusion):
 def test_padded_prompts_of_different_lengths_score_as_each_prompt_alone(fusion):
     model = random_decoder(5, fusion)
     tokens, ages, lengths, prs, has_prs = prompts([12, 7, 3])
-    settings = dict(n_samples=4, max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.95, target_ids=[9, 10, 11],
-                    gap_days=RANDOM_GAP_DAYS, horizon_days=400.0)
+    settings = dict(
+        n_samples=4,
+        max_new_tokens=10,
+        temperature=0.9,
+        top_k=20,
+        top_p=0.95,
+        target_ids=[9, 10, 11],
+        gap_days=RANDOM_GAP_DAYS,
+        horizon_days=400.0,
+    )
     batched = sample_trajectories(model, tokens, ages, lengths, prs, has_prs, seeds=[11, 12, 13], **settings)
     for row, n in enumerate(lengths.tolist()):
-        alone = sample_trajectories(model, tokens[row:row + 1, :n], ages[row:row + 1, :n], lengths[row:row + 1],
-                                    prs[row:row + 1], has_prs[row:row + 1], seeds=[11 + row], **settings)
-        assert torch.equal(batched.tokens[4 * row:4 * row + 4], alone.tokens)
+        alone = sample_trajectories(
+            model,
+            tokens[row : row + 1, :n],
+            ages[row : row + 1, :n],
+            lengths[row : row + 1],
+            prs[row : row + 1],
+            has_prs[row : row + 1],
+            seeds=[11 + row],
+            **settings,
+        )
+        assert torch.equal(batched.tokens[4 * row : 4 * row + 4], alone.tokens)
         assert batched.share[row] == alone.share[0]
         torch.testing.assert_close(batched.path_probability[row], alone.path_probability[0])
     assert batched.p_target.gt(0).any() and not torch.equal(batched.tokens[0:4], batched.tokens[4:8])
@@ -233,8 +308,15 @@ def write_tiny_cohort(root, model_seed: int = 0):
     codes = ["CONDITION/201826", "VISIT/9202"] + [f"CONDITION/{100 + i}" for i in range(10)]
     edges = [1, 7, 30, 365]
     names = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + value_token_names(10) + gap_token_names(edges) + codes
-    tok = Tokenizer(tokens=names, code_counts={c: 5 for c in codes}, value_edges={}, gap_edges_days=edges, n_bins=10,
-                    min_count=1, min_values_for_bins=10)
+    tok = Tokenizer(
+        tokens=names,
+        code_counts=dict.fromkeys(codes, 5),
+        value_edges={},
+        gap_edges_days=edges,
+        n_bins=10,
+        min_count=1,
+        min_values_for_bins=10,
+    )
     tok.save(root / "tokenizer.json")
     rng = np.random.default_rng(0)
     persons, code_ids = 10, [tok.token_id[c] for c in codes[1:]]
@@ -244,22 +326,41 @@ def write_tiny_cohort(root, model_seed: int = 0):
         tokens.append([BOS_ID] + [int(rng.choice(code_ids)) for _ in range(n)] + [EOS_ID])
         ages.append(list(np.linspace(300, 9000, n + 2).astype(int)))
     (root / "timelines").mkdir()
-    pq.write_table(pa.table({
-        "subject_id": pa.array(np.arange(persons) + 1, pa.int64()),
-        "split": pa.array(["val", "test"] * (persons // 2), pa.string()),
-        "birth_date": pa.array([dt.date(1950, 1, 1)] * persons, pa.date32()),
-        "tokens": pa.array(tokens, pa.list_(pa.int32())),
-        "ages": pa.array(ages, pa.list_(pa.int32())),
-        "prs": pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(persons * K), pa.float32()), K),
-        "has_prs": pa.array([True, False] * (persons // 2)),
-    }, schema=timeline_schema(K)), root / "timelines" / "part-00000.parquet")
-    labels = pa.table({"subject_id": pa.array(np.arange(persons) + 1, pa.int64()),
-                       "prediction_time": pa.array([dt.datetime(1960, 1, 1)] * persons, pa.timestamp("us")),
-                       "boolean_value": pa.array([i % 3 == 0 for i in range(persons)])})
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": pa.array(np.arange(persons) + 1, pa.int64()),
+                "split": pa.array(["val", "test"] * (persons // 2), pa.string()),
+                "birth_date": pa.array([dt.date(1950, 1, 1)] * persons, pa.date32()),
+                "tokens": pa.array(tokens, pa.list_(pa.int32())),
+                "ages": pa.array(ages, pa.list_(pa.int32())),
+                "prs": pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(persons * K), pa.float32()), K),
+                "has_prs": pa.array([True, False] * (persons // 2)),
+            },
+            schema=timeline_schema(K),
+        ),
+        root / "timelines" / "part-00000.parquet",
+    )
+    labels = pa.table(
+        {
+            "subject_id": pa.array(np.arange(persons) + 1, pa.int64()),
+            "prediction_time": pa.array([dt.datetime(1960, 1, 1)] * persons, pa.timestamp("us")),
+            "boolean_value": pa.array([i % 3 == 0 for i in range(persons)]),
+        }
+    )
     pq.write_table(labels, root / "labels.parquet")
     torch.manual_seed(model_seed)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, num_pgs=K, hidden=32, layers=2, heads=4, context=16,
-                      fusion="prefix", prs_tokens=2, prs_hidden=16)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        num_pgs=K,
+        hidden=32,
+        layers=2,
+        heads=4,
+        context=16,
+        fusion="prefix",
+        prs_tokens=2,
+        prs_hidden=16,
+    )
     save_model_files(root / "ckpt", EHRDecoder(cfg).state_dict(), cfg)
     return tok, labels
 
@@ -271,8 +372,12 @@ def test_target_codes_and_gap_days_come_from_the_tokenizer(tmp_path):
     tok, _ = write_tiny_cohort(tmp_path)
     ids, account = target_token_ids(T2D_TASK, tok)
     assert ids == [tok.token_id["CONDITION/201826"]]
-    assert account == {"target_codes": 2, "in_vocabulary": 1, "not_in_vocabulary": 1,
-                       "measurement_thresholds_ignored": 0}
+    assert account == {
+        "target_codes": 2,
+        "in_vocabulary": 1,
+        "not_in_vocabulary": 1,
+        "measurement_thresholds_ignored": 0,
+    }
     lower, middle = gap_days_per_token(tok, "lower"), gap_days_per_token(tok, "midpoint")
     gaps = [tok.token_id[g] for g in ("GAP/1-6D", "GAP/7-29D", "GAP/30-364D", "GAP/365D+")]
     assert lower[gaps].tolist() == [1, 7, 30, 365] and middle[gaps].tolist() == [3, 18, 197, 365]
@@ -283,19 +388,48 @@ def test_target_codes_and_gap_days_come_from_the_tokenizer(tmp_path):
 
 def test_ray_data_job_matches_the_in_process_scorer(tmp_path, ray_cluster):
     write_tiny_cohort(tmp_path)
-    overrides = ["n_samples=6", "max_new_tokens=12", "batch_size=3", "concurrency=2", "num_cpus=0.5", "n_boot=50",
-                 "top_p=0.9"]
+    overrides = [
+        "n_samples=6",
+        "max_new_tokens=12",
+        "batch_size=3",
+        "concurrency=2",
+        "num_cpus=0.5",
+        "n_boot=50",
+        "top_p=0.9",
+    ]
     task_file = tmp_path / "task.yaml"
     task_file.write_text(json.dumps(T2D_TASK.model_dump()))
-    assert main(["--pretrained", str(tmp_path / "ckpt"), "--data", str(tmp_path), "--labels",
-                 str(tmp_path / "labels.parquet"), "--task", str(task_file), "--out", str(tmp_path / "out"),
-                 *overrides]) == 0
+    assert (
+        main(
+            [
+                "--pretrained",
+                str(tmp_path / "ckpt"),
+                "--data",
+                str(tmp_path),
+                "--labels",
+                str(tmp_path / "labels.parquet"),
+                "--task",
+                str(task_file),
+                "--out",
+                str(tmp_path / "out"),
+                *overrides,
+            ]
+        )
+        == 0
+    )
     scored = pq.read_table(tmp_path / "out" / "zero_shot.parquet")
-    assert scored.column_names == ["subject_id", "prediction_time", "split", "label", "zs_share",
-                                   "zs_path_probability", "zs_truncated"]
+    assert scored.column_names == [
+        "subject_id",
+        "prediction_time",
+        "split",
+        "label",
+        "zs_share",
+        "zs_path_probability",
+        "zs_truncated",
+    ]
     assert scored.num_rows == 10
 
-    config = ZeroShotConfig.model_validate({k: v for k, v in (o.split("=") for o in overrides)})
+    config = ZeroShotConfig.model_validate(dict(o.split("=") for o in overrides))
     target_ids, gap_days, horizon, _ = scoring_inputs(tmp_path / "ckpt", tmp_path, T2D_TASK, config)
     labels = pq.read_table(tmp_path / "labels.parquet")
     examples = build_examples(tmp_path, labels, 16)
@@ -303,8 +437,9 @@ def test_ray_data_job_matches_the_in_process_scorer(tmp_path, ray_cluster):
     in_process = scorer(examples)  # one batch of 10 instead of Ray's batches of 3 on two actors
     assert scored["subject_id"].to_pylist() == in_process["subject_id"].to_pylist()
     assert scored["zs_share"].to_pylist() == in_process["zs_share"].to_pylist()
-    np.testing.assert_allclose(scored["zs_path_probability"].to_numpy(), in_process["zs_path_probability"].to_numpy(),
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        scored["zs_path_probability"].to_numpy(), in_process["zs_path_probability"].to_numpy(), atol=1e-9
+    )
     assert 0 < np.mean(scored["zs_path_probability"].to_numpy()) < 1
 
     summary = json.loads((tmp_path / "out" / "zero_shot_summary.json").read_text())
@@ -312,5 +447,7 @@ def test_ray_data_job_matches_the_in_process_scorer(tmp_path, ray_cluster):
     assert summary["truncated_trajectories"] == int(np.sum(scored["zs_truncated"].to_numpy()))
     assert summary["target_codes"]["not_in_vocabulary"] == 1
     assert set(summary["splits"]) == {"val", "test"}
-    assert summary["splits"]["val"]["auroc_zs_path_probability"]["lower"] <= \
-        summary["splits"]["val"]["auroc_zs_path_probability"]["value"]
+    assert (
+        summary["splits"]["val"]["auroc_zs_path_probability"]["lower"]
+        <= summary["splits"]["val"]["auroc_zs_path_probability"]["value"]
+    )

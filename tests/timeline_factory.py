@@ -42,8 +42,9 @@ def _transition_matrix(rng: np.random.Generator, n_codes: int) -> np.ndarray:
     return rng.dirichlet(np.full(n_codes, 0.1), size=n_codes)
 
 
-def _timeline(rng: np.random.Generator, z0: float, transitions: np.ndarray, length: int,
-              effect: float) -> tuple[np.ndarray, np.ndarray]:
+def _timeline(
+    rng: np.random.Generator, z0: float, transitions: np.ndarray, length: int, effect: float
+) -> tuple[np.ndarray, np.ndarray]:
     n_codes = transitions.shape[0]
     p_t2d = 1.0 / (1.0 + np.exp(-(T2D_LOGIT + effect * z0)))
     tokens = [BOS_ID, SEX_TOKENS[int(rng.integers(2))]]
@@ -62,9 +63,18 @@ def _timeline(rng: np.random.Generator, z0: float, transitions: np.ndarray, leng
     return np.asarray(tokens, np.int32), ages.astype(np.int32)
 
 
-def write_timelines(root: Path, persons: int = 400, num_pgs: int = 8, vocab_size: int = 40,
-                    files: int = 2, min_events: int = 20, max_events: int = 260, effect: float = 1.6,
-                    genotyped_fraction: float = 0.7, seed: int = 0) -> FactoryInfo:
+def write_timelines(
+    root: Path,
+    persons: int = 400,
+    num_pgs: int = 8,
+    vocab_size: int = 40,
+    files: int = 2,
+    min_events: int = 20,
+    max_events: int = 260,
+    effect: float = 1.6,
+    genotyped_fraction: float = 0.7,
+    seed: int = 0,
+) -> FactoryInfo:
     """Write `root/timelines/part-*.parquet` + `manifest.json`; same seed, same bytes of data."""
     if vocab_size <= FIRST_BACKGROUND + 2:
         raise ValueError(f"vocab_size must exceed {FIRST_BACKGROUND + 2}")

@@ -24,8 +24,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("ehrfm.tasks.labeler:main", "label prediction times for a task (MEDS label parquet)"),
     "baselines": ("ehrfm.evaluate.baselines:main", "PRS-only and count-feature baselines with bootstrap CIs"),
     "prs_headroom": ("ehrfm.evaluate.prs_headroom:main", "how much the observed PRS could add to a task (CV, oracle)"),
-    "evaluate": ("ehrfm.evaluate.run:main", "every model of a task on the same test rows: CIs, calibration, oracle, report"),
-    "register": ("ehrfm.mlops.register:main", "log a risk model to MLflow; alias champion only when it beats the current one"),
+    "evaluate": (
+        "ehrfm.evaluate.run:main",
+        "every model of a task on the same test rows: CIs, calibration, oracle, report",
+    ),
+    "register": (
+        "ehrfm.mlops.register:main",
+        "log a risk model to MLflow; alias champion only when it beats the current one",
+    ),
     "cluster": ("ehrfm.cluster.cli:main", "start, stop or inspect a local multi-node Ray cluster"),
     "tracking": ("ehrfm.tracking:main", "start, reuse or check the local MLflow tracking server"),
     "serve": ("ehrfm.serve.app:main", "deploy the registered champion on Ray Serve (FastAPI, /v1/score, /docs)"),

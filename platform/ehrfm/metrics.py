@@ -111,8 +111,9 @@ def _weight_chunks(n: int, n_boot: int, seed: int, chunk_elems: int):
         yield bootstrap_weights(n, min(chunk, n_boot - first), rng)
 
 
-def _resampled(metric: str, y: np.ndarray, scores: list[np.ndarray], n_boot: int, seed: int,
-               chunk_elems: int) -> list[np.ndarray]:
+def _resampled(
+    metric: str, y: np.ndarray, scores: list[np.ndarray], n_boot: int, seed: int, chunk_elems: int
+) -> list[np.ndarray]:
     """The metric of each score vector on the same `n_boot` person resamples (NaN: a class absent)."""
     fn, descending = _METRICS[metric]
     prepared = [(order, starts, y[order]) for order, starts in (_tie_groups(s, descending) for s in scores)]
@@ -137,8 +138,15 @@ def _check_metric(metric: str) -> None:
         raise ValueError(f"unknown metric {metric!r}; choose from {sorted(_METRICS)}")
 
 
-def bootstrap_metric(metric: str, y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
-                     alpha: float = 0.05, chunk_elems: int = 20_000_000) -> Estimate:
+def bootstrap_metric(
+    metric: str,
+    y_true,
+    y_score,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    alpha: float = 0.05,
+    chunk_elems: int = 20_000_000,
+) -> Estimate:
     """Point estimate and percentile (1 - alpha) interval over `n_boot` seeded person resamples."""
     _check_metric(metric)
     y, s = _check(y_true, y_score)
@@ -149,8 +157,16 @@ def bootstrap_metric(metric: str, y_true, y_score, n_boot: int = DEFAULT_BOOTSTR
     return _percentile_estimate(value, boot, n_boot, alpha)
 
 
-def bootstrap_difference(metric: str, y_true, score_a, score_b, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
-                         alpha: float = 0.05, chunk_elems: int = 20_000_000) -> Estimate:
+def bootstrap_difference(
+    metric: str,
+    y_true,
+    score_a,
+    score_b,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    alpha: float = 0.05,
+    chunk_elems: int = 20_000_000,
+) -> Estimate:
     """metric(a) - metric(b) on the same persons, with a paired percentile interval.
 
     Both models are scored on each resample, so the interval reflects the difference's own

@@ -20,6 +20,7 @@ EVENT_SCHEMA = pa.schema(
     ]
 )
 
+
 # ---- prs/ : one row per person ----------------------------------------------------------------
 def prs_schema(num_pgs: int) -> pa.Schema:
     """`prs` holds K float32 z-scores in the order of `prs/pgs_ids.json`; zeros where has_prs is false."""

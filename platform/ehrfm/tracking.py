@@ -51,7 +51,7 @@ class ServerSettings:
     allowed_hosts: str | None = None  # Host headers accepted; MLflow's default: localhost + private IPs
 
     @classmethod
-    def from_env(cls, **overrides) -> "ServerSettings":
+    def from_env(cls, **overrides) -> ServerSettings:
         env = os.environ
         values = {
             "state_dir": Path(env.get("EHRFM_MLFLOW_DIR", DEFAULT_STATE_DIR / "mlflow")),
@@ -73,12 +73,20 @@ class ServerSettings:
         backend = self.backend_store_uri or f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
         artifacts = self.artifacts_destination or str((self.state_dir / "artifacts").resolve())
         command = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", backend,
-            "--artifacts-destination", artifacts,
-            "--host", self.host,
-            "--port", str(self.port),
-            "--workers", str(self.workers),
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            artifacts,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
         ]
         if self.allowed_hosts:
             command += ["--allowed-hosts", self.allowed_hosts]
@@ -165,8 +173,11 @@ def mlflow_tracking(uri: str) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm tracking", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["serve", "start", "status"],
-                        help="serve: run in the foreground; start: detached, reused if running; status")
+    parser.add_argument(
+        "action",
+        choices=["serve", "start", "status"],
+        help="serve: run in the foreground; start: detached, reused if running; status",
+    )
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--host", default=None)
     parser.add_argument("--state-dir", type=Path, default=None)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ehrfm.cli import run_command
 from pydantic import Field
 
+from ehrfm.cli import run_command
 from ehrfm.config import StrictModel, load_config
 from ehrfm.tracking import ensure_tracking_uri
 
@@ -70,9 +70,18 @@ class Stage:
 
 def _synthesize_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     return [
-        "--persons", str(cfg.persons), "--seed", str(cfg.seed), "--num-pgs", str(cfg.num_pgs),
-        "--genotyped-fraction", str(cfg.genotyped_fraction), "--prs-source", cfg.prs_source,
-        "--out", str(workdir / "cohort"),
+        "--persons",
+        str(cfg.persons),
+        "--seed",
+        str(cfg.seed),
+        "--num-pgs",
+        str(cfg.num_pgs),
+        "--genotyped-fraction",
+        str(cfg.genotyped_fraction),
+        "--prs-source",
+        cfg.prs_source,
+        "--out",
+        str(workdir / "cohort"),
     ]
 
 
@@ -85,27 +94,46 @@ def _prs_file(cfg: PipelineConfig, workdir: Path) -> Path:
 def _score_prs_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     genotypes = workdir / "cohort" / "genotypes"
     return [
-        "--genotypes", str(genotypes / "cohort"), "--scores", str(genotypes / "scores"),
-        "--build", "GRCh38", "--denominator", "shared", "--out", str(workdir / "prs_computed"),
+        "--genotypes",
+        str(genotypes / "cohort"),
+        "--scores",
+        str(genotypes / "scores"),
+        "--build",
+        "GRCh38",
+        "--denominator",
+        "shared",
+        "--out",
+        str(workdir / "prs_computed"),
     ]
 
 
 def _validate_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     cohort = workdir / "cohort"
     return [
-        "--omop", str(cohort / "omop"),
-        "--prs", str(_prs_file(cfg, workdir)),
-        "--sample-map", str(cohort / "prs" / "sample_map.tsv"),
-        "--out", str(workdir / "validation"),
+        "--omop",
+        str(cohort / "omop"),
+        "--prs",
+        str(_prs_file(cfg, workdir)),
+        "--sample-map",
+        str(cohort / "prs" / "sample_map.tsv"),
+        "--out",
+        str(workdir / "validation"),
     ]
 
 
 def _preprocess_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     prs = workdir / "cohort" / "prs"
     return [
-        "--omop", str(workdir / "cohort" / "omop"), "--prs", str(_prs_file(cfg, workdir)),
-        "--sample-map", str(prs / "sample_map.tsv"), "--pcs", str(prs / "pcs.tsv"),
-        "--out", str(workdir / "preprocessed"),
+        "--omop",
+        str(workdir / "cohort" / "omop"),
+        "--prs",
+        str(_prs_file(cfg, workdir)),
+        "--sample-map",
+        str(prs / "sample_map.tsv"),
+        "--pcs",
+        str(prs / "pcs.tsv"),
+        "--out",
+        str(workdir / "preprocessed"),
     ]
 
 
@@ -113,8 +141,15 @@ def _pretrain_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     # storage and run name live inside the stage's output, so a forced re-run starts fresh and a
     # killed one resumes from its last checkpoint when the same pipeline is started again
     return [
-        "--config", cfg.pretrain_config, "--data", str((workdir / "preprocessed").resolve()),
-        "--storage", str((workdir / "pretrain").resolve()), "--name", "pretrain", *cfg.pretrain_overrides,
+        "--config",
+        cfg.pretrain_config,
+        "--data",
+        str((workdir / "preprocessed").resolve()),
+        "--storage",
+        str((workdir / "pretrain").resolve()),
+        "--name",
+        "pretrain",
+        *cfg.pretrain_overrides,
     ]
 
 
@@ -128,16 +163,36 @@ def _labels_file(workdir: Path) -> str:
 
 def _finetune_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     return [
-        "--config", cfg.finetune_config, "--task", cfg.task, "--pretrained", str((workdir / "pretrain" / "pretrain").resolve()),
-        "--data", str((workdir / "preprocessed").resolve()), "--labels", _labels_file(workdir),
-        "--out", str((workdir / "finetune").resolve()), *cfg.finetune_overrides,
+        "--config",
+        cfg.finetune_config,
+        "--task",
+        cfg.task,
+        "--pretrained",
+        str((workdir / "pretrain" / "pretrain").resolve()),
+        "--data",
+        str((workdir / "preprocessed").resolve()),
+        "--labels",
+        _labels_file(workdir),
+        "--out",
+        str((workdir / "finetune").resolve()),
+        *cfg.finetune_overrides,
     ]
 
 
 def _zero_shot_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     return [
-        "--config", cfg.zero_shot_config, "--task", cfg.task, "--pretrained", str((workdir / "pretrain" / "pretrain").resolve()),
-        "--data", str(workdir / "preprocessed"), "--labels", _labels_file(workdir), "--out", str(workdir / "zero_shot"),
+        "--config",
+        cfg.zero_shot_config,
+        "--task",
+        cfg.task,
+        "--pretrained",
+        str((workdir / "pretrain" / "pretrain").resolve()),
+        "--data",
+        str(workdir / "preprocessed"),
+        "--labels",
+        _labels_file(workdir),
+        "--out",
+        str(workdir / "zero_shot"),
         *cfg.zero_shot_overrides,
     ]
 
@@ -146,12 +201,24 @@ def _tune_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     # the sweep's base fine-tune is the pipeline's own (same config and overrides), so its first
     # trial is the default fine-tune; registration waits for the evaluation (register stage)
     return [
-        "--config", cfg.tune_config, "--task", cfg.task,
-        "--pretrained", str((workdir / "pretrain" / "pretrain").resolve()),
-        "--data", str((workdir / "preprocessed").resolve()), "--labels", _labels_file(workdir),
-        "--num-samples", str(cfg.tune_samples), "--out", str((workdir / "tune").resolve()),
-        f"finetune_config={cfg.finetune_config}", "registry.enabled=false",
-        *[f"finetune.{o}" for o in cfg.finetune_overrides], *cfg.tune_overrides,
+        "--config",
+        cfg.tune_config,
+        "--task",
+        cfg.task,
+        "--pretrained",
+        str((workdir / "pretrain" / "pretrain").resolve()),
+        "--data",
+        str((workdir / "preprocessed").resolve()),
+        "--labels",
+        _labels_file(workdir),
+        "--num-samples",
+        str(cfg.tune_samples),
+        "--out",
+        str((workdir / "tune").resolve()),
+        f"finetune_config={cfg.finetune_config}",
+        "registry.enabled=false",
+        *[f"finetune.{o}" for o in cfg.finetune_overrides],
+        *cfg.tune_overrides,
     ]
 
 
@@ -162,33 +229,64 @@ def _champion_candidate(workdir: Path) -> Path:
 
 def _evaluate_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     return [
-        "--data", str(workdir / "preprocessed"), "--labels", _labels_file(workdir),
-        "--predictions", str(_champion_candidate(workdir) / "predictions.parquet"),
-        "--default-predictions", str(workdir / "finetune" / "predictions.parquet"),
-        "--zero-shot", str(workdir / "zero_shot" / "zero_shot.parquet"),
-        "--n-boot", str(cfg.n_boot), "--recalibrate", "platt", "--out", str(workdir / "evaluation"),
+        "--data",
+        str(workdir / "preprocessed"),
+        "--labels",
+        _labels_file(workdir),
+        "--predictions",
+        str(_champion_candidate(workdir) / "predictions.parquet"),
+        "--default-predictions",
+        str(workdir / "finetune" / "predictions.parquet"),
+        "--zero-shot",
+        str(workdir / "zero_shot" / "zero_shot.parquet"),
+        "--n-boot",
+        str(cfg.n_boot),
+        "--recalibrate",
+        "platt",
+        "--out",
+        str(workdir / "evaluation"),
         # the simulator's oracle is the T2D one
         *(["--cohort", str(workdir / "cohort")] if cfg.task == "t2d" else []),
     ]
 
 
 def _register_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
-    return ["--finetune", str(_champion_candidate(workdir)), "--evaluation", str(workdir / "evaluation"),
-            "--out", str(workdir / "registry")]
+    return [
+        "--finetune",
+        str(_champion_candidate(workdir)),
+        "--evaluation",
+        str(workdir / "evaluation"),
+        "--out",
+        str(workdir / "registry"),
+    ]
 
 
 def _serve_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
     # deploys the champion, scores made-up persons over HTTP, checks them against the registered
     # model's own predictions, and shuts Serve down again
     task = Path(cfg.task).stem if cfg.task.endswith((".yaml", ".yml")) else cfg.task
-    return ["--model", f"ehrfm-{task}", "--alias", "champion", "--port", str(cfg.serve_port),
-            "--smoke", str(cfg.serve_smoke_persons)]
+    return [
+        "--model",
+        f"ehrfm-{task}",
+        "--alias",
+        "champion",
+        "--port",
+        str(cfg.serve_port),
+        "--smoke",
+        str(cfg.serve_smoke_persons),
+    ]
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("synthesize", "synthesize", "cohort", (), _synthesize_args),
-    Stage("score_prs", "score_prs", "prs_computed", ("synthesize",), _score_prs_args,
-          enabled=lambda cfg: cfg.prs_source == "genotypes"),
+    Stage(
+        "score_prs",
+        "score_prs",
+        "prs_computed",
+        ("synthesize",),
+        _score_prs_args,
+        enabled=lambda cfg: cfg.prs_source == "genotypes",
+    ),
     Stage("validate", "validate", "validation", ("synthesize", "score_prs"), _validate_args),
     Stage("preprocess", "preprocess", "preprocessed", ("synthesize", "score_prs"), _preprocess_args),
     Stage("pretrain", "pretrain", "pretrain", ("preprocess",), _pretrain_args),
@@ -215,8 +313,9 @@ def read_stage_record(output: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-def run_pipeline(cfg: PipelineConfig, workdir: Path, start_from: str | None = None,
-                 until: str | None = None) -> dict[str, dict]:
+def run_pipeline(
+    cfg: PipelineConfig, workdir: Path, start_from: str | None = None, until: str | None = None
+) -> dict[str, dict]:
     """Run (or skip) each stage in order; returns {stage: record}."""
     workdir.mkdir(parents=True, exist_ok=True)
     forced = False
@@ -260,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--config", type=Path, default=None, help="pipeline YAML (PipelineConfig)")
-    parser.add_argument("--from", dest="start_from", choices=STAGE_NAMES, default=None,
-                        help="force this stage and every later one")
+    parser.add_argument(
+        "--from", dest="start_from", choices=STAGE_NAMES, default=None, help="force this stage and every later one"
+    )
     parser.add_argument("--until", choices=STAGE_NAMES, default=None, help="stop after this stage")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
@@ -283,9 +383,12 @@ def print_final_report(workdir: Path, records: dict[str, dict]) -> None:
     registered = workdir / "registry" / "registered.json"
     if "register" in records and registered.is_file():
         outcome = json.loads(registered.read_text())
-        print(f"registry: {outcome['name']} version {outcome['version']} "
-              f"({outcome['metric_name']} {outcome['metric']:.3f}); champion is version "
-              f"{outcome['champion_version']} ({outcome['reason']})", flush=True)
+        print(
+            f"registry: {outcome['name']} version {outcome['version']} "
+            f"({outcome['metric_name']} {outcome['metric']:.3f}); champion is version "
+            f"{outcome['champion_version']} ({outcome['reason']})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -99,7 +99,11 @@ class Diagnoses:
 
 
 def diagnose(
-    pop: Population, hist: DiseaseHistory, visits: Visits, state: VisitState, coding: CodingParams,
+    pop: Population,
+    hist: DiseaseHistory,
+    visits: Visits,
+    state: VisitState,
+    coding: CodingParams,
     rng: np.random.Generator,
 ) -> Diagnoses:
     n, m = len(pop), len(visits)
@@ -157,7 +161,11 @@ def diagnose(
         coded[disease] = (rows == first[disease][p]) | repeat | spurious
     coded["stroke"] |= state.acute == ACUTE_STROKE
     return Diagnoses(
-        first_visit=first, coded=coded, hba1c_measured=measured, hba1c_latent=latent, vitals=vitals,
+        first_visit=first,
+        coded=coded,
+        hba1c_measured=measured,
+        hba1c_latent=latent,
+        vitals=vitals,
         bmi_measured=bmi_measured,
     )
 

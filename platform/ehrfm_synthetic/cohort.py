@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-
 import yaml
 
 from ehrfm.config import apply_overrides, dump_config
@@ -33,7 +32,11 @@ from ehrfm_synthetic.params import SynthConfig
 from ehrfm_synthetic.population import draw_population
 from ehrfm_synthetic.prs import PRSWriters, chunk_scores, pgs_catalog
 from ehrfm_synthetic.rows import (
-    death_rows, event_rows, observation_period_rows, person_rows, visit_rows,
+    death_rows,
+    event_rows,
+    observation_period_rows,
+    person_rows,
+    visit_rows,
 )  # fmt: skip
 from ehrfm_synthetic.truth import truth_rows
 from ehrfm_synthetic.visits import observation_window, simulate_visits
@@ -161,7 +164,9 @@ def synthesize(config: SynthConfig, with_figures: bool = True) -> dict[str, Any]
     }
     if with_figures:  # NaN (e.g. no eligible person in a tiny cohort) is written as null
         figures = cohort_figures(out, config.horizon_days, config.seed)
-        manifest["figures"] = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in figures.items()}
+        manifest["figures"] = {
+            k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in figures.items()
+        }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
@@ -177,14 +182,27 @@ def parse_args(argv: list[str]) -> SynthConfig:
     parser.add_argument("--genotyped-fraction", dest="genotyped_fraction", type=float)
     parser.add_argument("--chunk-size", dest="chunk_size", type=int)
     parser.add_argument("--ray", action="store_true", default=None, help="run chunks as Ray tasks")
-    parser.add_argument("--prs-source", dest="prs_source", choices=["scores", "genotypes"],
-                        help="genotypes: write PLINK genotypes + PGS Catalog scoring files instead of scores")
+    parser.add_argument(
+        "--prs-source",
+        dest="prs_source",
+        choices=["scores", "genotypes"],
+        help="genotypes: write PLINK genotypes + PGS Catalog scoring files instead of scores",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. model.hazards.t2d.genetic=1.0")  # fmt: skip
     args = parser.parse_args(argv)
     overrides = list(args.set)
-    for name in ("persons", "seed", "out", "num_pgs", "format", "genotyped_fraction", "chunk_size", "ray",
-                 "prs_source"):
+    for name in (
+        "persons",
+        "seed",
+        "out",
+        "num_pgs",
+        "format",
+        "genotyped_fraction",
+        "chunk_size",
+        "ray",
+        "prs_source",
+    ):
         value = getattr(args, name)
         if value is not None:
             overrides.append(f"{name}={json.dumps(value)}")

@@ -83,9 +83,7 @@ _CONCEPT_TYPES = {
 def _read_resource(name: str, column_types: dict[str, pa.DataType] | None = None) -> pa.Table:
     path = resources.files("ehrfm_synthetic").joinpath("resources", name)
     with resources.as_file(path) as local:
-        convert = pacsv.ConvertOptions(
-            column_types=column_types or {}, null_values=[""], strings_can_be_null=True
-        )
+        convert = pacsv.ConvertOptions(column_types=column_types or {}, null_values=[""], strings_can_be_null=True)
         return pacsv.read_csv(local, convert_options=convert)
 
 

@@ -68,7 +68,11 @@ def _poisson_rows(rng: np.random.Generator, state: VisitState, rates: tuple[floa
 
 
 def conditions(
-    pop: Population, hist: DiseaseHistory, state: VisitState, dx: Diagnoses, pools: dict[str, cc.TailPool],
+    pop: Population,
+    hist: DiseaseHistory,
+    state: VisitState,
+    dx: Diagnoses,
+    pools: dict[str, cc.TailPool],
     rng: np.random.Generator,
 ) -> EventColumns:
     """Coded diseases (first diagnosis, repeats, spurious codes), complications, the background tail."""
@@ -126,7 +130,9 @@ def drugs(
     prescribe(on["cad"] | on["stroke"] | diabetic_statin, statin, 90)
     prescribe(on["cad"] & (rng.random(m) < 0.7), cc.ASPIRIN, 90)
     recent_mi = _recent(state, state.acute == ACUTE_MI, 365.0)
-    prescribe((recent_mi & refill) | (state.acute == ACUTE_MI) | (on["stroke"] & (rng.random(m) < 0.5)), cc.CLOPIDOGREL, 30)
+    prescribe(
+        (recent_mi & refill) | (state.acute == ACUTE_MI) | (on["stroke"] & (rng.random(m) < 0.5)), cc.CLOPIDOGREL, 30
+    )
     prescribe(on["stroke"] & (rng.random(n) < 0.15)[person], cc.WARFARIN, 30)
     prescribe(on["copd"], cc.COPD_DRUGS[0], 30)
     prescribe(on["copd"] & (rng.random(n) < 0.5)[person], cc.COPD_DRUGS[1], 30)
@@ -149,7 +155,9 @@ def _recent(state: VisitState, event: np.ndarray, days: float) -> np.ndarray:
     return same & (state.day - state.day[safe] <= days)
 
 
-def procedures(state: VisitState, dx: Diagnoses, pools: dict[str, cc.TailPool], rng: np.random.Generator) -> EventColumns:
+def procedures(
+    state: VisitState, dx: Diagnoses, pools: dict[str, cc.TailPool], rng: np.random.Generator
+) -> EventColumns:
     """Work-up and treatment procedures of the modelled diseases, plus the long tail."""
     ev = EventColumns()
     m = len(state)

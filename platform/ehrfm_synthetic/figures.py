@@ -41,7 +41,9 @@ def table_parts(out_dir: Path, table: str) -> list[Path]:
     return sorted([*folder.glob("part-*.parquet"), *folder.glob("part-*.csv")])
 
 
-def prediction_times(person: np.ndarray, visit_end: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def prediction_times(
+    person: np.ndarray, visit_end: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Per person with >= 2 visits: the end of a random visit that is not the last. Input sorted by person."""
     persons, first, count = np.unique(person, return_index=True, return_counts=True)
     keep = count >= 2

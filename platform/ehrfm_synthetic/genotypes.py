@@ -62,8 +62,9 @@ def _design(rng: np.random.Generator, n_variants: int, n_scores: int, per_score:
     weights[weights == 0] = 1e-6
     sign = np.where(rng.random(len(rows)) < 0.5, 1.0, -1.0)
     shape = (n_variants, n_scores)
-    return ScoreDesign(sp.csc_matrix((weights, (rows, cols)), shape=shape),
-                       sp.csc_matrix((sign, (rows, cols)), shape=shape))
+    return ScoreDesign(
+        sp.csc_matrix((weights, (rows, cols)), shape=shape), sp.csc_matrix((sign, (rows, cols)), shape=shape)
+    )
 
 
 def _bim_properties(rng: np.random.Generator, n_variants: int) -> dict[str, np.ndarray]:
@@ -73,9 +74,14 @@ def _bim_properties(rng: np.random.Generator, n_variants: int) -> dict[str, np.n
     position = np.cumsum(gaps)
     position -= np.repeat(position[starts] - gaps[starts], np.diff(np.r_[starts, n_variants]))
     pairs = _PAIRS[rng.integers(0, len(_PAIRS), n_variants)]
-    return {"chromosome": chromosome.astype(str), "sid": np.array([f"rs{90_000_000 + v}" for v in range(n_variants)]),
-            "cm_position": np.zeros(n_variants), "bp_position": position.astype(np.int32),
-            "allele_1": pairs[:, 0], "allele_2": pairs[:, 1]}
+    return {
+        "chromosome": chromosome.astype(str),
+        "sid": np.array([f"rs{90_000_000 + v}" for v in range(n_variants)]),
+        "cm_position": np.zeros(n_variants),
+        "bp_position": position.astype(np.int32),
+        "allele_1": pairs[:, 0],
+        "allele_2": pairs[:, 1],
+    }
 
 
 def _standardise(values: np.ndarray) -> np.ndarray:
@@ -84,20 +90,35 @@ def _standardise(values: np.ndarray) -> np.ndarray:
     return centred / np.where(scale > 0, scale, 1.0)
 
 
-def _write_scoring_file(path: Path, pgs_id: str, rows: np.ndarray, weights: np.ndarray, on_a1: np.ndarray,
-                        bim: dict[str, np.ndarray], flip: np.ndarray, build: str) -> None:
+def _write_scoring_file(
+    path: Path,
+    pgs_id: str,
+    rows: np.ndarray,
+    weights: np.ndarray,
+    on_a1: np.ndarray,
+    bim: dict[str, np.ndarray],
+    flip: np.ndarray,
+    build: str,
+) -> None:
     effect = np.where(on_a1, bim["allele_1"][rows], bim["allele_2"][rows])
     other = np.where(on_a1, bim["allele_2"][rows], bim["allele_1"][rows])
     lines = [
         "###PGS CATALOG SCORING FILE - see https://www.pgscatalog.org/downloads/#dl_ftp_scoring for additional information",
-        "#format_version=2.0", "##POLYGENIC SCORE (PGS) INFORMATION", f"#pgs_id={pgs_id}", f"#pgs_name={pgs_id}_synthetic",
-        "#trait_reported=synthetic latent liability", "#weight_type=beta", f"#genome_build={build}",
+        "#format_version=2.0",
+        "##POLYGENIC SCORE (PGS) INFORMATION",
+        f"#pgs_id={pgs_id}",
+        f"#pgs_name={pgs_id}_synthetic",
+        "#trait_reported=synthetic latent liability",
+        "#weight_type=beta",
+        f"#genome_build={build}",
         f"#variants_number={len(rows)}",
         "rsID\tchr_name\tchr_position\teffect_allele\tother_allele\teffect_weight",
     ]
     for i, row in enumerate(rows):
         ea, oa = (complement(effect[i]), complement(other[i])) if flip[i] else (effect[i], other[i])
-        lines.append(f"{bim['sid'][row]}\t{bim['chromosome'][row]}\t{bim['bp_position'][row]}\t{ea}\t{oa}\t{float(weights[i])!r}")
+        lines.append(
+            f"{bim['sid'][row]}\t{bim['chromosome'][row]}\t{bim['bp_position'][row]}\t{ea}\t{oa}\t{float(weights[i])!r}"
+        )
     with gzip.open(path, "wt", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
 
@@ -166,8 +187,16 @@ def write_genotypes_and_scores(
     for k, pgs_id in enumerate(pgs_ids):
         lo, hi = design.weights.indptr[k], design.weights.indptr[k + 1]
         path = out / "scores" / f"{pgs_id}.txt.gz"
-        _write_scoring_file(path, pgs_id, design.weights.indices[lo:hi], design.weights.data[lo:hi],
-                            design.sign.data[lo:hi] > 0, bim, flips[lo:hi], genome_build)
+        _write_scoring_file(
+            path,
+            pgs_id,
+            design.weights.indices[lo:hi],
+            design.weights.data[lo:hi],
+            design.sign.data[lo:hi] > 0,
+            bim,
+            flips[lo:hi],
+            genome_build,
+        )
         files.append(path)
     return SyntheticGenotypes(bed, files, pgs_ids, true_scores)
 
@@ -191,10 +220,14 @@ def emit_cohort_genotypes(cohort_dir: str | Path, seed: int, n_variants: int = 1
     wide = pq.read_table(cohort / "prs" / "scores_wide.parquet")
     pgs_ids = [name for name in wide.column_names if name != "sample_id"]
     sample_ids = np.asarray(wide["sample_id"].to_pylist(), dtype=str)
-    targets = np.column_stack([wide[name].to_numpy() for name in pgs_ids]) if pgs_ids else np.zeros((len(sample_ids), 0))
+    targets = (
+        np.column_stack([wide[name].to_numpy() for name in pgs_ids]) if pgs_ids else np.zeros((len(sample_ids), 0))
+    )
     if len(sample_ids) * n_variants > _MAX_FREQ_CELLS:
-        raise ValueError(f"{len(sample_ids)} genotyped samples x {n_variants} variants is too large for the "
-                         f"synthetic genotype path (limit {_MAX_FREQ_CELLS:,} cells); lower genotype_variants")
+        raise ValueError(
+            f"{len(sample_ids)} genotyped samples x {n_variants} variants is too large for the "
+            f"synthetic genotype path (limit {_MAX_FREQ_CELLS:,} cells); lower genotype_variants"
+        )
     truth = pq.read_table(cohort / "truth" / "persons", columns=["sample_id", "ancestry"])
     truth = truth.filter(pc.is_valid(truth["sample_id"]))
     ancestry_of = dict(zip(truth["sample_id"].to_pylist(), truth["ancestry"].to_pylist()))
@@ -203,9 +236,12 @@ def emit_cohort_genotypes(cohort_dir: str | Path, seed: int, n_variants: int = 1
     base_logit = np.log(np.clip(rng.uniform(0.05, 0.95, n_variants), 1e-3, 1 - 1e-3))
     base_logit -= np.log1p(-np.exp(base_logit))  # logit of the shared base frequency
     group_freqs = {g: 1 / (1 + np.exp(-(base_logit + rng.normal(0, 0.4, n_variants)))) for g in groups}
-    freqs = np.stack([group_freqs[ancestry_of[s]] for s in sample_ids]) if len(sample_ids) else np.zeros((0, n_variants))
-    result = write_genotypes_and_scores(cohort / "genotypes", sample_ids, freqs, targets, seed, pgs_ids=pgs_ids,
-                                        prefix="cohort")
+    freqs = (
+        np.stack([group_freqs[ancestry_of[s]] for s in sample_ids]) if len(sample_ids) else np.zeros((0, n_variants))
+    )
+    result = write_genotypes_and_scores(
+        cohort / "genotypes", sample_ids, freqs, targets, seed, pgs_ids=pgs_ids, prefix="cohort"
+    )
     for name in ("aggregated_scores.txt.gz", "scores.sscore", "scores_wide.parquet"):
         (cohort / "prs" / name).unlink()
     return result

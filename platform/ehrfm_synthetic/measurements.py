@@ -74,7 +74,12 @@ def measurements(
     ldl = np.clip(110.0 + 0.4 * (state.age - 40.0) + pop.ldl_offset[p] - 40.0 * on_statin, 30.0, None)
     hdl = np.clip(55.0 - 0.8 * (state.bmi - 27.0) - 8.0 * state.male + rng.normal(0.0, 8.0, m), 20.0, 110.0)
     tg = np.exp(np.log(120.0) + 0.03 * (state.bmi - 27.0) + rng.normal(0.0, 0.35, m)) + 30.0 * state.has["t2d"]
-    for concept, values in ((cc.LDL, ldl), (cc.HDL, hdl), (cc.TRIGLYCERIDES, tg), (cc.CHOLESTEROL, ldl + hdl + tg / 5.0)):
+    for concept, values in (
+        (cc.LDL, ldl),
+        (cc.HDL, hdl),
+        (cc.TRIGLYCERIDES, tg),
+        (cc.CHOLESTEROL, ldl + hdl + tg / 5.0),
+    ):
         _add_value(ev, lipids, concept, values, 0)
 
     copd_dx = rows_all == dx.first_visit["copd"][p]

@@ -105,7 +105,12 @@ def visit_rows(pop: Population, visits: Visits, id_base: int) -> pa.Table:
 
 # per table: CDM column prefix, id column, date/datetime column names
 _EVENT_LAYOUT = {
-    "condition_occurrence": ("condition", "condition_occurrence_id", "condition_start_date", "condition_start_datetime"),
+    "condition_occurrence": (
+        "condition",
+        "condition_occurrence_id",
+        "condition_start_date",
+        "condition_start_datetime",
+    ),
     "drug_exposure": ("drug", "drug_exposure_id", "drug_exposure_start_date", "drug_exposure_start_datetime"),
     "procedure_occurrence": ("procedure", "procedure_occurrence_id", "procedure_date", "procedure_datetime"),
     "measurement": ("measurement", "measurement_id", "measurement_date", "measurement_datetime"),
@@ -113,14 +118,23 @@ _EVENT_LAYOUT = {
 }
 _EXTRA_DEFAULTS = {
     "drug_exposure": {"days_supply": (np.int32, 30), "quantity": (np.float64, np.nan), "refills": (np.int32, 0)},
-    "measurement": {"value": (np.float64, np.nan), "unit": (np.int32, 0), "range_low": (np.float64, np.nan),
-                    "range_high": (np.float64, np.nan)},  # fmt: skip
+    "measurement": {
+        "value": (np.float64, np.nan),
+        "unit": (np.int32, 0),
+        "range_low": (np.float64, np.nan),
+        "range_high": (np.float64, np.nan),
+    },  # fmt: skip
     "observation": {"value_as_concept_id": (np.int32, 0)},
 }
 
 
 def event_rows(
-    table: str, events: EventColumns, pop: Population, visits: Visits, visit_id_base: int, id_base: int,
+    table: str,
+    events: EventColumns,
+    pop: Population,
+    visits: Visits,
+    visit_id_base: int,
+    id_base: int,
     rng: np.random.Generator,
 ) -> pa.Table:
     """Events at a random minute inside their visit (diagnoses at its start), sorted by person and time."""
@@ -190,7 +204,9 @@ def death_rows(
         default=0,
     ).astype(np.int32)  # fmt: skip
     minute = rng.integers(0, 24 * 60, len(rows))
-    when = np.maximum(day.astype(np.int64) * US_PER_DAY + minute * _US_PER_MIN, last_end[rows])  # not before the last visit
+    when = np.maximum(
+        day.astype(np.int64) * US_PER_DAY + minute * _US_PER_MIN, last_end[rows]
+    )  # not before the last visit
     return build_table(
         "death",
         {
@@ -199,6 +215,8 @@ def death_rows(
             "death_datetime": when,
             "death_type_concept_id": np.full(len(rows), cc.EHR_TYPE, np.int32),
             "cause_concept_id": cause,
-            "cause_source_value": pc.if_else(pa.array(cause != 0), source_values(cause), pa.nulls(len(rows), pa.string())),
+            "cause_source_value": pc.if_else(
+                pa.array(cause != 0), source_values(cause), pa.nulls(len(rows), pa.string())
+            ),
         },
     )

@@ -119,6 +119,10 @@ def load_truth(out_dir: str | Path, parts: list[int] | None = None) -> Synthetic
     )
     person_id = table.column("person_id").to_numpy()
     return SyntheticTruth(
-        table=table, person_id=person_id, inputs=inputs, death=_days(table, "death"), params=params,
+        table=table,
+        person_id=person_id,
+        inputs=inputs,
+        death=_days(table, "death"),
+        params=params,
         _order=np.argsort(person_id, kind="stable"),
     )

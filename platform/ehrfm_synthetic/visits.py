@@ -67,7 +67,9 @@ def simulate_visits(
     age = (STEP_MID[None, :] - pop.birth[:, None]) / DAYS_PER_YEAR
     active = sum((hist.onsets[d][:, None] <= STEP_MID[None, :]).astype(np.float64) for d in ACTIVE_DISEASES)
     rate = params.base_rate_per_year * pop.visit_frailty[:, None] * np.exp(params.age_slope * (age - 50.0))
-    prediabetic = (hist.onsets["prediabetes"][:, None] <= STEP_MID[None, :]) & (hist.onsets["t2d"][:, None] > STEP_MID[None, :])
+    prediabetic = (hist.onsets["prediabetes"][:, None] <= STEP_MID[None, :]) & (
+        hist.onsets["t2d"][:, None] > STEP_MID[None, :]
+    )
     rate = rate * (1.0 + params.per_disease * active + params.prediabetes * prediabetic)
     counts = rng.poisson(rate * exposure / DAYS_PER_YEAR)
     cell_person, cell_step = np.nonzero(counts)
@@ -111,7 +113,11 @@ def simulate_visits(
 
 
 def _timed(
-    person: np.ndarray, day: np.ndarray, kind: np.ndarray, acute: np.ndarray, window: ObservationWindow,
+    person: np.ndarray,
+    day: np.ndarray,
+    kind: np.ndarray,
+    acute: np.ndarray,
+    window: ObservationWindow,
     rng: np.random.Generator,
 ) -> Visits:
     """Times of day, lengths of stay and end times; then sort by person and start."""

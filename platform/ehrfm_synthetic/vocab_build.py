@@ -86,9 +86,7 @@ def build_subset(shared_data: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     units = set(specs["unit_concept_id"]) | {8554, 8840, 9531, 8876, 8541, 8582, 9529}
     wanted |= concepts["concept_id"].isin(units) & (concepts["domain_id"] == "Unit")
     subset = concepts[wanted & ~concepts["concept_id"].isin([row[0] for row in SUPPLEMENT])]
-    extra = pd.DataFrame(
-        [(*row, "1970-01-01", "2099-12-31", None) for row in SUPPLEMENT], columns=CONCEPT_COLUMNS
-    )
+    extra = pd.DataFrame([(*row, "1970-01-01", "2099-12-31", None) for row in SUPPLEMENT], columns=CONCEPT_COLUMNS)
     out = pd.concat([subset, extra], ignore_index=True).sort_values("concept_id", kind="stable")
     out["concept_name"] = out["concept_name"].str.strip()
     missing_units = sorted(set(specs["unit_concept_id"]) - set(out["concept_id"]))

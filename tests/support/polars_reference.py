@@ -16,16 +16,16 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from ehrfm.constants import BOS_ID, EOS_ID, SPLITS, UNK_ID
 from ehrfm.omop.events import BIRTH_CODE, CLINICAL_PRIORITY, DEATH_CODE, EVENT_SOURCES, PRIORITY_PREFIXES
-from ehrfm.omop.validation import PersonIndex, find_tables, validate_batch, validate_table
 from ehrfm.omop.files import iter_raw_batches
 from ehrfm.omop.spec import CDM_TABLES
+from ehrfm.omop.validation import PersonIndex, find_tables, validate_batch, validate_table
 from ehrfm.preprocess.config import PreprocessConfig
+from ehrfm.preprocess.tokenizer import gap_token_names, value_token_names
 from ehrfm.prs.person import PersonPrs, PrsInputs, build_person_prs, float32_vectors, storable
-from ehrfm.constants import BOS_ID, EOS_ID, SPLITS, UNK_ID
 from ehrfm.schemas import timeline_schema
 from ehrfm.splits import split_codes
-from ehrfm.preprocess.tokenizer import gap_token_names, value_token_names
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 DT = pl.Datetime("us")
@@ -59,11 +59,16 @@ def _value(column: str | None) -> pl.Expr:
     return pl.when(value.abs() > _FLOAT32_MAX).then(None).otherwise(value).cast(pl.Float32)
 
 
-def _event_frame(frame: pl.DataFrame, time: pl.Expr, code: pl.Expr, value: pl.Expr, visit: pl.Expr,
-                 visit_type: pl.Expr) -> pl.DataFrame:
+def _event_frame(
+    frame: pl.DataFrame, time: pl.Expr, code: pl.Expr, value: pl.Expr, visit: pl.Expr, visit_type: pl.Expr
+) -> pl.DataFrame:
     return frame.select(
-        pl.col("person_id").alias("subject_id"), time.alias("time"), code.alias("code"),
-        value.alias("numeric_value"), visit.cast(pl.Int64).alias("visit_id"), visit_type.cast(pl.String).alias("visit_type"),
+        pl.col("person_id").alias("subject_id"),
+        time.alias("time"),
+        code.alias("code"),
+        value.alias("numeric_value"),
+        visit.cast(pl.Int64).alias("visit_id"),
+        visit_type.cast(pl.String).alias("visit_type"),
     )
 
 
@@ -72,39 +77,77 @@ def _table_events(table: str, kept: pl.DataFrame) -> pl.DataFrame:
     visit = pl.col(source.visit) if source.visit else pl.lit(None, dtype=pl.Int64)
     none = pl.lit(None, dtype=pl.String)
     if source.end_date is None:
-        return _event_frame(kept, _time(source.date, source.datetime), _code(source.prefix, source.concept),
-                            _value(source.value), visit, none)
+        return _event_frame(
+            kept,
+            _time(source.date, source.datetime),
+            _code(source.prefix, source.concept),
+            _value(source.value),
+            visit,
+            none,
+        )
     start = _time(source.date, source.datetime)
     end = pl.max_horizontal(_time(source.end_date, source.end_datetime), start)
     kind = pl.col(source.concept).fill_null(0).cast(pl.String)
     nothing = pl.lit(None, dtype=pl.Float32)
-    return pl.concat([
-        _event_frame(kept, start, _code("VISIT", source.concept), nothing, visit, kind),
-        _event_frame(kept, end, _code("VISIT_END", source.concept), nothing, visit, kind),
-    ])
+    return pl.concat(
+        [
+            _event_frame(kept, start, _code("VISIT", source.concept), nothing, visit, kind),
+            _event_frame(kept, end, _code("VISIT_END", source.concept), nothing, visit, kind),
+        ]
+    )
 
 
 def _person_events(person: pl.DataFrame) -> pl.DataFrame:
-    birth = pl.coalesce(pl.col("birth_datetime"), pl.date(pl.col("year_of_birth"), pl.col("month_of_birth").fill_null(1),
-                                                          pl.col("day_of_birth").fill_null(1)).cast(DT))
-    nothing, none_i, none_s = pl.lit(None, dtype=pl.Float32), pl.lit(None, dtype=pl.Int64), pl.lit(None, dtype=pl.String)
+    birth = pl.coalesce(
+        pl.col("birth_datetime"),
+        pl.date(
+            pl.col("year_of_birth"), pl.col("month_of_birth").fill_null(1), pl.col("day_of_birth").fill_null(1)
+        ).cast(DT),
+    )
+    nothing, none_i, none_s = (
+        pl.lit(None, dtype=pl.Float32),
+        pl.lit(None, dtype=pl.Int64),
+        pl.lit(None, dtype=pl.String),
+    )
     parts = [_event_frame(person, birth, pl.lit(BIRTH_CODE), nothing, none_i, none_s)]
-    for prefix, column in (("GENDER", "gender_concept_id"), ("RACE", "race_concept_id"), ("ETHNICITY", "ethnicity_concept_id")):
+    for prefix, column in (
+        ("GENDER", "gender_concept_id"),
+        ("RACE", "race_concept_id"),
+        ("ETHNICITY", "ethnicity_concept_id"),
+    ):
         parts.append(_event_frame(person, birth, _code(prefix, column), nothing, none_i, none_s))
     return pl.concat(parts)
 
 
 def _death_events(death: pl.DataFrame) -> pl.DataFrame:
-    return _event_frame(death, _time("death_date", "death_datetime"), pl.lit(DEATH_CODE), pl.lit(None, dtype=pl.Float32),
-                        pl.lit(None, dtype=pl.Int64), pl.lit(None, dtype=pl.String))
+    return _event_frame(
+        death,
+        _time("death_date", "death_datetime"),
+        pl.lit(DEATH_CODE),
+        pl.lit(None, dtype=pl.Float32),
+        pl.lit(None, dtype=pl.Int64),
+        pl.lit(None, dtype=pl.String),
+    )
 
 
 def _kept_rows(files: list[str], table: str, persons: PersonIndex, batch_rows: int) -> pl.DataFrame:
     """Validated rows of a table in file order, duplicates of the primary key removed (first kept)."""
     spec = CDM_TABLES[table]
     source = EVENT_SOURCES[table]
-    columns = [c for c in ("person_id", source.concept, source.date, source.datetime, source.value, source.visit,
-                           source.end_date, source.end_datetime) if c] + [k for k in spec.primary_key]
+    columns = [
+        c
+        for c in (
+            "person_id",
+            source.concept,
+            source.date,
+            source.datetime,
+            source.value,
+            source.visit,
+            source.end_date,
+            source.end_datetime,
+        )
+        if c
+    ] + list(spec.primary_key)
     columns = list(dict.fromkeys(columns))
     parts = []
     for batch in iter_raw_batches(files, table, batch_rows):
@@ -141,8 +184,11 @@ def omop_events(root: str, batch_rows: int = 100_000) -> pl.DataFrame:
         if table in tables:
             parts.append(_table_events(table, _kept_rows(tables[table], table, persons, batch_rows)))
     events = pl.concat(parts)
-    visits = (events.filter(pl.col("code").str.starts_with("VISIT/") & pl.col("visit_type").is_not_null())
-              .group_by(["subject_id", "visit_id"]).agg(pl.col("visit_type").min().alias("_visit_type")))
+    visits = (
+        events.filter(pl.col("code").str.starts_with("VISIT/") & pl.col("visit_type").is_not_null())
+        .group_by(["subject_id", "visit_id"])
+        .agg(pl.col("visit_type").min().alias("_visit_type"))
+    )
     events = events.join(visits, on=["subject_id", "visit_id"], how="left")
     events = events.with_columns(pl.coalesce("visit_type", "_visit_type").alias("visit_type")).drop("_visit_type")
     events = events.with_columns(_priority().alias("_priority"))
@@ -166,8 +212,11 @@ def fit_vocabulary(events: pl.DataFrame, cfg: PreprocessConfig) -> tuple[list[st
     structural = value_token_names(settings.value_bins) + gap_token_names(settings.gap_edges_days)
     tokens = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + structural + counts["code"].to_list()
     n_bins = settings.value_bins
-    values = (train.filter(pl.col("code").is_in(counts["code"].implode()) & pl.col("numeric_value").is_not_null())
-              .group_by("code").agg(pl.col("numeric_value").sort().alias("v")))
+    values = (
+        train.filter(pl.col("code").is_in(counts["code"].implode()) & pl.col("numeric_value").is_not_null())
+        .group_by("code")
+        .agg(pl.col("numeric_value").sort().alias("v"))
+    )
     values = values.filter(pl.col("v").list.len() >= settings.min_values_for_bins)
     edges: dict[str, list[float]] = {}
     for code, sorted_values in zip(values["code"].to_list(), values["v"].to_list()):
@@ -177,21 +226,28 @@ def fit_vocabulary(events: pl.DataFrame, cfg: PreprocessConfig) -> tuple[list[st
     return tokens, dict(sorted(edges.items()))
 
 
-def tokenize(events: pl.DataFrame, tokens: list[str], edges: dict[str, list[float]], cfg: PreprocessConfig) -> pl.DataFrame:
+def tokenize(
+    events: pl.DataFrame, tokens: list[str], edges: dict[str, list[float]], cfg: PreprocessConfig
+) -> pl.DataFrame:
     """subject_id, birth_day, tokens, ages per subject."""
     settings = cfg.tokenizer
     ids = pl.DataFrame({"code": tokens, "_id": pl.Series(range(len(tokens)), dtype=pl.Int32)})
-    births = (events.filter(pl.col("code") == BIRTH_CODE).group_by("subject_id")
-              .agg(pl.col("time").min().dt.date().alias("birth_date")))
+    births = (
+        events.filter(pl.col("code") == BIRTH_CODE)
+        .group_by("subject_id")
+        .agg(pl.col("time").min().dt.date().alias("birth_date"))
+    )
     body = events.filter(pl.col("code") != BIRTH_CODE).join(births, on="subject_id", how="left")
     body = body.with_columns((pl.col("time").dt.date() - pl.col("birth_date")).dt.total_days().alias("day"))
-    body = body.sort(["subject_id", "day", "_priority", "time", "code", "numeric_value", "visit_id", "visit_type"],
-                     nulls_last=True)
+    body = body.sort(
+        ["subject_id", "day", "_priority", "time", "code", "numeric_value", "visit_id", "visit_type"], nulls_last=True
+    )
     body = body.join(ids, on="code", how="left", maintain_order="left").with_columns(pl.col("_id").fill_null(UNK_ID))
     n_edges = settings.value_bins - 1
-    edge_frame = pl.DataFrame({"code": list(edges), **{f"_e{j}": [np.float32(e[j]) for e in edges.values()]
-                                                      for j in range(n_edges)}},
-                              schema={"code": pl.String, **{f"_e{j}": pl.Float32 for j in range(n_edges)}})
+    edge_frame = pl.DataFrame(
+        {"code": list(edges), **{f"_e{j}": [np.float32(e[j]) for e in edges.values()] for j in range(n_edges)}},
+        schema={"code": pl.String, **{f"_e{j}": pl.Float32 for j in range(n_edges)}},
+    )
     body = body.join(edge_frame, on="code", how="left", maintain_order="left")
     has_q = pl.col("_e0").is_not_null() & pl.col("numeric_value").is_not_null()
     q = pl.sum_horizontal([(pl.col(f"_e{j}") < pl.col("numeric_value")).cast(pl.Int32) for j in range(n_edges)])
@@ -202,30 +258,50 @@ def tokenize(events: pl.DataFrame, tokens: list[str], edges: dict[str, list[floa
     bucket = pl.sum_horizontal([(gap >= e).cast(pl.Int32) for e in settings.gap_edges_days]) - 1
     gap_ids = [tokens.index(name) for name in gap_names]
     body = body.with_columns(
-        pl.when(gap >= settings.gap_edges_days[0]).then(bucket.replace_strict(list(range(len(gap_ids))), gap_ids, default=None))
-        .otherwise(None).cast(pl.Int32).alias("_gap"),
-        pl.when(has_q).then(q.replace_strict(list(range(settings.value_bins)), value_ids, default=None))
-        .otherwise(None).cast(pl.Int32).alias("_q"),
+        pl.when(gap >= settings.gap_edges_days[0])
+        .then(bucket.replace_strict(list(range(len(gap_ids))), gap_ids, default=None))
+        .otherwise(None)
+        .cast(pl.Int32)
+        .alias("_gap"),
+        pl.when(has_q)
+        .then(q.replace_strict(list(range(settings.value_bins)), value_ids, default=None))
+        .otherwise(None)
+        .cast(pl.Int32)
+        .alias("_q"),
     )
     body = body.with_row_index("_event")  # the event order, subjects ascending
     slot = pl.lit(0, dtype=pl.Int8)
-    stream = pl.concat([
-        body.filter(pl.col("_gap").is_not_null()).select("subject_id", "_event", slot.alias("_slot"),
-                                                          pl.col("_gap").alias("t"), pl.col("day").alias("a")),
-        body.select("subject_id", "_event", (slot + 1).alias("_slot"), pl.col("_id").alias("t"), pl.col("day").alias("a")),
-        body.filter(pl.col("_q").is_not_null()).select("subject_id", "_event", (slot + 2).alias("_slot"),
-                                                        pl.col("_q").alias("t"), pl.col("day").alias("a")),
-    ]).sort(["_event", "_slot"])
-    grouped = stream.group_by("subject_id", maintain_order=True).agg("t", "a").join(
-        body.group_by("subject_id").agg(pl.col("day").max().alias("last")), on="subject_id")
+    stream = pl.concat(
+        [
+            body.filter(pl.col("_gap").is_not_null()).select(
+                "subject_id", "_event", slot.alias("_slot"), pl.col("_gap").alias("t"), pl.col("day").alias("a")
+            ),
+            body.select(
+                "subject_id", "_event", (slot + 1).alias("_slot"), pl.col("_id").alias("t"), pl.col("day").alias("a")
+            ),
+            body.filter(pl.col("_q").is_not_null()).select(
+                "subject_id", "_event", (slot + 2).alias("_slot"), pl.col("_q").alias("t"), pl.col("day").alias("a")
+            ),
+        ]
+    ).sort(["_event", "_slot"])
+    grouped = (
+        stream.group_by("subject_id", maintain_order=True)
+        .agg("t", "a")
+        .join(body.group_by("subject_id").agg(pl.col("day").max().alias("last")), on="subject_id")
+    )
     out = births.join(grouped, on="subject_id", how="left").sort("subject_id")
     bos, eos = pl.lit([BOS_ID], dtype=pl.List(pl.Int32)), pl.lit([EOS_ID], dtype=pl.List(pl.Int32))
     return out.select(
-        "subject_id", "birth_date",
+        "subject_id",
+        "birth_date",
         pl.concat_list([bos, pl.col("t").fill_null(pl.lit([], dtype=pl.List(pl.Int32))), eos]).alias("tokens"),
-        pl.concat_list([pl.lit([0], dtype=pl.List(pl.Int32)),
-                        pl.col("a").cast(pl.List(pl.Int32)).fill_null(pl.lit([], dtype=pl.List(pl.Int32))),
-                        pl.col("last").fill_null(0).cast(pl.Int32)]).alias("ages"),
+        pl.concat_list(
+            [
+                pl.lit([0], dtype=pl.List(pl.Int32)),
+                pl.col("a").cast(pl.List(pl.Int32)).fill_null(pl.lit([], dtype=pl.List(pl.Int32))),
+                pl.col("last").fill_null(0).cast(pl.Int32),
+            ]
+        ).alias("ages"),
     )
 
 
@@ -239,13 +315,16 @@ def reference_timelines(omop: str, cfg: PreprocessConfig, prs: PrsInputs | None 
     split = split_codes(subjects, cfg.splits.ratios, cfg.splits.salt)
     person_prs = build_person_prs(prs, subjects, split, None) if prs else PersonPrs.empty(subjects)
     values, has = person_prs.rows(subjects)
-    table = pa.table({
-        "subject_id": pa.array(subjects, pa.int64()),
-        "split": pa.array(np.asarray(SPLITS, dtype=object)[split].tolist(), pa.string()),
-        "birth_date": timelines["birth_date"].to_arrow(),
-        "tokens": timelines["tokens"].to_arrow().cast(pa.list_(pa.int32())),
-        "ages": timelines["ages"].to_arrow().cast(pa.list_(pa.int32())),
-        "prs": float32_vectors(values),
-        "has_prs": pa.array(has, pa.bool_()),
-    }, schema=storable(timeline_schema(values.shape[1])))
+    table = pa.table(
+        {
+            "subject_id": pa.array(subjects, pa.int64()),
+            "split": pa.array(np.asarray(SPLITS, dtype=object)[split].tolist(), pa.string()),
+            "birth_date": timelines["birth_date"].to_arrow(),
+            "tokens": timelines["tokens"].to_arrow().cast(pa.list_(pa.int32())),
+            "ages": timelines["ages"].to_arrow().cast(pa.list_(pa.int32())),
+            "prs": float32_vectors(values),
+            "has_prs": pa.array(has, pa.bool_()),
+        },
+        schema=storable(timeline_schema(values.shape[1])),
+    )
     return ReferenceResult(table, tokens, edges, events.height)

@@ -17,11 +17,17 @@ def _default_worker_cpus(head_cpus: int, workers: int) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ehrfm.cluster", description="A Ray cluster of several nodes on one machine, token auth on.")
-    parser.add_argument("action", choices=["up", "down", "status", "env"],
-                        help="up: start (or reuse); down: stop; status: JSON report; env: shell exports for clients")
-    parser.add_argument("--state-dir", type=Path,
-                        default=Path(os.environ.get("EHRFM_CLUSTER_DIR", DEFAULT_STATE_DIR / "cluster")))
+    parser = argparse.ArgumentParser(
+        prog="python -m ehrfm.cluster", description="A Ray cluster of several nodes on one machine, token auth on."
+    )
+    parser.add_argument(
+        "action",
+        choices=["up", "down", "status", "env"],
+        help="up: start (or reuse); down: stop; status: JSON report; env: shell exports for clients",
+    )
+    parser.add_argument(
+        "--state-dir", type=Path, default=Path(os.environ.get("EHRFM_CLUSTER_DIR", DEFAULT_STATE_DIR / "cluster"))
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--head-cpus", type=int, default=1)
     parser.add_argument("--worker-cpus", type=int, default=None, help="default: the remaining cores, shared")
@@ -31,8 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--object-store-memory", type=int, default=None, help="bytes per node")
     parser.add_argument("--temp-dir", type=Path, default=None, help="Ray's temp dir (default <state-dir>/ray)")
     parser.add_argument("--token-path", type=Path, default=None, help="token file (default <state-dir>/auth_token)")
-    parser.add_argument("--mlflow", action="store_true",
-                        help="start or reuse the local MLflow server first; jobs inherit MLFLOW_TRACKING_URI")
+    parser.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="start or reuse the local MLflow server first; jobs inherit MLFLOW_TRACKING_URI",
+    )
     return parser
 
 
@@ -60,15 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.mlflow:
         print(f"MLflow at {ensure_tracking_uri()}")
     spec = LocalClusterSpec(
-        state_dir=args.state_dir, workers=args.workers, head_cpus=args.head_cpus,
+        state_dir=args.state_dir,
+        workers=args.workers,
+        head_cpus=args.head_cpus,
         worker_cpus=args.worker_cpus or _default_worker_cpus(args.head_cpus, args.workers),
-        worker_gpus=args.worker_gpus, port=args.port, dashboard_port=args.dashboard_port,
-        object_store_bytes=args.object_store_memory, temp_dir=args.temp_dir, token_path=args.token_path,
+        worker_gpus=args.worker_gpus,
+        port=args.port,
+        dashboard_port=args.dashboard_port,
+        object_store_bytes=args.object_store_memory,
+        temp_dir=args.temp_dir,
+        token_path=args.token_path,
     )
     cluster = up(spec)
     print(f"Ray cluster up: {len(cluster.nodes)} node(s), GCS {cluster.gcs_address}, dashboard {cluster.dashboard_url}")
     print(f"logs: {cluster.state_dir / 'logs'} and {cluster.temp_dir}/<node>/session_latest/logs")
-    print(f"clients: eval \"$(cluster/local.sh env --state-dir {cluster.state_dir})\"")
+    print(f'clients: eval "$(cluster/local.sh env --state-dir {cluster.state_dir})"')
     return 0
 
 

@@ -87,9 +87,12 @@ class LocalCluster:
             return None
         record = json.loads(path.read_text(encoding="utf-8"))
         return cls(
-            state_dir=Path(record["state_dir"]), gcs_address=record["gcs_address"],
-            dashboard_url=record["dashboard_url"], token_path=Path(record["token_path"]),
-            temp_dir=Path(record["temp_dir"]), nodes=[NodeProcess(**node) for node in record["nodes"]],
+            state_dir=Path(record["state_dir"]),
+            gcs_address=record["gcs_address"],
+            dashboard_url=record["dashboard_url"],
+            token_path=Path(record["token_path"]),
+            temp_dir=Path(record["temp_dir"]),
+            nodes=[NodeProcess(**node) for node in record["nodes"]],
         )
 
     def head_running(self) -> bool:
@@ -129,25 +132,52 @@ def node_temp_dir(spec: LocalClusterSpec, role: str) -> Path:
 
 
 def _common_args(spec: LocalClusterSpec, role: str) -> list[str]:
-    args = ["--temp-dir", str(node_temp_dir(spec, role)), "--disable-usage-stats",
-            # workers bind OS-chosen ports, so clusters side by side never collide on 10002-19999
-            "--min-worker-port", "0", "--max-worker-port", "0",
-            "--dashboard-agent-listen-port", str(free_port())]
+    args = [
+        "--temp-dir",
+        str(node_temp_dir(spec, role)),
+        "--disable-usage-stats",
+        # workers bind OS-chosen ports, so clusters side by side never collide on 10002-19999
+        "--min-worker-port",
+        "0",
+        "--max-worker-port",
+        "0",
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+    ]
     if spec.object_store_bytes:
         args += ["--object-store-memory", str(spec.object_store_bytes)]
     return args
 
 
 def _head_args(spec: LocalClusterSpec) -> list[str]:
-    return ["--head", "--port", str(spec.port or free_port()),
-            "--dashboard-host", LOOPBACK, "--dashboard-port", str(spec.dashboard_port),
-            "--ray-client-server-port", str(free_port()),
-            "--num-cpus", str(spec.head_cpus), "--num-gpus", "0", *_common_args(spec, "head")]
+    return [
+        "--head",
+        "--port",
+        str(spec.port or free_port()),
+        "--dashboard-host",
+        LOOPBACK,
+        "--dashboard-port",
+        str(spec.dashboard_port),
+        "--ray-client-server-port",
+        str(free_port()),
+        "--num-cpus",
+        str(spec.head_cpus),
+        "--num-gpus",
+        "0",
+        *_common_args(spec, "head"),
+    ]
 
 
 def _worker_args(spec: LocalClusterSpec, gcs_address: str, role: str) -> list[str]:
-    return ["--address", gcs_address, "--num-cpus", str(spec.worker_cpus),
-            "--num-gpus", str(spec.worker_gpus), *_common_args(spec, role)]
+    return [
+        "--address",
+        gcs_address,
+        "--num-cpus",
+        str(spec.worker_cpus),
+        "--num-gpus",
+        str(spec.worker_gpus),
+        *_common_args(spec, role),
+    ]
 
 
 def _worker_env(base: dict[str, str], index: int, gpus: int) -> dict[str, str]:
@@ -179,8 +209,10 @@ def _wait_until(check: Callable[[], object], what: str, nodes: list[NodeProcess]
     while time.monotonic() < deadline:
         for node in nodes:
             if live_process(node) is None:
-                raise RuntimeError(f"ray node {node.role} exited while waiting for {what}; "
-                                   f"its log ({node.log}) ends:\n{_log_tail(node.log)}")
+                raise RuntimeError(
+                    f"ray node {node.role} exited while waiting for {what}; "
+                    f"its log ({node.log}) ends:\n{_log_tail(node.log)}"
+                )
         try:
             result = check()
         except (OSError, urllib.error.URLError, KeyError, ValueError):
@@ -199,12 +231,15 @@ def _check_spec(spec: LocalClusterSpec) -> None:
     if spec.workers < 0 or spec.head_cpus < 0 or spec.worker_cpus < 1 or spec.worker_gpus < 0:
         raise ValueError(f"invalid cluster sizes: {spec}")
     if len(str(spec.ray_temp_dir)) > MAX_TEMP_DIR_CHARS:
-        raise ValueError(f"Ray temp dir {spec.ray_temp_dir} is longer than {MAX_TEMP_DIR_CHARS} characters: "
-                         "Ray's Unix socket paths below it would pass the 107-byte limit. "
-                         "Pass a shorter --temp-dir (or --state-dir).")
+        raise ValueError(
+            f"Ray temp dir {spec.ray_temp_dir} is longer than {MAX_TEMP_DIR_CHARS} characters: "
+            "Ray's Unix socket paths below it would pass the 107-byte limit. "
+            "Pass a shorter --temp-dir (or --state-dir)."
+        )
     if _port_in_use(spec.dashboard_port):
-        raise RuntimeError(f"dashboard port {spec.dashboard_port} is in use (another Ray cluster?); "
-                           "pass --dashboard-port")
+        raise RuntimeError(
+            f"dashboard port {spec.dashboard_port} is in use (another Ray cluster?); pass --dashboard-port"
+        )
 
 
 def up(spec: LocalClusterSpec) -> LocalCluster:
@@ -223,23 +258,33 @@ def up(spec: LocalClusterSpec) -> LocalCluster:
     (head_temp_dir / ADDRESS_FILE).unlink(missing_ok=True)
     env = _node_env(spec)
     ensure_token_file(spec.token_file)
-    cluster = LocalCluster(state_dir, "", f"http://{LOOPBACK}:{spec.dashboard_port}",
-                           spec.token_file, spec.ray_temp_dir)
+    cluster = LocalCluster(
+        state_dir, "", f"http://{LOOPBACK}:{spec.dashboard_port}", spec.token_file, spec.ray_temp_dir
+    )
     cluster.nodes.append(start_node("head", _head_args(spec), env, logs))
     cluster.save()  # from here on `down` can clean up whatever happens next
     try:
         address_file = head_temp_dir / ADDRESS_FILE
-        cluster.gcs_address = str(_wait_until(
-            lambda: address_file.read_text().strip() if address_file.is_file() else None,
-            "the head's GCS address", cluster.nodes, spec.start_timeout_s))
+        cluster.gcs_address = str(
+            _wait_until(
+                lambda: address_file.read_text().strip() if address_file.is_file() else None,
+                "the head's GCS address",
+                cluster.nodes,
+                spec.start_timeout_s,
+            )
+        )
         _wait_until(_node_count_is(cluster, 1), "the head node", cluster.nodes, spec.start_timeout_s)
         for index in range(spec.workers):
             role = f"worker-{index}"
             worker_env = _worker_env(env, index, spec.worker_gpus)
             cluster.nodes.append(start_node(role, _worker_args(spec, cluster.gcs_address, role), worker_env, logs))
             cluster.save()
-        _wait_until(_node_count_is(cluster, 1 + spec.workers), f"{spec.workers} worker node(s)",
-                    cluster.nodes, spec.start_timeout_s)
+        _wait_until(
+            _node_count_is(cluster, 1 + spec.workers),
+            f"{spec.workers} worker node(s)",
+            cluster.nodes,
+            spec.start_timeout_s,
+        )
     except BaseException:
         down(state_dir)
         raise
@@ -263,10 +308,15 @@ def status(state_dir: Path) -> dict:
     cluster = LocalCluster.load(state_dir.absolute())
     if cluster is None:
         return {"running": False, "state_dir": str(state_dir)}
-    report = {"running": cluster.head_running(), "state_dir": str(cluster.state_dir),
-              "gcs_address": cluster.gcs_address, "dashboard_url": cluster.dashboard_url,
-              "token_path": str(cluster.token_path), "temp_dir": str(cluster.temp_dir),
-              "processes": {node.role: live_process(node) is not None for node in cluster.nodes}}
+    report = {
+        "running": cluster.head_running(),
+        "state_dir": str(cluster.state_dir),
+        "gcs_address": cluster.gcs_address,
+        "dashboard_url": cluster.dashboard_url,
+        "token_path": str(cluster.token_path),
+        "temp_dir": str(cluster.temp_dir),
+        "processes": {node.role: live_process(node) is not None for node in cluster.nodes},
+    }
     if report["running"]:
         try:
             nodes = alive_nodes(cluster.dashboard_url, cluster.token_path)
@@ -275,5 +325,3 @@ def status(state_dir: Path) -> dict:
         except (OSError, urllib.error.URLError) as error:
             report["alive_nodes"] = f"dashboard not answering: {error}"
     return report
-
-

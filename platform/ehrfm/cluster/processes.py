@@ -39,8 +39,12 @@ def start_node(role: str, args: list[str], env: dict[str, str], logs: Path) -> N
     log_path = logs / f"{role}.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [_ray_cli(), "start", "--block", *args], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            [_ray_cli(), "start", "--block", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
     return NodeProcess(role, process.pid, psutil.Process(process.pid).create_time(), str(log_path))
 
@@ -60,8 +64,11 @@ def _group_members(node: NodeProcess) -> list[psutil.Process]:
     members = []
     for process in psutil.process_iter():
         try:
-            if (os.getpgid(process.pid) == node.pid and process.create_time() >= node.created - 1.0
-                    and process.status() != psutil.STATUS_ZOMBIE):
+            if (
+                os.getpgid(process.pid) == node.pid
+                and process.create_time() >= node.created - 1.0
+                and process.status() != psutil.STATUS_ZOMBIE
+            ):
                 members.append(process)
         except (psutil.Error, ProcessLookupError):
             continue

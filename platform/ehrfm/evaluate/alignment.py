@@ -22,8 +22,9 @@ def _keys(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")))
 
 
-def align_scores(path: Path, labels: pa.Table, split: np.ndarray, columns: dict[str, str],
-                 required_split: str = "test") -> dict[str, np.ndarray]:
+def align_scores(
+    path: Path, labels: pa.Table, split: np.ndarray, columns: dict[str, str], required_split: str = "test"
+) -> dict[str, np.ndarray]:
     """`{name: scores}` over all label rows (NaN where the file has no row) for each `{name: column}`."""
     path = Path(path)
     wanted = sorted(set(columns.values()))
@@ -36,13 +37,15 @@ def align_scores(path: Path, labels: pa.Table, split: np.ndarray, columns: dict[
     repeated = n_rows - scores.select(KEYS).unique().height
     if repeated:
         raise ValueError(f"{path}: {repeated} of {n_rows} rows repeat a (subject_id, prediction_time)")
-    label_rows = _keys(pl.from_arrow(labels).select(*KEYS, "boolean_value")).with_columns(
-        pl.Series("label_split", np.asarray(split).astype(str))).with_row_index("row")
+    label_rows = (
+        _keys(pl.from_arrow(labels).select(*KEYS, "boolean_value"))
+        .with_columns(pl.Series("label_split", np.asarray(split).astype(str)))
+        .with_row_index("row")
+    )
     joined = scores.join(label_rows, on=list(KEYS), how="left")
     unmatched = joined["row"].null_count()
     if unmatched:
-        raise ValueError(f"{path}: {unmatched} of {n_rows} rows match no label row "
-                         f"({label_rows.height} label rows)")
+        raise ValueError(f"{path}: {unmatched} of {n_rows} rows match no label row ({label_rows.height} label rows)")
     _agree(path, joined, "label", "boolean_value", pl.Boolean)
     _agree(path, joined, "split", "label_split", pl.String)
     n_required = int((np.asarray(split) == required_split).sum())
@@ -57,8 +60,9 @@ def align_scores(path: Path, labels: pa.Table, split: np.ndarray, columns: dict[
         on_required = values[np.asarray(split) == required_split]
         bad = int((~np.isfinite(on_required)).sum())
         if bad:
-            raise ValueError(f"{path}: column {column!r} is null/NaN on {bad} of {on_required.size} "
-                             f"{required_split} rows")
+            raise ValueError(
+                f"{path}: column {column!r} is null/NaN on {bad} of {on_required.size} {required_split} rows"
+            )
         out[name] = values
     return out
 
@@ -70,5 +74,6 @@ def _agree(path: Path, joined: pl.DataFrame, column: str, reference: str, dtype:
     same = pl.col(column).cast(dtype).eq_missing(pl.col(reference).cast(dtype))
     differ = joined.filter(~same).height
     if differ:
-        raise ValueError(f"{path}: column {column!r} disagrees with the labels/splits on {differ} of "
-                         f"{joined.height} rows")
+        raise ValueError(
+            f"{path}: column {column!r} disagrees with the labels/splits on {differ} of {joined.height} rows"
+        )

@@ -29,9 +29,9 @@ from threadpoolctl import threadpool_limits
 from ehrfm.config import StrictModel, load_config
 from ehrfm.evaluate.calibration import Recalibrator
 from ehrfm.evaluate.features import CodeVocabulary, FeatureMatrix, build_features, demographics
-from ehrfm.metrics import auroc
 from ehrfm.evaluate.report import evaluate_predictions, log_to_mlflow, write_report, write_stratified
 from ehrfm.evaluate.stratify import age_bucket
+from ehrfm.metrics import auroc
 
 BASELINES = ("prs_lr", "counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb")
 TRAIN, VAL, TEST = "train", "val", "test"
@@ -99,8 +99,12 @@ def dense_columns(features: FeatureMatrix, train: np.ndarray, limit: int) -> np.
 
 def boosting_model(config: BaselineConfig, early_stopping: bool) -> HistGradientBoostingClassifier:
     """The gradient-boosting baseline's estimator, unfitted (also cross-validated by `prs_headroom`)."""
-    return HistGradientBoostingClassifier(learning_rate=config.hgb_learning_rate, max_iter=config.hgb_max_iter,
-                                          early_stopping=early_stopping, random_state=config.seed)
+    return HistGradientBoostingClassifier(
+        learning_rate=config.hgb_learning_rate,
+        max_iter=config.hgb_max_iter,
+        early_stopping=early_stopping,
+        random_state=config.seed,
+    )
 
 
 def fit_boosting(x: np.ndarray, y: np.ndarray, split: np.ndarray, config: BaselineConfig) -> np.ndarray:
@@ -117,9 +121,15 @@ def fit_boosting(x: np.ndarray, y: np.ndarray, split: np.ndarray, config: Baseli
     return model.predict_proba(x)[:, 1]
 
 
-def run_baselines(y, split, features: FeatureMatrix | None = None, prs: np.ndarray | None = None,
-                  has_prs: np.ndarray | None = None, config: BaselineConfig | None = None,
-                  names: tuple[str, ...] = BASELINES) -> dict[str, np.ndarray]:
+def run_baselines(
+    y,
+    split,
+    features: FeatureMatrix | None = None,
+    prs: np.ndarray | None = None,
+    has_prs: np.ndarray | None = None,
+    config: BaselineConfig | None = None,
+    names: tuple[str, ...] = BASELINES,
+) -> dict[str, np.ndarray]:
     """Fit each named baseline on the train rows; risks for all rows. Skips those lacking inputs."""
     config = config or BaselineConfig()
     y = np.asarray(y).astype(int).ravel()
@@ -134,8 +144,14 @@ def run_baselines(y, split, features: FeatureMatrix | None = None, prs: np.ndarr
         return _fit_each(y, split, features, prs_cols, config, names)
 
 
-def _fit_each(y: np.ndarray, split: np.ndarray, features: FeatureMatrix | None, prs_cols: np.ndarray | None,
-              config: BaselineConfig, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _fit_each(
+    y: np.ndarray,
+    split: np.ndarray,
+    features: FeatureMatrix | None,
+    prs_cols: np.ndarray | None,
+    config: BaselineConfig,
+    names: tuple[str, ...],
+) -> dict[str, np.ndarray]:
     results: dict[str, np.ndarray] = {}
     for name in names:
         wants_prs = name == "prs_lr" or "_prs_" in name
@@ -192,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="BaselineConfig YAML")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--recalibrate", choices=["platt", "isotonic"], default=None,
-                        help="also report each model recalibrated on the validation split")
+    parser.add_argument(
+        "--recalibrate",
+        choices=["platt", "isotonic"],
+        default=None,
+        help="also report each model recalibrated on the validation split",
+    )
     parser.add_argument("--ancestry", type=Path, default=None, help="parquet with subject_id, ancestry")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -212,12 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     groups = subgroups(events, labels, has_prs, args.ancestry)
     test = split == TEST
     test_risks = {name: risk[test] for name, risk in risks.items()}
-    results = [evaluate_predictions(name, y[test], risk, n_boot=args.n_boot, seed=config.seed)
-               for name, risk in test_risks.items()]
+    results = [
+        evaluate_predictions(name, y[test], risk, n_boot=args.n_boot, seed=config.seed)
+        for name, risk in test_risks.items()
+    ]
     prs_test = None if prs is None else np.where(has_prs[test], prs[test, 0], np.nan)
     paths = write_report(results, args.out, y[test], test_risks, prs_test)
-    paths += write_stratified(args.out, y[test], test_risks, {k: v[test] for k, v in groups.items()},
-                              prs_test, seed=config.seed)
+    paths += write_stratified(
+        args.out, y[test], test_risks, {k: v[test] for k, v in groups.items()}, prs_test, seed=config.seed
+    )
     log_to_mlflow(results, paths)
     print(json.dumps({r.name: {"auroc": r.auroc.value, "auprc": r.auprc.value} for r in results}, indent=2))
     return 0
@@ -229,17 +252,26 @@ def read_events(path: Path) -> pa.Table:
     files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no event parquet at {path}")
-    return pa.concat_tables([pq.read_table(f, columns=list(EVENT_COLUMNS)) for f in files], promote_options="permissive")
+    return pa.concat_tables(
+        [pq.read_table(f, columns=list(EVENT_COLUMNS)) for f in files], promote_options="permissive"
+    )
 
 
-def baseline_risks(events: pa.Table, labels: pa.Table, split: np.ndarray, prs: np.ndarray | None,
-                   has_prs: np.ndarray | None, config: BaselineConfig | None = None,
-                   names: tuple[str, ...] = BASELINES) -> dict[str, np.ndarray]:
+def baseline_risks(
+    events: pa.Table,
+    labels: pa.Table,
+    split: np.ndarray,
+    prs: np.ndarray | None,
+    has_prs: np.ndarray | None,
+    config: BaselineConfig | None = None,
+    names: tuple[str, ...] = BASELINES,
+) -> dict[str, np.ndarray]:
     """Every baseline's risk for every label row: code vocabulary fit on the train rows, then the fits."""
     config = config or BaselineConfig()
     train_labels = labels.filter(pa.array(np.asarray(split) == TRAIN))
-    vocab = CodeVocabulary.fit(events, train_labels, tuple(config.windows_days),
-                               config.min_persons_per_code, config.max_codes)
+    vocab = CodeVocabulary.fit(
+        events, train_labels, tuple(config.windows_days), config.min_persons_per_code, config.max_codes
+    )
     features = build_features(events, labels, vocab)
     y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(int)
     return run_baselines(y, split, features, prs, has_prs, config, names)
@@ -275,8 +307,9 @@ def recalibrated(risks: dict[str, np.ndarray], y: np.ndarray, split: np.ndarray,
     return out
 
 
-def subgroups(events: pa.Table, labels: pa.Table, has_prs: np.ndarray | None,
-              ancestry_path: Path | None) -> dict[str, np.ndarray]:
+def subgroups(
+    events: pa.Table, labels: pa.Table, has_prs: np.ndarray | None, ancestry_path: Path | None
+) -> dict[str, np.ndarray]:
     """Sex and age bucket from the events, has-PRS, and ancestry when a file gives it."""
     demo = demographics(events, labels)
     groups = {"sex": demo["sex"].to_numpy(), "age": age_bucket(demo["age_years"].to_numpy())}

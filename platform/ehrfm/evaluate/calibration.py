@@ -80,7 +80,7 @@ class Recalibrator:
         self.method = method
         self._model: LogisticRegression | IsotonicRegression | None = None
 
-    def fit(self, y_true, y_prob) -> "Recalibrator":
+    def fit(self, y_true, y_prob) -> Recalibrator:
         y, p = _check(y_true, y_prob)
         if len(np.unique(y)) < 2:
             raise ValueError(f"recalibration needs both classes; got {int(y.sum())} positives of {y.size}")

@@ -31,8 +31,10 @@ def _labels_frame(labels: pa.Table | pl.DataFrame) -> pl.DataFrame:
 def _events_frame(events: pa.Table | pl.DataFrame) -> pl.DataFrame:
     frame = events if isinstance(events, pl.DataFrame) else pl.from_arrow(events)
     return frame.select(
-        pl.col("subject_id").cast(pl.Int64), pl.col("time").cast(pl.Datetime("us")),
-        pl.col("code").cast(pl.String), pl.col("numeric_value").cast(pl.Float64),
+        pl.col("subject_id").cast(pl.Int64),
+        pl.col("time").cast(pl.Datetime("us")),
+        pl.col("code").cast(pl.String),
+        pl.col("numeric_value").cast(pl.Float64),
     )
 
 
@@ -64,7 +66,8 @@ def static_codes(events: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
     """(row, code) for codes recorded without a time (static facts such as gender)."""
     return (
         events.filter(pl.col("time").is_null() & (pl.col("code") != meds.birth_code))
-        .select("subject_id", "code").unique()
+        .select("subject_id", "code")
+        .unique()
         .join(labels, on="subject_id", how="inner")
         .select("row", "code")
     )
@@ -76,13 +79,17 @@ def demographics(events: pa.Table | pl.DataFrame, labels: pa.Table | pl.DataFram
     birth = ev.filter(pl.col("code") == meds.birth_code).group_by("subject_id").agg(pl.col("time").min().alias("birth"))
     sex = (
         ev.filter(pl.col("code").str.starts_with("GENDER/"))
-        .group_by("subject_id").agg(pl.col("code").first().alias("gender_code"))
+        .group_by("subject_id")
+        .agg(pl.col("code").first().alias("gender_code"))
     )
     out = (
-        lab.join(birth, on="subject_id", how="left").join(sex, on="subject_id", how="left").sort("row")
+        lab.join(birth, on="subject_id", how="left")
+        .join(sex, on="subject_id", how="left")
+        .sort("row")
         .with_columns(
             ((pl.col("prediction_time") - pl.col("birth")).dt.total_seconds() / (86400.0 * DAYS_PER_YEAR))
-            .fill_null(float("nan")).alias("age_years"),
+            .fill_null(float("nan"))
+            .alias("age_years"),
             pl.col("gender_code").replace_strict(GENDER_NAMES, default="unknown").fill_null("unknown").alias("sex"),
         )
     )
@@ -99,9 +106,14 @@ class CodeVocabulary:
     windows: tuple[int | None, ...]
 
     @classmethod
-    def fit(cls, events: pa.Table | pl.DataFrame, labels: pa.Table | pl.DataFrame,
-            windows: tuple[int | None, ...] = (30, 365, None), min_persons: int = 5,
-            max_codes: int | None = None) -> "CodeVocabulary":
+    def fit(
+        cls,
+        events: pa.Table | pl.DataFrame,
+        labels: pa.Table | pl.DataFrame,
+        windows: tuple[int | None, ...] = (30, 365, None),
+        min_persons: int = 5,
+        max_codes: int | None = None,
+    ) -> CodeVocabulary:
         """Codes seen (before prediction time) in at least `min_persons` of these (training) rows."""
         ev, lab = _events_frame(events), _labels_frame(labels)
         history = history_by_window(ev, lab, (None,))
@@ -145,9 +157,10 @@ class FeatureMatrix:
     def shape(self) -> tuple[int, int]:
         return self.matrix.shape
 
-    def rows(self, mask: np.ndarray) -> "FeatureMatrix":
-        return FeatureMatrix(self.matrix[mask], self.names, self.value_columns,
-                             self.subject_id[mask], self.prediction_time[mask])
+    def rows(self, mask: np.ndarray) -> FeatureMatrix:
+        return FeatureMatrix(
+            self.matrix[mask], self.names, self.value_columns, self.subject_id[mask], self.prediction_time[mask]
+        )
 
     def to_dense(self, columns: np.ndarray | None = None) -> np.ndarray:
         """float32 dense array; unmeasured last values are NaN (tree models split on missingness)."""
@@ -163,40 +176,61 @@ class FeatureMatrix:
         return dense
 
 
-def build_features(events: pa.Table | pl.DataFrame, labels: pa.Table | pl.DataFrame,
-                   vocabulary: CodeVocabulary) -> FeatureMatrix:
+def build_features(
+    events: pa.Table | pl.DataFrame, labels: pa.Table | pl.DataFrame, vocabulary: CodeVocabulary
+) -> FeatureMatrix:
     """Counts and last values per (window, code) + static codes + age, one CSR row per label row."""
     ev, lab = _events_frame(events), _labels_frame(labels)
     n_counts, n_values = len(vocabulary.count_codes), len(vocabulary.value_codes)
-    window_index = pl.DataFrame({"window": [_window_name(d) for d in vocabulary.windows],
-                                 "w": list(range(len(vocabulary.windows)))}, schema={"window": pl.String, "w": pl.Int64})
-    count_index = pl.DataFrame({"code": list(vocabulary.count_codes), "c": range(n_counts)},
-                               schema={"code": pl.String, "c": pl.Int64})
-    value_index = pl.DataFrame({"code": list(vocabulary.value_codes), "v": range(n_values)},
-                               schema={"code": pl.String, "v": pl.Int64})
-    static_index = pl.DataFrame({"code": list(vocabulary.static_codes), "s": range(len(vocabulary.static_codes))},
-                                schema={"code": pl.String, "s": pl.Int64})
+    window_index = pl.DataFrame(
+        {"window": [_window_name(d) for d in vocabulary.windows], "w": list(range(len(vocabulary.windows)))},
+        schema={"window": pl.String, "w": pl.Int64},
+    )
+    count_index = pl.DataFrame(
+        {"code": list(vocabulary.count_codes), "c": range(n_counts)}, schema={"code": pl.String, "c": pl.Int64}
+    )
+    value_index = pl.DataFrame(
+        {"code": list(vocabulary.value_codes), "v": range(n_values)}, schema={"code": pl.String, "v": pl.Int64}
+    )
+    static_index = pl.DataFrame(
+        {"code": list(vocabulary.static_codes), "s": range(len(vocabulary.static_codes))},
+        schema={"code": pl.String, "s": pl.Int64},
+    )
     history = history_by_window(ev, lab, vocabulary.windows).join(window_index, on="window")
     counts = history.join(count_index, on="code").select(
-        "row", (pl.col("w") * n_counts + pl.col("c")).alias("col"), pl.col("count").cast(pl.Float64).alias("x"))
+        "row", (pl.col("w") * n_counts + pl.col("c")).alias("col"), pl.col("count").cast(pl.Float64).alias("x")
+    )
     value_offset = n_counts * len(vocabulary.windows)
-    values = history.filter(pl.col("last_value").is_not_null()).join(value_index, on="code").select(
-        "row", (value_offset + pl.col("w") * n_values + pl.col("v")).alias("col"), pl.col("last_value").alias("x"))
+    values = (
+        history.filter(pl.col("last_value").is_not_null())
+        .join(value_index, on="code")
+        .select(
+            "row", (value_offset + pl.col("w") * n_values + pl.col("v")).alias("col"), pl.col("last_value").alias("x")
+        )
+    )
     static_offset = value_offset + n_values * len(vocabulary.windows)
-    statics = static_codes(ev, lab).join(static_index, on="code").select(
-        "row", (static_offset + pl.col("s")).alias("col"), pl.lit(1.0).alias("x"))
+    statics = (
+        static_codes(ev, lab)
+        .join(static_index, on="code")
+        .select("row", (static_offset + pl.col("s")).alias("col"), pl.lit(1.0).alias("x"))
+    )
     age_col = static_offset + len(vocabulary.static_codes)
     demo = demographics(ev, lab.drop("row")).with_row_index("row").filter(pl.col("age_years").is_not_nan())
     ages = demo.select("row", pl.lit(age_col, dtype=pl.Int64).alias("col"), pl.col("age_years").alias("x"))
-    parts = [p.with_columns(pl.col("row").cast(pl.Int64), pl.col("col").cast(pl.Int64)) for p in (counts, values, statics, ages)]
+    parts = [
+        p.with_columns(pl.col("row").cast(pl.Int64), pl.col("col").cast(pl.Int64))
+        for p in (counts, values, statics, ages)
+    ]
     entries = pl.concat(parts)
     n_cols = age_col + 1
     matrix = sp.csr_matrix(
         (entries["x"].to_numpy(), (entries["row"].to_numpy(), entries["col"].to_numpy())),
-        shape=(lab.height, n_cols), dtype=np.float64,
+        shape=(lab.height, n_cols),
+        dtype=np.float64,
     )
     value_columns = np.zeros(n_cols, dtype=bool)
     value_columns[value_offset:static_offset] = True
     value_columns[age_col] = True  # an unknown birth date is missing, not age zero
-    return FeatureMatrix(matrix, vocabulary.names(), value_columns,
-                         lab["subject_id"].to_numpy(), lab["prediction_time"].to_numpy())
+    return FeatureMatrix(
+        matrix, vocabulary.names(), value_columns, lab["subject_id"].to_numpy(), lab["prediction_time"].to_numpy()
+    )

@@ -51,8 +51,12 @@ def oracle_scores(truth: SyntheticTruth, labels: pa.Table, horizon_days: int, so
 
 def truth_ancestry(truth: SyntheticTruth) -> pl.DataFrame:
     """(subject_id, ancestry) of every person in the truth."""
-    return pl.DataFrame({"subject_id": truth.person_id.astype(np.int64),
-                         "ancestry": truth.table["ancestry"].to_numpy(zero_copy_only=False).astype(str)})
+    return pl.DataFrame(
+        {
+            "subject_id": truth.person_id.astype(np.int64),
+            "ancestry": truth.table["ancestry"].to_numpy(zero_copy_only=False).astype(str),
+        }
+    )
 
 
 def trait_pgs(cohort_dir: Path, trait: str = TRUTH_TRAIT) -> str | None:

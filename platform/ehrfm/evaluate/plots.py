@@ -82,8 +82,11 @@ def prs_decile_figure(table: pl.DataFrame) -> Figure:
 def save_figures(out_dir: Path, y_true, risks: Risks, prs=None, decile_model: str | None = None) -> list[Path]:
     """Write roc.png, pr.png, calibration.png (and prs_deciles.png when PRS is given)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = {"roc": roc_figure(y_true, risks), "pr": pr_figure(y_true, risks),
-               "calibration": calibration_figure(y_true, risks)}
+    figures = {
+        "roc": roc_figure(y_true, risks),
+        "pr": pr_figure(y_true, risks),
+        "calibration": calibration_figure(y_true, risks),
+    }
     if prs is not None:
         model = decile_model or next(iter(risks), None)
         table = risk_by_prs_decile(y_true, prs, risks[model] if model else None)

@@ -14,9 +14,9 @@ import numpy as np
 import polars as pl
 
 from ehrfm.evaluate.calibration import expected_calibration_error
-from ehrfm.metrics import DEFAULT_BOOTSTRAP, Estimate, auprc_ci, auroc_ci
 from ehrfm.evaluate.plots import save_figures
 from ehrfm.evaluate.stratify import risk_by_prs_decile, subgroup_table
+from ehrfm.metrics import DEFAULT_BOOTSTRAP, Estimate, auprc_ci, auroc_ci
 
 
 @dataclass(frozen=True)
@@ -32,22 +32,32 @@ class ModelResult:
 
     def metrics(self) -> dict[str, float]:
         values = {
-            "auroc": self.auroc.value, "auroc_ci_low": self.auroc.lower, "auroc_ci_high": self.auroc.upper,
-            "auprc": self.auprc.value, "auprc_ci_low": self.auprc.lower, "auprc_ci_high": self.auprc.upper,
-            "ece": self.ece, "n": float(self.n), "n_positive": float(self.n_positive),
+            "auroc": self.auroc.value,
+            "auroc_ci_low": self.auroc.lower,
+            "auroc_ci_high": self.auroc.upper,
+            "auprc": self.auprc.value,
+            "auprc_ci_low": self.auprc.lower,
+            "auprc_ci_high": self.auprc.upper,
+            "ece": self.ece,
+            "n": float(self.n),
+            "n_positive": float(self.n_positive),
         }
         return {k: float(v) for k, v in values.items()}
 
 
-def evaluate_predictions(name: str, y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
-                         n_bins: int = 10) -> ModelResult:
+def evaluate_predictions(
+    name: str, y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, n_bins: int = 10
+) -> ModelResult:
     """AUROC, AUPRC (seeded bootstrap 95% CIs) and ECE of one model's scores."""
     y = np.asarray(y_true).astype(bool).ravel()
     score = np.asarray(y_score, dtype=np.float64).ravel()
     is_probability = score.size > 0 and np.isfinite(score).all() and score.min() >= 0 and score.max() <= 1
     return ModelResult(
-        name=name, n=int(y.size), n_positive=int(y.sum()),
-        auroc=auroc_ci(y, score, n_boot, seed), auprc=auprc_ci(y, score, n_boot, seed),
+        name=name,
+        n=int(y.size),
+        n_positive=int(y.sum()),
+        auroc=auroc_ci(y, score, n_boot, seed),
+        auprc=auprc_ci(y, score, n_boot, seed),
         ece=expected_calibration_error(y, score, n_bins) if is_probability else float("nan"),
     )
 
@@ -61,8 +71,9 @@ def markdown_table(results: list[ModelResult], digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: list[ModelResult], out_dir: Path, y_true=None, risks: dict | None = None,
-                 prs=None) -> list[Path]:
+def write_report(
+    results: list[ModelResult], out_dir: Path, y_true=None, risks: dict | None = None, prs=None
+) -> list[Path]:
     """report.md + metrics.json, and the PNG figures when labels and risks are given. Returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = out_dir / "report.md"
@@ -76,17 +87,22 @@ def write_report(results: list[ModelResult], out_dir: Path, y_true=None, risks: 
     return paths
 
 
-def write_stratified(out_dir: Path, y_true, risks: dict, groups: dict, prs=None, n_boot: int = 200,
-                     seed: int = 0) -> list[Path]:
+def write_stratified(
+    out_dir: Path, y_true, risks: dict, groups: dict, prs=None, n_boot: int = 200, seed: int = 0
+) -> list[Path]:
     """subgroups.csv (every model x subgroup level) and prs_deciles.csv (every model x decile)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = [subgroup_table(y_true, risk, groups, n_boot, seed).insert_column(0, pl.lit(name).alias("model"))
-              for name, risk in risks.items()]
+    tables = [
+        subgroup_table(y_true, risk, groups, n_boot, seed).insert_column(0, pl.lit(name).alias("model"))
+        for name, risk in risks.items()
+    ]
     paths = [out_dir / "subgroups.csv"]
     pl.concat(tables).write_csv(paths[0])
     if prs is not None:
-        deciles = [risk_by_prs_decile(y_true, prs, risk).insert_column(0, pl.lit(name).alias("model"))
-                   for name, risk in risks.items()]
+        deciles = [
+            risk_by_prs_decile(y_true, prs, risk).insert_column(0, pl.lit(name).alias("model"))
+            for name, risk in risks.items()
+        ]
         paths.append(out_dir / "prs_deciles.csv")
         pl.concat(deciles).write_csv(paths[1])
     return paths

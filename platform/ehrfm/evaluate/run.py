@@ -24,19 +24,41 @@ import numpy as np
 import polars as pl
 
 from ehrfm.config import load_config
-from ehrfm_synthetic.truth import load_truth
 from ehrfm.evaluate.alignment import align_scores
 from ehrfm.evaluate.baselines import (
-    BASELINES, TEST, BaselineConfig, ancestry_of, baseline_risks, prs_for, read_events, read_parquet_parts,
-    recalibrated, splits_for, subgroups,
+    BASELINES,
+    TEST,
+    BaselineConfig,
+    ancestry_of,
+    baseline_risks,
+    prs_for,
+    read_events,
+    read_parquet_parts,
+    recalibrated,
+    splits_for,
+    subgroups,
 )
-from ehrfm.metrics import DEFAULT_BOOTSTRAP, Estimate, bootstrap_difference
-from ehrfm.evaluate.oracle import ORACLE_GENETIC, ORACLE_GROUP_MEAN, oracle_scores, pgs_column, trait_pgs, truth_ancestry
+from ehrfm.evaluate.oracle import (
+    ORACLE_GENETIC,
+    ORACLE_GROUP_MEAN,
+    oracle_scores,
+    pgs_column,
+    trait_pgs,
+    truth_ancestry,
+)
 from ehrfm.evaluate.plots import save_figures
 from ehrfm.evaluate.prs_use import prs_use
-from ehrfm.evaluate.report import ModelResult, evaluate_predictions, log_to_mlflow, markdown_table, metric_key
-from ehrfm.evaluate.report import write_stratified
+from ehrfm.evaluate.report import (
+    ModelResult,
+    evaluate_predictions,
+    log_to_mlflow,
+    markdown_table,
+    metric_key,
+    write_stratified,
+)
+from ehrfm.metrics import DEFAULT_BOOTSTRAP, Estimate, bootstrap_difference
 from ehrfm.transfer.examples import read_labels
+from ehrfm_synthetic.truth import load_truth
 
 EXPERIMENT = "ehrfm-evaluate"
 FINETUNED, FINETUNED_MASKED = "finetuned", "finetuned_prs_masked"
@@ -52,8 +74,10 @@ MODEL_NOTES = {
     ZS_PATH: "zero-shot: probability of the target along sampled trajectories",
     ZS_SHARE: "zero-shot: share of sampled trajectories reaching the target",
     "prs_lr": "logistic regression on the PRS vector",
-    "counts_lr": "logistic regression on code counts", "counts_prs_lr": "same + PRS",
-    "counts_hgb": "gradient boosting on code counts", "counts_prs_hgb": "same + PRS",
+    "counts_lr": "logistic regression on code counts",
+    "counts_prs_lr": "same + PRS",
+    "counts_hgb": "gradient boosting on code counts",
+    "counts_prs_hgb": "same + PRS",
     ORACLE_GENETIC: "true T2D onset probability with the true genetic liability",
     ORACLE_GROUP_MEAN: "true T2D onset probability with only the ancestry-group mean liability",
 }
@@ -70,15 +94,35 @@ class Comparison:
 
     def to_dict(self) -> dict:
         e = self.estimate
-        return {"model": self.model, "reference": self.reference, "auroc_difference": e.value,
-                "ci_low": e.lower, "ci_high": e.upper, "n_boot_valid": e.n_boot_valid}
+        return {
+            "model": self.model,
+            "reference": self.reference,
+            "auroc_difference": e.value,
+            "ci_low": e.lower,
+            "ci_high": e.upper,
+            "n_boot_valid": e.n_boot_valid,
+        }
 
 
-def evaluate_all(data_dir: Path, labels_path: Path, out_dir: Path, *, predictions: Path | None = None,
-                 default_predictions: Path | None = None, zero_shot: Path | None = None, cohort: Path | None = None, n_boot: int = DEFAULT_BOOTSTRAP,
-                 recalibrate: str | None = None, horizon_days: int = 730, baselines: tuple[str, ...] = BASELINES,
-                 baseline_config: BaselineConfig | None = None, decile_pgs: str | None = None,
-                 ancestry: Path | None = None, tracking_uri: str | None = None, seed: int = 0) -> dict:
+def evaluate_all(
+    data_dir: Path,
+    labels_path: Path,
+    out_dir: Path,
+    *,
+    predictions: Path | None = None,
+    default_predictions: Path | None = None,
+    zero_shot: Path | None = None,
+    cohort: Path | None = None,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    recalibrate: str | None = None,
+    horizon_days: int = 730,
+    baselines: tuple[str, ...] = BASELINES,
+    baseline_config: BaselineConfig | None = None,
+    decile_pgs: str | None = None,
+    ancestry: Path | None = None,
+    tracking_uri: str | None = None,
+    seed: int = 0,
+) -> dict:
     """Evaluate every available model on the test label rows; write the report; return its numbers."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     labels = read_labels(labels_path)
@@ -107,8 +151,10 @@ def evaluate_all(data_dir: Path, labels_path: Path, out_dir: Path, *, prediction
 
     test = split == TEST
     if not 0 < int(y[test].sum()) < int(test.sum()):
-        raise ValueError(f"{labels_path}: the test split needs both classes: {int(y[test].sum())} positives "
-                         f"of {int(test.sum())} rows")
+        raise ValueError(
+            f"{labels_path}: the test split needs both classes: {int(y[test].sum())} positives "
+            f"of {int(test.sum())} rows"
+        )
     test_risks = {name: risk[test] for name, risk in risks.items()}
     results = [evaluate_predictions(name, y[test], risk, n_boot=n_boot, seed=seed) for name, risk in test_risks.items()]
     by_name = {r.name: r for r in results}
@@ -129,24 +175,36 @@ def evaluate_all(data_dir: Path, labels_path: Path, out_dir: Path, *, prediction
     # figures: each model once (a Platt-recalibrated ROC is the raw one), the headline also recalibrated
     plotted = [k for k in test_risks if " (" not in k or k.startswith(f"{headline} (")]
     probabilities = {k: test_risks[k] for k in plotted if test_risks[k].min() >= 0 and test_risks[k].max() <= 1}
-    paths = save_figures(out_dir, y[test], probabilities, prs_test,
-                         decile_model=headline if headline in probabilities else None)
-    paths += write_stratified(out_dir, y[test], test_risks, {k: v[test] for k, v in groups.items()}, prs_test,
-                              n_boot=n_boot, seed=seed)
+    paths = save_figures(
+        out_dir, y[test], probabilities, prs_test, decile_model=headline if headline in probabilities else None
+    )
+    paths += write_stratified(
+        out_dir, y[test], test_risks, {k: v[test] for k, v in groups.items()}, prs_test, n_boot=n_boot, seed=seed
+    )
     subgroup_md = out_dir / "subgroups.md"
-    key_models = [m for m in (FINETUNED, FINETUNED_MASKED, FINETUNED_DEFAULT, ZS_PATH, best_baseline, ORACLE_GENETIC) if m in risks]
+    key_models = [
+        m
+        for m in (FINETUNED, FINETUNED_MASKED, FINETUNED_DEFAULT, ZS_PATH, best_baseline, ORACLE_GENETIC)
+        if m in risks
+    ]
     subgroup_md.write_text(subgroup_markdown(pl.read_csv(out_dir / "subgroups.csv"), key_models))
     paths.append(subgroup_md)
 
     summary = {
-        "labels": str(labels_path), "n_test": int(test.sum()), "n_test_positive": int(y[test].sum()),
-        "n_boot": n_boot, "seed": seed, "decile_pgs": decile_pgs, "headline": headline,
+        "labels": str(labels_path),
+        "n_test": int(test.sum()),
+        "n_test_positive": int(y[test].sum()),
+        "n_boot": n_boot,
+        "seed": seed,
+        "decile_pgs": decile_pgs,
+        "headline": headline,
         "best_baseline": best_baseline,
         "models": {r.name: r.metrics() for r in results},
         "comparisons": {c.name: c.to_dict() for c in comparisons},
         "prs_use": _prs_use(test_risks, prs_test, decile_pgs),
-        "oracle": None if oracle is None else {"horizon_days": oracle.horizon_days,
-                                               "test_rows_already_begun": int(oracle.already_begun[test].sum())},
+        "oracle": None
+        if oracle is None
+        else {"horizon_days": oracle.horizon_days, "test_rows_already_begun": int(oracle.already_begun[test].sum())},
         "acceptance": _acceptance(by_name, comparisons, list(fitted)),
     }
     report = out_dir / "report.md"
@@ -160,8 +218,9 @@ def evaluate_all(data_dir: Path, labels_path: Path, out_dir: Path, *, prediction
     return summary
 
 
-def _comparisons(y, risks: dict[str, np.ndarray], baselines: list[str], headline: str | None, n_boot: int,
-                 seed: int) -> list[Comparison]:
+def _comparisons(
+    y, risks: dict[str, np.ndarray], baselines: list[str], headline: str | None, n_boot: int, seed: int
+) -> list[Comparison]:
     """The paired AUROC differences the task is judged on, for the models that are present."""
     pairs = []
     if FINETUNED in risks and FINETUNED_MASKED in risks:
@@ -178,8 +237,10 @@ def _comparisons(y, risks: dict[str, np.ndarray], baselines: list[str], headline
         pairs.append(("oracle_genetic_headroom", ORACLE_GENETIC, ORACLE_GROUP_MEAN))
         if headline is not None:
             pairs.append(("gap_to_oracle", ORACLE_GENETIC, headline))
-    return [Comparison(name, a, b, bootstrap_difference("auroc", y, risks[a], risks[b], n_boot, seed))
-            for name, a, b in pairs]
+    return [
+        Comparison(name, a, b, bootstrap_difference("auroc", y, risks[a], risks[b], n_boot, seed))
+        for name, a, b in pairs
+    ]
 
 
 def _prs_use(test_risks: dict[str, np.ndarray], prs_test: np.ndarray | None, pgs_id: str | None) -> dict | None:
@@ -203,32 +264,46 @@ def _acceptance(results: dict[str, ModelResult], comparisons: list[Comparison], 
 
 def report_markdown(summary: dict, results: list[ModelResult], comparisons: list[Comparison]) -> str:
     """The table of every model and the lines that say what it means."""
-    lines = [f"# Evaluation on {summary['n_test']} test rows ({summary['n_test_positive']} events)", "",
-             f"Bootstrap: {summary['n_boot']} person resamples (seed {summary['seed']}), percentile 95% CIs; "
-             "differences are paired (both models on each resample).", "",
-             markdown_table(results)]
+    lines = [
+        f"# Evaluation on {summary['n_test']} test rows ({summary['n_test_positive']} events)",
+        "",
+        f"Bootstrap: {summary['n_boot']} person resamples (seed {summary['seed']}), percentile 95% CIs; "
+        "differences are paired (both models on each resample).",
+        "",
+        markdown_table(results),
+    ]
     if summary["n_test_positive"] < MIN_EVENTS_FOR_COMPARISON:
-        lines.append(f"- Only {summary['n_test_positive']} test events (fewer than {MIN_EVENTS_FOR_COMPARISON}): "
-                     "the intervals are wide and the comparisons below are not evidence either way")
+        lines.append(
+            f"- Only {summary['n_test_positive']} test events (fewer than {MIN_EVENTS_FOR_COMPARISON}): "
+            "the intervals are wide and the comparisons below are not evidence either way"
+        )
     by_name = {c.name: c for c in comparisons}
     auroc = {r.name: r.auroc for r in results}
     if "prs_gain" in by_name:
         gain = by_name["prs_gain"].estimate
         verdict = "meets" if gain.value >= MIN_PRS_GAIN else "falls short of"
         verdict = f"point estimate {verdict}"
-        lines.append(f"- PRS gain = AUROC({FINETUNED}) - AUROC({FINETUNED_MASKED}) = {gain.fmt()}; "
-                     f"{verdict} the {MIN_PRS_GAIN} target")
+        lines.append(
+            f"- PRS gain = AUROC({FINETUNED}) - AUROC({FINETUNED_MASKED}) = {gain.fmt()}; "
+            f"{verdict} the {MIN_PRS_GAIN} target"
+        )
     if "baseline_prs_gain" in by_name:
-        lines.append(f"- The same PRS in gradient boosting: AUROC({HGB_PRS}) - AUROC({HGB}) = "
-                     f"{by_name['baseline_prs_gain'].estimate.fmt()}")
+        lines.append(
+            f"- The same PRS in gradient boosting: AUROC({HGB_PRS}) - AUROC({HGB}) = "
+            f"{by_name['baseline_prs_gain'].estimate.fmt()}"
+        )
     if summary.get("prs_use"):
         use = summary["prs_use"]
-        lines.append(f"- PRS use: on {use['n_genotyped']} genotyped test rows the PRS moves the logit by SD "
-                     f"{use['logit_shift_sd']:.2f}; that shift correlates with {use['pgs_id'] or 'the PGS'} at r = "
-                     f"{use['corr_with_pgs']:.2f} [{use['ci_low']:.2f}, {use['ci_high']:.2f}]")
+        lines.append(
+            f"- PRS use: on {use['n_genotyped']} genotyped test rows the PRS moves the logit by SD "
+            f"{use['logit_shift_sd']:.2f}; that shift correlates with {use['pgs_id'] or 'the PGS'} at r = "
+            f"{use['corr_with_pgs']:.2f} [{use['ci_low']:.2f}, {use['ci_high']:.2f}]"
+        )
     if "tuning_gain" in by_name:
-        lines.append(f"- Tuning gain = AUROC({FINETUNED}) - AUROC({FINETUNED_DEFAULT}) = "
-                     f"{by_name['tuning_gain'].estimate.fmt()} (the sweep picked on validation rows)")
+        lines.append(
+            f"- Tuning gain = AUROC({FINETUNED}) - AUROC({FINETUNED_DEFAULT}) = "
+            f"{by_name['tuning_gain'].estimate.fmt()} (the sweep picked on validation rows)"
+        )
     best = summary["best_baseline"]
     if best is not None:
         lines.append(f"- Best baseline: {best}, AUROC {auroc[best].fmt()}")
@@ -236,21 +311,27 @@ def report_markdown(summary: dict, results: list[ModelResult], comparisons: list
     if margins:
         worst = min(margins, key=lambda c: c.estimate.value)
         beaten = sum(c.estimate.value > 0 for c in margins)
-        lines.append(f"- {FINETUNED} beats {beaten} of {len(margins)} baselines; margin over {best}: "
-                     f"{by_name[f'margin_over_{best}'].estimate.fmt()}; smallest margin ({worst.reference}): "
-                     f"{worst.estimate.fmt()}")
+        lines.append(
+            f"- {FINETUNED} beats {beaten} of {len(margins)} baselines; margin over {best}: "
+            f"{by_name[f'margin_over_{best}'].estimate.fmt()}; smallest margin ({worst.reference}): "
+            f"{worst.estimate.fmt()}"
+        )
     if ZS_PATH in auroc:
         beside = f" beside fine-tuned AUROC {auroc[FINETUNED].fmt()}" if FINETUNED in auroc else ""
         lines.append(f"- Zero-shot path-probability AUROC {auroc[ZS_PATH].fmt()}{beside}")
     if summary["oracle"] is not None:
         oracle = summary["oracle"]
-        lines.append(f"- Oracle AUROC with the true genetic liability {auroc[ORACLE_GENETIC].fmt()}, with the "
-                     f"ancestry-group mean only {auroc[ORACLE_GROUP_MEAN].fmt()}: genetic headroom "
-                     f"{by_name['oracle_genetic_headroom'].estimate.fmt()} ({oracle['test_rows_already_begun']} "
-                     f"test rows had T2D begun before the prediction time: oracle risk 1)")
+        lines.append(
+            f"- Oracle AUROC with the true genetic liability {auroc[ORACLE_GENETIC].fmt()}, with the "
+            f"ancestry-group mean only {auroc[ORACLE_GROUP_MEAN].fmt()}: genetic headroom "
+            f"{by_name['oracle_genetic_headroom'].estimate.fmt()} ({oracle['test_rows_already_begun']} "
+            f"test rows had T2D begun before the prediction time: oracle risk 1)"
+        )
         if "gap_to_oracle" in by_name:
-            lines.append(f"- Gap to oracle = AUROC({ORACLE_GENETIC}) - AUROC({summary['headline']}) = "
-                         f"{by_name['gap_to_oracle'].estimate.fmt()}")
+            lines.append(
+                f"- Gap to oracle = AUROC({ORACLE_GENETIC}) - AUROC({summary['headline']}) = "
+                f"{by_name['gap_to_oracle'].estimate.fmt()}"
+            )
     if summary["decile_pgs"]:
         lines.append(f"- PRS deciles from {summary['decile_pgs']}")
     lines += ["", "Models:", *[f"- {r.name}: {_note(r.name)}" for r in results]]
@@ -269,21 +350,37 @@ def subgroup_markdown(table: pl.DataFrame, models: list[str]) -> str:
         return "# Subgroups\n\nno models\n"
     first = table.filter(pl.col("model") == models[0])
     header = "| attribute | level | n (events) | " + " | ".join(f"{m} AUROC" for m in models) + " |"
-    lines = ["# Subgroups (test rows; AUROC with bootstrap 95% CI; n/a: too few rows or one class)", "",
-             header, "|" + "---|" * (3 + len(models))]
+    lines = [
+        "# Subgroups (test rows; AUROC with bootstrap 95% CI; n/a: too few rows or one class)",
+        "",
+        header,
+        "|" + "---|" * (3 + len(models)),
+    ]
     for row in first.iter_rows(named=True):
         cells = []
         for model in models:
-            match = table.filter((pl.col("model") == model) & (pl.col("attribute") == row["attribute"])
-                                 & (pl.col("level").cast(pl.String) == str(row["level"]))).row(0, named=True)
-            estimate = Estimate(*(np.nan if match[k] is None else match[k] for k in ("auroc", "auroc_low", "auroc_high")))
+            match = table.filter(
+                (pl.col("model") == model)
+                & (pl.col("attribute") == row["attribute"])
+                & (pl.col("level").cast(pl.String) == str(row["level"]))
+            ).row(0, named=True)
+            estimate = Estimate(
+                *(np.nan if match[k] is None else match[k] for k in ("auroc", "auroc_low", "auroc_high"))
+            )
             cells.append(estimate.fmt())
-        lines.append(f"| {row['attribute']} | {row['level']} | {row['n']} ({row['events']}) | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {row['attribute']} | {row['level']} | {row['n']} ({row['events']}) | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def _log(tracking_uri: str | None, results: list[ModelResult], comparisons: list[Comparison], paths: list[Path],
-         summary: dict) -> str | None:
+def _log(
+    tracking_uri: str | None,
+    results: list[ModelResult],
+    comparisons: list[Comparison],
+    paths: list[Path],
+    summary: dict,
+) -> str | None:
     """One run in experiment `ehrfm-evaluate`: every metric, the comparisons, the report files."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -295,16 +392,33 @@ def _log(tracking_uri: str | None, results: list[ModelResult], comparisons: list
     with mlflow_tracking(uri):
         mlflow.set_experiment(EXPERIMENT)
         with mlflow.start_run(run_name=f"evaluate-{Path(summary['labels']).stem}") as run:
-            mlflow.log_params({"n_boot": summary["n_boot"], "seed": summary["seed"], "n_test": summary["n_test"],
-                               "n_test_positive": summary["n_test_positive"], "headline": summary["headline"],
-                               "best_baseline": summary["best_baseline"], "decile_pgs": summary["decile_pgs"]})
+            mlflow.log_params(
+                {
+                    "n_boot": summary["n_boot"],
+                    "seed": summary["seed"],
+                    "n_test": summary["n_test"],
+                    "n_test_positive": summary["n_test_positive"],
+                    "headline": summary["headline"],
+                    "best_baseline": summary["best_baseline"],
+                    "decile_pgs": summary["decile_pgs"],
+                }
+            )
             log_to_mlflow(results, paths)
-            comparison_metrics = {metric_key(f"comparison/{c.name}", k): v for c in comparisons
-                                  for k, v in c.to_dict().items() if isinstance(v, float) and np.isfinite(v)}
+            comparison_metrics = {
+                metric_key(f"comparison/{c.name}", k): v
+                for c in comparisons
+                for k, v in c.to_dict().items()
+                if isinstance(v, float) and np.isfinite(v)
+            }
             mlflow.log_metrics(comparison_metrics)
             if summary.get("prs_use"):
-                mlflow.log_metrics({f"prs_use/{k}": float(v) for k, v in summary["prs_use"].items()
-                                    if isinstance(v, (int, float)) and np.isfinite(v)})
+                mlflow.log_metrics(
+                    {
+                        f"prs_use/{k}": float(v)
+                        for k, v in summary["prs_use"].items()
+                        if isinstance(v, (int, float)) and np.isfinite(v)
+                    }
+                )
             return run.info.run_id
 
 
@@ -319,32 +433,61 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="preprocessed dir: events/, prs/, splits.parquet")
     parser.add_argument("--labels", type=Path, required=True, help="labels.parquet from `ehrfm label`")
     parser.add_argument("--predictions", type=Path, default=None, help="fine-tuning predictions.parquet")
-    parser.add_argument("--default-predictions", type=Path, default=None,
-                        help="the default fine-tune's predictions.parquet when --predictions is a sweep's winner")
+    parser.add_argument(
+        "--default-predictions",
+        type=Path,
+        default=None,
+        help="the default fine-tune's predictions.parquet when --predictions is a sweep's winner",
+    )
     parser.add_argument("--zero-shot", type=Path, default=None, help="zero_shot.parquet")
     parser.add_argument("--cohort", type=Path, default=None, help="synthetic cohort dir with truth/ (T2D oracle)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--n-boot", type=int, default=DEFAULT_BOOTSTRAP)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--recalibrate", choices=["platt", "isotonic"], default=None,
-                        help="also report each model recalibrated on its validation rows")
+    parser.add_argument(
+        "--recalibrate",
+        choices=["platt", "isotonic"],
+        default=None,
+        help="also report each model recalibrated on its validation rows",
+    )
     parser.add_argument("--horizon-days", type=int, default=730, help="the labels' horizon (for the oracle)")
-    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
-                        help="baselines to fit (none: pass the flag with no names)")
+    parser.add_argument(
+        "--baselines",
+        nargs="*",
+        default=list(BASELINES),
+        choices=BASELINES,
+        help="baselines to fit (none: pass the flag with no names)",
+    )
     parser.add_argument("--baseline-config", type=Path, default=None, help="BaselineConfig YAML")
-    parser.add_argument("--decile-pgs", default=None, help="PGS id for the PRS deciles (default: the cohort "
-                        "truth's T2D score, else the first PGS)")
+    parser.add_argument(
+        "--decile-pgs",
+        default=None,
+        help="PGS id for the PRS deciles (default: the cohort truth's T2D score, else the first PGS)",
+    )
     parser.add_argument("--ancestry", type=Path, default=None, help="parquet with subject_id, ancestry")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI; none: no logging)")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI; none: no logging)"
+    )
     parser.add_argument("overrides", nargs="*", help="BaselineConfig overrides, key=value")
     args = parser.parse_args(argv)
     config = load_config(BaselineConfig, args.baseline_config, args.overrides)
     summary = evaluate_all(
-        args.data, args.labels, args.out, predictions=args.predictions,
-        default_predictions=args.default_predictions, zero_shot=args.zero_shot,
-        cohort=args.cohort, n_boot=args.n_boot, recalibrate=args.recalibrate, horizon_days=args.horizon_days,
-        baselines=tuple(args.baselines), baseline_config=config, decile_pgs=args.decile_pgs,
-        ancestry=args.ancestry, tracking_uri=args.tracking_uri, seed=args.seed,
+        args.data,
+        args.labels,
+        args.out,
+        predictions=args.predictions,
+        default_predictions=args.default_predictions,
+        zero_shot=args.zero_shot,
+        cohort=args.cohort,
+        n_boot=args.n_boot,
+        recalibrate=args.recalibrate,
+        horizon_days=args.horizon_days,
+        baselines=tuple(args.baselines),
+        baseline_config=config,
+        decile_pgs=args.decile_pgs,
+        ancestry=args.ancestry,
+        tracking_uri=args.tracking_uri,
+        seed=args.seed,
     )
     print((args.out / "report.md").read_text())
     if summary["mlflow_run_id"]:

@@ -76,8 +76,9 @@ def age_bucket(age_years, edges: tuple[int, ...] = AGE_EDGES) -> np.ndarray:
     return labels
 
 
-def subgroup_table(y_true, y_prob, groups: Mapping[str, np.ndarray], n_boot: int = 200, seed: int = 0,
-                   min_count: int = 20) -> pl.DataFrame:
+def subgroup_table(
+    y_true, y_prob, groups: Mapping[str, np.ndarray], n_boot: int = 200, seed: int = 0, min_count: int = 20
+) -> pl.DataFrame:
     """One row per (attribute, level): n, events, prevalence, AUROC/AUPRC with CIs, ECE."""
     y = np.asarray(y_true).astype(bool).ravel()
     p = np.asarray(y_prob, dtype=np.float64).ravel()
@@ -89,13 +90,30 @@ def subgroup_table(y_true, y_prob, groups: Mapping[str, np.ndarray], n_boot: int
         for level in sorted({str(v) for v in values}):
             mask = values.astype(str) == level
             n, events = int(mask.sum()), int(y[mask].sum())
-            row = {"attribute": attribute, "level": level, "n": n, "events": events,
-                   "prevalence": events / n, "auroc": np.nan, "auroc_low": np.nan, "auroc_high": np.nan,
-                   "auprc": np.nan, "auprc_low": np.nan, "auprc_high": np.nan, "ece": np.nan}
+            row = {
+                "attribute": attribute,
+                "level": level,
+                "n": n,
+                "events": events,
+                "prevalence": events / n,
+                "auroc": np.nan,
+                "auroc_low": np.nan,
+                "auroc_high": np.nan,
+                "auprc": np.nan,
+                "auprc_low": np.nan,
+                "auprc_high": np.nan,
+                "ece": np.nan,
+            }
             if n >= min_count and 0 < events < n:
                 roc, pr = auroc_ci(y[mask], p[mask], n_boot, seed), auprc_ci(y[mask], p[mask], n_boot, seed)
-                row.update(auroc=roc.value, auroc_low=roc.lower, auroc_high=roc.upper,
-                           auprc=pr.value, auprc_low=pr.lower, auprc_high=pr.upper,
-                           ece=expected_calibration_error(y[mask], p[mask]))
+                row.update(
+                    auroc=roc.value,
+                    auroc_low=roc.lower,
+                    auroc_high=roc.upper,
+                    auprc=pr.value,
+                    auprc_low=pr.lower,
+                    auprc_high=pr.upper,
+                    ece=expected_calibration_error(y[mask], p[mask]),
+                )
             rows.append(row)
     return pl.DataFrame(rows)

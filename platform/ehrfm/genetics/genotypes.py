@@ -75,13 +75,15 @@ def _read_fileset(bed: Path) -> tuple[np.ndarray, pd.DataFrame]:
     try:
         with open_bed(bed, num_threads=1) as reader:
             iid = np.asarray(reader.iid, dtype=str)
-            variants = pd.DataFrame({
-                "chr": [normalise_chromosome(c) for c in reader.chromosome],
-                "pos": np.asarray(reader.bp_position, dtype=np.int64),
-                "id": np.asarray(reader.sid, dtype=str),
-                "a1": np.char.upper(np.asarray(reader.allele_1, dtype=str)),
-                "a2": np.char.upper(np.asarray(reader.allele_2, dtype=str)),
-            })
+            variants = pd.DataFrame(
+                {
+                    "chr": [normalise_chromosome(c) for c in reader.chromosome],
+                    "pos": np.asarray(reader.bp_position, dtype=np.int64),
+                    "id": np.asarray(reader.sid, dtype=str),
+                    "a1": np.char.upper(np.asarray(reader.allele_1, dtype=str)),
+                    "a2": np.char.upper(np.asarray(reader.allele_2, dtype=str)),
+                }
+            )
     except (ValueError, OSError) as error:
         raise GenotypeError(f"{bed.name}: cannot read the fileset ({error})") from None
     return iid, variants
@@ -99,16 +101,21 @@ def open_genotypes(spec: str | Path) -> GenotypeSet:
             samples = iid
             duplicated = len(iid) - len(np.unique(iid))
             if duplicated:
-                raise GenotypeError(f"{bed.with_suffix('.fam').name}: {duplicated} duplicated IID(s) "
-                                    f"among {len(iid)} samples")
+                raise GenotypeError(
+                    f"{bed.with_suffix('.fam').name}: {duplicated} duplicated IID(s) among {len(iid)} samples"
+                )
         elif len(iid) != len(samples) or not np.array_equal(iid, samples):
-            raise GenotypeError(f"{bed.with_suffix('.fam').name}: samples differ from "
-                                f"{beds[0].with_suffix('.fam').name} ({len(iid)} vs {len(samples)} samples "
-                                "or a different order)")
+            raise GenotypeError(
+                f"{bed.with_suffix('.fam').name}: samples differ from "
+                f"{beds[0].with_suffix('.fam').name} ({len(iid)} vs {len(samples)} samples "
+                "or a different order)"
+            )
         expected_bytes = 3 + len(variants) * ((len(iid) + 3) // 4)
         if bed.stat().st_size != expected_bytes:
-            raise GenotypeError(f"{bed.name}: {bed.stat().st_size} bytes, expected {expected_bytes} for "
-                                f"{len(iid)} samples x {len(variants)} variants")
+            raise GenotypeError(
+                f"{bed.name}: {bed.stat().st_size} bytes, expected {expected_bytes} for "
+                f"{len(iid)} samples x {len(variants)} variants"
+            )
         variants["fileset"] = index
         variants["local"] = np.arange(len(variants), dtype=np.int64)
         filesets.append(Fileset(str(bed), len(iid), len(variants)))
@@ -127,5 +134,6 @@ def _reader(fileset: Fileset) -> open_bed:
 def read_block(fileset: Fileset, variant_index: np.ndarray, samples: slice) -> np.ndarray:
     """Allele-1 counts, int8 [samples, variants], C order; MISSING where the genotype is missing."""
     reader = _reader(fileset)
-    return reader.read(index=np.s_[samples, np.asarray(variant_index, dtype=np.intp)], dtype="int8",
-                       order="C", num_threads=1)
+    return reader.read(
+        index=np.s_[samples, np.asarray(variant_index, dtype=np.intp)], dtype="int8", order="C", num_threads=1
+    )

@@ -30,8 +30,9 @@ COLUMNS = ("sampleset", "IID", "PGS", "SUM", "DENOM", "AVG")
 class AggregatedScoresWriter:
     """Collects finished sample blocks into OUT/aggregated_scores.txt.gz."""
 
-    def __init__(self, out_dir: Path, sampleset: str, score_ids: list[str], sample_ids: np.ndarray,
-                 denominators: np.ndarray) -> None:
+    def __init__(
+        self, out_dir: Path, sampleset: str, score_ids: list[str], sample_ids: np.ndarray, denominators: np.ndarray
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.parts_dir = self.out_dir / "_aggregated_parts"
         shutil.rmtree(self.parts_dir, ignore_errors=True)
@@ -50,14 +51,16 @@ class AggregatedScoresWriter:
         denom = np.tile(self.denominators, n)
         avg = np.full(len(sums), np.nan)
         np.divide(sums, denom, out=avg, where=denom > 0)
-        table = pa.table({
-            "sampleset": pa.array(np.full(n * k, self.sampleset, dtype=object), pa.string()),
-            "IID": pa.array(np.repeat(self.sample_ids[block.start:block.stop], k), pa.string()),
-            "PGS": pa.array(np.tile(self.score_ids, n), pa.string()),
-            "SUM": pa.array(sums, pa.float64()),
-            "DENOM": pa.array(denom, pa.int64()),
-            "AVG": pa.array(avg, pa.float64(), mask=~(denom > 0)),
-        })
+        table = pa.table(
+            {
+                "sampleset": pa.array(np.full(n * k, self.sampleset, dtype=object), pa.string()),
+                "IID": pa.array(np.repeat(self.sample_ids[block.start : block.stop], k), pa.string()),
+                "PGS": pa.array(np.tile(self.score_ids, n), pa.string()),
+                "SUM": pa.array(sums, pa.float64()),
+                "DENOM": pa.array(denom, pa.int64()),
+                "AVG": pa.array(avg, pa.float64(), mask=~(denom > 0)),
+            }
+        )
         options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
         with pa.CompressedOutputStream(str(self.parts_dir / f"{block.start:012d}.txt.gz"), "gzip") as sink:
             if block.start == 0:  # pyarrow would quote header names; pgsc_calc's header is bare
@@ -89,8 +92,20 @@ def write_match_log(out_dir: Path, logs: list[pd.DataFrame]) -> Path:
     """One row per scoring-file row and score: its status, reason and the target variant it matched."""
     path = Path(out_dir) / MATCH_LOG_NAME
     frame = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame()
-    for column in ("rsid", "chr", "effect_allele", "other_allele", "unsupported", "target_id", "target_ref",
-                   "target_alt", "match_type", "status", "reason", "score_id"):
+    for column in (
+        "rsid",
+        "chr",
+        "effect_allele",
+        "other_allele",
+        "unsupported",
+        "target_id",
+        "target_ref",
+        "target_alt",
+        "match_type",
+        "status",
+        "reason",
+        "score_id",
+    ):
         if column in frame.columns:
             frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)

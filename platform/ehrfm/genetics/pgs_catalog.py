@@ -23,8 +23,14 @@ from ehrfm.genetics.variant_alleles import is_dna, normalise_chromosome
 
 VARIANT_COLUMNS = ("row_nr", "rsid", "chr", "pos", "effect_allele", "other_allele", "effect_weight", "unsupported")
 UNSUPPORTED_REASONS = (
-    "haplotype", "diplotype", "interaction", "dominant", "recessive", "genotype_weights",
-    "complex_allele", "invalid_weight",
+    "haplotype",
+    "diplotype",
+    "interaction",
+    "dominant",
+    "recessive",
+    "genotype_weights",
+    "complex_allele",
+    "invalid_weight",
 )
 _TRUE_TEXT = {"true", "t", "1", "yes"}
 _DOSAGE_WEIGHTS = ("dosage_0_weight", "dosage_1_weight", "dosage_2_weight")
@@ -96,8 +102,15 @@ def _read_table(path: Path, skip: int) -> pd.DataFrame:
     first = body.split("\n", 1)[0]
     sep = "\t" if "\t" in first else r"\s+"
     try:
-        table = pd.read_csv(io.StringIO(body), sep=sep, dtype=str, keep_default_na=False, na_filter=False,
-                            engine="c" if sep == "\t" else "python", quoting=3)
+        table = pd.read_csv(
+            io.StringIO(body),
+            sep=sep,
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            engine="c" if sep == "\t" else "python",
+            quoting=3,
+        )
     except pd.errors.ParserError as error:  # ragged rows: the message holds line numbers, not values
         raise ScoringFileError(f"{path.name}: not a tab-separated scoring table ({error})") from None
     table.columns = [str(c).strip() for c in table.columns]
@@ -122,12 +135,14 @@ def _positions(values: pd.Series) -> pd.Series:
 
 def _alleles(values: pd.Series) -> pd.Series:
     """Upper-case alleles; None (never NaN) where the cell is empty."""
-    return pd.Series([v.upper() if isinstance(v, str) and v else None for v in values], index=values.index,
-                     dtype=object)
+    return pd.Series(
+        [v.upper() if isinstance(v, str) and v else None for v in values], index=values.index, dtype=object
+    )
 
 
-def _unsupported_reasons(table: pd.DataFrame, effect: pd.Series, other: pd.Series,
-                         weight: np.ndarray, has_weight: bool) -> np.ndarray:
+def _unsupported_reasons(
+    table: pd.DataFrame, effect: pd.Series, other: pd.Series, weight: np.ndarray, has_weight: bool
+) -> np.ndarray:
     """The first reason (in UNSUPPORTED_REASONS order) each row cannot be scored, else None."""
     n = len(table)
     reasons = np.full(n, None, dtype=object)
@@ -166,8 +181,9 @@ def _catalog_score(path: Path, header: dict[str, str], table: pd.DataFrame) -> S
         raise ScoringFileError(f"{path.name}: required column effect_allele missing ({len(table)} rows)")
     has_weight = "effect_weight" in columns
     if not has_weight and not set(_DOSAGE_WEIGHTS) <= columns:
-        raise ScoringFileError(f"{path.name}: required column effect_weight missing "
-                               f"(nor dosage_0/1/2_weight; {len(table)} rows)")
+        raise ScoringFileError(
+            f"{path.name}: required column effect_weight missing (nor dosage_0/1/2_weight; {len(table)} rows)"
+        )
     harmonised = "hm_pos" in columns or "HmPOS_build" in header
     if not harmonised and "rsID" not in columns and "chr_position" not in columns:
         raise ScoringFileError(f"{path.name}: needs rsID or chr_name+chr_position ({len(table)} rows)")
@@ -179,22 +195,29 @@ def _catalog_score(path: Path, header: dict[str, str], table: pd.DataFrame) -> S
     other = _alleles(_text(table, "other_allele"))
     if harmonised and "hm_inferOtherAllele" in columns:
         inferred = _text(table, "hm_inferOtherAllele")  # '/'-separated candidates; use only a single one
-        other = _alleles(pd.Series([o if o is not None else (i if "/" not in i else "")
-                                    for o, i in zip(other, inferred)], index=table.index, dtype=object))
+        other = _alleles(
+            pd.Series(
+                [o if o is not None else (i if "/" not in i else "") for o, i in zip(other, inferred)],
+                index=table.index,
+                dtype=object,
+            )
+        )
     if has_weight:
         weight = pd.to_numeric(_text(table, "effect_weight").replace("", np.nan), errors="coerce").to_numpy(float)
     else:  # genotype-specific weights: no single additive weight exists
         weight = np.full(len(table), np.nan)
-    variants = pd.DataFrame({
-        "row_nr": np.arange(len(table), dtype=np.int64),
-        "rsid": _text(table, "rsID").replace("", None).astype(object),
-        "chr": chrom.map(lambda c: normalise_chromosome(c) if c else None).astype(object),
-        "pos": _positions(pos),
-        "effect_allele": effect,
-        "other_allele": other,
-        "effect_weight": weight,
-        "unsupported": pd.Series(_unsupported_reasons(table, effect, other, weight, has_weight), dtype=object),
-    })
+    variants = pd.DataFrame(
+        {
+            "row_nr": np.arange(len(table), dtype=np.int64),
+            "rsid": _text(table, "rsID").replace("", None).astype(object),
+            "chr": chrom.map(lambda c: normalise_chromosome(c) if c else None).astype(object),
+            "pos": _positions(pos),
+            "effect_allele": effect,
+            "other_allele": other,
+            "effect_weight": weight,
+            "unsupported": pd.Series(_unsupported_reasons(table, effect, other, weight, has_weight), dtype=object),
+        }
+    )
     return Score(_score_id(header, path), path.name, header, normalise_build(build), harmonised, variants)
 
 
@@ -207,29 +230,34 @@ def _plink_scores(path: Path, header: dict[str, str], table: pd.DataFrame) -> li
     parts = table["ID"].str.strip().str.extract(_PLINK_ID)
     bad_ids = int(parts[0].isna().sum())
     if bad_ids:
-        raise ScoringFileError(f"{path.name}: column ID has {bad_ids} of {len(table)} value(s) "
-                               "not of the form chr:pos:ref:alt")
+        raise ScoringFileError(
+            f"{path.name}: column ID has {bad_ids} of {len(table)} value(s) not of the form chr:pos:ref:alt"
+        )
     effect = _alleles(_text(table, effect_col))
     first, second = parts[2].str.upper(), parts[3].str.upper()
-    other = pd.Series(np.where(effect == first, second, np.where(effect == second, first, None)),
-                      index=table.index, dtype=object)
+    other = pd.Series(
+        np.where(effect == first, second, np.where(effect == second, first, None)), index=table.index, dtype=object
+    )
     scores = []
     for column in weight_cols:
         weight = pd.to_numeric(table[column].replace("", np.nan), errors="coerce").to_numpy(float)
         keep = weight != 0  # a zero weight means "not in this score" in the wide plink2 layout
-        variants = pd.DataFrame({
-            "row_nr": np.arange(len(table), dtype=np.int64),
-            "rsid": None,
-            "chr": parts[0].map(normalise_chromosome).astype(object),
-            "pos": _positions(parts[1]),
-            "effect_allele": effect,
-            "other_allele": other,
-            "effect_weight": weight,
-        })
+        variants = pd.DataFrame(
+            {
+                "row_nr": np.arange(len(table), dtype=np.int64),
+                "rsid": None,
+                "chr": parts[0].map(normalise_chromosome).astype(object),
+                "pos": _positions(parts[1]),
+                "effect_allele": effect,
+                "other_allele": other,
+                "effect_weight": weight,
+            }
+        )
         variants["unsupported"] = pd.Series(_unsupported_reasons(table, effect, other, weight, True), dtype=object)
         variants = variants[keep].reset_index(drop=True)
-        scores.append(Score(column, path.name, dict(header), normalise_build(header.get("genome_build")),
-                            False, variants))
+        scores.append(
+            Score(column, path.name, dict(header), normalise_build(header.get("genome_build")), False, variants)
+        )
     return scores
 
 
@@ -252,8 +280,11 @@ def find_scoring_files(spec: str | Path | list[str | Path]) -> list[Path]:
     for item in specs:
         item = Path(item)
         if item.is_dir():
-            found += sorted(p for p in item.iterdir() if p.is_file()
-                            and p.name.lower().endswith((".txt", ".txt.gz", ".tsv", ".tsv.gz")))
+            found += sorted(
+                p
+                for p in item.iterdir()
+                if p.is_file() and p.name.lower().endswith((".txt", ".txt.gz", ".tsv", ".tsv.gz"))
+            )
         elif any(ch in str(item) for ch in "*?["):
             found += sorted(Path(p) for p in glob.glob(str(item)) if Path(p).is_file())
         else:

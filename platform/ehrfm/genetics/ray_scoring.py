@@ -30,6 +30,7 @@ class RunSettings:
     samples_per_block: int = 0  # 0: as many as fit in memory_mb (prs_weights.samples_per_block)
     memory_mb: int = 256  # arrays of one work unit; Ray is asked for this plus a worker's own footprint
 
+
 WORKER_BASELINE_MB = 192  # a Ray worker with numpy/scipy/bed-reader imported, before any block
 
 
@@ -59,15 +60,22 @@ def _frequency_unit(batch: dict, layouts: list, n_samples: int, chunk: int) -> d
     return {"block": np.array([index]), "total": total[None, :], "called": called[None, :]}
 
 
-def variant_means(genotypes: GenotypeSet, blocks: list[VariantBlock], settings: RunSettings,
-                  layouts: list[ray.ObjectRef] | None = None) -> tuple[np.ndarray, int]:
+def variant_means(
+    genotypes: GenotypeSet,
+    blocks: list[VariantBlock],
+    settings: RunSettings,
+    layouts: list[ray.ObjectRef] | None = None,
+) -> tuple[np.ndarray, int]:
     """(mean allele-1 count of every scored variant, number of variants without a single call)."""
     layouts = layouts if layouts is not None else block_layouts(genotypes, blocks)
     n_used = blocks[-1].rows[1] if blocks else 0
     chunk = max(1, settings.memory_mb * 2**20 // max(2 * settings.variants_per_block, 1))  # int8 + mask
     # one input block per unit: one task per unit, so load balances and a task holds one unit's output
     ds = ray.data.from_items([{"block": b.index} for b in blocks], override_num_blocks=len(blocks)).map_batches(
-        _frequency_unit, batch_size=1, batch_format="numpy", num_cpus=1,
+        _frequency_unit,
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=1,
         memory=(settings.memory_mb + WORKER_BASELINE_MB) * 2**20,
         fn_kwargs={"layouts": layouts, "n_samples": genotypes.n_samples, "chunk": chunk},
     )
@@ -87,26 +95,38 @@ def _score_unit(batch: dict, layouts: list, weight_blocks: list, means_ref: list
     start, stop = int(batch["start"][0]), int(batch["stop"][0])
     fileset, local = ray.get(layouts[variant_block])
     weights, rows = ray.get(weight_blocks[variant_block])
-    mean = ray.get(means_ref[0])[rows[0]:rows[1]]
+    mean = ray.get(means_ref[0])[rows[0] : rows[1]]
     sums, missing = score_block(read_block(fileset, local, slice(start, stop)), mean, weights)
     return {"sample_block": np.array([sample_block]), "sums": sums[None], "missing": missing[None]}
 
 
-def score_sample_blocks(genotypes: GenotypeSet, weights: WeightMatrix, blocks: list[VariantBlock],
-                        means: np.ndarray, settings: RunSettings,
-                        layouts: list[ray.ObjectRef] | None = None) -> Iterator[SampleBlockScores]:
+def score_sample_blocks(
+    genotypes: GenotypeSet,
+    weights: WeightMatrix,
+    blocks: list[VariantBlock],
+    means: np.ndarray,
+    settings: RunSettings,
+    layouts: list[ray.ObjectRef] | None = None,
+) -> Iterator[SampleBlockScores]:
     """Finished sample blocks (offsets included), in the order they complete."""
     layouts = layouts if layouts is not None else block_layouts(genotypes, blocks)
-    weight_blocks = [ray.put((weights.weights[b.rows[0]:b.rows[1]], b.rows)) for b in blocks]
+    weight_blocks = [ray.put((weights.weights[b.rows[0] : b.rows[1]], b.rows)) for b in blocks]
     means_ref = [ray.put(means)]
     n = genotypes.n_samples
-    step = settings.samples_per_block or samples_per_block(n, weights.n_scores, settings.variants_per_block,
-                                                            settings.memory_mb)
+    step = settings.samples_per_block or samples_per_block(
+        n, weights.n_scores, settings.variants_per_block, settings.memory_mb
+    )
     bounds = [(s, min(s + step, n)) for s in range(0, n, step)]
-    units = [{"sample_block": i, "variant_block": b.index, "start": lo, "stop": hi}
-             for i, (lo, hi) in enumerate(bounds) for b in blocks]
+    units = [
+        {"sample_block": i, "variant_block": b.index, "start": lo, "stop": hi}
+        for i, (lo, hi) in enumerate(bounds)
+        for b in blocks
+    ]
     ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        _score_unit, batch_size=1, batch_format="numpy", num_cpus=1,
+        _score_unit,
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=1,
         memory=(settings.memory_mb + WORKER_BASELINE_MB) * 2**20,
         fn_kwargs={"layouts": layouts, "weight_blocks": weight_blocks, "means_ref": means_ref},
     )
@@ -126,4 +146,3 @@ def score_sample_blocks(genotypes: GenotypeSet, weights: WeightMatrix, blocks: l
                 yield SampleBlockScores(lo, hi, total + weights.offsets[None, :], missing_total)
     if pending:
         raise RuntimeError(f"{len(pending)} sample block(s) did not receive all {len(blocks)} variant blocks")
-

@@ -56,9 +56,13 @@ class ScoreMatch:
     def matched(self) -> pd.DataFrame:
         """target (global variant index), effect_is_a1, effect_weight of the matched rows."""
         rows = self.log[self.log["status"] == "matched"]
-        return pd.DataFrame({"target": rows["target"].astype(np.int64).to_numpy(),
-                             "effect_is_a1": rows["effect_is_a1"].astype(bool).to_numpy(),
-                             "effect_weight": rows["effect_weight"].to_numpy(float)})
+        return pd.DataFrame(
+            {
+                "target": rows["target"].astype(np.int64).to_numpy(),
+                "effect_is_a1": rows["effect_is_a1"].astype(bool).to_numpy(),
+                "effect_weight": rows["effect_weight"].to_numpy(float),
+            }
+        )
 
 
 def prepare_target(variants: pd.DataFrame) -> pd.DataFrame:
@@ -68,16 +72,18 @@ def prepare_target(variants: pd.DataFrame) -> pd.DataFrame:
     alt = np.where(pd.Series(alt).isin(_MISSING_ALLELES), "?", alt)  # '?' never equals a scoring allele
     ref = np.where(pd.Series(ref).isin(_MISSING_ALLELES), "?", ref)
     site = pd.DataFrame({"chr": variants["chr"].to_numpy(), "pos": variants["pos"].to_numpy()})
-    return pd.DataFrame({
-        "chr": site["chr"].to_numpy(object),
-        "pos": site["pos"].to_numpy(np.int64),
-        "ref": ref,
-        "alt": alt,
-        "target": np.arange(len(variants), dtype=np.int64),
-        "target_id": variants["id"].to_numpy(object),
-        "ambiguous": np.fromiter((is_strand_ambiguous(r, a) for r, a in zip(ref, alt)), bool, len(ref)),
-        "multiallelic": site.duplicated(keep=False).to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "chr": site["chr"].to_numpy(object),
+            "pos": site["pos"].to_numpy(np.int64),
+            "ref": ref,
+            "alt": alt,
+            "target": np.arange(len(variants), dtype=np.int64),
+            "target_id": variants["id"].to_numpy(object),
+            "ambiguous": np.fromiter((is_strand_ambiguous(r, a) for r, a in zip(ref, alt)), bool, len(ref)),
+            "multiallelic": site.duplicated(keep=False).to_numpy(),
+        }
+    )
 
 
 def _classify(candidates: pd.DataFrame, options: MatchOptions) -> pd.DataFrame:
@@ -104,8 +110,11 @@ def _classify(candidates: pd.DataFrame, options: MatchOptions) -> pd.DataFrame:
     if not options.keep_ambiguous:
         exclusion[candidates["ambiguous"].to_numpy()] = "ambiguous"
     excluded = exclusion != ""
-    out = candidates.assign(match_type=np.where(excluded, "", match_type),
-                            priority=np.where(excluded, EXCLUDED, priority), exclusion=exclusion)
+    out = candidates.assign(
+        match_type=np.where(excluded, "", match_type),
+        priority=np.where(excluded, EXCLUDED, priority),
+        exclusion=exclusion,
+    )
     return out
 
 
@@ -122,17 +131,22 @@ def match_score(score: Score, target: pd.DataFrame, options: MatchOptions) -> Sc
     scorable = rows[(status == "unmatched") & rows["pos"].notna().to_numpy()]
     scorable = scorable.assign(pos=scorable["pos"].astype(np.int64))
     candidates = scorable[["row_nr", "chr", "pos", "effect_allele", "other_allele"]].merge(
-        target, on=["chr", "pos"], how="inner")
-    best = (_classify(candidates, options)
-            .sort_values(["row_nr", "priority", "target"], ascending=[True, False, True], kind="stable")
-            .drop_duplicates("row_nr", keep="first")
-            .set_index("row_nr"))
+        target, on=["chr", "pos"], how="inner"
+    )
+    best = (
+        _classify(candidates, options)
+        .sort_values(["row_nr", "priority", "target"], ascending=[True, False, True], kind="stable")
+        .drop_duplicates("row_nr", keep="first")
+        .set_index("row_nr")
+    )
     log = log.join(best[["target", "target_id", "ref", "alt", "match_type", "priority", "exclusion"]], on="row_nr")
     has_candidate = log["priority"].notna().to_numpy()
     priority = log["priority"].fillna(-1).to_numpy()
     status[has_candidate & (priority >= 2)] = "matched"
     status[has_candidate & (priority == EXCLUDED)] = "excluded"
-    reason[has_candidate & (priority == EXCLUDED)] = log["exclusion"].to_numpy(object)[has_candidate & (priority == EXCLUDED)]
+    reason[has_candidate & (priority == EXCLUDED)] = log["exclusion"].to_numpy(object)[
+        has_candidate & (priority == EXCLUDED)
+    ]
     reason[has_candidate & (priority == NO_MATCH)] = "allele_mismatch"
     matched = status == "matched"
     reason[matched] = None
@@ -177,7 +191,9 @@ def _summary(score: Score, log: pd.DataFrame, options: MatchOptions) -> dict:
         "counts": counts,
         "match_types": {k: int(v) for k, v in log.loc[matched, "match_type"].value_counts().items()},
         "match_rate": match_rate,
-        "weight_share_matched": float(weights[finite & matched.to_numpy()].sum() / total_weight) if total_weight else 0.0,
+        "weight_share_matched": float(weights[finite & matched.to_numpy()].sum() / total_weight)
+        if total_weight
+        else 0.0,
         "min_match_rate": options.min_match_rate,
         "passed": match_rate >= options.min_match_rate and counts["matched"] > 0,
     }
@@ -190,7 +206,9 @@ def refusal_message(summary: dict) -> str:
         hint = " (the file has no positions: use its harmonised hmPOS version)"
     else:
         hint = ""
-    return (f"score {summary['score_id']} ({summary['source']}): {c['matched']} of {c['rows']} variants matched "
-            f"({summary['match_rate']:.1%} < minimum {summary['min_match_rate']:.0%}); "
-            f"missing {c['missing']}, ambiguous {c['excluded_ambiguous']}, "
-            f"other exclusions {c['excluded'] - c['excluded_ambiguous']}, unsupported {c['unsupported']}{hint}")
+    return (
+        f"score {summary['score_id']} ({summary['source']}): {c['matched']} of {c['rows']} variants matched "
+        f"({summary['match_rate']:.1%} < minimum {summary['min_match_rate']:.0%}); "
+        f"missing {c['missing']}, ambiguous {c['excluded_ambiguous']}, "
+        f"other exclusions {c['excluded'] - c['excluded_ambiguous']}, unsupported {c['unsupported']}{hint}"
+    )

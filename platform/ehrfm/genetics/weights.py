@@ -54,8 +54,10 @@ def build_weight_matrix(matches: list[ScoreMatch]) -> WeightMatrix:
         data.append(np.where(on_a1, weight, -weight))
         offsets[k] = 2.0 * weight[~on_a1].sum()
     matrix = sp.coo_matrix(
-        (np.concatenate(data) if data else np.zeros(0), (np.concatenate(rows) if rows else np.zeros(0, int),
-                                                         np.concatenate(cols) if cols else np.zeros(0, int))),
+        (
+            np.concatenate(data) if data else np.zeros(0),
+            (np.concatenate(rows) if rows else np.zeros(0, int), np.concatenate(cols) if cols else np.zeros(0, int)),
+        ),
         shape=(len(targets), len(matches)),
     ).tocsr()
     matrix.eliminate_zeros()  # a zero weight does not make a variant part of a score

@@ -11,8 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ehrfm.metrics import Estimate
 from ehrfm.evaluate.report import ModelResult, markdown_table
+from ehrfm.metrics import Estimate
 from ehrfm.model.risk import HeadSpec
 
 DEFAULT_MIN_CELL = 10
@@ -45,34 +45,51 @@ def small_cell(count: Any, min_cell: int) -> str:
 
 def _interval(row: Mapping[str, Any], metric: str) -> str:
     value = row.get(metric, math.nan)
-    return Estimate(float(value), float(row.get(f"{metric}_low", math.nan)),
-                    float(row.get(f"{metric}_high", math.nan))).fmt()
+    return Estimate(
+        float(value), float(row.get(f"{metric}_low", math.nan)), float(row.get(f"{metric}_high", math.nan))
+    ).fmt()
 
 
 def subgroup_markdown(rows: Sequence[Mapping[str, Any]], min_cell: int = DEFAULT_MIN_CELL) -> str:
     """| attribute | level | n | events | AUROC [95% CI] | AUPRC [95% CI] | ECE | from subgroup_table rows."""
-    lines = ["| attribute | level | n | events | AUROC [95% CI] | AUPRC [95% CI] | ECE |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| attribute | level | n | events | AUROC [95% CI] | AUPRC [95% CI] | ECE |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         small = int(row["n"]) < min_cell or 0 < int(row["events"]) < min_cell
         ece = float(row.get("ece", math.nan))
-        metrics = ["n/a"] * 3 if small else [_interval(row, "auroc"), _interval(row, "auprc"),
-                                               "n/a" if math.isnan(ece) else f"{ece:.3f}"]
-        lines.append(f"| {row['attribute']} | {row['level']} | {small_cell(row['n'], min_cell)} | "
-                     f"{small_cell(row['events'], min_cell)} | " + " | ".join(metrics) + " |")
+        metrics = (
+            ["n/a"] * 3
+            if small
+            else [_interval(row, "auroc"), _interval(row, "auprc"), "n/a" if math.isnan(ece) else f"{ece:.3f}"]
+        )
+        lines.append(
+            f"| {row['attribute']} | {row['level']} | {small_cell(row['n'], min_cell)} | "
+            f"{small_cell(row['events'], min_cell)} | " + " | ".join(metrics) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def model_card(spec: HeadSpec, data_summary: Mapping[str, int | float], results: Sequence[ModelResult],
-               subgroups: Sequence[Mapping[str, Any]] | None = None, *,
-               intended_use: str = DEFAULT_INTENDED_USE, limits: Sequence[str] = DEFAULT_LIMITS,
-               min_cell: int = DEFAULT_MIN_CELL) -> str:
+def model_card(
+    spec: HeadSpec,
+    data_summary: Mapping[str, int | float],
+    results: Sequence[ModelResult],
+    subgroups: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    intended_use: str = DEFAULT_INTENDED_USE,
+    limits: Sequence[str] = DEFAULT_LIMITS,
+    min_cell: int = DEFAULT_MIN_CELL,
+) -> str:
     """Markdown model card. `results` from evaluate.report.evaluate_predictions, `subgroups` the rows
     of evaluate.stratify.subgroup_table (`.to_dicts()`), `data_summary` cohort counts by name."""
     if hasattr(subgroups, "to_dicts"):
         subgroups = subgroups.to_dicts()
-    calibration = (f"Platt scaling fit on validation (a={spec.platt[0]:.4g}, b={spec.platt[1]:.4g})"
-                   if spec.platt is not None else "none (raw sigmoid of the logit)")
+    calibration = (
+        f"Platt scaling fit on validation (a={spec.platt[0]:.4g}, b={spec.platt[1]:.4g})"
+        if spec.platt is not None
+        else "none (raw sigmoid of the logit)"
+    )
     parts = [
         f"# Model card: ehrfm-{spec.task}",
         "",

@@ -21,8 +21,12 @@ from ehrfm.transfer.predictor import RESERVED_CODE_PREFIXES, PersonRecord, RiskP
 RISK_MODEL_ARTIFACT = "risk_model"
 INPUT_COLUMN = "person"
 OUTPUT_COLUMNS = {  # name -> MLflow column type
-    "risk": "double", "risk_prs_masked": "double", "percentile": "double", "has_prs": "boolean",
-    "unknown_codes": "long", "truncated_events": "long",
+    "risk": "double",
+    "risk_prs_masked": "double",
+    "percentile": "double",
+    "has_prs": "boolean",
+    "unknown_codes": "long",
+    "truncated_events": "long",
 }
 
 
@@ -43,16 +47,29 @@ def example_record(predictor: RiskPredictor) -> PersonRecord:
     vocabulary's clinical codes and every PGS id at the population mean."""
     codes = [c for c in predictor.tokenizer.code_counts if "/" in c and not c.startswith(RESERVED_CODE_PREFIXES)]
     events = [{"code": code, "time": f"2020-0{1 + 3 * i}-15T00:00:00"} for i, code in enumerate(codes[:2])]
-    return PersonRecord.model_validate({
-        "birth_date": "1960-01-01", "sex": "female", "events": events,
-        "prs": {pgs: 0.0 for pgs in predictor.spec.pgs_ids} or None, "prediction_time": "2020-12-31T00:00:00",
-    })
+    return PersonRecord.model_validate(
+        {
+            "birth_date": "1960-01-01",
+            "sex": "female",
+            "events": events,
+            "prs": dict.fromkeys(predictor.spec.pgs_ids, 0.0) or None,
+            "prediction_time": "2020-12-31T00:00:00",
+        }
+    )
 
 
 def predictions_frame(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
-    return frame.astype({"risk": "float64", "risk_prs_masked": "float64", "percentile": "float64",
-                         "has_prs": "bool", "unknown_codes": "int64", "truncated_events": "int64"})
+    return frame.astype(
+        {
+            "risk": "float64",
+            "risk_prs_masked": "float64",
+            "percentile": "float64",
+            "has_prs": "bool",
+            "unknown_codes": "int64",
+            "truncated_events": "int64",
+        }
+    )
 
 
 class RiskModelPyfunc(PythonModel):
@@ -63,8 +80,10 @@ class RiskModelPyfunc(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if INPUT_COLUMN not in model_input.columns:
-            raise ValueError(f"input needs a string column {INPUT_COLUMN!r} "
-                             f"({len(model_input)} rows, columns {list(model_input.columns)})")
+            raise ValueError(
+                f"input needs a string column {INPUT_COLUMN!r} "
+                f"({len(model_input)} rows, columns {list(model_input.columns)})"
+            )
         records = []
         for row, text in enumerate(model_input[INPUT_COLUMN]):
             try:

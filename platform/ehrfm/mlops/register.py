@@ -15,10 +15,10 @@ from pathlib import Path
 
 import polars as pl
 
-from ehrfm.metrics import Estimate
 from ehrfm.evaluate.oracle import ORACLE_GENETIC
 from ehrfm.evaluate.report import ModelResult
 from ehrfm.evaluate.run import FINETUNED, FINETUNED_MASKED, ZS_PATH
+from ehrfm.metrics import Estimate
 
 CARD_MODELS = (FINETUNED, FINETUNED_MASKED, ZS_PATH, ORACLE_GENETIC)
 
@@ -30,12 +30,16 @@ def results_from_report(report: dict, names: tuple[str, ...] = CARD_MODELS) -> l
     rows = []
     for name in wanted:
         m = models[name]
-        rows.append(ModelResult(
-            name=name, n=int(m["n"]), n_positive=int(m["n_positive"]),
-            auroc=Estimate(m["auroc"], m["auroc_ci_low"], m["auroc_ci_high"]),
-            auprc=Estimate(m["auprc"], m["auprc_ci_low"], m["auprc_ci_high"]),
-            ece=float(m.get("ece", float("nan"))),
-        ))
+        rows.append(
+            ModelResult(
+                name=name,
+                n=int(m["n"]),
+                n_positive=int(m["n_positive"]),
+                auroc=Estimate(m["auroc"], m["auroc_ci_low"], m["auroc_ci_high"]),
+                auprc=Estimate(m["auprc"], m["auprc_ci_low"], m["auprc_ci_high"]),
+                ece=float(m.get("ece", float("nan"))),
+            )
+        )
     return rows
 
 
@@ -49,21 +53,25 @@ def subgroup_rows(evaluation_dir: Path, model: str = FINETUNED) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm register", description=__doc__.splitlines()[0])
-    parser.add_argument("--finetune", type=Path, required=True,
-                        help="fine-tuning run dir (holds model/ and finetune_result.json)")
+    parser.add_argument(
+        "--finetune", type=Path, required=True, help="fine-tuning run dir (holds model/ and finetune_result.json)"
+    )
     parser.add_argument("--evaluation", type=Path, default=None, help="evaluation dir (report.json, subgroups.csv)")
     parser.add_argument("--task", default=None, help="task name (default: the model's own)")
     parser.add_argument("--metric", default="val_auroc", help="validation metric the champion rule compares")
     parser.add_argument("--out", type=Path, required=True, help="where registered.json goes")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI, else "
-                        "the local tracking server, started when needed)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow URI (default: $MLFLOW_TRACKING_URI, else the local tracking server, started when needed)",
+    )
     args = parser.parse_args(argv)
 
     import mlflow
 
     from ehrfm.mlops.registry import log_risk_model, model_card, register_if_better
-    from ehrfm.tracking import ensure_tracking_uri
     from ehrfm.model.risk import HEAD_FILE, HeadSpec
+    from ehrfm.tracking import ensure_tracking_uri
 
     model_dir = args.finetune / "model"
     result = json.loads((args.finetune / "finetune_result.json").read_text())
@@ -72,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     metric = float(result["metrics"][args.metric])
     report = json.loads((args.evaluation / "report.json").read_text()) if args.evaluation else {}
     results = results_from_report(report)
-    summary = {"test label rows": report.get("n_test", 0), "test positives": report.get("n_test_positive", 0),
-               "PGS ids": len(spec.pgs_ids)}
+    summary = {
+        "test label rows": report.get("n_test", 0),
+        "test positives": report.get("n_test_positive", 0),
+        "PGS ids": len(spec.pgs_ids),
+    }
     card = model_card(spec, summary, results, subgroup_rows(args.evaluation) if args.evaluation else None)
     metrics = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
     for row in results:

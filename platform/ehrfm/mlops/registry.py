@@ -32,9 +32,9 @@ from mlflow.exceptions import MlflowException
 
 import ehrfm
 from ehrfm.mlops import pyfunc_model as registry_model
-from ehrfm.model.io import CONFIG_FILE, WEIGHTS_FILE
 from ehrfm.mlops.model_card import model_card  # noqa: F401  (part of this module's interface)
 from ehrfm.mlops.pyfunc_model import RISK_MODEL_ARTIFACT, example_record, pyfunc_signature, records_frame
+from ehrfm.model.io import CONFIG_FILE, WEIGHTS_FILE
 from ehrfm.model.risk import HEAD_FILE, TOKENIZER_FILE
 from ehrfm.transfer.predictor import RiskPredictor
 
@@ -80,8 +80,13 @@ def _risk_model_copy(model_dir: Path, into: Path) -> Path:
     return target
 
 
-def log_risk_model(model_dir: str | Path, task: str, metrics: dict[str, float], card_markdown: str,
-                   input_example: pd.DataFrame | None = None) -> str:
+def log_risk_model(
+    model_dir: str | Path,
+    task: str,
+    metrics: dict[str, float],
+    card_markdown: str,
+    input_example: pd.DataFrame | None = None,
+) -> str:
     """Log the risk model in `model_dir` as a pyfunc with its card; returns the model URI.
 
     Logs into the active run, or a new run `register-<task>` when none is active. `metrics`
@@ -109,9 +114,15 @@ def log_risk_model(model_dir: str | Path, task: str, metrics: dict[str, float], 
             signature=pyfunc_signature(),
             input_example=input_example,
             pip_requirements=serving_requirements(),
-            params={"task": task, "horizon_days": spec.horizon_days, "context": spec.context,
-                    "head_inputs": spec.head_inputs, "num_pgs": len(spec.pgs_ids),
-                    "tokenizer_version": spec.tokenizer_version, "calibrated": spec.platt is not None},
+            params={
+                "task": task,
+                "horizon_days": spec.horizon_days,
+                "context": spec.context,
+                "head_inputs": spec.head_inputs,
+                "num_pgs": len(spec.pgs_ids),
+                "tokenizer_version": spec.tokenizer_version,
+                "calibrated": spec.platt is not None,
+            },
             tags={"ehrfm.task": task},
         )
         finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
@@ -163,10 +174,15 @@ def register_if_better(model_uri: str, task: str, val_metric: float, metric_name
         client.set_registered_model_alias(name, CHAMPION, version.version)
     client.update_model_version(name, version.version, description=f"{metric_name}={val_metric:.4f}; {reason}")
     return {
-        "name": name, "version": int(version.version), "metric_name": metric_name, "metric": val_metric,
-        "promoted": promoted, "champion_version": int(version.version) if promoted else int(champion.version),
+        "name": name,
+        "version": int(version.version),
+        "metric_name": metric_name,
+        "metric": val_metric,
+        "promoted": promoted,
+        "champion_version": int(version.version) if promoted else int(champion.version),
         "previous_champion_version": None if champion is None else int(champion.version),
-        "previous_champion_metric": previous_metric, "reason": reason,
+        "previous_champion_metric": previous_metric,
+        "reason": reason,
     }
 
 

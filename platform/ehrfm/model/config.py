@@ -54,7 +54,9 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             problems.append("dropout must be in [0, 1)")
         if self.fusion == "cross" and self.cross_every > self.layers:
-            problems.append(f"cross_every ({self.cross_every}) exceeds layers ({self.layers}): no cross-attention block")
+            problems.append(
+                f"cross_every ({self.cross_every}) exceeds layers ({self.layers}): no cross-attention block"
+            )
         if self.adapter and self.fusion == "none":
             problems.append("adapter mode adds PRS to a pretrained model: set fusion to prefix or cross")
         if problems:
@@ -75,7 +77,7 @@ class ModelConfig:
             return []
         return [i for i in range(self.layers) if (i + 1) % self.cross_every == 0]
 
-    def with_data(self, vocab_size: int, num_pgs: int) -> "ModelConfig":
+    def with_data(self, vocab_size: int, num_pgs: int) -> ModelConfig:
         """This config with the data's vocabulary and PRS width; a mismatch with set values is an error."""
         for name, value in (("vocab_size", vocab_size), ("num_pgs", num_pgs)):
             current = getattr(self, name)
@@ -87,5 +89,5 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         return cls(**data)

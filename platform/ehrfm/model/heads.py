@@ -26,9 +26,16 @@ class ClassificationHead(nn.Module):
 
 
 @torch.no_grad()
-def generate(model: EHRDecoder, tokens: torch.Tensor, ages: torch.Tensor, prs: torch.Tensor | None = None,
-             has_prs: torch.Tensor | None = None, max_new_tokens: int = 32, temperature: float = 1.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+def generate(
+    model: EHRDecoder,
+    tokens: torch.Tensor,
+    ages: torch.Tensor,
+    prs: torch.Tensor | None = None,
+    has_prs: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Sample continuations [B, max_new_tokens] of non-padded prompts; PAD after a sequence's EOS.
 
     Generated tokens carry the prompt's last age (the time tokens, not the age input, tell the

@@ -64,7 +64,7 @@ class HeadSpec:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "HeadSpec":
+    def from_json(cls, text: str) -> HeadSpec:
         data = json.loads(text)
         if data.get("platt") is not None:
             data["platt"] = tuple(data["platt"])
@@ -98,8 +98,14 @@ class RiskModel(nn.Module):
         width = decoder.cfg.hidden * (1 + self.pool_mean + head_uses_prs(head_inputs))
         self.head = ClassificationHead(width, 1, dropout)
 
-    def forward(self, tokens: torch.Tensor, ages: torch.Tensor, length: torch.Tensor,
-                prs: torch.Tensor | None = None, has_prs: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        ages: torch.Tensor,
+        length: torch.Tensor,
+        prs: torch.Tensor | None = None,
+        has_prs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits [B]; `length` [B] real tokens per right-padded window (>= 1)."""
         if prs is not None and has_prs is None:
             has_prs = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
@@ -125,8 +131,11 @@ class RiskModel(nn.Module):
             layers = self.decoder.cfg.layers
             open_blocks = {f"blocks.{i}." for i in range(max(0, layers - unfrozen_layers), layers)}
             for name, param in self.decoder.named_parameters():
-                if name.startswith(tuple(open_blocks)) or name.startswith("norm_out.") \
-                        or name in set(self.decoder.prs_parameter_names()):
+                if (
+                    name.startswith(tuple(open_blocks))
+                    or name.startswith("norm_out.")
+                    or name in set(self.decoder.prs_parameter_names())
+                ):
                     param.requires_grad = True
 
 
@@ -150,8 +159,8 @@ def load_risk_model(directory: str | Path) -> tuple[RiskModel, HeadSpec]:
     spec = HeadSpec.from_json((directory / HEAD_FILE).read_text())
     state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model = RiskModel(EHRDecoder(cfg), spec.head_inputs)
-    decoder_state = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
-    head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    decoder_state = {k[len("decoder.") :]: v for k, v in state.items() if k.startswith("decoder.")}
+    head_state = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
     model.decoder.load_state_dict(decoder_state)
     model.head.load_state_dict(head_state)
     return model.eval(), spec

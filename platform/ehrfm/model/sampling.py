@@ -93,17 +93,34 @@ class Trajectories:
 
 def prompt_uniforms(seeds: Sequence[int], n_samples: int, max_new_tokens: int) -> torch.Tensor:
     """[P*N, max_new_tokens, 2] uniforms, each prompt's from its own generator (target draw, token draw)."""
-    draws = [torch.rand(n_samples, max_new_tokens, 2, generator=torch.Generator().manual_seed(int(seed)),
-                        dtype=torch.float64) for seed in seeds]
+    draws = [
+        torch.rand(
+            n_samples, max_new_tokens, 2, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64
+        )
+        for seed in seeds
+    ]
     return torch.cat(draws, dim=0)
 
 
 @torch.no_grad()
-def sample_trajectories(model: EHRDecoder, tokens: torch.Tensor, ages: torch.Tensor, lengths: torch.Tensor,
-                        prs: torch.Tensor | None, has_prs: torch.Tensor | None, *, n_samples: int,
-                        max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                        target_ids: Sequence[int] | torch.Tensor, gap_days: torch.Tensor, horizon_days: float,
-                        seeds: Sequence[int]) -> Trajectories:
+def sample_trajectories(
+    model: EHRDecoder,
+    tokens: torch.Tensor,
+    ages: torch.Tensor,
+    lengths: torch.Tensor,
+    prs: torch.Tensor | None,
+    has_prs: torch.Tensor | None,
+    *,
+    n_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    target_ids: Sequence[int] | torch.Tensor,
+    gap_days: torch.Tensor,
+    horizon_days: float,
+    seeds: Sequence[int],
+) -> Trajectories:
     """Sample `n_samples` continuations of each right-padded prompt and score the target within the horizon.
 
     tokens/ages [P, C] (right-padded, `lengths` real tokens each), gap_days [V] days a token moves
@@ -177,5 +194,8 @@ def sample_trajectories(model: EHRDecoder, tokens: torch.Tensor, ages: torch.Ten
         path_probability=path_probability(p_steps).view(per_prompt).mean(dim=1),
         truncated=(stop == STOP_TRUNCATED).view(per_prompt).sum(dim=1),
         p_target=p_steps,
-        tokens=out_tokens, ages=out_ages, hit=hit, stop=stop,
+        tokens=out_tokens,
+        ages=out_ages,
+        hit=hit,
+        stop=stop,
     )

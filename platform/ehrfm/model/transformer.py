@@ -55,16 +55,25 @@ class KVCache:
     positions: torch.Tensor | None = None  # [B] rotary position of the next token; None: `length`
 
     @classmethod
-    def empty(cls, layers: int) -> "KVCache":
+    def empty(cls, layers: int) -> KVCache:
         return cls(keys=[None] * layers, values=[None] * layers)
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
+    def select(self, rows: torch.Tensor) -> KVCache:
         """The cache of batch rows `rows` (a row may repeat: one prompt, several continuations)."""
+
         def take(t):
             return None if t is None else t.index_select(0, rows)
+
         memory = None if self.memory is None else (take(self.memory[0]), take(self.memory[1]))
-        return KVCache([take(k) for k in self.keys], [take(v) for v in self.values], self.length, memory,
-                       take(self.last_age), take(self.key_valid), take(self.positions))
+        return KVCache(
+            [take(k) for k in self.keys],
+            [take(v) for v in self.values],
+            self.length,
+            memory,
+            take(self.last_age),
+            take(self.key_valid),
+            take(self.positions),
+        )
 
 
 class AgeEmbedding(nn.Module):
@@ -77,8 +86,9 @@ class AgeEmbedding(nn.Module):
 
     def forward(self, ages: torch.Tensor) -> torch.Tensor:
         days = ages.to(torch.float32)
-        periods = torch.logspace(math.log10(7.0), math.log10(200 * DAYS_PER_YEAR), self.frequencies,
-                                 device=ages.device, dtype=torch.float32)
+        periods = torch.logspace(
+            math.log10(7.0), math.log10(200 * DAYS_PER_YEAR), self.frequencies, device=ages.device, dtype=torch.float32
+        )
         angles = days[..., None] * (2 * math.pi / periods)
         linear = (days / (100 * DAYS_PER_YEAR))[..., None]
         features = torch.cat([angles.sin(), angles.cos(), linear], dim=-1)
@@ -93,8 +103,9 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         batch, length, hidden = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -214,8 +225,10 @@ class EHRDecoder(nn.Module):
         prs = set(self.prs_parameter_names())
         not_prs = [k for k in result.missing_keys if k not in prs and k != "lm_head.weight"]
         if result.unexpected_keys or not_prs:
-            raise ValueError(f"base checkpoint does not fit this model: unexpected {result.unexpected_keys[:5]}, "
-                             f"missing non-PRS {not_prs[:5]}")
+            raise ValueError(
+                f"base checkpoint does not fit this model: unexpected {result.unexpected_keys[:5]}, "
+                f"missing non-PRS {not_prs[:5]}"
+            )
         return sorted(k for k in result.missing_keys if k in prs)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -261,11 +274,17 @@ class EHRDecoder(nn.Module):
         if cache is not None:
             cache.length = start + x.shape[1]
         if prefix is not None:
-            x = x[:, prefix.shape[1]:]
+            x = x[:, prefix.shape[1] :]
         return self.norm_out(x)
 
-    def forward(self, tokens: torch.Tensor, ages: torch.Tensor, prs: torch.Tensor | None = None,
-                has_prs: torch.Tensor | None = None, targets: torch.Tensor | None = None):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        ages: torch.Tensor,
+        prs: torch.Tensor | None = None,
+        has_prs: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ):
         """(logits [B, T, V], mean next-token loss over non-pad targets or None).
 
         A batch with no real target (all padding) has loss 0, not NaN, so it cannot poison a step.
@@ -273,8 +292,9 @@ class EHRDecoder(nn.Module):
         logits = self.lm_head(self._trunk(tokens, ages, prs, has_prs))
         loss = None
         if targets is not None:
-            total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long(), ignore_index=PAD_ID,
-                                    reduction="sum")
+            total = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten().long(), ignore_index=PAD_ID, reduction="sum"
+            )
             loss = total / (targets != PAD_ID).sum().clamp(min=1)
         return logits, loss
 
@@ -309,8 +329,9 @@ class EHRDecoder(nn.Module):
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, tokens, ages, prs=None, has_prs=None,
-                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+    def prefill(
+        self, tokens, ages, prs=None, has_prs=None, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
         """Run a prompt, keep its keys/values; returns (last-position logits [B, V], cache).
 
         With `lengths` the prompts are right-padded and each row's logits are those after its

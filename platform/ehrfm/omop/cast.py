@@ -235,8 +235,13 @@ def convert_column(values: pa.Array | pa.ChunkedArray, column: ColumnSpec) -> tu
     if pa.types.is_null(values.type):
         return pa.nulls(len(values), column.arrow_type), np.zeros(len(values), dtype=bool)
     if column.kind == "string":
-        if not (_is_text(values.type) or pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
-                or pa.types.is_decimal(values.type) or pa.types.is_temporal(values.type)):
+        if not (
+            _is_text(values.type)
+            or pa.types.is_integer(values.type)
+            or pa.types.is_floating(values.type)
+            or pa.types.is_decimal(values.type)
+            or pa.types.is_temporal(values.type)
+        ):
             raise ColumnTypeError(str(values.type))
         return to_text(values), np.zeros(len(values), dtype=bool)
     if _is_text(values.type):

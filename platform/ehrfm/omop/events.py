@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ehrfm.omop.validation import _ints as _numpy_int  # (int64 values with nulls as 0, valid mask)
 from ehrfm.omop.cast import days_from_ymd
+from ehrfm.omop.validation import _ints as _numpy_int  # (int64 values with nulls as 0, valid mask)
 from ehrfm.schemas import EVENT_SCHEMA
 
 DAY_US = 86_400_000_000
@@ -47,8 +47,10 @@ CLINICAL_PRIORITY = 5
 
 # Events with the bookkeeping columns used between the ingest and the per-shard sort (all nullable:
 # blocks from different tasks must concatenate in the shuffle).
-STAGED_SCHEMA = pa.schema([pa.field(f.name, f.type) for f in EVENT_SCHEMA]
-                          + [pa.field(PRIORITY_COLUMN, pa.int8()), pa.field(SHARD_COLUMN, pa.int32())])
+STAGED_SCHEMA = pa.schema(
+    [pa.field(f.name, f.type) for f in EVENT_SCHEMA]
+    + [pa.field(PRIORITY_COLUMN, pa.int8()), pa.field(SHARD_COLUMN, pa.int32())]
+)
 
 
 @dataclass(frozen=True)
@@ -67,20 +69,34 @@ class EventSource:
 
 EVENT_SOURCES: dict[str, EventSource] = {
     "visit_occurrence": EventSource(
-        "VISIT", "visit_concept_id", "visit_start_date", "visit_start_datetime",
-        end_date="visit_end_date", end_datetime="visit_end_datetime",
+        "VISIT",
+        "visit_concept_id",
+        "visit_start_date",
+        "visit_start_datetime",
+        end_date="visit_end_date",
+        end_datetime="visit_end_datetime",
     ),
-    "condition_occurrence": EventSource("CONDITION", "condition_concept_id", "condition_start_date", "condition_start_datetime"),
+    "condition_occurrence": EventSource(
+        "CONDITION", "condition_concept_id", "condition_start_date", "condition_start_datetime"
+    ),
     "drug_exposure": EventSource("DRUG", "drug_concept_id", "drug_exposure_start_date", "drug_exposure_start_datetime"),
     "procedure_occurrence": EventSource("PROCEDURE", "procedure_concept_id", "procedure_date", "procedure_datetime"),
-    "device_exposure": EventSource("DEVICE", "device_concept_id", "device_exposure_start_date", "device_exposure_start_datetime"),
-    "measurement": EventSource("MEASUREMENT", "measurement_concept_id", "measurement_date", "measurement_datetime", value="value_as_number"),
-    "observation": EventSource("OBSERVATION", "observation_concept_id", "observation_date", "observation_datetime", value="value_as_number"),
+    "device_exposure": EventSource(
+        "DEVICE", "device_concept_id", "device_exposure_start_date", "device_exposure_start_datetime"
+    ),
+    "measurement": EventSource(
+        "MEASUREMENT", "measurement_concept_id", "measurement_date", "measurement_datetime", value="value_as_number"
+    ),
+    "observation": EventSource(
+        "OBSERVATION", "observation_concept_id", "observation_date", "observation_datetime", value="value_as_number"
+    ),
 }
 
 
 # ---- small helpers ------------------------------------------------------------------------------
-def event_time_us(date: pa.Array | pa.ChunkedArray, stamp: pa.Array | pa.ChunkedArray | None) -> tuple[np.ndarray, np.ndarray]:
+def event_time_us(
+    date: pa.Array | pa.ChunkedArray, stamp: pa.Array | pa.ChunkedArray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """(microseconds since epoch, valid) from a date column and an optional datetime column."""
     days, has_day = _numpy_int(date)
     midnight = days * DAY_US
@@ -108,8 +124,15 @@ def _float32_values(values: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, int]:
     return pc.cast(values, pa.float32()), overflow
 
 
-def _events(subject: np.ndarray | pa.Array, time_us: np.ndarray, code: pa.Array, priority: int | np.ndarray,
-            value: pa.Array | None = None, visit: pa.Array | None = None, visit_type: pa.Array | None = None) -> pa.Table:
+def _events(
+    subject: np.ndarray | pa.Array,
+    time_us: np.ndarray,
+    code: pa.Array,
+    priority: int | np.ndarray,
+    value: pa.Array | None = None,
+    visit: pa.Array | None = None,
+    visit_type: pa.Array | None = None,
+) -> pa.Table:
     n = len(time_us)
     priorities = np.broadcast_to(np.asarray(priority, dtype=np.int8), (n,))
     return pa.table(
@@ -134,14 +157,17 @@ class EventCounts:
     null_concept_ids: int = 0
     values_beyond_float32: int = 0
 
-    def add(self, other: "EventCounts") -> None:
+    def add(self, other: EventCounts) -> None:
         self.events += other.events
         self.null_concept_ids += other.null_concept_ids
         self.values_beyond_float32 += other.values_beyond_float32
 
     def as_dict(self) -> dict[str, int]:
-        return {"events": self.events, "null_concept_ids": self.null_concept_ids,
-                "values_beyond_float32": self.values_beyond_float32}
+        return {
+            "events": self.events,
+            "null_concept_ids": self.null_concept_ids,
+            "values_beyond_float32": self.values_beyond_float32,
+        }
 
 
 def table_events(table: str, kept: pa.Table) -> tuple[pa.Table, EventCounts]:
@@ -162,10 +188,12 @@ def table_events(table: str, kept: pa.Table) -> tuple[pa.Table, EventCounts]:
         end, _ = event_time_us(kept[source.end_date], kept[source.end_datetime])
         end = np.maximum(end, start)  # a date-only end on the start day must not precede the start
         end_codes, _ = concept_codes("VISIT_END", kept[source.concept].combine_chunks())
-        events = pa.concat_tables([
-            _events(subject, start, codes, 4, None, visit, visit_type),
-            _events(subject, end, end_codes, 8, None, visit, visit_type),
-        ])
+        events = pa.concat_tables(
+            [
+                _events(subject, start, codes, 4, None, visit, visit_type),
+                _events(subject, end, end_codes, 8, None, visit, visit_type),
+            ]
+        )
     counts.events = events.num_rows
     return events, counts
 
@@ -203,7 +231,9 @@ def person_events(person: pa.Table) -> tuple[pa.Table, EventCounts]:
 def death_events(death: pa.Table) -> tuple[pa.Table, EventCounts]:
     """One MEDS_DEATH per validated death row (the validator already removed repeated persons)."""
     time_us, _ = event_time_us(death["death_date"], death["death_datetime"])
-    events = _events(death["person_id"].combine_chunks(), time_us, pa.array([DEATH_CODE] * death.num_rows, pa.string()), 9)
+    events = _events(
+        death["person_id"].combine_chunks(), time_us, pa.array([DEATH_CODE] * death.num_rows, pa.string()), 9
+    )
     return events, EventCounts(events=events.num_rows)
 
 
@@ -269,11 +299,14 @@ def place_meds_events(events: pa.Table) -> tuple[pa.Table, pa.Table]:
     reason = np.full(len(subject), -1, dtype=np.int8)
     for code, rows in enumerate((~has_subject, ~has_code, ~has_birth, before)):
         reason[(reason < 0) & rows] = code
-    events = events.set_column(events.schema.get_field_index("time"), "time",
-                               pa.array(time_us, pa.int64()).cast(pa.timestamp("us")))
+    events = events.set_column(
+        events.schema.get_field_index("time"), "time", pa.array(time_us, pa.int64()).cast(pa.timestamp("us"))
+    )
     dropped_rows = np.flatnonzero(reason >= 0)
     dropped = events.take(pa.array(dropped_rows)).drop_columns([c for c in events.column_names if c.startswith("_")])
-    dropped = dropped.append_column("reason", pa.array(np.asarray(MEDS_REASONS, dtype=object)[reason[dropped_rows]].tolist(), pa.string()))
+    dropped = dropped.append_column(
+        "reason", pa.array(np.asarray(MEDS_REASONS, dtype=object)[reason[dropped_rows]].tolist(), pa.string())
+    )
     return events.filter(pa.array(reason < 0)), dropped
 
 

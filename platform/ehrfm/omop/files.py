@@ -59,7 +59,8 @@ def _is_hidden(name: str) -> bool:
 def _part_files(fs: pafs.FileSystem, directory: str, uri_dir: str) -> list[str]:
     selector = pafs.FileSelector(directory, recursive=False)
     parts = [
-        info for info in fs.get_file_info(selector)
+        info
+        for info in fs.get_file_info(selector)
         if info.type == pafs.FileType.File and not _is_hidden(info.base_name) and _table_and_format(info.base_name)
     ]
     return [_join(uri_dir, info.base_name) for info in sorted(parts, key=lambda i: i.base_name)]
@@ -133,9 +134,7 @@ def check_required(columns: list[str], table: str, source: str) -> None:
     present = set(columns)
     missing = [c for c in CDM_TABLES[table].required_columns if c not in present]
     if missing:
-        raise OmopSchemaError(
-            f"{table}: file {source} lacks required CDM v5.4 column(s) {', '.join(missing)}"
-        )
+        raise OmopSchemaError(f"{table}: file {source} lacks required CDM v5.4 column(s) {', '.join(missing)}")
 
 
 def _csv_header(fs: pafs.FileSystem, path: str, source: str, table: str) -> tuple[list[str], str]:
@@ -161,12 +160,16 @@ def _iter_csv(fs: pafs.FileSystem, path: str, table: str, batch_rows: int) -> It
 
     read_options = pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=1 << 22)
     parse_options = pacsv.ParseOptions(
-        delimiter=delimiter, newlines_in_values=True, invalid_row_handler=on_bad_row,
+        delimiter=delimiter,
+        newlines_in_values=True,
+        invalid_row_handler=on_bad_row,
         quote_char=False if delimiter == "\t" else '"',
     )
     convert_options = pacsv.ConvertOptions(
-        column_types={n: pa.string() for n in names}, strings_can_be_null=True,
-        null_values=[""], quoted_strings_can_be_null=True,
+        column_types={n: pa.string() for n in names},
+        strings_can_be_null=True,
+        null_values=[""],
+        quoted_strings_can_be_null=True,
     )
     with fs.open_input_stream(path, compression="detect") as stream:
         try:
@@ -180,7 +183,9 @@ def _iter_csv(fs: pafs.FileSystem, path: str, table: str, batch_rows: int) -> It
                     pending, emitted = pending.slice(batch_rows), True
                     malformed.clear()
         except (pa.ArrowInvalid, UnicodeDecodeError):  # the arrow message may quote cell text
-            raise OmopSchemaError(f"{table}: file {source} could not be parsed as csv (bad encoding or quoting)") from None
+            raise OmopSchemaError(
+                f"{table}: file {source} could not be parsed as csv (bad encoding or quoting)"
+            ) from None
         if pending.num_rows or malformed or not emitted:
             yield RawBatch(pending, source, list(malformed))
 

@@ -229,8 +229,7 @@ _SPECS = [
     ),
     _table(
         "concept_ancestor",
-        "ancestor_concept_id:i! descendant_concept_id:i! min_levels_of_separation:i! "
-        "max_levels_of_separation:i!",
+        "ancestor_concept_id:i! descendant_concept_id:i! min_levels_of_separation:i! max_levels_of_separation:i!",
         primary_key=("ancestor_concept_id", "descendant_concept_id"),  # natural key (DDL has none)
     ),
 ]

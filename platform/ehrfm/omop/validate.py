@@ -13,9 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ehrfm.omop.validation import PersonIndex, validate_omop_with_persons
 from ehrfm.omop.files import DEFAULT_BATCH_ROWS, OmopSchemaError
 from ehrfm.omop.spec import REASONS
+from ehrfm.omop.validation import PersonIndex, validate_omop_with_persons
 from ehrfm.prs.readers import PrsFormatError, read_prs, read_sample_map, validate_prs
 
 

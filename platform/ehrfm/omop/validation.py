@@ -204,7 +204,9 @@ def _reasons(spec: TableSpec, typed: pa.Table, bad: dict[str, np.ndarray], perso
     return reason
 
 
-def quarantine_rows(raw: pa.Table, reasons: Sequence[str] | pa.Array, sources: Sequence[str] | pa.Array | str | None) -> pa.Table:
+def quarantine_rows(
+    raw: pa.Table, reasons: Sequence[str] | pa.Array, sources: Sequence[str] | pa.Array | str | None
+) -> pa.Table:
     """Raw rows as strings plus `reason` and `source_file` columns (the quarantine file layout)."""
     columns = {name: to_text(raw[name]) for name in raw.column_names}
     columns[REASON_COLUMN] = pa.array(reasons, type=pa.string())
@@ -360,9 +362,7 @@ def _write_quarantine(out_dir: Path | None, table: str, result: TableValidation)
     return str(path.relative_to(out_dir))
 
 
-def validate_omop(
-    root: str | Path, out_dir: str | Path | None = None, batch_rows: int = DEFAULT_BATCH_ROWS
-) -> dict:
+def validate_omop(root: str | Path, out_dir: str | Path | None = None, batch_rows: int = DEFAULT_BATCH_ROWS) -> dict:
     """Validate every supported table under `root`; person and death first (they build the PersonIndex).
 
     Writes `out_dir/quarantine/<table>.parquet` (tables with quarantined rows) and
@@ -412,4 +412,3 @@ def validate_omop_with_persons(
         out.mkdir(parents=True, exist_ok=True)
         (out / "validation_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report, persons
-

@@ -9,7 +9,6 @@ from pydantic import Field, field_validator, model_validator
 from ehrfm.config import StrictModel
 from ehrfm.preprocess.tokenizer import check_gap_edges
 
-
 SHARD_FILES = "shard_files"
 RAY_SHUFFLE_WITH_SHARD_FILES = "sort_shuffle_pull_based"
 
@@ -68,7 +67,9 @@ class PreprocessConfig(StrictModel):
     # at 20k in bench/preprocess.py). The others are Ray Data shuffles behind a groupby: "shuffle_v2" is Ray 2.60's
     # hash shuffle, "sort_shuffle_pull_based" range-partitions and reuses the ordinary workers.
     # All give byte-identical outputs.
-    shuffle_strategy: Literal["shard_files", "shuffle_v2", "sort_shuffle_pull_based", "sort_shuffle_push_based"] = SHARD_FILES
+    shuffle_strategy: Literal["shard_files", "shuffle_v2", "sort_shuffle_pull_based", "sort_shuffle_push_based"] = (
+        SHARD_FILES
+    )
 
     @property
     def ray_shuffle_strategy(self) -> str:

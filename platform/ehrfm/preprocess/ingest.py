@@ -29,9 +29,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ehrfm.omop.events import EVENT_SOURCES, SHARD_COLUMN, EventCounts, table_events
-from ehrfm.omop.validation import PersonIndex, quarantine_rows, validate_batch
 from ehrfm.omop.files import MALFORMED_LINE_COLUMN, file_name, iter_raw_batches
 from ehrfm.omop.spec import CDM_TABLES, REASONS, TABLE_ORDER
+from ehrfm.omop.validation import PersonIndex, quarantine_rows, validate_batch
 from ehrfm.splits import shard_of, subject_hash
 
 DUPLICATE = "duplicate_primary_key"
@@ -72,8 +72,10 @@ def primary_key(table: str, kept: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     first, second = parts
     outside = valid & ((first < 0) | (first >= _PACK_LIMIT) | (second < 0) | (second >= _PACK_LIMIT))
     if outside.any():
-        raise ValueError(f"{table}: {int(outside.sum())} rows have key values ({', '.join(columns)}) outside the "
-                         f"CDM integer range [0, 2^31); they cannot be checked for duplicates")
+        raise ValueError(
+            f"{table}: {int(outside.sum())} rows have key values ({', '.join(columns)}) outside the "
+            f"CDM integer range [0, 2^31); they cannot be checked for duplicates"
+        )
     return (first << 32) | second, valid
 
 
@@ -143,8 +145,10 @@ def tables_needing_key_check(units: list[Unit]) -> list[str]:
     for table, members in by_table.items():
         if len(members) < 2 or not CDM_TABLES[table].primary_key:
             continue
-        ranges = [_range_of_parquet_keys(u.path, table) if u.path.lower().endswith((".parquet", ".pq")) else None
-                  for u in members]
+        ranges = [
+            _range_of_parquet_keys(u.path, table) if u.path.lower().endswith((".parquet", ".pq")) else None
+            for u in members
+        ]
         if any(r is None for r in ranges):
             flagged.append(table)
             continue
@@ -162,8 +166,13 @@ def duplicate_keys(group: pa.Table) -> pa.Table:
     order = np.lexsort((unit, key, table))
     table, unit, key = table[order], unit[order], key[order]
     later = np.r_[False, (table[1:] == table[:-1]) & (key[1:] == key[:-1])] if len(key) else np.zeros(0, bool)
-    return pa.table({"table_code": pa.array(table[later], pa.int16()), "unit": pa.array(unit[later], pa.int32()),
-                     "key": pa.array(key[later], pa.int64())})
+    return pa.table(
+        {
+            "table_code": pa.array(table[later], pa.int16()),
+            "unit": pa.array(unit[later], pa.int32()),
+            "key": pa.array(key[later], pa.int64()),
+        }
+    )
 
 
 def duplicates_by_unit(rows: pa.Table) -> dict[tuple[str, int], np.ndarray]:
@@ -229,7 +238,9 @@ class _QuarantineWriter:
             writer.close()
 
 
-def _validated(unit: Unit, ctx: IngestContext, account: UnitAccount, quarantine: _QuarantineWriter | None) -> Iterator[pa.Table]:
+def _validated(
+    unit: Unit, ctx: IngestContext, account: UnitAccount, quarantine: _QuarantineWriter | None
+) -> Iterator[pa.Table]:
     """Kept rows of a unit, batch by batch, with duplicates (in-unit and cross-unit) removed."""
     persons = None if unit.table == "person" else ctx.persons
     seen = SeenKeys()
@@ -242,10 +253,14 @@ def _validated(unit: Unit, ctx: IngestContext, account: UnitAccount, quarantine:
         extra.update(c for c in batch.table.column_names if c not in spec_columns)
         renamed.update(batch.renamed)
         if batch.malformed_lines:
-            lines = pa.table({MALFORMED_LINE_COLUMN: pa.array([x.rstrip("\r\n") for x in batch.malformed_lines], pa.string())})
+            lines = pa.table(
+                {MALFORMED_LINE_COLUMN: pa.array([x.rstrip("\r\n") for x in batch.malformed_lines], pa.string())}
+            )
             account.count(["malformed_row"] * lines.num_rows)
             if quarantine:
-                quarantine.write("malformed", quarantine_rows(lines, ["malformed_row"] * lines.num_rows, batch.source_file))
+                quarantine.write(
+                    "malformed", quarantine_rows(lines, ["malformed_row"] * lines.num_rows, batch.source_file)
+                )
         kept, rejected = validate_batch(unit.table, batch.table, persons, batch.source_file)
         account.count(rejected["reason"].to_pylist())
         if quarantine:
@@ -260,7 +275,9 @@ def _validated(unit: Unit, ctx: IngestContext, account: UnitAccount, quarantine:
                 dupes = kept.filter(pa.array(~keep))
                 account.count([DUPLICATE] * dupes.num_rows)
                 if quarantine:
-                    quarantine.write("duplicates", quarantine_rows(dupes, [DUPLICATE] * dupes.num_rows, batch.source_file))
+                    quarantine.write(
+                        "duplicates", quarantine_rows(dupes, [DUPLICATE] * dupes.num_rows, batch.source_file)
+                    )
                 kept = kept.filter(pa.array(keep))
         account.rows_kept += kept.num_rows
         yield kept
@@ -297,9 +314,15 @@ def unit_keys(unit: Unit, ctx: IngestContext) -> Iterator[pa.Table]:
         keys, valid = primary_key(unit.table, kept)
         keys = keys[valid]
         bucket = (subject_hash(keys, code) % np.uint64(ctx.key_buckets)).astype(np.int32)
-        yield pa.table({"table_code": pa.array(np.full(len(keys), code), pa.int16()),
-                        "unit": pa.array(np.full(len(keys), unit.index), pa.int32()),
-                        "key": pa.array(keys, pa.int64()), "bucket": pa.array(bucket)}, schema=KEY_SCHEMA)
+        yield pa.table(
+            {
+                "table_code": pa.array(np.full(len(keys), code), pa.int16()),
+                "unit": pa.array(np.full(len(keys), unit.index), pa.int32()),
+                "key": pa.array(keys, pa.int64()),
+                "bucket": pa.array(bucket),
+            },
+            schema=KEY_SCHEMA,
+        )
 
 
 # ---- accounts -----------------------------------------------------------------------------------
@@ -308,9 +331,21 @@ def table_accounts(accounts_dir: Path, units: list[Unit]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for unit in units:
         data = json.loads((accounts_dir / unit.table / f"{unit.index:05d}.json").read_text(encoding="utf-8"))
-        acc = out.setdefault(unit.table, {"table": unit.table, "files": [], "rows_in": 0, "rows_kept": 0,
-                                          "rows_quarantined": 0, "by_reason": {}, "extra_columns": set(),
-                                          "renamed_cdm53_columns": set(), "events": 0, "mapping": {}})
+        acc = out.setdefault(
+            unit.table,
+            {
+                "table": unit.table,
+                "files": [],
+                "rows_in": 0,
+                "rows_kept": 0,
+                "rows_quarantined": 0,
+                "by_reason": {},
+                "extra_columns": set(),
+                "renamed_cdm53_columns": set(),
+                "events": 0,
+                "mapping": {},
+            },
+        )
         acc["files"].append(data["file"])
         for key in ("rows_in", "rows_kept", "rows_quarantined"):
             acc[key] += data[key]

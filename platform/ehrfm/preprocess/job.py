@@ -39,15 +39,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ehrfm.config import dump_config, load_config
+from ehrfm.constants import FIRST_CODE_ID, SPECIAL_TOKENS, SPLITS
+from ehrfm.omop.files import OmopSchemaError
+from ehrfm.omop.validation import find_tables
 from ehrfm.preprocess import ray_tasks as tasks
 from ehrfm.preprocess import stages as stages
-from ehrfm.omop.validation import find_tables
-from ehrfm.omop.files import OmopSchemaError
 from ehrfm.preprocess.config import PreprocessConfig
 from ehrfm.preprocess.report import log_to_mlflow, percentiles, summary_lines
-from ehrfm.prs.readers import PrsFormatError
 from ehrfm.prs.person import PersonPrs, PrsInputs, build_person_prs, write_prs
-from ehrfm.constants import FIRST_CODE_ID, SPECIAL_TOKENS, SPLITS
+from ehrfm.prs.readers import PrsFormatError
 from ehrfm.splits import shard_of, split_codes
 
 TIMELINES_FORMAT = "ehrfm-timelines/1"
@@ -68,7 +68,9 @@ class PreprocessInputs:
         """The layout `ehrfm synthesize` writes: omop/ and prs/ (wide parquet, sample map, PCs)."""
         root = Path(cohort)
         prs_dir = root / "prs"
-        prs = next((p for p in (prs_dir / "scores_wide.parquet", prs_dir / "aggregated_scores.txt.gz") if p.is_file()), None)
+        prs = next(
+            (p for p in (prs_dir / "scores_wide.parquet", prs_dir / "aggregated_scores.txt.gz") if p.is_file()), None
+        )
         return cls(
             omop=str(root / "omop"),
             prs=str(prs) if prs else None,
@@ -130,8 +132,13 @@ def check_inputs(inputs: PreprocessInputs) -> None:
     """Fail before any work when a named input is missing (no stage should find out late)."""
     if bool(inputs.omop) == bool(inputs.meds):
         raise ValueError("give exactly one of an OMOP root or a MEDS dataset")
-    for flag, path in (("--omop", inputs.omop), ("--meds", inputs.meds), ("--prs", inputs.prs),
-                       ("--sample-map", inputs.sample_map), ("--pcs", inputs.pcs)):
+    for flag, path in (
+        ("--omop", inputs.omop),
+        ("--meds", inputs.meds),
+        ("--prs", inputs.prs),
+        ("--sample-map", inputs.sample_map),
+        ("--pcs", inputs.pcs),
+    ):
         if path and "://" not in path and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path} does not exist")
     if (inputs.sample_map or inputs.pcs) and not inputs.prs:
@@ -162,8 +169,10 @@ def _token_report(timelines: pa.Table) -> tuple[dict, dict, list[dict]]:
         "value_tokens": sum(s["value_tokens"] for s in stats),
         "gap_tokens": sum(s["gap_tokens"] for s in stats),
     }
-    shards = [{"file": f"part-{shard:05d}.parquet", "persons": s["subjects"], "tokens": s["tokens"], "sha256": sha}
-              for shard, s, sha in zip(timelines["shard"].to_pylist(), stats, timelines["sha256"].to_pylist())]
+    shards = [
+        {"file": f"part-{shard:05d}.parquet", "persons": s["subjects"], "tokens": s["tokens"], "sha256": sha}
+        for shard, s, sha in zip(timelines["shard"].to_pylist(), stats, timelines["sha256"].to_pylist())
+    ]
     return splits, tokens, shards
 
 
@@ -183,7 +192,9 @@ def run_preprocess(config: PreprocessConfig, inputs: PreprocessInputs, out: str 
             report = _run_stages(config, inputs, tmp, checksums)
     finally:
         hasher.shutdown(wait=False, cancel_futures=True)
-    log_to_mlflow(report, {**_flatten(config.model_dump(mode="json")), "tokenizer_version": report["tokenizer"]["version"]})
+    log_to_mlflow(
+        report, {**_flatten(config.model_dump(mode="json")), "tokenizer_version": report["tokenizer"]["version"]}
+    )
     return report
 
 
@@ -195,9 +206,17 @@ def _run_stages(config: PreprocessConfig, inputs: PreprocessInputs, tmp: Path, c
     person_split = split_codes(subjects, config.splits.ratios, config.splits.salt)
     with timer.stage("prs"):
         if inputs.prs:
-            prs_inputs = PrsInputs(inputs.prs, inputs.sample_map, inputs.pcs, config.prs.column,
-                                   config.prs.sampleset, config.prs.adjust_ancestry)
-            person_prs = build_person_prs(prs_inputs, subjects, person_split, tmp / "quarantine" / "prs_samples.parquet")
+            prs_inputs = PrsInputs(
+                inputs.prs,
+                inputs.sample_map,
+                inputs.pcs,
+                config.prs.column,
+                config.prs.sampleset,
+                config.prs.adjust_ancestry,
+            )
+            person_prs = build_person_prs(
+                prs_inputs, subjects, person_split, tmp / "quarantine" / "prs_samples.parquet"
+            )
         else:
             person_prs = PersonPrs.empty(subjects)
         write_prs(tmp / "prs", person_prs, shard_of(subjects, n_shards), n_shards)
@@ -205,11 +224,19 @@ def _run_stages(config: PreprocessConfig, inputs: PreprocessInputs, tmp: Path, c
         tok = stages.fit_tokenizer(tmp / "events", events, config)
         tok.save(tmp / "tokenizer.json")
     with timer.stage("timelines"):
-        timelines = stages.build_timelines(tmp, tok, len(person_prs.pgs_ids), [s["shard"] for s in events.shards], config)
+        timelines = stages.build_timelines(
+            tmp, tok, len(person_prs.pgs_ids), [s["shard"] for s in events.shards], config
+        )
     splits, tokens, timeline_shards = _token_report(timelines)
-    pq.write_table(pa.table({"subject_id": pa.array(subjects, pa.int64()),
-                             "split": pa.array(np.asarray(SPLITS, dtype=object)[person_split].tolist(), pa.string())}),
-                   tmp / "splits.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": pa.array(subjects, pa.int64()),
+                "split": pa.array(np.asarray(SPLITS, dtype=object)[person_split].tolist(), pa.string()),
+            }
+        ),
+        tmp / "splits.parquet",
+    )
     manifest = {
         "format": TIMELINES_FORMAT,
         "vocab_size": tok.vocab_size,
@@ -219,8 +246,13 @@ def _run_stages(config: PreprocessConfig, inputs: PreprocessInputs, tmp: Path, c
         "tokenizer_file": "../tokenizer.json",
         "special_tokens": SPECIAL_TOKENS,
         "first_code_id": FIRST_CODE_ID,
-        "counts": {"persons": int(len(subjects)), "persons_by_split": splits, "events": events.events,
-                   "tokens": tokens["total"], "persons_with_prs": int(person_prs.has_prs.sum())},
+        "counts": {
+            "persons": int(len(subjects)),
+            "persons_by_split": splits,
+            "events": events.events,
+            "tokens": tokens["total"],
+            "persons_with_prs": int(person_prs.has_prs.sum()),
+        },
         "token_statistics": tokens,
         "splits": {"ratios": dict(zip(SPLITS, config.splits.ratios)), "salt": config.splits.salt},
         "shards": timeline_shards,
@@ -229,12 +261,18 @@ def _run_stages(config: PreprocessConfig, inputs: PreprocessInputs, tmp: Path, c
     (tmp / "timelines" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     shutil.rmtree(tmp / "_work", ignore_errors=True)
     (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-    prs_report = {"persons": int(len(subjects)), "persons_with_prs": int(person_prs.has_prs.sum()),
-                  "pgs": len(person_prs.pgs_ids), **person_prs.report}
+    prs_report = {
+        "persons": int(len(subjects)),
+        "persons_with_prs": int(person_prs.has_prs.sum()),
+        "pgs": len(person_prs.pgs_ids),
+        **person_prs.report,
+    }
     report = {
         "inputs": {k: v for k, v in asdict(inputs).items() if v},
         "tables": events.tables,
-        "totals": {key: sum(a[key] for a in events.tables.values()) for key in ("rows_in", "rows_kept", "rows_quarantined")},
+        "totals": {
+            key: sum(a[key] for a in events.tables.values()) for key in ("rows_in", "rows_kept", "rows_quarantined")
+        },
         "events": {"events": events.events, "subjects": int(len(subjects)), "shards": n_shards, "files": events.shards},
         "splits": splits,
         "tokens": tokens,
@@ -289,8 +327,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pcs", help="genetic PCs (sample_id PC1..PCn) for ancestry adjustment")
     parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
     parser.add_argument("--config", help="PreprocessConfig YAML (jobs/configs/preprocess-default.yaml)")
-    parser.add_argument("--ray-address", default=None,
-                        help="Ray cluster to join ('auto': the running local one; default: RAY_ADDRESS, else a new local instance)")
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join ('auto': the running local one; default: RAY_ADDRESS, else a new local instance)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     return parser
 
@@ -298,7 +339,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = load_config(PreprocessConfig, args.config, args.overrides)
-    inputs = PreprocessInputs.from_cohort(args.cohort) if args.cohort else PreprocessInputs(omop=args.omop, meds=args.meds)
+    inputs = (
+        PreprocessInputs.from_cohort(args.cohort) if args.cohort else PreprocessInputs(omop=args.omop, meds=args.meds)
+    )
     for name in ("prs", "sample_map", "pcs"):
         if getattr(args, name):
             setattr(inputs, name, getattr(args, name))

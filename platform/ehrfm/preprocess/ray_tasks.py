@@ -20,12 +20,12 @@ import pyarrow.parquet as pq
 import ray
 
 from ehrfm.omop.events import BIRTH_CODE, SHARD_COLUMN, STAGED_SCHEMA, finalize_shard, place_meds_events, stage_meds
-from ehrfm.preprocess.ingest import KEY_SCHEMA, IngestContext, Unit, duplicate_keys, ingest_unit, unit_keys
 from ehrfm.omop.validation import quarantine_rows
-from ehrfm.splits import shard_of, split_codes
+from ehrfm.preprocess.ingest import KEY_SCHEMA, IngestContext, Unit, duplicate_keys, ingest_unit, unit_keys
 from ehrfm.preprocess.staged_partitions import PartitionedWriter, read_partition
 from ehrfm.preprocess.timelines import build_shard, shard_name
 from ehrfm.preprocess.tokenizer import code_counts_table, code_values_table, fit_value_edges, train_rows
+from ehrfm.splits import shard_of, split_codes
 
 _RESOLVED: dict[str, object] = {}
 
@@ -112,23 +112,53 @@ def count_births_batch(batch: pa.Table) -> pa.Table:
 
 
 # ---- events shards ------------------------------------------------------------------------------
-def write_event_shard(group: pa.Table, events_dir: str, quarantine_dir: str, meds_input: bool,
-                      ratios: tuple[float, float, float], salt: int) -> pa.Table:
+def write_event_shard(
+    group: pa.Table,
+    events_dir: str,
+    quarantine_dir: str,
+    meds_input: bool,
+    ratios: tuple[float, float, float],
+    salt: int,
+) -> pa.Table:
     """One shard's group from the Ray shuffle -> events/part-S.parquet; returns its counts."""
     return event_shard(int(group[SHARD_COLUMN][0].as_py()), group, events_dir, quarantine_dir, meds_input, ratios, salt)
 
 
-def write_staged_event_shards(batch: pa.Table, staged_dir: str, events_dir: str, quarantine_dir: str,
-                              meds_input: bool, ratios: tuple[float, float, float], salt: int) -> pa.Table:
+def write_staged_event_shards(
+    batch: pa.Table,
+    staged_dir: str,
+    events_dir: str,
+    quarantine_dir: str,
+    meds_input: bool,
+    ratios: tuple[float, float, float],
+    salt: int,
+) -> pa.Table:
     """The "shard_files" strategy: each listed shard's staged files -> events/part-S.parquet."""
-    return pa.concat_tables([
-        event_shard(shard, read_partition(staged_dir, SHARD_COLUMN, shard), events_dir, quarantine_dir, meds_input,
-                    ratios, salt)
-        for shard in batch["shard"].to_pylist()])
+    return pa.concat_tables(
+        [
+            event_shard(
+                shard,
+                read_partition(staged_dir, SHARD_COLUMN, shard),
+                events_dir,
+                quarantine_dir,
+                meds_input,
+                ratios,
+                salt,
+            )
+            for shard in batch["shard"].to_pylist()
+        ]
+    )
 
 
-def event_shard(shard: int, group: pa.Table, events_dir: str, quarantine_dir: str, meds_input: bool,
-                ratios: tuple[float, float, float], salt: int) -> pa.Table:
+def event_shard(
+    shard: int,
+    group: pa.Table,
+    events_dir: str,
+    quarantine_dir: str,
+    meds_input: bool,
+    ratios: tuple[float, float, float],
+    salt: int,
+) -> pa.Table:
     """All staged events of one shard -> events/part-S.parquet (sorted MEDS); returns its counts,
     including the train-split event count per code (the vocabulary's input, so no extra pass)."""
     rows_in = group.num_rows
@@ -148,16 +178,18 @@ def event_shard(shard: int, group: pa.Table, events_dir: str, quarantine_dir: st
     pq.write_table(events, path)
     subjects = np.unique(events["subject_id"].to_numpy())
     counts = train_code_counts(events, ratios, salt)
-    return pa.table({
-        "shard": pa.array([shard], pa.int32()),
-        "rows_in": pa.array([rows_in], pa.int64()),
-        "events": pa.array([events.num_rows], pa.int64()),
-        "subject_ids": pa.array([subjects], pa.list_(pa.int64())),
-        "dropped": pa.array([json.dumps(dropped_by, sort_keys=True)], pa.string()),
-        "sha256": pa.array([file_sha256(str(path))], pa.string()),
-        "train_codes": pa.array([counts["code"]], pa.list_(pa.string())),
-        "train_counts": pa.array([counts["n"]], pa.list_(pa.int64())),
-    })
+    return pa.table(
+        {
+            "shard": pa.array([shard], pa.int32()),
+            "rows_in": pa.array([rows_in], pa.int64()),
+            "events": pa.array([events.num_rows], pa.int64()),
+            "subject_ids": pa.array([subjects], pa.list_(pa.int64())),
+            "dropped": pa.array([json.dumps(dropped_by, sort_keys=True)], pa.string()),
+            "sha256": pa.array([file_sha256(str(path))], pa.string()),
+            "train_codes": pa.array([counts["code"]], pa.list_(pa.string())),
+            "train_counts": pa.array([counts["n"]], pa.list_(pa.int64())),
+        }
+    )
 
 
 # ---- tokenizer fit (train split only) -------------------------------------------------------------
@@ -187,30 +219,43 @@ def code_edges_group(group: pa.Table, n_bins: int, min_values: int) -> pa.Table:
     """Value-bin edges of one code from all its train values (None below `min_values`)."""
     values = group["value"].to_numpy()
     edges = fit_value_edges(values, n_bins, min_values)
-    return pa.table({
-        "code_index": pa.array([int(group["code_index"][0].as_py())], pa.int32()),
-        "n_values": pa.array([len(values)], pa.int64()),
-        "edges": pa.array([None if edges is None else edges.tolist()], pa.list_(pa.float32())),
-    })
+    return pa.table(
+        {
+            "code_index": pa.array([int(group["code_index"][0].as_py())], pa.int32()),
+            "n_values": pa.array([len(values)], pa.int64()),
+            "edges": pa.array([None if edges is None else edges.tolist()], pa.list_(pa.float32())),
+        }
+    )
 
 
 # ---- timelines ----------------------------------------------------------------------------------
-def timeline_batch(batch: pa.Table, tokenizer: list, events_dir: str, prs_dir: str, timelines_dir: str,
-                   num_pgs: int, ratios: tuple[float, float, float], salt: int) -> pa.Table:
+def timeline_batch(
+    batch: pa.Table,
+    tokenizer: list,
+    events_dir: str,
+    prs_dir: str,
+    timelines_dir: str,
+    num_pgs: int,
+    ratios: tuple[float, float, float],
+    salt: int,
+) -> pa.Table:
     tok = resolve(tokenizer)
     rows = {"shard": [], "lengths": [], "stats": [], "sha256": []}
     for shard in batch["shard"].to_pylist():
-        table, stats = build_shard(Path(events_dir) / shard_name(shard), Path(prs_dir) / shard_name(shard), tok,
-                                   num_pgs, ratios, salt)
+        table, stats = build_shard(
+            Path(events_dir) / shard_name(shard), Path(prs_dir) / shard_name(shard), tok, num_pgs, ratios, salt
+        )
         path = Path(timelines_dir) / shard_name(shard)
         pq.write_table(table, path)
         rows["shard"].append(shard)
         rows["lengths"].append(stats.pop("lengths"))
         rows["stats"].append(json.dumps(stats, sort_keys=True))
         rows["sha256"].append(file_sha256(str(path)))
-    return pa.table({
-        "shard": pa.array(rows["shard"], pa.int32()),
-        "lengths": pa.array(rows["lengths"], pa.list_(pa.int64())),
-        "stats": pa.array(rows["stats"], pa.string()),
-        "sha256": pa.array(rows["sha256"], pa.string()),
-    })
+    return pa.table(
+        {
+            "shard": pa.array(rows["shard"], pa.int32()),
+            "lengths": pa.array(rows["lengths"], pa.list_(pa.int64())),
+            "stats": pa.array(rows["stats"], pa.string()),
+            "sha256": pa.array(rows["sha256"], pa.string()),
+        }
+    )

@@ -28,25 +28,33 @@ def summary_lines(report: dict) -> list[str]:
     """A few lines a person reads after a run."""
     lines = [f"{'table':<22}{'rows in':>12}{'kept':>12}{'quarantined':>13}{'events':>12}  by reason"]
     for table, acc in report["tables"].items():
-        lines.append(f"{table:<22}{acc['rows_in']:>12,}{acc['rows_kept']:>12,}{acc['rows_quarantined']:>13,}"
-                     f"{acc.get('events', 0):>12,}  {_reasons(acc['by_reason'])}")
+        lines.append(
+            f"{table:<22}{acc['rows_in']:>12,}{acc['rows_kept']:>12,}{acc['rows_quarantined']:>13,}"
+            f"{acc.get('events', 0):>12,}  {_reasons(acc['by_reason'])}"
+        )
     events = report["events"]
     lines.append(f"events: {events['events']:,} for {events['subjects']:,} persons in {events['shards']} shards")
     splits = report["splits"]
     lines.append("persons per split: " + ", ".join(f"{s}={splits.get(s, 0):,}" for s in SPLITS))
     tokens = report["tokens"]
     pct = tokens["per_person"]
-    lines.append(f"tokens: {tokens['total']:,}; per person p5={pct['p5']:.0f} p50={pct['p50']:.0f} "
-                 f"p95={pct['p95']:.0f} max={pct['p100']:.0f}; UNK (codes outside the train vocabulary) "
-                 + ", ".join(f"{s}={n:,}" for s, n in tokens["unk_tokens_by_split"].items()))
+    lines.append(
+        f"tokens: {tokens['total']:,}; per person p5={pct['p5']:.0f} p50={pct['p50']:.0f} "
+        f"p95={pct['p95']:.0f} max={pct['p100']:.0f}; UNK (codes outside the train vocabulary) "
+        + ", ".join(f"{s}={n:,}" for s, n in tokens["unk_tokens_by_split"].items())
+    )
     tok = report["tokenizer"]
-    lines.append(f"tokenizer {tok['version']}: vocab {tok['vocab_size']:,} ({tok['codes_in_vocabulary']:,} codes "
-                 f"of {tok['codes_seen']:,} seen in train, {tok['codes_with_value_bins']:,} with value bins)")
+    lines.append(
+        f"tokenizer {tok['version']}: vocab {tok['vocab_size']:,} ({tok['codes_in_vocabulary']:,} codes "
+        f"of {tok['codes_seen']:,} seen in train, {tok['codes_with_value_bins']:,} with value bins)"
+    )
     prs = report["prs"]
     if prs.get("given"):
-        lines.append(f"PRS: {prs['pgs']} scores; {prs['persons_with_prs']:,} of {prs['persons']:,} persons "
-                     f"({100 * prs['coverage']:.1f}%); excluded samples: {_reasons(prs['excluded_by_reason'])}; "
-                     f"ancestry-adjusted: {prs['transform'].get('ancestry_adjusted', False)}")
+        lines.append(
+            f"PRS: {prs['pgs']} scores; {prs['persons_with_prs']:,} of {prs['persons']:,} persons "
+            f"({100 * prs['coverage']:.1f}%); excluded samples: {_reasons(prs['excluded_by_reason'])}; "
+            f"ancestry-adjusted: {prs['transform'].get('ancestry_adjusted', False)}"
+        )
     else:
         lines.append("PRS: none given")
     lines.append(f"finished in {report['seconds']['total']:.1f}s")

@@ -96,7 +96,7 @@ def partition_values(root: Path | str, key: str) -> list[int]:
     root, prefix = Path(root), f"{key.lstrip('_')}="
     if not root.is_dir():
         return []
-    return sorted(int(p.name[len(prefix):]) for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+    return sorted(int(p.name[len(prefix) :]) for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
 
 
 def read_partition(root: Path | str, key: str, value: int) -> pa.Table:

@@ -16,23 +16,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ehrfm.preprocess import ray_tasks as tasks
 from ehrfm.omop.events import SHARD_COLUMN, death_events, person_events
-from ehrfm.preprocess.ingest import IngestContext, duplicates_by_unit, plan_units, table_accounts, tables_needing_key_check
-from ehrfm.omop.validation import PersonIndex, find_tables, validate_table
 from ehrfm.omop.files import OmopSchemaError, file_name
 from ehrfm.omop.spec import TABLE_ORDER
+from ehrfm.omop.validation import PersonIndex, find_tables, validate_table
+from ehrfm.preprocess import ray_tasks as tasks
 from ehrfm.preprocess.config import SHARD_FILES, PreprocessConfig
-from ehrfm.splits import num_shards_for, shard_of, split_codes
+from ehrfm.preprocess.ingest import (
+    IngestContext,
+    duplicates_by_unit,
+    plan_units,
+    table_accounts,
+    tables_needing_key_check,
+)
 from ehrfm.preprocess.staged_partitions import partition_values
 from ehrfm.preprocess.tokenizer import Tokenizer, build_tokenizer
+from ehrfm.splits import num_shards_for, shard_of, split_codes
 
 DRIVER_TABLES = ("person", "death")
 
 
 def collect(dataset) -> pa.Table:
     """All (small) output rows of a dataset as one table."""
-    parts = [batch for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow")]
+    parts = list(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
     parts = [p for p in parts if p.num_rows]
     return pa.concat_tables(parts) if parts else pa.table({})
 
@@ -77,26 +83,35 @@ class EventsResult:
     train_code_counts: dict[str, int]
 
 
-def _shard_events_dataset(dataset, n_shards: int, events_dir: Path, quarantine_dir: Path, meds_input: bool,
-                          cfg: PreprocessConfig) -> pa.Table:
+def _shard_events_dataset(
+    dataset, n_shards: int, events_dir: Path, quarantine_dir: Path, meds_input: bool, cfg: PreprocessConfig
+) -> pa.Table:
     """groupby(shard) -> one sorted events file per shard; returns the per-shard counts."""
     written = dataset.groupby(SHARD_COLUMN, num_partitions=max(1, n_shards)).map_groups(
-        tasks.write_event_shard, batch_format="pyarrow", fn_kwargs=_shard_writer_kwargs(events_dir, quarantine_dir,
-                                                                                         meds_input, cfg))
+        tasks.write_event_shard,
+        batch_format="pyarrow",
+        fn_kwargs=_shard_writer_kwargs(events_dir, quarantine_dir, meds_input, cfg),
+    )
     return collect(written)
 
 
 def _shard_writer_kwargs(events_dir: Path, quarantine_dir: Path, meds_input: bool, cfg: PreprocessConfig) -> dict:
-    return {"events_dir": str(events_dir), "quarantine_dir": str(quarantine_dir), "meds_input": meds_input,
-            "ratios": cfg.splits.ratios, "salt": cfg.splits.salt}
+    return {
+        "events_dir": str(events_dir),
+        "quarantine_dir": str(quarantine_dir),
+        "meds_input": meds_input,
+        "ratios": cfg.splits.ratios,
+        "salt": cfg.splits.salt,
+    }
 
 
 def _total_rows(counts: pa.Table, column: str = "rows") -> int:
     return int(pc.sum(counts[column]).as_py() or 0) if counts.num_rows else 0
 
 
-def _shard_staged_files(staged_dir: Path, staged_rows: int, events_dir: Path, quarantine_dir: Path, meds_input: bool,
-                        cfg: PreprocessConfig) -> pa.Table:
+def _shard_staged_files(
+    staged_dir: Path, staged_rows: int, events_dir: Path, quarantine_dir: Path, meds_input: bool, cfg: PreprocessConfig
+) -> pa.Table:
     """The "shard_files" strategy's second step: one task per shard reads that shard's staged files
     and writes its events file (the same code as the groupby's); the staged files are then removed."""
     import ray.data
@@ -104,9 +119,17 @@ def _shard_staged_files(staged_dir: Path, staged_rows: int, events_dir: Path, qu
     shards = [{"shard": s} for s in partition_values(staged_dir, SHARD_COLUMN)]
     written = pa.table({})
     if shards:
-        written = collect(ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
-            tasks.write_staged_event_shards, batch_size=1, batch_format="pyarrow",
-            fn_kwargs={"staged_dir": str(staged_dir), **_shard_writer_kwargs(events_dir, quarantine_dir, meds_input, cfg)}))
+        written = collect(
+            ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
+                tasks.write_staged_event_shards,
+                batch_size=1,
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "staged_dir": str(staged_dir),
+                    **_shard_writer_kwargs(events_dir, quarantine_dir, meds_input, cfg),
+                },
+            )
+        )
     read_rows = _total_rows(written, "rows_in")
     if staged_rows != read_rows:
         raise AssertionError(f"staged events: {staged_rows} rows written, {read_rows} read back")
@@ -121,16 +144,24 @@ def _unit_items(units: list) -> object:
     return ray.data.from_items([asdict(u) for u in units], override_num_blocks=len(units))
 
 
-def _omop_shard_files(driver_events: pa.Table, units: list, ctx_ref: list, tmp: Path, quarantine_dir: Path,
-                      cfg: PreprocessConfig) -> pa.Table:
+def _omop_shard_files(
+    driver_events: pa.Table, units: list, ctx_ref: list, tmp: Path, quarantine_dir: Path, cfg: PreprocessConfig
+) -> pa.Table:
     """The "shard_files" strategy for OMOP: the driver's person/death events and every ingest task
     write their events to per-shard files (only row counts come back), then one task per shard."""
     staged_dir = tmp / "_work" / "staged"
     staged_rows = tasks.write_staged_events([driver_events], str(staged_dir), "person-death")
     if units:
-        staged_rows += _total_rows(collect(_unit_items(units).map_batches(
-            tasks.ingest_to_staged_files, batch_size=1, batch_format="pyarrow",
-            fn_kwargs={"ctx": ctx_ref, "staged_dir": str(staged_dir)})))
+        staged_rows += _total_rows(
+            collect(
+                _unit_items(units).map_batches(
+                    tasks.ingest_to_staged_files,
+                    batch_size=1,
+                    batch_format="pyarrow",
+                    fn_kwargs={"ctx": ctx_ref, "staged_dir": str(staged_dir)},
+                )
+            )
+        )
     return _shard_staged_files(staged_dir, staged_rows, tmp / "events", quarantine_dir, False, cfg)
 
 
@@ -169,9 +200,13 @@ def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
             context.key_buckets = min(context.key_buckets, len(key_units))
             ref = [ray.put(context)]
             keys = ray.data.from_items(key_units, override_num_blocks=len(key_units)).map_batches(
-                tasks.unit_keys_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"ctx": ref})
-            dupes = collect(keys.groupby("bucket", num_partitions=context.key_buckets).map_groups(
-                tasks.duplicate_keys_group, batch_format="pyarrow"))
+                tasks.unit_keys_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"ctx": ref}
+            )
+            dupes = collect(
+                keys.groupby("bucket", num_partitions=context.key_buckets).map_groups(
+                    tasks.duplicate_keys_group, batch_format="pyarrow"
+                )
+            )
             context.cross_unit_duplicates = duplicates_by_unit(dupes) if dupes.num_rows else {}
     with timer.stage("ingest_events"):
         ref = [ray.put(context)]
@@ -181,8 +216,12 @@ def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
         else:
             parts = [ray.data.from_arrow(driver_events)]
             if units:
-                parts.insert(0, _unit_items(units).map_batches(tasks.ingest_batch, batch_size=1, batch_format="pyarrow",
-                                                       fn_kwargs={"ctx": ref}))
+                parts.insert(
+                    0,
+                    _unit_items(units).map_batches(
+                        tasks.ingest_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"ctx": ref}
+                    ),
+                )
             dataset = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
             shards = _shard_events_dataset(dataset, n_shards, tmp / "events", quarantine_dir, False, cfg)
     accounts.update(table_accounts(accounts_dir, units))
@@ -202,11 +241,28 @@ def _events_result(shards: pa.Table, n_shards: int, tables: dict[str, dict]) -> 
         raise AssertionError("a subject appears in two event shards")
     persons = pc.list_value_length(shards["subject_ids"]).to_pylist()
     scalars = shards.select(["shard", "events", "rows_in", "dropped", "sha256"]).to_pylist()
-    summaries = [{"file": f"part-{r['shard']:05d}.parquet", "shard": r["shard"], "events": r["events"], "persons": n,
-                  "rows_in": r["rows_in"], "dropped": json.loads(r["dropped"]), "sha256": r["sha256"]}
-                 for r, n in zip(scalars, persons)]
-    counts = pa.table({"code": shards["train_codes"].combine_chunks().flatten(),
-                       "n": shards["train_counts"].combine_chunks().flatten()}).group_by("code").aggregate([("n", "sum")])
+    summaries = [
+        {
+            "file": f"part-{r['shard']:05d}.parquet",
+            "shard": r["shard"],
+            "events": r["events"],
+            "persons": n,
+            "rows_in": r["rows_in"],
+            "dropped": json.loads(r["dropped"]),
+            "sha256": r["sha256"],
+        }
+        for r, n in zip(scalars, persons)
+    ]
+    counts = (
+        pa.table(
+            {
+                "code": shards["train_codes"].combine_chunks().flatten(),
+                "n": shards["train_counts"].combine_chunks().flatten(),
+            }
+        )
+        .group_by("code")
+        .aggregate([("n", "sum")])
+    )
     code_counts = dict(zip(counts["code"].to_pylist(), counts["n_sum"].to_pylist()))
     return EventsResult(subjects, n_shards, tables, summaries, int(sum(r["events"] for r in scalars)), code_counts)
 
@@ -217,21 +273,29 @@ def meds_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
 
     files = meds_files(Path(root))
     with timer.stage("ingest_events"):
-        births = collect(ray.data.read_parquet(files, columns=["code"]).map_batches(
-            tasks.count_births_batch, batch_format="pyarrow"))
-        n_shards = num_shards_for(int(births["n"].to_numpy().sum()) if births.num_rows else 0,
-                                  cfg.subjects_per_shard, cfg.min_shards)
+        births = collect(
+            ray.data.read_parquet(files, columns=["code"]).map_batches(tasks.count_births_batch, batch_format="pyarrow")
+        )
+        n_shards = num_shards_for(
+            int(births["n"].to_numpy().sum()) if births.num_rows else 0, cfg.subjects_per_shard, cfg.min_shards
+        )
         (tmp / "events").mkdir()
         if cfg.shuffle_strategy == SHARD_FILES:
             staged_dir = tmp / "_work" / "staged"
             items = [{"path": f, "index": i} for i, f in enumerate(files)]
-            staged = collect(ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                tasks.stage_meds_files, batch_size=1, batch_format="pyarrow",
-                fn_kwargs={"n_shards": n_shards, "staged_dir": str(staged_dir)}))
+            staged = collect(
+                ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                    tasks.stage_meds_files,
+                    batch_size=1,
+                    batch_format="pyarrow",
+                    fn_kwargs={"n_shards": n_shards, "staged_dir": str(staged_dir)},
+                )
+            )
             shards = _shard_staged_files(staged_dir, _total_rows(staged), tmp / "events", tmp / "quarantine", True, cfg)
         else:
             dataset = ray.data.read_parquet(files).map_batches(
-                tasks.stage_meds_batch, batch_format="pyarrow", fn_kwargs={"n_shards": n_shards})
+                tasks.stage_meds_batch, batch_format="pyarrow", fn_kwargs={"n_shards": n_shards}
+            )
             shards = _shard_events_dataset(dataset, n_shards, tmp / "events", tmp / "quarantine", True, cfg)
     result = _events_result(shards, n_shards, {})
     by_reason: dict[str, int] = {}
@@ -239,9 +303,17 @@ def meds_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
         for reason, n in shard["dropped"].items():
             by_reason[reason] = by_reason.get(reason, 0) + n
     rows_in = sum(s["rows_in"] for s in result.shards)
-    result.tables = {"meds": {"table": "meds", "files": [file_name(f) for f in files], "rows_in": rows_in,
-                              "rows_kept": result.events, "rows_quarantined": rows_in - result.events,
-                              "by_reason": by_reason, "events": result.events}}
+    result.tables = {
+        "meds": {
+            "table": "meds",
+            "files": [file_name(f) for f in files],
+            "rows_in": rows_in,
+            "rows_kept": result.events,
+            "rows_quarantined": rows_in - result.events,
+            "by_reason": by_reason,
+            "events": result.events,
+        }
+    }
     if sum(by_reason.values()) != rows_in - result.events:
         raise AssertionError("MEDS row account does not add up")
     return result
@@ -259,24 +331,41 @@ def fit_tokenizer(events_dir: Path, events: EventsResult, cfg: PreprocessConfig)
     if candidates:
         files = [{"path": str(p)} for p in sorted(events_dir.glob("part-*.parquet"))]
         events_ds = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
-            tasks.read_parquet_batch, batch_size=1, batch_format="pyarrow",
-            fn_kwargs={"columns": ["subject_id", "code", "numeric_value"]})
+            tasks.read_parquet_batch,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs={"columns": ["subject_id", "code", "numeric_value"]},
+        )
         values = events_ds.map_batches(
-            tasks.train_code_values, batch_format="pyarrow",
-            fn_kwargs={"ratios": ratios, "salt": salt, "bin_codes": pa.array(candidates, pa.string())})
+            tasks.train_code_values,
+            batch_format="pyarrow",
+            fn_kwargs={"ratios": ratios, "salt": salt, "bin_codes": pa.array(candidates, pa.string())},
+        )
         partitions = max(1, min(len(candidates), events.n_shards))
-        fitted = collect(values.groupby("code_index", num_partitions=partitions).map_groups(
-            tasks.code_edges_group, batch_format="pyarrow",
-            fn_kwargs={"n_bins": settings.value_bins, "min_values": settings.min_values_for_bins}))
-        for index, edge in zip(fitted["code_index"].to_pylist() if fitted.num_rows else [],
-                               fitted["edges"].to_pylist() if fitted.num_rows else []):
+        fitted = collect(
+            values.groupby("code_index", num_partitions=partitions).map_groups(
+                tasks.code_edges_group,
+                batch_format="pyarrow",
+                fn_kwargs={"n_bins": settings.value_bins, "min_values": settings.min_values_for_bins},
+            )
+        )
+        for index, edge in zip(
+            fitted["code_index"].to_pylist() if fitted.num_rows else [],
+            fitted["edges"].to_pylist() if fitted.num_rows else [],
+        ):
             if edge is not None:
                 edges[candidates[index]] = np.asarray(edge, dtype=np.float32)
     train = split_codes(events.subjects, ratios, salt) == 0
     summary = {"train_persons": int(train.sum()), "train_events": int(sum(code_counts.values()))}
-    return build_tokenizer(code_counts, edges, min_count=settings.min_count, n_bins=settings.value_bins,
-                           min_values_for_bins=settings.min_values_for_bins,
-                           gap_edges_days=settings.gap_edges_days, fit_summary=summary)
+    return build_tokenizer(
+        code_counts,
+        edges,
+        min_count=settings.min_count,
+        n_bins=settings.value_bins,
+        min_values_for_bins=settings.min_values_for_bins,
+        gap_edges_days=settings.gap_edges_days,
+        fit_summary=summary,
+    )
 
 
 def build_timelines(tmp: Path, tok: Tokenizer, num_pgs: int, shards: list[int], cfg: PreprocessConfig) -> pa.Table:
@@ -287,8 +376,17 @@ def build_timelines(tmp: Path, tok: Tokenizer, num_pgs: int, shards: list[int], 
     (tmp / "timelines").mkdir()
     items = [{"shard": s} for s in shards]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-        tasks.timeline_batch, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"tokenizer": [ray.put(tok)], "events_dir": str(tmp / "events"), "prs_dir": str(tmp / "prs"),
-                   "timelines_dir": str(tmp / "timelines"), "num_pgs": num_pgs, "ratios": cfg.splits.ratios,
-                   "salt": cfg.splits.salt})
+        tasks.timeline_batch,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "tokenizer": [ray.put(tok)],
+            "events_dir": str(tmp / "events"),
+            "prs_dir": str(tmp / "prs"),
+            "timelines_dir": str(tmp / "timelines"),
+            "num_pgs": num_pgs,
+            "ratios": cfg.splits.ratios,
+            "salt": cfg.splits.salt,
+        },
+    )
     return collect(dataset).sort_by("shard")

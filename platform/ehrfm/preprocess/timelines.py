@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ehrfm.prs.person import float32_vectors, storable, vectors_to_numpy
 from ehrfm.constants import SPLITS, UNK_ID
+from ehrfm.preprocess.tokenizer import ShardTimelines, Tokenizer
+from ehrfm.prs.person import float32_vectors, storable, vectors_to_numpy
 from ehrfm.schemas import timeline_schema
 from ehrfm.splits import split_codes
-from ehrfm.preprocess.tokenizer import ShardTimelines, Tokenizer
 
 EVENT_COLUMNS = ["subject_id", "time", "code", "numeric_value"]
 
@@ -58,8 +58,9 @@ def prs_rows(prs_file: Path, subject_ids: np.ndarray, num_pgs: int) -> tuple[np.
     return values, has
 
 
-def build_shard(events_file: Path, prs_file: Path, tokenizer: Tokenizer, num_pgs: int,
-                ratios: tuple[float, float, float], salt: int) -> tuple[pa.Table, dict]:
+def build_shard(
+    events_file: Path, prs_file: Path, tokenizer: Tokenizer, num_pgs: int, ratios: tuple[float, float, float], salt: int
+) -> tuple[pa.Table, dict]:
     """Timelines of one events shard and its counts (per split, tokens, UNK)."""
     events = pq.read_table(events_file, columns=EVENT_COLUMNS)
     timelines = tokenizer.tokenize(events)

@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ehrfm.omop.events import BIRTH_CODE, DAY_US, code_priority
 from ehrfm.constants import BOS_ID, EOS_ID, FIRST_CODE_ID, SPECIAL_TOKENS, UNK_ID
+from ehrfm.omop.events import BIRTH_CODE, DAY_US, code_priority
 
 TOKENIZER_FORMAT = "ehrfm-tokenizer/1"
 
@@ -146,9 +146,16 @@ def fit_value_edges(values: np.ndarray, n_bins: int, min_values: int) -> np.ndar
     return quantile_edges(values, n_bins) if len(values) >= min_values else None
 
 
-def build_tokenizer(code_counts: dict[str, int], value_edges: dict[str, np.ndarray], *, min_count: int,
-                    n_bins: int, min_values_for_bins: int, gap_edges_days: list[int],
-                    fit_summary: dict | None = None) -> Tokenizer:
+def build_tokenizer(
+    code_counts: dict[str, int],
+    value_edges: dict[str, np.ndarray],
+    *,
+    min_count: int,
+    n_bins: int,
+    min_values_for_bins: int,
+    gap_edges_days: list[int],
+    fit_summary: dict | None = None,
+) -> Tokenizer:
     """Assemble a tokenizer from train-split statistics: event counts per code, and the value-bin
     edges of the codes that had enough numeric values (`fit_value_edges`). Codes below `min_count`
     are left out, and so are their bins."""
@@ -162,14 +169,27 @@ def build_tokenizer(code_counts: dict[str, int], value_edges: dict[str, np.ndarr
     if len(tokens) != len(set(tokens)):
         raise ValueError("a code collides with a structural token name")
     assert tokens.index(structural[0]) == FIRST_CODE_ID
-    edges = {code: [float(x) for x in np.asarray(e, dtype=np.float32)] for code, e in sorted(value_edges.items())
-             if code in kept and e is not None}
+    edges = {
+        code: [float(x) for x in np.asarray(e, dtype=np.float32)]
+        for code, e in sorted(value_edges.items())
+        if code in kept and e is not None
+    }
     if any(len(e) != n_bins - 1 for e in edges.values()):
         raise ValueError(f"value edges must have n_bins - 1 = {n_bins - 1} entries")
     summary = dict(fit_summary or {})
-    summary.update({"codes_seen": len(code_counts), "codes_in_vocabulary": len(kept), "codes_with_value_bins": len(edges)})
-    return Tokenizer(tokens, {c: kept[c] for c in ordered}, edges, list(gap_edges_days), n_bins, min_count,
-                     min_values_for_bins, summary)
+    summary.update(
+        {"codes_seen": len(code_counts), "codes_in_vocabulary": len(kept), "codes_with_value_bins": len(edges)}
+    )
+    return Tokenizer(
+        tokens,
+        {c: kept[c] for c in ordered},
+        edges,
+        list(gap_edges_days),
+        n_bins,
+        min_count,
+        min_values_for_bins,
+        summary,
+    )
 
 
 # ---- apply, vectorised over a whole shard ------------------------------------------------------------
@@ -214,8 +234,11 @@ class _CodeTable:
         vocab_codes, vocab_ids = tok._code_lookup
         row = pc.fill_null(pc.index_in(dictionary, value_set=vocab_codes), -1).to_numpy(zero_copy_only=False)
         bin_codes, _ = tok._bin_lookup
-        bins = (pc.fill_null(pc.index_in(dictionary, value_set=bin_codes), -1).to_numpy(zero_copy_only=False)
-                if len(bin_codes) else np.full(len(dictionary), -1))
+        bins = (
+            pc.fill_null(pc.index_in(dictionary, value_set=bin_codes), -1).to_numpy(zero_copy_only=False)
+            if len(bin_codes)
+            else np.full(len(dictionary), -1)
+        )
         return cls(
             is_birth=pc.fill_null(pc.equal(dictionary, BIRTH_CODE), False).to_numpy(zero_copy_only=False),
             priority=code_priority(dictionary),
@@ -226,8 +249,9 @@ class _CodeTable:
 
 
 def _check_sorted(subject: np.ndarray, time_us: np.ndarray) -> None:
-    if len(subject) and (np.any(subject[1:] < subject[:-1])
-                         or np.any((subject[1:] == subject[:-1]) & (time_us[1:] < time_us[:-1]))):
+    if len(subject) and (
+        np.any(subject[1:] < subject[:-1]) or np.any((subject[1:] == subject[:-1]) & (time_us[1:] < time_us[:-1]))
+    ):
         raise ValueError("tokenize: events must be sorted by subject_id and time (an events/ shard)")
 
 
@@ -251,8 +275,15 @@ def _timeline_order(run: np.ndarray, day: np.ndarray, priority: np.ndarray) -> n
     return np.argsort((np.cumsum(new_group) << 4) | priority.astype(np.int64), kind="stable")
 
 
-def _assemble(run: np.ndarray, day: np.ndarray, code_ids: np.ndarray, q_rows: np.ndarray, q_ids: np.ndarray,
-              gap_ids: np.ndarray, n_subjects: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _assemble(
+    run: np.ndarray,
+    day: np.ndarray,
+    code_ids: np.ndarray,
+    q_rows: np.ndarray,
+    q_ids: np.ndarray,
+    gap_ids: np.ndarray,
+    n_subjects: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(offsets, tokens, ages): BOS, per event [gap] code [Q], EOS, for events in timeline order.
 
     `gap_ids` holds each event's gap token id or -1 (no gap); a gap token carries the age of the
@@ -323,8 +354,13 @@ def tokenize_events(events: pa.Table, tok: Tokenizer) -> ShardTimelines:
         "value_tokens": int(len(q_rows)),
         "gap_tokens": int((gap_ids >= 0).sum()),
     }
-    return ShardTimelines(subjects, birth_day, pa.ListArray.from_arrays(pa_offsets, pa.array(tokens)),
-                          pa.ListArray.from_arrays(pa_offsets, pa.array(ages)), stats)
+    return ShardTimelines(
+        subjects,
+        birth_day,
+        pa.ListArray.from_arrays(pa_offsets, pa.array(tokens)),
+        pa.ListArray.from_arrays(pa_offsets, pa.array(ages)),
+        stats,
+    )
 
 
 # ---- fit: per-batch partial statistics (train split only) ---------------------------------------
@@ -345,8 +381,11 @@ def code_counts_table(train: pa.Table) -> pa.Table:
 def code_values_table(train: pa.Table, bin_codes: pa.Array) -> pa.Table:
     """(code_index, value) for train events with a numeric value whose code may get bins."""
     value = train["numeric_value"].combine_chunks()
-    index, _ = _dictionary_ids(train["code"].combine_chunks(), bin_codes) if train.num_rows else (np.zeros(0, np.int64), None)
+    index, _ = (
+        _dictionary_ids(train["code"].combine_chunks(), bin_codes) if train.num_rows else (np.zeros(0, np.int64), None)
+    )
     keep = (index >= 0) & value.is_valid().to_numpy(zero_copy_only=False)
     keep &= ~np.isnan(pc.fill_null(value, 0.0).to_numpy(zero_copy_only=False))
-    return pa.table({"code_index": pa.array(index[keep].astype(np.int32)),
-                     "value": value.filter(pa.array(keep)).cast(pa.float32())})
+    return pa.table(
+        {"code_index": pa.array(index[keep].astype(np.int32)), "value": value.filter(pa.array(keep)).cast(pa.float32())}
+    )

@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ehrfm.constants import SPLITS
 from ehrfm.prs.readers import read_pcs, read_prs, read_sample_map, validate_prs
 from ehrfm.prs.transform import PrsTransform, fit_prs_transform
-from ehrfm.constants import SPLITS
 from ehrfm.schemas import prs_schema
 
 
@@ -88,8 +88,10 @@ def vectors_to_numpy(column: pa.Array | pa.ChunkedArray, k: int) -> np.ndarray:
 def prs_arrow(subject_id: np.ndarray, values: np.ndarray, has_prs: np.ndarray) -> pa.Table:
     k = values.shape[1]
     vectors = float32_vectors(values)
-    return pa.table({"subject_id": pa.array(subject_id, pa.int64()), "prs": vectors,
-                     "has_prs": pa.array(has_prs, pa.bool_())}, schema=storable(prs_schema(k)))
+    return pa.table(
+        {"subject_id": pa.array(subject_id, pa.int64()), "prs": vectors, "has_prs": pa.array(has_prs, pa.bool_())},
+        schema=storable(prs_schema(k)),
+    )
 
 
 def _pcs_for(samples: np.ndarray, inputs: PrsInputs) -> tuple[np.ndarray | None, dict]:
@@ -103,12 +105,18 @@ def _pcs_for(samples: np.ndarray, inputs: PrsInputs) -> tuple[np.ndarray | None,
     rows = np.array([first.get(s, -1) for s in samples.tolist()], dtype=np.int64)
     aligned = np.full((len(samples), pcs.shape[1]), np.nan)
     aligned[rows >= 0] = pcs[rows[rows >= 0]]
-    return aligned, {"pcs_file": Path(inputs.pcs).name, "n_pcs": int(pcs.shape[1]),
-                     "pc_samples": int(len(pc_samples)), "duplicate_pc_samples": int(len(pc_samples) - len(first)),
-                     "persons_with_prs_without_pcs": int((rows < 0).sum())}
+    return aligned, {
+        "pcs_file": Path(inputs.pcs).name,
+        "n_pcs": int(pcs.shape[1]),
+        "pc_samples": int(len(pc_samples)),
+        "duplicate_pc_samples": int(len(pc_samples) - len(first)),
+        "persons_with_prs_without_pcs": int((rows < 0).sum()),
+    }
 
 
-def build_person_prs(inputs: PrsInputs, persons: object, person_split: np.ndarray, problems_out: Path | None) -> PersonPrs:
+def build_person_prs(
+    inputs: PrsInputs, persons: object, person_split: np.ndarray, problems_out: Path | None
+) -> PersonPrs:
     """Read, validate and z-score the PRS of `persons` (PersonIndex or sorted ids; `person_split` aligned)."""
     person_ids = np.asarray(getattr(persons, "person_id", persons), dtype=np.int64)
     scores = read_prs(inputs.scores, column=inputs.column, sampleset=inputs.sampleset)
@@ -125,10 +133,16 @@ def build_person_prs(inputs: PrsInputs, persons: object, person_split: np.ndarra
     has_prs = np.zeros(len(person_ids), dtype=bool)
     values[pos], has_prs[pos] = z, True
     splits = {name: int(has_prs[person_split == code].sum()) for code, name in enumerate(SPLITS)}
-    report = {**report, **pcs_report, "given": True, "column": inputs.column,
-              "missing_scores_set_to_train_mean": int(missing.sum()),
-              "persons_with_prs_by_split": splits, "coverage": float(has_prs.mean()) if len(has_prs) else 0.0,
-              "transform": transform.summary}
+    report = {
+        **report,
+        **pcs_report,
+        "given": True,
+        "column": inputs.column,
+        "missing_scores_set_to_train_mean": int(missing.sum()),
+        "persons_with_prs_by_split": splits,
+        "coverage": float(has_prs.mean()) if len(has_prs) else 0.0,
+        "transform": transform.summary,
+    }
     return PersonPrs(list(kept.pgs_ids), person_ids, values, has_prs, transform, report)
 
 
@@ -141,8 +155,9 @@ def write_prs(out_dir: Path, person_prs: PersonPrs, shard: np.ndarray, n_shards:
         if len(rows) == 0:
             continue
         name = f"part-{s:05d}.parquet"
-        pq.write_table(prs_arrow(person_prs.subject_id[rows], person_prs.values[rows], person_prs.has_prs[rows]),
-                       out_dir / name)
+        pq.write_table(
+            prs_arrow(person_prs.subject_id[rows], person_prs.values[rows], person_prs.has_prs[rows]), out_dir / name
+        )
         files.append(name)
     (out_dir / "pgs_ids.json").write_text(json.dumps(person_prs.pgs_ids) + "\n", encoding="utf-8")
     if person_prs.transform is not None:

@@ -98,10 +98,10 @@ def _read_text_table(path: Path) -> pa.Table:
     table = pacsv.read_csv(
         io.BytesIO(data),
         read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=count_bad,
-                                         ignore_empty_lines=True),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                             strings_can_be_null=True, null_values=[""]),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=count_bad, ignore_empty_lines=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names}, strings_can_be_null=True, null_values=[""]
+        ),
     )
     if bad_lines:
         raise PrsFormatError(f"{path.name}: {bad_lines} line(s) do not have the {len(names)} header fields")
@@ -116,8 +116,12 @@ def _parse_numbers(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.n
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-        if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
-                or pa.types.is_decimal(values.type) or pa.types.is_null(values.type)):
+        if not (
+            pa.types.is_integer(values.type)
+            or pa.types.is_floating(values.type)
+            or pa.types.is_decimal(values.type)
+            or pa.types.is_null(values.type)
+        ):
             raise TypeError(str(values.type))
         present = values.is_valid().to_numpy(zero_copy_only=False)
         numbers = pc.fill_null(pc.cast(values, pa.float64()), np.nan).to_numpy(zero_copy_only=False)
@@ -182,8 +186,9 @@ def _read_pgsc_calc(path: Path, column: str, sampleset: str | None) -> PRSScores
     values[row_index, pgs_code] = numbers
     present[row_index, pgs_code] = present_cells
     row_samples = samples[row_keys // (occurrence.max(initial=0) + 1)]
-    return PRSScores(row_samples, pgs_ids.tolist(), values, present, source=path.name, fmt="pgsc_calc",
-                     unparsable_values=unparsable)
+    return PRSScores(
+        row_samples, pgs_ids.tolist(), values, present, source=path.name, fmt="pgsc_calc", unparsable_values=unparsable
+    )
 
 
 def _codes_in_order(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -219,11 +224,20 @@ def _read_sscore(path: Path, column: str) -> PRSScores:
     suffix = f"_{column.upper()}"
     score_cols = [c for c in table.column_names if c.upper().endswith(suffix) and c.upper() not in _SSCORE_NON_SCORES]
     if not score_cols:
-        raise PrsFormatError(f"{path.name}: no score column ending in {suffix} (plink2 writes *_SUM only with cols=+scoresums)")
+        raise PrsFormatError(
+            f"{path.name}: no score column ending in {suffix} (plink2 writes *_SUM only with cols=+scoresums)"
+        )
     values, present, unparsable = _score_matrix(table, score_cols, path)
     pgs_ids = [c[: -len(suffix)] for c in score_cols]
-    return PRSScores(_ids(table[id_col], path, id_col), pgs_ids, values, present, source=path.name, fmt="sscore",
-                     unparsable_values=unparsable)
+    return PRSScores(
+        _ids(table[id_col], path, id_col),
+        pgs_ids,
+        values,
+        present,
+        source=path.name,
+        fmt="sscore",
+        unparsable_values=unparsable,
+    )
 
 
 def _read_wide(path: Path) -> PRSScores:
@@ -234,8 +248,15 @@ def _read_wide(path: Path) -> PRSScores:
     if not score_cols:
         raise PrsFormatError(f"{path.name}: no score columns besides {id_col}")
     values, present, unparsable = _score_matrix(table, score_cols, path)
-    return PRSScores(_ids(table[id_col], path, id_col), score_cols, values, present, source=path.name, fmt="wide",
-                     unparsable_values=unparsable)
+    return PRSScores(
+        _ids(table[id_col], path, id_col),
+        score_cols,
+        values,
+        present,
+        source=path.name,
+        fmt="wide",
+        unparsable_values=unparsable,
+    )
 
 
 def detect_format(path: str | Path) -> str:
@@ -291,7 +312,9 @@ def read_sample_map(path: str | Path) -> dict[str, int]:
     numbers, present, _ = _parse_numbers(table[person_col])
     whole = present & np.isfinite(numbers) & (np.floor(numbers) == numbers) & (np.abs(numbers) < 2**53)
     if not whole.all():
-        raise PrsFormatError(f"{path.name}: column {person_col} has {int((~whole).sum())} value(s) that are not integer ids")
+        raise PrsFormatError(
+            f"{path.name}: column {person_col} has {int((~whole).sum())} value(s) that are not integer ids"
+        )
     text = pc.utf8_trim_whitespace(pc.cast(table[person_col], pa.string()))
     persons = pc.cast(pc.replace_substring_regex(text, pattern=r"\.0*$", replacement=""), pa.int64())
     mapping: dict[str, int] = {}
@@ -309,8 +332,9 @@ def read_pcs(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     table = _read_text_table(path)
     id_col = _find_column(table, _ID_COLUMNS, path, "sample id")
-    pc_cols = sorted((c for c in table.column_names if re.fullmatch(r"PC\d+", c, flags=re.IGNORECASE)),
-                     key=lambda c: int(c[2:]))
+    pc_cols = sorted(
+        (c for c in table.column_names if re.fullmatch(r"PC\d+", c, flags=re.IGNORECASE)), key=lambda c: int(c[2:])
+    )
     if not pc_cols:
         raise PrsFormatError(f"{path.name}: no PC1..PCn columns")
     values, present, unparsable = _score_matrix(table, pc_cols, path)
@@ -437,8 +461,13 @@ def validate_prs(
     kept = checks.reason < 0
     values = np.where(checks.nonfinite, np.nan, scores.values)[kept].astype(np.float32)
     result = PRSScores(
-        sample_ids=scores.sample_ids[kept], pgs_ids=list(scores.pgs_ids), values=values,
-        present=scores.present[kept], person_ids=checks.person_ids[kept], source=scores.source, fmt=scores.fmt,
+        sample_ids=scores.sample_ids[kept],
+        pgs_ids=list(scores.pgs_ids),
+        values=values,
+        present=scores.present[kept],
+        person_ids=checks.person_ids[kept],
+        source=scores.source,
+        fmt=scores.fmt,
         unparsable_values=scores.unparsable_values,
     )
     report = _report(scores, checks, len(_person_id_array(person_ids)))

@@ -62,16 +62,22 @@ class PrsTransform:
             return None if a is None else np.asarray(a, dtype=np.float64).tolist()
 
         return {
-            "pgs_ids": self.pgs_ids, "mean": listed(self.mean), "sd": listed(self.sd),
-            "pc_center": listed(self.pc_center), "pc_scale": listed(self.pc_scale),
-            "mean_coef": listed(self.mean_coef), "log_var_coef": listed(self.log_var_coef),
+            "pgs_ids": self.pgs_ids,
+            "mean": listed(self.mean),
+            "sd": listed(self.sd),
+            "pc_center": listed(self.pc_center),
+            "pc_scale": listed(self.pc_scale),
+            "mean_coef": listed(self.mean_coef),
+            "log_var_coef": listed(self.log_var_coef),
             "summary": self.summary,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> PrsTransform:
-        arrays = {k: (None if data[k] is None else np.asarray(data[k], dtype=np.float64))
-                  for k in ("mean", "sd", "pc_center", "pc_scale", "mean_coef", "log_var_coef")}
+        arrays = {
+            k: (None if data[k] is None else np.asarray(data[k], dtype=np.float64))
+            for k in ("mean", "sd", "pc_center", "pc_scale", "mean_coef", "log_var_coef")
+        }
         return cls(pgs_ids=list(data["pgs_ids"]), summary=dict(data.get("summary", {})), **arrays)
 
     def save(self, path: str | Path) -> None:
@@ -98,26 +104,36 @@ def _gamma_log_glm(projector: np.ndarray, design: np.ndarray, target: np.ndarray
     return coef
 
 
-def fit_prs_transform(values: np.ndarray, train: np.ndarray, pgs_ids: list[str], pcs: np.ndarray | None = None) -> PrsTransform:
+def fit_prs_transform(
+    values: np.ndarray, train: np.ndarray, pgs_ids: list[str], pcs: np.ndarray | None = None
+) -> PrsTransform:
     """Fit on the rows where `train` is true (persons with scores); `pcs` rows align with `values`."""
     values = np.asarray(values, dtype=np.float64)
     reference = values[train]
     n_ref = np.isfinite(reference).sum(axis=0)
     if len(pgs_ids) and n_ref.min(initial=len(reference)) < _MIN_REFERENCE:
-        raise ValueError(f"PRS z-scoring needs at least {_MIN_REFERENCE} train persons with each score; "
-                         f"the sparsest PGS has {int(n_ref.min())}")
+        raise ValueError(
+            f"PRS z-scoring needs at least {_MIN_REFERENCE} train persons with each score; "
+            f"the sparsest PGS has {int(n_ref.min())}"
+        )
     mean = np.nanmean(reference, axis=0) if len(pgs_ids) else np.zeros(0)
     sd = np.nanstd(reference, axis=0) if len(pgs_ids) else np.zeros(0)
     constant = int((sd == 0).sum())
     sd = np.where(sd > 0, sd, 1.0)
-    transform = PrsTransform(list(pgs_ids), mean, sd, summary={
-        "reference_persons": int(len(reference)), "constant_pgs": constant, "ancestry_adjusted": False})
+    transform = PrsTransform(
+        list(pgs_ids),
+        mean,
+        sd,
+        summary={"reference_persons": int(len(reference)), "constant_pgs": constant, "ancestry_adjusted": False},
+    )
     if pcs is None or not len(pgs_ids):
         return transform
     train_pcs = np.asarray(pcs, dtype=np.float64)[train]
     has_pcs = np.isfinite(train_pcs).all(axis=1)
     if has_pcs.sum() <= train_pcs.shape[1] + 1:
-        raise ValueError(f"ancestry adjustment needs more train persons with PCs than PCs + 1; got {int(has_pcs.sum())}")
+        raise ValueError(
+            f"ancestry adjustment needs more train persons with PCs than PCs + 1; got {int(has_pcs.sum())}"
+        )
     center = train_pcs[has_pcs].mean(axis=0)
     scale = train_pcs[has_pcs].std(axis=0)
     scale = np.where(scale > 0, scale, 1.0)
@@ -140,6 +156,7 @@ def fit_prs_transform(values: np.ndarray, train: np.ndarray, pgs_ids: list[str],
         mean_coef[columns] = coef.T
         log_var_coef[columns] = _gamma_log_glm(projector, design, (y - design @ coef) ** 2).T
     transform.mean_coef, transform.log_var_coef = mean_coef, log_var_coef
-    transform.summary.update({"ancestry_adjusted": True, "reference_persons_with_pcs": int(has_pcs.sum()),
-                              "n_pcs": int(train_pcs.shape[1])})
+    transform.summary.update(
+        {"ancestry_adjusted": True, "reference_persons_with_pcs": int(has_pcs.sum()), "n_pcs": int(train_pcs.shape[1])}
+    )
     return transform

@@ -112,8 +112,10 @@ class Status(BaseModel):
 # ---- helpers -------------------------------------------------------------------------------------
 def public_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Field-level errors without the submitted values (pydantic's `input`, `ctx`, `url`)."""
-    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", "value_error"))}
-            for e in errors]
+    return [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", "value_error"))}
+        for e in errors
+    ]
 
 
 def _unwrap(outcome: dict[str, Any], loc: tuple) -> dict[str, Any]:
@@ -126,8 +128,16 @@ def _unwrap(outcome: dict[str, Any], loc: tuple) -> dict[str, Any]:
 
 def _check_events(record: PersonRecord, limits: LimitsConfig, loc: tuple) -> None:
     if len(record.events) > limits.max_events:
-        raise ApiError(422, [{"loc": [*loc, "events"], "type": "too_long",
-                              "msg": f"{len(record.events)} events; at most {limits.max_events} per person"}])
+        raise ApiError(
+            422,
+            [
+                {
+                    "loc": [*loc, "events"],
+                    "type": "too_long",
+                    "msg": f"{len(record.events)} events; at most {limits.max_events} per person",
+                }
+            ],
+        )
 
 
 def bearer_guard(token: str | None):
@@ -140,19 +150,24 @@ def bearer_guard(token: str | None):
             return
         given = "" if credentials is None else credentials.credentials
         if not hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8")):
-            raise HTTPException(status_code=401, detail="missing or invalid bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                status_code=401, detail="missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
 
     return check
 
 
 def create_api(backend: ScoringBackend, limits: LimitsConfig, token: str | None = None) -> FastAPI:
     app = FastAPI(
-        title="ehrfm risk scoring", version=API_VERSION, max_body_size=limits.max_body_bytes,
-        description=("Risk of a task's outcome from a person's coded events, birth date, sex and optional "
-                     "polygenic risk scores, by the model registered under the served alias. "
-                     f"Limits: {limits.max_body_bytes} bytes per body, {limits.max_events} events per person, "
-                     f"{limits.max_persons} persons per batch. Explanations are by occlusion."),
+        title="ehrfm risk scoring",
+        version=API_VERSION,
+        max_body_size=limits.max_body_bytes,
+        description=(
+            "Risk of a task's outcome from a person's coded events, birth date, sex and optional "
+            "polygenic risk scores, by the model registered under the served alias. "
+            f"Limits: {limits.max_body_bytes} bytes per body, {limits.max_events} events per person, "
+            f"{limits.max_persons} persons per batch. Explanations are by occlusion."
+        ),
     )
     guarded = [Depends(bearer_guard(token))]
 
@@ -164,8 +179,14 @@ def create_api(backend: ScoringBackend, limits: LimitsConfig, token: str | None 
     async def _out_of_range(request: Request, exc: OverflowError) -> JSONResponse:
         # a datetime validator converting an extreme offset time (year 1 or 9999) to UTC overflows;
         # pydantic passes only ValueError on as a validation error, so this one arrives bare
-        return JSONResponse(status_code=422, content={"detail": [
-            {"loc": ["body"], "msg": "a date or time is out of the supported range", "type": "value_error"}]})
+        return JSONResponse(
+            status_code=422,
+            content={
+                "detail": [
+                    {"loc": ["body"], "msg": "a date or time is out of the supported range", "type": "value_error"}
+                ]
+            },
+        )
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -173,21 +194,26 @@ def create_api(backend: ScoringBackend, limits: LimitsConfig, token: str | None 
 
     @app.exception_handler(ModelUnavailable)
     async def _unavailable(request: Request, exc: ModelUnavailable) -> JSONResponse:
-        return JSONResponse(status_code=503, headers={"Retry-After": "1"},
-                            content={"detail": "no model replica is available; retry"})
+        return JSONResponse(
+            status_code=503, headers={"Retry-After": "1"}, content={"detail": "no model replica is available; retry"}
+        )
 
     @app.get("/healthz", response_model=Status, tags=["operations"])
     async def healthz() -> Status:
         """Liveness: the API process answers."""
         return Status(status="ok")
 
-    @app.get("/readyz", response_model=Status, tags=["operations"],
-             responses={503: {"description": "no model loaded or reachable yet"}})
+    @app.get(
+        "/readyz",
+        response_model=Status,
+        tags=["operations"],
+        responses={503: {"description": "no model loaded or reachable yet"}},
+    )
     async def readyz() -> Status | JSONResponse:
         """Readiness: a model replica answers with its loaded model."""
         try:
             info = await asyncio.wait_for(backend.model_info(), READY_TIMEOUT_S)
-        except (ModelUnavailable, asyncio.TimeoutError):
+        except (TimeoutError, ModelUnavailable):
             return JSONResponse(status_code=503, content={"status": "not ready"})
         return Status(status="ready", model_name=info["name"], model_version=info["version"])
 
@@ -205,13 +231,20 @@ def create_api(backend: ScoringBackend, limits: LimitsConfig, token: str | None 
         [outcome] = await backend.score([person])
         return _unwrap(outcome, ("body",))
 
-    @app.post(f"/{API_VERSION}/score:batch", response_model=ScoreBatchResponse, dependencies=guarded,
-              tags=["scoring"])
+    @app.post(f"/{API_VERSION}/score:batch", response_model=ScoreBatchResponse, dependencies=guarded, tags=["scoring"])
     async def score_batch(request: ScoreBatchRequest) -> dict[str, Any]:
         """Score many persons; any invalid person fails the request with its index in `loc`."""
         if len(request.persons) > limits.max_persons:
-            raise ApiError(422, [{"loc": ["body", "persons"], "type": "too_long",
-                                  "msg": f"{len(request.persons)} persons; at most {limits.max_persons}"}])
+            raise ApiError(
+                422,
+                [
+                    {
+                        "loc": ["body", "persons"],
+                        "type": "too_long",
+                        "msg": f"{len(request.persons)} persons; at most {limits.max_persons}",
+                    }
+                ],
+            )
         for i, person in enumerate(request.persons):
             _check_events(person, limits, ("body", "persons", i))
         outcomes = await backend.score(request.persons)

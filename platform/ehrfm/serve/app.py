@@ -101,12 +101,17 @@ def smoke(base_url: str, config: ServeConfig, n: int, token: str | None) -> int:
     print(f"{'person':>6}  {'risk':>8}  {'pct':>6}  {'PRS contribution':>16}  {'unknown':>7}  version")
     for i, (person, want) in enumerate(zip(persons, expected)):
         status, body = request_json(f"{base_url}/v1/score", person, token=token)
-        ok = status == 200 and math.isclose(body["risk"], want["risk"], rel_tol=1e-5, abs_tol=1e-9) \
+        ok = (
+            status == 200
+            and math.isclose(body["risk"], want["risk"], rel_tol=1e-5, abs_tol=1e-9)
             and body["model_version"] == local.ref.version
+        )
         failures += not ok
         if status == 200:
-            print(f"{i:>6}  {body['risk']:8.4f}  {body['percentile'] or float('nan'):6.1f}  "
-                  f"{body['prs_contribution']:+16.4f}  {body['unknown_codes']:>7}  {body['model_version']}")
+            print(
+                f"{i:>6}  {body['risk']:8.4f}  {body['percentile'] or float('nan'):6.1f}  "
+                f"{body['prs_contribution']:+16.4f}  {body['unknown_codes']:>7}  {body['model_version']}"
+            )
         else:
             print(f"{i:>6}  HTTP {status}")
     print(f"{n - failures}/{n} persons scored over HTTP match the registered model's own predictions")
@@ -122,8 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (loopback by default)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a new local one)")
-    parser.add_argument("--smoke", type=int, default=0, metavar="N",
-                        help="score N made-up persons over HTTP, check them, shut down and exit")
+    parser.add_argument(
+        "--smoke",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score N made-up persons over HTTP, check them, shut down and exit",
+    )
     parser.add_argument("overrides", nargs="*", help="ServeConfig key.path=value overrides")
     args = parser.parse_args(argv)
 

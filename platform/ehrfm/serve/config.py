@@ -74,7 +74,9 @@ class DeploymentSizing(StrictModel):
 
             unknown = sorted(set(value) - set(AutoscalingConfig.model_fields))
             if unknown:  # Serve would ignore them silently
-                raise ValueError(f"unknown autoscaling key(s) {unknown}; Serve accepts {sorted(AutoscalingConfig.model_fields)}")
+                raise ValueError(
+                    f"unknown autoscaling key(s) {unknown}; Serve accepts {sorted(AutoscalingConfig.model_fields)}"
+                )
             AutoscalingConfig(**value)  # raises naming the bad value
         return value
 
@@ -116,7 +118,7 @@ class ServeConfig(StrictModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")
-    def _pin_needs_a_registry_uri(self) -> "ServeConfig":
+    def _pin_needs_a_registry_uri(self) -> ServeConfig:
         if self.model_version is not None and not self.model_uri.startswith("models:/"):
             raise ValueError("model_version applies to models:/ URIs only")
         return self
@@ -124,9 +126,13 @@ class ServeConfig(StrictModel):
     def model_user_config(self) -> dict[str, Any]:
         """What the model replicas receive through `reconfigure` (JSON-serializable)."""
         return {
-            "model_uri": self.model_uri, "model_version": self.model_version, "alias_poll_s": self.alias_poll_s,
-            "tracking_uri": self.tracking_uri, "min_prs_share": self.min_prs_share,
+            "model_uri": self.model_uri,
+            "model_version": self.model_version,
+            "alias_poll_s": self.alias_poll_s,
+            "tracking_uri": self.tracking_uri,
+            "min_prs_share": self.min_prs_share,
             "max_batch_size": self.batching.max_batch_size,
             "batch_wait_timeout_s": self.batching.batch_wait_timeout_s,
-            "explain_max_events": self.explain.max_events, "explain_top_k": self.explain.top_k,
+            "explain_max_events": self.explain.max_events,
+            "explain_top_k": self.explain.top_k,
         }

@@ -101,8 +101,9 @@ class RiskModelDeployment:
                 return False
             loaded = await asyncio.to_thread(model_store.load, ref, min_prs_share)
             self._loaded = loaded
-        logger.info("serving %s version %s (was %s)", ref.name, ref.version,
-                    None if current is None else current.ref.version)
+        logger.info(
+            "serving %s version %s (was %s)", ref.name, ref.version, None if current is None else current.ref.version
+        )
         return True
 
     def _restart_poller(self, settings: ModelSettings) -> None:
@@ -118,8 +119,12 @@ class RiskModelDeployment:
             try:
                 await self._switch(settings.model_uri, None, settings.min_prs_share)
             except Exception as exc:  # noqa: BLE001  (keep serving the loaded version)
-                logger.warning("alias check of %s failed (%s); still serving version %s", settings.model_uri,
-                               type(exc).__name__, self._loaded.ref.version if self._loaded else None)
+                logger.warning(
+                    "alias check of %s failed (%s); still serving version %s",
+                    settings.model_uri,
+                    type(exc).__name__,
+                    self._loaded.ref.version if self._loaded else None,
+                )
 
     def _model(self) -> model_store.LoadedModel:
         if self._loaded is None:
@@ -134,8 +139,9 @@ class RiskModelDeployment:
 
     async def explain(self, record: PersonRecord) -> dict[str, Any]:
         loaded, settings = self._model(), self._settings
-        outcome = await asyncio.to_thread(explain_record, loaded.predictor, record, settings.explain_max_events,
-                                          settings.explain_top_k)
+        outcome = await asyncio.to_thread(
+            explain_record, loaded.predictor, record, settings.explain_max_events, settings.explain_top_k
+        )
         return _stamp(outcome, loaded)
 
     def info(self) -> dict[str, Any]:
@@ -164,10 +170,15 @@ class ScoringIngress:
             try:
                 return await getattr(self._model, method).remote(*args)
             except _REPLICA_GONE as exc:
-                logger.warning("RiskModel replica lost during %s (%s); attempt %d of %d", method,
-                               type(exc).__name__, attempt + 1, attempts)
+                logger.warning(
+                    "RiskModel replica lost during %s (%s); attempt %d of %d",
+                    method,
+                    type(exc).__name__,
+                    attempt + 1,
+                    attempts,
+                )
                 if attempt + 1 < attempts:
-                    await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
+                    await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
             except DeploymentUnavailableError as exc:
                 raise ModelUnavailable(type(exc).__name__) from None
         raise ModelUnavailable(f"{method}: {attempts} attempts failed")
@@ -184,7 +195,8 @@ class ScoringIngress:
 
 def build_deployments(config: ServeConfig):
     """The bound application: ScoringAPI -> RiskModel, sized and configured from `config`."""
-    model = RiskModelDeployment.options(user_config=config.model_user_config(),
-                                        **config.model_deployment.deployment_options())
+    model = RiskModelDeployment.options(
+        user_config=config.model_user_config(), **config.model_deployment.deployment_options()
+    )
     ingress = ScoringIngress.options(**config.ingress_deployment.deployment_options())
     return ingress.bind(model.bind(), config.model_dump(mode="json"))

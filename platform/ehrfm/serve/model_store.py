@@ -86,16 +86,23 @@ class LoadedModel:
     ref: ModelRef
     predictor: RiskPredictor
     metrics: dict[str, float] = field(default_factory=dict)
-    loaded_at: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    loaded_at: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
     def info(self) -> dict[str, Any]:
         """What GET /v1/model reports: aggregates only."""
         spec = self.predictor.spec
         return {
-            "name": self.ref.name, "version": self.ref.version, "alias": self.ref.alias, "task": spec.task,
-            "horizon_days": spec.horizon_days, "context": spec.context, "head_inputs": spec.head_inputs,
-            "pgs_ids": list(spec.pgs_ids), "min_prs_share": self.predictor.min_prs_share,
-            "calibrated": spec.platt is not None, "tokenizer_version": spec.tokenizer_version,
+            "name": self.ref.name,
+            "version": self.ref.version,
+            "alias": self.ref.alias,
+            "task": spec.task,
+            "horizon_days": spec.horizon_days,
+            "context": spec.context,
+            "head_inputs": spec.head_inputs,
+            "pgs_ids": list(spec.pgs_ids),
+            "min_prs_share": self.predictor.min_prs_share,
+            "calibrated": spec.platt is not None,
+            "tokenizer_version": spec.tokenizer_version,
             "metrics": {k: float(v) for k, v in {**spec.metrics, **self.metrics}.items() if math.isfinite(float(v))},
             "loaded_at": self.loaded_at,
         }
@@ -111,7 +118,8 @@ def load(ref: ModelRef, min_prs_share: float) -> LoadedModel:
 
         with tempfile.TemporaryDirectory(prefix="ehrfm-serve-") as tmp:
             directory = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{ref.version_uri}/artifacts/{RISK_MODEL_ARTIFACT}", dst_path=tmp)
+                artifact_uri=f"{ref.version_uri}/artifacts/{RISK_MODEL_ARTIFACT}", dst_path=tmp
+            )
             predictor = RiskPredictor.load(directory, min_prs_share=min_prs_share)  # reads every file into memory
         loaded = LoadedModel(ref, predictor, _registry_metrics(ref))
     [canary] = loaded.predictor.predict([example_record(loaded.predictor)])

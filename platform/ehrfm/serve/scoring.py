@@ -108,10 +108,10 @@ def explain_record(predictor: RiskPredictor, record: PersonRecord, max_events: i
     pinned = record.model_copy(update={"prediction_time": when})  # stays defined with fewer events
     try:
         n_considered = min(max_events, len(eligible), _events_in_window(predictor, pinned))
-        considered = eligible[len(eligible) - n_considered:]
+        considered = eligible[len(eligible) - n_considered :]
         variants = [pinned] + [
-            pinned.model_copy(update={"events": [e for j, e in enumerate(record.events) if j != i]})
-            for i in considered]
+            pinned.model_copy(update={"events": [e for j, e in enumerate(record.events) if j != i]}) for i in considered
+        ]
         rows = predictor.predict(variants)
     except Exception as exc:  # noqa: BLE001  (type only: the message could hold values)
         return field_error((), f"scoring failed ({type(exc).__name__})", kind="scoring_error")
@@ -121,7 +121,21 @@ def explain_record(predictor: RiskPredictor, record: PersonRecord, max_events: i
     base = rows[0]["risk"]
     deltas = [(i, base - row["risk"]) for i, row in zip(considered, rows[1:])]
     contributions = sorted((d for d in deltas if math.isfinite(d[1])), key=lambda item: -abs(item[1]))
-    events = [{"index": i, "code": record.events[i].code, "time": record.events[i].time.isoformat(),
-               "contribution": float(delta)} for i, delta in contributions[:top_k]]
-    return {"result": {**scored["result"], "method": EXPLAIN_METHOD, "events": events,
-                       "events_considered": len(considered), "events_not_considered": len(eligible) - len(considered)}}
+    events = [
+        {
+            "index": i,
+            "code": record.events[i].code,
+            "time": record.events[i].time.isoformat(),
+            "contribution": float(delta),
+        }
+        for i, delta in contributions[:top_k]
+    ]
+    return {
+        "result": {
+            **scored["result"],
+            "method": EXPLAIN_METHOD,
+            "events": events,
+            "events_considered": len(considered),
+            "events_not_considered": len(eligible) - len(considered),
+        }
+    }

@@ -24,8 +24,9 @@ def clinical_codes(tokenizer: Tokenizer) -> list[str]:
     return sorted(c for c in tokenizer.code_counts if "/" in c and not c.startswith(RESERVED_CODE_PREFIXES))
 
 
-def synthetic_persons(tokenizer: Tokenizer, pgs_ids: list[str], n: int, seed: int = 0,
-                      events_per_person: tuple[int, int] = (3, 40)) -> list[dict[str, Any]]:
+def synthetic_persons(
+    tokenizer: Tokenizer, pgs_ids: list[str], n: int, seed: int = 0, events_per_person: tuple[int, int] = (3, 40)
+) -> list[dict[str, Any]]:
     """`n` PersonRecord bodies (JSON-ready dicts) with events from the tokenizer's vocabulary."""
     rng = np.random.default_rng(seed)
     codes = clinical_codes(tokenizer)
@@ -45,7 +46,9 @@ def synthetic_persons(tokenizer: Tokenizer, pgs_ids: list[str], n: int, seed: in
             events.append(event)
             day += dt.timedelta(days=int(rng.integers(0, 90)))
         person: dict[str, Any] = {
-            "birth_date": birth.isoformat(), "sex": ["female", "male"][int(rng.integers(2))], "events": events,
+            "birth_date": birth.isoformat(),
+            "sex": ["female", "male"][int(rng.integers(2))],
+            "events": events,
             "prediction_time": (day + dt.timedelta(days=1)).isoformat(),
         }
         if pgs_ids and rng.random() < 0.5:
@@ -54,8 +57,9 @@ def synthetic_persons(tokenizer: Tokenizer, pgs_ids: list[str], n: int, seed: in
     return persons
 
 
-def request_json(url: str, body: Any = None, token: str | None = None, timeout: float = 30.0,
-                 method: str | None = None) -> tuple[int, Any]:
+def request_json(
+    url: str, body: Any = None, token: str | None = None, timeout: float = 30.0, method: str | None = None
+) -> tuple[int, Any]:
     """(status, decoded JSON body or text) of one request; HTTP errors are returned, not raised."""
     data = None if body is None else json.dumps(body).encode("utf-8")
     request = urllib.request.Request(url, data=data, method=method or ("GET" if body is None else "POST"))

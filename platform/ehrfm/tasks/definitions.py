@@ -110,8 +110,9 @@ class ResolvedTask:
 
 
 def resolve_criteria(criteria: ConceptCriteria, concept_ancestor: pl.DataFrame | None) -> ResolvedCriteria:
-    codes = {d: tuple(concept_codes(d, expand_descendants(getattr(criteria, d), concept_ancestor)))
-             for d in CODE_DOMAINS}
+    codes = {
+        d: tuple(concept_codes(d, expand_descendants(getattr(criteria, d), concept_ancestor))) for d in CODE_DOMAINS
+    }
     thresholds = []
     for item in criteria.measurement:
         for concept_id in expand_descendants([item.concept_id], concept_ancestor):

@@ -97,9 +97,7 @@ def choose_prediction_times(events: pl.DataFrame, seed: int) -> pl.DataFrame:
     )
     counts = candidates.group_by("subject_id").agg(pl.len().alias("n")).sort("subject_id")
     draws = subject_uniform(counts["subject_id"].to_numpy(), seed)
-    chosen = counts.with_columns(
-        pl.Series("rank", np.floor(draws * counts["n"].to_numpy()).astype(np.int64))
-    )
+    chosen = counts.with_columns(pl.Series("rank", np.floor(draws * counts["n"].to_numpy()).astype(np.int64)))
     return candidates.join(chosen.select("subject_id", "rank"), on=["subject_id", "rank"]).select(
         "subject_id", pl.col("end").alias("prediction_time")
     )
@@ -198,9 +196,13 @@ class LabelAccount:
 
     def as_dict(self) -> dict:
         return {
-            "task": self.task, "persons_in": self.persons_in, "labeled": self.labeled,
-            "positive": self.positive, "negative": self.negative,
-            "censored_as_negative": self.censored_as_negative, "excluded": dict(self.excluded),
+            "task": self.task,
+            "persons_in": self.persons_in,
+            "labeled": self.labeled,
+            "positive": self.positive,
+            "negative": self.negative,
+            "censored_as_negative": self.censored_as_negative,
+            "excluded": dict(self.excluded),
             "shards": list(self.shards),
         }
 
@@ -223,8 +225,9 @@ def label_shard_file(path: str, task: ResolvedTask) -> pl.DataFrame:
     return label_statuses(table, task, source=Path(path).name)
 
 
-def label_shards(paths: list[str], task: ResolvedTask, out_dir: Path | None = None,
-                 use_ray: bool = False) -> tuple[pa.Table, LabelAccount]:
+def label_shards(
+    paths: list[str], task: ResolvedTask, out_dir: Path | None = None, use_ray: bool = False
+) -> tuple[pa.Table, LabelAccount]:
     """Label subject-complete shards (sequentially or as Ray tasks); write labels + account if asked.
 
     A person found in two shards breaks the MEDS sharding rule; that is an error naming the shards.

@@ -71,7 +71,7 @@ class TrainState:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_file(cls, path: Path) -> "TrainState":
+    def from_file(cls, path: Path) -> TrainState:
         return cls(**json.loads(path.read_text()))
 
 
@@ -109,8 +109,9 @@ def restore_checkpoint(engine, directory: Path) -> TrainState:
     state_file = directory / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"checkpoint {directory} has no {STATE_FILE}")
-    load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    load_path, _ = engine.load_checkpoint(
+        str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if load_path is None:
         raise FileNotFoundError(f"checkpoint {directory} has no DeepSpeed state under {DEEPSPEED_DIR}/{DEEPSPEED_TAG}")
     return TrainState.from_file(state_file)

@@ -90,7 +90,7 @@ class PretrainConfig(StrictModel):
     mlflow: MlflowSection = MlflowSection()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PretrainConfig":
+    def _consistent(self) -> PretrainConfig:
         if self.schedule.stop_at_step is not None and self.schedule.stop_at_step > self.schedule.max_steps:
             raise ValueError("schedule.stop_at_step cannot exceed schedule.max_steps")
         if self.optim.warmup_steps >= self.schedule.max_steps:

@@ -60,8 +60,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
     o = cfg.optim
-    return torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-                             fused=cfg.scaling.use_gpu)
+    return torch.optim.AdamW(
+        parameter_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, fused=cfg.scaling.use_gpu
+    )
 
 
 class WarmupCosine:

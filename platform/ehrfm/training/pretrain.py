@@ -19,8 +19,8 @@ from pathlib import Path
 
 from ehrfm.config import load_config
 from ehrfm.training.config import PretrainConfig
-from ehrfm.training.windows import TimelineManifest, timeline_dataset
 from ehrfm.training.run_logger import resolve_tracking_uri
+from ehrfm.training.windows import TimelineManifest, timeline_dataset
 
 RESULT_FILE = "pretrain_result.json"
 
@@ -33,8 +33,12 @@ class PretrainResult:
     tracking_uri: str | None
 
     def to_dict(self) -> dict:
-        return {"run_dir": self.run_dir, "checkpoint": self.checkpoint, "metrics": self.metrics,
-                "tracking_uri": self.tracking_uri}
+        return {
+            "run_dir": self.run_dir,
+            "checkpoint": self.checkpoint,
+            "metrics": self.metrics,
+            "tracking_uri": self.tracking_uri,
+        }
 
 
 def _absolute(path: str) -> str:
@@ -63,8 +67,12 @@ def build_trainer(cfg: PretrainConfig, datasets: dict | None = None):
         raise ValueError(f"model.fusion={model_cfg.fusion} but {cfg.data.dir}/timelines has no PRS columns")
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.storage_path) if cfg.mlflow.enabled else None
     artifact_root = None if "://" in cfg.run.storage_path else str(Path(cfg.run.storage_path) / "mlflow-artifacts")
-    loop_config = {"config": cfg.model_dump(mode="json"), "model": model_cfg.to_dict(),
-                   "tracking_uri": tracking_uri, "artifact_root": artifact_root}
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "model": model_cfg.to_dict(),
+        "tracking_uri": tracking_uri,
+        "artifact_root": artifact_root,
+    }
     datasets = datasets if datasets is not None else load_datasets(cfg)
     scaling = cfg.scaling
     from ehrfm.training.pretrain_loop import train_loop_per_worker
@@ -74,7 +82,8 @@ def build_trainer(cfg: PretrainConfig, datasets: dict | None = None):
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker},  # plus 1 GPU each when use_gpu
         ),
         run_config=ray.train.RunConfig(

@@ -29,10 +29,10 @@ from ehrfm.model.io import load_state_dict
 from ehrfm.model.transformer import EHRDecoder
 from ehrfm.training.checkpoint import TrainState, restore_checkpoint, save_checkpoint
 from ehrfm.training.config import PretrainConfig
-from ehrfm.training.windows import VALIDATION_EPOCH, hash_uniform, iter_epoch
 from ehrfm.training.engine import build_optimizer, deepspeed_config, scheduler_factory
 from ehrfm.training.run_logger import RunLogger
 from ehrfm.training.throughput import WindowMeter, flops_per_token, peak_flops
+from ehrfm.training.windows import VALIDATION_EPOCH, hash_uniform, iter_epoch
 
 MODEL_INPUTS = ("tokens", "ages", "prs", "has_prs")
 
@@ -47,12 +47,22 @@ class BatchStream:
 
     def _open(self, skip: int):
         data = self.cfg.data
-        batches = iter(iter_epoch(self.shard, data.batch_size, self.cfg.model.context, self.num_pgs,
-                                  self.cfg.schedule.seed, self.epoch, data.shuffle_buffer))
+        batches = iter(
+            iter_epoch(
+                self.shard,
+                data.batch_size,
+                self.cfg.model.context,
+                self.num_pgs,
+                self.cfg.schedule.seed,
+                self.epoch,
+                data.shuffle_buffer,
+            )
+        )
         for skipped in range(skip):  # resume mid-epoch where the checkpoint left off
             if next(batches, None) is None:
-                raise RuntimeError(f"checkpoint says {skip} batches of epoch {self.epoch} were used, "
-                                   f"but this shard has only {skipped}")
+                raise RuntimeError(
+                    f"checkpoint says {skip} batches of epoch {self.epoch} were used, but this shard has only {skipped}"
+                )
         return batches
 
     def next(self) -> dict[str, torch.Tensor]:
@@ -62,8 +72,10 @@ class BatchStream:
             self._batches = self._open(skip=0)
             batch = next(self._batches, None)
             if batch is None:
-                raise RuntimeError(f"the train split gives this worker no full batch of {self.cfg.data.batch_size}: "
-                                   "lower data.batch_size or scaling.num_workers")
+                raise RuntimeError(
+                    f"the train split gives this worker no full batch of {self.cfg.data.batch_size}: "
+                    "lower data.batch_size or scaling.num_workers"
+                )
         self.consumed += 1
         return batch
 
@@ -76,8 +88,16 @@ def validation_batches(shard, cfg: PretrainConfig, num_pgs: int, rank: int, worl
     """
     keep = cfg.data.val_max_windows
     kept: dict[str, torch.Tensor] | None = None
-    for batch in iter_epoch(shard, cfg.data.val_batch_size, cfg.model.context, num_pgs, cfg.schedule.seed,
-                            VALIDATION_EPOCH, shuffle_buffer=0, drop_last=False):
+    for batch in iter_epoch(
+        shard,
+        cfg.data.val_batch_size,
+        cfg.model.context,
+        num_pgs,
+        cfg.schedule.seed,
+        VALIDATION_EPOCH,
+        shuffle_buffer=0,
+        drop_last=False,
+    ):
         batch = {k: v.cpu() for k, v in batch.items()}
         kept = batch if kept is None else {k: torch.cat([kept[k], batch[k]]) for k in batch}
         priority = torch.from_numpy(hash_uniform(kept["subject_id"].numpy(), cfg.schedule.seed, VALIDATION_EPOCH))
@@ -89,7 +109,7 @@ def validation_batches(shard, cfg: PretrainConfig, num_pgs: int, rank: int, worl
     mine = order[rank::world]
     device = ray.train.torch.get_device()
     size = cfg.data.val_batch_size
-    return [{k: v[mine[i:i + size]].to(device) for k, v in kept.items()} for i in range(0, len(mine), size)]
+    return [{k: v[mine[i : i + size]].to(device) for k, v in kept.items()} for i in range(0, len(mine), size)]
 
 
 def evaluate(engine, batches: list[dict], device: torch.device) -> float:
@@ -100,8 +120,9 @@ def evaluate(engine, batches: list[dict], device: torch.device) -> float:
         for batch in batches:
             logits, _ = engine(*(batch[k] for k in MODEL_INPUTS))
             targets = batch["targets"]
-            sums[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD_ID,
-                                       reduction="sum")
+            sums[0] += F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD_ID, reduction="sum"
+            )
             sums[1] += (targets != PAD_ID).sum()
     dist.all_reduce(sums)
     engine.train()
@@ -132,8 +153,15 @@ def build_model(cfg: PretrainConfig, model_cfg: ModelConfig) -> EHRDecoder:
     return model
 
 
-def report(engine, model_cfg: ModelConfig, state: TrainState, metrics: dict, logger: RunLogger | None,
-           rank: int, with_checkpoint: bool) -> None:
+def report(
+    engine,
+    model_cfg: ModelConfig,
+    state: TrainState,
+    metrics: dict,
+    logger: RunLogger | None,
+    rank: int,
+    with_checkpoint: bool,
+) -> None:
     """Metrics to MLflow (rank 0) and to Ray Train; with a checkpoint every rank adds its shard."""
     if logger:
         logger.log_metrics(metrics, state.step)
@@ -143,8 +171,11 @@ def report(engine, model_cfg: ModelConfig, state: TrainState, metrics: dict, log
         return
     with tempfile.TemporaryDirectory(prefix="ehrfm-ckpt-") as tmp:
         save_checkpoint(engine, model_cfg, state, Path(tmp), rank)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{state.step:07d}")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_{state.step:07d}",
+        )
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -159,7 +190,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = build_model(cfg, model_cfg)
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(model, cfg), lr_scheduler=scheduler_factory(cfg),
+        model=model,
+        optimizer=build_optimizer(model, cfg),
+        lr_scheduler=scheduler_factory(cfg),
         config=deepspeed_config(cfg, world),
     )
     engine.train()
@@ -173,10 +206,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     logger = None
     if rank == 0 and cfg.mlflow.enabled:
-        logger = RunLogger(loop_config["tracking_uri"], cfg.mlflow.experiment, cfg.run_dir(), cfg.run.name,
-                           loop_config.get("artifact_root"))
-        logger.log_params({"config": cfg.model_dump(mode="json"), "model.parameters": total,
-                           "model.trainable_parameters": trainable, "world_size": world})
+        logger = RunLogger(
+            loop_config["tracking_uri"],
+            cfg.mlflow.experiment,
+            cfg.run_dir(),
+            cfg.run.name,
+            loop_config.get("artifact_root"),
+        )
+        logger.log_params(
+            {
+                "config": cfg.model_dump(mode="json"),
+                "model.parameters": total,
+                "model.trainable_parameters": trainable,
+                "world_size": world,
+            }
+        )
         if not logger.resumed:
             logger.log_text(dump_config(cfg), "pretrain_config.yaml")
         if checkpoint is not None:  # one point per resume: proof that a restart continued, not restarted
@@ -210,8 +254,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics = meter.summary(engine, positions_per_micro_step, sched.grad_accum)
                 state.tokens_seen += int(metrics.pop("window_tokens"))
                 train_loss = metrics["train_loss"]
-                metrics.update(lr=scheduler.get_last_lr()[0], epoch=float(stream.epoch),
-                               tokens_seen=float(state.tokens_seen))
+                metrics.update(
+                    lr=scheduler.get_last_lr()[0], epoch=float(stream.epoch), tokens_seen=float(state.tokens_seen)
+                )
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
@@ -222,8 +267,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 started = time.perf_counter()
                 val_loss = evaluate(engine, val_batches, device)
                 metrics.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
-                state.history.append({"step": state.step, "val_loss": val_loss, "train_loss": train_loss,
-                                      "lr": scheduler.get_last_lr()[0]})
+                state.history.append(
+                    {
+                        "step": state.step,
+                        "val_loss": val_loss,
+                        "train_loss": train_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                    }
+                )
                 report(engine, model_cfg, state, metrics, logger, rank, checkpoint_due)
                 meter.exclude(time.perf_counter() - started)
             elif metrics and logger:

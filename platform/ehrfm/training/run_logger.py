@@ -51,8 +51,7 @@ class RunLogger:
             experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
         else:
             experiment_id = found.experiment_id
-        runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_dir}'",
-                                       max_results=1)
+        runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_dir}'", max_results=1)
         if runs:
             self.run_id = runs[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
@@ -70,7 +69,7 @@ class RunLogger:
 
         fresh = [Param(k, str(v)[:6000]) for k, v in flat.items() if k not in existing]
         for start in range(0, len(fresh), 100):
-            self.client.log_batch(self.run_id, params=fresh[start:start + 100])
+            self.client.log_batch(self.run_id, params=fresh[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time

@@ -106,8 +106,13 @@ class WindowMeter:
 
     def summary(self, engine, positions_per_micro_step: int, grad_accum: int) -> dict[str, float]:
         """Figures of the window over all ranks: train loss, tokens/s, step time, memory per worker."""
-        figures = torch.stack([self.loss_sum, self.tokens.to(self.loss_sum.dtype),
-                               torch.tensor(float(self.micro_steps), device=self.device)])
+        figures = torch.stack(
+            [
+                self.loss_sum,
+                self.tokens.to(self.loss_sum.dtype),
+                torch.tensor(float(self.micro_steps), device=self.device),
+            ]
+        )
         dist.all_reduce(figures)
         memory = torch.tensor([peak_memory_mb(self.device), model_state_mb(engine)], device=self.device)
         dist.all_reduce(memory, op=dist.ReduceOp.MAX)

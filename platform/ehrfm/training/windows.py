@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from ehrfm.preprocess.arrow_lists import list_values_offsets, timeline_files
 from ehrfm.constants import PAD_ID, SPLITS
+from ehrfm.preprocess.arrow_lists import list_values_offsets, timeline_files
 
 COLUMNS = ["subject_id", "tokens", "ages", "prs", "has_prs"]
 VALIDATION_EPOCH = -1  # the fixed window stream used for every validation pass
@@ -36,11 +36,13 @@ class TimelineManifest:
     pgs_ids: list[str]
 
     @classmethod
-    def read(cls, data_dir: str | Path) -> "TimelineManifest":
+    def read(cls, data_dir: str | Path) -> TimelineManifest:
         path = Path(data_dir) / "timelines" / "manifest.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run `ehrfm preprocess` first (or pass --data DIR "
-                                    "pointing at the directory that holds timelines/)")
+            raise FileNotFoundError(
+                f"{path} not found: run `ehrfm preprocess` first (or pass --data DIR "
+                "pointing at the directory that holds timelines/)"
+            )
         data = json.loads(path.read_text(encoding="utf-8"))
         missing = [key for key in ("vocab_size", "num_pgs", "pgs_ids") if key not in data]
         if missing:
@@ -56,9 +58,11 @@ def timeline_dataset(data_dir: str | Path, split: str):
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return ray.data.read_parquet(timeline_files(data_dir), columns=COLUMNS + ["split"]).filter(
-        expr=f"split == '{split}'"
-    ).select_columns(COLUMNS)
+    return (
+        ray.data.read_parquet(timeline_files(data_dir), columns=COLUMNS + ["split"])
+        .filter(expr=f"split == '{split}'")
+        .select_columns(COLUMNS)
+    )
 
 
 def hash_uniform(subject_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -113,7 +117,9 @@ class WindowCollate(ArrowBatchCollateFn):
         age_rows = cut_windows(ages, offsets, starts, window, 0).astype(np.int32)
         prs = batch.column("prs").combine_chunks()
         if prs.type.list_size != self.num_pgs:
-            raise ValueError(f"timelines: prs has {prs.type.list_size} scores per person, the manifest says {self.num_pgs}")
+            raise ValueError(
+                f"timelines: prs has {prs.type.list_size} scores per person, the manifest says {self.num_pgs}"
+            )
         prs_values = prs.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
         prs_rows = prs_values.reshape(len(subject_ids), self.num_pgs)
         has_prs = pc.fill_null(batch.column("has_prs"), False).to_numpy(zero_copy_only=False)
@@ -127,8 +133,16 @@ class WindowCollate(ArrowBatchCollateFn):
         }
 
 
-def iter_epoch(shard, batch_size: int, context: int, num_pgs: int, seed: int, epoch: int,
-               shuffle_buffer: int = 0, drop_last: bool = True):
+def iter_epoch(
+    shard,
+    batch_size: int,
+    context: int,
+    num_pgs: int,
+    seed: int,
+    epoch: int,
+    shuffle_buffer: int = 0,
+    drop_last: bool = True,
+):
     """Torch batches of one pass over a worker's shard; the local shuffle is seeded by the epoch."""
     shuffle = shuffle_buffer if shuffle_buffer and shuffle_buffer >= batch_size else None
     return shard.iter_torch_batches(

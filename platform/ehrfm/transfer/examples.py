@@ -21,12 +21,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from ehrfm.preprocess.arrow_lists import list_values_offsets, timeline_files
 from ehrfm.constants import PAD_ID
+from ehrfm.preprocess.arrow_lists import list_values_offsets, timeline_files
 
 DAY_US = 86_400_000_000
-EXAMPLE_COLUMNS = ["subject_id", "prediction_time", "label", "split", "tokens", "ages", "length", "dropped",
-                   "prs", "has_prs"]
+EXAMPLE_COLUMNS = [
+    "subject_id",
+    "prediction_time",
+    "label",
+    "split",
+    "tokens",
+    "ages",
+    "length",
+    "dropped",
+    "prs",
+    "has_prs",
+]
 
 
 def read_labels(path: str | Path) -> pa.Table:
@@ -35,13 +45,15 @@ def read_labels(path: str | Path) -> pa.Table:
     files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no label parquet at {path}")
-    table = pa.concat_tables([pq.read_table(f, columns=["subject_id", "prediction_time", "boolean_value"])
-                              for f in files])
+    table = pa.concat_tables(
+        [pq.read_table(f, columns=["subject_id", "prediction_time", "boolean_value"]) for f in files]
+    )
     nulls = {c: table[c].null_count for c in table.column_names if table[c].null_count}
     if nulls:
         raise ValueError(f"{path}: null values in label columns {nulls} of {table.num_rows} rows")
-    return table.cast(pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")),
-                                 ("boolean_value", pa.bool_())]))
+    return table.cast(
+        pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")), ("boolean_value", pa.bool_())])
+    )
 
 
 def prediction_ages(prediction_time: pa.Array, birth_date: pa.Array) -> np.ndarray:
@@ -51,8 +63,9 @@ def prediction_ages(prediction_time: pa.Array, birth_date: pa.Array) -> np.ndarr
     return np.floor_divide(t, DAY_US) - b
 
 
-def cut_windows_at(tokens: np.ndarray, ages: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
-                   cut_ages: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def cut_windows_at(
+    tokens: np.ndarray, ages: np.ndarray, offsets: np.ndarray, rows: np.ndarray, cut_ages: np.ndarray, context: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For each (timeline row, cut age): the last `context` tokens with age <= cut age.
 
     Returns tokens [n, context] (PAD on the right), ages [n, context], length [n], dropped [n]
@@ -86,24 +99,29 @@ def prediction_windows(timelines: pa.Table, labels: pa.Table, context: int) -> p
     tokens, offsets = list_values_offsets(timelines["tokens"])
     ages, _ = list_values_offsets(timelines["ages"])
     taken = pa.array(rows, pa.int64())
-    cut = prediction_ages(labels["prediction_time"].combine_chunks(), timelines["birth_date"].take(taken).combine_chunks())
+    cut = prediction_ages(
+        labels["prediction_time"].combine_chunks(), timelines["birth_date"].take(taken).combine_chunks()
+    )
     win_tokens, win_ages, lengths, dropped = cut_windows_at(tokens, ages, offsets, rows, cut, context)
     empty = int((lengths == 0).sum())
     if empty:
-        raise ValueError(f"{empty} of {len(lengths)} prediction times fall before the person's birth "
-                         "(no tokens to score)")
-    return pa.table({
-        "subject_id": labels["subject_id"],
-        "prediction_time": labels["prediction_time"],
-        "label": labels["boolean_value"],
-        "split": timelines["split"].take(taken),
-        "tokens": pa.FixedSizeListArray.from_arrays(pa.array(win_tokens.ravel(), pa.int32()), context),
-        "ages": pa.FixedSizeListArray.from_arrays(pa.array(win_ages.ravel(), pa.int32()), context),
-        "length": pa.array(lengths, pa.int32()),
-        "dropped": pa.array(dropped, pa.int32()),
-        "prs": timelines["prs"].take(taken),
-        "has_prs": timelines["has_prs"].take(taken),
-    })
+        raise ValueError(
+            f"{empty} of {len(lengths)} prediction times fall before the person's birth (no tokens to score)"
+        )
+    return pa.table(
+        {
+            "subject_id": labels["subject_id"],
+            "prediction_time": labels["prediction_time"],
+            "label": labels["boolean_value"],
+            "split": timelines["split"].take(taken),
+            "tokens": pa.FixedSizeListArray.from_arrays(pa.array(win_tokens.ravel(), pa.int32()), context),
+            "ages": pa.FixedSizeListArray.from_arrays(pa.array(win_ages.ravel(), pa.int32()), context),
+            "length": pa.array(lengths, pa.int32()),
+            "dropped": pa.array(dropped, pa.int32()),
+            "prs": timelines["prs"].take(taken),
+            "has_prs": timelines["has_prs"].take(taken),
+        }
+    )
 
 
 def build_examples(data_dir: str | Path, labels: pa.Table, context: int) -> pa.Table:
@@ -112,13 +130,16 @@ def build_examples(data_dir: str | Path, labels: pa.Table, context: int) -> pa.T
     examples = pa.concat_tables(parts) if parts else None
     found = 0 if examples is None else examples.num_rows
     if found != labels.num_rows:
-        raise ValueError(f"{labels.num_rows - found} of {labels.num_rows} labeled subjects are not in "
-                         f"{Path(data_dir) / 'timelines'} (labels from another cohort?)")
+        raise ValueError(
+            f"{labels.num_rows - found} of {labels.num_rows} labeled subjects are not in "
+            f"{Path(data_dir) / 'timelines'} (labels from another cohort?)"
+        )
     return examples
 
 
 def example_tensors(batch: pa.Table | dict) -> dict[str, torch.Tensor]:
     """An Arrow/numpy batch of examples -> model inputs (tokens, ages, length, prs, has_prs, label)."""
+
     def column(name):
         value = batch[name]
         if isinstance(value, (pa.Array, pa.ChunkedArray)):
@@ -130,6 +151,7 @@ def example_tensors(batch: pa.Table | dict) -> dict[str, torch.Tensor]:
             return value.to_numpy(zero_copy_only=False)
         value = np.asarray(value)
         return np.stack(value) if value.dtype == object else value
+
     return {
         "tokens": torch.from_numpy(np.array(column("tokens"), dtype=np.int64, copy=True)),
         "ages": torch.from_numpy(np.array(column("ages"), dtype=np.int32, copy=True)),

@@ -34,22 +34,36 @@ from ehrfm.config import load_config
 from ehrfm.constants import SPLITS
 from ehrfm.metrics import auroc
 from ehrfm.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model_config
-from ehrfm.training.windows import TimelineManifest
-from ehrfm.training.run_logger import RunLogger, resolve_tracking_uri
+from ehrfm.model.risk import (
+    TOKENIZER_FILE,
+    HeadSpec,
+    RiskModel,
+    head_uses_prs,
+    load_risk_model,
+    predict_logits,
+    save_risk_model,
+)
 from ehrfm.training.pretrain import RESULT_FILE as PRETRAIN_RESULT_FILE
 from ehrfm.training.pretrain import _absolute
-from ehrfm.model.risk import (TOKENIZER_FILE, HeadSpec, RiskModel, load_risk_model, predict_logits,
-                                      save_risk_model)
+from ehrfm.training.run_logger import RunLogger, resolve_tracking_uri
+from ehrfm.training.windows import TimelineManifest
 from ehrfm.transfer.examples import build_examples, example_tensors, read_labels
-from ehrfm.model.risk import head_uses_prs
 from ehrfm.transfer.finetune_config import FinetuneConfig
 
 RESULT_FILE = "finetune_result.json"
 PREDICTIONS_FILE = "predictions.parquet"
 MODEL_DIR = "model"
 QUANTILES = 101
-PREDICTION_COLUMNS = ["subject_id", "prediction_time", "split", "label", "risk", "risk_prs_masked", "logit",
-                      "logit_prs_masked"]
+PREDICTION_COLUMNS = [
+    "subject_id",
+    "prediction_time",
+    "split",
+    "label",
+    "risk",
+    "risk_prs_masked",
+    "logit",
+    "logit_prs_masked",
+]
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -71,8 +85,10 @@ def resolve_pretrained(path: str | Path) -> Path:
     candidates = sorted((p for p in path.glob("checkpoint_*") if is_checkpoint(p)), key=lambda p: p.name)
     if candidates:
         return candidates[-1]
-    raise FileNotFoundError(f"{path}: not a checkpoint ({WEIGHTS_FILE} + {CONFIG_FILE}), and no "
-                            f"{PRETRAIN_RESULT_FILE} checkpoint or checkpoint_* directory inside")
+    raise FileNotFoundError(
+        f"{path}: not a checkpoint ({WEIGHTS_FILE} + {CONFIG_FILE}), and no "
+        f"{PRETRAIN_RESULT_FILE} checkpoint or checkpoint_* directory inside"
+    )
 
 
 def horizon_of(task: str) -> int:
@@ -97,8 +113,7 @@ def label_on_the_fly(cfg: FinetuneConfig) -> pa.Table:
         ancestry = read_concept_ancestor(Path(cfg.data.omop))
     task = resolve_task(load_task(cfg.task), ancestry)
     out = Path(cfg.run_dir()) / "labels"
-    labels, account = label_shards(event_shards(Path(cfg.data.dir) / "events"), task, out,
-                                   use_ray=ray.is_initialized())
+    labels, account = label_shards(event_shards(Path(cfg.data.dir) / "events"), task, out, use_ray=ray.is_initialized())
     print(f"labeled {account.labeled} of {account.persons_in} persons ({account.positive} positive) -> {out}")
     return labels
 
@@ -114,8 +129,12 @@ class PreparedData:
 
     def counts(self) -> dict[str, dict[str, int]]:
         def count(table: pa.Table) -> dict[str, int]:
-            return {"examples": table.num_rows, "positives": int(pc.sum(table["label"]).as_py() or 0),
-                    "genotyped": int(pc.sum(table["has_prs"]).as_py() or 0)}
+            return {
+                "examples": table.num_rows,
+                "positives": int(pc.sum(table["label"]).as_py() or 0),
+                "genotyped": int(pc.sum(table["has_prs"]).as_py() or 0),
+            }
+
         return {split: count(table) for split, table in self.examples.items()}
 
     def ray_datasets(self, cfg: FinetuneConfig, blocks: int = 8) -> dict:
@@ -149,8 +168,10 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[FinetuneConfig, PreparedData]
     if not cfg.model.pretrained:
         raise ValueError("no pretrained model: pass --pretrained RUN_OR_CHECKPOINT")
     if "://" in cfg.run.storage_path:
-        raise ValueError(f"run.storage_path {cfg.run.storage_path} is remote: fine-tuning writes model/ and "
-                         "predictions.parquet with local file I/O, so use a local path or a shared mount")
+        raise ValueError(
+            f"run.storage_path {cfg.run.storage_path} is remote: fine-tuning writes model/ and "
+            "predictions.parquet with local file I/O, so use a local path or a shared mount"
+        )
     cfg = cfg.model_copy(deep=True)
     cfg.data.dir = _absolute(cfg.data.dir)
     cfg.run.storage_path = _absolute(cfg.run.storage_path)
@@ -158,15 +179,18 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[FinetuneConfig, PreparedData]
     model_cfg = load_model_config(cfg.model.pretrained)
     manifest = TimelineManifest.read(cfg.data.dir)
     if (model_cfg.vocab_size, model_cfg.num_pgs) != (manifest.vocab_size, manifest.num_pgs):
-        raise ValueError(f"{cfg.model.pretrained}/{CONFIG_FILE} has vocab_size={model_cfg.vocab_size}, "
-                         f"num_pgs={model_cfg.num_pgs} but {cfg.data.dir}/timelines/manifest.json has "
-                         f"{manifest.vocab_size}, {manifest.num_pgs}: the model was pretrained on other data")
+        raise ValueError(
+            f"{cfg.model.pretrained}/{CONFIG_FILE} has vocab_size={model_cfg.vocab_size}, "
+            f"num_pgs={model_cfg.num_pgs} but {cfg.data.dir}/timelines/manifest.json has "
+            f"{manifest.vocab_size}, {manifest.num_pgs}: the model was pretrained on other data"
+        )
     if head_uses_prs(cfg.model.head_inputs) and model_cfg.fusion == "none":
         raise ValueError(f"{cfg.model.pretrained} has no PRS fusion: set model.head_inputs=last")
     cfg.data.context = cfg.data.context or model_cfg.context
     if cfg.data.context > model_cfg.context:
-        raise ValueError(f"data.context={cfg.data.context} exceeds the {model_cfg.context} tokens the model "
-                         "was pretrained on")
+        raise ValueError(
+            f"data.context={cfg.data.context} exceeds the {model_cfg.context} tokens the model was pretrained on"
+        )
     cfg.horizon_days = cfg.horizon_days or horizon_of(cfg.task)
     tokenizer = Path(cfg.data.dir) / TOKENIZER_FILE
     if not tokenizer.is_file():
@@ -182,15 +206,18 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[FinetuneConfig, PreparedData]
     split_column = examples["split"]
     data = PreparedData(
         examples={s: examples.filter(pc.equal(split_column, s)) for s in SPLITS},
-        tokenizer=str(tokenizer), pgs_ids=manifest.pgs_ids,
+        tokenizer=str(tokenizer),
+        pgs_ids=manifest.pgs_ids,
         tokenizer_version=str(json.loads(tokenizer.read_text()).get("version", "")),
     )
     counts = data.counts()
     for split in ("train", "val"):
         n, positives = counts[split]["examples"], counts[split]["positives"]
         if positives == 0 or positives == n:
-            raise ValueError(f"the {split} split has {positives} positives among {n} examples: fine-tuning "
-                             "needs both classes in train and val")
+            raise ValueError(
+                f"the {split} split has {positives} positives among {n} examples: fine-tuning "
+                "needs both classes in train and val"
+            )
     if cfg.train.imbalance == "pos_weight" and cfg.train.pos_weight is None:
         train = counts["train"]
         cfg.train.pos_weight = (train["examples"] - train["positives"]) / train["positives"]
@@ -200,9 +227,14 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[FinetuneConfig, PreparedData]
 # ---- the Ray Train run -----------------------------------------------------------------------
 def head_spec(cfg: FinetuneConfig, data: PreparedData) -> HeadSpec:
     """The spec every epoch checkpoint carries (calibration and metrics come at the end)."""
-    return HeadSpec(task=cfg.task, horizon_days=int(cfg.horizon_days), context=int(cfg.data.context),
-                    head_inputs=cfg.model.head_inputs, pgs_ids=list(data.pgs_ids),
-                    tokenizer_version=data.tokenizer_version)
+    return HeadSpec(
+        task=cfg.task,
+        horizon_days=int(cfg.horizon_days),
+        context=int(cfg.data.context),
+        head_inputs=cfg.model.head_inputs,
+        pgs_ids=list(data.pgs_ids),
+        tokenizer_version=data.tokenizer_version,
+    )
 
 
 def finetune_run_config(cfg: FinetuneConfig, callbacks: list | None = None):
@@ -210,11 +242,13 @@ def finetune_run_config(cfg: FinetuneConfig, callbacks: list | None = None):
     import ray.train
 
     return ray.train.RunConfig(
-        name=cfg.run.name, storage_path=cfg.run.storage_path, callbacks=callbacks,
+        name=cfg.run.name,
+        storage_path=cfg.run.storage_path,
+        callbacks=callbacks,
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                                     checkpoint_score_attribute="val_auroc",
-                                                     checkpoint_score_order="max"),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val_auroc", checkpoint_score_order="max"
+        ),
     )
 
 
@@ -226,8 +260,13 @@ def artifact_root_for(cfg: FinetuneConfig) -> str | None:
     return None if "://" in cfg.run.storage_path else str(Path(cfg.run.storage_path) / "mlflow-artifacts")
 
 
-def build_finetune_trainer(cfg: FinetuneConfig, datasets: dict, run_config=None, data: PreparedData | None = None,
-                           tracking_uri: str | None = None):
+def build_finetune_trainer(
+    cfg: FinetuneConfig,
+    datasets: dict,
+    run_config=None,
+    data: PreparedData | None = None,
+    tracking_uri: str | None = None,
+):
     """TorchTrainer for a resolved `cfg` (from `prepare_finetune`) on {"train", "val"} datasets.
 
     `run_config` None: `finetune_run_config(cfg)`. `data` supplies the head spec and tokenizer;
@@ -244,19 +283,28 @@ def build_finetune_trainer(cfg: FinetuneConfig, datasets: dict, run_config=None,
     if data is None:
         manifest = TimelineManifest.read(cfg.data.dir)
         tokenizer = Path(cfg.data.dir) / TOKENIZER_FILE
-        data = PreparedData({}, str(tokenizer), manifest.pgs_ids,
-                            str(json.loads(tokenizer.read_text()).get("version", "")))
+        data = PreparedData(
+            {}, str(tokenizer), manifest.pgs_ids, str(json.loads(tokenizer.read_text()).get("version", ""))
+        )
     tracking_uri = tracking_uri or tracking_uri_for(cfg)
-    loop_config = {"config": cfg.model_dump(mode="json"), "spec": head_spec(cfg, data).to_json(),
-                   "tokenizer": data.tokenizer, "tracking_uri": tracking_uri,
-                   "artifact_root": artifact_root_for(cfg), "counts": data.counts() if data.examples else {}}
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "spec": head_spec(cfg, data).to_json(),
+        "tokenizer": data.tokenizer,
+        "tracking_uri": tracking_uri,
+        "artifact_root": artifact_root_for(cfg),
+        "counts": data.counts() if data.examples else {},
+    }
     scaling = cfg.scaling
     return TorchTrainer(
         finetune_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+        ),
         run_config=run_config if run_config is not None else finetune_run_config(cfg),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -282,18 +330,25 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     validation set is perfectly separated (where the unpenalised fit diverges)."""
     from sklearn.linear_model import LogisticRegression
 
-    fit = LogisticRegression(C=1.0, max_iter=1000).fit(np.asarray(logits, np.float64)[:, None],
-                                                         np.asarray(labels).astype(int))
+    fit = LogisticRegression(C=1.0, max_iter=1000).fit(
+        np.asarray(logits, np.float64)[:, None], np.asarray(labels).astype(int)
+    )
     return float(fit.coef_[0, 0]), float(fit.intercept_[0])
 
 
 def prediction_table(table: pa.Table, spec: HeadSpec, logit: np.ndarray, masked: np.ndarray) -> pa.Table:
-    return pa.table({
-        "subject_id": table["subject_id"], "prediction_time": table["prediction_time"], "split": table["split"],
-        "label": table["label"], "risk": pa.array(spec.calibrate(logit)),
-        "risk_prs_masked": pa.array(spec.calibrate(masked)),
-        "logit": pa.array(logit.astype(np.float64)), "logit_prs_masked": pa.array(masked.astype(np.float64)),
-    })
+    return pa.table(
+        {
+            "subject_id": table["subject_id"],
+            "prediction_time": table["prediction_time"],
+            "split": table["split"],
+            "label": table["label"],
+            "risk": pa.array(spec.calibrate(logit)),
+            "risk_prs_masked": pa.array(spec.calibrate(masked)),
+            "logit": pa.array(logit.astype(np.float64)),
+            "logit_prs_masked": pa.array(masked.astype(np.float64)),
+        }
+    )
 
 
 def finalize_run(cfg: FinetuneConfig, data: PreparedData, result, batch_size: int | None = None) -> dict:
@@ -324,8 +379,15 @@ def finalize_run(cfg: FinetuneConfig, data: PreparedData, result, batch_size: in
     if latest is not None:
         with latest.as_directory() as directory:
             history = json.loads((Path(directory) / "train_state.json").read_text())["history"]
-    return {"run_dir": str(run_dir), "model_dir": str(run_dir / MODEL_DIR), "best_checkpoint": best.path,
-            "metrics": metrics, "platt": list(spec.platt), "history": history, "counts": data.counts()}
+    return {
+        "run_dir": str(run_dir),
+        "model_dir": str(run_dir / MODEL_DIR),
+        "best_checkpoint": best.path,
+        "metrics": metrics,
+        "platt": list(spec.platt),
+        "history": history,
+        "counts": data.counts(),
+    }
 
 
 def log_final(cfg: FinetuneConfig, tracking_uri: str | None, summary: dict) -> None:
@@ -368,10 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides, key.path=value")
     args = parser.parse_args(argv)
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    for value, setter in ((args.task, lambda v: setattr(cfg, "task", v)),
-                          (args.pretrained, lambda v: setattr(cfg.model, "pretrained", v)),
-                          (args.data, lambda v: setattr(cfg.data, "dir", v)),
-                          (args.labels, lambda v: setattr(cfg.data, "labels", v))):
+    for value, setter in (
+        (args.task, lambda v: setattr(cfg, "task", v)),
+        (args.pretrained, lambda v: setattr(cfg.model, "pretrained", v)),
+        (args.data, lambda v: setattr(cfg.data, "dir", v)),
+        (args.labels, lambda v: setattr(cfg.data, "labels", v)),
+    ):
         if value:
             setter(value)
     if args.out:

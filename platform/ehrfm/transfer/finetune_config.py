@@ -16,6 +16,8 @@ from ehrfm.training.config import MlflowSection, ScalingSection
 
 Mode = Literal["linear_probe", "full", "partial"]
 Imbalance = Literal["none", "pos_weight", "oversample"]
+
+
 class FinetuneRun(StrictModel):
     name: str = "finetune"  # Ray Train run name; the run directory is <storage_path>/<name>
     storage_path: str = "runs/finetune"  # local dir or URI; checkpoints, model/ and predictions go there
@@ -74,7 +76,7 @@ class FinetuneConfig(StrictModel):
     mlflow: FinetuneMlflow = FinetuneMlflow()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "FinetuneConfig":
+    def _consistent(self) -> FinetuneConfig:
         if self.model.mode == "partial" and self.model.unfrozen_layers < 1:
             raise ValueError("model.mode partial needs model.unfrozen_layers >= 1")
         if self.model.mode != "partial" and self.model.unfrozen_layers:

@@ -32,9 +32,9 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from ehrfm.config import dump_config
 from ehrfm.metrics import auroc
 from ehrfm.model.io import WEIGHTS_FILE, load_model_config, load_state_dict
+from ehrfm.model.risk import HeadSpec, RiskModel, predict_logits, save_risk_model
 from ehrfm.model.transformer import EHRDecoder
 from ehrfm.training.run_logger import RunLogger
-from ehrfm.model.risk import HeadSpec, RiskModel, predict_logits, save_risk_model
 from ehrfm.transfer.examples import example_tensors
 from ehrfm.transfer.finetune_config import FinetuneConfig
 
@@ -77,8 +77,10 @@ def build_optimizer(model: RiskModel, cfg: FinetuneConfig) -> torch.optim.AdamW:
     groups = []
     for module, lr in ((model.head, cfg.optim.head_lr), (model.decoder, cfg.optim.backbone_lr)):
         params = [p for p in module.parameters() if p.requires_grad]
-        for decay, chosen in ((cfg.optim.weight_decay, [p for p in params if p.ndim >= 2]),
-                              (0.0, [p for p in params if p.ndim < 2])):
+        for decay, chosen in (
+            (cfg.optim.weight_decay, [p for p in params if p.ndim >= 2]),
+            (0.0, [p for p in params if p.ndim < 2]),
+        ):
             if chosen:
                 groups.append({"params": chosen, "lr": lr, "weight_decay": decay})
     return torch.optim.AdamW(groups)
@@ -104,9 +106,13 @@ def train_epoch(model, core: RiskModel, shard, cfg: FinetuneConfig, optimizer, e
     trainable = [p for p in core.parameters() if p.requires_grad]
     totals = torch.zeros(2, dtype=torch.float64)
     shuffle = sched.shuffle_buffer if sched.shuffle_buffer >= sched.batch_size else None
-    for batch in shard.iter_torch_batches(batch_size=sched.batch_size, collate_fn=ExampleCollate(),
-                                          drop_last=False, local_shuffle_buffer_size=shuffle,
-                                          local_shuffle_seed=(sched.seed * 1000 + epoch) if shuffle else None):
+    for batch in shard.iter_torch_batches(
+        batch_size=sched.batch_size,
+        collate_fn=ExampleCollate(),
+        drop_last=False,
+        local_shuffle_buffer_size=shuffle,
+        local_shuffle_seed=(sched.seed * 1000 + epoch) if shuffle else None,
+    ):
         has_prs = drop_modality(batch["has_prs"], sched.modality_dropout, generator)
         logits = model(batch["tokens"], batch["ages"], batch["length"], batch["prs"], has_prs)
         loss = F.binary_cross_entropy_with_logits(logits, batch["label"], pos_weight=pos_weight)
@@ -126,8 +132,9 @@ def score_validation(core: RiskModel, shard, batch_size: int, rank: int, world: 
     """Labels and logits (PRS as given, PRS masked) of every val example, gathered from all ranks."""
     core.eval()
     parts: dict[str, list[np.ndarray]] = {"label": [], "logit": [], "logit_prs_masked": []}
-    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=ExampleCollate(rank, world),
-                                          drop_last=False):
+    for batch in shard.iter_torch_batches(
+        batch_size=batch_size, collate_fn=ExampleCollate(rank, world), drop_last=False
+    ):
         if len(batch["label"]) == 0:
             continue
         parts["label"].append(batch["label"].numpy())
@@ -150,8 +157,9 @@ def restore(core: RiskModel, optimizer, checkpoint) -> dict:
         return json.loads((directory / STATE_FILE).read_text())
 
 
-def report_epoch(core: RiskModel, optimizer, spec: HeadSpec, tokenizer: str, state: dict, metrics: dict,
-                 rank: int) -> None:
+def report_epoch(
+    core: RiskModel, optimizer, spec: HeadSpec, tokenizer: str, state: dict, metrics: dict, rank: int
+) -> None:
     """ray.train.report from every rank; rank 0 attaches the epoch's risk-model directory."""
     name = f"checkpoint_epoch{int(metrics['epoch']):04d}"
     if rank != 0:
@@ -165,12 +173,22 @@ def report_epoch(core: RiskModel, optimizer, spec: HeadSpec, tokenizer: str, sta
 
 
 def open_logger(loop_config: dict, cfg: FinetuneConfig, core: RiskModel, world: int) -> RunLogger:
-    logger = RunLogger(loop_config["tracking_uri"], cfg.mlflow.experiment, cfg.run_dir(), cfg.run.name,
-                       loop_config.get("artifact_root"))
-    logger.log_params({"config": cfg.model_dump(mode="json"), "world_size": world,
-                       "model.parameters": sum(p.numel() for p in core.parameters()),
-                       "model.trainable_parameters": sum(p.numel() for p in core.parameters() if p.requires_grad),
-                       "examples": loop_config.get("counts", {})})
+    logger = RunLogger(
+        loop_config["tracking_uri"],
+        cfg.mlflow.experiment,
+        cfg.run_dir(),
+        cfg.run.name,
+        loop_config.get("artifact_root"),
+    )
+    logger.log_params(
+        {
+            "config": cfg.model_dump(mode="json"),
+            "world_size": world,
+            "model.parameters": sum(p.numel() for p in core.parameters()),
+            "model.trainable_parameters": sum(p.numel() for p in core.parameters() if p.requires_grad),
+            "examples": loop_config.get("counts", {}),
+        }
+    )
     if not logger.resumed:
         logger.log_text(dump_config(cfg), "finetune_config.yaml")
     return logger
@@ -203,10 +221,13 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
         for epoch in range(state["epoch"], cfg.train.epochs):
             train_loss = train_epoch(model, core, train_shard, cfg, optimizer, epoch, rank)
             scored = score_validation(core, val_shard, cfg.train.eval_batch_size, rank, world)
-            metrics = {"epoch": epoch + 1, "train_loss": train_loss,
-                       "val_auroc": auroc(scored["label"], scored["logit"]),
-                       "val_auroc_prs_masked": auroc(scored["label"], scored["logit_prs_masked"]),
-                       "val_examples": int(len(scored["label"]))}
+            metrics = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "val_auroc": auroc(scored["label"], scored["logit"]),
+                "val_auroc_prs_masked": auroc(scored["label"], scored["logit_prs_masked"]),
+                "val_examples": int(len(scored["label"])),
+            }
             state = {"epoch": epoch + 1, "history": state["history"] + [metrics]}
             if logger:
                 logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, epoch + 1)

@@ -34,10 +34,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator
 
-from ehrfm.omop.events import BIRTH_CODE, PRIORITY_COLUMN, code_priority, finalize_shard
 from ehrfm.constants import EOS_ID, FIRST_CODE_ID, UNK_ID
-from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names, value_token_names
 from ehrfm.model.risk import TOKENIZER_FILE, HeadSpec, RiskModel, load_risk_model, predict_logits
+from ehrfm.omop.events import BIRTH_CODE, PRIORITY_COLUMN, code_priority, finalize_shard
+from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names, value_token_names
 from ehrfm.transfer.examples import cut_windows_at, example_tensors, prediction_ages
 
 # OMOP gender concepts; "unknown" is 0 (no matching concept), what the pipeline writes for a null.
@@ -50,7 +50,7 @@ DEFAULT_MIN_PRS_SHARE = 0.5
 
 def _naive_utc(value: dt.datetime) -> dt.datetime:
     if value.tzinfo is not None:
-        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
     return value
 
 
@@ -67,8 +67,10 @@ class ClinicalEvent(BaseModel):
     @classmethod
     def _not_reserved(cls, code: str) -> str:
         if code == BIRTH_CODE or code.startswith(RESERVED_CODE_PREFIXES):
-            raise ValueError(f"{BIRTH_CODE} and {'/'.join(p.rstrip('/') for p in RESERVED_CODE_PREFIXES)} "
-                             "codes come from birth_date, sex, race_concept_id and ethnicity_concept_id")
+            raise ValueError(
+                f"{BIRTH_CODE} and {'/'.join(p.rstrip('/') for p in RESERVED_CODE_PREFIXES)} "
+                "codes come from birth_date, sex, race_concept_id and ethnicity_concept_id"
+            )
         return code
 
     @field_validator("time")
@@ -139,8 +141,7 @@ def check_pgs_ids(prs: dict[str, float], expected: list[str]) -> None:
     unknown = sorted(set(prs) - set(expected))
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise ValueError(f"{len(unknown)} PGS id(s) the model does not use ({shown}); "
-                         f"it expects {len(expected)} ids")
+        raise ValueError(f"{len(unknown)} PGS id(s) the model does not use ({shown}); it expects {len(expected)} ids")
 
 
 # ---- records -> MEDS events ----------------------------------------------------------------------
@@ -157,23 +158,29 @@ def records_to_events(records: list[PersonRecord]) -> pa.Table:
     subject, time_us, codes, values = [], [], [], []
     for i, record in enumerate(records):
         birth = _birth_us(record)
-        demographics = [BIRTH_CODE, f"GENDER/{SEX_CONCEPTS[record.sex]}", f"RACE/{record.race_concept_id}",
-                        f"ETHNICITY/{record.ethnicity_concept_id}"]
+        demographics = [
+            BIRTH_CODE,
+            f"GENDER/{SEX_CONCEPTS[record.sex]}",
+            f"RACE/{record.race_concept_id}",
+            f"ETHNICITY/{record.ethnicity_concept_id}",
+        ]
         subject += [i] * (len(demographics) + len(record.events))
         time_us += [birth] * len(demographics) + [_time_us(e.time) for e in record.events]
         codes += demographics + [e.code for e in record.events]
         values += [None] * len(demographics) + [e.numeric_value for e in record.events]
     n = len(subject)
     code_array = pa.array(codes, pa.string())
-    staged = pa.table({
-        "subject_id": pa.array(subject, pa.int64()),
-        "time": pa.array(time_us, pa.int64()).cast(pa.timestamp("us")),
-        "code": code_array,
-        "numeric_value": pa.array(values, pa.float64()).cast(pa.float32()),
-        "visit_id": pa.nulls(n, pa.int64()),
-        "visit_type": pa.nulls(n, pa.string()),
-        PRIORITY_COLUMN: pa.array(code_priority(code_array), pa.int8()),
-    })
+    staged = pa.table(
+        {
+            "subject_id": pa.array(subject, pa.int64()),
+            "time": pa.array(time_us, pa.int64()).cast(pa.timestamp("us")),
+            "code": code_array,
+            "numeric_value": pa.array(values, pa.float64()).cast(pa.float32()),
+            "visit_id": pa.nulls(n, pa.int64()),
+            "visit_type": pa.nulls(n, pa.string()),
+            PRIORITY_COLUMN: pa.array(code_priority(code_array), pa.int8()),
+        }
+    )
     return finalize_shard(staged)
 
 
@@ -211,17 +218,21 @@ class RiskPredictor:
     batch_size: int = 64
 
     @classmethod
-    def load(cls, model_dir: str | Path, min_prs_share: float = DEFAULT_MIN_PRS_SHARE,
-             batch_size: int = 64) -> RiskPredictor:
+    def load(
+        cls, model_dir: str | Path, min_prs_share: float = DEFAULT_MIN_PRS_SHARE, batch_size: int = 64
+    ) -> RiskPredictor:
         model, spec = load_risk_model(model_dir)
         tokenizer = Tokenizer.load(Path(model_dir) / TOKENIZER_FILE)
         if spec.tokenizer_version and spec.tokenizer_version != tokenizer.version:
-            raise ValueError(f"{model_dir}: head.json expects tokenizer {spec.tokenizer_version}, "
-                             f"{TOKENIZER_FILE} is {tokenizer.version}")
+            raise ValueError(
+                f"{model_dir}: head.json expects tokenizer {spec.tokenizer_version}, "
+                f"{TOKENIZER_FILE} is {tokenizer.version}"
+            )
         num_pgs = model.decoder.cfg.num_pgs
         if num_pgs and len(spec.pgs_ids) != num_pgs:
-            raise ValueError(f"{model_dir}: the decoder reads {num_pgs} PGS but head.json lists "
-                             f"{len(spec.pgs_ids)} ids")
+            raise ValueError(
+                f"{model_dir}: the decoder reads {num_pgs} PGS but head.json lists {len(spec.pgs_ids)} ids"
+            )
         if not 0.0 < min_prs_share <= 1.0:
             raise ValueError("min_prs_share must be in (0, 1]")
         return cls(model, spec, tokenizer, min_prs_share, batch_size)
@@ -283,18 +294,29 @@ class RiskPredictor:
         logits, masked = [], []
         for lo in range(0, len(records), self.batch_size):
             part = slice(lo, lo + self.batch_size)
-            batch = example_tensors({  # the offline path's conversion; labels are not used for scoring
-                "tokens": windows.tokens[part], "ages": windows.ages[part], "length": windows.length[part],
-                "prs": prs[part], "has_prs": has_prs[part], "label": np.zeros(len(has_prs[part]), dtype=bool),
-            })
+            batch = example_tensors(
+                {  # the offline path's conversion; labels are not used for scoring
+                    "tokens": windows.tokens[part],
+                    "ages": windows.ages[part],
+                    "length": windows.length[part],
+                    "prs": prs[part],
+                    "has_prs": has_prs[part],
+                    "label": np.zeros(len(has_prs[part]), dtype=bool),
+                }
+            )
             logits.append(predict_logits(self.model, batch).numpy())
             masked.append(predict_logits(self.model, batch, mask_prs=True).numpy())
         risk = self.spec.calibrate(np.concatenate(logits))
         risk_masked = self.spec.calibrate(np.concatenate(masked))
         percentile = self.spec.percentile(risk)
         return [
-            {"risk": float(risk[i]), "risk_prs_masked": float(risk_masked[i]), "percentile": float(percentile[i]),
-             "has_prs": bool(has_prs[i]), "unknown_codes": int(windows.unknown_codes[i]),
-             "truncated_events": int(windows.truncated_events[i])}
+            {
+                "risk": float(risk[i]),
+                "risk_prs_masked": float(risk_masked[i]),
+                "percentile": float(percentile[i]),
+                "has_prs": bool(has_prs[i]),
+                "unknown_codes": int(windows.unknown_codes[i]),
+                "truncated_events": int(windows.truncated_events[i]),
+            }
             for i in range(len(records))
         ]

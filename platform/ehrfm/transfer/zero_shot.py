@@ -34,10 +34,10 @@ import torch
 from pydantic import Field
 
 from ehrfm.config import StrictModel, load_config
-from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names
 from ehrfm.metrics import auroc_ci
 from ehrfm.model.io import load_model, load_model_config
 from ehrfm.model.sampling import sample_trajectories
+from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names
 from ehrfm.tasks.definitions import CODE_DOMAINS, TaskDefinition, load_task, resolve_task
 from ehrfm.transfer.examples import build_examples, example_tensors, read_labels
 
@@ -76,12 +76,17 @@ def target_token_ids(task: TaskDefinition, tokenizer: Tokenizer) -> tuple[list[i
     resolved = resolve_task(task).target
     codes = sorted({code for domain in CODE_DOMAINS for code in resolved.codes.get(domain, ())})
     ids = sorted({tokenizer.token_id[c] for c in codes if c in tokenizer.token_id})
-    account = {"target_codes": len(codes), "in_vocabulary": sum(c in tokenizer.token_id for c in codes),
-               "not_in_vocabulary": sum(c not in tokenizer.token_id for c in codes),
-               "measurement_thresholds_ignored": len(resolved.thresholds)}
+    account = {
+        "target_codes": len(codes),
+        "in_vocabulary": sum(c in tokenizer.token_id for c in codes),
+        "not_in_vocabulary": sum(c not in tokenizer.token_id for c in codes),
+        "measurement_thresholds_ignored": len(resolved.thresholds),
+    }
     if not ids:
-        raise ValueError(f"task {task.name!r}: none of its {len(codes)} target codes is in the vocabulary "
-                         f"({tokenizer.vocab_size} tokens); zero-shot scoring needs at least one")
+        raise ValueError(
+            f"task {task.name!r}: none of its {len(codes)} target codes is in the vocabulary "
+            f"({tokenizer.vocab_size} tokens); zero-shot scoring needs at least one"
+        )
     return ids, account
 
 
@@ -105,8 +110,9 @@ def example_seed(seed: int, subject_id: int, prediction_time_us: int) -> int:
 class ZeroShotScorer:
     """Ray Data callable class: loads the decoder once per actor, scores Arrow batches of examples."""
 
-    def __init__(self, pretrained_dir: str, target_ids: list[int], gap_days: list[float], horizon_days: float,
-                 config: dict):
+    def __init__(
+        self, pretrained_dir: str, target_ids: list[int], gap_days: list[float], horizon_days: float, config: dict
+    ):
         self.config = ZeroShotConfig.model_validate(config)
         torch.set_num_threads(self.config.torch_threads)
         self.model = load_model(pretrained_dir)
@@ -120,31 +126,48 @@ class ZeroShotScorer:
         seeds = [example_seed(self.config.seed, sid, t) for sid, t in zip(batch["subject_id"].to_pylist(), times)]
         cfg = self.config
         result = sample_trajectories(
-            self.model, inputs["tokens"], inputs["ages"].long(), inputs["length"], inputs["prs"], inputs["has_prs"],
-            n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_k=cfg.top_k, top_p=cfg.top_p, target_ids=self.target_ids, gap_days=self.gap_days,
-            horizon_days=self.horizon_days, seeds=seeds)
-        return pa.table({
-            "subject_id": batch["subject_id"],
-            "prediction_time": batch["prediction_time"],
-            "split": batch["split"],
-            "label": batch["label"],
-            "zs_share": pa.array(result.share.numpy(), pa.float64()),
-            "zs_path_probability": pa.array(result.path_probability.numpy(), pa.float64()),
-            "zs_truncated": pa.array(result.truncated.numpy().astype(np.int32), pa.int32()),
-            **({ROW_COLUMN: batch[ROW_COLUMN]} if ROW_COLUMN in batch.column_names else {}),
-        })
+            self.model,
+            inputs["tokens"],
+            inputs["ages"].long(),
+            inputs["length"],
+            inputs["prs"],
+            inputs["has_prs"],
+            n_samples=cfg.n_samples,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            target_ids=self.target_ids,
+            gap_days=self.gap_days,
+            horizon_days=self.horizon_days,
+            seeds=seeds,
+        )
+        return pa.table(
+            {
+                "subject_id": batch["subject_id"],
+                "prediction_time": batch["prediction_time"],
+                "split": batch["split"],
+                "label": batch["label"],
+                "zs_share": pa.array(result.share.numpy(), pa.float64()),
+                "zs_path_probability": pa.array(result.path_probability.numpy(), pa.float64()),
+                "zs_truncated": pa.array(result.truncated.numpy().astype(np.int32), pa.int32()),
+                **({ROW_COLUMN: batch[ROW_COLUMN]} if ROW_COLUMN in batch.column_names else {}),
+            }
+        )
 
 
-def scoring_inputs(pretrained_dir: str | Path, data_dir: str | Path, task: TaskDefinition,
-                   config: ZeroShotConfig) -> tuple[list[int], torch.Tensor, float, dict]:
+def scoring_inputs(
+    pretrained_dir: str | Path, data_dir: str | Path, task: TaskDefinition, config: ZeroShotConfig
+) -> tuple[list[int], torch.Tensor, float, dict]:
     """Target ids (+ their account), gap days and horizon for a checkpoint + data directory, checked against
     each other."""
     tokenizer = Tokenizer.load(Path(data_dir) / "tokenizer.json")
     model_cfg = load_model_config(pretrained_dir)
     if model_cfg.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"{pretrained_dir}: model vocabulary {model_cfg.vocab_size} != {data_dir}/tokenizer.json "
-                         f"({tokenizer.vocab_size} tokens): checkpoint and data come from different preprocessing")
+        raise ValueError(
+            f"{pretrained_dir}: model vocabulary {model_cfg.vocab_size} != {data_dir}/tokenizer.json "
+            f"({tokenizer.vocab_size} tokens): checkpoint and data come from different preprocessing"
+        )
     target_ids, account = target_token_ids(task, tokenizer)
     horizon = float(config.horizon_days or task.horizon_days)
     if not task.horizon_inclusive:
@@ -152,8 +175,9 @@ def scoring_inputs(pretrained_dir: str | Path, data_dir: str | Path, task: TaskD
     return target_ids, gap_days_per_token(tokenizer, config.gap_time), horizon, account
 
 
-def score_zero_shot(pretrained_dir: str | Path, data_dir: str | Path, labels: pa.Table, task: TaskDefinition,
-                    config: ZeroShotConfig) -> pa.Table:
+def score_zero_shot(
+    pretrained_dir: str | Path, data_dir: str | Path, labels: pa.Table, task: TaskDefinition, config: ZeroShotConfig
+) -> pa.Table:
     """Zero-shot scores of every labelled example in `config.splits`, in example order (Ray Data).
 
     The schema metadata (ACCOUNT_KEY) holds how the target codes mapped to the vocabulary and the
@@ -173,15 +197,18 @@ def score_zero_shot(pretrained_dir: str | Path, data_dir: str | Path, labels: pa
     scored = ray.data.from_arrow(blocks).map_batches(  # one block per batch: every actor gets work
         ZeroShotScorer,
         fn_constructor_args=(str(pretrained_dir), target_ids, gap_days.tolist(), horizon, config.model_dump()),
-        compute=ray.data.ActorPoolStrategy(size=config.concurrency), num_cpus=config.num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+        num_cpus=config.num_cpus,
         batch_size=config.batch_size,
         batch_format="pyarrow",
     )
     out = pa.concat_tables(ray.get(scored.to_arrow_refs())).sort_by(ROW_COLUMN)
     if out.num_rows != examples.num_rows:
         raise RuntimeError(f"zero-shot scoring returned {out.num_rows} rows for {examples.num_rows} examples")
-    timing = {"window_seconds": round(windows_done - started, 2),
-              "sampling_seconds": round(time.perf_counter() - windows_done, 2)}
+    timing = {
+        "window_seconds": round(windows_done - started, 2),
+        "sampling_seconds": round(time.perf_counter() - windows_done, 2),
+    }
     return out.drop_columns([ROW_COLUMN]).replace_schema_metadata({ACCOUNT_KEY: json.dumps({**account, **timing})})
 
 
@@ -190,16 +217,25 @@ def summarize(scores: pa.Table, config: ZeroShotConfig) -> dict:
     account = json.loads((scores.schema.metadata or {}).get(ACCOUNT_KEY, b"{}"))
     sampling = account.pop("sampling_seconds", float("nan"))
     per_example = round(sampling / max(scores.num_rows, 1), 4)
-    summary = {"examples": scores.num_rows, "window_seconds": account.pop("window_seconds", float("nan")),
-               "sampling_seconds": sampling, "sampling_seconds_per_example": per_example,
-               "trajectories": scores.num_rows * config.n_samples,
-               "truncated_trajectories": int(pc.sum(scores["zs_truncated"]).as_py() or 0),
-               "target_codes": account, "config": config.model_dump(), "splits": {}}
+    summary = {
+        "examples": scores.num_rows,
+        "window_seconds": account.pop("window_seconds", float("nan")),
+        "sampling_seconds": sampling,
+        "sampling_seconds_per_example": per_example,
+        "trajectories": scores.num_rows * config.n_samples,
+        "truncated_trajectories": int(pc.sum(scores["zs_truncated"]).as_py() or 0),
+        "target_codes": account,
+        "config": config.model_dump(),
+        "splits": {},
+    }
     for split in config.splits:
         part = scores.filter(pc.equal(scores["split"], split))
         labels = part["label"].to_numpy(zero_copy_only=False).astype(bool)
-        entry = {"examples": part.num_rows, "positives": int(labels.sum()),
-                 "truncated_trajectories": int(pc.sum(part["zs_truncated"]).as_py() or 0)}
+        entry = {
+            "examples": part.num_rows,
+            "positives": int(labels.sum()),
+            "truncated_trajectories": int(pc.sum(part["zs_truncated"]).as_py() or 0),
+        }
         for column in SCORE_COLUMNS:
             if 0 < labels.sum() < len(labels):
                 est = auroc_ci(labels, part[column].to_numpy(), n_boot=config.n_boot, seed=config.seed)
@@ -212,8 +248,12 @@ def summarize(scores: pa.Table, config: ZeroShotConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm zero_shot", description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrained", type=Path, required=True,
-                        help="pretraining run dir or checkpoint dir (model.pt + model_config.json)")
+    parser.add_argument(
+        "--pretrained",
+        type=Path,
+        required=True,
+        help="pretraining run dir or checkpoint dir (model.pt + model_config.json)",
+    )
     parser.add_argument("--data", type=Path, required=True, help="preprocessed dir (timelines/, tokenizer.json)")
     parser.add_argument("--labels", type=Path, required=True, help="labels.parquet from `ehrfm label`")
     parser.add_argument("--task", required=True, help="task name (t2d) or task YAML path")

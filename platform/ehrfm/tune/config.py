@@ -60,7 +60,7 @@ class SweepConfig(StrictModel):
     space: dict[str, Dimension] = {}
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SweepConfig":
+    def _consistent(self) -> SweepConfig:
         if not self.space:
             raise ValueError("the sweep has an empty search space: give space entries")
         if "/" in self.name or self.name in {"", ".", ".."}:
@@ -79,12 +79,15 @@ class SweepConfig(StrictModel):
         return beside if beside.is_file() else path
 
 
-def load_sweep(config_file: str | Path | None, overrides: list[str] | None = None) -> tuple[SweepConfig, FinetuneConfig]:
+def load_sweep(
+    config_file: str | Path | None, overrides: list[str] | None = None
+) -> tuple[SweepConfig, FinetuneConfig]:
     """The sweep config and its base fine-tune config; `finetune.`-prefixed overrides go to the latter."""
     overrides = overrides or []
     sweep = load_config(SweepConfig, config_file, [o for o in overrides if not o.startswith("finetune.")])
-    finetune_overrides = sweep.finetune_overrides + [o[len("finetune."):] for o in overrides
-                                                     if o.startswith("finetune.")]
+    finetune_overrides = sweep.finetune_overrides + [
+        o[len("finetune.") :] for o in overrides if o.startswith("finetune.")
+    ]
     base = load_config(FinetuneConfig, sweep.finetune_config_path(config_file), finetune_overrides)
     return sweep, base
 
@@ -92,7 +95,7 @@ def load_sweep(config_file: str | Path | None, overrides: list[str] | None = Non
 def sweep_points(sweep: SweepConfig, base: FinetuneConfig, decoder_fusion: str) -> list[dict[str, Any]]:
     """The points run first (the default fine-tune, then points_to_evaluate), after checking that
     every value the space can give makes a valid fine-tuning config for this decoder."""
-    points = ([default_point(sweep.space, base)] if sweep.include_default else [])
+    points = [default_point(sweep.space, base)] if sweep.include_default else []
     points += [complete_point(sweep.space, base, point) for point in sweep.points_to_evaluate]
     if len(points) > sweep.num_samples:
         raise ValueError(f"num_samples={sweep.num_samples} is smaller than the {len(points)} points evaluated first")
@@ -104,8 +107,10 @@ def sweep_points(sweep: SweepConfig, base: FinetuneConfig, decoder_fusion: str) 
             except ValueError as err:
                 raise ValueError(f"search space {key}={value!r} gives an invalid fine-tuning config: {err}") from err
             if head_uses_prs(cfg.model.head_inputs) and decoder_fusion == "none":
-                raise ValueError(f"search space {key}={value!r}: the decoder {base.model.pretrained} has no PRS "
-                                 f"fusion, so head_inputs {cfg.model.head_inputs} is impossible")
+                raise ValueError(
+                    f"search space {key}={value!r}: the decoder {base.model.pretrained} has no PRS "
+                    f"fusion, so head_inputs {cfg.model.head_inputs} is impossible"
+                )
     return points
 
 
@@ -118,8 +123,10 @@ def _flat(record: dict) -> dict[str, Any]:
 def check_or_record_config(sweep_dir: Path, sweep: SweepConfig, base: FinetuneConfig) -> bool:
     """Write sweep_config.json on the first start; on a restart, refuse a different configuration
     (its data paths included). True when the sweep is being resumed."""
-    record = {"sweep": sweep.model_dump(mode="json", exclude={"registry"}),
-              "finetune": base.model_dump(mode="json", exclude={"mlflow", "run"})}
+    record = {
+        "sweep": sweep.model_dump(mode="json", exclude={"registry"}),
+        "finetune": base.model_dump(mode="json", exclude={"mlflow", "run"}),
+    }
     path = sweep_dir / SWEEP_CONFIG_FILE
     if not path.is_file():
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +135,8 @@ def check_or_record_config(sweep_dir: Path, sweep: SweepConfig, base: FinetuneCo
     stored, now = _flat(json.loads(path.read_text())), _flat(record)
     changed = sorted(k for k in stored.keys() | now.keys() if stored.get(k) != now.get(k))
     if changed:
-        raise ValueError(f"sweep {sweep_dir} was started with another configuration ({', '.join(changed[:6])} "
-                         "differ): run it again with the same settings to resume it, or choose a new --name")
+        raise ValueError(
+            f"sweep {sweep_dir} was started with another configuration ({', '.join(changed[:6])} "
+            "differ): run it again with the same settings to resume it, or choose a new --name"
+        )
     return True

@@ -21,16 +21,25 @@ OUTCOME_TAG = "ehrfm.tune.outcome"  # completed | early_stopped | error
 HP_PREFIX = "hp."
 
 
-def open_parent_run(tracking_uri: str, experiment: str, sweep_dir: str, name: str, artifact_root: str | None,
-                    params: Mapping[str, Any]) -> RunLogger:
+def open_parent_run(
+    tracking_uri: str, experiment: str, sweep_dir: str, name: str, artifact_root: str | None, params: Mapping[str, Any]
+) -> RunLogger:
     logger = RunLogger(tracking_uri, experiment, sweep_dir, name, artifact_root)
     logger.client.set_tag(logger.run_id, SWEEP_TAG, name)
     logger.log_params(dict(params))
     return logger
 
 
-def open_child_run(tracking_uri: str, experiment: str, trial_run_dir: str, trial_id: str, sweep_name: str,
-                   parent_run_id: str, artifact_root: str | None, point: Mapping[str, Any]) -> RunLogger:
+def open_child_run(
+    tracking_uri: str,
+    experiment: str,
+    trial_run_dir: str,
+    trial_id: str,
+    sweep_name: str,
+    parent_run_id: str,
+    artifact_root: str | None,
+    point: Mapping[str, Any],
+) -> RunLogger:
     logger = RunLogger(tracking_uri, experiment, trial_run_dir, f"{sweep_name}-{trial_id}", artifact_root)
     for key, value in ((PARENT_TAG, parent_run_id), (SWEEP_TAG, sweep_name), (TRIAL_TAG, trial_id)):
         logger.client.set_tag(logger.run_id, key, value)
@@ -41,8 +50,9 @@ def open_child_run(tracking_uri: str, experiment: str, trial_run_dir: str, trial
 def child_runs(parent: RunLogger) -> dict[str, Any]:
     """trial id -> child run (mlflow Run) of the parent."""
     experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
-    runs = parent.client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.run_id}'",
-                                     max_results=10_000)
+    runs = parent.client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.run_id}'", max_results=10_000
+    )
     return {run.data.tags[TRIAL_TAG]: run for run in runs if TRIAL_TAG in run.data.tags}
 
 

@@ -34,7 +34,7 @@ class Dimension(StrictModel):
     choice: list[Any] | None = None
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "Dimension":
+    def _one_kind(self) -> Dimension:
         given = [kind for kind in KINDS if getattr(self, kind) is not None]
         if len(given) != 1:
             raise ValueError(f"a dimension takes exactly one of {', '.join(KINDS)}; got {given or 'none'}")

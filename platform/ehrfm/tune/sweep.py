@@ -67,10 +67,10 @@ def sweep_trainable(context: TrialContext, data: PreparedData, driver_cpus: floa
     reaches a trial) put in the object store once, holding `driver_cpus` per trial."""
     from ray import tune
 
-    trial_data = PreparedData({s: data.examples[s] for s in ("train", "val")}, data.tokenizer, data.pgs_ids,
-                              data.tokenizer_version)
-    return tune.with_resources(tune.with_parameters(SweepTrial, context=context, data=trial_data),
-                               {"CPU": driver_cpus})
+    trial_data = PreparedData(
+        {s: data.examples[s] for s in ("train", "val")}, data.tokenizer, data.pgs_ids, data.tokenizer_version
+    )
+    return tune.with_resources(tune.with_parameters(SweepTrial, context=context, data=trial_data), {"CPU": driver_cpus})
 
 
 def log_sweep_outcome(parent, result: dict, summary: dict) -> None:
@@ -78,10 +78,16 @@ def log_sweep_outcome(parent, result: dict, summary: dict) -> None:
     trials = result["trials"]
     close_child_runs(parent, trials)
     outcomes = [t["outcome"] for t in trials]
-    parent.log_metrics({"best_val_auroc": result["best_val_auroc"],
-                        **{f"best_{k}": v for k, v in summary["metrics"].items()}, "trials": len(trials),
-                        "trials_early_stopped": outcomes.count("early_stopped"),
-                        "trials_errored": outcomes.count("error")}, len(trials))
+    parent.log_metrics(
+        {
+            "best_val_auroc": result["best_val_auroc"],
+            **{f"best_{k}": v for k, v in summary["metrics"].items()},
+            "trials": len(trials),
+            "trials_early_stopped": outcomes.count("early_stopped"),
+            "trials_errored": outcomes.count("error"),
+        },
+        len(trials),
+    )
     parent.client.set_tag(parent.run_id, "ehrfm.tune.best_trial_id", result["best_trial_id"])
     parent.log_params({f"best.{k}": v for k, v in result["best_config"].items()})
     parent.log_text(json.dumps(result, indent=2, default=str), SWEEP_RESULT_FILE)
@@ -98,22 +104,43 @@ def run_sweep(sweep: SweepConfig, base: FinetuneConfig) -> dict[str, Any]:
     resuming = check_or_record_config(sweep_dir, sweep, base)
     search_name, search_alg = search_algorithm(sweep.search, points, sweep.seed)
     concurrency = sweep.resources.max_concurrent_trials or max_concurrent_trials(
-        ray.cluster_resources(), base.scaling, sweep.resources.driver_cpus, sweep.resources.headroom_cpus)
+        ray.cluster_resources(), base.scaling, sweep.resources.driver_cpus, sweep.resources.headroom_cpus
+    )
     base.mlflow.tracking_uri = tracking_uri = tracking_uri_for(base)
     parent = None
     if tracking_uri:
-        parent = open_parent_run(tracking_uri, sweep.experiment, str(sweep_dir), sweep.name, artifact_root_for(base), {
-            "task": base.task, "sweep.num_samples": sweep.num_samples, "sweep.search": search_name,
-            "sweep.metric": METRIC, "sweep.max_epochs": base.train.epochs,
-            "sweep.grace_period": sweep.scheduler.grace_period, "sweep.reduction_factor": sweep.scheduler.reduction_factor,
-            "sweep.max_concurrent_trials": concurrency, "sweep.points_evaluated_first": len(points)})
+        parent = open_parent_run(
+            tracking_uri,
+            sweep.experiment,
+            str(sweep_dir),
+            sweep.name,
+            artifact_root_for(base),
+            {
+                "task": base.task,
+                "sweep.num_samples": sweep.num_samples,
+                "sweep.search": search_name,
+                "sweep.metric": METRIC,
+                "sweep.max_epochs": base.train.epochs,
+                "sweep.grace_period": sweep.scheduler.grace_period,
+                "sweep.reduction_factor": sweep.scheduler.reduction_factor,
+                "sweep.max_concurrent_trials": concurrency,
+                "sweep.points_evaluated_first": len(points),
+            },
+        )
         if not parent.resumed:
             parent.log_text(dump_config(sweep), "sweep_config.yaml")
-    context = TrialContext(base=base.model_dump(mode="json"), trials_dir=str(sweep_dir / TRIALS_DIR),
-                           sweep_name=sweep.name, parent_run_id=parent.run_id if parent else None,
-                           artifact_root=artifact_root_for(base))
-    print(f"sweep {sweep.name}: {sweep.num_samples} trials, {search_name} search, ASHA on {METRIC} over "
-          f"{base.train.epochs} epochs, at most {concurrency} at a time{' (resuming)' if resuming else ''}", flush=True)
+    context = TrialContext(
+        base=base.model_dump(mode="json"),
+        trials_dir=str(sweep_dir / TRIALS_DIR),
+        sweep_name=sweep.name,
+        parent_run_id=parent.run_id if parent else None,
+        artifact_root=artifact_root_for(base),
+    )
+    print(
+        f"sweep {sweep.name}: {sweep.num_samples} trials, {search_name} search, ASHA on {METRIC} over "
+        f"{base.train.epochs} epochs, at most {concurrency} at a time{' (resuming)' if resuming else ''}",
+        flush=True,
+    )
     result_path = sweep_dir / SWEEP_RESULT_FILE
     try:
         trainable = sweep_trainable(context, data, sweep.resources.driver_cpus)
@@ -121,8 +148,10 @@ def run_sweep(sweep: SweepConfig, base: FinetuneConfig) -> dict[str, Any]:
         trials = trial_summaries(grid, base.train.epochs)
         ranked = [t for t in trials if math.isfinite(t["best_val_auroc"])]
         if not ranked:
-            raise RuntimeError(f"sweep {sweep.name}: no trial reported {METRIC} "
-                               f"({'; '.join(t['trial_id'] + ': ' + t['outcome'] for t in trials)})")
+            raise RuntimeError(
+                f"sweep {sweep.name}: no trial reported {METRIC} "
+                f"({'; '.join(t['trial_id'] + ': ' + t['outcome'] for t in trials)})"
+            )
         best = max(ranked, key=lambda t: t["best_val_auroc"])
         previous = json.loads(result_path.read_text()) if result_path.is_file() else {}
         if previous.get("best_trial_id") == best["trial_id"] and len(previous.get("trials", [])) == len(trials):
@@ -135,13 +164,22 @@ def run_sweep(sweep: SweepConfig, base: FinetuneConfig) -> dict[str, Any]:
         if parent and sweep.registry.enabled:
             registry = register_winner(summary, data, base.task, tracking_uri, parent.run_id, sweep.registry.n_boot)
         result = {
-            "name": sweep.name, "sweep_dir": str(sweep_dir), "search": search_name,
-            "max_concurrent_trials": concurrency, "max_epochs": base.train.epochs,
-            "best_trial_id": best["trial_id"], "best_config": best["config"], "best_val_auroc": best["best_val_auroc"],
-            "metrics": summary["metrics"], "test_auroc": summary["metrics"]["test_auroc"],
-            "model_dir": summary["model_dir"], "best_dir": summary["run_dir"],
+            "name": sweep.name,
+            "sweep_dir": str(sweep_dir),
+            "search": search_name,
+            "max_concurrent_trials": concurrency,
+            "max_epochs": base.train.epochs,
+            "best_trial_id": best["trial_id"],
+            "best_config": best["config"],
+            "best_val_auroc": best["best_val_auroc"],
+            "metrics": summary["metrics"],
+            "test_auroc": summary["metrics"]["test_auroc"],
+            "model_dir": summary["model_dir"],
+            "best_dir": summary["run_dir"],
             "default_trial": next((t for t in trials if sweep.include_default and t["config"] == points[0]), None),
-            "trials": trials, "registry": registry, "tracking_uri": tracking_uri,
+            "trials": trials,
+            "registry": registry,
+            "tracking_uri": tracking_uri,
             "parent_run_id": parent.run_id if parent else None,
         }
         if parent:
@@ -167,18 +205,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default=None, help="directory holding the sweep (storage_path)")
     parser.add_argument("--out", default=None, help="the sweep's own directory (sets --storage and --name)")
     parser.add_argument("--max-concurrent-trials", type=int, default=None, help="default: from the cluster")
-    parser.add_argument("overrides", nargs="*", help="sweep overrides key.path=value; finetune.key.path=value "
-                        "for the base fine-tune config")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="sweep overrides key.path=value; finetune.key.path=value for the base fine-tune config",
+    )
     args = parser.parse_args(argv)
     sweep, base = load_sweep(args.config, args.overrides)
-    for value, setter in ((args.task, lambda v: setattr(base, "task", v)),
-                          (args.pretrained, lambda v: setattr(base.model, "pretrained", v)),
-                          (args.data, lambda v: setattr(base.data, "dir", v)),
-                          (args.labels, lambda v: setattr(base.data, "labels", v)),
-                          (args.num_samples, lambda v: setattr(sweep, "num_samples", v)),
-                          (args.name, lambda v: setattr(sweep, "name", v)),
-                          (args.storage, lambda v: setattr(sweep, "storage_path", v)),
-                          (args.max_concurrent_trials, lambda v: setattr(sweep.resources, "max_concurrent_trials", v))):
+    for value, setter in (
+        (args.task, lambda v: setattr(base, "task", v)),
+        (args.pretrained, lambda v: setattr(base.model, "pretrained", v)),
+        (args.data, lambda v: setattr(base.data, "dir", v)),
+        (args.labels, lambda v: setattr(base.data, "labels", v)),
+        (args.num_samples, lambda v: setattr(sweep, "num_samples", v)),
+        (args.name, lambda v: setattr(sweep, "name", v)),
+        (args.storage, lambda v: setattr(sweep, "storage_path", v)),
+        (args.max_concurrent_trials, lambda v: setattr(sweep.resources, "max_concurrent_trials", v)),
+    ):
         if value is not None:
             setter(value)
     if args.out:

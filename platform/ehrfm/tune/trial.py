@@ -67,16 +67,23 @@ class ControllerHandleCallback(ControllerCallback):
         self._mailbox.put(ray.get_runtime_context().current_actor)
 
 
-def fit_trial(point: dict[str, Any], context: TrialContext, data: PreparedData, trial_id: str,
-              callbacks: list) -> None:
+def fit_trial(point: dict[str, Any], context: TrialContext, data: PreparedData, trial_id: str, callbacks: list) -> None:
     """Open the trial's child MLflow run, then fit its TorchTrainer (results go to Tune)."""
     from ray.tune.integration.ray_train import TuneReportCallback  # constructible only inside a trial
 
     cfg = trial_finetune_config(context, point, trial_id)
     tracking_uri = cfg.mlflow.tracking_uri if cfg.mlflow.enabled else None
     if tracking_uri and context.parent_run_id:
-        open_child_run(tracking_uri, cfg.mlflow.experiment, cfg.run_dir(), trial_id, context.sweep_name,
-                       context.parent_run_id, context.artifact_root, point)
+        open_child_run(
+            tracking_uri,
+            cfg.mlflow.experiment,
+            cfg.run_dir(),
+            trial_id,
+            context.sweep_name,
+            context.parent_run_id,
+            context.artifact_root,
+            point,
+        )
     Path(context.trials_dir).mkdir(parents=True, exist_ok=True)
     run_config = finetune_run_config(cfg, [*callbacks, TuneReportCallback()])
     trainer = build_finetune_trainer(cfg, data.ray_datasets(cfg), run_config, data=data, tracking_uri=tracking_uri)

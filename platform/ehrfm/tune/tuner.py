@@ -42,16 +42,31 @@ def build_tuner(sweep: SweepConfig, trainable, param_space: dict, search_alg, ma
     if tune.Tuner.can_restore(str(tune_dir)):
         print(f"sweep {sweep.name}: restoring {tune_dir} (finished trials are kept)", flush=True)
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=sweep.scheduler.grace_period,
-                              reduction_factor=sweep.scheduler.reduction_factor)
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        max_t=max_epochs,
+        grace_period=sweep.scheduler.grace_period,
+        reduction_factor=sweep.scheduler.reduction_factor,
+    )
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=sweep.num_samples, max_concurrent_trials=concurrency,
-                                    trial_dirname_creator=trial_dirname, reuse_actors=False),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep.sweep_dir()), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=sweep.resources.max_failures)),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=sweep.num_samples,
+            max_concurrent_trials=concurrency,
+            trial_dirname_creator=trial_dirname,
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=str(sweep.sweep_dir()),
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=sweep.resources.max_failures),
+        ),
     )
 
 
@@ -70,6 +85,13 @@ def trial_summaries(grid, max_epochs: int) -> list[dict[str, Any]]:
         epochs = int(history["epoch"].max()) if has and history["epoch"].notna().any() else 0
         best = float(history[METRIC].max()) if has and history[METRIC].notna().any() else math.nan
         outcome = "error" if result.error else ("completed" if epochs >= max_epochs else "early_stopped")
-        trials.append({"trial_id": trial_id, "config": {k: _plain(v) for k, v in (result.config or {}).items()},
-                       "epochs": epochs, "best_val_auroc": best, "outcome": outcome})
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "config": {k: _plain(v) for k, v in (result.config or {}).items()},
+                "epochs": epochs,
+                "best_val_auroc": best,
+                "outcome": outcome,
+            }
+        )
     return sorted(trials, key=lambda t: t["trial_id"])

@@ -30,8 +30,9 @@ def finalize_best(sweep_dir: Path, context: TrialContext, best: dict, data: Prep
     return summary
 
 
-def register_winner(summary: dict, data: PreparedData, task: str, tracking_uri: str, parent_run_id: str,
-                    n_boot: int) -> dict[str, Any]:
+def register_winner(
+    summary: dict, data: PreparedData, task: str, tracking_uri: str, parent_run_id: str, n_boot: int
+) -> dict[str, Any]:
     """Log the winner (with a card: test AUROC/AUPRC with bootstrap CIs) into the sweep's parent
     run, so each child keeps only its per-epoch curve, and register it: `champion` moves only if
     its val AUROC beats the current champion's. The new version is tagged with its trial id."""
@@ -48,8 +49,14 @@ def register_winner(summary: dict, data: PreparedData, task: str, tracking_uri: 
     _, spec = load_risk_model(summary["model_dir"])
     predictions = pq.read_table(Path(summary["run_dir"]) / "predictions.parquet")
     test = predictions.filter(pc.equal(predictions["split"], "test"))
-    results = [evaluate_predictions("finetuned (sweep winner)", test["label"].to_numpy(zero_copy_only=False),
-                                    test["risk"].to_numpy(), n_boot=n_boot)]
+    results = [
+        evaluate_predictions(
+            "finetuned (sweep winner)",
+            test["label"].to_numpy(zero_copy_only=False),
+            test["risk"].to_numpy(),
+            n_boot=n_boot,
+        )
+    ]
     counts = {f"{split} {k}": v for split, c in data.counts().items() for k, v in c.items() if k != "genotyped"}
     metrics = {k: float(v) for k, v in summary["metrics"].items()}
     metrics |= {"test_auroc_ci_low": results[0].auroc.lower, "test_auroc_ci_high": results[0].auroc.upper}
@@ -60,7 +67,8 @@ def register_winner(summary: dict, data: PreparedData, task: str, tracking_uri: 
         with mlflow.start_run(run_id=parent_run_id):
             model_uri = log_risk_model(summary["model_dir"], task, metrics, model_card(spec, counts, results))
             outcome = register_if_better(model_uri, task, metrics[METRIC], METRIC)
-            MlflowClient().set_model_version_tag(outcome["name"], str(outcome["version"]), TRIAL_TAG,
-                                                 summary["trial_id"])
+            MlflowClient().set_model_version_tag(
+                outcome["name"], str(outcome["version"]), TRIAL_TAG, summary["trial_id"]
+            )
     outcome["model_uri"] = model_uri
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in outcome.items()}
