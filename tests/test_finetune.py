@@ -265,7 +265,7 @@ def test_masking_the_prs_changes_only_genotyped_logits(data, pretrained, tmp_pat
 
 
 def test_platt_fit_maps_logits_to_calibrated_probabilities():
-    from ehrfm.transfer.finetune import fit_platt
+    from ehrfm.calibration import fit_platt
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=20_000)
@@ -386,7 +386,7 @@ def test_predictions_are_val_and_test_examples_with_their_labels(probe, data):
 
 @pytest.mark.ray
 def test_platt_calibration_is_fit_on_validation_only(probe):
-    from ehrfm.transfer.finetune import fit_platt
+    from ehrfm.calibration import fit_platt
 
     cfg, summary, _ = probe
     run_dir = Path(cfg.run_dir())  # PRS labels: validation is not perfectly separated

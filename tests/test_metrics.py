@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from ehrfm.evaluate.calibration import Recalibrator, expected_calibration_error, reliability_curve
+from ehrfm.calibration import Recalibrator
+from ehrfm.evaluate.calibration import expected_calibration_error, reliability_curve
 from ehrfm.evaluate.report import evaluate_predictions, log_to_mlflow, markdown_table, write_report
 from ehrfm.evaluate.stratify import age_bucket, prs_deciles, risk_by_prs_decile, subgroup_table, wilson_interval
 from ehrfm.metrics import auprc, auroc, auroc_ci, bootstrap_metric, bootstrap_weights

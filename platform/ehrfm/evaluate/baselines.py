@@ -26,8 +26,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import MaxAbsScaler
 from threadpoolctl import threadpool_limits
 
+from ehrfm.calibration import Recalibrator
 from ehrfm.config import StrictModel, load_config
-from ehrfm.evaluate.calibration import Recalibrator
 from ehrfm.evaluate.features import CodeVocabulary, FeatureMatrix, build_features, demographics
 from ehrfm.evaluate.report import evaluate_predictions, log_to_mlflow, write_report, write_stratified
 from ehrfm.evaluate.stratify import age_bucket

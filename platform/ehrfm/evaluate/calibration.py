@@ -1,4 +1,4 @@
-"""Calibration: reliability curve, expected calibration error, recalibration fit on validation data.
+"""Calibration: reliability curve and expected calibration error (recalibration maps: `ehrfm.calibration`).
 
 ECE = sum over bins of (bin share of persons) * |observed rate - mean predicted risk|. Bins are
 equal-width on [0, 1] ("uniform") or equal-count ("quantile"); empty bins contribute nothing.
@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
 
 Strategy = Literal["uniform", "quantile"]
 EPS = 1e-6
@@ -65,40 +63,3 @@ def reliability_curve(y_true, y_prob, n_bins: int = 10, strategy: Strategy = "un
 
 def expected_calibration_error(y_true, y_prob, n_bins: int = 10, strategy: Strategy = "uniform") -> float:
     return reliability_curve(y_true, y_prob, n_bins, strategy).ece
-
-
-class Recalibrator:
-    """Maps raw risks to recalibrated ones; fit on validation predictions, applied to test.
-
-    "platt": logistic regression on the logit of the risk (two parameters, smooth).
-    "isotonic": monotone step function (flexible; needs more validation data).
-    """
-
-    def __init__(self, method: Literal["platt", "isotonic"] = "platt"):
-        if method not in ("platt", "isotonic"):
-            raise ValueError(f"unknown recalibration method {method!r}")
-        self.method = method
-        self._model: LogisticRegression | IsotonicRegression | None = None
-
-    def fit(self, y_true, y_prob) -> Recalibrator:
-        y, p = _check(y_true, y_prob)
-        if len(np.unique(y)) < 2:
-            raise ValueError(f"recalibration needs both classes; got {int(y.sum())} positives of {y.size}")
-        if self.method == "platt":
-            self._model = LogisticRegression(C=1e6).fit(_logit(p)[:, None], y.astype(int))
-        else:
-            self._model = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, y)
-        return self
-
-    def transform(self, y_prob) -> np.ndarray:
-        if self._model is None:
-            raise RuntimeError("Recalibrator.transform called before fit")
-        p = np.asarray(y_prob, dtype=np.float64).ravel()
-        if self.method == "platt":
-            return self._model.predict_proba(_logit(p)[:, None])[:, 1]
-        return self._model.predict(p)
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    q = np.clip(p, EPS, 1 - EPS)
-    return np.log(q / (1 - q))

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from ehrfm.calibration import fit_platt
 from ehrfm.config import load_config
 from ehrfm.constants import SPLITS
 from ehrfm.metrics import auroc
@@ -322,18 +323,6 @@ def predict_examples(model: RiskModel, table: pa.Table, batch_size: int = 256) -
         masked.append(predict_logits(model, batch, mask_prs=True).numpy())
     empty = np.zeros(0, np.float32)
     return (np.concatenate(given) if given else empty), (np.concatenate(masked) if masked else empty)
-
-
-def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(a, b) of sigmoid(a * logit + b): logistic regression on the logit. The mild L2 on `a` (C=1)
-    is negligible next to hundreds of validation log-losses, but keeps `a` finite when the
-    validation set is perfectly separated (where the unpenalised fit diverges)."""
-    from sklearn.linear_model import LogisticRegression
-
-    fit = LogisticRegression(C=1.0, max_iter=1000).fit(
-        np.asarray(logits, np.float64)[:, None], np.asarray(labels).astype(int)
-    )
-    return float(fit.coef_[0, 0]), float(fit.intercept_[0])
 
 
 def prediction_table(table: pa.Table, spec: HeadSpec, logit: np.ndarray, masked: np.ndarray) -> pa.Table:
