@@ -15,7 +15,7 @@ from ehrfm.evaluate.baselines import BaselineConfig
 from ehrfm.evaluate.oracle import oracle_scores
 from ehrfm.evaluate.prs_headroom import prs_headroom
 from ehrfm.transfer.examples import read_labels
-from ehrfm_synthetic.truth import load_truth
+from ehrfm.evaluate.truth import load_truth
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_factory import make_task  # noqa: E402

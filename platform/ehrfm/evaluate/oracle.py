@@ -1,6 +1,6 @@
 """What the synthetic cohort's generative truth says about the label rows: oracle risks and ancestry.
 
-The oracle is the true probability of T2D onset within the horizon (`synthetic_oracle`), once with
+The oracle is the true probability of T2D onset within the horizon (`truth.CohortTruth`), once with
 each person's true genetic liability and once with only their ancestry group's mean liability.
 Their AUROC gap on the label rows is the most any model could gain from genetics on this task.
 Coded labels lag the true onset: a label row whose T2D has already begun (but is not coded yet)
@@ -18,8 +18,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from ehrfm_synthetic.oracle import oracle_t2d_risk
-from ehrfm_synthetic.truth import SyntheticTruth
+from ehrfm.evaluate.truth import CohortTruth
 
 ORACLE_GENETIC = "oracle_genetic"
 ORACLE_GROUP_MEAN = "oracle_group_mean"
@@ -35,13 +34,13 @@ class OracleScores:
     horizon_days: int
 
 
-def oracle_scores(truth: SyntheticTruth, labels: pa.Table, horizon_days: int, source: str = "truth") -> OracleScores:
+def oracle_scores(truth: CohortTruth, labels: pa.Table, horizon_days: int, source: str = "truth") -> OracleScores:
     """Both oracles' T2D risks for every row of `labels` (subject_id = the cohort's person_id)."""
     persons = labels["subject_id"].to_numpy(zero_copy_only=False).astype(np.int64)
     times = labels["prediction_time"].cast(pa.timestamp("us")).to_numpy(zero_copy_only=False)
     try:
-        genetic = oracle_t2d_risk(truth, persons, times, horizon_days, use_genetics=True)
-        group_mean = oracle_t2d_risk(truth, persons, times, horizon_days, use_genetics=False)
+        genetic = truth.t2d_risk(persons, times, horizon_days, use_genetics=True)
+        group_mean = truth.t2d_risk(persons, times, horizon_days, use_genetics=False)
     except KeyError as err:
         raise ValueError(f"{source}: label subjects missing from the truth: {err.args[0]}") from None
     begun = np.isnan(genetic)
@@ -49,14 +48,10 @@ def oracle_scores(truth: SyntheticTruth, labels: pa.Table, horizon_days: int, so
     return OracleScores({ORACLE_GENETIC: genetic, ORACLE_GROUP_MEAN: group_mean}, begun, horizon_days)
 
 
-def truth_ancestry(truth: SyntheticTruth) -> pl.DataFrame:
+def truth_ancestry(truth: CohortTruth) -> pl.DataFrame:
     """(subject_id, ancestry) of every person in the truth."""
-    return pl.DataFrame(
-        {
-            "subject_id": truth.person_id.astype(np.int64),
-            "ancestry": truth.table["ancestry"].to_numpy(zero_copy_only=False).astype(str),
-        }
-    )
+    person_ids, ancestry = truth.ancestry()
+    return pl.DataFrame({"subject_id": person_ids, "ancestry": ancestry})
 
 
 def trait_pgs(cohort_dir: Path, trait: str = TRUTH_TRAIT) -> str | None:

@@ -39,8 +39,8 @@ from ehrfm.evaluate.baselines import (
 )
 from ehrfm.evaluate.features import CodeVocabulary, build_features
 from ehrfm.evaluate.oracle import ORACLE_GENETIC, ORACLE_GROUP_MEAN, oracle_scores, pgs_column, trait_pgs
+from ehrfm.evaluate.truth import load_truth
 from ehrfm.transfer.examples import read_labels
-from ehrfm_synthetic.truth import load_truth
 
 
 def _cross_fitted_auroc(x: np.ndarray, y: np.ndarray, make_model, folds: int, seed: int) -> float:

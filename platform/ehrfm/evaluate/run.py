@@ -56,9 +56,9 @@ from ehrfm.evaluate.report import (
     metric_key,
     write_stratified,
 )
+from ehrfm.evaluate.truth import load_truth
 from ehrfm.metrics import DEFAULT_BOOTSTRAP, Estimate, bootstrap_difference
 from ehrfm.transfer.examples import read_labels
-from ehrfm_synthetic.truth import load_truth
 
 EXPERIMENT = "ehrfm-evaluate"
 FINETUNED, FINETUNED_MASKED = "finetuned", "finetuned_prs_masked"
