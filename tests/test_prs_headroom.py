@@ -14,8 +14,8 @@ from ehrfm.cli import run_command
 from ehrfm.evaluate.baselines import BaselineConfig
 from ehrfm.evaluate.oracle import oracle_scores
 from ehrfm.evaluate.prs_headroom import prs_headroom
-from ehrfm.transfer.examples import read_labels
 from ehrfm.evaluate.truth import load_truth
+from ehrfm.transfer.examples import read_labels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_factory import make_task  # noqa: E402

@@ -22,8 +22,9 @@ from ehrfm.evaluate.report import evaluate_predictions
 from ehrfm.evaluate.stratify import subgroup_table
 from ehrfm.mlops.model_card import model_card
 from ehrfm.mlops.pyfunc_model import OUTPUT_COLUMNS, records_frame
-from ehrfm.mlops.registry import CHAMPION, RISK_MODEL_FILES, load_champion, log_risk_model, register_if_better
+from ehrfm.mlops.registry import CHAMPION, RISK_MODEL_FILES, log_risk_model, register_if_better
 from ehrfm.model.risk import load_risk_model
+from ehrfm.serve import model_store
 from ehrfm.transfer.predictor import RiskPredictor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -131,9 +132,9 @@ def test_champion_round_trip_gives_the_predictor_and_offline_risks(t2d_champion)
     np.testing.assert_allclose(served["risk"].to_numpy()[:2], offline["risk"], rtol=1e-6)
     np.testing.assert_allclose(served["risk_prs_masked"].to_numpy()[:2], offline["risk_prs_masked"], rtol=1e-6)
 
-    champion = load_champion("t2d")
-    assert (champion.name, champion.version, champion.model_uri) == ("ehrfm-t2d", 1, "models:/ehrfm-t2d/1")
-    assert champion.predictor.spec.pgs_ids == PGS_IDS
+    champion = model_store.resolve(f"models:/ehrfm-t2d@{CHAMPION}")
+    assert (champion.name, champion.version, champion.version_uri) == ("ehrfm-t2d", "1", "models:/ehrfm-t2d/1")
+    assert model_store.load(champion, min_prs_share=0.5).predictor.spec.pgs_ids == PGS_IDS
 
 
 def test_logged_model_holds_weights_config_tokenizer_and_card_but_no_pickle_or_patient_rows(t2d_champion, tmp_path):

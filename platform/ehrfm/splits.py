@@ -47,10 +47,6 @@ def split_codes(subject_ids: np.ndarray, ratios: tuple[float, float, float], sal
     return np.where(u < train, 0, np.where(u < train + val, 1, 2)).astype(np.int8)
 
 
-def split_names(codes: np.ndarray) -> np.ndarray:
-    return np.asarray(SPLITS, dtype=object)[np.asarray(codes, dtype=np.int64)]
-
-
 def normalise_ratios(ratios: tuple[float, float, float]) -> tuple[float, float, float]:
     """Ratios scaled to sum to 1; negative or all-zero ratios are a configuration error."""
     if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:

@@ -21,7 +21,6 @@ import re
 import shutil
 import tempfile
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -184,28 +183,3 @@ def register_if_better(model_uri: str, task: str, val_metric: float, metric_name
         "previous_champion_metric": previous_metric,
         "reason": reason,
     }
-
-
-@dataclass
-class Champion:
-    """The loaded champion and where it came from (Serve reports name and version)."""
-
-    name: str
-    version: int
-    model_uri: str
-    model: Any  # mlflow.pyfunc.PyFuncModel; .unwrap_python_model().predictor is the RiskPredictor
-
-    @property
-    def predictor(self) -> RiskPredictor:
-        return self.model.unwrap_python_model().predictor
-
-
-def load_champion(task: str) -> Champion:
-    """The version holding `champion` now, loaded by its version number (a move of the alias
-    while loading cannot mix two versions)."""
-    name = registered_name(task)
-    champion = _champion(MlflowClient(), name)
-    if champion is None:
-        raise LookupError(f"registered model {name} has no {CHAMPION!r} alias")
-    uri = f"models:/{name}/{champion.version}"
-    return Champion(name, int(champion.version), uri, mlflow.pyfunc.load_model(uri))

@@ -1,7 +1,7 @@
 """The multimodal decoder (EHR events + PRS); plain PyTorch, no Ray or DeepSpeed."""
 
 from ehrfm.model.config import ModelConfig
-from ehrfm.model.heads import ClassificationHead, generate
+from ehrfm.model.heads import ClassificationHead
 from ehrfm.model.io import load_model, load_model_config, save_model_files
 from ehrfm.model.transformer import EHRDecoder, KVCache
 
@@ -10,7 +10,6 @@ __all__ = [
     "EHRDecoder",
     "KVCache",
     "ModelConfig",
-    "generate",
     "load_model",
     "load_model_config",
     "save_model_files",
