@@ -26,12 +26,11 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
-from ehrfm.config import dump_config
+from ehrfm.config import add_config_arguments, dump_config, flag_overrides, out_dir, usage_errors
 from ehrfm.model.io import load_model_config
-from ehrfm.training.pretrain import _absolute
+from ehrfm.paths import absolute_path
 from ehrfm.transfer.finetune import PreparedData, artifact_root_for, prepare_finetune, tracking_uri_for
 from ehrfm.transfer.finetune_config import FinetuneConfig
 from ehrfm.tune.config import SweepConfig, check_or_record_config, load_sweep, sweep_points
@@ -51,7 +50,7 @@ def resolve(sweep: SweepConfig, base: FinetuneConfig) -> tuple[SweepConfig, Fine
     """Absolute sweep storage; the base fine-tune resolved (`prepare_finetune`: examples built once)
     with the sweep's epochs and experiment; the points to run first, checked against the space."""
     sweep = sweep.model_copy(deep=True)
-    sweep.storage_path = _absolute(sweep.storage_path)
+    sweep.storage_path = absolute_path(sweep.storage_path)
     base = base.model_copy(deep=True)
     base.run.storage_path, base.run.name = str(sweep.sweep_dir()), BEST_DIR
     base.mlflow.experiment = sweep.experiment
@@ -193,40 +192,37 @@ def run_sweep(sweep: SweepConfig, base: FinetuneConfig) -> dict[str, Any]:
     return result
 
 
+# the command's flags as config paths; finetune.* is the base fine-tune config
+FLAGS = {
+    "task": "finetune.task",
+    "pretrained": "finetune.model.pretrained",
+    "data": "finetune.data.dir",
+    "labels": "finetune.data.labels",
+    "num_samples": "num_samples",
+    "name": "name",
+    "storage": "storage_path",
+    "out": out_dir("storage_path", "name"),
+    "max_concurrent_trials": "resources.max_concurrent_trials",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm tune", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"sweep YAML (SweepConfig; default {DEFAULT_CONFIG})")
-    parser.add_argument("--task", default=None, help="task name or YAML (the base fine-tune's task)")
-    parser.add_argument("--pretrained", default=None, help="pretraining run dir or checkpoint dir")
-    parser.add_argument("--data", default=None, help="preprocessed dir holding timelines/")
-    parser.add_argument("--labels", default=None, help="label parquet; absent: label <data>/events with the task")
-    parser.add_argument("--num-samples", type=int, default=None, help="number of trials")
-    parser.add_argument("--name", default=None, help="sweep name; the same name resumes an interrupted sweep")
-    parser.add_argument("--storage", default=None, help="directory holding the sweep (storage_path)")
-    parser.add_argument("--out", default=None, help="the sweep's own directory (sets --storage and --name)")
-    parser.add_argument("--max-concurrent-trials", type=int, default=None, help="default: from the cluster")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="sweep overrides key.path=value; finetune.key.path=value for the base fine-tune config",
+    add_config_arguments(
+        parser, "sweep (SweepConfig; finetune.key.path for the base FinetuneConfig)", default=DEFAULT_CONFIG
     )
+    parser.add_argument("--task", help="task name or YAML (the base fine-tune's task)")
+    parser.add_argument("--pretrained", help="pretraining run dir or checkpoint dir")
+    parser.add_argument("--data", help="preprocessed dir holding timelines/")
+    parser.add_argument("--labels", help="label parquet; absent: label <data>/events with the task")
+    parser.add_argument("--num-samples", type=int, help="number of trials")
+    parser.add_argument("--name", help="sweep name; the same name resumes an interrupted sweep")
+    parser.add_argument("--storage", help="directory holding the sweep (storage_path)")
+    parser.add_argument("--out", help="the sweep's own directory (sets --storage and --name)")
+    parser.add_argument("--max-concurrent-trials", type=int, help="default: from the cluster")
     args = parser.parse_args(argv)
-    sweep, base = load_sweep(args.config, args.overrides)
-    for value, setter in (
-        (args.task, lambda v: setattr(base, "task", v)),
-        (args.pretrained, lambda v: setattr(base.model, "pretrained", v)),
-        (args.data, lambda v: setattr(base.data, "dir", v)),
-        (args.labels, lambda v: setattr(base.data, "labels", v)),
-        (args.num_samples, lambda v: setattr(sweep, "num_samples", v)),
-        (args.name, lambda v: setattr(sweep, "name", v)),
-        (args.storage, lambda v: setattr(sweep, "storage_path", v)),
-        (args.max_concurrent_trials, lambda v: setattr(sweep.resources, "max_concurrent_trials", v)),
-    ):
-        if value is not None:
-            setter(value)
-    if args.out:
-        out = Path(_absolute(args.out))
-        sweep.storage_path, sweep.name = str(out.parent), out.name
+    with usage_errors(parser):
+        sweep, base = load_sweep(args.config, [*args.overrides, *flag_overrides(args, FLAGS)])
     import ray
 
     if not ray.is_initialized():
