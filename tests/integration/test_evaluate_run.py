@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,9 +19,7 @@ from ehrfm.evaluate.run import evaluate_all
 from ehrfm.metrics import bootstrap_difference, bootstrap_metric, bootstrap_weights
 from ehrfm_synthetic.oracle import oracle_t2d_risk
 from ehrfm_synthetic.truth import load_truth
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate_factory import PT, N, make_task  # noqa: E402
+from tests.support.evaluate_factory import PT, N, make_task
 
 
 @pytest.fixture(scope="module")

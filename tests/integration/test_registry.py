@@ -26,9 +26,7 @@ from ehrfm.mlops.registry import CHAMPION, RISK_MODEL_FILES, log_risk_model, reg
 from ehrfm.model.risk import load_risk_model
 from ehrfm.serve import model_store
 from ehrfm.transfer.predictor import RiskPredictor
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from risk_model_factory import (  # noqa: E402
+from tests.support.risk_model_factory import (
     PGS_IDS,
     labels_at,
     make_person,

@@ -1,5 +1,5 @@
 """Ray Tune sweeps of fine-tuning runs (each trial drives a Ray Train TorchTrainer) on the tiny
-timelines of tests/finetune_factory.py with PRS labels (label = PRS column 0 > 0), on the shared
+timelines of tests/support/finetune_factory.py with PRS labels (label = PRS column 0 > 0), on the shared
 2-CPU Ray cluster and a real MLflow server.
 
 The ASHA sweep is made deterministic: its first three trials are fixed points, two learning
@@ -23,17 +23,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ehrfm.config import dump_config, load_config  # noqa: E402
-from ehrfm.training.config import ScalingSection  # noqa: E402
-from ehrfm.transfer.finetune_config import FinetuneConfig  # noqa: E402
-from ehrfm.tune.resources import max_concurrent_trials  # noqa: E402
-from ehrfm.tune.search_space import Dimension, complete_point, default_point, trial_config, tune_space  # noqa: E402
-from ehrfm.tune.sweep import load_sweep  # noqa: E402
-from finetune_factory import make_labels, write_finetune_data, write_pretrained  # noqa: E402
-from risk_model_factory import write_tokenizer  # noqa: E402
+from ehrfm.config import dump_config, load_config
+from ehrfm.training.config import ScalingSection
+from ehrfm.transfer.finetune_config import FinetuneConfig
+from ehrfm.tune.resources import max_concurrent_trials
+from ehrfm.tune.search_space import Dimension, complete_point, default_point, trial_config, tune_space
+from ehrfm.tune.sweep import load_sweep
+from tests.support.finetune_factory import make_labels, write_finetune_data, write_pretrained
+from tests.support.risk_model_factory import write_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "jobs" / "configs" / "tune-t2d.yaml"
 FAST = [
     "finetune.train.batch_size=16",

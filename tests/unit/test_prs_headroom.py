@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +14,7 @@ from ehrfm.evaluate.oracle import oracle_scores
 from ehrfm.evaluate.prs_headroom import prs_headroom
 from ehrfm.evaluate.truth import load_truth
 from ehrfm.transfer.examples import read_labels
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate_factory import make_task  # noqa: E402
+from tests.support.evaluate_factory import make_task
 
 FAST = BaselineConfig(hgb_max_iter=40, threads=1, min_persons_per_code=3)
 

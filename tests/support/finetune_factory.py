@@ -1,5 +1,5 @@
 """Tiny fine-tuning inputs shared by the fine-tuning and tuning tests: timelines from
-tests/timeline_factory.py with a tokenizer file, label files whose answer is known, and a randomly
+tests/support/timeline_factory.py with a tokenizer file, label files whose answer is known, and a randomly
 initialised decoder saved as a pretraining checkpoint.
 
 - PRS labels: genotyped people only, label = PRS column 0 > 0. A linear probe can read it only
@@ -11,7 +11,6 @@ initialised decoder saved as a pretraining checkpoint.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ehrfm.model.config import ModelConfig  # noqa: E402
-from ehrfm.model.io import save_model_files  # noqa: E402
-from ehrfm.model.transformer import EHRDecoder  # noqa: E402
-from timeline_factory import T2D_TOKEN, write_timelines  # noqa: E402
+from ehrfm.model.config import ModelConfig
+from ehrfm.model.io import save_model_files
+from ehrfm.model.transformer import EHRDecoder
+from tests.support.timeline_factory import T2D_TOKEN, write_timelines
 
 DAY_US = 86_400_000_000
 

@@ -107,7 +107,7 @@ def write_timelines(
         "num_pgs": num_pgs,
         "pgs_ids": [f"PGS{i + 1:06d}" for i in range(num_pgs)],
         "t2d_token": T2D_TOKEN,
-        "source": "tests/timeline_factory.py",
+        "source": "tests/support/timeline_factory.py",
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return FactoryInfo(root=root, vocab_size=vocab_size, num_pgs=num_pgs, persons=persons)

@@ -29,9 +29,9 @@ from referencing.jsonschema import DRAFT202012
 from ehrfm.cluster.local import free_port
 from ehrfm.tracking import ServerSettings, start_server
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "cluster" / "kuberay"
-SCHEMAS = Path(__file__).parent / "data" / "kuberay"
+SCHEMAS = Path(__file__).resolve().parents[1] / "data" / "kuberay"
 SCHEMA_FILES = ("raycluster.v1.yaml", "rayjob.v1.yaml", "rayservice.v1.yaml")
 MANIFESTS = {"RayCluster": "raycluster.yaml", "RayJob": "rayjob-pretrain.yaml", "RayService": "rayservice.yaml"}
 SCHEMA_OF_KIND = {"RayCluster": "raycluster.v1.yaml", "RayJob": "rayjob.v1.yaml", "RayService": "rayservice.v1.yaml"}

@@ -31,9 +31,7 @@ from ehrfm.cluster.local import free_port
 from ehrfm.mlops.registry import log_risk_model, register_if_better
 from ehrfm.model.risk import load_risk_model
 from ehrfm.serve.app import build_app
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from risk_model_factory import (  # noqa: E402
+from tests.support.risk_model_factory import (
     PGS_IDS,
     UNKNOWN_CONDITION,
     labels_at,

@@ -1,11 +1,10 @@
 """Fine-tuning on Ray Train (2 CPU workers, DDP over gloo) from a tiny decoder, on timelines from
-tests/timeline_factory.py with labels whose answer is known (PRS labels and token labels, see
-tests/finetune_factory.py)."""
+tests/support/timeline_factory.py with labels whose answer is known (PRS labels and token labels, see
+tests/support/finetune_factory.py)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ehrfm.config import load_config  # noqa: E402
-from ehrfm.model.config import ModelConfig  # noqa: E402
-from ehrfm.model.io import load_state_dict, save_model_files  # noqa: E402
-from ehrfm.model.risk import load_risk_model  # noqa: E402
-from ehrfm.model.transformer import EHRDecoder  # noqa: E402
-from ehrfm.transfer.finetune_config import FinetuneConfig  # noqa: E402
-from finetune_factory import DAY_US, make_labels, timelines_table, write_finetune_data, write_pretrained  # noqa: E402
+from ehrfm.config import load_config
+from ehrfm.model.config import ModelConfig
+from ehrfm.model.io import load_state_dict, save_model_files
+from ehrfm.model.risk import load_risk_model
+from ehrfm.model.transformer import EHRDecoder
+from ehrfm.transfer.finetune_config import FinetuneConfig
+from tests.support.finetune_factory import DAY_US, make_labels, timelines_table, write_finetune_data, write_pretrained
 
-CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "finetune-t2d.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "finetune-t2d.yaml"
 FAST = [
     "train.epochs=3",
     "train.batch_size=16",

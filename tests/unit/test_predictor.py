@@ -4,8 +4,6 @@ counts of unknown codes and truncated events, PRS masking and partial PRS, field
 from __future__ import annotations
 
 import datetime as dt
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +11,7 @@ from pydantic import ValidationError
 
 from ehrfm.model.risk import load_risk_model
 from ehrfm.transfer.predictor import PersonRecord, RiskPredictor
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from risk_model_factory import (  # noqa: E402
+from tests.support.risk_model_factory import (
     CONTEXT,
     PGS_IDS,
     Person,

@@ -22,7 +22,7 @@ from ehrfm_synthetic.oracle import oracle_t2d_risk
 from ehrfm_synthetic.time import from_datetime64
 from ehrfm_synthetic.truth import load_truth
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SYNTHEA = Path("synthea27nj_omop54/parquet/Synthea27NjParquet")
 

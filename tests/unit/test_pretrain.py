@@ -1,7 +1,7 @@
 """Pretraining: configs, training windows, and real Ray Train + DeepSpeed runs on CPU (2 workers, gloo).
 
 The Ray runs share one local cluster, one set of materialised datasets and the session's MLflow
-server; each is a few dozen steps of a tiny model on timelines from tests/timeline_factory.py.
+server; each is a few dozen steps of a tiny model on timelines from tests/support/timeline_factory.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +19,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ehrfm.config import load_config  # noqa: E402
-from ehrfm.constants import PAD_ID  # noqa: E402
-from ehrfm.model import load_model  # noqa: E402
-from ehrfm.model.io import load_state_dict  # noqa: E402
-from ehrfm.tracking import CLIENT_RETRY_ENV  # noqa: E402
-from ehrfm.training.config import PretrainConfig  # noqa: E402
-from ehrfm.training.engine import WarmupCosine, deepspeed_config  # noqa: E402
-from ehrfm.training.windows import TimelineManifest, WindowCollate  # noqa: E402
-from timeline_factory import T2D_TOKEN, write_timelines  # noqa: E402
+from ehrfm.config import load_config
+from ehrfm.constants import PAD_ID
+from ehrfm.model import load_model
+from ehrfm.model.io import load_state_dict
+from ehrfm.tracking import CLIENT_RETRY_ENV
+from ehrfm.training.config import PretrainConfig
+from ehrfm.training.engine import WarmupCosine, deepspeed_config
+from ehrfm.training.windows import TimelineManifest, WindowCollate
+from tests.support.timeline_factory import T2D_TOKEN, write_timelines
 
-CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 SMALL = CONFIGS / "pretrain-cpu-small.yaml"
 BASE_RUN = ["schedule.max_steps=30", "schedule.val_every=5", "schedule.checkpoint_every=10"]
 

@@ -25,11 +25,10 @@ import yaml
 
 from ehrfm.cluster.auth import AUTH_MODE_VAR, TOKEN_PATH_VAR, TOKEN_VAR
 from ehrfm.cluster.local import LocalClusterSpec, _head_args, _worker_env, alive_nodes, down, free_port, status, up
+from tests.support.timeline_factory import write_timelines
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timeline_factory import write_timelines  # noqa: E402
 
 
 @pytest.fixture(scope="module")
