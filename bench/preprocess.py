@@ -118,6 +118,8 @@ def engine_polars(cohort: str, out: str) -> dict:
     from ehrfm.preprocess.config import PreprocessConfig
     from ehrfm.preprocess.job import PreprocessInputs
     from ehrfm.prs.person import PrsInputs
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the polars oracle lives with the tests
     from tests.support.polars_reference import reference_timelines
 
     inputs = PreprocessInputs.from_cohort(cohort)
