@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import Field
 
 from ehrfm.cli import run_command
-from ehrfm.config import StrictModel, load_config
+from ehrfm.config import StrictModel, add_config_arguments, parse_config
 from ehrfm.tracking import ensure_tracking_uri
 
 STAGE_FILE = "_stage.json"
@@ -358,14 +358,13 @@ def run_pipeline(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--config", type=Path, default=None, help="pipeline YAML (PipelineConfig)")
+    add_config_arguments(parser, "pipeline (PipelineConfig)")
     parser.add_argument(
         "--from", dest="start_from", choices=STAGE_NAMES, default=None, help="force this stage and every later one"
     )
     parser.add_argument("--until", choices=STAGE_NAMES, default=None, help="stop after this stage")
-    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    cfg = parse_config(parser, PipelineConfig, args)
     started = time.perf_counter()
     # one tracking server for every stage: $MLFLOW_TRACKING_URI, else the local one (started or reused)
     print(f"MLflow tracking at {ensure_tracking_uri()}", flush=True)

@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-import yaml
 
-from ehrfm.config import apply_overrides, dump_config
+from ehrfm.config import dump_config, load_config, parse_config
 from ehrfm_synthetic import concepts as cc
 from ehrfm_synthetic.clinical import diagnose, visit_state
 from ehrfm_synthetic.disease import simulate_diseases
@@ -191,31 +190,8 @@ def parse_args(argv: list[str]) -> SynthConfig:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. model.hazards.t2d.genetic=1.0")  # fmt: skip
     args = parser.parse_args(argv)
-    overrides = list(args.set)
-    for name in (
-        "persons",
-        "seed",
-        "out",
-        "num_pgs",
-        "format",
-        "genotyped_fraction",
-        "chunk_size",
-        "ray",
-        "prs_source",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            overrides.append(f"{name}={json.dumps(value)}")
-    return load_synth_config(args.config, overrides)
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
-        else:
-            base[key] = value
-    return base
+    flags = {name: name for name in SynthConfig.model_fields if name in vars(args)}  # --num-pgs is num_pgs=...
+    return parse_config(parser, SynthConfig, args, flags, overrides="set", base=SynthConfig().model_dump(mode="json"))
 
 
 def load_synth_config(path: str | None = None, overrides: list[str] | None = None) -> SynthConfig:
@@ -224,13 +200,7 @@ def load_synth_config(path: str | None = None, overrides: list[str] | None = Non
     (Merged onto the defaults so that `model.hazards.t2d.genetic=1.5` keeps the other t2d
     coefficients; unknown keys are still rejected by the strict models.)
     """
-    data = SynthConfig().model_dump(mode="json")
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config {path}: top level must be a mapping")
-        _deep_merge(data, loaded)
-    return SynthConfig.model_validate(apply_overrides(data, overrides or []))
+    return load_config(SynthConfig, path, overrides, base=SynthConfig().model_dump(mode="json"))
 
 
 def main(argv: list[str]) -> int:

@@ -27,7 +27,7 @@ from sklearn.preprocessing import MaxAbsScaler
 from threadpoolctl import threadpool_limits
 
 from ehrfm.calibration import Recalibrator
-from ehrfm.config import StrictModel, load_config
+from ehrfm.config import StrictModel, add_config_arguments, parse_config
 from ehrfm.evaluate.features import CodeVocabulary, FeatureMatrix, build_features, demographics
 from ehrfm.evaluate.report import evaluate_predictions, log_to_mlflow, write_report, write_stratified
 from ehrfm.evaluate.stratify import age_bucket
@@ -205,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", type=Path, required=True, help="parquet file/dir with subject_id, split")
     parser.add_argument("--prs", type=Path, default=None, help="prs/ parquet (subject_id, prs, has_prs)")
     parser.add_argument("--prs-columns", type=int, nargs="*", default=None, help="PGS column indices to use")
-    parser.add_argument("--config", type=Path, default=None, help="BaselineConfig YAML")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument(
@@ -215,10 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also report each model recalibrated on the validation split",
     )
     parser.add_argument("--ancestry", type=Path, default=None, help="parquet with subject_id, ancestry")
-    parser.add_argument("overrides", nargs="*")
+    add_config_arguments(parser, "BaselineConfig")
     args = parser.parse_args(argv)
-
-    config = load_config(BaselineConfig, args.config, args.overrides)
+    config = parse_config(parser, BaselineConfig, args)
     labels = pq.read_table(args.labels)
     events = read_events(args.events)
     split = splits_for(labels, pl.read_parquet(args.splits, columns=["subject_id", "split"]), args.splits.name)

@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
-from ehrfm.config import load_config
+from ehrfm.config import add_config_arguments, parse_config
 from ehrfm.evaluate.baselines import (
     BaselineConfig,
     boosting_model,
@@ -167,11 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--horizon-days", type=int, default=730)
-    parser.add_argument("--baseline-config", type=Path, default=None, help="BaselineConfig YAML (features, HGB)")
+    add_config_arguments(parser, "BaselineConfig (features, HGB)", flag="--baseline-config")
     parser.add_argument("--out", type=Path, default=None, help="write the numbers here as JSON")
-    parser.add_argument("overrides", nargs="*", help="BaselineConfig overrides, key=value")
     args = parser.parse_args(argv)
-    config = load_config(BaselineConfig, args.baseline_config, args.overrides)
+    config = parse_config(parser, BaselineConfig, args, config="baseline_config")
     result = prs_headroom(
         args.data, args.labels, args.cohort, args.pgs_id, args.folds, tuple(args.seeds), args.horizon_days, config
     )

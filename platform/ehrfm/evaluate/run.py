@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ehrfm.config import load_config
+from ehrfm.config import add_config_arguments, parse_config
 from ehrfm.evaluate.alignment import align_scores
 from ehrfm.evaluate.baselines import (
     BASELINES,
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=BASELINES,
         help="baselines to fit (none: pass the flag with no names)",
     )
-    parser.add_argument("--baseline-config", type=Path, default=None, help="BaselineConfig YAML")
+    add_config_arguments(parser, "BaselineConfig", flag="--baseline-config")
     parser.add_argument(
         "--decile-pgs",
         default=None,
@@ -468,9 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI; none: no logging)"
     )
-    parser.add_argument("overrides", nargs="*", help="BaselineConfig overrides, key=value")
     args = parser.parse_args(argv)
-    config = load_config(BaselineConfig, args.baseline_config, args.overrides)
+    config = parse_config(parser, BaselineConfig, args, config="baseline_config")
     summary = evaluate_all(
         args.data,
         args.labels,

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ehrfm.config import dump_config, load_config
+from ehrfm.config import add_config_arguments, dump_config, parse_config
 from ehrfm.constants import FIRST_CODE_ID, SPECIAL_TOKENS, SPLITS
 from ehrfm.omop.files import OmopSchemaError
 from ehrfm.omop.validation import find_tables
@@ -326,19 +326,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-map", help="sample_id<TAB>person_id (without it, sample ids are person ids)")
     parser.add_argument("--pcs", help="genetic PCs (sample_id PC1..PCn) for ancestry adjustment")
     parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    parser.add_argument("--config", help="PreprocessConfig YAML (jobs/configs/preprocess-default.yaml)")
+    add_config_arguments(parser, "PreprocessConfig (jobs/configs/preprocess-default.yaml)")
     parser.add_argument(
         "--ray-address",
         default=None,
         help="Ray cluster to join ('auto': the running local one; default: RAY_ADDRESS, else a new local instance)",
     )
-    parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    config = load_config(PreprocessConfig, args.config, args.overrides)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    config = parse_config(parser, PreprocessConfig, args)
     inputs = (
         PreprocessInputs.from_cohort(args.cohort) if args.cohort else PreprocessInputs(omop=args.omop, meds=args.meds)
     )

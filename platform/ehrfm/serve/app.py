@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ehrfm.config import add_config_arguments, load_config, parse_config
 from ehrfm.serve.config import ServeConfig
 
 APP_NAME = "ehrfm"
@@ -32,33 +31,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 
 
-def _set_nested(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"args key {dotted!r}: {part!r} is not a section")
-    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-        for key, inner in value.items():
-            _set_nested(node[leaf], key, inner)
-    else:
-        node[leaf] = value
-
-
 def config_from_args(args: dict[str, Any]) -> ServeConfig:
     """ServeConfig from builder args (see the module docstring)."""
     args = dict(args or {})
-    data: dict[str, Any] = {}
-    path = args.pop("config", None)
-    if path:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config {path}: top level must be a mapping")
-        data = loaded
-    for key, value in args.items():
-        _set_nested(data, key, value)
-    return ServeConfig.model_validate(data)
+    return load_config(ServeConfig, args.pop("config", None), list(args.items()), merge=True)
 
 
 def build_app(args: dict[str, Any]):
@@ -122,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm serve", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ehrfm-t2d", help="registered model name")
     parser.add_argument("--alias", default="champion", help="registry alias to serve")
-    parser.add_argument("--model-dir", default=None, help="serve a local risk-model directory instead")
-    parser.add_argument("--config", default=None, help="ServeConfig YAML (model_uri may be omitted)")
+    parser.add_argument("--model-dir", default=None, help="serve a local risk-model directory (sets model_uri)")
+    add_config_arguments(parser, "ServeConfig (model_uri may be omitted: --model, --alias)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (loopback by default)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a new local one)")
@@ -134,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="score N made-up persons over HTTP, check them, shut down and exit",
     )
-    parser.add_argument("overrides", nargs="*", help="ServeConfig key.path=value overrides")
     args = parser.parse_args(argv)
+    default_uri = {"model_uri": f"models:/{args.model}@{args.alias}"}
+    flags = {"model_dir": lambda v: {"model_uri": str(Path(v).resolve())}}
+    config = parse_config(parser, ServeConfig, args, flags, base=default_uri)
 
     import ray
     from ray import serve
@@ -144,14 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     from ehrfm.serve.auth import read_token
     from ehrfm.tracking import ensure_tracking_uri
 
-    overrides = dict(item.split("=", 1) for item in args.overrides)
-    if args.config:
-        overrides = {"config": args.config, **overrides}
-    if args.model_dir:
-        overrides["model_uri"] = str(Path(args.model_dir).resolve())
-    elif "model_uri" not in overrides:
-        overrides.setdefault("model_uri", f"models:/{args.model}@{args.alias}")
-    config = config_from_args(overrides)
     if config.model_uri.startswith("models:/"):
         config.tracking_uri = config.tracking_uri or ensure_tracking_uri()
         os.environ["MLFLOW_TRACKING_URI"] = config.tracking_uri

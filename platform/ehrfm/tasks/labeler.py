@@ -29,6 +29,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ehrfm.config import usage_errors
 from ehrfm.tasks.definitions import CODE_DOMAINS, ResolvedTask, load_task, resolve_task
 
 LABEL_SCHEMA = pa.schema(
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory for this task's labels")
     parser.add_argument("--omop", type=Path, default=None, help="OMOP dir with concept_ancestor (optional)")
     parser.add_argument("--ray", action="store_true", help="label shards as Ray tasks")
-    parser.add_argument("overrides", nargs="*", help="task overrides, key=value (e.g. horizon_days=365)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="task overrides (e.g. horizon_days=365)")
     args = parser.parse_args(argv)
 
     from ehrfm.tasks.concept_sets import find_concept_ancestor, read_concept_ancestor
@@ -286,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             ancestry = read_concept_ancestor(args.omop)
         else:
             print(f"no concept_ancestor under {args.omop}: using the task's concept ids as given", file=sys.stderr)
-    task = resolve_task(load_task(args.task, args.overrides), ancestry)
+    with usage_errors(parser):
+        task = resolve_task(load_task(args.task, args.overrides), ancestry)
     _, account = label_shards(event_shards(args.events), task, args.out, use_ray=args.ray)
     summary = account.as_dict()
     summary.pop("shards")

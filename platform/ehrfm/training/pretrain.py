@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ehrfm.config import load_config
+from ehrfm.config import add_config_arguments, parse_config
 from ehrfm.training.config import PretrainConfig
 from ehrfm.training.run_logger import resolve_tracking_uri
 from ehrfm.training.windows import TimelineManifest, timeline_dataset
@@ -119,19 +119,13 @@ def run_pretraining(cfg: PretrainConfig, datasets: dict | None = None) -> Pretra
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=None, help="pretraining YAML (PretrainConfig)")
-    parser.add_argument("--data", default=None, help="directory holding timelines/ (overrides data.dir)")
-    parser.add_argument("--storage", default=None, help="checkpoint storage path (overrides run.storage_path)")
-    parser.add_argument("--name", default=None, help="run name (overrides run.name); same name = resume")
-    parser.add_argument("overrides", nargs="*", help="config overrides, key.path=value")
+    add_config_arguments(parser, "pretraining (PretrainConfig)")
+    parser.add_argument("--data", help="directory holding timelines/ (overrides data.dir)")
+    parser.add_argument("--storage", help="checkpoint storage path (overrides run.storage_path)")
+    parser.add_argument("--name", help="run name (overrides run.name); same name = resume")
     args = parser.parse_args(argv)
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    if args.data:
-        cfg.data.dir = args.data
-    if args.storage:
-        cfg.run.storage_path = args.storage
-    if args.name:
-        cfg.run.name = args.name
+    flags = {"data": "data.dir", "storage": "run.storage_path", "name": "run.name"}
+    cfg = parse_config(parser, PretrainConfig, args, flags)
     import ray
 
     if not ray.is_initialized():

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ehrfm.calibration import fit_platt
-from ehrfm.config import load_config
+from ehrfm.config import add_config_arguments, out_dir, parse_config
 from ehrfm.constants import SPLITS
 from ehrfm.metrics import auroc
 from ehrfm.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model_config
@@ -408,28 +408,26 @@ def run_finetune(cfg: FinetuneConfig, prepared: tuple[FinetuneConfig, PreparedDa
     return summary
 
 
+# the command's flags as config paths (`--data X` is `data.dir=X`)
+FLAGS = {
+    "task": "task",
+    "pretrained": "model.pretrained",
+    "data": "data.dir",
+    "labels": "data.labels",
+    "out": out_dir("run.storage_path", "run.name"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm finetune", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=None, help="fine-tuning YAML (FinetuneConfig)")
-    parser.add_argument("--task", default=None, help="task name or YAML (overrides task)")
-    parser.add_argument("--pretrained", default=None, help="pretraining run dir or checkpoint dir")
-    parser.add_argument("--data", default=None, help="preprocessed dir holding timelines/ (overrides data.dir)")
-    parser.add_argument("--labels", default=None, help="label parquet; absent: label <data>/events with the task")
-    parser.add_argument("--out", default=None, help="run directory (sets run.storage_path and run.name)")
-    parser.add_argument("overrides", nargs="*", help="config overrides, key.path=value")
+    add_config_arguments(parser, "fine-tuning (FinetuneConfig)")
+    parser.add_argument("--task", help="task name or YAML (overrides task)")
+    parser.add_argument("--pretrained", help="pretraining run dir or checkpoint dir (overrides model.pretrained)")
+    parser.add_argument("--data", help="preprocessed dir holding timelines/ (overrides data.dir)")
+    parser.add_argument("--labels", help="label parquet (overrides data.labels); absent: label <data>/events")
+    parser.add_argument("--out", help="run directory (sets run.storage_path and run.name)")
     args = parser.parse_args(argv)
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    for value, setter in (
-        (args.task, lambda v: setattr(cfg, "task", v)),
-        (args.pretrained, lambda v: setattr(cfg.model, "pretrained", v)),
-        (args.data, lambda v: setattr(cfg.data, "dir", v)),
-        (args.labels, lambda v: setattr(cfg.data, "labels", v)),
-    ):
-        if value:
-            setter(value)
-    if args.out:
-        out = Path(_absolute(args.out))
-        cfg.run.storage_path, cfg.run.name = str(out.parent), out.name
+    cfg = parse_config(parser, FinetuneConfig, args, FLAGS)
     import ray
 
     if not ray.is_initialized():

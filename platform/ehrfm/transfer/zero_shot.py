@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 
-from ehrfm.config import StrictModel, load_config
+from ehrfm.config import StrictModel, add_config_arguments, parse_config
 from ehrfm.metrics import auroc_ci
 from ehrfm.model.io import load_model, load_model_config
 from ehrfm.model.sampling import sample_trajectories
@@ -257,11 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="preprocessed dir (timelines/, tokenizer.json)")
     parser.add_argument("--labels", type=Path, required=True, help="labels.parquet from `ehrfm label`")
     parser.add_argument("--task", required=True, help="task name (t2d) or task YAML path")
-    parser.add_argument("--config", type=Path, default=None, help="ZeroShotConfig YAML")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("overrides", nargs="*", help="config overrides, key.path=value")
+    add_config_arguments(parser, "ZeroShotConfig")
     args = parser.parse_args(argv)
-    config = load_config(ZeroShotConfig, args.config, args.overrides)
+    config = parse_config(parser, ZeroShotConfig, args)
     task = load_task(args.task)
     import ray
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ehrfm.config import StrictModel, load_config
+from ehrfm.config import Override, StrictModel, load_config, split_overrides
 from ehrfm.model.risk import head_uses_prs
 from ehrfm.transfer.finetune_config import FinetuneConfig
 from ehrfm.tune.search_space import Dimension, complete_point, default_point, trial_config
@@ -80,15 +80,12 @@ class SweepConfig(StrictModel):
 
 
 def load_sweep(
-    config_file: str | Path | None, overrides: list[str] | None = None
+    config_file: str | Path | None, overrides: list[Override] | None = None
 ) -> tuple[SweepConfig, FinetuneConfig]:
     """The sweep config and its base fine-tune config; `finetune.`-prefixed overrides go to the latter."""
-    overrides = overrides or []
-    sweep = load_config(SweepConfig, config_file, [o for o in overrides if not o.startswith("finetune.")])
-    finetune_overrides = sweep.finetune_overrides + [
-        o[len("finetune.") :] for o in overrides if o.startswith("finetune.")
-    ]
-    base = load_config(FinetuneConfig, sweep.finetune_config_path(config_file), finetune_overrides)
+    own, finetune = split_overrides(overrides or [], "finetune")
+    sweep = load_config(SweepConfig, config_file, own)
+    base = load_config(FinetuneConfig, sweep.finetune_config_path(config_file), sweep.finetune_overrides + finetune)
     return sweep, base
 
 
