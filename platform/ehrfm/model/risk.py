@@ -140,10 +140,22 @@ class RiskModel(nn.Module):
 
 
 def save_risk_model(directory: str | Path, model: RiskModel, spec: HeadSpec, tokenizer_path: str | Path) -> Path:
-    directory = Path(directory)
     state = {f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}
     state |= {f"head.{k}": v for k, v in model.head.state_dict().items()}
-    save_model_files(directory, state, model.decoder.cfg)
+    return save_risk_files(directory, state, model.decoder.cfg, spec, tokenizer_path)
+
+
+def save_risk_files(
+    directory: str | Path,
+    state: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    spec: HeadSpec,
+    tokenizer_path: str | Path,
+) -> Path:
+    """The directory from a flat decoder.*/head.* state dict (what a training checkpoint gathers
+    from its engine, where the module itself may hold only a shard)."""
+    directory = Path(directory)
+    save_model_files(directory, state, cfg)
     (directory / HEAD_FILE).write_text(spec.to_json())
     shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
     return directory

@@ -3,6 +3,7 @@ DeepSpeed, scaling, fault tolerance and MLflow sections, all validated with unkn
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -56,6 +57,27 @@ class DeepSpeedSection(StrictModel):
     stage3_prefetch_bucket_size: int = Field(50_000_000, ge=1)
     stage3_param_persistence_threshold: int = Field(100_000, ge=0)
 
+    def bf16(self, use_gpu: bool) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and use_gpu)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the one training engine (`ehrfm.training.engine`) needs from a job's config, so pretraining
+    and fine-tuning hand it the same thing instead of the engine knowing either config."""
+
+    deepspeed: DeepSpeedSection
+    micro_batch: int  # examples (windows) per worker per micro-step
+    grad_accum: int
+    grad_clip: float  # 0 = no clipping
+    use_gpu: bool
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    @property
+    def bf16(self) -> bool:
+        return self.deepspeed.bf16(self.use_gpu)
+
 
 class ScalingSection(StrictModel):
     num_workers: int = Field(2, ge=1)
@@ -103,7 +125,18 @@ class PretrainConfig(StrictModel):
 
     @property
     def bf16(self) -> bool:
-        return self.deepspeed.precision == "bf16" or (self.deepspeed.precision == "auto" and self.scaling.use_gpu)
+        return self.deepspeed.bf16(self.scaling.use_gpu)
+
+    def engine_spec(self) -> EngineSpec:
+        return EngineSpec(
+            deepspeed=self.deepspeed,
+            micro_batch=self.data.batch_size,
+            grad_accum=self.schedule.grad_accum,
+            grad_clip=self.optim.grad_clip,
+            use_gpu=self.scaling.use_gpu,
+            betas=self.optim.betas,
+            eps=self.optim.eps,
+        )
 
     @property
     def last_step(self) -> int:

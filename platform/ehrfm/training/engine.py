@@ -1,24 +1,37 @@
-"""PretrainConfig -> the DeepSpeed config dict, the optimiser and the LR schedule it wraps.
+"""The one training engine, shared by pretraining and fine-tuning: DeepSpeed ZeRO applied on top of a
+plain `nn.Module` (model code knows nothing of parallelism), with one parameter-group builder, one
+optimiser, one LR schedule, and the package's only DeepSpeed initialisation (`initialize_engine`).
 
-The optimiser is a torch AdamW handed to deepspeed.initialize (fused kernels on GPU), so the
-same code runs on CPU, where DeepSpeed's own fused Adam is not available; ZeRO accepts it with
-`zero_allow_untested_optimizer`.
+A job describes itself with an `EngineSpec` (ZeRO section, micro-batch, accumulation, clipping,
+precision) and names which modules train at which learning rate; DeepSpeed then does the gradient
+reduction, clipping, precision and optimiser partitioning for both.
+
+The optimiser is a torch AdamW (fused kernels on GPU), so the same code runs on CPU, where
+DeepSpeed's own fused Adam is not available; ZeRO accepts it with `zero_allow_untested_optimizer`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ehrfm.training.config import PretrainConfig
+from ehrfm.training.config import EngineSpec
 
 
-def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict[str, Any]:
-    ds = cfg.deepspeed
-    overlap = cfg.scaling.use_gpu if ds.overlap_comm is None else ds.overlap_comm
+class HasEngineSpec(Protocol):
+    def engine_spec(self) -> EngineSpec: ...
+
+
+def deepspeed_config(spec: EngineSpec | HasEngineSpec, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict of a job (an EngineSpec, or a config that gives one)."""
+    if not isinstance(spec, EngineSpec):
+        spec = spec.engine_spec()
+    ds = spec.deepspeed
+    overlap = spec.use_gpu if ds.overlap_comm is None else ds.overlap_comm
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update(
@@ -32,44 +45,63 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict[str, Any]:
             stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
             stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
         )
-    micro = cfg.data.batch_size
     return {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": cfg.schedule.grad_accum,
-        "train_batch_size": micro * cfg.schedule.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "train_micro_batch_size_per_gpu": spec.micro_batch,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "train_batch_size": spec.micro_batch * spec.grad_accum * world_size,
+        "gradient_clipping": spec.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.bf16},
+        "bf16": {"enabled": spec.bf16},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,  # the loop logs; keep DeepSpeed quiet
+        "steps_per_print": 10**9,  # the loops log; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (and embeddings), not norms, biases, gates or single vectors; trainable only."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+def parameter_groups(parts: Mapping[str, tuple[nn.Module, float]], weight_decay: float) -> list[dict[str, Any]]:
+    """Optimiser groups for {name: (module, lr)}: per part, decayed matrices (and embeddings) and
+    undecayed vectors (norms, biases, gates), at that part's learning rate; frozen parameters left out.
+
+    Pretraining passes one part (the model at optim.lr); fine-tuning the head at head_lr and the
+    decoder at backbone_lr. Each group is named "<part>.decay" / "<part>.no_decay"; a parameter
+    reachable from two parts goes to the first.
+    """
+    seen: set[int] = set()
+    groups = []
+    for name, (module, lr) in parts.items():
+        decay, no_decay = [], []
+        for param in module.parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (decay if param.dim() >= 2 else no_decay).append(param)
+        for suffix, params, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
+            if params:
+                groups.append({"name": f"{name}.{suffix}", "params": params, "lr": lr, "weight_decay": wd})
+    if not groups:
+        raise ValueError("no trainable parameters: every parameter of the model is frozen")
+    return groups
 
 
-def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    o = cfg.optim
-    return torch.optim.AdamW(
-        parameter_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, fused=cfg.scaling.use_gpu
-    )
+def build_optimizer(groups: list[dict[str, Any]], spec: EngineSpec) -> torch.optim.AdamW:
+    """AdamW over the groups (fused kernels on GPU); each group carries its own lr."""
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=spec.betas, eps=spec.eps, fused=spec.use_gpu)
 
 
 class WarmupCosine:
-    """LR multiplier: linear warmup to 1, then cosine down to `min_ratio` at `total` steps."""
+    """LR multiplier: linear warmup to 1, then cosine down to `min_ratio` at `total` steps.
+
+    warmup 0 and min_ratio 1.0 is a constant LR (what fine-tuning uses).
+    """
 
     def __init__(self, warmup: int, total: int, min_ratio: float):
         self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    @classmethod
+    def constant(cls) -> WarmupCosine:
+        """A fresh instance each time: LambdaLR restores a checkpoint's values into it."""
+        return cls(warmup=0, total=1, min_ratio=1.0)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -78,7 +110,23 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def scheduler_factory(cfg: PretrainConfig):
-    """Callable DeepSpeed applies to the optimiser it wraps (so ZeRO's param groups get the LR)."""
-    schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.schedule.max_steps, cfg.optim.min_lr_ratio)
-    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+def initialize_engine(
+    model: nn.Module, groups: list[dict[str, Any]], spec: EngineSpec, schedule: WarmupCosine, world_size: int
+):
+    """(DeepSpeed engine, LR scheduler) around `model`, in train mode: ZeRO, gradient averaging and
+    clipping, precision, the AdamW over `groups` and the schedule all live in the engine, so the
+    loops only call engine(...), engine.backward(loss) and engine.step().
+
+    The scheduler is built by DeepSpeed on the optimiser it wraps, so ZeRO's groups get the LR, and
+    it is saved and restored with the engine's checkpoint.
+    """
+    import deepspeed
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=build_optimizer(groups, spec),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        config=deepspeed_config(spec, world_size),
+    )
+    engine.train()
+    return engine, scheduler

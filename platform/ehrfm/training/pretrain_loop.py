@@ -1,21 +1,19 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-Ray Train has already set up the process group (gloo on CPU, NCCL on GPU); DeepSpeed wraps the
-model on top of it. A step does no host sync: losses and token counts accumulate in device
-tensors and are all-reduced and read only every `log_every` steps. Checkpoints go through
-`ray.train.report`; a restarted worker group (or the same run started again) resumes from the
-latest one, at the same data position.
+Ray Train has already set up the process group (gloo on CPU, NCCL on GPU); the shared engine
+(`ehrfm.training.engine`, DeepSpeed ZeRO) wraps the model on top of it. A step does no host sync:
+losses and token counts accumulate in device tensors and are all-reduced and read only every
+`log_every` steps. Checkpoints go through `ray.train.report` (`ehrfm.training.checkpoint`); a
+restarted worker group (or the same run started again) resumes from the latest one, at the same
+data position.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
-from pathlib import Path
 
-import deepspeed
 import ray.train
 import ray.train.torch
 import torch
@@ -25,12 +23,12 @@ import torch.nn.functional as F
 from ehrfm.config import dump_config
 from ehrfm.constants import PAD_ID
 from ehrfm.model.config import ModelConfig
-from ehrfm.model.io import load_state_dict
+from ehrfm.model.io import load_state_dict, save_model_files
 from ehrfm.model.transformer import EHRDecoder
-from ehrfm.training.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+from ehrfm.training.checkpoint import TrainState, report_checkpoint, resume
 from ehrfm.training.config import PretrainConfig
-from ehrfm.training.engine import build_optimizer, deepspeed_config, scheduler_factory
-from ehrfm.training.run_logger import RunLogger
+from ehrfm.training.engine import WarmupCosine, initialize_engine, parameter_groups
+from ehrfm.training.run_logger import RunLogger, open_run_logger
 from ehrfm.training.throughput import WindowMeter, flops_per_token, peak_flops
 from ehrfm.training.windows import VALIDATION_EPOCH, hash_uniform, iter_epoch
 
@@ -153,6 +151,11 @@ def build_model(cfg: PretrainConfig, model_cfg: ModelConfig) -> EHRDecoder:
     return model
 
 
+def optimizer_groups(model: EHRDecoder, cfg: PretrainConfig) -> list[dict]:
+    """One part, the whole (trainable) model at optim.lr."""
+    return parameter_groups({"model": (model, cfg.optim.lr)}, cfg.optim.weight_decay)
+
+
 def report(
     engine,
     model_cfg: ModelConfig,
@@ -169,13 +172,14 @@ def report(
     if not with_checkpoint:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="ehrfm-ckpt-") as tmp:
-        save_checkpoint(engine, model_cfg, state, Path(tmp), rank)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_{state.step:07d}",
-        )
+    report_checkpoint(
+        engine,
+        state,
+        metrics,
+        rank,
+        lambda directory, weights: save_model_files(directory, weights, model_cfg),
+        f"checkpoint_{state.step:07d}",
+    )
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -189,42 +193,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = build_model(cfg, model_cfg)
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=build_optimizer(model, cfg),
-        lr_scheduler=scheduler_factory(cfg),
-        config=deepspeed_config(cfg, world),
+    schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.schedule.max_steps, cfg.optim.min_lr_ratio)
+    engine, scheduler = initialize_engine(model, optimizer_groups(model, cfg), cfg.engine_spec(), schedule, world)
+    restored = resume(engine)
+    state = restored or TrainState()
+
+    logger = open_run_logger(
+        loop_config,  # tracking_uri None when mlflow.enabled is false
+        rank,
+        cfg.mlflow.experiment,
+        cfg.run_dir(),
+        cfg.run.name,
+        {
+            "config": cfg.model_dump(mode="json"),
+            "model.parameters": total,
+            "model.trainable_parameters": trainable,
+            "world_size": world,
+        },
+        dump_config(cfg),
+        "pretrain_config.yaml",
     )
-    engine.train()
-
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = restore_checkpoint(engine, Path(directory))
-        state.restarts += 1
-
-    logger = None
-    if rank == 0 and cfg.mlflow.enabled:
-        logger = RunLogger(
-            loop_config["tracking_uri"],
-            cfg.mlflow.experiment,
-            cfg.run_dir(),
-            cfg.run.name,
-            loop_config.get("artifact_root"),
-        )
-        logger.log_params(
-            {
-                "config": cfg.model_dump(mode="json"),
-                "model.parameters": total,
-                "model.trainable_parameters": trainable,
-                "world_size": world,
-            }
-        )
-        if not logger.resumed:
-            logger.log_text(dump_config(cfg), "pretrain_config.yaml")
-        if checkpoint is not None:  # one point per resume: proof that a restart continued, not restarted
-            logger.log_metrics({"resumed_from_step": float(state.step)}, state.step)
+    if logger and restored is not None:  # one point per resume: proof that a restart continued, not restarted
+        logger.log_metrics({"resumed_from_step": float(state.step)}, state.step)
 
     stream = BatchStream(ray.train.get_dataset_shard("train"), cfg, model_cfg.num_pgs, state)
     val_batches = validation_batches(ray.train.get_dataset_shard("val"), cfg, model_cfg.num_pgs, rank, world)

@@ -1,4 +1,5 @@
-"""MLflow logging for pretraining, used by rank 0 only: params once, metrics every log step.
+"""MLflow logging for pretraining and fine-tuning, used by rank 0 only: params once, metrics every
+log step (pretraining) or epoch (fine-tuning).
 
 A run is keyed by its Ray Train run directory (tag `ehrfm.run_dir`), so a resumed or restarted run
 keeps logging into the same MLflow run, with the same step axis. Only counts, losses and system
@@ -86,3 +87,25 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def open_run_logger(
+    loop_config: dict,
+    rank: int,
+    experiment: str,
+    run_dir: str,
+    run_name: str,
+    params: dict[str, Any],
+    config_text: str,
+    config_name: str,
+) -> RunLogger | None:
+    """Rank 0's logger for a training loop (None on other ranks, or with no tracking URI): opens or
+    reopens the run, logs `params` and, on a fresh run, the config as `config_name`."""
+    tracking_uri = loop_config.get("tracking_uri")
+    if rank != 0 or not tracking_uri:
+        return None
+    logger = RunLogger(tracking_uri, experiment, run_dir, run_name, loop_config.get("artifact_root"))
+    logger.log_params(params)
+    if not logger.resumed:
+        logger.log_text(config_text, config_name)
+    return logger

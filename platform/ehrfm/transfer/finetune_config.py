@@ -1,7 +1,8 @@
 """Fine-tuning configuration (jobs/configs/finetune-*.yaml): what to fine-tune from, on which labels,
 how much of the decoder trains, and the per-epoch schedule that Ray Tune trials vary.
 
-Scaling and MLflow sections are the pretraining ones, so a cluster set-up carries over unchanged.
+DeepSpeed, scaling and MLflow sections are the pretraining ones (both run on the one training
+engine, `ehrfm.training.engine`), so a cluster set-up carries over unchanged.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pydantic import Field, model_validator
 
 from ehrfm.config import StrictModel
 from ehrfm.model.risk import HeadInputs
-from ehrfm.training.config import MlflowSection, ScalingSection
+from ehrfm.training.config import DeepSpeedSection, EngineSpec, MlflowSection, ScalingSection
 
 Mode = Literal["linear_probe", "full", "partial"]
 Imbalance = Literal["none", "pos_weight", "oversample"]
@@ -72,6 +73,11 @@ class FinetuneConfig(StrictModel):
     model: FinetuneModel = FinetuneModel()
     optim: FinetuneOptim = FinetuneOptim()
     train: FinetuneSchedule = FinetuneSchedule()
+    # ZeRO-2 by default, as in pretraining: AdamW's state (two fp32 copies per weight) and the
+    # gradients are sharded over the workers, which is what a full fine-tune of a large decoder
+    # needs, while every rank keeps whole weights, so validation scoring needs no gather (and a
+    # linear probe, with only the head in the optimiser, pays next to nothing for it).
+    deepspeed: DeepSpeedSection = DeepSpeedSection(zero_stage=2)
     scaling: ScalingSection = ScalingSection()
     mlflow: FinetuneMlflow = FinetuneMlflow()
 
@@ -83,7 +89,19 @@ class FinetuneConfig(StrictModel):
             raise ValueError(f"model.unfrozen_layers is only used with mode partial (mode is {self.model.mode})")
         if self.train.pos_weight is not None and self.train.imbalance != "pos_weight":
             raise ValueError("train.pos_weight is set but train.imbalance is not pos_weight")
+        if self.deepspeed.precision == "bf16" and not self.scaling.use_gpu:
+            raise ValueError("deepspeed.precision bf16 needs scaling.use_gpu (CPU runs train in fp32)")
         return self
+
+    def engine_spec(self) -> EngineSpec:
+        """One step per batch, no accumulation; AdamW at torch's default betas and eps."""
+        return EngineSpec(
+            deepspeed=self.deepspeed,
+            micro_batch=self.train.batch_size,
+            grad_accum=1,
+            grad_clip=self.optim.grad_clip,
+            use_gpu=self.scaling.use_gpu,
+        )
 
     def run_dir(self) -> str:
         return f"{self.run.storage_path.rstrip('/')}/{self.run.name}"

@@ -1,4 +1,7 @@
-"""The per-worker fine-tuning loop that Ray Train runs on every rank (DDP over gloo on CPU).
+"""The per-worker fine-tuning loop that Ray Train runs on every rank, on the training engine it
+shares with pretraining (`ehrfm.training.engine`: DeepSpeed ZeRO, stage 2 by default, over gloo
+on CPU). The engine averages and clips the gradients and steps AdamW; a step does no host sync
+(the loss accumulates in a device tensor, read once per epoch).
 
 Each epoch: one pass over this worker's shard of the train examples, then validation AUROC over
 *all* validation examples, with the PRS as given and with the PRS masked (same weights). The val
@@ -8,17 +11,16 @@ rank reports the same exact AUROC (what a Tune scheduler needs) at 1/world of th
 
 Modality dropout is applied here, to has_prs itself, so the decoder's trunk and the head's PRS
 summary see the same mask (the decoder's own prs_encoder dropout is set to 0 when the model is
-built). Rank 0 writes the epoch's risk-model directory as the checkpoint; Ray keeps the best by
-val_auroc. A restarted worker group resumes after the last reported epoch.
+built). Each epoch's checkpoint goes through `ehrfm.training.checkpoint`: every rank writes its
+DeepSpeed shard, rank 0 adds the risk-model directory files and train_state.json ({"epoch",
+"history", ...}); Ray keeps the best by val_auroc. A restarted worker group restores the engine
+(weights, optimiser, LR schedule) from the latest one and resumes after its epoch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -31,15 +33,15 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from ehrfm.config import dump_config
 from ehrfm.metrics import auroc
-from ehrfm.model.io import WEIGHTS_FILE, load_model_config, load_state_dict
-from ehrfm.model.risk import HeadSpec, RiskModel, predict_logits, save_risk_model
+from ehrfm.model.io import load_model_config, load_state_dict
+from ehrfm.model.risk import HeadSpec, RiskModel, predict_logits, save_risk_files
 from ehrfm.model.transformer import EHRDecoder
-from ehrfm.training.run_logger import RunLogger
+from ehrfm.training.checkpoint import TrainState, report_checkpoint, resume
+from ehrfm.training.engine import WarmupCosine, initialize_engine, parameter_groups
+from ehrfm.training.engine import build_optimizer as engine_optimizer
+from ehrfm.training.run_logger import RunLogger, open_run_logger
 from ehrfm.transfer.examples import example_tensors
 from ehrfm.transfer.finetune_config import FinetuneConfig
-
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "train_state.json"
 
 
 class ExampleCollate(ArrowBatchCollateFn):
@@ -72,18 +74,16 @@ def build_risk_model(cfg: FinetuneConfig) -> RiskModel:
     return model
 
 
+def optimizer_groups(model: RiskModel, cfg: FinetuneConfig) -> list[dict]:
+    """The head at head_lr and the decoder's trainable parameters at backbone_lr (the shared
+    builder: weight decay on matrices only, frozen parameters left out)."""
+    parts = {"head": (model.head, cfg.optim.head_lr), "decoder": (model.decoder, cfg.optim.backbone_lr)}
+    return parameter_groups(parts, cfg.optim.weight_decay)
+
+
 def build_optimizer(model: RiskModel, cfg: FinetuneConfig) -> torch.optim.AdamW:
-    """AdamW with the head and the decoder at their own learning rates; no decay on vectors."""
-    groups = []
-    for module, lr in ((model.head, cfg.optim.head_lr), (model.decoder, cfg.optim.backbone_lr)):
-        params = [p for p in module.parameters() if p.requires_grad]
-        for decay, chosen in (
-            (cfg.optim.weight_decay, [p for p in params if p.ndim >= 2]),
-            (0.0, [p for p in params if p.ndim < 2]),
-        ):
-            if chosen:
-                groups.append({"params": chosen, "lr": lr, "weight_decay": decay})
-    return torch.optim.AdamW(groups)
+    """The AdamW the engine wraps for this model (the loop hands the groups to `initialize_engine`)."""
+    return engine_optimizer(optimizer_groups(model, cfg), cfg.engine_spec())
 
 
 def drop_modality(has_prs: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -94,17 +94,20 @@ def drop_modality(has_prs: torch.Tensor, rate: float, generator: torch.Generator
     return has_prs & keep.to(has_prs.device)
 
 
-def train_epoch(model, core: RiskModel, shard, cfg: FinetuneConfig, optimizer, epoch: int, rank: int) -> float:
-    """One pass over this worker's shard; the example-weighted mean loss over all ranks."""
+def train_epoch(engine, core: RiskModel, shard, cfg: FinetuneConfig, epoch: int, rank: int) -> tuple[float, int]:
+    """One pass over this worker's shard: (example-weighted mean loss over all ranks, steps)."""
     sched = cfg.train
-    model.train()
+    engine.train()
     if cfg.model.mode == "linear_probe":
         core.decoder.eval()  # frozen features: no dropout noise in them
     torch.manual_seed(sched.seed * 1_000_003 + epoch * 131 + rank)
     generator = torch.Generator().manual_seed(sched.seed * 7919 + epoch * 104_729 + rank)
-    pos_weight = torch.tensor(sched.pos_weight) if sched.imbalance == "pos_weight" and sched.pos_weight else None
-    trainable = [p for p in core.parameters() if p.requires_grad]
-    totals = torch.zeros(2, dtype=torch.float64)
+    device = engine.device
+    pos_weight = None
+    if sched.imbalance == "pos_weight" and sched.pos_weight:
+        pos_weight = torch.tensor(sched.pos_weight, device=device)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss * examples, examples
+    steps = 0
     shuffle = sched.shuffle_buffer if sched.shuffle_buffer >= sched.batch_size else None
     for batch in shard.iter_torch_batches(
         batch_size=sched.batch_size,
@@ -114,17 +117,17 @@ def train_epoch(model, core: RiskModel, shard, cfg: FinetuneConfig, optimizer, e
         local_shuffle_seed=(sched.seed * 1000 + epoch) if shuffle else None,
     ):
         has_prs = drop_modality(batch["has_prs"], sched.modality_dropout, generator)
-        logits = model(batch["tokens"], batch["ages"], batch["length"], batch["prs"], has_prs)
-        loss = F.binary_cross_entropy_with_logits(logits, batch["label"], pos_weight=pos_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-        optimizer.step()
-        totals += torch.tensor([loss.item() * len(logits), len(logits)], dtype=torch.float64)
+        logits = engine(batch["tokens"], batch["ages"], batch["length"], batch["prs"], has_prs)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"].float(), pos_weight=pos_weight)
+        engine.backward(loss)
+        engine.step()
+        totals[0] += loss.detach().double() * len(logits)
+        totals[1] += len(logits)
+        steps += 1
     if dist.is_initialized():
         dist.all_reduce(totals)
-    return float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
+    loss_sum, examples = totals.tolist()  # the epoch's one host sync
+    return (loss_sum / examples if examples > 0 else math.nan), steps
 
 
 @torch.no_grad()
@@ -137,9 +140,9 @@ def score_validation(core: RiskModel, shard, batch_size: int, rank: int, world: 
     ):
         if len(batch["label"]) == 0:
             continue
-        parts["label"].append(batch["label"].numpy())
-        parts["logit"].append(predict_logits(core, batch).numpy())
-        parts["logit_prs_masked"].append(predict_logits(core, batch, mask_prs=True).numpy())
+        parts["label"].append(batch["label"].cpu().numpy())
+        parts["logit"].append(predict_logits(core, batch).float().cpu().numpy())
+        parts["logit_prs_masked"].append(predict_logits(core, batch, mask_prs=True).float().cpu().numpy())
     mine = {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in parts.items()}
     if not (dist.is_initialized() and world > 1):
         return mine
@@ -148,50 +151,35 @@ def score_validation(core: RiskModel, shard, batch_size: int, rank: int, world: 
     return {k: np.concatenate([g[k] for g in gathered]) for k in mine}
 
 
-def restore(core: RiskModel, optimizer, checkpoint) -> dict:
-    """Weights, optimiser and loop state from an epoch checkpoint; returns the loop state."""
-    with checkpoint.as_directory() as directory:
-        directory = Path(directory)
-        core.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-        return json.loads((directory / STATE_FILE).read_text())
+def report_epoch(engine, spec: HeadSpec, tokenizer: str, state: TrainState, metrics: dict, rank: int) -> None:
+    """ray.train.report from every rank with its DeepSpeed shard; rank 0 adds the epoch's
+    risk-model directory (what finalize_run and the sweep read) and train_state.json."""
 
+    def write_model(directory, weights) -> None:
+        save_risk_files(directory, weights, engine.module.decoder.cfg, spec, tokenizer)
 
-def report_epoch(
-    core: RiskModel, optimizer, spec: HeadSpec, tokenizer: str, state: dict, metrics: dict, rank: int
-) -> None:
-    """ray.train.report from every rank; rank 0 attaches the epoch's risk-model directory."""
     name = f"checkpoint_epoch{int(metrics['epoch']):04d}"
-    if rank != 0:
-        ray.train.report(metrics, checkpoint_dir_name=name)
-        return
-    with tempfile.TemporaryDirectory(prefix="ehrfm-ft-") as tmp:
-        save_risk_model(tmp, core, spec, tokenizer)
-        torch.save(optimizer.state_dict(), Path(tmp) / OPTIMIZER_FILE)
-        (Path(tmp) / STATE_FILE).write_text(json.dumps(state, indent=1))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    report_checkpoint(engine, state, metrics, rank, write_model, name)
 
 
-def open_logger(loop_config: dict, cfg: FinetuneConfig, core: RiskModel, world: int) -> RunLogger:
-    logger = RunLogger(
-        loop_config["tracking_uri"],
+def open_logger(loop_config: dict, cfg: FinetuneConfig, core: RiskModel, rank: int, world: int) -> RunLogger | None:
+    params = {
+        "config": cfg.model_dump(mode="json"),
+        "world_size": world,
+        "model.parameters": sum(p.numel() for p in core.parameters()),
+        "model.trainable_parameters": sum(p.numel() for p in core.parameters() if p.requires_grad),
+        "examples": loop_config.get("counts", {}),
+    }
+    return open_run_logger(
+        loop_config,
+        rank,
         cfg.mlflow.experiment,
         cfg.run_dir(),
         cfg.run.name,
-        loop_config.get("artifact_root"),
+        params,
+        dump_config(cfg),
+        "finetune_config.yaml",
     )
-    logger.log_params(
-        {
-            "config": cfg.model_dump(mode="json"),
-            "world_size": world,
-            "model.parameters": sum(p.numel() for p in core.parameters()),
-            "model.trainable_parameters": sum(p.numel() for p in core.parameters() if p.requires_grad),
-            "examples": loop_config.get("counts", {}),
-        }
-    )
-    if not logger.resumed:
-        logger.log_text(dump_config(cfg), "finetune_config.yaml")
-    return logger
 
 
 def finetune_loop_per_worker(loop_config: dict) -> None:
@@ -206,20 +194,14 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(cfg.scaling.torch_threads)
 
     core = build_risk_model(cfg)
-    optimizer = build_optimizer(core, cfg)
-    state: dict = {"epoch": 0, "history": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = restore(core, optimizer, checkpoint)
-    model = ray.train.torch.prepare_model(core)
-
-    logger = None
-    if rank == 0 and loop_config.get("tracking_uri"):
-        logger = open_logger(loop_config, cfg, core, world)
+    # constant LR: the shared schedule with no warmup and a floor of 1
+    engine, _ = initialize_engine(core, optimizer_groups(core, cfg), cfg.engine_spec(), WarmupCosine.constant(), world)
+    state = resume(engine) or TrainState()
+    logger = open_logger(loop_config, cfg, core, rank, world)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     try:
-        for epoch in range(state["epoch"], cfg.train.epochs):
-            train_loss = train_epoch(model, core, train_shard, cfg, optimizer, epoch, rank)
+        for epoch in range(state.epoch, cfg.train.epochs):
+            train_loss, steps = train_epoch(engine, core, train_shard, cfg, epoch, rank)
             scored = score_validation(core, val_shard, cfg.train.eval_batch_size, rank, world)
             metrics = {
                 "epoch": epoch + 1,
@@ -228,10 +210,11 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
                 "val_auroc_prs_masked": auroc(scored["label"], scored["logit_prs_masked"]),
                 "val_examples": int(len(scored["label"])),
             }
-            state = {"epoch": epoch + 1, "history": state["history"] + [metrics]}
+            state.epoch, state.step = epoch + 1, state.step + steps
+            state.history.append(metrics)
             if logger:
                 logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, epoch + 1)
-            report_epoch(core, optimizer, spec, loop_config["tokenizer"], state, metrics, rank)
+            report_epoch(engine, spec, loop_config["tokenizer"], state, metrics, rank)
     except BaseException:
         if logger:
             logger.finish("FAILED")
