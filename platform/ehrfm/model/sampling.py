@@ -1,7 +1,11 @@
 """Zero-shot risk: sample futures from the pretrained decoder and read the outcome off them.
 
-For each prompt (a prediction window) N continuations are decoded together through one batched
-KV cache (the prompt is prefilled once and its cache replicated N times). A continuation stops at
+For each prompt (a prediction window) N continuations are decoded together: the prompt is
+prefilled once and its keys/values are shared by its N continuations (no copies), each of which
+writes its own tokens' keys/values in place into a preallocated suffix (`SharedPrefixCache`).
+`sample_trajectories_reference` is the first implementation (the prompt cache replicated N times,
+grown by concatenation), kept to test the fast one against and as the benchmark baseline; both
+consume the per-prompt random streams identically and return the same draws. A continuation stops at
 EOS, when its summed gap-token time passes the horizon (the crossing gap token ends it: nothing
 after it counts), or after `max_new_tokens` (truncated, and counted as such).
 
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ehrfm.constants import BOS_ID, EOS_ID, PAD_ID
-from ehrfm.model.transformer import EHRDecoder
+from ehrfm.model.transformer import EHRDecoder, SharedPrefixCache
 
 # Why a continuation stopped (per row of `Trajectories.stop`).
 RUNNING, STOP_EOS, STOP_HORIZON, STOP_TRUNCATED = 0, 1, 2, 3
@@ -103,7 +107,7 @@ def prompt_uniforms(seeds: Sequence[int], n_samples: int, max_new_tokens: int) -
 
 
 @torch.no_grad()
-def sample_trajectories(
+def sample_trajectories_reference(
     model: EHRDecoder,
     tokens: torch.Tensor,
     ages: torch.Tensor,
@@ -121,7 +125,9 @@ def sample_trajectories(
     horizon_days: float,
     seeds: Sequence[int],
 ) -> Trajectories:
-    """Sample `n_samples` continuations of each right-padded prompt and score the target within the horizon.
+    """The first implementation of `sample_trajectories`, kept as its reference (exactness tests and the
+    benchmark baseline): the prompt cache is copied once per continuation, grows by concatenation
+    and is re-selected (with a host sync) whenever a continuation ends.
 
     tokens/ages [P, C] (right-padded, `lengths` real tokens each), gap_days [V] days a token moves
     the clock (0 for non-gap tokens), seeds one per prompt. A generated token's age is the prompt's
@@ -199,3 +205,150 @@ def sample_trajectories(
         hit=hit,
         stop=stop,
     )
+
+
+def _sampling_masks(vocab: int, target_ids, device) -> tuple[torch.Tensor, torch.Tensor]:
+    target = torch.zeros(vocab, dtype=torch.bool, device=device)
+    target[torch.as_tensor(target_ids, dtype=torch.long, device=device)] = True
+    if not target.any() or target[list(NEVER_GENERATED) + [EOS_ID]].any():
+        raise ValueError("target_ids must name at least one code token (not PAD, BOS or EOS)")
+    blocked = torch.zeros(vocab, dtype=torch.bool, device=device)
+    blocked[list(NEVER_GENERATED)] = True
+    return target, blocked
+
+
+@torch.no_grad()
+def sample_trajectories(
+    model: EHRDecoder,
+    tokens: torch.Tensor,
+    ages: torch.Tensor,
+    lengths: torch.Tensor,
+    prs: torch.Tensor | None,
+    has_prs: torch.Tensor | None,
+    *,
+    n_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    target_ids: Sequence[int] | torch.Tensor,
+    gap_days: torch.Tensor,
+    horizon_days: float,
+    seeds: Sequence[int],
+    sync_every: int = 8,
+    compact_below: float = 0.75,
+) -> Trajectories:
+    """Sample `n_samples` continuations of each right-padded prompt and score the target within the horizon.
+
+    tokens/ages [P, C] (right-padded, `lengths` real tokens each), gap_days [V] days a token moves
+    the clock (0 for non-gap tokens), seeds one per prompt. A generated token's age is the prompt's
+    last age plus the time elapsed so far (a gap token carries the age of the event it precedes).
+    Elapsed time exactly at the horizon is still inside it.
+
+    Same draws and results as `sample_trajectories_reference`, computed differently: the prompt's
+    keys/values are kept once per prompt and shared by its continuations (`SharedPrefixCache`,
+    preallocated suffixes written in place); finished continuations are masked (their writes go to
+    a scratch row) and the host looks at the batch only every `sync_every` steps, to stop when all
+    have ended and to compact (drop finished prompts, regroup live continuations) when the live
+    slots would fill at most `compact_below` of the current ones.
+    """
+    prompts, vocab = tokens.shape[0], model.cfg.vocab_size
+    if len(seeds) != prompts or n_samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"need one seed per prompt ({len(seeds)} for {prompts}), n_samples and max_new_tokens >= 1")
+    if gap_days.shape != (vocab,):
+        raise ValueError(f"gap_days has shape {tuple(gap_days.shape)}, the model's vocabulary is {vocab}")
+    if sync_every < 1 or not 0.0 <= compact_below <= 1.0:
+        raise ValueError(f"need sync_every >= 1 and 0 <= compact_below <= 1; got {sync_every}, {compact_below}")
+    device = tokens.device
+    target, blocked = _sampling_masks(vocab, target_ids, device)
+    target_index = target.nonzero().squeeze(1)  # the same elements, in the same order, as target-mask indexing
+    gap_days = gap_days.to(device=device, dtype=torch.float64)
+    plain = temperature == 1.0 and top_k == 0 and top_p == 1.0  # the sampler is the model distribution
+
+    was_training = model.training
+    model.eval()
+    logits, cache, last_age = model.prefill_shared(
+        tokens, ages, prs, has_prs, lengths=lengths, futures=n_samples, capacity=max_new_tokens - 1
+    )
+    rows_total = scratch = prompts * n_samples  # row `scratch` takes the writes of finished slots
+    logits = logits.repeat_interleave(n_samples, dim=0)
+    start_age = last_age.to(torch.float64).repeat_interleave(n_samples)
+    uniforms = torch.cat([prompt_uniforms(seeds, n_samples, max_new_tokens), torch.zeros(1, max_new_tokens, 2)])
+    uniforms = uniforms.to(device=device, dtype=torch.float64)
+
+    out_tokens = torch.full((rows_total + 1, max_new_tokens), PAD_ID, dtype=torch.long, device=device)
+    out_ages = torch.zeros((rows_total + 1, max_new_tokens), dtype=torch.long, device=device)
+    p_steps = torch.zeros((rows_total + 1, max_new_tokens), dtype=torch.float64, device=device)
+    hit = torch.zeros(rows_total + 1, dtype=torch.bool, device=device)
+    stop = torch.full((rows_total + 1,), RUNNING, dtype=torch.int8, device=device)
+    # per slot (cache order, grouped by prompt): its row, whether it still runs, its clock and hit
+    slot_row = torch.arange(rows_total, device=device)
+    alive = torch.ones(rows_total, dtype=torch.bool, device=device)
+    elapsed = torch.zeros(rows_total, dtype=torch.float64, device=device)
+    slot_hit = torch.zeros(rows_total, dtype=torch.bool, device=device)
+
+    for step in range(max_new_tokens):
+        rows = torch.where(alive, slot_row, scratch)
+        scores = logits.float().masked_fill(blocked, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        p_steps[rows, step] = probs.index_select(1, target_index).sum(dim=-1).double()
+        sampler = probs if plain else torch.softmax(filter_logits(scores, temperature, top_k, top_p), dim=-1)
+        u = uniforms[slot_row, step]
+        slot_hit |= u[:, 0] < sampler.index_select(1, target_index).sum(dim=-1).double()
+        rest = sampler.masked_fill(target, 0.0)
+        best_rest = scores.masked_fill(target, float("-inf")).argmax(dim=-1)  # sampler left only targets
+        nxt = torch.where(rest.sum(dim=-1) > 0, draw(rest, u[:, 1]), best_rest)
+
+        elapsed += gap_days[nxt]
+        age = (start_age + elapsed).round().long()
+        code = torch.where(nxt == EOS_ID, STOP_EOS, RUNNING)
+        code = torch.where(elapsed > horizon_days, STOP_HORIZON, code)
+        if step == max_new_tokens - 1:
+            code = torch.where(code == RUNNING, STOP_TRUNCATED, code)
+        out_tokens[rows, step], out_ages[rows, step] = nxt, age
+        hit[rows] = slot_hit
+        stop[rows] = code.to(torch.int8)
+        alive &= code == RUNNING
+        if step == max_new_tokens - 1:
+            break
+        if (step + 1) % sync_every == 0:  # the only host sync of the loop
+            counts = alive.view(cache.prompts, cache.futures).sum(dim=1).tolist()
+            if not any(counts):
+                break
+            futures, kept = max(counts), [i for i, c in enumerate(counts) if c > 0]
+            if len(kept) * futures <= compact_below * alive.numel():
+                slots, cache = _compact(alive, cache, kept, futures)
+                slot_row, alive, elapsed, slot_hit, start_age = (
+                    t.index_select(0, slots) for t in (slot_row, alive, elapsed, slot_hit, start_age)
+                )
+                nxt, age = nxt.index_select(0, slots), age.index_select(0, slots)
+        logits = model.decode_shared(nxt, age, cache)
+    model.train(was_training)
+
+    per_prompt = (prompts, n_samples)
+    hit, stop, p_steps = hit[:rows_total], stop[:rows_total], p_steps[:rows_total]
+    return Trajectories(
+        share=hit.view(per_prompt).double().mean(dim=1),
+        path_probability=path_probability(p_steps).view(per_prompt).mean(dim=1),
+        truncated=(stop == STOP_TRUNCATED).view(per_prompt).sum(dim=1),
+        p_target=p_steps,
+        tokens=out_tokens[:rows_total],
+        ages=out_ages[:rows_total],
+        hit=hit,
+        stop=stop,
+    )
+
+
+def _compact(
+    alive: torch.Tensor, cache: SharedPrefixCache, kept: list[int], futures: int
+) -> tuple[torch.Tensor, SharedPrefixCache]:
+    """Old slot indices of the compacted layout (kept prompts x `futures`, each prompt's live slots
+    first, in their order; the rest finished ones, masked) and the cache regrouped to it."""
+    old_prompts, old_futures = cache.prompts, cache.futures
+    order = torch.sort((~alive.view(old_prompts, old_futures)).to(torch.int8), dim=1, stable=True).indices
+    kept_index = None if len(kept) == old_prompts else torch.tensor(kept, device=alive.device)
+    base = torch.arange(old_prompts, device=alive.device)
+    if kept_index is not None:
+        order, base = order.index_select(0, kept_index), kept_index
+    slots = (base[:, None] * old_futures + order[:, :futures]).flatten()
+    return slots, cache.compact(kept_index, slots, futures)

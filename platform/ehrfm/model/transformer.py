@@ -76,6 +76,104 @@ class KVCache:
         )
 
 
+@dataclass
+class SharedPrefixCache:
+    """KV cache for sampling `futures` continuations per prompt without copying the prompt.
+
+    The prompt's keys/values (`prefix_keys`/`prefix_values`, [P, nh, L, hd] per layer) are kept
+    once per prompt; each continuation ("slot", s = prompt * futures + i) owns a preallocated
+    suffix ([S, nh, capacity, hd] per layer) written in place, one position per decode step.
+    Attention of a new token runs over both parts and is combined by log-sum-exp, so memory for N
+    futures is one prompt plus N suffixes. Cross fusion keeps the PRS memory's keys/values per
+    prompt and layer (computed once at prefill). `compact` drops whole prompts and regroups the
+    live continuations of each prompt (one bulk copy), never per step.
+    """
+
+    prefix_keys: list[torch.Tensor]
+    prefix_values: list[torch.Tensor]
+    key_valid: torch.Tensor  # [P, L] bool: False at the prompt padding
+    positions: torch.Tensor  # [P] rotary position of the first generated token
+    suffix_keys: list[torch.Tensor]
+    suffix_values: list[torch.Tensor]
+    futures: int  # slots per prompt (N, or fewer after compaction)
+    cross: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    steps: int = 0  # suffix positions written so far (shared by every slot)
+
+    @property
+    def prompts(self) -> int:
+        return self.key_valid.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.suffix_keys[0].shape[2] if self.suffix_keys else 0
+
+    def compact(self, prompts: torch.Tensor | None, slots: torch.Tensor, futures: int) -> SharedPrefixCache:
+        """Keep prompts `prompts` [P'] (indices; None: all) and slots `slots` [P' * futures] (old slot
+        indices, grouped by prompt), in one copy of the suffixes (and of the kept prompts' keys)."""
+
+        def by_prompt(t):
+            return t if prompts is None else t.index_select(0, prompts)
+
+        cross = {layer: tuple(by_prompt(t) for t in kv) for layer, kv in self.cross.items()}
+        return SharedPrefixCache(
+            [by_prompt(k) for k in self.prefix_keys],
+            [by_prompt(v) for v in self.prefix_values],
+            by_prompt(self.key_valid),
+            by_prompt(self.positions),
+            [k.index_select(0, slots) for k in self.suffix_keys],
+            [v.index_select(0, slots) for v in self.suffix_values],
+            futures,
+            cross,
+            self.steps,
+        )
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held by the shared prompt part and by the per-continuation suffixes."""
+
+        def size(ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+
+        cross = [t for kv in self.cross.values() for t in kv]
+        return {
+            "prefix": size(self.prefix_keys) + size(self.prefix_values) + size(cross),
+            "suffix": size(self.suffix_keys) + size(self.suffix_values),
+        }
+
+
+def shared_prefix_attention(
+    q: torch.Tensor, cache: SharedPrefixCache, layer: int, futures: int, length: int
+) -> torch.Tensor:
+    """Attention of one new query per slot ([S, nh, 1, hd]) over its prompt's keys and its own first
+    `length` suffix keys, combined by log-sum-exp (fp32 softmax statistics); returns [S, nh, 1, hd]."""
+    slots, heads, _, head_dim = q.shape
+    prompts = slots // futures
+    scale = 1.0 / math.sqrt(head_dim)
+    # prompt part: the N queries of a prompt share its keys -> one [N, L] score block per prompt and head
+    grouped = q.view(prompts, futures, heads, head_dim).transpose(1, 2)  # [P, nh, N, hd]
+    pre = torch.matmul(grouped, cache.prefix_keys[layer].transpose(-1, -2)).float() * scale  # [P, nh, N, L]
+    pre = pre.masked_fill(~cache.key_valid[:, None, None, :], float("-inf"))
+    pre_max = pre.amax(dim=-1, keepdim=True)
+    pre_exp = torch.exp(pre - pre_max)
+    pre_sum = pre_exp.sum(dim=-1, keepdim=True)
+    pre_out = torch.matmul(pre_exp.to(q.dtype), cache.prefix_values[layer]).float()  # [P, nh, N, hd]
+
+    def per_slot(t):  # [P, nh, N, d] -> [S, nh, 1, d]
+        return t.transpose(1, 2).reshape(slots, heads, 1, t.shape[-1])
+
+    pre_max, pre_sum, pre_out = per_slot(pre_max), per_slot(pre_sum), per_slot(pre_out)
+    # own part: the slot's generated tokens so far (all real, all before the query)
+    keys = cache.suffix_keys[layer][:, :, :length]
+    own = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [S, nh, 1, length]
+    own_max = own.amax(dim=-1, keepdim=True)
+    own_exp = torch.exp(own - own_max)
+    own_sum = own_exp.sum(dim=-1, keepdim=True)
+    own_out = torch.matmul(own_exp.to(q.dtype), cache.suffix_values[layer][:, :, :length]).float()
+    top = torch.maximum(pre_max, own_max)
+    w_pre, w_own = torch.exp(pre_max - top), torch.exp(own_max - top)
+    out = (pre_out * w_pre + own_out * w_own) / (pre_sum * w_pre + own_sum * w_own)
+    return out.to(q.dtype)
+
+
 class AgeEmbedding(nn.Module):
     """Age in days -> hidden: sinusoids with periods from a week to 200 years, plus age/100y, projected."""
 
@@ -348,6 +446,80 @@ class EHRDecoder(nn.Module):
         cache.positions = prefix + last + 1
         cache.last_age = ages[rows, last]
         return self.lm_head(hidden[rows, last]), cache
+
+    @torch.no_grad()
+    def prefill_shared(
+        self, tokens, ages, prs=None, has_prs=None, lengths: torch.Tensor | None = None, *, futures: int, capacity: int
+    ) -> tuple[torch.Tensor, SharedPrefixCache, torch.Tensor]:
+        """`prefill` for sampling: the prompts' keys/values once per prompt, and a preallocated suffix
+        of `capacity` positions for each of `futures` continuations per prompt (in the model's dtype
+        and device). Returns (last-position logits [P, V], cache, last real age [P])."""
+        logits, cache = self.prefill(tokens, ages, prs, has_prs, lengths=lengths)
+        prompts, length = tokens.shape[0], cache.length
+        device = tokens.device
+        key_valid = cache.key_valid
+        if key_valid is None:
+            key_valid = torch.ones(prompts, length, dtype=torch.bool, device=device)
+        positions = cache.positions
+        if positions is None:
+            positions = torch.full((prompts,), length, dtype=torch.long, device=device)
+        keys, values = cache.keys, cache.values
+        shape = (prompts * futures, self.cfg.heads, max(capacity, 1), self.cfg.head_dim)
+        suffix_keys = [torch.empty(shape, dtype=k.dtype, device=device) for k in keys]
+        suffix_values = [torch.empty(shape, dtype=v.dtype, device=device) for v in values]
+        cross = {}
+        if cache.memory is not None:
+            memory, visible = cache.memory
+            for layer, block in enumerate(self.blocks):
+                if block.cross is None:
+                    continue
+                hidden = self.cfg.hidden
+                mem = memory.to(block.cross.kv.weight.dtype)
+                k, v = block.cross.kv(mem).split(hidden, dim=2)
+                k = k.view(prompts, -1, self.cfg.heads, self.cfg.head_dim).transpose(1, 2).contiguous()
+                v = v.view(prompts, -1, self.cfg.heads, self.cfg.head_dim).transpose(1, 2).contiguous()
+                cross[layer] = (k, v, visible)
+        shared = SharedPrefixCache(
+            keys, values, key_valid, positions, suffix_keys, suffix_values, futures, cross, steps=0
+        )
+        return logits, shared, cache.last_age
+
+    @torch.no_grad()
+    def decode_shared(self, token: torch.Tensor, age: torch.Tensor, cache: SharedPrefixCache) -> torch.Tensor:
+        """One new token per slot ([S] ids and ages, S = prompts x futures, grouped by prompt) ->
+        logits [S, V]; its keys/values are written in place at suffix position `cache.steps`.
+
+        No host synchronisation: every shape follows from the cache's Python-side counters.
+        """
+        if self.training:
+            raise RuntimeError("decode_shared is for inference (eval mode, no dropout)")
+        step = cache.steps
+        if step >= cache.capacity:
+            raise ValueError(f"suffix cache full ({cache.capacity} positions)")
+        futures, slots = cache.futures, token.shape[0]
+        heads, head_dim, hidden = self.cfg.heads, self.cfg.head_dim, self.cfg.hidden
+        x = (self.tok_emb(token) + self.age_emb(age))[:, None]  # [S, 1, H]
+        positions = (cache.positions + step).repeat_interleave(futures)  # [S]
+        cos, sin = rotary_tables(positions[:, None], head_dim, self.cfg.rope_base)
+        rope = (cos[:, None], sin[:, None])
+        for layer, block in enumerate(self.blocks):
+            attn = block.attn
+            q, k, v = attn.qkv(block.norm_attn(x)).view(slots, 1, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            cache.suffix_keys[layer][:, :, step] = k[:, :, 0]
+            cache.suffix_values[layer][:, :, step] = v[:, :, 0]
+            out = shared_prefix_attention(q, cache, layer, futures, step + 1)
+            x = x + attn.proj(out.transpose(1, 2).reshape(slots, 1, hidden))
+            if block.cross is not None:
+                cross = block.cross
+                mem_k, mem_v, visible = cache.cross[layer]
+                cq = cross.q(cross.norm(x)).view(slots // futures, futures, heads, head_dim).transpose(1, 2)
+                cout = F.scaled_dot_product_attention(cq, mem_k, mem_v, attn_mask=visible[:, None, None, :])
+                cout = cross.proj(cout.transpose(1, 2).reshape(slots, 1, hidden))
+                x = x + torch.tanh(cross.gate).to(x.dtype) * cout
+            x = x + block.mlp(block.norm_mlp(x))
+        cache.steps = step + 1
+        return self.lm_head(self.norm_out(x)[:, -1])
 
     @torch.no_grad()
     def decode_step(self, token: torch.Tensor, age: torch.Tensor, cache: KVCache) -> torch.Tensor:
