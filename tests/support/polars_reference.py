@@ -17,7 +17,14 @@ import polars as pl
 import pyarrow as pa
 
 from ehrfm.constants import BOS_ID, EOS_ID, SPLITS, UNK_ID
-from ehrfm.omop.events import BIRTH_CODE, CLINICAL_PRIORITY, DEATH_CODE, EVENT_SOURCES, PRIORITY_PREFIXES
+from ehrfm.omop.events import (
+    BIRTH_CODE,
+    CLINICAL_PRIORITY,
+    DEATH_CODE,
+    EVENT_SOURCES,
+    PRIORITY_PREFIXES,
+    SOURCE_VALUE_MAX_CHARS,
+)
 from ehrfm.omop.files import iter_raw_batches
 from ehrfm.omop.spec import CDM_TABLES
 from ehrfm.omop.validation import PersonIndex, find_tables, validate_batch, validate_table
@@ -52,10 +59,60 @@ def _code(prefix: str, concept: str) -> pl.Expr:
     return pl.format(prefix + "/{}", pl.col(concept).fill_null(0))
 
 
-def _value(column: str | None) -> pl.Expr:
+def _clinical_code(prefix: str, concept: str, source: str | None) -> pl.Expr:
+    """`PREFIX/<concept>`, or `PREFIX/source/<value>` for concept 0/null with a source value."""
+    if source is None:
+        return _code(prefix, concept)
+    text = pl.col(source).cast(pl.String).str.strip_chars().str.slice(0, SOURCE_VALUE_MAX_CHARS)
+    unmapped = pl.col(concept).fill_null(0) == 0
+    use = unmapped & (text.str.len_chars().fill_null(0) > 0)
+    return pl.when(use).then(pl.format(prefix + "/source/{}", text)).otherwise(_code(prefix, concept))
+
+
+_UNIT_OF_CONCEPT = {8554: "%", 9225: "%", 8737: "%", 8840: "mg/dL", 8753: "mmol/L", 9579: "mmol/mol"}
+_SPELLINGS = {"%": "%", "percent": "%", "mg/dl": "mg/dL", "mmol/l": "mmol/L", "mmol/mol": "mmol/mol"}
+# (concepts, canonical unit, {unit: (scale, offset)}, plausible range in the canonical unit)
+_ANALYTES = (
+    ([3004410], "%", {"mmol/mol": (0.09148, 2.152)}, (2.0, 25.0)),
+    ([3004501, 3000483], "mg/dL", {"mmol/L": (18.016, 0.0)}, (10.0, 2000.0)),
+)
+
+
+def _canonical(concept: str, value: pl.Expr) -> pl.Expr:
+    """HbA1c in %, glucose in mg/dL (written again from the unit facts, common spellings only)."""
+    by_concept = pl.col("unit_concept_id").replace_strict(_UNIT_OF_CONCEPT, default=None, return_dtype=pl.String)
+    by_text = (
+        pl.col("unit_source_value")
+        .cast(pl.String)
+        .str.to_lowercase()
+        .str.replace_all(r"\s", "")
+        .replace_strict(_SPELLINGS, default="other", return_dtype=pl.String)
+    )
+    unknown_concept = pl.col("unit_concept_id").fill_null(0) != 0
+    unit = pl.coalesce(
+        by_concept,
+        pl.when(unknown_concept & pl.col("unit_source_value").is_null()).then(pl.lit("other")),
+        by_text,
+        pl.lit("missing"),
+    )
+    out = value
+    for concepts, canonical, conversions, (low, high) in _ANALYTES:
+        rows = pl.col(concept).is_in(concepts)
+        converted = pl.when(unit.is_in([canonical, "missing"])).then(value)
+        for name, (scale, offset) in conversions.items():
+            converted = converted.when(unit == name).then(value * scale + offset)
+        converted = converted.otherwise(None)
+        plausible = pl.when((converted >= low) & (converted <= high)).then(converted)
+        out = pl.when(rows).then(plausible).otherwise(out)
+    return out
+
+
+def _value(column: str | None, concept: str | None = None) -> pl.Expr:
     if column is None:
         return pl.lit(None, dtype=pl.Float32)
     value = pl.col(column).cast(pl.Float64)
+    if concept is not None:
+        value = _canonical(concept, value)
     return pl.when(value.abs() > _FLOAT32_MAX).then(None).otherwise(value).cast(pl.Float32)
 
 
@@ -80,8 +137,8 @@ def _table_events(table: str, kept: pl.DataFrame) -> pl.DataFrame:
         return _event_frame(
             kept,
             _time(source.date, source.datetime),
-            _code(source.prefix, source.concept),
-            _value(source.value),
+            _clinical_code(source.prefix, source.concept, source.source_value),
+            _value(source.value, source.concept if source.unit else None),
             visit,
             none,
         )
@@ -145,6 +202,8 @@ def _kept_rows(files: list[str], table: str, persons: PersonIndex, batch_rows: i
             source.visit,
             source.end_date,
             source.end_datetime,
+            source.source_value,
+            *(("unit_concept_id", "unit_source_value") if source.unit else ()),
         )
         if c
     ] + list(spec.primary_key)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
 
 import meds
 import numpy as np
@@ -12,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ehrfm.schemas import EVENT_SCHEMA
 from ehrfm.tasks.concept_sets import expand_descendants, read_concept_ancestor
 from ehrfm.tasks.definitions import SHIPPED_TASKS, TaskDefinition, load_task, resolve_task
 from ehrfm.tasks.labeler import (
@@ -24,28 +22,10 @@ from ehrfm.tasks.labeler import (
     label_statuses,
     subject_uniform,
 )
+from tests.support.labeler_events import day, events, many_visit_events, t2d_task
 
-T0 = datetime(2010, 1, 1, 9, 0)
 T2D = "CONDITION/201826"
 HORIZON = 730
-
-
-def day(d: float) -> datetime:
-    return T0 + timedelta(days=d)
-
-
-def events(rows: list[tuple]) -> pa.Table:
-    """Rows (subject, day, code[, value[, visit_id]]) -> an EVENT_SCHEMA table; day None = static."""
-    cols = {name: [] for name in EVENT_SCHEMA.names}
-    for row in rows:
-        subject, when, code, value, visit = (list(row) + [None, None])[:5]
-        cols["subject_id"].append(subject)
-        cols["time"].append(None if when is None else day(when))
-        cols["code"].append(code)
-        cols["numeric_value"].append(value)
-        cols["visit_id"].append(visit)
-        cols["visit_type"].append(None if visit is None else "9202")
-    return pa.table(cols, schema=EVENT_SCHEMA)
 
 
 def two_visits(subject: int, extra: list[tuple] = (), last_day: float = 1000.0) -> list[tuple]:
@@ -59,10 +39,6 @@ def two_visits(subject: int, extra: list[tuple] = (), last_day: float = 1000.0) 
         (subject, last_day, "VISIT/9202", None, v + 1),
         *extra,
     ]
-
-
-def t2d_task(**changes) -> TaskDefinition:
-    return load_task("t2d", [f"{k}={v}" for k, v in changes.items()])
 
 
 def status_of(table: pa.Table, task: TaskDefinition) -> dict[int, tuple]:
@@ -159,17 +135,6 @@ def test_too_few_visits_and_exact_account():
     meds.LabelSchema.validate(labels)  # the MEDS label schema accepts the table as written
 
 
-def many_visit_events(n_subjects: int, rng: np.random.Generator) -> pa.Table:
-    rows = []
-    for s in range(1, n_subjects + 1):
-        n_visits = int(rng.integers(2, 7))
-        starts = np.sort(rng.choice(3000, size=n_visits, replace=False))
-        for v, start in enumerate(starts):
-            rows.append((s, float(start), "VISIT/9202", None, s * 100 + v))
-            rows.append((s, float(start) + float(rng.integers(0, 5)), "CONDITION/260139", None, s * 100 + v))
-    return events(rows)
-
-
 def test_last_visit_is_never_chosen_and_every_other_visit_can_be():
     table = many_visit_events(40, np.random.default_rng(1))
     frame = pl.from_arrow(table)
@@ -233,8 +198,10 @@ def test_concept_ancestor_expands_target_and_prior_codes(tmp_path):
     ancestry = read_concept_ancestor(omop)
     assert expand_descendants([201826, 320128], ancestry) == [201826, 320128, 4193704]
     table = events(two_visits(1, [(1, 200, "CONDITION/4193704")]) + two_visits(2, [(2, 3, "DRUG/40163924")]))
-    plain = status_of(table, t2d_task())
+    plain = status_of(table, t2d_task(expand_descendants="false"))
     assert plain == {1: ("labeled", False), 2: ("labeled", False)}
+    # Without concept_ancestor the shipped expansion knows both (resources/concept_sets.csv).
+    assert status_of(table, t2d_task()) == {1: ("labeled", True), 2: ("prior_drug", None)}
     expanded = label_statuses(table, resolve_task(t2d_task(), ancestry))
     assert expanded["status"].to_list() == ["labeled", "prior_drug"]
     assert expanded["boolean_value"].to_list() == [True, None]
@@ -248,21 +215,6 @@ def test_shipped_tasks_load_and_label(name):
     target_codes = resolved.target.codes["condition"]
     table = events(two_visits(1, [(1, 400, target_codes[0])]) + two_visits(2))
     assert status_of(table, task) == {1: ("labeled", True), 2: ("labeled", False)}
-
-
-@pytest.mark.ray
-def test_shards_labeled_as_ray_tasks_match_the_local_run(tmp_path, ray_cluster):
-    table = many_visit_events(30, np.random.default_rng(4))
-    subject = table["subject_id"].to_numpy()
-    paths = []
-    for i in range(3):
-        paths.append(str(tmp_path / f"part-{i}.parquet"))
-        pq.write_table(table.filter(pa.array(subject % 3 == i)), paths[-1])
-    task = resolve_task(t2d_task(seed=3))
-    local, local_account = label_shards(paths, task)
-    remote, remote_account = label_shards(paths, task, use_ray=True)
-    assert remote.equals(local) and remote_account.as_dict() == local_account.as_dict()
-    assert remote_account.persons_in == 30
 
 
 def test_label_command_writes_labels_and_account(tmp_path, capsys):
@@ -288,7 +240,7 @@ def test_label_command_writes_labels_and_account(tmp_path, capsys):
         )
         == 0
     )
-    assert "no concept_ancestor" in capsys.readouterr().err
+    assert "concept_ancestor not available" in capsys.readouterr().err
     labels = pq.read_table(tmp_path / "out" / "labels.parquet")
     assert labels.to_pylist() == [{"subject_id": 1, "prediction_time": day(10), "boolean_value": False}]
     account = json.loads((tmp_path / "out" / "account.json").read_text())

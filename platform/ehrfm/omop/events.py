@@ -14,7 +14,7 @@ single-process reference produce the same events.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import meds
 import numpy as np
@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ehrfm.omop.cast import days_from_ymd
+from ehrfm.omop.units import canonical_values
 from ehrfm.omop.validation import _ints as _numpy_int  # (int64 values with nulls as 0, valid mask)
 from ehrfm.schemas import EVENT_SCHEMA
 
@@ -65,6 +66,8 @@ class EventSource:
     visit: str | None = "visit_occurrence_id"
     end_date: str | None = None  # visits only: a VISIT_END event at the end
     end_datetime: str | None = None
+    source_value: str | None = None  # unmapped rows (concept 0/null) keep this as `PREFIX/source/<value>`
+    unit: bool = False  # values converted to the analyte's canonical unit (ehrfm.omop.units)
 
 
 EVENT_SOURCES: dict[str, EventSource] = {
@@ -77,20 +80,53 @@ EVENT_SOURCES: dict[str, EventSource] = {
         end_datetime="visit_end_datetime",
     ),
     "condition_occurrence": EventSource(
-        "CONDITION", "condition_concept_id", "condition_start_date", "condition_start_datetime"
+        "CONDITION",
+        "condition_concept_id",
+        "condition_start_date",
+        "condition_start_datetime",
+        source_value="condition_source_value",
     ),
-    "drug_exposure": EventSource("DRUG", "drug_concept_id", "drug_exposure_start_date", "drug_exposure_start_datetime"),
-    "procedure_occurrence": EventSource("PROCEDURE", "procedure_concept_id", "procedure_date", "procedure_datetime"),
+    "drug_exposure": EventSource(
+        "DRUG",
+        "drug_concept_id",
+        "drug_exposure_start_date",
+        "drug_exposure_start_datetime",
+        source_value="drug_source_value",
+    ),
+    "procedure_occurrence": EventSource(
+        "PROCEDURE",
+        "procedure_concept_id",
+        "procedure_date",
+        "procedure_datetime",
+        source_value="procedure_source_value",
+    ),
     "device_exposure": EventSource(
-        "DEVICE", "device_concept_id", "device_exposure_start_date", "device_exposure_start_datetime"
+        "DEVICE",
+        "device_concept_id",
+        "device_exposure_start_date",
+        "device_exposure_start_datetime",
+        source_value="device_source_value",
     ),
     "measurement": EventSource(
-        "MEASUREMENT", "measurement_concept_id", "measurement_date", "measurement_datetime", value="value_as_number"
+        "MEASUREMENT",
+        "measurement_concept_id",
+        "measurement_date",
+        "measurement_datetime",
+        value="value_as_number",
+        source_value="measurement_source_value",
+        unit=True,
     ),
     "observation": EventSource(
-        "OBSERVATION", "observation_concept_id", "observation_date", "observation_datetime", value="value_as_number"
+        "OBSERVATION",
+        "observation_concept_id",
+        "observation_date",
+        "observation_datetime",
+        value="value_as_number",
+        source_value="observation_source_value",
     ),
 }
+SOURCE_SEGMENT = "source"  # `CONDITION/source/E11.9`: an unmapped row coded by its source value
+SOURCE_VALUE_MAX_CHARS = 64
 
 
 # ---- small helpers ------------------------------------------------------------------------------
@@ -112,6 +148,28 @@ def concept_codes(prefix: str, concept: pa.Array | pa.ChunkedArray) -> tuple[pa.
     nulls = concept.null_count
     text = pc.cast(pc.fill_null(concept, 0), pa.string())
     return pc.binary_join_element_wise(prefix, text, "/"), nulls
+
+
+def source_codes(
+    prefix: str, concept: pa.Array | pa.ChunkedArray, source: pa.Array | pa.ChunkedArray | None
+) -> tuple[pa.Array, int, int]:
+    """(codes, unmapped rows, unmapped rows coded by their source value) for one concept column.
+
+    A row with concept id 0 or null ("no matching concept") and a non-empty source value gets
+    `PREFIX/source/<value>` (trimmed, at most SOURCE_VALUE_MAX_CHARS characters; `/` kept): it is
+    then a code like any other (own vocabulary entry, own value bins). Without a source value it
+    stays `PREFIX/0`.
+    """
+    codes, _ = concept_codes(prefix, concept)
+    unmapped = pc.fill_null(pc.equal(pc.fill_null(concept, 0), 0), True)
+    n_unmapped = int(pc.sum(unmapped).as_py() or 0)
+    if source is None or n_unmapped == 0:
+        return codes, n_unmapped, 0
+    text = pc.utf8_slice_codeunits(pc.utf8_trim_whitespace(pc.cast(source, pa.string())), 0, SOURCE_VALUE_MAX_CHARS)
+    has_text = pc.fill_null(pc.greater(pc.utf8_length(text), 0), False)
+    use = pc.and_(unmapped, has_text)
+    from_source = pc.binary_join_element_wise(f"{prefix}/{SOURCE_SEGMENT}", pc.fill_null(text, ""), "/")
+    return pc.if_else(use, from_source, codes), n_unmapped, int(pc.sum(use).as_py() or 0)
 
 
 def _float32_values(values: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, int]:
@@ -156,18 +214,29 @@ class EventCounts:
     events: int = 0
     null_concept_ids: int = 0
     values_beyond_float32: int = 0
+    unmapped_rows: int = 0  # concept id 0 or null
+    unmapped_coded_by_source: int = 0  # of those, coded `PREFIX/source/<value>`
+    values: dict[str, int] = field(default_factory=dict)  # unit counts, conversions (ehrfm.omop.units)
 
     def add(self, other: EventCounts) -> None:
         self.events += other.events
         self.null_concept_ids += other.null_concept_ids
         self.values_beyond_float32 += other.values_beyond_float32
+        self.unmapped_rows += other.unmapped_rows
+        self.unmapped_coded_by_source += other.unmapped_coded_by_source
+        for key, n in other.values.items():
+            self.values[key] = self.values.get(key, 0) + n
 
     def as_dict(self) -> dict[str, int]:
-        return {
+        out = {
             "events": self.events,
             "null_concept_ids": self.null_concept_ids,
             "values_beyond_float32": self.values_beyond_float32,
         }
+        if self.unmapped_rows:
+            out["unmapped_rows"] = self.unmapped_rows
+            out["unmapped_coded_by_source"] = self.unmapped_coded_by_source
+        return {**out, **dict(sorted(self.values.items()))}
 
 
 def table_events(table: str, kept: pa.Table) -> tuple[pa.Table, EventCounts]:
@@ -176,11 +245,20 @@ def table_events(table: str, kept: pa.Table) -> tuple[pa.Table, EventCounts]:
     counts = EventCounts()
     subject = kept["person_id"].combine_chunks()
     start, _ = event_time_us(kept[source.date], kept[source.datetime] if source.datetime else None)
-    codes, counts.null_concept_ids = concept_codes(source.prefix, kept[source.concept].combine_chunks())
+    concept = kept[source.concept].combine_chunks()
+    codes, counts.null_concept_ids = concept_codes(source.prefix, concept)
+    if source.end_date is None:
+        text = kept[source.source_value].combine_chunks() if source.source_value in kept.column_names else None
+        codes, counts.unmapped_rows, counts.unmapped_coded_by_source = source_codes(source.prefix, concept, text)
     visit = kept[source.visit].combine_chunks() if source.visit else None
     value = None
     if source.value:
-        value, counts.values_beyond_float32 = _float32_values(kept[source.value].combine_chunks())
+        raw = kept[source.value].combine_chunks()
+        if source.unit:
+            unit_concept = kept["unit_concept_id"].combine_chunks() if "unit_concept_id" in kept.column_names else None
+            unit_text = kept["unit_source_value"].combine_chunks() if "unit_source_value" in kept.column_names else None
+            raw, counts.values = canonical_values(concept, raw, unit_concept, unit_text)
+        value, counts.values_beyond_float32 = _float32_values(raw)
     if source.end_date is None:
         events = _events(subject, start, codes, CLINICAL_PRIORITY, value, visit)
     else:  # a visit: start and end events, typed by the visit concept

@@ -2,14 +2,26 @@
 
 A task names a few standard concepts (T2D 201826, metformin 1503297, ...). Real data records the
 more specific descendants (e.g. "metformin 500 MG Oral Tablet" under the metformin ingredient), so
-the seed ids are expanded through OMOP `concept_ancestor` when that table is available. Without it
-the seed ids are used as given; the synthetic cohort records the seed ids themselves.
+each seed id is expanded (`expand_concept`), by one of three paths reported in the label account:
+- concept_ancestor: the seed and its descendants in the OMOP `concept_ancestor` table;
+- shipped: without concept_ancestor, the shipped list `resources/concept_sets.csv` (standard
+  descendants known for the shipped tasks) plus, when the OMOP `concept` table is given, the drug
+  concepts whose name contains the seed ingredient's name (clinical and branded drugs);
+- as_given: the seed ids only (task `expand_descendants: false`).
+With concept_ancestor or shipped, rows without a standard concept (concept id 0, coded
+`PREFIX/source/<value>` by the events stage) match through the shipped source codes: ICD-10-CM /
+ICD-9-CM prefixes, SNOMED codes and drug ingredient names.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 import polars as pl
@@ -111,3 +123,112 @@ def concept_codes(domain: str, concept_ids: Iterable[int]) -> list[str]:
     if domain not in DOMAIN_PREFIX:
         raise ValueError(f"unknown domain {domain!r}; expected one of {sorted(DOMAIN_PREFIX)}")
     return [f"{DOMAIN_PREFIX[domain]}/{int(c)}" for c in concept_ids]
+
+
+# ---- the shipped expansion ----------------------------------------------------------------------
+SHIPPED_FILE = "concept_sets.csv"
+MATCH_KINDS = ("concept", "icd10cm", "icd9cm", "snomed", "name")
+
+
+@dataclass(frozen=True)
+class ShippedRow:
+    seed: int
+    domain: str
+    match: str
+    value: str
+
+
+@lru_cache(maxsize=1)
+def shipped_rows() -> tuple[ShippedRow, ...]:
+    """The rows of `ehrfm/tasks/resources/concept_sets.csv` (comment lines skipped)."""
+    text = resources.files("ehrfm.tasks").joinpath("resources", SHIPPED_FILE).read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    rows = []
+    for record in csv.DictReader(lines):
+        if record["match"] not in MATCH_KINDS or record["domain"] not in DOMAIN_PREFIX:
+            raise ValueError(f"{SHIPPED_FILE}: bad row {record}")
+        rows.append(ShippedRow(int(record["seed_concept_id"]), record["domain"], record["match"], record["value"]))
+    return tuple(rows)
+
+
+def _normalise_code(value: str) -> str:
+    return re.sub(r"[.\s]", "", value).upper()
+
+
+@dataclass(frozen=True)
+class ConceptExpansion:
+    """How seed ids are expanded: path is concept_ancestor, shipped or as_given."""
+
+    path: str = "as_given"
+    concept_ancestor: pl.DataFrame | None = None
+    concept_table: pl.DataFrame | None = None
+
+
+@dataclass(frozen=True)
+class ExpandedConcept:
+    concept_ids: tuple[int, ...]
+    source_pattern: str | None  # regex on normalised source values (upper-case, no dots/spaces)
+    sources: tuple[str, ...]  # which expansions contributed (for the report)
+
+
+def source_pattern(rows: Iterable[ShippedRow]) -> str | None:
+    """One regex for the source-code rows: prefixes (ICD), exact codes (SNOMED), contained names."""
+    parts = []
+    for row in rows:
+        value = re.escape(_normalise_code(row.value))
+        if row.match in ("icd10cm", "icd9cm"):
+            parts.append(f"^{value}")
+        elif row.match == "snomed":
+            parts.append(f"^{value}$")
+        elif row.match == "name":
+            parts.append(re.escape(row.value.upper().replace(".", "")).replace("\\ ", ""))
+    return "|".join(sorted(set(parts))) or None
+
+
+def drugs_named(concept_table: pl.DataFrame, names: Iterable[str]) -> list[int]:
+    """Drug-domain concept ids whose concept_name contains any of `names` (any case)."""
+    frame = concept_table.rename({c: c.lower() for c in concept_table.columns})
+    if not {"concept_id", "concept_name", "domain_id"} <= set(frame.columns):
+        return []
+    words = [n.lower() for n in names if n]
+    if not words:
+        return []
+    hit = pl.lit(False)
+    for word in words:
+        hit = hit | pl.col("concept_name").str.to_lowercase().str.contains(word, literal=True)
+    found = frame.filter((pl.col("domain_id") == "Drug") & hit)["concept_id"].cast(pl.Int64, strict=False)
+    return [int(c) for c in found.drop_nulls().to_list()]
+
+
+def expand_concept(domain: str, seed: int, expansion: ConceptExpansion) -> ExpandedConcept:
+    """The concept ids and source pattern that stand for `seed` in `domain` under `expansion`."""
+    if expansion.path == "as_given":
+        return ExpandedConcept((int(seed),), None, ("seed",))
+    shipped = [r for r in shipped_rows() if r.seed == int(seed) and r.domain == domain]
+    ids = {int(seed)}
+    sources = ["seed"]
+    if expansion.path == "concept_ancestor":
+        ids |= set(expand_descendants([seed], expansion.concept_ancestor))
+        sources.append("concept_ancestor")
+    else:
+        ids |= {int(r.value) for r in shipped if r.match == "concept"}
+        sources.append("shipped")
+        names = [r.value for r in shipped if r.match == "name"]
+        if expansion.concept_table is not None and domain == "drug" and names:
+            ids |= set(drugs_named(expansion.concept_table, names))
+            sources.append("concept_names")
+    pattern = source_pattern(r for r in shipped if r.match != "concept")
+    if pattern:
+        sources.append("source_codes")
+    return ExpandedConcept(tuple(sorted(ids)), pattern, tuple(sources))
+
+
+def read_concept_table(omop_dir: str | Path) -> pl.DataFrame | None:
+    """OMOP `concept` (concept_id, concept_name, domain_id) from an OMOP dir; None when absent."""
+    root = Path(omop_dir)
+    for entry in sorted(root.iterdir()):
+        if entry.is_file() and _is_table_file(entry) and entry.name.lower().split(".")[0] == "concept":
+            frame = _read_one(entry)
+            keep = [c for c in ("concept_id", "concept_name", "domain_id") if c in frame.columns]
+            return frame.select(keep).with_columns(pl.col(c).cast(pl.String) for c in keep)
+    return None

@@ -1,0 +1,209 @@
+"""Issue #18 on hand-made persons: source codes, units, clinical-drug metformin, inpatient insulin,
+T2D before / after the prediction time, several prediction times per person, unmapped rows."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+
+import pyarrow as pa
+import pytest
+
+from ehrfm.omop.events import table_events
+from ehrfm.omop.units import canonical_values, convert_threshold, normalise_unit
+from ehrfm.schemas import EVENT_SCHEMA
+from ehrfm.tasks.definitions import load_task, resolve_task
+from ehrfm.tasks.labeler import choose_prediction_times, label_events, label_statuses
+
+T0 = datetime(2010, 1, 1, 9, 0)
+
+
+def day(d: float) -> datetime:
+    return T0 + timedelta(days=d)
+
+
+def events(rows: list[tuple]) -> pa.Table:
+    """Rows (subject, day, code[, value[, visit_id[, visit_type]]]) -> an EVENT_SCHEMA table."""
+    cols = {name: [] for name in EVENT_SCHEMA.names}
+    for row in rows:
+        subject, when, code, value, visit, kind = (list(row) + [None, None, None])[:6]
+        cols["subject_id"].append(subject)
+        cols["time"].append(None if when is None else day(when))
+        cols["code"].append(code)
+        cols["numeric_value"].append(value)
+        cols["visit_id"].append(visit)
+        cols["visit_type"].append(kind if kind is not None else (None if visit is None else "9202"))
+    return pa.table(cols, schema=EVENT_SCHEMA)
+
+
+def person(subject: int, extra: list[tuple] = (), last_day: float = 1000.0) -> list[tuple]:
+    """One candidate prediction time (the visit ending on day 10); a last visit on `last_day`."""
+    v = subject * 10
+    return [
+        (subject, -20000, "MEDS_BIRTH"),
+        (subject, 5, "VISIT/9202", None, v),
+        (subject, 10, "CONDITION/260139", None, v),
+        (subject, last_day, "VISIT/9202", None, v + 1),
+        *extra,
+    ]
+
+
+def statuses(table: pa.Table, task_name: str = "t2d", **changes) -> dict[int, tuple]:
+    task = resolve_task(load_task(task_name, [f"{k}={v}" for k, v in changes.items()]))
+    frame = label_statuses(table, task)
+    return {r["subject_id"]: (r["status"], r["boolean_value"]) for r in frame.iter_rows(named=True)}
+
+
+# ---- the events stage: unmapped rows keep their source; units are converted --------------------
+def test_unmapped_rows_are_coded_by_their_source_value():
+    conditions = pa.table(
+        {
+            "person_id": pa.array([1, 1, 1, 1], pa.int64()),
+            "condition_concept_id": pa.array([0, None, 201826, 0], pa.int64()),
+            "condition_start_date": pa.array([date(2020, 1, d) for d in (1, 2, 3, 4)], pa.date32()),
+            "condition_start_datetime": pa.nulls(4, pa.timestamp("us")),
+            "visit_occurrence_id": pa.nulls(4, pa.int64()),
+            "condition_source_value": pa.array([" E11.9 ", "250.00", "44054006", None], pa.string()),
+        }
+    )
+    out, counts = table_events("condition_occurrence", conditions)
+    assert out["code"].to_pylist() == [
+        "CONDITION/source/E11.9",
+        "CONDITION/source/250.00",
+        "CONDITION/201826",
+        "CONDITION/0",
+    ]
+    assert (counts.unmapped_rows, counts.unmapped_coded_by_source) == (3, 2)
+    assert counts.as_dict()["unmapped_rows"] == 3
+
+
+def test_hba1c_in_mmol_per_mol_is_converted_to_percent_and_implausible_values_dropped():
+    concept = pa.array([3004410] * 5 + [3004501, 3038553], pa.int64())
+    values = pa.array([48.0, 6.5, 53.0, 140.0, 6.0, 7.0, 30.0], pa.float64())
+    unit_concept = pa.array([9579, 8554, None, None, None, 8753, None], pa.int64())
+    unit_text = pa.array([None, None, "mmol/mol", "%", None, None, "kg/m2"], pa.string())
+    out, counts = canonical_values(concept, values, unit_concept, unit_text)
+    got = out.to_pylist()
+    assert got[0] == pytest.approx(6.543, abs=1e-3)  # 48 mmol/mol = 6.5 %
+    assert got[1] == 6.5 and got[2] == pytest.approx(7.00, abs=0.01)
+    assert got[3] is None  # "140 %" is not an HbA1c
+    assert got[4] == 6.0  # no unit: plausible as %, kept
+    assert got[5] == pytest.approx(126.1, abs=0.1)  # glucose 7 mmol/L = 126 mg/dL
+    assert got[6] == 30.0  # BMI: not a handled analyte, as recorded
+    assert counts["unit:hba1c:mmol/mol"] == 2 and counts["unit:hba1c:%"] == 2 and counts["unit:hba1c:missing"] == 1
+    assert counts["values_converted"] == 3 and counts["values_implausible"] == 1
+
+
+def test_threshold_units_convert_and_unknown_units_are_errors():
+    assert convert_threshold(3004410, 48, "mmol/mol") == pytest.approx(6.543, abs=1e-3)
+    assert convert_threshold(3004410, 6.5, "%") == 6.5
+    assert convert_threshold(3004501, 7.0, "mmol/L") == pytest.approx(126.1, abs=0.1)
+    assert normalise_unit("mg/dL") == "mg/dL" and normalise_unit(" MMOL/MOL ") == "mmol/mol"
+    with pytest.raises(ValueError, match="not convertible"):
+        convert_threshold(3004410, 6.5, "mg/dL")
+
+
+def test_hba1c_threshold_in_mmol_per_mol_equals_the_percent_threshold():
+    table = events(
+        person(1, [(1, 9, "MEASUREMENT/3004410", 6.6)])  # above 6.5 % = 48 mmol/mol
+        + person(2, [(2, 9, "MEASUREMENT/3004410", 6.4)])  # below
+    )
+    as_percent = statuses(table)
+    in_ifcc = statuses(table, **{"prior.measurement": '[{"concept_id": 3004410, "value": 48, "unit": "mmol/mol"}]'})
+    assert as_percent == in_ifcc == {1: ("prior_measurement", None), 2: ("labeled", False)}
+
+
+# ---- concept sets --------------------------------------------------------------------------------
+def test_icd10_source_code_with_unmapped_concept_counts_as_t2d():
+    table = events(
+        person(1, [(1, 3, "CONDITION/source/E11.9")])  # before: prevalent
+        + person(2, [(2, 300, "CONDITION/source/E119")])  # after, dotless: incident
+        + person(3, [(3, 300, "CONDITION/source/250.02")])  # ICD-9 type II uncontrolled
+        + person(4, [(4, 300, "CONDITION/source/250.01")])  # ICD-9 type I: not T2D
+        + person(5, [(5, 300, "CONDITION/4193704")])  # a standard descendant (shipped list)
+    )
+    assert statuses(table) == {
+        1: ("prior_condition", None),
+        2: ("labeled", True),
+        3: ("labeled", True),
+        4: ("labeled", False),
+        5: ("labeled", True),
+    }
+    # Without expansion only the seed ids count.
+    assert statuses(table, expand_descendants="false")[2] == ("labeled", False)
+
+
+def test_clinical_drug_metformin_matches_the_ingredient():
+    table = events(
+        person(1, [(1, 3, "DRUG/40163924")])  # metformin ER 500 MG tablet (clinical drug)
+        + person(2, [(2, 3, "DRUG/source/Metformin HCl 500mg tab")])  # unmapped, named
+        + person(3, [(3, 3, "DRUG/1112807")])  # aspirin: no
+    )
+    assert statuses(table) == {1: ("prior_drug", None), 2: ("prior_drug", None), 3: ("labeled", False)}
+
+
+def test_inpatient_sliding_scale_insulin_is_not_evidence_of_diabetes():
+    table = events(
+        person(1, [(1, 2, "VISIT/9201", None, 99, "9201"), (1, 3, "DRUG/1596977", None, 99, "9201")])
+        + person(2, [(2, 3, "DRUG/1596977", None, 20, "9202")])  # outpatient insulin
+    )
+    assert statuses(table) == {1: ("labeled", False), 2: ("prior_drug", None)}
+    # Configurable: with no inpatient visit types, inpatient insulin counts again.
+    assert statuses(table, inpatient_visit_types="[]")[1] == ("prior_drug", None)
+
+
+def test_t2d_coded_before_or_after_the_prediction_time():
+    table = events(
+        person(1, [(1, 9, "CONDITION/201826")])  # the day before: prior
+        + person(2, [(2, 11, "CONDITION/201826")])  # the day after: positive
+        + person(3, [(3, 10 + 731, "CONDITION/201826")])  # after the horizon: negative
+    )
+    assert statuses(table) == {1: ("prior_condition", None), 2: ("labeled", True), 3: ("labeled", False)}
+
+
+# ---- several prediction times per person ---------------------------------------------------------
+def yearly_person(subject: int, extra: list[tuple] = ()) -> list[tuple]:
+    """Visits ending on days 0, 100, 400, 800, 1200, 1600, 3000 (the last is never a candidate)."""
+    rows = [(subject, -20000, "MEDS_BIRTH")]
+    for i, d in enumerate((0, 100, 400, 800, 1200, 1600, 3000)):
+        rows.append((subject, d, "VISIT/9202", None, subject * 100 + i))
+    return rows + list(extra)
+
+
+def test_landmarks_are_yearly_capped_and_excluded_per_prediction_time():
+    table = events(yearly_person(1, [(1, 1000, "CONDITION/201826")]))
+    landmarks = choose_prediction_times(
+        pl_frame(table), 0, load_task("t2d", ["prediction_times.max_per_person=10"]).prediction_times
+    )
+    got = [(t - T0).days for t in landmarks["prediction_time"].to_list()]
+    assert got == [0, 400, 800, 1200, 1600]  # day 100 is in the first year's window
+    rows = label_statuses(table, resolve_task(load_task("t2d", ["prediction_times.max_per_person=10"])))
+    by_day = {(r["prediction_time"] - T0).days: (r["status"], r["boolean_value"]) for r in rows.iter_rows(named=True)}
+    assert by_day == {
+        0: ("labeled", False),  # T2D on day 1000 is beyond 730 days
+        400: ("labeled", True),
+        800: ("labeled", True),
+        1200: ("prior_condition", None),
+        1600: ("prior_condition", None),
+    }
+    capped = label_statuses(table, resolve_task(load_task("t2d")))  # the shipped cap: 3
+    assert capped.height == 3 and capped["prediction_time"].is_sorted()
+    _, account = label_events(table, resolve_task(load_task("t2d", ["prediction_times.max_per_person=10"])))
+    assert (account.persons_in, account.persons_labeled, account.persons_positive) == (1, 1, 1)
+    assert (account.prediction_times, account.labeled, account.positive) == (5, 3, 2)
+    assert account.excluded["prior_condition"] == 2
+    assert account.concept_persons["target:condition/201826"] == 1
+
+
+def test_every_eligible_visit_with_zero_gap_and_the_draw_is_stable():
+    table = events(yearly_person(1) + yearly_person(2))
+    times = load_task("t2d", ["prediction_times.min_gap_days=0", "prediction_times.max_per_person=4"]).prediction_times
+    first = choose_prediction_times(pl_frame(table), 0, times)
+    again = choose_prediction_times(pl_frame(table.take(list(reversed(range(table.num_rows))))), 0, times)
+    assert first.equals(again.sort("subject_id", "prediction_time"))
+    assert first.group_by("subject_id").len()["len"].to_list() == [4, 4]
+
+
+def pl_frame(table: pa.Table):
+    import polars as pl
+
+    return pl.from_arrow(table)
