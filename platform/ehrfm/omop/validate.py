@@ -46,6 +46,12 @@ def summary_lines(report: dict) -> list[str]:
     lines.append(f"{'total':<22}{totals['rows_in']:>11,}{totals['rows_kept']:>11,}{totals['rows_quarantined']:>13,}")
     if report.get("missing_tables"):
         lines.append(f"tables not present: {', '.join(report['missing_tables'])}")
+    for table, unmapped in report.get("unmapped", {}).items():
+        if unmapped["unmapped"]:
+            lines.append(
+                f"unmapped {table}: {unmapped['unmapped']:,} of {unmapped['rows']:,} ({unmapped['share']:.1%})"
+            )
+    lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
     prs = report.get("prs")
     if prs:
         excluded = ", ".join(f"{k}={v}" for k, v in prs["excluded_by_reason"].items()) or "-"

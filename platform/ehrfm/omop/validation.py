@@ -65,6 +65,18 @@ __all__ = [
 ]
 
 REASON_COLUMN = "reason"
+# Clinical tables and their concept column: the share of kept rows without a standard concept
+# (concept id 0 or null) is reported; above UNMAPPED_WARN_SHARE it is a warning.
+CONCEPT_COLUMNS = {
+    "condition_occurrence": ("condition_concept_id", "condition_source_value"),
+    "drug_exposure": ("drug_concept_id", "drug_source_value"),
+    "procedure_occurrence": ("procedure_concept_id", "procedure_source_value"),
+    "device_exposure": ("device_concept_id", "device_source_value"),
+    "measurement": ("measurement_concept_id", "measurement_source_value"),
+    "observation": ("observation_concept_id", "observation_source_value"),
+    "visit_occurrence": ("visit_concept_id", "visit_source_value"),
+}
+UNMAPPED_WARN_SHARE = 0.05
 SOURCE_COLUMN = "source_file"
 NO_DEATH = np.iinfo(np.int64).max // 2  # sentinel day number: far beyond any real date
 _REASON_CODE = {reason: code for code, reason in enumerate(REASONS)}
@@ -362,6 +374,34 @@ def _write_quarantine(out_dir: Path | None, table: str, result: TableValidation)
     return str(path.relative_to(out_dir))
 
 
+def unmapped_account(table: str, kept: pa.Table) -> dict | None:
+    """Rows without a standard concept in one table's kept rows: counts and share (None if not clinical)."""
+    if table not in CONCEPT_COLUMNS:
+        return None
+    concept, source = CONCEPT_COLUMNS[table]
+    rows = kept.num_rows
+    if concept not in kept.column_names:
+        return {"rows": rows, "unmapped": 0, "with_source_value": 0, "share": 0.0}
+    unmapped = pc.fill_null(pc.equal(pc.fill_null(kept[concept], 0), 0), True)
+    n = int(pc.sum(unmapped).as_py() or 0)
+    with_source = 0
+    if n and source in kept.column_names:
+        text = pc.utf8_trim_whitespace(pc.cast(kept[source], pa.string()))
+        has_text = pc.fill_null(pc.greater(pc.utf8_length(text), 0), False)
+        with_source = int(pc.sum(pc.and_(unmapped, has_text)).as_py() or 0)
+    return {"rows": rows, "unmapped": n, "with_source_value": with_source, "share": round(n / rows, 4) if rows else 0.0}
+
+
+def unmapped_warnings(unmapped: dict[str, dict], threshold: float = UNMAPPED_WARN_SHARE) -> list[str]:
+    """One line per table whose unmapped share is above `threshold` (counts only)."""
+    return [
+        f"{table}: {a['unmapped']:,} of {a['rows']:,} rows ({a['share']:.1%}) have no standard concept "
+        f"(concept id 0/null; {a['with_source_value']:,} keep their source value as the code)"
+        for table, a in unmapped.items()
+        if a["rows"] and a["share"] > threshold
+    ]
+
+
 def validate_omop(root: str | Path, out_dir: str | Path | None = None, batch_rows: int = DEFAULT_BATCH_ROWS) -> dict:
     """Validate every supported table under `root`; person and death first (they build the PersonIndex).
 
@@ -395,6 +435,9 @@ def validate_omop_with_persons(
         elif table == "death":
             persons = PersonIndex.from_tables(person_kept, result.kept)
         account = dict(result.account)
+        mapped = unmapped_account(table, result.kept)
+        if mapped is not None:
+            report.setdefault("unmapped", {})[table] = mapped
         account["quarantine_file"] = _write_quarantine(out, table, result)
         account["seconds"] = round(time.perf_counter() - table_started, 3)
         report["tables"][table] = account
@@ -407,6 +450,7 @@ def validate_omop_with_persons(
         "rows_kept": sum(a["rows_kept"] for a in accounts),
         "rows_quarantined": sum(a["rows_quarantined"] for a in accounts),
     }
+    report["warnings"] = unmapped_warnings(report.get("unmapped", {}))
     report["seconds"] = round(time.perf_counter() - started, 3)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
