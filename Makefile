@@ -24,11 +24,13 @@ $(STAMP): pyproject.toml
 run: setup
 	$(PY) jobs/pipeline.py --workdir $(RUN_DIR) --config jobs/configs/pipeline-demo.yaml
 
+# tests/unit (no Ray, MLflow server or subprocess; under 2 minutes), then tests/integration, then tests/e2e:
+# the layout rules are in tests/support/layout.py. CI runs `make test`.
 test: setup
 	$(PY) -m pytest tests
 
 test-fast: setup
-	$(PY) -m pytest tests -m "not e2e"
+	$(PY) -m pytest tests/unit
 
 bench: setup
 	$(PY) bench/run.py --out bench/results.json

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray cluster per test session, paths to the shared sample data."""
+"""Shared fixtures: one local Ray cluster per test session, a real MLflow server, paths to the shared
+sample data; and the layout rules of tests/support/layout.py, checked at collection and after each test."""
 
 from __future__ import annotations
 
@@ -7,8 +8,29 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.layout import check_layout, ray_is_initialized, stop_leaked_ray
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(items):
+    check_layout(items)  # one line per test in the wrong folder or without the marker its fixtures need
+
+
+_RAY_WAS_UP = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[_RAY_WAS_UP] = ray_is_initialized()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    stop_leaked_ray(item, item.stash.get(_RAY_WAS_UP, True))
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +53,17 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if not ray.is_initialized():
-        # address="local": always a fresh cluster of our own, never one that happens to be running
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": always a fresh cluster of our own, never one that happens to be running.
+        # Workers get the repo root on PYTHONPATH, so what a test ships them from tests.support imports
+        # there too (Ray gives workers only the driver's working directory, whatever it is).
+        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        )
     yield ray
     ray.shutdown()
 

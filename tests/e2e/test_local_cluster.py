@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from ehrfm.cluster.auth import AUTH_MODE_VAR, TOKEN_PATH_VAR, TOKEN_VAR
-from ehrfm.cluster.local import LocalClusterSpec, _head_args, _worker_env, alive_nodes, down, free_port, status, up
+from ehrfm.cluster.local import LocalClusterSpec, alive_nodes, down, free_port, status, up
 from tests.support.timeline_factory import write_timelines
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -154,6 +154,7 @@ SHORT_PRETRAIN = (
 )
 
 
+@pytest.mark.mlflow
 @pytest.mark.e2e
 def test_pretrain_job_trains_and_logs_its_run_to_the_tracking_server(local_cluster, mlflow_server, tmp_path):
     timelines = write_timelines(tmp_path / "data", persons=120, files=2, max_events=150)
@@ -222,39 +223,6 @@ def test_submit_without_or_with_a_wrong_token_is_refused(local_cluster, tmp_path
     assert _job_count(local_cluster) == jobs_before
 
 
-FALLBACK_PROBE = """
-import runpy, sys
-from pathlib import Path
-installed = str(Path(sys.argv[1]).resolve())
-sys.path[:] = [p for p in sys.path if str(Path(p or '.').resolve()) != installed]
-job, sys.argv = sys.argv[2], [sys.argv[2], '--help']
-try:
-    runpy.run_path(job, run_name='__main__')
-finally:
-    print('EHRFM_FROM', sys.modules['ehrfm'].__file__)
-"""
-
-
-def test_job_entrypoint_falls_back_to_the_checkout_copy_when_not_installed(tmp_path):
-    """`jobs/*.py` import `ehrfm` from <their repo>/platform when it is not importable otherwise."""
-    checkout = tmp_path / "checkout"
-    shutil.copytree(REPO_ROOT / "jobs", checkout / "jobs")
-    shutil.copytree(
-        REPO_ROOT / "platform" / "ehrfm", checkout / "platform" / "ehrfm", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    job = checkout / "jobs" / "pipeline.py"
-    done = subprocess.run(
-        [sys.executable, "-c", FALLBACK_PROBE, str(REPO_ROOT / "platform"), str(job)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "usage: ehrfm pipeline" in done.stdout
-    assert f"EHRFM_FROM {checkout / 'platform' / 'ehrfm' / '__init__.py'}" in done.stdout
-
-
 @pytest.mark.e2e
 def test_up_after_a_crashed_head_clears_its_leftovers_and_down_leaves_nothing():
     state_dir = Path(tempfile.mkdtemp(prefix="ehrfm-lc-", dir="/tmp"))
@@ -276,19 +244,3 @@ def test_up_after_a_crashed_head_clears_its_leftovers_and_down_leaves_nothing():
         down(state_dir)
         shutil.rmtree(state_dir, ignore_errors=True)
     assert not [p for p in survivors if p.is_running() and p.status() != "zombie"]
-
-
-def test_worker_nodes_get_distinct_gpus_and_the_head_none():
-    spec = LocalClusterSpec(state_dir=Path("/tmp/x"), workers=2, worker_gpus=2)
-    assert [_worker_env({}, index, 2).get("CUDA_VISIBLE_DEVICES") for index in range(2)] == ["0,1", "2,3"]
-    assert "CUDA_VISIBLE_DEVICES" not in _worker_env({}, 0, 0)
-    head = _head_args(spec)
-    assert head[head.index("--num-gpus") + 1] == "0"
-    assert head[head.index("--dashboard-host") + 1] == "127.0.0.1"
-
-
-def test_a_too_long_ray_temp_dir_is_refused_before_anything_starts(tmp_path):
-    spec = LocalClusterSpec(state_dir=tmp_path / ("deep" * 10), dashboard_port=free_port())
-    with pytest.raises(ValueError, match="107-byte limit"):
-        up(spec)
-    assert not (spec.state_dir / "logs").exists()

@@ -1,44 +1,13 @@
 """The main job's stage bookkeeping: run, skip when inputs are unchanged, re-run when forced or changed."""
 
 import json
-import socket
 
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from ehrfm.workflow import PipelineConfig, run_pipeline
 
-
-def _fingerprints(records):
-    return {name: record["fingerprint"] for name, record in records.items()}
-
-
-def test_stages_run_once_then_skip_and_rerun_on_change(tmp_path, capsys):
-    workdir = tmp_path / "run"
-    cfg = PipelineConfig(persons=150, num_pgs=8)
-    first = run_pipeline(cfg, workdir, until="validate")
-    assert list(first) == ["synthesize", "score_prs", "validate"]
-    assert first["score_prs"]["fingerprint"] == "disabled"  # PRS come finished in scores mode
-    report = json.loads((workdir / "validation" / "validation_report.json").read_text())
-    assert report["tables"]["person"]["rows_in"] == 150
-    capsys.readouterr()
-
-    second = run_pipeline(cfg, workdir, until="validate")
-    assert _fingerprints(second) == _fingerprints(first)
-    assert capsys.readouterr().out.count("up to date, skipped") == 2
-
-    forced = run_pipeline(cfg, workdir, start_from="validate", until="validate")
-    out = capsys.readouterr().out
-    assert "synthesize: up to date" in out and "validate: running" in out
-    assert _fingerprints(forced) == _fingerprints(first)
-
-    changed = run_pipeline(PipelineConfig(persons=160, num_pgs=8), workdir, until="validate")
-    out = capsys.readouterr().out
-    assert "up to date" not in out
-    assert changed["synthesize"]["fingerprint"] != first["synthesize"]["fingerprint"]
-    # a changed upstream fingerprint changes the downstream one too
-    assert changed["validate"]["fingerprint"] != first["validate"]["fingerprint"]
+pytestmark = pytest.mark.ray
 
 
 def test_genotype_path_computes_prs_that_track_the_finished_scores(tmp_path, ray_cluster):
@@ -48,7 +17,6 @@ def test_genotype_path_computes_prs_that_track_the_finished_scores(tmp_path, ray
     so the computed PRS must correlate with them score by score.
     """
     import numpy as np
-    import pyarrow.parquet as pq
 
     from ehrfm.prs.readers import read_prs
 
@@ -69,101 +37,3 @@ def test_genotype_path_computes_prs_that_track_the_finished_scores(tmp_path, ray
         assert r > 0.8, (pgs_id, r)
     report = json.loads((workdir / "validation" / "validation_report.json").read_text())
     assert report["prs"]["samples_kept"] == len(wide)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.mark.e2e
-def test_main_job_runs_every_stage_registers_a_champion_and_reruns_cheaply(
-    tmp_path, ray_cluster, mlflow_server, monkeypatch, capsys
-):
-    """synthesize → … → pretrain → label → finetune → zero_shot → tune → evaluate → register → serve, tiny settings.
-
-    Hypertension rather than T2D: its prevalence gives both classes in every split of a small cohort.
-    """
-    from mlflow import MlflowClient
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    cfg = PipelineConfig(
-        persons=600,
-        num_pgs=8,
-        task="hypertension",
-        n_boot=20,
-        pretrain_overrides=[
-            "schedule.max_steps=4",
-            "schedule.log_every=2",
-            "schedule.val_every=2",
-            "schedule.checkpoint_every=2",
-            "optim.warmup_steps=1",
-        ],
-        finetune_overrides=["train.epochs=1"],
-        zero_shot_overrides=["n_samples=2", "max_new_tokens=8"],
-        tune_samples=2,
-        tune_overrides=["scheduler.max_epochs=1", "finetune.train.eval_batch_size=256"],
-        serve_port=_free_port(),
-        serve_smoke_persons=3,
-    )
-    workdir = tmp_path / "run"
-    records = run_pipeline(cfg, workdir)
-    assert [name for name, r in records.items() if r["fingerprint"] != "disabled"] == [
-        "synthesize",
-        "validate",
-        "preprocess",
-        "pretrain",
-        "label",
-        "finetune",
-        "zero_shot",
-        "tune",
-        "evaluate",
-        "register",
-        "serve",
-    ]
-
-    report = json.loads((workdir / "evaluation" / "report.json").read_text())
-    labels = pq.read_table(workdir / "labels" / "labels.parquet")
-    predictions = pq.read_table(workdir / "finetune" / "predictions.parquet")
-    assert report["n_test"] == predictions.filter(pc.equal(predictions["split"], "test")).num_rows
-    assert report["n_test"] < labels.num_rows
-    # the sweep: the default fine-tune as its first trial plus one searched point; its winner is
-    # the headline model, reported beside the default fine-tune with the paired tuning gain
-    sweep = json.loads((workdir / "tune" / "sweep_result.json").read_text())
-    assert len(sweep["trials"]) == 2 and sweep["registry"] is None  # the register stage registers
-    default = sweep["default_trial"]["config"]  # the pipeline's own fine-tune, run as the first trial
-    assert (default["model.mode"], default["optim.head_lr"]) == ("linear_probe", 3.0e-3)
-    assert sweep["best_val_auroc"] == max(t["best_val_auroc"] for t in sweep["trials"])
-    winner = pq.read_table(workdir / "tune" / "best" / "predictions.parquet").to_pandas()
-    winner_test = winner[winner["split"] == "test"]
-    assert report["models"]["finetuned"]["n"] == len(winner_test) == report["n_test"]
-    gain = report["comparisons"]["tuning_gain"]
-    assert (gain["model"], gain["reference"]) == ("finetuned", "finetuned_default")
-    assert gain["auroc_difference"] == pytest.approx(
-        report["models"]["finetuned"]["auroc"] - report["models"]["finetuned_default"]["auroc"], abs=1e-9
-    )
-    for model in (
-        "finetuned",
-        "finetuned_prs_masked",
-        "finetuned_default",
-        "zero_shot_path_probability",
-        "counts_lr",
-        "prs_lr",
-    ):
-        low, value, high = (report["models"][model][k] for k in ("auroc_ci_low", "auroc", "auroc_ci_high"))
-        assert 0.0 <= low <= value <= high <= 1.0, model
-    assert "oracle_genetic" not in report["models"]  # the simulator's oracle is for T2D only
-
-    registered = json.loads((workdir / "registry" / "registered.json").read_text())
-    assert registered["name"] == "ehrfm-hypertension" and registered["promoted"] is True
-    champion = MlflowClient(mlflow_server).get_model_version_by_alias("ehrfm-hypertension", "champion")
-    assert int(champion.version) == registered["version"]
-    assert float(champion.tags["val_auroc"]) == pytest.approx(registered["metric"])
-    assert registered["metric"] == pytest.approx(sweep["metrics"]["val_auroc"])  # the sweep's winner was registered
-
-    assert "3/3 persons scored over HTTP match the registered model's own predictions" in capsys.readouterr().out
-
-    again = run_pipeline(cfg, workdir)
-    assert capsys.readouterr().out.count("up to date, skipped") == 11
-    assert {k: v["fingerprint"] for k, v in again.items()} == {k: v["fingerprint"] for k, v in records.items()}

@@ -412,6 +412,7 @@ def test_atomic_directory_replaces_only_on_success(tmp_path: Path) -> None:
     assert [p.name.startswith(".out.tmp-") for p in tmp_path.iterdir() if p.name != "out"] == [True]
 
 
+@pytest.mark.mlflow
 def test_counts_logged_to_mlflow_when_a_tracking_uri_is_set(run: dict, mlflow_server: str, monkeypatch) -> None:
     from mlflow.tracking import MlflowClient
 

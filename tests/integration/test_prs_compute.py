@@ -16,10 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from bed_reader import open_bed, to_bed
 
-from ehrfm.genetics.genotypes import GenotypeError, open_genotypes
+from ehrfm.genetics.genotypes import open_genotypes
 from ehrfm.genetics.score import PrsMatchError, ScorePrsConfig, compute_prs, main
 from ehrfm.prs.readers import read_prs
 from ehrfm_synthetic.genotypes import write_genotypes_and_scores
+
+pytestmark = pytest.mark.ray
 
 CINECA = "prs_pgsc_calc_cineca_chr22"
 EDGE = "plink_edgecase_fixtures_bedreader"
@@ -212,29 +214,6 @@ def test_missing_genotypes_per_chromosome_filesets(ray_cluster, shared_data: Pat
     )
     assert split["genotypes"]["filesets"] == ["part_a.bed", "part_b.bed"]
     np.testing.assert_allclose(_wide(tmp_path / "split").loc[genotypes.sample_ids, "alt"], expected, rtol=1e-12)
-
-
-def test_reader_edge_cases(shared_data: Path, tmp_path: Path) -> None:
-    sim = open_genotypes(shared_data / EDGE / "plink_sim_10s_100v_10pmiss")
-    assert sim.n_samples == 10 and len(sim.variants) == 100 and sim.sample_ids.tolist()[:3] == ["0", "1", "2"]
-    assert sim.variants.iloc[0][["id", "a1", "a2"]].tolist() == ["1:1:A:C", "C", "A"]
-    assert (
-        int((open_bed(shared_data / EDGE / "plink_sim_10s_100v_10pmiss.bed").read(dtype="int8") == -127).sum()) == 111
-    )
-    small = open_genotypes(shared_data / EDGE / "small")  # non-integer cM and a text phenotype are ignored
-    assert small.variants["chr"].tolist() == ["1", "1", "5", "Y"] and small.variants["pos"].tolist() == [
-        1,
-        100,
-        1000,
-        1004,
-    ]
-    (tmp_path / "lonely.bed").write_bytes((shared_data / EDGE / "small.bed").read_bytes())
-    with pytest.raises(GenotypeError, match="lonely.bed: companion file lonely.bim is missing"):
-        open_genotypes(tmp_path / "lonely")
-    for name, iids in (("a", ["x", "y"]), ("b", ["x", "z"])):
-        to_bed(tmp_path / f"fs_{name}.bed", np.zeros((2, 1), dtype=np.int8), properties={"iid": iids})
-    with pytest.raises(GenotypeError, match="fs_b.fam: samples differ from fs_a.fam"):
-        open_genotypes(tmp_path / "fs_*")
 
 
 def test_synthetic_genotypes_round_trip(ray_cluster, tmp_path: Path) -> None:

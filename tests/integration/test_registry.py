@@ -4,12 +4,8 @@ a models-from-code pyfunc, register it, move `champion` only to a better model, 
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -18,14 +14,18 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from ehrfm.evaluate.report import evaluate_predictions
-from ehrfm.evaluate.stratify import subgroup_table
-from ehrfm.mlops.model_card import model_card
 from ehrfm.mlops.pyfunc_model import OUTPUT_COLUMNS, records_frame
 from ehrfm.mlops.registry import CHAMPION, RISK_MODEL_FILES, log_risk_model, register_if_better
 from ehrfm.model.risk import load_risk_model
 from ehrfm.serve import model_store
 from ehrfm.transfer.predictor import RiskPredictor
+from tests.support.registry_models import (
+    make_workdir,
+    people,
+    register_t2d_champion,
+    registry_tracking,
+    risk_model,
+)
 from tests.support.risk_model_factory import (
     PGS_IDS,
     labels_at,
@@ -33,74 +33,26 @@ from tests.support.risk_model_factory import (
     offline_risks,
     offline_timelines,
     person_record,
-    write_risk_model,
-    write_tokenizer,
 )
+
+pytestmark = pytest.mark.mlflow
 
 
 @pytest.fixture(scope="module")
 def tracking(mlflow_server):
-    """The loopback server as this module's tracking and registry URI (restored afterwards)."""
-    previous = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        mlflow.set_tracking_uri(mlflow_server)
-        mlflow.set_experiment("registry-tests")
-        yield mlflow_server
-    mlflow.set_tracking_uri(previous)
+    with registry_tracking(mlflow_server) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("registry")
-    write_tokenizer(root / "tokenizer.json")
-    return root
-
-
-def risk_model(workdir: Path, name: str, seed: int, task: str) -> Path:
-    directory = write_risk_model(workdir / name, workdir / "tokenizer.json", seed=seed, task=task)
-    (directory / "predictions.parquet").write_bytes(b"patient-level rows that must never be logged")
-    return directory
-
-
-def card_for(directory: Path) -> str:
-    _, spec = load_risk_model(directory)
-    rng = np.random.default_rng(0)
-    y = rng.random(300) < 0.2
-    score = np.clip(0.2 + 0.3 * y + rng.normal(0, 0.2, 300), 0, 1)
-    sex = np.where(rng.random(300) < 0.5, "female", "male")
-    sex[:7] = "other"  # a 7-person subgroup: its counts and metrics must be suppressed
-    subgroups = subgroup_table(y, score, {"sex": sex}, n_boot=50)
-    return model_card(
-        spec,
-        {"persons_train": 1400, "persons_val": 300, "positives_val": int(y.sum()), "positives_rare_group": 4},
-        [evaluate_predictions("risk", y, score, n_boot=50)],
-        subgroups,
-    )
-
-
-def people() -> tuple[list, list[dict]]:
-    genotyped = make_person(
-        11, seed=1, n_visits=8, prs={k: 0.8 - 0.5 * i for i, k in enumerate(PGS_IDS)}, unknown_code=True
-    )
-    plain = make_person(12, seed=2, n_visits=5, sex=8507)
-    times = [
-        dt.datetime.combine(genotyped.visits[5][1], dt.time(9)),
-        dt.datetime.combine(plain.visits[3][1], dt.time(9)),
-    ]
-    partial = {**person_record(make_person(13, seed=3, n_visits=4)), "prs": {PGS_IDS[0]: 1.5, PGS_IDS[3]: -0.2}}
-    return [genotyped, plain, times], [person_record(genotyped, times[0]), person_record(plain, times[1]), partial]
+    return make_workdir(tmp_path_factory.mktemp("registry"))
 
 
 @pytest.fixture(scope="module")
 def t2d_champion(tracking, workdir):
     """Version 1 of ehrfm-t2d, logged from a model directory and registered (promoted: no champion yet)."""
-    directory = risk_model(workdir, "t2d-1", seed=1, task="t2d")
-    card = card_for(directory)
-    uri = log_risk_model(
-        directory, "t2d", {"val_auroc": 0.71, "test_auroc": 0.69, "test_auroc_ci_low": float("nan")}, card
-    )
-    return directory, card, uri, register_if_better(uri, "t2d", 0.71)
+    return register_t2d_champion(workdir)
 
 
 def test_champion_round_trip_gives_the_predictor_and_offline_risks(t2d_champion):
@@ -156,32 +108,6 @@ def test_logged_model_holds_weights_config_tokenizer_and_card_but_no_pickle_or_p
     assert run.data.metrics == {"val_auroc": 0.71, "test_auroc": 0.69}  # the NaN bound is left out
     assert mlflow.artifacts.load_text(f"runs:/{version.run_id}/model_card.md") == card
     assert "<10" in card and "| sex | other | <10 | " in card
-
-
-@pytest.mark.e2e  # a new interpreter importing torch, ray and mlflow: ~15-30 s on a shared 2-core machine
-def test_a_fresh_process_loads_the_champion_with_the_logged_code(t2d_champion, tmp_path):
-    directory, _, _, _ = t2d_champion
-    _, requests = people()
-    predictor = RiskPredictor.load(directory)
-    frame = records_frame([predictor.parse(r) for r in requests])
-    (tmp_path / "input.json").write_text(json.dumps(frame["person"].tolist()))
-    script = (
-        "import json, sys, mlflow, pandas as pd\n"
-        "model = mlflow.pyfunc.load_model('models:/ehrfm-t2d@champion')\n"
-        "import ehrfm\n"
-        "frame = pd.DataFrame({'person': json.load(open('input.json'))})\n"
-        "print(json.dumps({'ehrfm': ehrfm.__file__, 'risk': model.predict(frame)['risk'].tolist()}))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
-    assert Path(answer["ehrfm"]).parts[-3:] == ("code", "ehrfm", "__init__.py")  # the logged copy, not the checkout
-    expected = [r["risk"] for r in predictor.predict([predictor.parse(r) for r in requests])]
-    np.testing.assert_allclose(answer["risk"], expected, rtol=1e-9)
 
 
 def test_a_worse_model_keeps_the_champion_and_a_better_one_takes_it(tracking, workdir):

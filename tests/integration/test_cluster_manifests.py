@@ -1,0 +1,60 @@
+"""Cluster definitions are valid for the tools that will read them.
+
+- KubeRay RayCluster / RayJob / RayService: JSON Schema validation against the CRDs' openAPIV3Schema
+  (tests/data/kuberay, a faithful subset), with unknown fields rejected as `kubectl apply` does;
+  the Serve config and runtime envs inside them against Ray's own schemas.
+- `ray up` (AWS): Ray's cluster-config schema shipped in the installed ray package, and Ray's own
+  prepare + validate steps.
+- MLflow on Kubernetes: the Deployment's settings reach `mlflow server` through ehrfm.tracking,
+  and a real server started with them accepts the in-cluster host name and refuses others.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from ehrfm.cluster.local import free_port
+from ehrfm.tracking import ServerSettings, start_server
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _mlflow_objects() -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all((REPO / "mlflow" / "k8s" / "mlflow.yaml").read_text())}
+
+
+def _deployment_env(deployment: dict, secret: dict[str, str]) -> dict[str, str]:
+    """The container's environment as Kubernetes would build it, given the optional Secret's data."""
+    env = {}
+    for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        elif item["valueFrom"]["secretKeyRef"]["key"] in secret:
+            env[item["name"]] = secret[item["valueFrom"]["secretKeyRef"]["key"]]
+    return env
+
+
+def _status_for_host(url: str, host: str) -> int:
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_mlflow_server_accepts_the_in_cluster_host_name_only(tmp_path):
+    env = _deployment_env(_mlflow_objects()["Deployment"], {})
+    settings = ServerSettings(state_dir=tmp_path, port=free_port(), allowed_hosts=env["EHRFM_MLFLOW_ALLOWED_HOSTS"])
+    server = start_server(settings)
+    try:
+        assert _status_for_host(settings.url, "mlflow.ehrfm.svc.cluster.local:5000") == 200
+        assert _status_for_host(settings.url, "mlflow:5000") == 200
+        assert _status_for_host(settings.url, "attacker.example:5000") == 403
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

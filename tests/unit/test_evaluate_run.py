@@ -1,0 +1,109 @@
+"""`ehrfm evaluate` on a tiny hand-made task: paired bootstrap, alignment checks, report, oracle, MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from ehrfm.cli import run_command
+from ehrfm.evaluate.alignment import align_scores
+from ehrfm.metrics import bootstrap_difference, bootstrap_metric, bootstrap_weights
+from tests.support.evaluate_factory import N, make_task
+
+
+def test_paired_bootstrap_difference_matches_a_direct_loop():
+    rng = np.random.default_rng(4)
+    n, n_boot, seed = 60, 150, 11
+    y = rng.random(n) < 0.3
+    a = np.round(rng.normal(size=n) + 1.0 * y, 1)  # ties, as real risks have
+    b = rng.normal(size=n) + 0.4 * y
+    for metric, reference in (("auroc", roc_auc_score), ("auprc", average_precision_score)):
+        est = bootstrap_difference(metric, y, a, b, n_boot=n_boot, seed=seed)
+        assert est.value == pytest.approx(reference(y, a) - reference(y, b), abs=1e-12)
+        weights = bootstrap_weights(n, n_boot, np.random.default_rng(seed)).astype(int)
+        diffs = []
+        for w in weights:
+            idx = np.repeat(np.arange(n), w)
+            if 0 < y[idx].sum() < idx.size:
+                diffs.append(reference(y[idx], a[idx]) - reference(y[idx], b[idx]))
+        assert est.n_boot_valid == len(diffs) > 0.9 * n_boot
+        assert (est.lower, est.upper) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])), abs=1e-12)
+        assert est.lower < est.value < est.upper
+        single = bootstrap_metric(metric, y, a, n_boot=n_boot, seed=seed)
+        assert single.n_boot_valid == est.n_boot_valid  # the same resamples as the single-model bootstrap
+
+
+def test_mismatched_predictions_are_refused_with_counts(tmp_path):
+    task = make_task(tmp_path)
+    frame = pq.read_table(task["predictions"])
+    columns = {"finetuned": "risk"}
+    test_rows = int((task["split"] == "test").sum())
+    short = tmp_path / "short.parquet"
+    pq.write_table(frame.slice(0, frame.num_rows - 3), short)
+    with pytest.raises(ValueError, match=rf"short.parquet: scores {test_rows - 3} of {test_rows} test label rows"):
+        align_scores(short, task["labels_table"], task["split"], columns)
+    stranger = tmp_path / "stranger.parquet"
+    ids = frame["subject_id"].to_numpy().copy()
+    ids[:2] = [-1, -2]
+    pq.write_table(frame.set_column(0, "subject_id", pa.array(ids)), stranger)
+    with pytest.raises(ValueError, match=rf"2 of {frame.num_rows} rows match no label row \({N} label rows\)"):
+        align_scores(stranger, task["labels_table"], task["split"], columns)
+    flipped = tmp_path / "flipped.parquet"
+    labels = frame["label"].to_numpy(zero_copy_only=False).copy()
+    labels[:5] = ~labels[:5]
+    pq.write_table(frame.set_column(frame.schema.get_field_index("label"), "label", pa.array(labels)), flipped)
+    with pytest.raises(ValueError, match=rf"'label' disagrees with the labels/splits on 5 of {frame.num_rows} rows"):
+        align_scores(flipped, task["labels_table"], task["split"], columns)
+    repeated = tmp_path / "repeated.parquet"
+    pq.write_table(pa.concat_tables([frame, frame.slice(0, 4)]), repeated)
+    with pytest.raises(ValueError, match=rf"4 of {frame.num_rows + 4} rows repeat"):
+        align_scores(repeated, task["labels_table"], task["split"], columns)
+    # the command refuses it before fitting anything
+    with pytest.raises(ValueError, match="short.parquet: scores"):
+        run_command(
+            "evaluate",
+            [
+                "--data",
+                str(task["data"]),
+                "--labels",
+                str(task["labels"]),
+                "--predictions",
+                str(short),
+                "--out",
+                str(tmp_path / "out"),
+            ],
+        )
+
+
+def test_cli_prints_the_table_without_fine_tune_predictions(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    task = make_task(tmp_path, seed=1)
+    code = run_command(
+        "evaluate",
+        [
+            "--data",
+            str(task["data"]),
+            "--labels",
+            str(task["labels"]),
+            "--out",
+            str(tmp_path / "out"),
+            "--n-boot",
+            "50",
+            "--baselines",
+            "prs_lr",
+            "--decile-pgs",
+            "PGS000003",
+            "threads=1",
+        ],
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and "| prs_lr | 50 (" in printed and "finetuned" not in printed
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert summary["headline"] == "prs_lr" and summary["oracle"] is None and summary["decile_pgs"] == "PGS000003"
+    assert summary["acceptance"]["prs_gain_at_least_0.04"] is None
+    assert summary["mlflow_run_id"] is None  # no tracking URI given

@@ -1,0 +1,13 @@
+"""The tracking-server launcher against a real MLflow server on loopback."""
+
+from ehrfm.tracking import ServerSettings, is_healthy
+
+
+def test_settings_from_env_and_default_store(monkeypatch, tmp_path):
+    monkeypatch.setenv("EHRFM_MLFLOW_PORT", "6123")
+    monkeypatch.setenv("EHRFM_MLFLOW_DIR", str(tmp_path))
+    settings = ServerSettings.from_env()
+    assert settings.url == "http://127.0.0.1:6123"
+    command = settings.command()
+    assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert not is_healthy(settings.url, timeout=0.5)
