@@ -153,6 +153,13 @@ class ResolvedCriteria:
             out.setdefault(c.domain, set()).update(c.codes)
         return {d: tuple(sorted(v)) for d, v in out.items()}
 
+    @property
+    def thresholds(self) -> tuple[tuple[str, str, float], ...]:
+        """(code, op, value) of every measurement threshold (value in the events' unit)."""
+        return tuple(
+            (code, c.threshold[0], c.threshold[1]) for c in self.concepts if c.threshold is not None for code in c.codes
+        )
+
     def any_expr(self) -> pl.Expr:
         """True on events that meet any criterion."""
         expr = pl.lit(False)

@@ -422,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     _, account = label_shards(event_shards(args.events), task, args.out, use_ray=args.ray)
     summary = account.as_dict()
     summary.pop("shards")
+    summary["concept_sets"] = summary["concept_sets"]["path"]  # the details are in account.json
     print(json.dumps(summary, indent=2))
     return 0
 
