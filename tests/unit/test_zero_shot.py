@@ -1,5 +1,5 @@
 """Zero-shot risk from sampled futures: the sampler's filters, the path probability, the horizon,
-KV-cache decoding of ragged prompts, and the Ray Data job (real Ray) against the in-process scorer.
+KV-cache decoding of ragged prompts, the target mapping and the CLI (the Ray Data job: tests/integration).
 
 Exact expectations come from "Markov decoders": real EHRDecoders whose weights make the next-token
 distribution depend only on the last token, with transition probabilities the test chooses.
@@ -7,19 +7,14 @@ distribution depend only on the last token, with transition probabilities the te
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import math
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
 
 from ehrfm.constants import BOS_ID, EOS_ID, PAD_ID
-from ehrfm.model import EHRDecoder, ModelConfig, save_model_files
+from ehrfm.model import EHRDecoder, ModelConfig
 from ehrfm.model.sampling import (
     STOP_EOS,
     STOP_HORIZON,
@@ -29,18 +24,12 @@ from ehrfm.model.sampling import (
     path_probability,
     sample_trajectories,
 )
-from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names, value_token_names
-from ehrfm.schemas import timeline_schema
 from ehrfm.tasks.definitions import ConceptCriteria, TaskDefinition
-from ehrfm.transfer.examples import build_examples
 from ehrfm.transfer.zero_shot import (
-    ZeroShotConfig,
-    ZeroShotScorer,
     gap_days_per_token,
-    main,
-    scoring_inputs,
     target_token_ids,
 )
+from tests.support.zero_shot_cohort import T2D_TASK, write_tiny_cohort
 
 # Markov-decoder vocabulary: specials 0-3, then two one-year gaps, a long gap, the target, states.
 GAP_A, GAP_B, GAP_LONG, TARGET, S0, S1, S2 = 4, 5, 6, 7, 8, 9, 10
@@ -303,71 +292,6 @@ def test_padded_prompts_of_different_lengths_score_as_each_prompt_alone(fusion):
 
 
 # ---- the job: target mapping, Ray Data, CLI ------------------------------------------------------
-def write_tiny_cohort(root, model_seed: int = 0):
-    """tokenizer.json + timelines/ + labels + a random checkpoint of the same vocabulary."""
-    codes = ["CONDITION/201826", "VISIT/9202"] + [f"CONDITION/{100 + i}" for i in range(10)]
-    edges = [1, 7, 30, 365]
-    names = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + value_token_names(10) + gap_token_names(edges) + codes
-    tok = Tokenizer(
-        tokens=names,
-        code_counts=dict.fromkeys(codes, 5),
-        value_edges={},
-        gap_edges_days=edges,
-        n_bins=10,
-        min_count=1,
-        min_values_for_bins=10,
-    )
-    tok.save(root / "tokenizer.json")
-    rng = np.random.default_rng(0)
-    persons, code_ids = 10, [tok.token_id[c] for c in codes[1:]]
-    tokens, ages = [], []
-    for _ in range(persons):
-        n = int(rng.integers(4, 20))
-        tokens.append([BOS_ID] + [int(rng.choice(code_ids)) for _ in range(n)] + [EOS_ID])
-        ages.append(list(np.linspace(300, 9000, n + 2).astype(int)))
-    (root / "timelines").mkdir()
-    pq.write_table(
-        pa.table(
-            {
-                "subject_id": pa.array(np.arange(persons) + 1, pa.int64()),
-                "split": pa.array(["val", "test"] * (persons // 2), pa.string()),
-                "birth_date": pa.array([dt.date(1950, 1, 1)] * persons, pa.date32()),
-                "tokens": pa.array(tokens, pa.list_(pa.int32())),
-                "ages": pa.array(ages, pa.list_(pa.int32())),
-                "prs": pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(persons * K), pa.float32()), K),
-                "has_prs": pa.array([True, False] * (persons // 2)),
-            },
-            schema=timeline_schema(K),
-        ),
-        root / "timelines" / "part-00000.parquet",
-    )
-    labels = pa.table(
-        {
-            "subject_id": pa.array(np.arange(persons) + 1, pa.int64()),
-            "prediction_time": pa.array([dt.datetime(1960, 1, 1)] * persons, pa.timestamp("us")),
-            "boolean_value": pa.array([i % 3 == 0 for i in range(persons)]),
-        }
-    )
-    pq.write_table(labels, root / "labels.parquet")
-    torch.manual_seed(model_seed)
-    cfg = ModelConfig(
-        vocab_size=tok.vocab_size,
-        num_pgs=K,
-        hidden=32,
-        layers=2,
-        heads=4,
-        context=16,
-        fusion="prefix",
-        prs_tokens=2,
-        prs_hidden=16,
-    )
-    save_model_files(root / "ckpt", EHRDecoder(cfg).state_dict(), cfg)
-    return tok, labels
-
-
-T2D_TASK = TaskDefinition(
-    name="t2d-tiny", target=ConceptCriteria(condition=[201826, 4226121]), horizon_days=730, expand_descendants=False
-)
 
 
 def test_target_codes_and_gap_days_come_from_the_tokenizer(tmp_path):
@@ -386,70 +310,3 @@ def test_target_codes_and_gap_days_come_from_the_tokenizer(tmp_path):
     assert lower.sum().item() == 403  # every other token leaves the clock alone
     with pytest.raises(ValueError, match="none of its 1 target codes"):
         target_token_ids(TaskDefinition(name="x", target=ConceptCriteria(condition=[42])), tok)
-
-
-def test_ray_data_job_matches_the_in_process_scorer(tmp_path, ray_cluster):
-    write_tiny_cohort(tmp_path)
-    overrides = [
-        "n_samples=6",
-        "max_new_tokens=12",
-        "batch_size=3",
-        "concurrency=2",
-        "num_cpus=0.5",
-        "n_boot=50",
-        "top_p=0.9",
-    ]
-    task_file = tmp_path / "task.yaml"
-    task_file.write_text(json.dumps(T2D_TASK.model_dump()))
-    assert (
-        main(
-            [
-                "--pretrained",
-                str(tmp_path / "ckpt"),
-                "--data",
-                str(tmp_path),
-                "--labels",
-                str(tmp_path / "labels.parquet"),
-                "--task",
-                str(task_file),
-                "--out",
-                str(tmp_path / "out"),
-                *overrides,
-            ]
-        )
-        == 0
-    )
-    scored = pq.read_table(tmp_path / "out" / "zero_shot.parquet")
-    assert scored.column_names == [
-        "subject_id",
-        "prediction_time",
-        "split",
-        "label",
-        "zs_share",
-        "zs_path_probability",
-        "zs_truncated",
-    ]
-    assert scored.num_rows == 10
-
-    config = ZeroShotConfig.model_validate(dict(o.split("=") for o in overrides))
-    target_ids, gap_days, horizon, _ = scoring_inputs(tmp_path / "ckpt", tmp_path, T2D_TASK, config)
-    labels = pq.read_table(tmp_path / "labels.parquet")
-    examples = build_examples(tmp_path, labels, 16)
-    scorer = ZeroShotScorer(str(tmp_path / "ckpt"), target_ids, gap_days.tolist(), horizon, config.model_dump())
-    in_process = scorer(examples)  # one batch of 10 instead of Ray's batches of 3 on two actors
-    assert scored["subject_id"].to_pylist() == in_process["subject_id"].to_pylist()
-    assert scored["zs_share"].to_pylist() == in_process["zs_share"].to_pylist()
-    np.testing.assert_allclose(
-        scored["zs_path_probability"].to_numpy(), in_process["zs_path_probability"].to_numpy(), atol=1e-9
-    )
-    assert 0 < np.mean(scored["zs_path_probability"].to_numpy()) < 1
-
-    summary = json.loads((tmp_path / "out" / "zero_shot_summary.json").read_text())
-    assert summary["examples"] == 10 and summary["trajectories"] == 60
-    assert summary["truncated_trajectories"] == int(np.sum(scored["zs_truncated"].to_numpy()))
-    assert summary["target_codes"]["not_in_vocabulary"] == 1
-    assert set(summary["splits"]) == {"val", "test"}
-    assert (
-        summary["splits"]["val"]["auroc_zs_path_probability"]["lower"]
-        <= summary["splits"]["val"]["auroc_zs_path_probability"]["value"]
-    )
