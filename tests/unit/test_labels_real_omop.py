@@ -282,3 +282,27 @@ def test_gibleed_labels_match_an_independent_computation(gibleed, with_ancestor)
     _, account = label_events(events, task)
     assert got(account) == want
     assert want["positive"] > 0
+
+
+def test_label_command_on_an_export_with_an_empty_concept_ancestor_says_which_path(synthea, tmp_path, capsys):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from ehrfm.tasks.labeler import main
+
+    root, events = synthea
+    (tmp_path / "events").mkdir()
+    pq.write_table(events, tmp_path / "events" / "0.parquet")
+    assert (
+        main(["--events", str(tmp_path / "events"), "--task", "t2d", "--out", str(tmp_path / "L"), "--omop", str(root)])
+        == 0
+    )
+    assert "concept_ancestor not available" in capsys.readouterr().err
+    account = json.loads((tmp_path / "L" / "account.json").read_text())
+    assert account["concept_sets"]["path"] == "shipped"
+    assert account["concept_sets"]["target"]["condition/201826"]["source_codes"] is True
+    assert account["persons_in"] == account["persons_labeled"] + sum(account["persons_excluded"].values())
+    assert account["prediction_times"] == account["labeled"] + sum(account["excluded"].values())
+    # Humulin 70/30 (19009384) is named "insulin": matched through the concept table's names too.
+    assert account["concept_persons"]["prior:drug/1596977 outside inpatient"] == 1

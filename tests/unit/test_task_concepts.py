@@ -207,3 +207,33 @@ def pl_frame(table: pa.Table):
     import polars as pl
 
     return pl.from_arrow(table)
+
+
+def test_unmapped_labs_get_their_own_vocabulary_entries_and_value_bins():
+    import numpy as np
+
+    from ehrfm.preprocess.tokenizer import build_tokenizer, fit_value_edges
+
+    n = 40
+    measurement = pa.table(
+        {
+            "person_id": pa.array([1] * n, pa.int64()),
+            "measurement_concept_id": pa.array([0] * n, pa.int64()),
+            "measurement_date": pa.array([date(2020, 1, 1)] * n, pa.date32()),
+            "measurement_datetime": pa.nulls(n, pa.timestamp("us")),
+            "value_as_number": pa.array([float(i) for i in range(n // 2)] + [1000.0 + i for i in range(n // 2)]),
+            "visit_occurrence_id": pa.nulls(n, pa.int64()),
+            "measurement_source_value": pa.array(["LAB_A"] * (n // 2) + ["LAB_B"] * (n // 2), pa.string()),
+        }
+    )
+    out, _ = table_events("measurement", measurement)
+    codes = out["code"].to_numpy(zero_copy_only=False)
+    values = out["numeric_value"].to_numpy(zero_copy_only=False)
+    counts = {c: int((codes == c).sum()) for c in set(codes)}
+    assert counts == {"MEASUREMENT/source/LAB_A": n // 2, "MEASUREMENT/source/LAB_B": n // 2}
+    edges = {c: fit_value_edges(values[codes == c], 4, 10) for c in counts}
+    tok = build_tokenizer(counts, edges, min_count=1, n_bins=4, min_values_for_bins=10, gap_edges_days=[1, 7])
+    assert {"MEASUREMENT/source/LAB_A", "MEASUREMENT/source/LAB_B"} <= set(tok.tokens)
+    a, b = tok.value_edges["MEASUREMENT/source/LAB_A"], tok.value_edges["MEASUREMENT/source/LAB_B"]
+    assert max(a) < 20 < 1000 < min(b)  # each lab on its own scale
+    assert np.all(np.diff(a) > 0)
