@@ -16,6 +16,9 @@ from ehrfm.model.sampling import (
     STOP_EOS,
     STOP_HORIZON,
     STOP_TRUNCATED,
+    _draw,
+    draw,
+    filter_logits,
     sample_trajectories,
     sample_trajectories_reference,
 )
@@ -176,7 +179,8 @@ def test_prompt_keys_are_held_once_per_prompt_not_per_future(fusion):
     cfg = model.cfg
     prefix_len = width + cfg.prefix_length
     for keys, values in zip(cache.prefix_keys, cache.prefix_values):
-        assert keys.shape == values.shape == (prompts, cfg.heads, prefix_len, cfg.head_dim)
+        assert keys.shape == (prompts, cfg.heads, cfg.head_dim, prefix_len)  # stored transposed
+        assert values.shape == (prompts, cfg.heads, prefix_len, cfg.head_dim)
     for keys in cache.suffix_keys:
         assert keys.shape == (prompts * futures, cfg.heads, new_tokens - 1, cfg.head_dim)
     sizes = cache.nbytes()
@@ -203,3 +207,17 @@ def test_decode_writes_in_place_without_growing_the_cache():
     assert cache.steps == 5
     with pytest.raises(ValueError, match="suffix cache full"):
         model.decode_shared(torch.full((6,), 12), last_age.repeat_interleave(3), cache)
+
+
+@pytest.mark.parametrize("vocab", [1, 3, 64, 100, 2000, 2001])
+def test_two_level_draw_picks_what_the_sequential_cdf_picks(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    for trial in range(20):
+        logits = torch.randn(32, vocab, generator=gen) * (1 + 10 * trial / 20)
+        top_k = int(torch.randint(0, vocab + 1, (1,), generator=gen))
+        weights = torch.softmax(filter_logits(logits, 1.0, top_k, 0.05 + 0.95 * trial / 20), dim=-1)
+        if vocab > 2:
+            weights[:, :2] = 0.0  # blocked tokens lead every row
+        uniforms = torch.rand(32, generator=gen, dtype=torch.float64)
+        uniforms[:3] = torch.tensor([0.0, 1 - 2**-53, 1 - 1e-12], dtype=torch.float64)  # the clamp cases
+        assert torch.equal(_draw(weights, uniforms), draw(weights, uniforms))

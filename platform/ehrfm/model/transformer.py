@@ -80,8 +80,8 @@ class KVCache:
 class SharedPrefixCache:
     """KV cache for sampling `futures` continuations per prompt without copying the prompt.
 
-    The prompt's keys/values (`prefix_keys`/`prefix_values`, [P, nh, L, hd] per layer) are kept
-    once per prompt; each continuation ("slot", s = prompt * futures + i) owns a preallocated
+    The prompt's keys/values (`prefix_keys` [P, nh, hd, L], stored transposed for the score
+    product, and `prefix_values` [P, nh, L, hd] per layer) are kept once per prompt; each continuation ("slot", s = prompt * futures + i) owns a preallocated
     suffix ([S, nh, capacity, hd] per layer) written in place, one position per decode step.
     Attention of a new token runs over both parts and is combined by log-sum-exp, so memory for N
     futures is one prompt plus N suffixes. Cross fusion keeps the PRS memory's keys/values per
@@ -92,6 +92,7 @@ class SharedPrefixCache:
     prefix_keys: list[torch.Tensor]
     prefix_values: list[torch.Tensor]
     key_valid: torch.Tensor  # [P, L] bool: False at the prompt padding
+    key_bias: torch.Tensor  # [P, 1, 1, L] fp32: 0 at real keys, -inf at the padding (added to the scores)
     positions: torch.Tensor  # [P] rotary position of the first generated token
     suffix_keys: list[torch.Tensor]
     suffix_values: list[torch.Tensor]
@@ -119,6 +120,7 @@ class SharedPrefixCache:
             [by_prompt(k) for k in self.prefix_keys],
             [by_prompt(v) for v in self.prefix_values],
             by_prompt(self.key_valid),
+            by_prompt(self.key_bias),
             by_prompt(self.positions),
             [k.index_select(0, slots) for k in self.suffix_keys],
             [v.index_select(0, slots) for v in self.suffix_values],
@@ -147,11 +149,10 @@ def shared_prefix_attention(
     `length` suffix keys, combined by log-sum-exp (fp32 softmax statistics); returns [S, nh, 1, hd]."""
     slots, heads, _, head_dim = q.shape
     prompts = slots // futures
-    scale = 1.0 / math.sqrt(head_dim)
+    q = q * (1.0 / math.sqrt(head_dim))
     # prompt part: the N queries of a prompt share its keys -> one [N, L] score block per prompt and head
-    grouped = q.view(prompts, futures, heads, head_dim).transpose(1, 2)  # [P, nh, N, hd]
-    pre = torch.matmul(grouped, cache.prefix_keys[layer].transpose(-1, -2)).float() * scale  # [P, nh, N, L]
-    pre = pre.masked_fill(~cache.key_valid[:, None, None, :], float("-inf"))
+    grouped = q.view(prompts, futures, heads, head_dim).transpose(1, 2).contiguous()  # [P, nh, N, hd]
+    pre = torch.matmul(grouped, cache.prefix_keys[layer]).float() + cache.key_bias  # [P, nh, N, L]
     pre_max = pre.amax(dim=-1, keepdim=True)
     pre_exp = torch.exp(pre - pre_max)
     pre_sum = pre_exp.sum(dim=-1, keepdim=True)
@@ -163,7 +164,7 @@ def shared_prefix_attention(
     pre_max, pre_sum, pre_out = per_slot(pre_max), per_slot(pre_sum), per_slot(pre_out)
     # own part: the slot's generated tokens so far (all real, all before the query)
     keys = cache.suffix_keys[layer][:, :, :length]
-    own = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [S, nh, 1, length]
+    own = torch.matmul(q, keys.transpose(-1, -2)).float()  # [S, nh, 1, length]
     own_max = own.amax(dim=-1, keepdim=True)
     own_exp = torch.exp(own - own_max)
     own_sum = own_exp.sum(dim=-1, keepdim=True)
@@ -463,9 +464,12 @@ class EHRDecoder(nn.Module):
         positions = cache.positions
         if positions is None:
             positions = torch.full((prompts,), length, dtype=torch.long, device=device)
-        keys, values = cache.keys, cache.values
+        keys = [k.transpose(-1, -2).contiguous() for k in cache.keys]  # [P, nh, hd, L]: score product layout
+        values = [v.contiguous() for v in cache.values]  # the qkv split leaves them strided
+        key_bias = torch.zeros(key_valid.shape, dtype=torch.float32, device=device)
+        key_bias = key_bias.masked_fill(~key_valid, float("-inf"))[:, None, None, :]
         shape = (prompts * futures, self.cfg.heads, max(capacity, 1), self.cfg.head_dim)
-        suffix_keys = [torch.empty(shape, dtype=k.dtype, device=device) for k in keys]
+        suffix_keys = [torch.empty(shape, dtype=k.dtype, device=device) for k in cache.keys]
         suffix_values = [torch.empty(shape, dtype=v.dtype, device=device) for v in values]
         cross = {}
         if cache.memory is not None:
@@ -480,7 +484,7 @@ class EHRDecoder(nn.Module):
                 v = v.view(prompts, -1, self.cfg.heads, self.cfg.head_dim).transpose(1, 2).contiguous()
                 cross[layer] = (k, v, visible)
         shared = SharedPrefixCache(
-            keys, values, key_valid, positions, suffix_keys, suffix_values, futures, cross, steps=0
+            keys, values, key_valid, key_bias, positions, suffix_keys, suffix_values, futures, cross, steps=0
         )
         return logits, shared, cache.last_age
 
