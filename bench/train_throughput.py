@@ -1,7 +1,7 @@
 """Benchmark: pretraining throughput of the Ray Train + DeepSpeed job (2 workers) against a plain
 single-process PyTorch loop of the same model and global batch, and memory per worker at ZeRO-0 vs ZeRO-3.
 
-All runs use the same synthetic timelines (tests/timeline_factory.py), model, window length and
+All runs use the same synthetic timelines (tests/support/timeline_factory.py), model, window length and
 global batch, in the same invocation. Throughput = non-pad target tokens per second over the last
 `--steps - --warmup-steps` optimiser steps (validation and checkpoint time excluded in the job).
 Memory per worker: peak RSS (CPU) or peak allocated (GPU), and the tensors of the model state
@@ -29,14 +29,14 @@ import pyarrow.parquet as pq
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # the timeline factory lives with the tests (tests.support)
 from ehrfm.config import load_config  # noqa: E402
 from ehrfm.constants import PAD_ID  # noqa: E402
 from ehrfm.model import EHRDecoder  # noqa: E402
 from ehrfm.training.config import PretrainConfig  # noqa: E402
 from ehrfm.training.engine import build_optimizer  # noqa: E402
 from ehrfm.training.windows import WindowCollate  # noqa: E402
-from timeline_factory import write_timelines  # noqa: E402
+from tests.support.timeline_factory import write_timelines  # noqa: E402
 
 
 def bench_config(args, data_dir: Path, storage: Path, stage: int, name: str) -> PretrainConfig:

@@ -1,6 +1,6 @@
-"""Fine-tuning on Ray Train (2 CPU workers, DDP over gloo) from a tiny decoder, on timelines from
-tests/support/timeline_factory.py with labels whose answer is known (PRS labels and token labels, see
-tests/support/finetune_factory.py)."""
+"""A full fine-tune on Ray Train (2 CPU workers) through the CLI's main(), on token labels whose answer is
+known (tests/support/finetune_factory.py): the decoder changes, the token is learned, the PRS mask acts on
+genotyped persons only."""
 
 from __future__ import annotations
 

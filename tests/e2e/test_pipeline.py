@@ -1,4 +1,5 @@
-"""The main job's stage bookkeeping: run, skip when inputs are unchanged, re-run when forced or changed."""
+"""The main job end to end on the session's Ray cluster and MLflow server: every stage runs, a champion is
+registered, and a second run is cheap."""
 
 import json
 import socket

@@ -1,8 +1,6 @@
-"""Pretraining: configs, training windows, and real Ray Train + DeepSpeed runs on CPU (2 workers, gloo).
-
-The Ray runs share one local cluster, one set of materialised datasets and the session's MLflow
-server; each is a few dozen steps of a tiny model on timelines from tests/support/timeline_factory.py.
-"""
+"""Pretraining end to end on Ray Train + DeepSpeed on CPU (2 workers, gloo): ZeRO-2 with prefix fusion,
+resuming after a stop and after a killed worker on the same loss curve, an EHR-only model then a PRS adapter
+through the command line."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The MLflow registry round trip through a real tracking server on loopback: log the risk model as
-a models-from-code pyfunc, register it, move `champion` only to a better model, load it by alias
-(in this process and in a fresh one) and get the predictor's and the offline path's risks."""
+"""A fresh interpreter loads the registered champion (tests/support/registry_models.py) with the code logged
+with it, not the checkout's, and gets the predictor's risks."""
 
 from __future__ import annotations
 

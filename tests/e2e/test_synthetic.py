@@ -1,4 +1,4 @@
-"""The synthetic biobank cohort: determinism, CDM shape, concepts, PRS formats, truth, oracle."""
+"""The default synthetic cohort (20,000 persons) meets its calibration targets."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""Cluster definitions are valid for the tools that will read them.
-
-- KubeRay RayCluster / RayJob / RayService: JSON Schema validation against the CRDs' openAPIV3Schema
-  (tests/data/kuberay, a faithful subset), with unknown fields rejected as `kubectl apply` does;
-  the Serve config and runtime envs inside them against Ray's own schemas.
-- `ray up` (AWS): Ray's cluster-config schema shipped in the installed ray package, and Ray's own
-  prepare + validate steps.
-- MLflow on Kubernetes: the Deployment's settings reach `mlflow server` through ehrfm.tracking,
-  and a real server started with them accepts the in-cluster host name and refuses others.
-"""
+"""MLflow on Kubernetes: a real server started with the Deployment's settings accepts the in-cluster host
+name and refuses others (the manifests themselves: tests/unit/test_cluster_manifests.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`ehrfm evaluate` on a tiny hand-made task: paired bootstrap, alignment checks, report, oracle, MLflow."""
+"""`ehrfm evaluate` on a tiny hand-made task with the session's MLflow server: report, oracle, PRS gain,
+the MLflow run."""
 
 from __future__ import annotations
 

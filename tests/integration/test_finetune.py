@@ -1,6 +1,6 @@
-"""Fine-tuning on Ray Train (2 CPU workers, DDP over gloo) from a tiny decoder, on timelines from
-tests/support/timeline_factory.py with labels whose answer is known (PRS labels and token labels, see
-tests/support/finetune_factory.py)."""
+"""Fine-tuning on Ray Train (2 CPU workers) from a tiny decoder: a linear probe on PRS labels through
+run_finetune, logged to the session's MLflow server, on the data of tests/support/finetune_factory.py
+(labels whose answer is known); the full fine-tune through the CLI is in tests/e2e."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The task labeler on hand-made MEDS timelines: exclusions, horizon edges, censoring, the draw."""
+"""The task labeler's shards labeled as Ray tasks on the session's cluster match the local run."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ehrfm.tasks.definitions import resolve_task
-from ehrfm.tasks.labeler import (
-    label_shards,
-)
+from ehrfm.tasks.labeler import label_shards
 from tests.support.labeler_events import many_visit_events, t2d_task
 
 

@@ -1,4 +1,4 @@
-"""Metrics against scikit-learn, bootstrap CIs, calibration, stratified tables, report and MLflow."""
+"""The evaluation report's tables and figures, logged to the session's MLflow server."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""OMOP readers and validation on small hand-made files: every reason code, csv and parquet.
-
-Each bad row below is built to fail exactly one check (or several, to test the priority), so
-the expected account is known row by row.
-"""
+"""The per-batch OMOP validator and the PersonIndex inside Ray Data map_batches on the session's cluster."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The main job's stage bookkeeping: run, skip when inputs are unchanged, re-run when forced or changed."""
+"""The main job's genotype path on the session's Ray cluster: PRS computed from genotypes track the finished
+scores (the stage bookkeeping: tests/unit; the whole job: tests/e2e)."""
 
 import json
 

@@ -1,8 +1,6 @@
-"""Pretraining: configs, training windows, and real Ray Train + DeepSpeed runs on CPU (2 workers, gloo).
-
-The Ray runs share one local cluster, one set of materialised datasets and the session's MLflow
-server; each is a few dozen steps of a tiny model on timelines from tests/support/timeline_factory.py.
-"""
+"""Pretraining on Ray Train + DeepSpeed on CPU (2 workers, gloo): a ZeRO-3 run with cross-attention
+fusion (a few dozen steps of a tiny model on tests/support/timeline_factory.py timelines) learns, logs to the
+session's MLflow server and uses the PRS; how the tracking URI is resolved."""
 
 from __future__ import annotations
 

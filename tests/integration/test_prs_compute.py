@@ -2,8 +2,7 @@
 
 References: plink2's .sscore for the CINECA chr22 fixture (pgsc_calc's expected outputs), numbers
 worked out by hand for bed-reader's small.bed, an independent numpy computation for the files with
-missing genotypes, and the known weights of the synthetic genotype writer.
-"""
+missing genotypes, and the known weights of the synthetic genotype writer."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The MLflow registry round trip through a real tracking server on loopback: log the risk model as
-a models-from-code pyfunc, register it, move `champion` only to a better model, load it by alias
-(in this process and in a fresh one) and get the predictor's and the offline path's risks."""
+a models-from-code pyfunc, register it, move `champion` only to a better model, load it by alias and get
+the predictor's and the offline path's risks (in a fresh process: tests/e2e/test_registry.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The synthetic biobank cohort: determinism, CDM shape, concepts, PRS formats, truth, oracle."""
+"""The synthetic cohort written by Ray tasks on the session's cluster is byte-identical to the in-process one."""
 
 from __future__ import annotations
 

@@ -12,8 +12,6 @@ from ehrfm.config import load_config
 from ehrfm.transfer.finetune_config import FinetuneConfig
 
 CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "finetune-t2d.yaml"
-
-
 FAST = [
     "train.epochs=3",
     "train.batch_size=16",

@@ -10,8 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 BIG_ID = "9007199254740993"  # 2^53 + 1: not representable as float64, must stay exact
-
-
 SECRET = "SECRET-VALUE-77"  # a cell value that must never appear in messages or reports
 
 
@@ -24,8 +22,6 @@ PERSON = [
     (BIG_ID, "8507", "1990", "", "", "", "0", "0", ""),
     ("6", "8532", "1901", "", "", "1985-07-04 08:30:00", "0", "0", ""),  # birth_datetime wins
 ]
-
-
 PERSON_COLS = [
     "person_id",
     "gender_concept_id",
@@ -37,8 +33,6 @@ PERSON_COLS = [
     "ethnicity_concept_id",
     "person_source_value",
 ]
-
-
 DEATH_COLS = ["person_id", "death_date"]
 
 
@@ -48,8 +42,6 @@ DEATH = [
     ("99", "2000-01-01"),  # unknown_person_id
     ("2", "1959-12-31"),  # before_birth: death before birth (1960-01-01)
 ]
-
-
 COND_COLS = [
     "condition_occurrence_id",
     "person_id",
@@ -85,8 +77,6 @@ CONDITIONS = [
     ("19", "6", "201826", "1985-07-03", "", "", "before_birth"),  # birth_datetime 1985-07-04
     ("20", "1", "201826", " 2000-03-01 ", "", "", "kept"),  # surrounding whitespace
 ]
-
-
 MEAS_COLS = [
     "measurement_id",
     "person_id",
@@ -95,8 +85,6 @@ MEAS_COLS = [
     "measurement_type_concept_id",
     "value_as_number",
 ]
-
-
 MEASUREMENTS = [
     ("1", "1", "3004410", "2001-01-01", "32817", "6.5", "kept"),
     ("2", "1", "3004410", "2001-01-01", "32817", "NaN", "unparsable_number"),

@@ -1,4 +1,5 @@
-"""`ehrfm evaluate` on a tiny hand-made task: paired bootstrap, alignment checks, report, oracle, MLflow."""
+"""`ehrfm evaluate` without MLflow: the paired bootstrap against a direct loop, misaligned predictions refused,
+the command's table without fine-tune predictions (the full evaluation with MLflow: tests/integration)."""
 
 from __future__ import annotations
 

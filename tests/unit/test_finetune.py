@@ -1,6 +1,6 @@
-"""Fine-tuning on Ray Train (2 CPU workers, DDP over gloo) from a tiny decoder, on timelines from
-tests/support/timeline_factory.py with labels whose answer is known (PRS labels and token labels, see
-tests/support/finetune_factory.py)."""
+"""Fine-tuning without Ray: config validation, resolving the pretrained checkpoint, the modes' trainable
+parameters and learning rates, PRS masking, Platt fit, oversampling, labels made on the fly; on the data and
+tiny decoder of tests/support/finetune_factory.py (the Ray Train runs: tests/integration, tests/e2e)."""
 
 from __future__ import annotations
 

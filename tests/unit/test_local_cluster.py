@@ -1,11 +1,5 @@
-"""The local multi-node launcher: a real 2-node Ray cluster (head + 1 worker) with token auth.
-
-The cluster lives in its own short temp dir with non-default ports, so it never touches the test
-session's `ray_cluster` or the user's ~/.ray/auth_token, and `down` stops only its own processes.
-Jobs are submitted the documented way: `ray job submit --working-dir . --runtime-env
-cluster/runtime_env.yaml -- python ...` from the repository root; the pretraining job gets the
-session's real MLflow server through MLFLOW_TRACKING_URI in the runtime env's env_vars.
-"""
+"""The local multi-node launcher's plans, without starting anything: GPUs per worker node, and a Ray temp dir
+too long for its sockets refused up front (the real clusters: tests/e2e/test_local_cluster.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Metrics against scikit-learn, bootstrap CIs, calibration, stratified tables, report and MLflow."""
+"""Metrics against scikit-learn, bootstrap CIs, calibration, stratified tables and the report (logging to
+MLflow: tests/integration/test_metrics.py)."""
 
 from __future__ import annotations
 

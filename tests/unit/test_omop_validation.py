@@ -1,8 +1,5 @@
-"""OMOP readers and validation on small hand-made files: every reason code, csv and parquet.
-
-Each bad row below is built to fail exactly one check (or several, to test the priority), so
-the expected account is known row by row.
-"""
+"""OMOP readers and validation on small hand-made files (tests/support/omop_tables.py): every reason code,
+csv and parquet (inside Ray Data: tests/integration/test_omop_validation.py)."""
 
 from __future__ import annotations
 

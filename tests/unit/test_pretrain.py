@@ -1,8 +1,5 @@
-"""Pretraining: configs, training windows, and real Ray Train + DeepSpeed runs on CPU (2 workers, gloo).
-
-The Ray runs share one local cluster, one set of materialised datasets and the session's MLflow
-server; each is a few dozen steps of a tiny model on timelines from tests/support/timeline_factory.py.
-"""
+"""Pretraining without Ray: the shipped configs, config errors, the DeepSpeed config, the LR schedule,
+training windows and the timelines manifest (the Ray Train + DeepSpeed runs: tests/integration, tests/e2e)."""
 
 from __future__ import annotations
 

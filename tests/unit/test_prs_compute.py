@@ -1,9 +1,5 @@
-"""`ehrfm score_prs` end to end on the Ray Data path (shared `ray_cluster`).
-
-References: plink2's .sscore for the CINECA chr22 fixture (pgsc_calc's expected outputs), numbers
-worked out by hand for bed-reader's small.bed, an independent numpy computation for the files with
-missing genotypes, and the known weights of the synthetic genotype writer.
-"""
+"""The genotype readers' edge cases on bed-reader's fixtures (no Ray; `ehrfm score_prs` on the Ray Data path:
+tests/integration/test_prs_compute.py)."""
 
 from __future__ import annotations
 

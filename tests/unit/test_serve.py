@@ -1,13 +1,6 @@
-"""The scoring service over real HTTP: Ray Serve (`serve.run` on the session's Ray cluster) in
-front of models registered in a real loopback MLflow server.
-
-Two applications run side by side: `ehrfm` (route /, 2 RiskModel replicas, auth off, small
-limits) and `secure` (route /secure, 1 replica, bearer token from a secret file, polling the
-alias every second). Checked: scores equal the offline path's predictions; occlusion
-explanations equal rescoring without the event; every bad input is a 4xx naming the field and
-echoing no value; nothing a request carried reaches the logs; auth on and off; a killed model
-replica and a version switch under load fail no request; a hypothesis fuzz finds no 5xx.
-"""
+"""The scoring service's configuration without serving: the Serve config file and RayService args are valid
+for Serve and build a config; the bearer token comes from the environment or a secret file (the service
+over real HTTP: tests/integration, tests/e2e)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The synthetic biobank cohort: determinism, CDM shape, concepts, PRS formats, truth, oracle."""
+"""The synthetic biobank cohort: determinism, CDM shape, concepts, PRS formats, truth, oracle (Ray tasks:
+tests/integration; the default cohort's calibration targets: tests/e2e)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The tracking-server launcher against a real MLflow server on loopback."""
+"""The tracking-server launcher's settings (environment, default store), without starting a server."""
 
 from ehrfm.tracking import ServerSettings, is_healthy
 

@@ -1,12 +1,5 @@
-"""Ray Tune sweeps of fine-tuning runs (each trial drives a Ray Train TorchTrainer) on the tiny
-timelines of tests/support/finetune_factory.py with PRS labels (label = PRS column 0 > 0), on the shared
-2-CPU Ray cluster and a real MLflow server.
-
-The ASHA sweep is made deterministic: its first three trials are fixed points, two learning
-rates that learn (0.03, 0.01) and one that cannot (1e-7), and two trials fit the cluster at a time
-(2 CPUs, 0.75 per trial, 0.5 kept free), so the third starts only after a learner has left its slot,
-i.e. after learners have reached the first rung, and arrives there far below them: it is stopped.
-"""
+"""Sweep definitions without Ray: the shipped sweep's search space, points that become valid fine-tuning
+configs (bad spaces named), concurrent trials that follow the cluster's resources (the sweeps: tests/e2e)."""
 
 from __future__ import annotations
 
