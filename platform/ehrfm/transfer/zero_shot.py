@@ -11,6 +11,12 @@ Time in a continuation moves only by gap tokens. A gap token covers a range of d
 horizon is then never passed early, so no target that could fall inside it is cut off) or by the
 bucket's midpoint (`gap_time: midpoint`; the open last bucket `GAP/1825D+` uses its lower edge).
 
+Execution: the scoring actors run on GPUs when the Ray cluster has them (`device: auto`; one GPU
+per actor by default, the decoder in bf16) and on CPU otherwise. An actor splits each batch into
+chunks that fit the accelerator's free memory (`prompts_per_chunk`). The sampler shares each
+prompt's keys/values among its continuations (ehrfm.model.sampling). Throughput (persons/s,
+sampled tokens/s) goes to the summary and, when MLFLOW_TRACKING_URI is set, to MLflow.
+
 Outputs: `<out>/zero_shot.parquet` (subject_id, prediction_time, split, label, zs_share,
 zs_path_probability, zs_truncated) and `<out>/zero_shot_summary.json` (AUROC with bootstrap CI of
 both scores per split, truncation counts, how the target codes mapped to the vocabulary, timing).
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +41,9 @@ import torch
 from pydantic import Field
 
 from ehrfm.config import StrictModel, add_config_arguments, parse_config
+from ehrfm.constants import PAD_ID
 from ehrfm.metrics import auroc_ci
+from ehrfm.model.config import ModelConfig
 from ehrfm.model.io import load_model, load_model_config
 from ehrfm.model.sampling import sample_trajectories
 from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names
@@ -45,6 +54,9 @@ OUTPUT_FILE = "zero_shot.parquet"
 SUMMARY_FILE = "zero_shot_summary.json"
 SCORE_COLUMNS = ("zs_share", "zs_path_probability")
 ROW_COLUMN = "row"  # example order, carried through Ray Data and dropped at the end
+# per-example accounting the actors return; summed into the timing and dropped from the scores
+TOKENS_COLUMN, SECONDS_COLUMN, DEVICE_COLUMN = "_zs_tokens", "_zs_actor_seconds", "_zs_device"
+THROUGHPUT_KEYS = ("persons_per_s", "sampled_tokens_per_s", "persons_per_actor_s", "sampled_tokens", "devices")
 ACCOUNT_KEY = b"ehrfm.zero_shot"  # schema metadata of the scores: target-code account and timing
 
 
@@ -60,9 +72,15 @@ class ZeroShotConfig(StrictModel):
     horizon_days: int | None = Field(None, gt=0)  # None: the task's horizon
     splits: list[str] = Field(default_factory=lambda: ["val", "test"])  # which examples to score
     batch_size: int = Field(32, ge=1)  # prediction times per map_batches call (x n_samples rows decoded)
-    concurrency: int = Field(1, ge=1)  # scoring actors
+    concurrency: int = Field(1, ge=1)  # scoring actors (on GPUs: at most one per num_gpus of the cluster's GPUs)
     num_cpus: float = Field(1.0, gt=0.0)  # per actor
     torch_threads: int = Field(1, ge=1)  # per actor
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the cluster has them, else CPU
+    num_gpus: float = Field(1.0, gt=0.0)  # per actor, on GPUs
+    gpu_batch_size: int = Field(512, ge=1)  # prediction times per map_batches call on GPUs (split to fit memory)
+    gpu_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # the decoder's weights and KV cache on GPUs
+    gpu_memory_fraction: float = Field(0.8, gt=0.0, le=1.0)  # of the free GPU memory a chunk may fill
+    sync_every: int = Field(8, ge=1)  # decode steps between the sampler's host syncs (stop / compaction checks)
     seed: int = 0
     n_boot: int = Field(1000, ge=0)  # bootstrap resamples for the AUROC intervals
 
@@ -107,8 +125,34 @@ def example_seed(seed: int, subject_id: int, prediction_time_us: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def prompts_per_chunk(
+    cfg: ModelConfig,
+    prompt_length: int,
+    n_samples: int,
+    max_new_tokens: int,
+    free_bytes: int,
+    dtype_bytes: int = 2,
+) -> int:
+    """How many prompts one sampler call can take within `free_bytes`: each prompt holds its
+    keys/values once (prompt + PRS prefix), each of its continuations a preallocated suffix of
+    `max_new_tokens` positions, and the call needs the prefill activations (about 6 hidden-wide and
+    one MLP-wide tensor per prompt position, plus the attention scores) and per-continuation
+    vocabulary-wide sampling buffers (about 8 float32/float64 arrays). An estimate with headroom."""
+    positions = prompt_length + cfg.prefix_length
+    kv_prompt = 2 * cfg.layers * positions * cfg.hidden * dtype_bytes
+    kv_suffix = 2 * cfg.layers * max_new_tokens * cfg.hidden * dtype_bytes
+    prefill = positions * (6 * cfg.hidden + int(cfg.mlp_ratio * cfg.hidden)) * 4 + cfg.heads * positions**2 * 4
+    sampling = n_samples * cfg.vocab_size * 8 * 8 + n_samples * cfg.heads * positions * 4 * 3
+    per_prompt = kv_prompt + n_samples * kv_suffix + prefill + sampling
+    return max(1, int(free_bytes // per_prompt))
+
+
 class ZeroShotScorer:
-    """Ray Data callable class: loads the decoder once per actor, scores Arrow batches of examples."""
+    """Ray Data callable class: loads the decoder once per actor, scores Arrow batches of examples.
+
+    On a GPU actor (Ray assigned it one and `device` is not cpu) the decoder runs there in
+    `gpu_dtype`, and each batch is split into chunks that fit the GPU's free memory; results do
+    not depend on the chunking (each example has its own seed)."""
 
     def __init__(
         self, pretrained_dir: str, target_ids: list[int], gap_days: list[float], horizon_days: float, config: dict
@@ -116,41 +160,85 @@ class ZeroShotScorer:
         self.config = ZeroShotConfig.model_validate(config)
         torch.set_num_threads(self.config.torch_threads)
         self.model = load_model(pretrained_dir)
+        self.device = torch.device("cpu")
+        if self.config.device != "cpu" and torch.cuda.is_available():
+            self.device = torch.device("cuda")
+            self.model = self.model.to(self.device, dtype=getattr(torch, self.config.gpu_dtype))
+        elif self.config.device == "cuda":
+            raise RuntimeError("zero-shot device 'cuda' but this actor sees no GPU")
+        self.model.eval()
         self.target_ids = list(target_ids)
         self.gap_days = torch.tensor(gap_days, dtype=torch.float64)
         self.horizon_days = float(horizon_days)
+        self.persons, self.seconds = 0, 0.0
+
+    def chunk_size(self, prompts: int, prompt_length: int) -> int:
+        if self.device.type != "cuda":
+            return prompts
+        free, _ = torch.cuda.mem_get_info(self.device)
+        dtype_bytes = torch.finfo(getattr(torch, self.config.gpu_dtype)).bits // 8
+        budget = int(free * self.config.gpu_memory_fraction)
+        cfg = self.config
+        return prompts_per_chunk(self.model.cfg, prompt_length, cfg.n_samples, cfg.max_new_tokens, budget, dtype_bytes)
+
+    def score(self, inputs: dict, seeds: list[int]) -> dict[str, torch.Tensor]:
+        """share, path_probability, truncated [P] and generated tokens, chunk by chunk on the actor's device."""
+        cfg, prompts = self.config, len(seeds)
+        chunk = self.chunk_size(prompts, int(inputs["tokens"].shape[1]))
+        parts = []
+        for start in range(0, prompts, chunk):
+            rows = slice(start, start + chunk)
+
+            def on(t, rows=rows):
+                return None if t is None else t[rows].to(self.device)
+
+            result = sample_trajectories(
+                self.model,
+                on(inputs["tokens"]),
+                on(inputs["ages"].long()),
+                on(inputs["length"]),
+                on(inputs["prs"]),
+                on(inputs["has_prs"]),
+                n_samples=cfg.n_samples,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                target_ids=self.target_ids,
+                gap_days=self.gap_days,
+                horizon_days=self.horizon_days,
+                seeds=seeds[rows],
+                sync_every=cfg.sync_every,
+            )
+            parts.append(
+                {
+                    "share": result.share.cpu(),
+                    "path_probability": result.path_probability.cpu(),
+                    "truncated": result.truncated.cpu(),
+                    "generated": (result.tokens != PAD_ID).sum(dim=1).view(-1, cfg.n_samples).sum(dim=1).cpu(),
+                }
+            )
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         inputs = example_tensors(batch)
         times = pc.cast(batch["prediction_time"], pa.timestamp("us")).cast(pa.int64()).to_pylist()
         seeds = [example_seed(self.config.seed, sid, t) for sid, t in zip(batch["subject_id"].to_pylist(), times)]
-        cfg = self.config
-        result = sample_trajectories(
-            self.model,
-            inputs["tokens"],
-            inputs["ages"].long(),
-            inputs["length"],
-            inputs["prs"],
-            inputs["has_prs"],
-            n_samples=cfg.n_samples,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            target_ids=self.target_ids,
-            gap_days=self.gap_days,
-            horizon_days=self.horizon_days,
-            seeds=seeds,
-        )
+        result = self.score(inputs, seeds)
+        seconds = time.perf_counter() - started
         return pa.table(
             {
                 "subject_id": batch["subject_id"],
                 "prediction_time": batch["prediction_time"],
                 "split": batch["split"],
                 "label": batch["label"],
-                "zs_share": pa.array(result.share.numpy(), pa.float64()),
-                "zs_path_probability": pa.array(result.path_probability.numpy(), pa.float64()),
-                "zs_truncated": pa.array(result.truncated.numpy().astype(np.int32), pa.int32()),
+                "zs_share": pa.array(result["share"].numpy(), pa.float64()),
+                "zs_path_probability": pa.array(result["path_probability"].numpy(), pa.float64()),
+                "zs_truncated": pa.array(result["truncated"].numpy().astype(np.int32), pa.int32()),
+                TOKENS_COLUMN: pa.array(result["generated"].numpy().astype(np.int64), pa.int64()),
+                SECONDS_COLUMN: pa.array(np.full(batch.num_rows, seconds / max(batch.num_rows, 1)), pa.float64()),
+                DEVICE_COLUMN: pa.array([self.device.type] * batch.num_rows, pa.string()),
                 **({ROW_COLUMN: batch[ROW_COLUMN]} if ROW_COLUMN in batch.column_names else {}),
             }
         )
@@ -193,23 +281,78 @@ def score_zero_shot(
         raise ValueError(f"no labelled examples in splits {config.splits} ({labels.num_rows} labels given)")
     windows_done = time.perf_counter()
     examples = examples.append_column(ROW_COLUMN, pa.array(np.arange(examples.num_rows), pa.int64()))
-    blocks = [examples.slice(start, config.batch_size) for start in range(0, examples.num_rows, config.batch_size)]
+    placement = actor_placement(config, ray.cluster_resources().get("GPU", 0.0))
+    batch_size = placement.pop("batch_size")
+    blocks = [examples.slice(start, batch_size) for start in range(0, examples.num_rows, batch_size)]
     scored = ray.data.from_arrow(blocks).map_batches(  # one block per batch: every actor gets work
         ZeroShotScorer,
         fn_constructor_args=(str(pretrained_dir), target_ids, gap_days.tolist(), horizon, config.model_dump()),
-        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-        num_cpus=config.num_cpus,
-        batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=placement.pop("concurrency")),
+        batch_size=batch_size,
         batch_format="pyarrow",
+        **placement,
     )
     out = pa.concat_tables(ray.get(scored.to_arrow_refs())).sort_by(ROW_COLUMN)
     if out.num_rows != examples.num_rows:
         raise RuntimeError(f"zero-shot scoring returned {out.num_rows} rows for {examples.num_rows} examples")
+    sampling = time.perf_counter() - windows_done
     timing = {
         "window_seconds": round(windows_done - started, 2),
-        "sampling_seconds": round(time.perf_counter() - windows_done, 2),
+        "sampling_seconds": round(sampling, 2),
+        **throughput(out, sampling, config),
     }
-    return out.drop_columns([ROW_COLUMN]).replace_schema_metadata({ACCOUNT_KEY: json.dumps({**account, **timing})})
+    log_throughput_to_mlflow(timing, config)
+    out = out.drop_columns([ROW_COLUMN, TOKENS_COLUMN, SECONDS_COLUMN, DEVICE_COLUMN])
+    return out.replace_schema_metadata({ACCOUNT_KEY: json.dumps({**account, **timing})})
+
+
+def actor_placement(config: ZeroShotConfig, cluster_gpus: float) -> dict:
+    """map_batches resources: GPU actors (num_gpus each, at most as many as the GPUs hold) with
+    `gpu_batch_size` when the cluster has GPUs and `device` allows, else CPU actors."""
+    use_gpu = config.device == "cuda" or (config.device == "auto" and cluster_gpus >= config.num_gpus)
+    if config.device == "cuda" and cluster_gpus < config.num_gpus:
+        raise ValueError(
+            f"zero-shot device 'cuda' needs {config.num_gpus} GPU(s) per actor; the cluster has {cluster_gpus}"
+        )
+    if use_gpu:
+        actors = max(1, min(config.concurrency, int(cluster_gpus // config.num_gpus)))
+        return {
+            "concurrency": actors,
+            "num_gpus": config.num_gpus,
+            "num_cpus": config.num_cpus,
+            "batch_size": config.gpu_batch_size,
+        }
+    return {"concurrency": config.concurrency, "num_cpus": config.num_cpus, "batch_size": config.batch_size}
+
+
+def throughput(scored: pa.Table, sampling_seconds: float, config: ZeroShotConfig) -> dict:
+    """Persons (prediction times) and sampled tokens per second of the stage's sampling wall time, and
+    per actor-second (the actors' own time in their calls, summed), and the devices used."""
+    persons = scored.num_rows
+    tokens = int(pc.sum(scored[TOKENS_COLUMN]).as_py() or 0)
+    actor_seconds = float(pc.sum(scored[SECONDS_COLUMN]).as_py() or 0.0)
+    return {
+        "persons_per_s": round(persons / max(sampling_seconds, 1e-9), 3),
+        "sampled_tokens_per_s": round(tokens / max(sampling_seconds, 1e-9), 1),
+        "persons_per_actor_s": round(persons / max(actor_seconds, 1e-9), 3),
+        "sampled_tokens": tokens,
+        "devices": sorted(set(scored[DEVICE_COLUMN].to_pylist())),
+    }
+
+
+def log_throughput_to_mlflow(timing: dict, config: ZeroShotConfig) -> bool:
+    """Throughput and sampler settings to MLflow when MLFLOW_TRACKING_URI is set; False otherwise."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        return False
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_experiment(os.environ.get("EHRFM_ZERO_SHOT_EXPERIMENT", "ehrfm-zero-shot"))
+    with mlflow.start_run(run_name="zero_shot"):
+        mlflow.log_params({k: str(v)[:500] for k, v in config.model_dump().items()})
+        mlflow.log_metrics({k: float(v) for k, v in timing.items() if isinstance(v, (int, float))})
+        mlflow.set_tag("zero_shot_devices", ",".join(timing.get("devices", [])))
+    return True
 
 
 def summarize(scores: pa.Table, config: ZeroShotConfig) -> dict:
@@ -222,6 +365,7 @@ def summarize(scores: pa.Table, config: ZeroShotConfig) -> dict:
         "window_seconds": account.pop("window_seconds", float("nan")),
         "sampling_seconds": sampling,
         "sampling_seconds_per_example": per_example,
+        "throughput": {k: account.pop(k) for k in THROUGHPUT_KEYS if k in account},
         "trajectories": scores.num_rows * config.n_samples,
         "truncated_trajectories": int(pc.sum(scores["zs_truncated"]).as_py() or 0),
         "target_codes": account,
