@@ -77,7 +77,10 @@ class FinetuneConfig(StrictModel):
     # gradients are sharded over the workers, which is what a full fine-tune of a large decoder
     # needs, while every rank keeps whole weights, so validation scoring needs no gather (and a
     # linear probe, with only the head in the optimiser, pays next to nothing for it).
-    deepspeed: DeepSpeedSection = DeepSpeedSection(zero_stage=2)
+    # fp32 by default, also on GPU (as before the shared engine): in bf16 the saved risk model
+    # would carry bf16-rounded copies of even the frozen pretrained weights; set bf16 for a large
+    # full fine-tune.
+    deepspeed: DeepSpeedSection = DeepSpeedSection(zero_stage=2, precision="fp32")
     scaling: ScalingSection = ScalingSection()
     mlflow: FinetuneMlflow = FinetuneMlflow()
 

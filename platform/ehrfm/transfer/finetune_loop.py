@@ -25,7 +25,6 @@ import math
 import numpy as np
 import pyarrow as pa
 import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
