@@ -179,8 +179,7 @@ def test_prompt_keys_are_held_once_per_prompt_not_per_future(fusion):
     cfg = model.cfg
     prefix_len = width + cfg.prefix_length
     for keys, values in zip(cache.prefix_keys, cache.prefix_values):
-        assert keys.shape == (prompts, cfg.heads, cfg.head_dim, prefix_len)  # stored transposed
-        assert values.shape == (prompts, cfg.heads, prefix_len, cfg.head_dim)
+        assert keys.shape == values.shape == (prompts, cfg.heads, prefix_len, cfg.head_dim)
     for keys in cache.suffix_keys:
         assert keys.shape == (prompts * futures, cfg.heads, new_tokens - 1, cfg.head_dim)
     sizes = cache.nbytes()
@@ -221,3 +220,29 @@ def test_two_level_draw_picks_what_the_sequential_cdf_picks(vocab):
         uniforms = torch.rand(32, generator=gen, dtype=torch.float64)
         uniforms[:3] = torch.tensor([0.0, 1 - 2**-53, 1 - 1e-12], dtype=torch.float64)  # the clamp cases
         assert torch.equal(_draw(weights, uniforms), draw(weights, uniforms))
+
+
+@pytest.mark.parametrize("fusion", ["prefix", "cross"])
+def test_the_matmul_attention_path_gives_the_same_draws(fusion, monkeypatch):
+    """The path used where no fused kernel returns the log-sum-exp (GPU): same draws as well."""
+    import ehrfm.model.transformer as transformer
+
+    monkeypatch.setattr(transformer, "_FLASH_WITH_LSE", None)
+    model = tiny_decoder(13, fusion, eos_bias=1.0)
+    inputs = ragged_prompts([15, 4, 9], 13)
+    ref, new = both(model, inputs, seeds=[7, 8, 9], sync_every=2, compact_below=1.0)
+    assert_same(ref, new)
+
+
+def test_fused_and_matmul_attention_agree():
+    from ehrfm.model.transformer import shared_prefix_attention
+
+    model = tiny_decoder(4, "prefix")
+    tokens, ages, lengths, prs, has_prs = ragged_prompts([11, 3, 7], 4)
+    _, cache, last_age = model.prefill_shared(tokens, ages, prs, has_prs, lengths=lengths, futures=4, capacity=6)
+    for step in range(3):
+        model.decode_shared(torch.full((12,), 20 + step), last_age.repeat_interleave(4) + step, cache)
+    q = torch.randn(12, model.cfg.heads, 1, model.cfg.head_dim)
+    fused = shared_prefix_attention(q, cache, 1, 4, 3, fused=True)
+    plain = shared_prefix_attention(q, cache, 1, 4, 3, fused=False)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-5)

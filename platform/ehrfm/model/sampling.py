@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ehrfm.constants import BOS_ID, EOS_ID, PAD_ID
-from ehrfm.model.transformer import EHRDecoder, SharedPrefixCache
+from ehrfm.model.transformer import EHRDecoder
 
 # Why a continuation stopped (per row of `Trajectories.stop`).
 RUNNING, STOP_EOS, STOP_HORIZON, STOP_TRUNCATED = 0, 1, 2, 3
@@ -249,8 +249,8 @@ def sample_trajectories(
     keys/values are kept once per prompt and shared by its continuations (`SharedPrefixCache`,
     preallocated suffixes written in place); finished continuations are masked (their writes go to
     a scratch row) and the host looks at the batch only every `sync_every` steps, to stop when all
-    have ended and to compact (drop finished prompts, regroup live continuations) when the live
-    slots would fill at most `compact_below` of the current ones.
+    have ended and to compact (`_regroup`: drop finished continuations, regroup the live ones of
+    each prompt) when the new layout has at most `compact_below` of the current slots.
     """
     prompts, vocab = tokens.shape[0], model.cfg.vocab_size
     if len(seeds) != prompts or n_samples < 1 or max_new_tokens < 1:
@@ -286,6 +286,7 @@ def sample_trajectories(
     alive = torch.ones(rows_total, dtype=torch.bool, device=device)
     elapsed = torch.zeros(rows_total, dtype=torch.float64, device=device)
     slot_hit = torch.zeros(rows_total, dtype=torch.bool, device=device)
+    group_prompt = list(range(prompts))  # the prompt of each group of slots in the cache (host side)
 
     for step in range(max_new_tokens):
         rows = torch.where(alive, slot_row, scratch)
@@ -312,16 +313,18 @@ def sample_trajectories(
         if step == max_new_tokens - 1:
             break
         if (step + 1) % sync_every == 0:  # the only host sync of the loop
-            counts = alive.view(cache.prompts, cache.futures).sum(dim=1).tolist()
-            if not any(counts):
-                break
-            futures, kept = max(counts), [i for i, c in enumerate(counts) if c > 0]
-            if len(kept) * futures <= compact_below * alive.numel():
-                slots, cache = _compact(alive, cache, kept, futures)
-                slot_row, alive, elapsed, slot_hit, start_age = (
-                    t.index_select(0, slots) for t in (slot_row, alive, elapsed, slot_hit, start_age)
+            plan = _regroup(alive.tolist(), group_prompt, cache.futures, compact_below)
+            if plan is None:
+                break  # every continuation has ended
+            if plan is not True:
+                groups, slots, group_prompt, futures, flags = plan
+                groups = None if groups is None else torch.tensor(groups, device=device)
+                slots = torch.tensor(slots, device=device)
+                cache = cache.compact(groups, slots, futures)
+                slot_row, elapsed, slot_hit, start_age, nxt, age = (
+                    t.index_select(0, slots) for t in (slot_row, elapsed, slot_hit, start_age, nxt, age)
                 )
-                nxt, age = nxt.index_select(0, slots), age.index_select(0, slots)
+                alive = torch.tensor(flags, dtype=torch.bool, device=device)
         logits = model.decode_shared(nxt, age, cache)
     model.train(was_training)
 
@@ -368,16 +371,38 @@ def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.minimum(picked, last_positive.clamp(max=vocab - 1))
 
 
-def _compact(
-    alive: torch.Tensor, cache: SharedPrefixCache, kept: list[int], futures: int
-) -> tuple[torch.Tensor, SharedPrefixCache]:
-    """Old slot indices of the compacted layout (kept prompts x `futures`, each prompt's live slots
-    first, in their order; the rest finished ones, masked) and the cache regrouped to it."""
-    old_prompts, old_futures = cache.prompts, cache.futures
-    order = torch.sort((~alive.view(old_prompts, old_futures)).to(torch.int8), dim=1, stable=True).indices
-    kept_index = None if len(kept) == old_prompts else torch.tensor(kept, device=alive.device)
-    base = torch.arange(old_prompts, device=alive.device)
-    if kept_index is not None:
-        order, base = order.index_select(0, kept_index), kept_index
-    slots = (base[:, None] * old_futures + order[:, :futures]).flatten()
-    return slots, cache.compact(kept_index, slots, futures)
+def _regroup(alive: list[bool], group_prompt: list[int], futures: int, compact_below: float):
+    """The compaction plan at a sync point: None when no continuation runs; True to keep the layout;
+    else (old group per new group or None for the same groups, old slot per new slot, prompt per
+    new group, new group size, new alive flags).
+
+    Each prompt's live continuations are regrouped in groups of the smallest size that needs no
+    more groups than the cache holds now, so the prompt keys/values (one copy per group) never
+    outgrow the first prefill and padding slots stay few; the layout changes only when the new one
+    has at most `compact_below` of the current slots.
+    """
+    groups_now = len(group_prompt)
+    live: dict[int, list[int]] = {}
+    source: dict[int, int] = {}
+    for group, prompt in enumerate(group_prompt):
+        source.setdefault(prompt, group)
+        for slot in range(group * futures, (group + 1) * futures):
+            if alive[slot]:
+                live.setdefault(prompt, []).append(slot)
+    if not live:
+        return None
+    size = next(n for n in range(1, futures + 1) if sum(-(-len(v) // n) for v in live.values()) <= groups_now)
+    new_groups = sum(-(-len(v) // size) for v in live.values())
+    if new_groups * size > compact_below * len(alive):
+        return True
+    groups, slots, prompts, flags = [], [], [], []
+    for prompt in sorted(live):
+        members = live[prompt]
+        for start in range(0, len(members), size):
+            chunk = members[start : start + size]
+            groups.append(source[prompt])
+            prompts.append(prompt)
+            slots += chunk + [chunk[0]] * (size - len(chunk))  # padding: a finished copy, masked
+            flags += [True] * len(chunk) + [False] * (size - len(chunk))
+    same_groups = groups == list(range(groups_now))
+    return (None if same_groups else groups), slots, prompts, size, flags

@@ -80,13 +80,14 @@ class KVCache:
 class SharedPrefixCache:
     """KV cache for sampling `futures` continuations per prompt without copying the prompt.
 
-    The prompt's keys/values (`prefix_keys` [P, nh, hd, L], stored transposed for the score
-    product, and `prefix_values` [P, nh, L, hd] per layer) are kept once per prompt; each continuation ("slot", s = prompt * futures + i) owns a preallocated
+    The prompt's keys/values (`prefix_keys`/`prefix_values`, [P, nh, L, hd] per layer) are kept
+    once per prompt; each continuation ("slot", s = prompt * futures + i) owns a preallocated
     suffix ([S, nh, capacity, hd] per layer) written in place, one position per decode step.
     Attention of a new token runs over both parts and is combined by log-sum-exp, so memory for N
     futures is one prompt plus N suffixes. Cross fusion keeps the PRS memory's keys/values per
-    prompt and layer (computed once at prefill). `compact` drops whole prompts and regroups the
-    live continuations of each prompt (one bulk copy), never per step.
+    prompt and layer (computed once at prefill). Slots come in groups of `futures` that share one
+    prompt part; `compact` regroups the live continuations (one bulk copy at a sync point, never
+    per step), and a prompt may then span several groups (never more groups than at prefill).
     """
 
     prefix_keys: list[torch.Tensor]
@@ -96,7 +97,7 @@ class SharedPrefixCache:
     positions: torch.Tensor  # [P] rotary position of the first generated token
     suffix_keys: list[torch.Tensor]
     suffix_values: list[torch.Tensor]
-    futures: int  # slots per prompt (N, or fewer after compaction)
+    futures: int  # slots per group (N at prefill, fewer after compaction)
     cross: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     steps: int = 0  # suffix positions written so far (shared by every slot)
 
@@ -108,12 +109,13 @@ class SharedPrefixCache:
     def capacity(self) -> int:
         return self.suffix_keys[0].shape[2] if self.suffix_keys else 0
 
-    def compact(self, prompts: torch.Tensor | None, slots: torch.Tensor, futures: int) -> SharedPrefixCache:
-        """Keep prompts `prompts` [P'] (indices; None: all) and slots `slots` [P' * futures] (old slot
-        indices, grouped by prompt), in one copy of the suffixes (and of the kept prompts' keys)."""
+    def compact(self, groups: torch.Tensor | None, slots: torch.Tensor, futures: int) -> SharedPrefixCache:
+        """A new layout of `futures` slots per group: `groups` [G'] the old group whose prompt each new
+        group holds (None: the same groups), `slots` [G' * futures] the old slot each new slot takes
+        over; one bulk copy of the suffixes (and of the groups' prompt keys/values)."""
 
         def by_prompt(t):
-            return t if prompts is None else t.index_select(0, prompts)
+            return t if groups is None else t.index_select(0, groups)
 
         cross = {layer: tuple(by_prompt(t) for t in kv) for layer, kv in self.cross.items()}
         return SharedPrefixCache(
@@ -142,36 +144,54 @@ class SharedPrefixCache:
         }
 
 
-def shared_prefix_attention(
-    q: torch.Tensor, cache: SharedPrefixCache, layer: int, futures: int, length: int
-) -> torch.Tensor:
-    """Attention of one new query per slot ([S, nh, 1, hd]) over its prompt's keys and its own first
-    `length` suffix keys, combined by log-sum-exp (fp32 softmax statistics); returns [S, nh, 1, hd]."""
-    slots, heads, _, head_dim = q.shape
-    prompts = slots // futures
-    q = q * (1.0 / math.sqrt(head_dim))
-    # prompt part: the N queries of a prompt share its keys -> one [N, L] score block per prompt and head
-    grouped = q.view(prompts, futures, heads, head_dim).transpose(1, 2).contiguous()  # [P, nh, N, hd]
-    pre = torch.matmul(grouped, cache.prefix_keys[layer]).float() + cache.key_bias  # [P, nh, N, L]
-    pre_max = pre.amax(dim=-1, keepdim=True)
-    pre_exp = torch.exp(pre - pre_max)
-    pre_sum = pre_exp.sum(dim=-1, keepdim=True)
-    pre_out = torch.matmul(pre_exp.to(q.dtype), cache.prefix_values[layer]).float()  # [P, nh, N, hd]
+# The fused SDPA kernel that also returns the log-sum-exp (CPU build); without it, plain matmuls.
+_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
-    def per_slot(t):  # [P, nh, N, d] -> [S, nh, 1, d]
+
+def _attention_with_lse(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(d) + bias) v [B, nh, Q, hd] and the log-sum-exp of the scores [B, nh, Q, 1]
+    (fp32): the fused SDPA kernel where it gives the log-sum-exp, else matmuls."""
+    if fused:
+        out, lse = _FLASH_WITH_LSE(q, keys, values, attn_mask=bias)
+        return out, lse.unsqueeze(-1)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
+    if bias is not None:
+        scores = scores + bias
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scores - top)
+    total = weights.sum(dim=-1, keepdim=True)
+    out = torch.matmul(weights.to(values.dtype), values).float() / total
+    return out, top + total.log()
+
+
+def shared_prefix_attention(
+    q: torch.Tensor, cache: SharedPrefixCache, layer: int, futures: int, length: int, fused: bool | None = None
+) -> torch.Tensor:
+    """Attention of one new query per slot ([S, nh, 1, hd]) over its group's prompt keys and its own
+    first `length` suffix keys: each part by SDPA with its log-sum-exp, combined by those (fp32);
+    returns [S, nh, 1, hd]. `fused` None: the fused kernel on CPU when this torch has it."""
+    if fused is None:
+        fused = _FLASH_WITH_LSE is not None and q.device.type == "cpu" and q.dtype == cache.key_bias.dtype
+    slots, heads, _, head_dim = q.shape
+    groups = slots // futures
+    # prompt part: the N queries of a group share its keys -> one [N, L] score block per group and head
+    grouped = q.view(groups, futures, heads, head_dim).transpose(1, 2)  # [G, nh, N, hd]
+    pre_out, pre_lse = _attention_with_lse(
+        grouped, cache.prefix_keys[layer], cache.prefix_values[layer], cache.key_bias, fused
+    )
+
+    def per_slot(t):  # [G, nh, N, d] -> [S, nh, 1, d]
         return t.transpose(1, 2).reshape(slots, heads, 1, t.shape[-1])
 
-    pre_max, pre_sum, pre_out = per_slot(pre_max), per_slot(pre_sum), per_slot(pre_out)
+    pre_out, pre_lse = per_slot(pre_out.float()), per_slot(pre_lse)
     # own part: the slot's generated tokens so far (all real, all before the query)
-    keys = cache.suffix_keys[layer][:, :, :length]
-    own = torch.matmul(q, keys.transpose(-1, -2)).float()  # [S, nh, 1, length]
-    own_max = own.amax(dim=-1, keepdim=True)
-    own_exp = torch.exp(own - own_max)
-    own_sum = own_exp.sum(dim=-1, keepdim=True)
-    own_out = torch.matmul(own_exp.to(q.dtype), cache.suffix_values[layer][:, :, :length]).float()
-    top = torch.maximum(pre_max, own_max)
-    w_pre, w_own = torch.exp(pre_max - top), torch.exp(own_max - top)
-    out = (pre_out * w_pre + own_out * w_own) / (pre_sum * w_pre + own_sum * w_own)
+    keys, values = cache.suffix_keys[layer][:, :, :length], cache.suffix_values[layer][:, :, :length]
+    own_out, own_lse = _attention_with_lse(q, keys, values, None, fused)
+    top = torch.maximum(pre_lse, own_lse)
+    w_pre, w_own = torch.exp(pre_lse - top), torch.exp(own_lse - top)
+    out = (pre_out * w_pre + own_out.float() * w_own) / (w_pre + w_own)
     return out.to(q.dtype)
 
 
@@ -464,8 +484,8 @@ class EHRDecoder(nn.Module):
         positions = cache.positions
         if positions is None:
             positions = torch.full((prompts,), length, dtype=torch.long, device=device)
-        keys = [k.transpose(-1, -2).contiguous() for k in cache.keys]  # [P, nh, hd, L]: score product layout
-        values = [v.contiguous() for v in cache.values]  # the qkv split leaves them strided
+        keys = [k.contiguous() for k in cache.keys]  # the qkv split leaves them strided
+        values = [v.contiguous() for v in cache.values]
         key_bias = torch.zeros(key_valid.shape, dtype=torch.float32, device=device)
         key_bias = key_bias.masked_fill(~key_valid, float("-inf"))[:, None, None, :]
         shape = (prompts * futures, self.cfg.heads, max(capacity, 1), self.cfg.head_dim)
