@@ -246,3 +246,24 @@ def test_fused_and_matmul_attention_agree():
     fused = shared_prefix_attention(q, cache, 1, 4, 3, fused=True)
     plain = shared_prefix_attention(q, cache, 1, 4, 3, fused=False)
     torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_regrouping_keeps_each_group_to_one_prompt_and_memory_within_the_first_allocation():
+    from ehrfm.model.sampling import _regroup
+
+    futures, group_prompt = 4, [0, 1, 2]
+    alive = [True, False, True, True] + [False] * 4 + [False, False, False, True]
+    assert _regroup([False] * 12, group_prompt, futures, 1.0) is None
+    assert _regroup([True] * 12, group_prompt, futures, 0.9) is True  # nothing to gain: layout kept
+    groups, slots, prompts, size, flags = _regroup(alive, group_prompt, futures, 1.0, 100, 10, 3 * 100 + 12 * 10)
+    assert len(slots) == len(flags) == len(groups) * size == len(prompts) * size
+    for g, prompt in enumerate(prompts):
+        members = slots[g * size : (g + 1) * size]
+        assert all(slot // futures == prompt for slot in members)  # a group holds one prompt's futures
+        assert all(groups[g] == prompt for _ in members)
+    live = sorted(s for s, f in zip(slots, flags) if f)
+    assert live == [i for i, a in enumerate(alive) if a]
+    assert len(groups) * 100 + len(slots) * 10 <= 3 * 100 + 12 * 10
+    # a tight budget forbids extra prompt copies: the groups stay one per prompt
+    groups, slots, prompts, size, flags = _regroup(alive, group_prompt, futures, 1.0, 100, 10, 2 * 100 + 6 * 10)
+    assert prompts == [0, 2] and size == 3

@@ -287,6 +287,8 @@ def sample_trajectories(
     elapsed = torch.zeros(rows_total, dtype=torch.float64, device=device)
     slot_hit = torch.zeros(rows_total, dtype=torch.bool, device=device)
     group_prompt = list(range(prompts))  # the prompt of each group of slots in the cache (host side)
+    held = cache.nbytes()
+    sizes = (held["prefix"] // prompts, held["suffix"] // rows_total, held["prefix"] + held["suffix"])
 
     for step in range(max_new_tokens):
         rows = torch.where(alive, slot_row, scratch)
@@ -313,7 +315,7 @@ def sample_trajectories(
         if step == max_new_tokens - 1:
             break
         if (step + 1) % sync_every == 0:  # the only host sync of the loop
-            plan = _regroup(alive.tolist(), group_prompt, cache.futures, compact_below)
+            plan = _regroup(alive.tolist(), group_prompt, cache.futures, compact_below, *sizes)
             if plan is None:
                 break  # every continuation has ended
             if plan is not True:
@@ -371,15 +373,27 @@ def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.minimum(picked, last_positive.clamp(max=vocab - 1))
 
 
-def _regroup(alive: list[bool], group_prompt: list[int], futures: int, compact_below: float):
+GROUP_GROWTH = 1.5  # a compaction may make at most this many times the current groups
+
+
+def _regroup(
+    alive: list[bool],
+    group_prompt: list[int],
+    futures: int,
+    compact_below: float,
+    group_bytes: int = 0,
+    slot_bytes: int = 0,
+    budget: float = float("inf"),
+):
     """The compaction plan at a sync point: None when no continuation runs; True to keep the layout;
     else (old group per new group or None for the same groups, old slot per new slot, prompt per
     new group, new group size, new alive flags).
 
-    Each prompt's live continuations are regrouped in groups of the smallest size that needs no
-    more groups than the cache holds now, so the prompt keys/values (one copy per group) never
-    outgrow the first prefill and padding slots stay few; the layout changes only when the new one
-    has at most `compact_below` of the current slots.
+    Each prompt's live continuations are regrouped in groups of the size that leaves the fewest
+    slots (padding included) among those whose cache, `group_bytes` per group (the prompt's
+    keys/values, one copy per group) plus `slot_bytes` per slot, stays within `budget` (the first
+    allocation: memory never grows); the layout changes only when the new one has at most
+    `compact_below` of the current slots.
     """
     groups_now = len(group_prompt)
     live: dict[int, list[int]] = {}
@@ -391,8 +405,17 @@ def _regroup(alive: list[bool], group_prompt: list[int], futures: int, compact_b
                 live.setdefault(prompt, []).append(slot)
     if not live:
         return None
-    size = next(n for n in range(1, futures + 1) if sum(-(-len(v) // n) for v in live.values()) <= groups_now)
-    new_groups = sum(-(-len(v) // size) for v in live.values())
+
+    def groups_of(n):
+        return sum(-(-len(v) // n) for v in live.values())
+
+    fits = [
+        n
+        for n in range(1, futures + 1)
+        if groups_of(n) <= groups_now * GROUP_GROWTH and groups_of(n) * (group_bytes + n * slot_bytes) <= budget
+    ]
+    size = min(fits or [futures], key=lambda n: (groups_of(n) * n, -n))  # fewest slots, then fewest groups
+    new_groups = groups_of(size)
     if new_groups * size > compact_below * len(alive):
         return True
     groups, slots, prompts, flags = [], [], [], []
