@@ -172,7 +172,10 @@ def markdown(results: dict) -> str:
         f"vocabulary {shape['vocab']}, {shape['fusion']} fusion, {results['precision']}) on "
         f"{results['device']}, {shape['threads']} torch thread(s); same seeds, identical draws: "
         f"{'yes' if results['identical_draws'] else 'NO'} (max path-probability difference "
-        f"{results['max_path_probability_difference']:.1e}). Peak memory: {results['peak_memory_kind']}."
+        f"{results['max_path_probability_difference']:.1e}). Peak memory: {results['peak_memory_kind']}. "
+        f"Load average {results['machine']['load_average_at_start'][0]} at start, "
+        f"{results['machine']['load_average_at_end'][0]} at end. Fastest of {results.get('repeats', 1)} "
+        "alternating runs each."
     )
     return "\n".join(rows)
 
@@ -259,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device if args.device != "cpu" else f"CPU ({os.cpu_count()} cores)",
         "precision": "bf16" if args.device.startswith("cuda") else "fp32",
         "cases": results_cases,
+        "repeats": args.repeats,
+        "command": "python bench/zero_shot.py --out bench/results/zero_shot.json"
+        + ("" if args.case is None else " " + " ".join(f"--case {c}" for c in args.case)),
         "identical_draws": identical,
         "max_path_probability_difference": max_diff,
         "peak_memory_kind": ", ".join(sorted(kinds)),
