@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ehrfm.config import add_config_arguments, parse_config
+from ehrfm.paths import absolute_path
 from ehrfm.training.config import PretrainConfig
 from ehrfm.training.run_logger import resolve_tracking_uri
 from ehrfm.training.windows import TimelineManifest, timeline_dataset
@@ -39,10 +40,6 @@ class PretrainResult:
             "metrics": self.metrics,
             "tracking_uri": self.tracking_uri,
         }
-
-
-def _absolute(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def load_datasets(cfg: PretrainConfig) -> dict:
@@ -102,10 +99,10 @@ def run_pretraining(cfg: PretrainConfig, datasets: dict | None = None) -> Pretra
     if not cfg.data.dir:
         raise ValueError("no data directory: pass --data DIR (the directory holding timelines/) or set data.dir")
     cfg = cfg.model_copy(deep=True)
-    cfg.data.dir = _absolute(cfg.data.dir)
-    cfg.run.storage_path = _absolute(cfg.run.storage_path)
+    cfg.data.dir = absolute_path(cfg.data.dir)
+    cfg.run.storage_path = absolute_path(cfg.run.storage_path)
     if cfg.run.init_from:
-        cfg.run.init_from = _absolute(cfg.run.init_from)
+        cfg.run.init_from = absolute_path(cfg.run.init_from)
     if "://" not in cfg.run.storage_path:
         Path(cfg.run.storage_path).mkdir(parents=True, exist_ok=True)
     trainer, tracking_uri = build_trainer(cfg, datasets)

@@ -44,8 +44,8 @@ from ehrfm.model.risk import (
     predict_logits,
     save_risk_model,
 )
+from ehrfm.paths import absolute_path
 from ehrfm.training.pretrain import RESULT_FILE as PRETRAIN_RESULT_FILE
-from ehrfm.training.pretrain import _absolute
 from ehrfm.training.run_logger import RunLogger, resolve_tracking_uri
 from ehrfm.training.windows import TimelineManifest
 from ehrfm.transfer.examples import build_examples, example_tensors, read_labels
@@ -174,9 +174,9 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[FinetuneConfig, PreparedData]
             "predictions.parquet with local file I/O, so use a local path or a shared mount"
         )
     cfg = cfg.model_copy(deep=True)
-    cfg.data.dir = _absolute(cfg.data.dir)
-    cfg.run.storage_path = _absolute(cfg.run.storage_path)
-    cfg.model.pretrained = str(resolve_pretrained(_absolute(cfg.model.pretrained)))
+    cfg.data.dir = absolute_path(cfg.data.dir)
+    cfg.run.storage_path = absolute_path(cfg.run.storage_path)
+    cfg.model.pretrained = str(resolve_pretrained(absolute_path(cfg.model.pretrained)))
     model_cfg = load_model_config(cfg.model.pretrained)
     manifest = TimelineManifest.read(cfg.data.dir)
     if (model_cfg.vocab_size, model_cfg.num_pgs) != (manifest.vocab_size, manifest.num_pgs):
@@ -199,7 +199,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[FinetuneConfig, PreparedData]
     Path(cfg.run_dir()).mkdir(parents=True, exist_ok=True)
 
     if cfg.data.labels:
-        cfg.data.labels = _absolute(cfg.data.labels)
+        cfg.data.labels = absolute_path(cfg.data.labels)
         labels = read_labels(cfg.data.labels)
     else:
         labels = label_on_the_fly(cfg)
