@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--case",
         action="append",
-        help="PROMPTSxFUTURES,PROMPT_LENGTH,NEW_TOKENS (repeatable); default 16x16,512,128 and 4x16,2048,128",
+        help="PROMPTSxFUTURES,PROMPT_LENGTH,NEW_TOKENS (repeatable); default 32x16,512,128, 16x16,512,128 and "
+        "4x16,2048,128",
     )
     parser.add_argument("--vocab", type=int, default=2000)
     parser.add_argument("--hidden", type=int, default=64)
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         parser.error("--out is required")
-    cases = args.case or (["4x8,128,16"] if args.quick else ["16x16,512,128", "4x16,2048,128"])
+    # 32 prompts: the zero-shot config's batch_size (prompts per actor call); 16: the first row
+    cases = args.case or (["4x8,128,16"] if args.quick else ["32x16,512,128", "16x16,512,128", "4x16,2048,128"])
     args.repeats = 1 if args.quick else args.repeats
     shape = {
         "vocab": args.vocab,

@@ -294,10 +294,12 @@ def sample_trajectories(
         rows = torch.where(alive, slot_row, scratch)
         scores = logits.float().masked_fill_(blocked, float("-inf"))  # in place: the logits are not used again
         probs = torch.softmax(scores, dim=-1)
-        p_steps[rows, step] = probs.index_select(1, target_index).sum(dim=-1).double()
+        p_target = probs.index_select(1, target_index).sum(dim=-1).double()
+        p_steps[rows, step] = p_target
         sampler = probs if plain else torch.softmax(filter_logits(scores, temperature, top_k, top_p), dim=-1)
         u = uniforms[slot_row, step]
-        slot_hit |= u[:, 0] < sampler.index_select(1, target_index).sum(dim=-1).double()
+        sampler_target = p_target if plain else sampler.index_select(1, target_index).sum(dim=-1).double()
+        slot_hit |= u[:, 0] < sampler_target
         rest = sampler.masked_fill_(target, 0.0)
         best_rest = scores.masked_fill_(target, float("-inf")).max(dim=-1).indices  # sampler left only targets
         nxt = torch.where(rest.sum(dim=-1) > 0, _draw(rest, u[:, 1]), best_rest)

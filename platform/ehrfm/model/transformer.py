@@ -528,8 +528,8 @@ class EHRDecoder(nn.Module):
         rope = (cos[:, None], sin[:, None])
         for layer, block in enumerate(self.blocks):
             attn = block.attn
-            q, k, v = attn.qkv(block.norm_attn(x)).view(slots, 1, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            qkv = attn.qkv(block.norm_attn(x)).view(slots, 1, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            (q, k), v = apply_rotary(qkv[:2], *rope), qkv[2]  # q and k rotated in one go
             cache.suffix_keys[layer][:, :, step] = k[:, :, 0]
             cache.suffix_values[layer][:, :, step] = v[:, :, 0]
             out = shared_prefix_attention(q, cache, layer, futures, step + 1)
