@@ -20,6 +20,7 @@ from pathlib import Path
 from ehrfm.config import add_config_arguments, parse_config
 from ehrfm.paths import absolute_path
 from ehrfm.training.config import PretrainConfig
+from ehrfm.training.launch import artifact_root, torch_trainer
 from ehrfm.training.run_logger import resolve_tracking_uri
 from ehrfm.training.windows import TimelineManifest, timeline_dataset
 
@@ -56,42 +57,28 @@ def build_trainer(cfg: PretrainConfig, datasets: dict | None = None):
     `datasets` lets callers that start several runs on the same data (sweeps, tests) read it once.
     """
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     manifest = TimelineManifest.read(cfg.data.dir)
     model_cfg = cfg.model.with_data(manifest.vocab_size, manifest.num_pgs)
     if model_cfg.fusion != "none" and manifest.num_pgs == 0:
         raise ValueError(f"model.fusion={model_cfg.fusion} but {cfg.data.dir}/timelines has no PRS columns")
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.storage_path) if cfg.mlflow.enabled else None
-    artifact_root = None if "://" in cfg.run.storage_path else str(Path(cfg.run.storage_path) / "mlflow-artifacts")
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "model": model_cfg.to_dict(),
         "tracking_uri": tracking_uri,
-        "artifact_root": artifact_root,
+        "artifact_root": artifact_root(cfg.run.storage_path),
     }
     datasets = datasets if datasets is not None else load_datasets(cfg)
-    scaling = cfg.scaling
     from ehrfm.training.pretrain_loop import train_loop_per_worker
 
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker},  # plus 1 GPU each when use_gpu
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.fault.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.schedule.keep_checkpoints),
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    ), tracking_uri
+    run_config = ray.train.RunConfig(
+        name=cfg.run.name,
+        storage_path=cfg.run.storage_path,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.fault.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.schedule.keep_checkpoints),
+    )
+    return torch_trainer(train_loop_per_worker, loop_config, cfg.scaling, run_config, datasets), tracking_uri
 
 
 def run_pretraining(cfg: PretrainConfig, datasets: dict | None = None) -> PretrainResult:

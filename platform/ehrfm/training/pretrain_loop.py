@@ -28,6 +28,7 @@ from ehrfm.model.transformer import EHRDecoder
 from ehrfm.training.checkpoint import TrainState, report_checkpoint, resume
 from ehrfm.training.config import PretrainConfig
 from ehrfm.training.engine import WarmupCosine, initialize_engine, parameter_groups
+from ehrfm.training.launch import worker_setup
 from ehrfm.training.run_logger import RunLogger, open_run_logger
 from ehrfm.training.throughput import WindowMeter, flops_per_token, peak_flops
 from ehrfm.training.windows import VALIDATION_EPOCH, hash_uniform, iter_epoch
@@ -185,10 +186,7 @@ def report(
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = PretrainConfig.model_validate(loop_config["config"])
     model_cfg = ModelConfig.from_dict(loop_config["model"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    if cfg.scaling.torch_threads:
-        torch.set_num_threads(cfg.scaling.torch_threads)
+    rank, world = worker_setup(cfg.scaling)
     device = ray.train.torch.get_device()
 
     model = build_model(cfg, model_cfg)

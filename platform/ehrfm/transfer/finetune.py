@@ -45,6 +45,7 @@ from ehrfm.model.risk import (
     save_risk_model,
 )
 from ehrfm.paths import absolute_path
+from ehrfm.training.launch import artifact_root, torch_trainer
 from ehrfm.training.pretrain import RESULT_FILE as PRETRAIN_RESULT_FILE
 from ehrfm.training.run_logger import RunLogger, resolve_tracking_uri
 from ehrfm.training.windows import TimelineManifest
@@ -258,7 +259,7 @@ def tracking_uri_for(cfg: FinetuneConfig) -> str | None:
 
 
 def artifact_root_for(cfg: FinetuneConfig) -> str | None:
-    return None if "://" in cfg.run.storage_path else str(Path(cfg.run.storage_path) / "mlflow-artifacts")
+    return artifact_root(cfg.run.storage_path)
 
 
 def build_finetune_trainer(
@@ -274,9 +275,6 @@ def build_finetune_trainer(
     without it they are read again from cfg.data.dir. `tracking_uri` None: `tracking_uri_for(cfg)`
     (no MLflow when mlflow.enabled is false).
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from ehrfm.transfer.finetune_loop import finetune_loop_per_worker
 
     if cfg.data.context is None or not (Path(cfg.model.pretrained) / WEIGHTS_FILE).is_file():
@@ -296,20 +294,8 @@ def build_finetune_trainer(
         "artifact_root": artifact_root_for(cfg),
         "counts": data.counts() if data.examples else {},
     }
-    scaling = cfg.scaling
-    return TorchTrainer(
-        finetune_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker},
-        ),
-        run_config=run_config if run_config is not None else finetune_run_config(cfg),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
+    run_config = run_config if run_config is not None else finetune_run_config(cfg)
+    return torch_trainer(finetune_loop_per_worker, loop_config, cfg.scaling, run_config, datasets)
 
 
 # ---- after the fit: calibration, predictions, the final model ---------------------------------

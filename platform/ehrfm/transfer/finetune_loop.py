@@ -38,6 +38,7 @@ from ehrfm.model.transformer import EHRDecoder
 from ehrfm.training.checkpoint import TrainState, report_checkpoint, resume
 from ehrfm.training.engine import WarmupCosine, initialize_engine, parameter_groups
 from ehrfm.training.engine import build_optimizer as engine_optimizer
+from ehrfm.training.launch import worker_setup
 from ehrfm.training.run_logger import RunLogger, open_run_logger
 from ehrfm.transfer.examples import example_tensors
 from ehrfm.transfer.finetune_config import FinetuneConfig
@@ -187,10 +188,7 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
     (path), "tracking_uri" (None: no MLflow), "artifact_root", "counts" (examples per split)."""
     cfg = FinetuneConfig.model_validate(loop_config["config"])
     spec = HeadSpec.from_json(loop_config["spec"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    if cfg.scaling.torch_threads:
-        torch.set_num_threads(cfg.scaling.torch_threads)
+    rank, world = worker_setup(cfg.scaling)
 
     core = build_risk_model(cfg)
     # constant LR: the shared schedule with no warmup and a floor of 1
