@@ -13,6 +13,9 @@ from tests.support.layout import check_layout, ray_is_initialized, stop_leaked_r
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
+# session fixtures shared by integration and e2e modules (expensive runs made once)
+pytest_plugins = ["tests.support.pretrain_runs"]
+
 
 def pytest_collection_modifyitems(items):
     check_layout(items)  # one line per test in the wrong folder or without the marker its fixtures need

@@ -21,11 +21,9 @@ from tests.support.pretrain_setup import (
     assert_learns,
     make_config,
     point_the_local_server_at,
-    pretraining_runner,
     t2d_log_likelihood,
     val_losses,
 )
-from tests.support.timeline_factory import write_timelines
 
 
 @pytest.fixture
@@ -34,32 +32,21 @@ def local_server_is_the_session_server(mlflow_server, monkeypatch, tmp_path):
 
 
 # ---- Ray Train + DeepSpeed runs -------------------------------------------------------------
-@pytest.fixture(scope="module")
-def timelines(tmp_path_factory):
-    return write_timelines(tmp_path_factory.mktemp("pretrain-data"), persons=400, files=2)
+# the data, storage and runner are the session's (tests/support/pretrain_runs.py): the cross_zero3
+# reference run is trained once for integration and e2e alike
+@pytest.fixture
+def timelines(pretrain_timelines):
+    return pretrain_timelines
 
 
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("pretrain-runs")
+@pytest.fixture
+def storage(pretrain_storage) -> Path:
+    return pretrain_storage
 
 
-@pytest.fixture(scope="module")
-def datasets(ray_cluster, timelines, storage):
-    from ehrfm.training.pretrain import load_datasets
-
-    return load_datasets(make_config(timelines, storage, []))
-
-
-@pytest.fixture(scope="module")
-def pretrain(datasets, timelines, storage, mlflow_server):
-    """Run (or resume) a pretraining run named `name`; returns (result, final train_state)."""
-    return pretraining_runner(datasets, timelines, storage, mlflow_server)
-
-
-@pytest.fixture(scope="module")
-def cross_zero3(pretrain):
-    return pretrain("cross-zero3", "deepspeed.zero_stage=3", "model.fusion=cross")
+@pytest.fixture
+def datasets(pretrain_datasets):
+    return pretrain_datasets
 
 
 @pytest.fixture(scope="module")
