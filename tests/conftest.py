@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.layout import check_layout, ray_is_initialized, stop_leaked_ray
+# the shared checks in tests/support fail with pytest's detailed assertion messages too
+pytest.register_assert_rewrite("tests.support")
+
+from tests.support.layout import check_layout, ray_is_initialized, stop_leaked_ray  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -8,19 +8,14 @@ import os
 from pathlib import Path
 
 import psutil
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ehrfm.model import load_model
 from ehrfm.tracking import CLIENT_RETRY_ENV
-from ehrfm.training.windows import WindowCollate
 from tests.support.pretrain_setup import (
     assert_learns,
+    assert_uses_the_prs_for_t2d,
     point_the_local_server_at,
-    t2d_log_likelihood,
     val_losses,
 )
 
@@ -111,21 +106,4 @@ def test_zero3_with_cross_attention_fusion_pretrains(cross_zero3, timelines, mlf
 @pytest.mark.ray
 @pytest.mark.parametrize("run", ["cross_zero3"])  # prefix_zero2: tests/e2e/test_pretrain.py
 def test_pretrained_model_uses_the_prs_for_t2d(run, request, timelines):
-    result, _ = request.getfixturevalue(run)
-    model = load_model(result.checkpoint)
-    table = pa.concat_tables(pq.read_table(p) for p in sorted((timelines.root / "timelines").glob("*.parquet")))
-    held_out = table.filter(pc.equal(table["split"], "test"))
-    batch = WindowCollate(model.cfg.context, timelines.num_pgs, seed=0, epoch=-1)(held_out)
-    genotyped = batch["has_prs"]
-    z0 = batch["prs"][:, 0]
-    factual = t2d_log_likelihood(model, batch, batch["prs"])
-    median = z0[genotyped].median()
-    high, low = factual[genotyped & (z0 > median)], factual[genotyped & (z0 < median)]
-    assert len(high) >= 15 and len(low) >= 15
-    assert high.mean() > low.mean() + 0.15  # higher T2D likelihood for the high-PRS half (held out)
-    # The difference comes from the PRS input, not from the history: same people, PRS column 0 moved.
-    raised, lowered = batch["prs"].clone(), batch["prs"].clone()
-    raised[:, 0], lowered[:, 0] = 2.0, -2.0
-    effect = t2d_log_likelihood(model, batch, raised) - t2d_log_likelihood(model, batch, lowered)
-    assert (effect[genotyped] > 0).float().mean() > 0.9 and effect[genotyped].mean() > 0.3
-    torch.testing.assert_close(effect[~genotyped], torch.zeros_like(effect[~genotyped]))  # missing: no effect
+    assert_uses_the_prs_for_t2d(request.getfixturevalue(run)[0], timelines)
