@@ -7,27 +7,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import yaml
-
 from ehrfm.cluster.local import free_port
 from ehrfm.tracking import ServerSettings, start_server
+from tests.support.mlflow_manifest import deployment_env, mlflow_objects
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _mlflow_objects() -> dict[str, dict]:
-    return {doc["kind"]: doc for doc in yaml.safe_load_all((REPO / "mlflow" / "k8s" / "mlflow.yaml").read_text())}
-
-
-def _deployment_env(deployment: dict, secret: dict[str, str]) -> dict[str, str]:
-    """The container's environment as Kubernetes would build it, given the optional Secret's data."""
-    env = {}
-    for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
-        if "value" in item:
-            env[item["name"]] = item["value"]
-        elif item["valueFrom"]["secretKeyRef"]["key"] in secret:
-            env[item["name"]] = secret[item["valueFrom"]["secretKeyRef"]["key"]]
-    return env
 
 
 def _status_for_host(url: str, host: str) -> int:
@@ -40,7 +24,7 @@ def _status_for_host(url: str, host: str) -> int:
 
 
 def test_mlflow_server_accepts_the_in_cluster_host_name_only(tmp_path):
-    env = _deployment_env(_mlflow_objects()["Deployment"], {})
+    env = deployment_env(mlflow_objects()["Deployment"], {})
     settings = ServerSettings(state_dir=tmp_path, port=free_port(), allowed_hosts=env["EHRFM_MLFLOW_ALLOWED_HOSTS"])
     server = start_server(settings)
     try:

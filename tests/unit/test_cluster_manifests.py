@@ -25,6 +25,7 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from ehrfm.tracking import ServerSettings
+from tests.support.mlflow_manifest import deployment_env, mlflow_objects
 
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "cluster" / "kuberay"
@@ -205,23 +206,8 @@ def test_ray_up_config_is_valid_for_the_cluster_launcher():
     assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
 
 
-def _mlflow_objects() -> dict[str, dict]:
-    return {doc["kind"]: doc for doc in yaml.safe_load_all((REPO / "mlflow" / "k8s" / "mlflow.yaml").read_text())}
-
-
-def _deployment_env(deployment: dict, secret: dict[str, str]) -> dict[str, str]:
-    """The container's environment as Kubernetes would build it, given the optional Secret's data."""
-    env = {}
-    for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
-        if "value" in item:
-            env[item["name"]] = item["value"]
-        elif item["valueFrom"]["secretKeyRef"]["key"] in secret:
-            env[item["name"]] = secret[item["valueFrom"]["secretKeyRef"]["key"]]
-    return env
-
-
 def test_mlflow_k8s_objects_fit_together():
-    objects = _mlflow_objects()
+    objects = mlflow_objects()
     deployment, service, claim = objects["Deployment"], objects["Service"], objects["PersistentVolumeClaim"]
     pod = deployment["spec"]["template"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
@@ -240,7 +226,7 @@ def test_mlflow_k8s_objects_fit_together():
 
 
 def test_mlflow_deployment_settings_reach_the_server_command(monkeypatch):
-    deployment = _mlflow_objects()["Deployment"]
+    deployment = mlflow_objects()["Deployment"]
     for secret in (
         {},
         {
@@ -249,7 +235,7 @@ def test_mlflow_deployment_settings_reach_the_server_command(monkeypatch):
             "PGPASSWORD": "x",
         },
     ):
-        env = _deployment_env(deployment, secret)
+        env = deployment_env(deployment, secret)
         for key in [k for k in os.environ if k.startswith("EHRFM_MLFLOW_")]:
             monkeypatch.delenv(key)
         for key, value in env.items():
