@@ -1,5 +1,6 @@
-"""Pretraining configuration (jobs/configs/pretrain-*.yaml): run, data, model, optimiser, schedule,
-DeepSpeed, scaling, fault tolerance and MLflow sections, all validated with unknown keys rejected."""
+"""Pretraining configuration (jobs/configs/pretrain-*.yaml): run, data, model, performance (packing,
+fused loss, compile), optimiser, schedule, DeepSpeed, scaling, fault tolerance and MLflow sections,
+all validated with unknown keys rejected."""
 
 from __future__ import annotations
 
@@ -21,11 +22,29 @@ class RunSection(StrictModel):
 
 class DataSection(StrictModel):
     dir: str | None = None  # the directory holding timelines/ (the CLI's --data overrides it)
-    batch_size: int = Field(16, ge=1)  # windows per worker per micro-step
+    # persons (windows) per worker per micro-step; with performance.packing they are packed into
+    # R rows of prefix + context positions, R varying per batch (rows x context ~ the token budget)
+    batch_size: int = Field(16, ge=1)
     shuffle_buffer: int = Field(256, ge=0)  # rows in each worker's local shuffle buffer (0 = off)
     val_max_windows: int = Field(512, ge=1)  # validation windows kept (all workers together)
     val_batch_size: int = Field(32, ge=1)
     materialize: bool = False  # read the splits into the object store once (small data: skips re-reads per epoch)
+
+
+class PerformanceSection(StrictModel):
+    """How a step uses the device: same data and loss, less padding, no [B, T, V] logits, compiled."""
+
+    packing: bool = True  # pack several persons' windows per row (document-masked attention)
+    fused_loss: bool = True  # linear + cross-entropy over chunks of loss_chunk_tokens, no full logits
+    loss_chunk_tokens: int = Field(4096, ge=1)
+    compile: bool | None = None  # torch.compile the model inside the DeepSpeed engine; None: on with GPUs
+
+    def loss_chunk(self) -> int:
+        """The model's `loss_chunk` argument: 0 = the plain loss from full logits."""
+        return self.loss_chunk_tokens if self.fused_loss else 0
+
+    def compiled(self, use_gpu: bool) -> bool:
+        return use_gpu if self.compile is None else self.compile
 
 
 class OptimSection(StrictModel):
@@ -104,6 +123,7 @@ class PretrainConfig(StrictModel):
     run: RunSection = RunSection()
     data: DataSection = DataSection()
     model: ModelConfig = ModelConfig()
+    performance: PerformanceSection = PerformanceSection()
     optim: OptimSection = OptimSection()
     schedule: ScheduleSection = ScheduleSection()
     deepspeed: DeepSpeedSection = DeepSpeedSection()

@@ -5,7 +5,9 @@ collate function on the worker, where the epoch is known: each person contribute
 `context + 1` tokens per epoch, at a start drawn from a hash of (seed, epoch, subject_id). The
 same epoch therefore gives the same windows however the rows were split or ordered, and a
 resumed run sees the windows an uninterrupted run would have seen. Short timelines are padded
-on the right with PAD (excluded from the loss).
+on the right with PAD (excluded from the loss), or, with packing on (`performance.packing`), the
+same windows are packed several to a row (`ehrfm.training.packing`): a pure function of the batch,
+so resume stays exact. Validation batches are never packed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from ehrfm.constants import PAD_ID, SPLITS
 from ehrfm.preprocess.arrow_lists import list_values_offsets, timeline_files
+from ehrfm.training.packing import pack_windows
 
 COLUMNS = ["subject_id", "tokens", "ages", "prs", "has_prs"]
 VALIDATION_EPOCH = -1  # the fixed window stream used for every validation pass
@@ -98,12 +101,15 @@ def cut_windows(values: np.ndarray, offsets: np.ndarray, starts: np.ndarray, win
 class WindowCollate(ArrowBatchCollateFn):
     """Arrow batch of timelines -> dict of tensors: tokens/targets/ages [B, context], prs [B, K], has_prs [B].
 
-    As an ArrowBatchCollateFn, `iter_torch_batches` hands it Arrow tables and moves its output
-    (a dict of tensors) to the worker's device.
+    With `pack_prefix` set (the model's prefix length; packing on), tokens/targets/ages/segment/
+    positions/prefix_slot are [R, pack_prefix + context] packed rows instead (R varies per batch),
+    per person prs/has_prs/subject_id unchanged. As an ArrowBatchCollateFn, `iter_torch_batches`
+    hands it Arrow tables and moves its output (a dict of tensors) to the worker's device.
     """
 
-    def __init__(self, context: int, num_pgs: int, seed: int, epoch: int):
+    def __init__(self, context: int, num_pgs: int, seed: int, epoch: int, pack_prefix: int | None = None):
         self.context, self.num_pgs, self.seed, self.epoch = context, num_pgs, seed, epoch
+        self.pack_prefix = pack_prefix
 
     def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
         window = self.context + 1
@@ -123,13 +129,20 @@ class WindowCollate(ArrowBatchCollateFn):
         prs_values = prs.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
         prs_rows = prs_values.reshape(len(subject_ids), self.num_pgs)
         has_prs = pc.fill_null(batch.column("has_prs"), False).to_numpy(zero_copy_only=False)
+        per_person = {
+            "prs": torch.from_numpy(prs_rows.copy()),
+            "has_prs": torch.from_numpy(has_prs.astype(np.bool_)),
+            "subject_id": torch.from_numpy(subject_ids.astype(np.int64)),
+        }
+        if self.pack_prefix is not None:
+            lengths = np.minimum(np.diff(offsets) - starts, window)
+            packed = pack_windows(token_rows, age_rows, lengths, self.pack_prefix, self.context)
+            return {**{k: torch.from_numpy(v) for k, v in packed.items()}, **per_person}
         return {
             "tokens": torch.from_numpy(token_rows[:, :-1].copy()),
             "targets": torch.from_numpy(token_rows[:, 1:].copy()),
             "ages": torch.from_numpy(age_rows[:, :-1].copy()),
-            "prs": torch.from_numpy(prs_rows.copy()),
-            "has_prs": torch.from_numpy(has_prs.astype(np.bool_)),
-            "subject_id": torch.from_numpy(subject_ids.astype(np.int64)),
+            **per_person,
         }
 
 
@@ -142,12 +155,14 @@ def iter_epoch(
     epoch: int,
     shuffle_buffer: int = 0,
     drop_last: bool = True,
+    pack_prefix: int | None = None,
 ):
-    """Torch batches of one pass over a worker's shard; the local shuffle is seeded by the epoch."""
+    """Torch batches of one pass over a worker's shard; the local shuffle is seeded by the epoch.
+    `batch_size` is persons (windows) per batch; with `pack_prefix` set they come packed into rows."""
     shuffle = shuffle_buffer if shuffle_buffer and shuffle_buffer >= batch_size else None
     return shard.iter_torch_batches(
         batch_size=batch_size,
-        collate_fn=WindowCollate(context, num_pgs, seed, epoch),
+        collate_fn=WindowCollate(context, num_pgs, seed, epoch, pack_prefix),
         drop_last=drop_last,
         local_shuffle_buffer_size=shuffle,
         local_shuffle_seed=(seed * 1000 + epoch) if shuffle else None,
