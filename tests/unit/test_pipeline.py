@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from ehrfm.workflow import PipelineConfig, run_pipeline
 
 
@@ -34,3 +36,127 @@ def test_stages_run_once_then_skip_and_rerun_on_change(tmp_path, capsys):
     assert changed["synthesize"]["fingerprint"] != first["synthesize"]["fingerprint"]
     # a changed upstream fingerprint changes the downstream one too
     assert changed["validate"]["fingerprint"] != first["validate"]["fingerprint"]
+
+
+STAGE_ORDER = [
+    "synthesize",
+    "validate",
+    "preprocess",
+    "pretrain",
+    "label",
+    "finetune",
+    "zero_shot",
+    "tune",
+    "evaluate",
+    "register",
+    "serve",
+]
+
+
+class Recorder:
+    """A stand-in for the `ehrfm` commands: records what ran (the bookkeeping is what is tested)."""
+
+    def __init__(self, fail: str | None = None):
+        self.ran: list[str] = []
+        self.fail = fail
+
+    def __call__(self, command, args):
+        self.ran.append(command)
+        if command == self.fail:
+            print('Traceback (most recent call last):\n  File "x.py", line 1\nsome progress 40%|####  | 4/10\r')
+            raise SystemExit(f"ehrfm {command}: model.layers must be positive (got -1)")
+        return 0
+
+
+def _edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def test_a_config_edit_in_place_reruns_that_stage_and_every_later_one(tmp_path, repo_root, capsys, monkeypatch):
+    from ehrfm.workflow import stage_plan
+
+    monkeypatch.chdir(repo_root)  # the config paths are relative to the checkout, as in `make run`
+    pretrain_yaml = tmp_path / "pretrain.yaml"
+    pretrain_yaml.write_text((repo_root / "jobs/configs/pretrain-cpu-small.yaml").read_text())
+    finetune_yaml = tmp_path / "finetune.yaml"
+    finetune_yaml.write_text((repo_root / "jobs/configs/finetune-t2d.yaml").read_text())
+    tune_yaml = tmp_path / "tune.yaml"  # names its base fine-tune config inside the YAML
+    tune_yaml.write_text(
+        (repo_root / "jobs/configs/tune-t2d.yaml")
+        .read_text()
+        .replace("finetune_config: jobs/configs/finetune-t2d.yaml", f"finetune_config: {finetune_yaml}")
+    )
+    cfg = PipelineConfig(persons=50, pretrain_config=str(pretrain_yaml), tune_config=str(tune_yaml))
+    workdir = tmp_path / "run"
+    first = Recorder()
+    records = run_pipeline(cfg, workdir, runner=first)
+    assert first.ran == STAGE_ORDER
+    assert str(pretrain_yaml.resolve()) in records["pretrain"]["configs"]
+    assert str(finetune_yaml.resolve()) in records["tune"]["configs"]  # a config named by a config
+
+    # unchanged: nothing is due, nothing runs
+    assert set(stage_plan(cfg, workdir).values()) == {"up to date", "disabled"}
+    again = Recorder()
+    run_pipeline(cfg, workdir, runner=again)
+    assert again.ran == []
+    capsys.readouterr()
+
+    # model.layers edited at the same path: pretrain and every stage after it, not those before
+    _edit(pretrain_yaml, "layers: 2", "layers: 3")
+    plan = stage_plan(cfg, workdir)
+    due = [name for name in STAGE_ORDER if plan[name] == "due"]
+    assert due == ["pretrain", "finetune", "zero_shot", "tune", "evaluate", "register", "serve"]
+    edited = Recorder()
+    run_pipeline(cfg, workdir, runner=edited)
+    assert edited.ran == due
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == 4  # synthesize, validate, preprocess, label
+
+    # a config another config names (tune's YAML -> its base fine-tune YAML): tune and what reads it
+    _edit(finetune_yaml, "unfrozen_layers: 0", "unfrozen_layers: 1")
+    plan = stage_plan(cfg, workdir)
+    assert [name for name in STAGE_ORDER if plan[name] == "due"] == ["tune", "evaluate", "register", "serve"]
+    assert stage_plan(cfg, workdir, start_from="label")["synthesize"] == "up to date"
+
+
+def test_a_failing_stage_ends_the_job_with_the_summary_and_its_error_last(tmp_path, capsys):
+    from ehrfm.workflow import StageFailed
+
+    workdir = tmp_path / "run"
+    with pytest.raises(StageFailed, match="stage label failed: ehrfm label: model.layers must be positive"):
+        run_pipeline(PipelineConfig(persons=50), workdir, runner=Recorder(fail="label"))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "error (label): ehrfm label: model.layers must be positive (got -1)"
+    table = {line.split()[0]: line.split()[1] for line in lines[lines.index("summary:") + 2 : -1]}
+    assert table == {
+        "synthesize": "ran",
+        "score_prs": "disabled",
+        "validate": "ran",
+        "preprocess": "ran",
+        "pretrain": "ran",
+        "label": "failed",
+        "finetune": "not",
+        "zero_shot": "not",
+        "tune": "not",
+        "evaluate": "not",
+        "register": "not",
+        "serve": "not",
+    }
+    assert any(line.startswith("[6/12] label: FAILED after") for line in lines)
+    # the stage's own output is in its log, not on the console
+    assert "Traceback" not in "\n".join(lines)
+    assert "40%|" in (workdir / "logs" / "label.log").read_text()
+    assert not (workdir / "labels" / "_stage.json").exists()  # a failed stage is never up to date
+
+
+def test_last_meaningful_line_skips_traceback_chrome_and_progress_bars():
+    from ehrfm.workflow.console import last_meaningful_line
+
+    text = (
+        'loading\nTraceback (most recent call last):\n  File "a.py", line 3, in f\n    g()\n    ^^^\n'
+        "ValueError: pretrain.yaml: model.layers must be positive\n\x1b[2mbatches  40%|####  | 4/10\x1b[0m\r\n\n"
+    )
+    assert last_meaningful_line(text) == "ValueError: pretrain.yaml: model.layers must be positive"
+    assert last_meaningful_line("\n \n") == ""

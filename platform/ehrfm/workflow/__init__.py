@@ -2,15 +2,17 @@
 
 Each stage is one of the `ehrfm` commands, run in-process with its own arguments and writing its
 own output directory under the work dir, as ../docs/ARCHITECTURE.md lays out. A stage is skipped
-when its output exists and was made from the same inputs: a fingerprint of the stage's arguments
-and of the fingerprints of the stages it reads, stored in `<output>/_stage.json` once the stage
-has finished. `--from STAGE` forces that stage and everything after it.
+when its output exists and was made from the same inputs: a fingerprint of the stage's arguments,
+the *contents* of every config file they name, the outputs of the stages it reads and the package
+version (`workflow.fingerprint`), stored in `<output>/_stage.json` once the stage has finished.
+`--from STAGE` forces that stage and everything after it. What the job prints (one line per
+outcome, stage logs in `<workdir>/logs/` when stdout is not a terminal, a summary table at the
+end) is `workflow.console`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -25,6 +27,8 @@ from pydantic import Field
 from ehrfm.cli import run_command
 from ehrfm.config import StrictModel, add_config_arguments, parse_config
 from ehrfm.tracking import ensure_tracking_uri
+from ehrfm.workflow.console import Console, StageOutcome, quiet_environment, summary_table
+from ehrfm.workflow.fingerprint import output_manifest, package_version, stage_fingerprint
 
 STAGE_FILE = "_stage.json"
 
@@ -301,58 +305,141 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
-def fingerprint(stage: Stage, args: list[str], upstream_prints: list[str]) -> str:
-    payload = json.dumps({"stage": stage.name, "args": args, "upstream": upstream_prints})
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def stage_inputs(stage: Stage, records: dict[str, dict]) -> dict[str, str]:
+    """{upstream stage: its fingerprint and the manifest of its finished output}."""
+    return {name: f"{records[name]['fingerprint']}:{records[name].get('manifest', '')}" for name in stage.upstream}
 
 
 def read_stage_record(output: Path) -> dict | None:
     path = output / STAGE_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged record: the stage runs again
+
+
+def stage_plan(cfg: PipelineConfig, workdir: Path, start_from: str | None = None) -> dict[str, str]:
+    """{stage: "due" | "up to date" | "disabled"} without running anything, assuming due stages
+    would finish (their downstream is then due too): what `run_pipeline` would do now."""
+    plan: dict[str, str] = {}
+    records: dict[str, dict] = {}
+    forced = False
+    for stage in STAGES:
+        forced = forced or stage.name == start_from
+        if not stage.enabled(cfg):
+            plan[stage.name], records[stage.name] = "disabled", {"fingerprint": "disabled"}
+            continue
+        print_, _ = stage_fingerprint(stage.name, stage.arguments(cfg, workdir), stage_inputs(stage, records))
+        record = read_stage_record(workdir / stage.output)
+        upstream_due = any(plan[name] == "due" for name in stage.upstream)
+        current = not forced and not upstream_due and record is not None and record.get("fingerprint") == print_
+        plan[stage.name] = "up to date" if current else "due"
+        records[stage.name] = record if current else {"fingerprint": print_, "manifest": "pending"}
+    return plan
+
+
+class StageFailed(SystemExit):
+    """A stage failed; the summary has been printed and names the error."""
 
 
 def run_pipeline(
-    cfg: PipelineConfig, workdir: Path, start_from: str | None = None, until: str | None = None
+    cfg: PipelineConfig,
+    workdir: Path,
+    start_from: str | None = None,
+    until: str | None = None,
+    console: Console | None = None,
+    runner: Callable[[str, list[str]], int] = run_command,
 ) -> dict[str, dict]:
-    """Run (or skip) each stage in order; returns {stage: record}."""
+    """Run (or skip) each stage in order; returns {stage: record}. Prints the summary table at the
+    end, also when a stage fails (then raises StageFailed, its message the error line)."""
     workdir.mkdir(parents=True, exist_ok=True)
+    console = console or Console(workdir)
     forced = False
     records: dict[str, dict] = {}
-    for index, stage in enumerate(STAGES, start=1):
-        forced = forced or stage.name == start_from
-        if not stage.enabled(cfg):
-            records[stage.name] = {"stage": stage.name, "fingerprint": "disabled"}
-            if stage.name == until:
+    outcomes = {s.name: StageOutcome(s.name, "not run", output=str(workdir / s.output)) for s in STAGES}
+    selected = STAGES[: STAGE_NAMES.index(until) + 1] if until else STAGES
+    failure: StageOutcome | None = None
+    try:
+        for index, stage in enumerate(selected, start=1):
+            forced = forced or stage.name == start_from
+            failure = _run_stage(cfg, workdir, stage, index, forced, records, console, runner)
+            outcomes[stage.name] = failure or _outcome(stage, records[stage.name], workdir)
+            if failure is not None:
                 break
-            continue
-        output = workdir / stage.output
-        args = stage.arguments(cfg, workdir)
-        print_ = fingerprint(stage, args, [records[name]["fingerprint"] for name in stage.upstream])
-        record = read_stage_record(output)
-        header = f"[{index}/{len(STAGES)}] {stage.name}"
-        if not forced and record is not None and record.get("fingerprint") == print_:
-            print(f"{header}: up to date, skipped ({output})", flush=True)
-            records[stage.name] = record
-        else:
-            print(f"{header}: running -> {output}", flush=True)
-            # outputs of other inputs go; an unfinished output (no record) stays, so a stage that
-            # resumes (pretraining checkpoints) picks up where a killed run stopped
-            if output.exists() and (forced or record is not None):
-                shutil.rmtree(output)
-            started = time.perf_counter()
-            code = run_command(stage.command, args)
-            if code != 0:
-                raise SystemExit(f"stage {stage.name} failed with exit code {code}")
-            record = {"stage": stage.name, "fingerprint": print_, "seconds": round(time.perf_counter() - started, 2)}
-            output.mkdir(parents=True, exist_ok=True)  # commands with nothing to write (serve) still get a record
-            (output / STAGE_FILE).write_text(json.dumps(record, indent=2))
-            print(f"{header}: done in {record['seconds']:.1f}s", flush=True)
-            records[stage.name] = record
-        if stage.name == until:
-            break
+    finally:
+        console.line(summary_table([outcomes[s.name] for s in selected]))
+    if failure is not None:
+        raise StageFailed(f"stage {failure.stage} failed: {failure.error}")
     return records
+
+
+def _outcome(stage: Stage, record: dict, workdir: Path) -> StageOutcome:
+    if record["fingerprint"] == "disabled":
+        return StageOutcome(stage.name, "disabled")
+    status = "skipped" if record.get("skipped") else "ran"
+    return StageOutcome(stage.name, status, record.get("seconds"), str(workdir / stage.output))
+
+
+def _run_stage(
+    cfg: PipelineConfig,
+    workdir: Path,
+    stage: Stage,
+    index: int,
+    forced: bool,
+    records: dict[str, dict],
+    console: Console,
+    runner: Callable[[str, list[str]], int],
+) -> StageOutcome | None:
+    """Run or skip one stage, recording it in `records`; a StageOutcome when it failed."""
+    header = f"[{index}/{len(STAGES)}] {stage.name}"
+    if not stage.enabled(cfg):
+        records[stage.name] = {"stage": stage.name, "fingerprint": "disabled"}
+        return None
+    output = workdir / stage.output
+    args = stage.arguments(cfg, workdir)
+    print_, configs = stage_fingerprint(stage.name, args, stage_inputs(stage, records))
+    record = read_stage_record(output)
+    if not forced and record is not None and record.get("fingerprint") == print_:
+        console.line(f"{header}: up to date, skipped ({output})")
+        records[stage.name] = {**record, "skipped": True}
+        return None
+    log = f" (log: {console.log_path(stage.name)})" if console.capture else ""
+    console.line(f"{header}: running -> {output}{log}")
+    # outputs of other inputs go; an unfinished output (no record) stays, so a stage that
+    # resumes (pretraining checkpoints) picks up where a killed run stopped
+    if output.exists() and (forced or record is not None):
+        shutil.rmtree(output)
+    started = time.perf_counter()
+    error: BaseException | None = None
+    code = 1
+    try:
+        with console.stage_output(stage.name, header):
+            code = runner(stage.command, args)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a stage's SystemExit or error ends the job with a summary
+        error = exc
+        code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1
+    seconds = round(time.perf_counter() - started, 2)
+    if error is not None or code != 0:
+        message = console.tail_error(stage.name, error) or f"exit code {code}"
+        console.line(f"{header}: FAILED after {seconds:.1f}s: {message}", fresh=True)
+        return StageOutcome(stage.name, "failed", seconds, str(output), message)
+    output.mkdir(parents=True, exist_ok=True)  # commands with nothing to write (serve) still get a record
+    record = {
+        "stage": stage.name,
+        "fingerprint": print_,
+        "configs": configs,
+        "version": package_version(),
+        "seconds": seconds,
+        "manifest": output_manifest(output, exclude=[STAGE_FILE]),
+    }
+    (output / STAGE_FILE).write_text(json.dumps(record, indent=2))
+    console.line(f"{header}: done in {seconds:.1f}s", fresh=True)
+    records[stage.name] = record
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,27 +453,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = parse_config(parser, PipelineConfig, args)
     started = time.perf_counter()
+    console = Console(args.workdir)
+    if console.capture:
+        quiet_environment()  # before any stage starts Ray, whose processes inherit it
     # one tracking server for every stage: $MLFLOW_TRACKING_URI, else the local one (started or reused)
-    print(f"MLflow tracking at {ensure_tracking_uri()}", flush=True)
-    records = run_pipeline(cfg, args.workdir, args.start_from, args.until)
-    print_final_report(args.workdir, records)
-    print(f"pipeline finished in {time.perf_counter() - started:.1f}s; outputs under {args.workdir}")
+    console.line(f"MLflow tracking at {ensure_tracking_uri()}")
+    try:
+        records = run_pipeline(cfg, args.workdir, args.start_from, args.until, console=console)
+    except StageFailed:
+        console.line(f"pipeline failed after {time.perf_counter() - started:.1f}s (summary above)")
+        return 1
+    print_final_report(args.workdir, records, console)
+    console.line(f"pipeline finished in {time.perf_counter() - started:.1f}s; outputs under {args.workdir}")
     return 0
 
 
-def print_final_report(workdir: Path, records: dict[str, dict]) -> None:
+def print_final_report(workdir: Path, records: dict[str, dict], console: Console) -> None:
     """The evaluation table and the registry outcome, when those stages ran."""
     report = workdir / "evaluation" / "report.md"
     if "evaluate" in records and report.is_file():
-        print("\n" + report.read_text(encoding="utf-8"), flush=True)
+        console.line("\n" + report.read_text(encoding="utf-8"))
     registered = workdir / "registry" / "registered.json"
     if "register" in records and registered.is_file():
         outcome = json.loads(registered.read_text())
-        print(
+        console.line(
             f"registry: {outcome['name']} version {outcome['version']} "
             f"({outcome['metric_name']} {outcome['metric']:.3f}); champion is version "
-            f"{outcome['champion_version']} ({outcome['reason']})",
-            flush=True,
+            f"{outcome['champion_version']} ({outcome['reason']})"
         )
 
 
