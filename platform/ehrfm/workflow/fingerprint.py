@@ -23,9 +23,9 @@ TASK_CONFIG_DIR = Path(__file__).resolve().parents[3] / "jobs" / "configs" / "ta
 
 
 def package_version() -> str:
-    from ehrfm import __version__
+    import ehrfm
 
-    return __version__
+    return ehrfm.__version__
 
 
 def _candidates(args: list[str]) -> Iterator[Path]:
