@@ -80,13 +80,17 @@ class GatedCrossAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """memory [B, M, H] with visible [B, M]; or, for packed rows, the memories of all N persons
+        [N, M, H] with a mask [R, 1, L, N*M] that lets each position see its own person's only."""
         batch, length, hidden = x.shape
         q = self.q(self.norm(x)).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(memory.to(x.dtype)).split(hidden, dim=2)
-        k = k.view(batch, -1, self.heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, -1, self.heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=visible[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
-        )
+        if visible.dim() == 4:  # packed: every person's memory end to end, shared by all rows
+            k, v, mask = k.reshape(1, -1, hidden), v.reshape(1, -1, hidden), visible
+        else:
+            mask = visible[:, None, None, :]
+        k = k.view(k.shape[0], -1, self.heads, self.head_dim).transpose(1, 2).expand(batch, -1, -1, -1)
+        v = v.view(v.shape[0], -1, self.heads, self.head_dim).transpose(1, 2).expand(batch, -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         out = self.proj(out.transpose(1, 2).reshape(batch, length, hidden))
         return x + torch.tanh(self.gate).to(x.dtype) * out

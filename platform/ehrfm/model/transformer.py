@@ -17,6 +17,8 @@ from torch import nn
 
 from ehrfm.constants import PAD_ID
 from ehrfm.model.config import ModelConfig
+from ehrfm.model.loss import OutputHead
+from ehrfm.model.packing import Backend, DocumentMask, cross_memory_mask
 from ehrfm.model.prs import CrossMemory, GatedCrossAttention, PRSEncoder
 
 DAYS_PER_YEAR = 365.25
@@ -31,10 +33,24 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of each head by the position angle; x is [B, nh, T, hd]."""
-    first, second = x.float().chunk(2, dim=-1)
+    """Rotate pairs (first half, second half) of each head by the position angle; x is [B, nh, T, hd].
+
+    In fp32 when the tables are fp32 (x is upcast); in x's dtype when the tables already are (bf16
+    training: no per-layer copies of q and k to fp32 and back)."""
+    first, second = (x if x.dtype == cos.dtype else x.float()).chunk(2, dim=-1)
     rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
     return rotated.to(x.dtype)
+
+
+def _tables_in_compute_dtype(rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor):
+    """The rotary tables cast once per forward to the dtype q/k will have (bf16 weights or bf16
+    autocast); fp32 activations keep them fp32, so CPU results are unchanged."""
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    if dtype in (torch.bfloat16, torch.float16):
+        return rope[0].to(dtype), rope[1].to(dtype)
+    return rope
 
 
 @dataclass
@@ -223,7 +239,12 @@ class SelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: DocumentMask | None = None,
     ) -> torch.Tensor:
         batch, length, hidden = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -236,7 +257,9 @@ class SelfAttention(nn.Module):
                 v = torch.cat([cache.values[layer], v], dim=2)
             cache.keys[layer], cache.values[layer] = k, v
         dropout = self.dropout if self.training else 0.0
-        if start == 0:
+        if mask is not None:  # packed rows: causal within each person's segment
+            out = mask.attend(q, k, v, dropout)
+        elif start == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:  # new queries at positions start.. attend to every cached key up to their own position
             key_pos = torch.arange(k.shape[2], device=x.device)
@@ -272,8 +295,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, memory=None, cache=None, layer=0):
-        x = x + self.resid_dropout(self.attn(self.norm_attn(x), rope, cache, layer))
+    def forward(self, x, rope, memory=None, cache=None, layer=0, mask=None):
+        x = x + self.resid_dropout(self.attn(self.norm_attn(x), rope, cache, layer, mask))
         if self.cross is not None:
             x = self.cross(x, *memory)
         return x + self.mlp(self.norm_mlp(x))
@@ -283,9 +306,13 @@ class EHRDecoder(nn.Module):
     """Next-event-token model over timelines, optionally conditioned on a PRS vector.
 
     Inputs: tokens [B, T] int, ages [B, T] int (days), prs [B, K] float, has_prs [B] bool.
-    `forward` gives (logits, loss); `hidden_states` the representation at chosen positions;
-    `prefill` / `decode_step` run generation with a KV cache.
+    `forward` gives (logits, loss), also for packed rows (several persons per row, see
+    `forward`); `hidden_states` the representation at chosen positions; `prefill` /
+    `decode_step` run generation with a KV cache.
     """
+
+    # self-attention of packed rows: "auto" = FlexAttention on CUDA, dense-mask SDPA elsewhere
+    attention_backend: Backend = "auto"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -302,7 +329,7 @@ class EHRDecoder(nn.Module):
         cross = set(cfg.cross_layers())
         self.blocks = nn.ModuleList(Block(cfg, i in cross) for i in range(cfg.layers))
         self.norm_out = nn.RMSNorm(cfg.hidden)
-        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.lm_head = OutputHead(cfg.hidden, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied; used through lm_head so ZeRO-3 gathers it
         self.apply(self._init_weights)
         residual_std = cfg.init_std / math.sqrt(2 * cfg.layers)
@@ -388,12 +415,40 @@ class EHRDecoder(nn.Module):
             cache.positions = cache.positions + x.shape[1]
         else:
             rope = rotary_tables(start + steps, self.cfg.head_dim, self.cfg.rope_base)
+            if cache is None:  # generation keeps fp32 tables (prefill and decode steps must agree)
+                rope = _tables_in_compute_dtype(rope, x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, memory, cache, layer)
         if cache is not None:
             cache.length = start + x.shape[1]
         if prefix is not None:
             x = x[:, prefix.shape[1] :]
+        return self.norm_out(x)
+
+    def _packed_trunk(self, tokens, ages, prs, has_prs, segment, positions, prefix_slot) -> torch.Tensor:
+        """Final-normed hidden states [R, L, H] of packed rows, prefix slots included.
+
+        Each person's PRS soft token j replaces the embedding at its prefix slot j (prefix fusion),
+        or its cross-attention memory is visible to its own positions only (cross fusion);
+        self-attention is causal within each segment; rotary angles come from `positions`.
+        """
+        x = self.tok_emb(tokens) + self.age_emb(ages)
+        persons = prs.shape[0] if prs is not None else int(segment.max().item()) + 1
+        prefix, memory = self._prs_inputs(persons, prs, has_prs, tokens.device)
+        if prefix is not None:
+            if prefix_slot is None:
+                raise ValueError("a packed batch for prefix fusion needs prefix_slot (where the PRS tokens go)")
+            slot = prefix_slot.clamp(min=0)
+            soft = prefix[segment.clamp(min=0), slot.clamp(max=prefix.shape[1] - 1)]  # [R, L, H]
+            x = torch.where((prefix_slot >= 0)[..., None], soft.to(x.dtype), x)
+        if memory is not None:
+            memory = (memory[0], cross_memory_mask(segment, memory[1]))
+        x = self.emb_dropout(x)
+        cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_base)
+        rope = _tables_in_compute_dtype((cos[:, None], sin[:, None]), x)
+        mask = DocumentMask.build(segment, self.attention_backend)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, memory, None, layer, mask)
         return self.norm_out(x)
 
     def forward(
@@ -403,18 +458,41 @@ class EHRDecoder(nn.Module):
         prs: torch.Tensor | None = None,
         has_prs: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        *,
+        segment: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        prefix_slot: torch.Tensor | None = None,
+        loss_chunk: int = 0,
+        reduction: str = "mean",
     ):
-        """(logits [B, T, V], mean next-token loss over non-pad targets or None).
+        """(logits [B, T, V] or None, next-token loss over non-pad targets or None).
 
-        A batch with no real target (all padding) has loss 0, not NaN, so it cannot poison a step.
+        Unpacked: tokens/ages/targets [B, T], prs [B, K]. Packed: tokens/ages/targets [R, L] holding
+        N persons' segments, `segment` [R, L] (person index, -1 at padding), `positions` [R, L]
+        (rotary position inside the segment), `prefix_slot` [R, L] (j at a segment's j-th prefix
+        slot, else -1), prs [N, K]; every position's hidden state is computed (prefix slots and
+        padding have PAD targets). `loss_chunk` > 0: the fused linear + cross-entropy over chunks
+        of that many real targets (logits never materialised, returned as None). `reduction`
+        "mean" (per real target) or "sum". A batch with no real target has loss 0, not NaN.
         """
-        logits = self.lm_head(self._trunk(tokens, ages, prs, has_prs))
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if segment is not None or positions is not None or prefix_slot is not None:
+            if segment is None or positions is None:
+                raise ValueError("a packed batch needs both segment and positions")
+            hidden = self._packed_trunk(tokens, ages, prs, has_prs, segment, positions, prefix_slot)
+        else:
+            hidden = self._trunk(tokens, ages, prs, has_prs)
+        if targets is not None and loss_chunk > 0:
+            return None, self.lm_head(hidden, targets, loss_chunk, reduction)
+        logits = self.lm_head(hidden)
         loss = None
         if targets is not None:
-            total = F.cross_entropy(
+            loss = F.cross_entropy(
                 logits.float().flatten(0, 1), targets.flatten().long(), ignore_index=PAD_ID, reduction="sum"
             )
-            loss = total / (targets != PAD_ID).sum().clamp(min=1)
+            if reduction == "mean":
+                loss = loss / (targets != PAD_ID).sum().clamp(min=1)
         return logits, loss
 
     def encode(self, tokens, ages, prs=None, has_prs=None) -> torch.Tensor:
