@@ -286,11 +286,14 @@ def read_parquet_parts(path: Path, columns: list[str] | None = None) -> pa.Table
     return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
 
 
-def recalibrated(risks: dict[str, np.ndarray], y: np.ndarray, split: np.ndarray, method: str) -> dict[str, np.ndarray]:
+def recalibrated(
+    risks: dict[str, np.ndarray], y: np.ndarray, split: np.ndarray, method: str, refused: dict | None = None
+) -> dict[str, np.ndarray]:
     """Each model's risks mapped by a recalibrator fit on its validation-split risks.
 
     Risks may be NaN on rows a model did not score; a model without scored validation rows of
-    both classes, or whose scores are not probabilities, has no recalibrated version.
+    both classes, or whose scores are not probabilities, has no recalibrated version; nor has one
+    whose Platt fit is refused (score anti-correlated on validation): `refused[name]` gets why.
     """
     out = {}
     for name, risk in risks.items():
@@ -300,7 +303,12 @@ def recalibrated(risks: dict[str, np.ndarray], y: np.ndarray, split: np.ndarray,
         if not (probabilities and _both_classes(y[val])):
             continue
         values = np.full(risk.shape, np.nan)
-        values[scored] = Recalibrator(method).fit(y[val], risk[val]).transform(risk[scored])
+        recalibrator = Recalibrator(method).fit(y[val], risk[val])
+        if recalibrator.refused is not None:
+            if refused is not None:
+                refused[name] = recalibrator.refused
+            continue
+        values[scored] = recalibrator.transform(risk[scored])
         out[f"{name} ({method})"] = values
     return out
 

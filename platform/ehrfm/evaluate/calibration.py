@@ -2,6 +2,11 @@
 
 ECE = sum over bins of (bin share of persons) * |observed rate - mean predicted risk|. Bins are
 equal-width on [0, 1] ("uniform") or equal-count ("quantile"); empty bins contribute nothing.
+
+One binning everywhere: the report's ECE, the subgroup tables and the reliability plot all take
+ECE_BINS equal-count bins from `reliability_curve`'s defaults, so a number in the report and the
+one in the plot's legend are the same number. Equal-count because the risks of a rare outcome sit
+in the lowest one or two equal-width bins, where ECE would only see calibration-in-the-large.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import numpy as np
 
 Strategy = Literal["uniform", "quantile"]
 EPS = 1e-6
+ECE_BINS = 10
+ECE_STRATEGY: Strategy = "quantile"
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,7 @@ def _check(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
     return y, p
 
 
-def reliability_curve(y_true, y_prob, n_bins: int = 10, strategy: Strategy = "uniform") -> ReliabilityCurve:
+def reliability_curve(y_true, y_prob, n_bins: int = ECE_BINS, strategy: Strategy = ECE_STRATEGY) -> ReliabilityCurve:
     y, p = _check(y_true, y_prob)
     if strategy == "uniform":
         edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -61,5 +68,5 @@ def reliability_curve(y_true, y_prob, n_bins: int = 10, strategy: Strategy = "un
     return ReliabilityCurve(sum_p[keep] / count[keep], sum_y[keep] / count[keep], count[keep], edges)
 
 
-def expected_calibration_error(y_true, y_prob, n_bins: int = 10, strategy: Strategy = "uniform") -> float:
+def expected_calibration_error(y_true, y_prob, n_bins: int = ECE_BINS, strategy: Strategy = ECE_STRATEGY) -> float:
     return reliability_curve(y_true, y_prob, n_bins, strategy).ece

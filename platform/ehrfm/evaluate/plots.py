@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from ehrfm.evaluate.calibration import reliability_curve
+from ehrfm.evaluate.calibration import ECE_BINS, ECE_STRATEGY, reliability_curve
 from ehrfm.evaluate.stratify import risk_by_prs_decile
 
 Risks = Mapping[str, np.ndarray]
@@ -51,10 +51,11 @@ def pr_figure(y_true, risks: Risks) -> Figure:
     return figure
 
 
-def calibration_figure(y_true, risks: Risks, n_bins: int = 10) -> Figure:
-    figure, ax = _figure("Reliability (quantile bins)")
+def calibration_figure(y_true, risks: Risks) -> Figure:
+    """Reliability curves on the report's own bins (`ehrfm.evaluate.calibration`), ECE in the legend."""
+    figure, ax = _figure(f"Reliability ({ECE_BINS} {ECE_STRATEGY} bins)")
     for name, risk in risks.items():
-        curve = reliability_curve(y_true, risk, n_bins, strategy="quantile")
+        curve = reliability_curve(y_true, risk)
         ax.plot(curve.mean_predicted, curve.observed, marker="o", markersize=3, label=f"{name} (ECE {curve.ece:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="mean predicted risk", ylabel="observed rate")

@@ -45,10 +45,9 @@ class ModelResult:
         return {k: float(v) for k, v in values.items()}
 
 
-def evaluate_predictions(
-    name: str, y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, n_bins: int = 10
-) -> ModelResult:
-    """AUROC, AUPRC (seeded bootstrap 95% CIs) and ECE of one model's scores."""
+def evaluate_predictions(name: str, y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> ModelResult:
+    """AUROC, AUPRC (seeded bootstrap 95% CIs) and ECE of one model's scores (the binning of the
+    calibration plot: `expected_calibration_error`'s defaults)."""
     y = np.asarray(y_true).astype(bool).ravel()
     score = np.asarray(y_score, dtype=np.float64).ravel()
     is_probability = score.size > 0 and np.isfinite(score).all() and score.min() >= 0 and score.max() <= 1
@@ -58,7 +57,7 @@ def evaluate_predictions(
         n_positive=int(y.sum()),
         auroc=auroc_ci(y, score, n_boot, seed),
         auprc=auprc_ci(y, score, n_boot, seed),
-        ece=expected_calibration_error(y, score, n_bins) if is_probability else float("nan"),
+        ece=expected_calibration_error(y, score) if is_probability else float("nan"),
     )
 
 

@@ -142,8 +142,9 @@ def evaluate_all(
         risks |= align_scores(zero_shot, labels, split, {ZS_PATH: "zs_path_probability", ZS_SHARE: "zs_share"})
     fitted = baseline_risks(events, labels, split, prs, has_prs, baseline_config, tuple(baselines)) if baselines else {}
     risks |= fitted
+    refused: dict[str, str] = {}  # model -> why its recalibration was refused (never inverted)
     if recalibrate:
-        risks |= recalibrated(dict(risks), y.astype(int), split, recalibrate)
+        risks |= recalibrated(dict(risks), y.astype(int), split, recalibrate, refused)
     truth = load_truth(cohort) if cohort is not None else None
     oracle = oracle_scores(truth, labels, horizon_days, str(cohort)) if truth is not None else None
     if oracle is not None:
@@ -206,6 +207,7 @@ def evaluate_all(
         if oracle is None
         else {"horizon_days": oracle.horizon_days, "test_rows_already_begun": int(oracle.already_begun[test].sum())},
         "acceptance": _acceptance(by_name, comparisons, list(fitted)),
+        "recalibration_refused": refused,
     }
     report = out_dir / "report.md"
     report.write_text(report_markdown(summary, results, comparisons))
@@ -334,6 +336,7 @@ def report_markdown(summary: dict, results: list[ModelResult], comparisons: list
             )
     if summary["decile_pgs"]:
         lines.append(f"- PRS deciles from {summary['decile_pgs']}")
+    lines += [f"- {name}: {why}" for name, why in summary.get("recalibration_refused", {}).items()]
     lines += ["", "Models:", *[f"- {r.name}: {_note(r.name)}" for r in results]]
     return "\n".join(lines) + "\n"
 

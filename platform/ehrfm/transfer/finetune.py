@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from ehrfm.calibration import fit_platt
+from ehrfm.calibration import platt_or_none
 from ehrfm.config import add_config_arguments, out_dir, parse_config
 from ehrfm.constants import SPLITS
 from ehrfm.metrics import auroc
@@ -338,7 +338,8 @@ def finalize_run(cfg: FinetuneConfig, data: PreparedData, result, batch_size: in
         state = json.loads((Path(directory) / "train_state.json").read_text())
         scores = {split: predict_examples(model, data.examples[split], batch_size) for split in ("val", "test")}
         labels = {split: data.examples[split]["label"].to_numpy(zero_copy_only=False) for split in scores}
-        spec.platt = fit_platt(scores["val"][0], labels["val"])  # validation only; test stays untouched
+        # validation only; test stays untouched. None (uncalibrated) when refused: never inverted
+        spec.platt = platt_or_none(scores["val"][0], labels["val"])
         val_risk = spec.calibrate(scores["val"][0])
         spec.reference_quantiles = np.quantile(val_risk, np.linspace(0.0, 1.0, QUANTILES)).tolist()
         metrics = {"best_epoch": float(state["epoch"])}
@@ -359,7 +360,7 @@ def finalize_run(cfg: FinetuneConfig, data: PreparedData, result, batch_size: in
         "model_dir": str(run_dir / MODEL_DIR),
         "best_checkpoint": best.path,
         "metrics": metrics,
-        "platt": list(spec.platt),
+        "platt": None if spec.platt is None else list(spec.platt),
         "history": history,
         "counts": data.counts(),
     }
