@@ -117,9 +117,11 @@ def per_person_packed(logits, batch):
     return torch.zeros(n).index_add(0, batch["segment"].clamp(min=0).flatten(), losses.flatten())
 
 
-def shares_row(segment, person) -> bool:
-    rows = segment[(segment == person).any(dim=1)]
-    return bool(((rows >= 0) & (rows != person)).any())
+def followed_in_its_row(segment, person) -> bool:
+    """Another person's segment comes after this one in its row (causal leakage would reach it)."""
+    row = int((segment == person).nonzero()[0, 0])
+    last = int((segment[row] == person).nonzero().max())
+    return bool((segment[row, last + 1 :] >= 0).any())
 
 
 def call_packed(model, batch, prs, has_prs, **kw):
@@ -173,7 +175,7 @@ def test_perturbing_one_person_changes_no_other_persons_logits(fusion):
     batch = packed(wins, model.cfg.prefix_length)
     with torch.no_grad():
         before, _ = call_packed(model, batch, prs, has_prs)
-        victim = next(p for p in range(len(wins)) if shares_row(batch["segment"], p))
+        victim = next(p for p in range(len(wins)) if followed_in_its_row(batch["segment"], p))
         mine = (batch["segment"] == victim) & (batch["tokens"] != PAD_ID)
         changed = dict(batch, tokens=torch.where(mine, (batch["tokens"] + 7) % (VOCAB - 4) + 4, batch["tokens"]))
         changed["ages"] = torch.where(mine, batch["ages"] + 400, batch["ages"])

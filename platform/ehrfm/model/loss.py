@@ -80,6 +80,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
+@torch.compiler.disable  # data-dependent shapes (dropped PAD rows, chunk loop): always eager, never traced
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,

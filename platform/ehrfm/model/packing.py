@@ -43,6 +43,7 @@ def _flex_attention():
     return _compiled_flex
 
 
+@torch.compiler.disable  # built eagerly once per forward; the compiled model receives the BlockMask
 def flex_block_mask(segment: torch.Tensor):
     """FlexAttention BlockMask for segment ids [R, L] (same predicate as the dense mask)."""
     from torch.nn.attention.flex_attention import create_block_mask
