@@ -455,6 +455,7 @@ def test_schema_error_inside_a_ray_task_is_a_clear_message(ray_cluster, tmp_path
     assert run_command("preprocess", args) == 2
     lines = capsys.readouterr().err.splitlines()  # Ray's own log lines come too
     assert (
-        "ehrfm preprocess: measurement: file measurement.csv lacks required CDM v5.4 column(s) measurement_date"
+        "ehrfm preprocess: measurement.csv: measurement.measurement_date: "
+        "required CDM v5.4 column missing from the header"
     ) in lines
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["omop"]

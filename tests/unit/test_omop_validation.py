@@ -365,7 +365,7 @@ def test_header_only_and_empty_files(tmp_path: Path) -> None:
     report = validate_omop(root)
     assert report["tables"]["observation"]["rows_in"] == 0
     (root / "death.csv").write_text("")
-    with pytest.raises(OmopSchemaError, match="death.csv is empty"):
+    with pytest.raises(OmopSchemaError, match="death.csv: death: empty file"):
         validate_omop(root)
 
 

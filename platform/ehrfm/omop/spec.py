@@ -24,11 +24,17 @@ _TYPES: dict[str, pa.DataType] = {
 
 @dataclass(frozen=True)
 class ColumnSpec:
-    """One CDM column: `kind` is one of int / float / date / datetime / string."""
+    """One CDM column: `kind` is one of int / float / date / datetime / string.
+
+    `required`: a file without it is refused (and an empty required date quarantines the row).
+    `expected`: NOT NULL in the DDL but not used by ehrfm (vocabulary tables): a file without it
+    gets a warning, not a refusal, since trimmed vocabulary exports often drop such columns.
+    """
 
     name: str
     kind: str
     required: bool
+    expected: bool = False
 
     @property
     def arrow_type(self) -> pa.DataType:
@@ -59,6 +65,11 @@ class TableSpec:
     def required_columns(self) -> list[str]:
         return [c.name for c in self.columns if c.required]
 
+    @property
+    def expected_columns(self) -> list[str]:
+        """DDL NOT NULL columns ehrfm does not need: absent ones are warnings (see ColumnSpec)."""
+        return [c.name for c in self.columns if c.expected]
+
     def column(self, name: str) -> ColumnSpec:
         for col in self.columns:
             if col.name == name:
@@ -75,12 +86,12 @@ _KIND_CODES = {"i": "int", "f": "float", "d": "date", "t": "datetime", "s": "str
 
 
 def _columns(text: str) -> tuple[ColumnSpec, ...]:
-    """Parse 'name:code[!]' items (code i/f/d/t/s; '!' = NOT NULL in the CDM DDL)."""
+    """Parse 'name:code[!|~]' items (code i/f/d/t/s; '!' = NOT NULL in the CDM DDL and needed;
+    '~' = NOT NULL in the DDL but not needed by ehrfm, a warning when absent)."""
     out = []
     for item in text.split():
         name, code = item.split(":")
-        required = code.endswith("!")
-        out.append(ColumnSpec(name, _KIND_CODES[code.rstrip("!")], required))
+        out.append(ColumnSpec(name, _KIND_CODES[code.rstrip("!~")], code.endswith("!"), code.endswith("~")))
     return tuple(out)
 
 
@@ -221,15 +232,17 @@ _SPECS = [
     ),
     _table(
         "concept",
-        "concept_id:i! concept_name:s! domain_id:s! vocabulary_id:s! concept_class_id:s! "
-        "standard_concept:s concept_code:s! valid_start_date:d! valid_end_date:d! invalid_reason:s",
+        # a vocabulary table, read leniently: a concept is its id, vocabulary and code; the other
+        # NOT NULL columns (name and domain: the labeler's name matching) are warnings when absent
+        "concept_id:i! concept_name:s~ domain_id:s~ vocabulary_id:s! concept_class_id:s~ "
+        "standard_concept:s concept_code:s! valid_start_date:d~ valid_end_date:d~ invalid_reason:s",
         primary_key=("concept_id",),
         start_date="valid_start_date",
         end_date="valid_end_date",
     ),
     _table(
         "concept_ancestor",
-        "ancestor_concept_id:i! descendant_concept_id:i! min_levels_of_separation:i! max_levels_of_separation:i!",
+        "ancestor_concept_id:i! descendant_concept_id:i! min_levels_of_separation:i~ max_levels_of_separation:i~",
         primary_key=("ancestor_concept_id", "descendant_concept_id"),  # natural key (DDL has none)
     ),
 ]

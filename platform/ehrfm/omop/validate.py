@@ -2,7 +2,10 @@
 
 Writes OUT/validation_report.json, OUT/quarantine/<table>.parquet and, with --prs,
 OUT/quarantine/prs_samples.parquet; prints a short table of counts. Exit status 0 whenever the
-inputs could be read (bad rows are data, not failures); 2 on a schema/format error.
+inputs could be read (bad rows are data, not failures); 2 on a schema/format error, printed as
+one line `ehrfm validate: <file>: <table>.<column>: <what>`. Every file is checked for readability
+and its header before any row is read (omop.readability), so an unreadable file is named before
+other tables are validated; a vocabulary table missing columns ehrfm does not use is a warning.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ehrfm.omop.files import DEFAULT_BATCH_ROWS, OmopSchemaError
+from ehrfm.omop.readability import preflight_omop
 from ehrfm.omop.spec import REASONS
 from ehrfm.omop.validation import PersonIndex, validate_omop_with_persons
 from ehrfm.prs.readers import PrsFormatError, read_prs, read_sample_map, validate_prs
@@ -78,12 +82,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     try:
+        preflight = preflight_omop(args.omop)
         report, persons = validate_omop_with_persons(args.omop, out, batch_rows=args.batch_rows)
         if args.prs:
             _validate_prs(args, out, report, persons)
+        if args.prs or preflight.warnings:
+            report["warnings"] = preflight.warnings + report.get("warnings", [])
             (out / "validation_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     except (OmopSchemaError, PrsFormatError) as exc:
-        print(f"ehrfm validate: schema error: {exc}", file=sys.stderr)
+        print(f"ehrfm validate: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(report)))
     print(f"report: {out / 'validation_report.json'}")

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from ehrfm.config import add_config_arguments, dump_config, parse_config
 from ehrfm.constants import FIRST_CODE_ID, SPECIAL_TOKENS, SPLITS
 from ehrfm.omop.files import OmopSchemaError
+from ehrfm.omop.readability import preflight_omop
 from ehrfm.omop.validation import find_tables
 from ehrfm.preprocess import ray_tasks as tasks
 from ehrfm.preprocess import stages as stages
@@ -108,18 +109,23 @@ def atomic_directory(out: Path) -> Iterator[Path]:
 # ---- helpers ------------------------------------------------------------------------------------
 @contextmanager
 def data_context(config: PreprocessConfig) -> Iterator[None]:
-    """The Ray Data settings of this run (shuffle strategy, progress bars), restored afterwards."""
+    """The Ray Data settings of this run (shuffle strategy, progress bars), restored afterwards.
+
+    A failing task raises its own exception, not Ray Data's UserCodeException (whose cause is
+    lost on its way to the driver), so input_error() can find an input error raised in a task.
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.shuffle_strategy, ctx.enable_progress_bars)
+    saved = (ctx.shuffle_strategy, ctx.enable_progress_bars, ctx.raise_original_map_exception)
     ctx.shuffle_strategy = config.ray_shuffle_strategy
+    ctx.raise_original_map_exception = True
     if not config.progress_bars:
         ctx.enable_progress_bars = False
     try:
         yield
     finally:
-        ctx.shuffle_strategy, ctx.enable_progress_bars = saved
+        ctx.shuffle_strategy, ctx.enable_progress_bars, ctx.raise_original_map_exception = saved
 
 
 def default_ray_address() -> str:
@@ -176,20 +182,27 @@ def _token_report(timelines: pa.Table) -> tuple[dict, dict, list[dict]]:
     return splits, tokens, shards
 
 
-def run_preprocess(config: PreprocessConfig, inputs: PreprocessInputs, out: str | Path) -> dict:
-    """Run every stage into a temp directory, then move it to `out`; returns the report."""
+def run_preprocess(
+    config: PreprocessConfig, inputs: PreprocessInputs, out: str | Path, ray_address: str | None = None
+) -> dict:
+    """Run every stage into a temp directory, then move it to `out`; returns the report.
+
+    The inputs are checked (names, then every OMOP file's readability and header) before Ray
+    starts: a broken file fails here in a second, not inside a task.
+    """
     import ray
 
     check_inputs(inputs)
+    warnings = preflight_omop(inputs.omop).warnings if inputs.omop else []
     if not ray.is_initialized():
-        ray.init(address=default_ray_address())
+        ray.init(address=ray_address or default_ray_address())
     # hashing releases the GIL: one driver thread checksums the inputs while the stages run
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
     try:
         files = _input_files(inputs) if config.checksum_inputs else []
         checksums = {f: hasher.submit(tasks.file_sha256, f) for f in files}
         with data_context(config), atomic_directory(Path(out)) as tmp:
-            report = _run_stages(config, inputs, tmp, checksums)
+            report = _run_stages(config, inputs, tmp, checksums, warnings)
     finally:
         hasher.shutdown(wait=False, cancel_futures=True)
     log_to_mlflow(
@@ -198,7 +211,9 @@ def run_preprocess(config: PreprocessConfig, inputs: PreprocessInputs, out: str 
     return report
 
 
-def _run_stages(config: PreprocessConfig, inputs: PreprocessInputs, tmp: Path, checksums: dict) -> dict:
+def _run_stages(
+    config: PreprocessConfig, inputs: PreprocessInputs, tmp: Path, checksums: dict, warnings: list[str]
+) -> dict:
     timer = stages.Timer()
     stage = stages.omop_events if inputs.omop else stages.meds_events
     events = stage(inputs.omop or inputs.meds, config, tmp, timer)
@@ -278,6 +293,7 @@ def _run_stages(config: PreprocessConfig, inputs: PreprocessInputs, tmp: Path, c
         "tokens": tokens,
         "tokenizer": {"version": tok.version, "vocab_size": tok.vocab_size, **tok.fit_summary},
         "prs": prs_report,
+        "warnings": warnings,
         "seconds": timer.total(),
     }
     (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
@@ -288,20 +304,31 @@ def _run_stages(config: PreprocessConfig, inputs: PreprocessInputs, tmp: Path, c
 INPUT_ERRORS = (OmopSchemaError, PrsFormatError, FileNotFoundError, ValueError)
 
 
+_WRAPPER_MODULES = ("ray", "pyarrow")  # Ray's wrappers; pyarrow errors (ArrowInvalid is a ValueError) may quote cells
+
+
 def input_error(exc: BaseException) -> BaseException | None:
     """The input error behind `exc`: itself, or the original exception of a failed Ray task
-    (RayTaskError.cause), following causes; None when it is not an input error."""
+    (RayTaskError.cause, a Ray Data wrapper's cause), following causes, contexts and exception
+    arguments breadth-first; None when it is not an input error."""
     seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
+    pending: list[object] = [exc]
     while pending:
         current = pending.pop(0)
-        if current is None or id(current) in seen:
+        if not isinstance(current, BaseException) or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, INPUT_ERRORS) and not type(current).__module__.startswith("ray"):
+        if isinstance(current, INPUT_ERRORS) and not type(current).__module__.startswith(_WRAPPER_MODULES):
             return current
-        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
+        pending += [getattr(current, "cause", None), current.__cause__, current.__context__, *current.args]
     return None
+
+
+def one_line(exc: BaseException) -> str:
+    """An input error's message on one line: its first (Ray Data appends retry advice on the
+    next lines of an exception raised in a task; ehrfm's own messages are one line)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
@@ -345,19 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("prs", "sample_map", "pcs"):
         if getattr(args, name):
             setattr(inputs, name, getattr(args, name))
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=args.ray_address or default_ray_address())
     try:
-        report = run_preprocess(config, inputs, args.out)
+        report = run_preprocess(config, inputs, args.out, ray_address=args.ray_address)
     except Exception as exc:  # noqa: BLE001 - an input error raised inside a Ray task arrives wrapped
         cause = input_error(exc)
         if cause is None:
             raise
-        print(f"ehrfm preprocess: {cause}", file=sys.stderr)
+        print(f"ehrfm preprocess: {one_line(cause)}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(report)))
+    for warning in report["warnings"]:
+        print(f"WARNING: {warning}")
     print(f"outputs: {Path(args.out).resolve()}")
     return 0
 

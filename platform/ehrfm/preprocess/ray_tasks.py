@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ehrfm.omop.events import BIRTH_CODE, SHARD_COLUMN, STAGED_SCHEMA, finalize_shard, place_meds_events, stage_meds
+from ehrfm.omop.files import OmopSchemaError
 from ehrfm.omop.validation import quarantine_rows
 from ehrfm.preprocess.ingest import KEY_SCHEMA, IngestContext, Unit, duplicate_keys, ingest_unit, unit_keys
 from ehrfm.preprocess.staged_partitions import PartitionedWriter, read_partition
@@ -28,6 +29,7 @@ from ehrfm.preprocess.tokenizer import code_counts_table, code_values_table, fit
 from ehrfm.splits import shard_of, split_codes
 
 _RESOLVED: dict[str, object] = {}
+INPUT_ERROR_COLUMN = "input_error"  # a task's input error, returned as data (see ingest_to_staged_files)
 
 
 def resolve(box: list) -> object:
@@ -65,16 +67,34 @@ def write_staged_events(parts: Iterable[pa.Table], staged_dir: str, stem: str) -
     return sum(writer.rows.values())
 
 
-def _staged_counts(stems: list[str], rows: list[int]) -> pa.Table:
-    return pa.table({"stem": pa.array(stems, pa.string()), "rows": pa.array(rows, pa.int64())})
+def _staged_counts(stems: list[str], rows: list[int], errors: list[str | None] | None = None) -> pa.Table:
+    errors = errors if errors is not None else [None] * len(stems)
+    return pa.table(
+        {
+            "stem": pa.array(stems, pa.string()),
+            "rows": pa.array(rows, pa.int64()),
+            INPUT_ERROR_COLUMN: pa.array(errors, pa.string()),
+        }
+    )
 
 
 def ingest_to_staged_files(batch: pa.Table, ctx: list, staged_dir: str) -> pa.Table:
-    """ingest_batch for the "shard_files" strategy: events go to per-shard files, counts come back."""
+    """ingest_batch for the "shard_files" strategy: events go to per-shard files, counts come back.
+
+    An input error in a file comes back as data (its one-line message in INPUT_ERROR_COLUMN) for
+    the driver to raise: a raised one would reach the driver wrapped, with pages of Ray logs.
+    """
     context: IngestContext = resolve(ctx)
     units = [Unit(**row) for row in batch.to_pylist()]
-    rows = [write_staged_events(ingest_unit(unit, context), staged_dir, unit.name) for unit in units]
-    return _staged_counts([u.name for u in units], rows)
+    rows, errors = [], []
+    for unit in units:
+        try:
+            rows.append(write_staged_events(ingest_unit(unit, context), staged_dir, unit.name))
+            errors.append(None)
+        except OmopSchemaError as exc:
+            rows.append(0)
+            errors.append(str(exc))
+    return _staged_counts([u.name for u in units], rows, errors)
 
 
 def unit_keys_batch(batch: pa.Table, ctx: list) -> Iterator[pa.Table]:

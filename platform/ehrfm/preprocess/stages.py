@@ -137,6 +137,14 @@ def _shard_staged_files(
     return written
 
 
+def _raise_task_input_error(counts: pa.Table) -> None:
+    """Raise, in the driver, the first input error an ingest task returned as data."""
+    if tasks.INPUT_ERROR_COLUMN in counts.column_names:
+        errors = [e for e in counts[tasks.INPUT_ERROR_COLUMN].to_pylist() if e]
+        if errors:
+            raise OmopSchemaError(errors[0])
+
+
 def _unit_items(units: list) -> object:
     """A dataset of the ingest units, one block (so one task) each."""
     import ray.data
@@ -152,16 +160,16 @@ def _omop_shard_files(
     staged_dir = tmp / "_work" / "staged"
     staged_rows = tasks.write_staged_events([driver_events], str(staged_dir), "person-death")
     if units:
-        staged_rows += _total_rows(
-            collect(
-                _unit_items(units).map_batches(
-                    tasks.ingest_to_staged_files,
-                    batch_size=1,
-                    batch_format="pyarrow",
-                    fn_kwargs={"ctx": ctx_ref, "staged_dir": str(staged_dir)},
-                )
+        counts = collect(
+            _unit_items(units).map_batches(
+                tasks.ingest_to_staged_files,
+                batch_size=1,
+                batch_format="pyarrow",
+                fn_kwargs={"ctx": ctx_ref, "staged_dir": str(staged_dir)},
             )
         )
+        _raise_task_input_error(counts)
+        staged_rows += _total_rows(counts)
     return _shard_staged_files(staged_dir, staged_rows, tmp / "events", quarantine_dir, False, cfg)
 
 
