@@ -3,7 +3,9 @@
 Ray Train has already set up the process group (gloo on CPU, NCCL on GPU); the shared engine
 (`ehrfm.training.engine`, DeepSpeed ZeRO) wraps the model on top of it. A step does no host sync:
 losses and token counts accumulate in device tensors and are all-reduced and read only every
-`log_every` steps. Checkpoints go through `ray.train.report` (`ehrfm.training.checkpoint`); a
+`log_every` steps. Training micro-batches are packed (several persons per row, `performance.packing`)
+and the loss can be fused (no [B, T, V] logits, `performance.fused_loss`); validation stays unpacked
+with a summed loss, so val loss per real token is exact and comparable. Checkpoints go through `ray.train.report` (`ehrfm.training.checkpoint`); a
 restarted worker group (or the same run started again) resumes from the latest one, at the same
 data position.
 """
@@ -18,7 +20,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ehrfm.config import dump_config
 from ehrfm.constants import PAD_ID
@@ -30,10 +31,11 @@ from ehrfm.training.config import PretrainConfig
 from ehrfm.training.engine import WarmupCosine, initialize_engine, parameter_groups
 from ehrfm.training.launch import worker_setup
 from ehrfm.training.run_logger import RunLogger, open_run_logger
-from ehrfm.training.throughput import WindowMeter, flops_per_token, peak_flops
+from ehrfm.training.throughput import WindowMeter, flops_per_token, mfu_figures, peak_flops
 from ehrfm.training.windows import VALIDATION_EPOCH, hash_uniform, iter_epoch
 
 MODEL_INPUTS = ("tokens", "ages", "prs", "has_prs")
+PACKED_INPUTS = ("segment", "positions", "prefix_slot")  # present only in packed batches
 
 
 class BatchStream:
@@ -55,6 +57,7 @@ class BatchStream:
                 self.cfg.schedule.seed,
                 self.epoch,
                 data.shuffle_buffer,
+                pack_prefix=self.cfg.model.prefix_length if self.cfg.performance.packing else None,
             )
         )
         for skipped in range(skip):  # resume mid-epoch where the checkpoint left off
@@ -111,18 +114,28 @@ def validation_batches(shard, cfg: PretrainConfig, num_pgs: int, rank: int, worl
     return [{k: v[mine[i : i + size]].to(device) for k, v in kept.items()} for i in range(0, len(mine), size)]
 
 
-def evaluate(engine, batches: list[dict], device: torch.device) -> float:
-    """Mean next-token loss over all ranks' validation windows (exact token-weighted average)."""
+def model_loss(engine, batch: dict[str, torch.Tensor], loss_chunk: int, reduction: str = "mean") -> torch.Tensor:
+    """The model's loss on a packed or unpacked batch (the packed-batch interface of the model)."""
+    packed = {k: batch[k] for k in PACKED_INPUTS if k in batch}
+    _, loss = engine(
+        *(batch[k] for k in MODEL_INPUTS),
+        targets=batch["targets"],
+        **packed,
+        loss_chunk=loss_chunk,
+        reduction=reduction,
+    )
+    return loss
+
+
+def evaluate(engine, batches: list[dict], device: torch.device, loss_chunk: int = 0) -> float:
+    """Mean next-token loss over all ranks' validation windows (exact token-weighted average): the
+    model sums the loss (fused or from logits), the real targets are counted here."""
     engine.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
         for batch in batches:
-            logits, _ = engine(*(batch[k] for k in MODEL_INPUTS))
-            targets = batch["targets"]
-            sums[0] += F.cross_entropy(
-                logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD_ID, reduction="sum"
-            )
-            sums[1] += (targets != PAD_ID).sum()
+            sums[0] += model_loss(engine, batch, loss_chunk, reduction="sum").double()
+            sums[1] += (batch["targets"] != PAD_ID).sum()
     dist.all_reduce(sums)
     engine.train()
     return float(sums[0] / sums[1].clamp(min=1))
@@ -139,6 +152,19 @@ def _maybe_inject_fault(cfg: PretrainConfig, rank: int, next_step: int) -> None:
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"rank {rank} killed before step {next_step}\n")
     os._exit(17)
+
+
+def positions_in(batch: dict[str, torch.Tensor], model_cfg: ModelConfig) -> int:
+    """Sequence positions the model computes for this batch (prefix slots included), from the
+    tensor shape alone (host-known, no sync): R x (prefix + context) packed, B x (prefix + T) not."""
+    rows, length = batch["tokens"].shape
+    return rows * (length if "segment" in batch else length + model_cfg.prefix_length)
+
+
+def compile_model(engine) -> None:
+    """torch.compile the module inside the DeepSpeed engine; the batch dimension is dynamic (the
+    packed row count varies per batch)."""
+    engine.compile(compile_kwargs={"dynamic": True})
 
 
 def build_model(cfg: PretrainConfig, model_cfg: ModelConfig) -> EHRDecoder:
@@ -193,6 +219,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.schedule.max_steps, cfg.optim.min_lr_ratio)
     engine, scheduler = initialize_engine(model, optimizer_groups(model, cfg), cfg.engine_spec(), schedule, world)
+    perf = cfg.performance
+    if perf.compiled(cfg.scaling.use_gpu):
+        compile_model(engine)
+    loss_chunk = perf.loss_chunk()
     restored = resume(engine)
     state = restored or TrainState()
 
@@ -222,7 +252,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_step = cfg.last_step
 
     meter = WindowMeter(device)
-    positions_per_micro_step = world * cfg.data.batch_size * cfg.model.context
     train_loss = math.nan
     try:
         while state.step < last_step:
@@ -230,16 +259,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for micro in range(sched.grad_accum):
                 batch = stream.next()
                 torch.manual_seed(sched.seed * 1_000_003 + (state.step * sched.grad_accum + micro) * 131 + rank)
-                _, loss = engine(*(batch[k] for k in MODEL_INPUTS), targets=batch["targets"])
+                loss = model_loss(engine, batch, loss_chunk)
                 engine.backward(loss)
                 engine.step()
-                meter.add(loss, (batch["targets"] != PAD_ID).sum())
+                meter.add(loss, (batch["targets"] != PAD_ID).sum(), positions_in(batch, model_cfg))
             state.step += 1
             state.epoch, state.batch_in_epoch = stream.epoch, stream.consumed
             is_last = state.step == last_step
             metrics: dict[str, float] = {}
             if state.step % sched.log_every == 0 or is_last:
-                metrics = meter.summary(engine, positions_per_micro_step, sched.grad_accum)
+                metrics = meter.summary(engine, sched.grad_accum)
                 state.tokens_seen += int(metrics.pop("window_tokens"))
                 train_loss = metrics["train_loss"]
                 metrics.update(
@@ -249,11 +278,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
                 if peak:
-                    metrics["mfu"] = flops_token * metrics["positions_per_s"] / (peak * world)
+                    metrics.update(mfu_figures(flops_token, metrics, peak * world))
             checkpoint_due = state.step % sched.checkpoint_every == 0 or is_last
             if state.step % sched.val_every == 0 or checkpoint_due:
                 started = time.perf_counter()
-                val_loss = evaluate(engine, val_batches, device)
+                val_loss = evaluate(engine, val_batches, device, loss_chunk)
                 metrics.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
                 state.history.append(
                     {

@@ -1,4 +1,9 @@
-"""System figures for the training log: model FLOPs per token, peak device FLOP/s, MFU, memory."""
+"""System figures for the training log: model FLOPs per token, peak device FLOP/s, MFU, memory.
+
+Two token counts matter once windows are packed: real tokens (non-pad targets: the training signal)
+and positions (every sequence position the model computes, prefix slots and padding included: the
+device's work). Both rates, their ratio (the useful-token fraction) and an MFU on each are logged.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,15 @@ def flops_per_token(cfg: ModelConfig, trainable_params: int, total_params: int) 
     length = cfg.context + cfg.prefix_length
     attention = 6 * cfg.layers * cfg.hidden * length  # QK^T and AV, forward+backward, causal half
     return float(dense + attention)
+
+
+def mfu_figures(flops_token: float, metrics: dict[str, float], peak_total: float) -> dict[str, float]:
+    """MFU counted on real tokens (model FLOPs the training signal needed) and on positions (FLOPs the
+    device ran, padding included), against the peak of all workers together."""
+    return {
+        "mfu_real_tokens": flops_token * metrics["tokens_per_s"] / peak_total,
+        "mfu_positions": flops_token * metrics["positions_per_s"] / peak_total,
+    }
 
 
 def peak_flops(device: torch.device, configured_tflops: float | None) -> float | None:
@@ -79,7 +93,8 @@ def model_state_mb(engine) -> float:
 
 
 class WindowMeter:
-    """Loss and token counts between two log steps, kept on the device so steps never sync the host.
+    """Loss and token counts between two log steps, kept on the device so steps never sync the host
+    (positions come from batch shapes, known on the host).
 
     `summary` all-reduces them once (the only host sync), and leaves out time spent in validation
     and checkpoints (`exclude`) so tokens/s is training speed.
@@ -94,35 +109,39 @@ class WindowMeter:
     def _reset(self) -> None:
         self.loss_sum.zero_()
         self.tokens.zero_()
-        self.micro_steps, self.started, self.excluded = 0, time.perf_counter(), 0.0
+        self.micro_steps, self.positions, self.started, self.excluded = 0, 0, time.perf_counter(), 0.0
 
-    def add(self, loss: torch.Tensor, real_tokens: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, real_tokens: torch.Tensor, positions: int) -> None:
         self.loss_sum += loss.detach()
         self.tokens += real_tokens
+        self.positions += positions
         self.micro_steps += 1
 
     def exclude(self, seconds: float) -> None:
         self.excluded += seconds
 
-    def summary(self, engine, positions_per_micro_step: int, grad_accum: int) -> dict[str, float]:
-        """Figures of the window over all ranks: train loss, tokens/s, step time, memory per worker."""
+    def summary(self, engine, grad_accum: int) -> dict[str, float]:
+        """Figures of the window over all ranks: train loss, real tokens/s, positions/s, useful-token
+        fraction, step time, memory per worker."""
         figures = torch.stack(
             [
-                self.loss_sum,
-                self.tokens.to(self.loss_sum.dtype),
-                torch.tensor(float(self.micro_steps), device=self.device),
+                self.loss_sum.double(),
+                self.tokens.double(),
+                torch.tensor(float(self.micro_steps), dtype=torch.float64, device=self.device),
+                torch.tensor(float(self.positions), dtype=torch.float64, device=self.device),
             ]
         )
         dist.all_reduce(figures)
         memory = torch.tensor([peak_memory_mb(self.device), model_state_mb(engine)], device=self.device)
         dist.all_reduce(memory, op=dist.ReduceOp.MAX)
         elapsed = max(time.perf_counter() - self.started - self.excluded, 1e-9)
-        positions = self.micro_steps * positions_per_micro_step
+        positions = float(figures[3])
         summary = {
             "train_loss": float(figures[0] / figures[2]),
             "window_tokens": float(figures[1]),
-            "tokens_per_s": float(figures[1]) / elapsed,
+            "tokens_per_s": float(figures[1]) / elapsed,  # real (non-pad target) tokens
             "positions_per_s": positions / elapsed,
+            "useful_token_fraction": float(figures[1]) / max(positions, 1.0),
             "step_time_s": elapsed * grad_accum / max(self.micro_steps, 1),
             "peak_memory_mb_max_worker": float(memory[0]),
             "model_state_mb_max_worker": float(memory[1]),
