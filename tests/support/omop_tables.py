@@ -77,6 +77,35 @@ CONDITIONS = [
     ("19", "6", "201826", "1985-07-03", "", "", "before_birth"),  # birth_datetime 1985-07-04
     ("20", "1", "201826", " 2000-03-01 ", "", "", "kept"),  # surrounding whitespace
 ]
+DRUG_COLS = [
+    "drug_exposure_id",
+    "person_id",
+    "drug_concept_id",
+    "drug_exposure_start_date",
+    "drug_exposure_end_date",
+    "drug_type_concept_id",
+]
+# the plausibility reasons (omop.plausibility); the extraction date is the run date (no cdm_source)
+DRUGS = [
+    ("1", "1", "", "2000-01-01", "2000-01-02", "38000177", "missing_concept_id"),  # NULL: a CDM violation
+    ("2", "1", "0", "2000-01-01", "2000-01-02", "38000177", "kept"),  # 0 = "no matching concept": kept
+    ("3", "1", "1503297", "1899-12-31", "1899-12-31", "38000177", "before_1900"),  # before birth too: first wins
+    ("4", "2", "1503297", "9999-12-31", "9999-12-31", "38000177", "after_extraction_date"),
+    ("5", "2", "1503297", "2150-06-01", "2150-06-30", "38000177", "after_extraction_date"),
+    ("6", "1", "1503297", "2007-01-01", "2007-01-02", "38000177", "after_observation_period"),  # 2005-12-31 + 366
+    ("7", "1", "1503297", "2006-12-31", "2007-01-02", "38000177", "kept"),  # exactly 365 days after: allowed
+]
+OBS_COLS = [
+    "observation_period_id",
+    "person_id",
+    "observation_period_start_date",
+    "observation_period_end_date",
+    "period_type_concept_id",
+]
+OBSERVATION_PERIODS = [  # person 1 only: the other persons' rows are not checked against a period
+    ("1", "1", "1995-01-01", "2001-12-31", "32817", "kept"),
+    ("2", "1", "2003-01-01", "2005-12-31", "32817", "kept"),  # the last period's end counts
+]
 MEAS_COLS = [
     "measurement_id",
     "person_id",
@@ -127,4 +156,6 @@ def _cohort(root: Path, fmt: str) -> Path:
     _write(root, "death", DEATH_COLS, DEATH, fmt)
     _write(root, "condition_occurrence", COND_COLS, [r[:6] + ("32020", "x") for r in CONDITIONS], fmt)
     _write(root, "measurement", MEAS_COLS, MEASUREMENTS, fmt)
+    _write(root, "observation_period", OBS_COLS, OBSERVATION_PERIODS, fmt)
+    _write(root, "drug_exposure", DRUG_COLS, DRUGS, fmt)
     return root

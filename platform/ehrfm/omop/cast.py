@@ -12,9 +12,22 @@ Accepted text:
             OMOP datetimes are wall-clock), or a date alone (midnight).
   Whitespace around values and runs of whitespace (including no-break spaces) inside them are
   normalised first. `NA`, `NULL` and `\\N` count as empty in typed columns.
+
+Date columns of plain integers (stored as integers, or text where every cell is an integer) are
+read per column (per batch) by `IntegerDates.mode`:
+  auto             every cell has 8 digits -> YYYYMMDD (a cell with an impossible month/day is
+                   unparsable); no cell has 8 digits and every cell, read as days since 1970,
+                   falls in [1900-01-01, latest_day] -> days since 1970; anything else (a mix,
+                   or values out of that range: epoch seconds, spreadsheet serials for recent
+                   dates) is refused with IntegerDateError, never guessed.
+  days_since_1970  every cell is days since 1970 (outside 0001..9999 -> unparsable).
+  yyyymmdd         every cell is YYYYMMDD (other cells unparsable).
+A text column mixing ISO dates and integers is read cell by cell (8-digit cells as YYYYMMDD).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -33,8 +46,35 @@ _SAFE_INT_DIGITS = 18  # up to 18 digits always fit in int64; longer ones are ch
 _US_PER_DAY = 86_400_000_000
 
 
+INTEGER_DATE_MODES = ("auto", "days_since_1970", "yyyymmdd")
+_FIRST_DETECTED_DAY = -25_567  # 1900-01-01: auto-detected days since 1970 start here
+_INTEGER_TEXT = r"^[+-]?\d+$"
+
+
 class ColumnTypeError(TypeError):
     """A stored column type that cannot hold the spec type (e.g. bool where a date belongs)."""
+
+
+class IntegerDateError(ValueError):
+    """A date column of plain integers whose form cannot be decided; `cells` integer cells."""
+
+    def __init__(self, cells: int) -> None:
+        super().__init__(f"{cells} integer cells are neither all YYYYMMDD nor all days since 1970")
+        self.cells = cells
+
+
+@dataclass(frozen=True)
+class IntegerDates:
+    """How date columns of plain integers are read (see the module docstring)."""
+
+    mode: str = "auto"
+    latest_day: int | None = None  # auto-detection upper bound (days since 1970); None = today
+
+    def detection_bounds(self) -> tuple[int, int]:
+        latest = self.latest_day
+        if latest is None:
+            latest = int(np.datetime64("today", "D").astype(np.int64))
+        return _FIRST_DETECTED_DAY, latest
 
 
 def _as_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -226,14 +266,65 @@ def to_text(values: pa.Array | pa.ChunkedArray) -> pa.Array:
         return pa.array([None if v is None else str(v) for v in values.to_pylist()], type=pa.string())
 
 
-def convert_column(values: pa.Array | pa.ChunkedArray, column: ColumnSpec) -> tuple[pa.Array, np.ndarray]:
+def _dates_from_ints(
+    ints: np.ndarray, present: np.ndarray, with_time: bool, rules: IntegerDates
+) -> tuple[pa.Array, np.ndarray]:
+    """A date/datetime column from plain integers, read as YYYYMMDD or days since 1970 (module docstring)."""
+    magnitude = np.abs(ints)
+    eight = present & (magnitude >= 10_000_000) & (magnitude <= 99_999_999)
+    mode = rules.mode
+    if mode == "auto":
+        low, high = rules.detection_bounds()
+        if not (present & ~eight).any():
+            mode = "yyyymmdd"
+        elif not eight.any() and not (present & ((ints < low) | (ints > high))).any():
+            mode = "days_since_1970"
+        else:
+            raise IntegerDateError(int(present.sum()))
+    if mode == "yyyymmdd":
+        valid, days = days_from_ymd(ints // 10_000, ints // 100 % 100, ints % 100)
+        valid &= present & eight & (ints > 0)
+    else:
+        valid = present & (ints >= _FIRST_DAY) & (ints <= _LAST_DAY)
+        days = np.where(valid, ints, 0)
+    if with_time:
+        out = pa.array(np.where(valid, days * _US_PER_DAY, 0), type=pa.timestamp("us"), mask=~valid)
+    else:
+        out = pa.array(np.where(valid, days, 0).astype(np.int32), type=pa.date32(), mask=~valid)
+    return out, present & ~valid
+
+
+def _integer_cells(values: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """(int64 values, present mask) when every non-empty cell is a plain integer, else None."""
+    if pa.types.is_integer(values.type):
+        present = _present(values)
+        return pc.fill_null(pc.cast(values, pa.int64(), safe=False), 0).to_numpy(zero_copy_only=False), present
+    if not _is_text(values.type):
+        return None
+    text = normalise_text(values)
+    present = _present(text)
+    if not present.any() or not _mask(pc.match_substring_regex(text, _INTEGER_TEXT))[present].all():
+        return None
+    signed = pc.replace_substring_regex(text, pattern=r"^\+", replacement="")
+    if _mask(pc.greater(pc.utf8_length(pc.utf8_ltrim(signed, "-")), _SAFE_INT_DIGITS)).any():
+        return None  # far beyond any date: the text parser marks them unparsable
+    return pc.fill_null(pc.cast(signed, pa.int64()), 0).to_numpy(zero_copy_only=False), present
+
+
+def convert_column(
+    values: pa.Array | pa.ChunkedArray, column: ColumnSpec, integer_dates: IntegerDates | None = None
+) -> tuple[pa.Array, np.ndarray]:
     """(values in the spec type, mask of non-empty cells that could not be converted).
 
-    Raises ColumnTypeError when the stored type can never hold the spec type.
+    Raises ColumnTypeError when the stored type can never hold the spec type, IntegerDateError when
+    a date column of plain integers has no single readable form (see the module docstring).
     """
     values = _as_array(values)
     if pa.types.is_null(values.type):
         return pa.nulls(len(values), column.arrow_type), np.zeros(len(values), dtype=bool)
+    dated = column.kind in ("date", "datetime")
+    if dated and pa.types.is_integer(values.type):
+        return _dates_from_ints(*_integer_cells(values), column.kind == "datetime", integer_dates or IntegerDates())
     if column.kind == "string":
         if not (
             _is_text(values.type)
@@ -248,6 +339,9 @@ def convert_column(values: pa.Array | pa.ChunkedArray, column: ColumnSpec) -> tu
         clean = _strict_cast(values, column)
         if clean is not None:
             return clean
+        cells = _integer_cells(values) if dated else None
+        if cells is not None:
+            return _dates_from_ints(*cells, column.kind == "datetime", integer_dates or IntegerDates())
         return _TEXT_PARSERS[column.kind](normalise_text(values))
     return _STORED_PARSERS[column.kind](values)
 

@@ -272,9 +272,13 @@ REASONS: tuple[str, ...] = (
     "unknown_person_id",
     "unparsable_date",  # includes an empty cell in a required (NOT NULL) date column
     "unparsable_number",  # includes NaN / infinity in a numeric column
+    "missing_concept_id",  # empty main concept id of a clinical table (0 = "no matching concept" is kept)
+    "before_1900",  # plausibility rules (omop.plausibility): start date before 1900-01-01,
+    "after_extraction_date",  # after the data's extraction date (cdm_source, config or run date)
     "end_before_start",
     "before_birth",
     "after_death",  # start date more than AFTER_DEATH_GRACE_DAYS after the death date
+    "after_observation_period",  # more than the slack after the person's last observation end
     "duplicate_primary_key",
 )
 AFTER_DEATH_GRACE_DAYS = 30

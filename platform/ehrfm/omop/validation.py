@@ -12,11 +12,19 @@ Every quarantined row gets exactly one reason, the first that applies in `REASON
   unparsable_date        a date/datetime cell that is not a valid date, an EMPTY cell in a required
                          (CDM NOT NULL) date column, or a person whose birth date cannot be formed
   unparsable_number      a numeric cell that is not a number (NaN and infinity included)
+  missing_concept_id     an empty concept id in a clinical table's main concept column (CDM NOT
+                         NULL; "no matching concept" is concept id 0, which is kept and coded)
+  before_1900            start date before 1900-01-01                     } plausibility rules,
+  after_extraction_date  start date after the data's extraction date      } see omop.plausibility
   end_before_start       end date earlier than start date
   before_birth           start date before the person's birth date (birth_datetime when given,
                          else year_of_birth with month/day defaulting to 1)
   after_death            start date more than 30 days after the person's death date
+  after_observation_period  start date more than the configured slack (365 days) after the end of
+                         the person's last observation period (omop.plausibility)
   duplicate_primary_key  a later row repeating a primary key (death: a second row for a person)
+A date column of plain integers is read as YYYYMMDD or days since 1970 when its form is clear,
+else the file is refused (OmopSchemaError naming table, column, file and count; omop.cast).
 For every table rows_in == rows_kept + rows_quarantined and by_reason sums to rows_quarantined.
 Messages and the report name tables, files, columns and counts only, never cell values.
 """
@@ -26,7 +34,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ehrfm.omop.cast import ColumnTypeError, convert_column, days_from_ymd, to_text
+from ehrfm.omop.cast import ColumnTypeError, IntegerDateError, IntegerDates, convert_column, days_from_ymd, to_text
 from ehrfm.omop.files import (
     DEFAULT_BATCH_ROWS,
     MALFORMED_LINE_COLUMN,
@@ -46,6 +54,7 @@ from ehrfm.omop.files import (
     normalise_names,
     read_raw,
 )
+from ehrfm.omop.plausibility import Plausibility, resolve
 from ehrfm.omop.spec import AFTER_DEATH_GRACE_DAYS, CDM_TABLES, REASONS, TABLE_ORDER, TableSpec
 
 __all__ = [
@@ -53,6 +62,7 @@ __all__ = [
     "REASONS",
     "OmopSchemaError",
     "PersonIndex",
+    "Plausibility",
     "TableSpec",
     "TableValidation",
     "find_tables",
@@ -80,6 +90,7 @@ UNMAPPED_WARN_SHARE = 0.05
 SOURCE_COLUMN = "source_file"
 NO_DEATH = np.iinfo(np.int64).max // 2  # sentinel day number: far beyond any real date
 _REASON_CODE = {reason: code for code, reason in enumerate(REASONS)}
+_NOT_OBSERVED = ("death", "observation_period")  # tables the observation-period rule skips
 
 
 # ---- small array helpers ------------------------------------------------------------------------
@@ -110,14 +121,22 @@ def _birth_days(person: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 # ---- person index -------------------------------------------------------------------------------
 @dataclass
 class PersonIndex:
-    """Sorted person ids with birth and death day numbers; small, picklable, looked up by searchsorted."""
+    """Sorted person ids with birth and death day numbers; small, picklable, looked up by searchsorted.
+
+    It also carries what the other tables are checked against: the end of each person's last
+    observation period (when the observation_period table exists) and the plausibility rules.
+    """
 
     person_id: np.ndarray  # int64, sorted, unique
     birth_day: np.ndarray  # int64 days since 1970-01-01
     death_day: np.ndarray  # int64 days since 1970-01-01, NO_DEATH when none
+    observed_until: np.ndarray | None = None  # int64 last observation end day, NO_DEATH when none
+    rules: Plausibility = field(default_factory=Plausibility.at_run_date)
 
     @classmethod
-    def from_tables(cls, person: pa.Table, death: pa.Table | None = None) -> PersonIndex:
+    def from_tables(
+        cls, person: pa.Table, death: pa.Table | None = None, rules: Plausibility | None = None
+    ) -> PersonIndex:
         """Build from validated person (and death) rows; the first row per person wins."""
         ids, present = _ints(person["person_id"])
         birth, birth_ok = _birth_days(person)
@@ -133,7 +152,24 @@ class PersonIndex:
             dead_unique, dead_first = np.unique(dead_ids, return_index=True)
             found, pos = cls._search(unique_ids, dead_unique)
             death_day[pos[found]] = dates[dead_first[found]]
-        return cls(unique_ids.astype(np.int64), birth[first].astype(np.int64), death_day)
+        index = cls(unique_ids.astype(np.int64), birth[first].astype(np.int64), death_day)
+        return index if rules is None else replace(index, rules=rules)
+
+    def with_observation(self, periods: pa.Table) -> PersonIndex:
+        """A copy that knows each person's last observation end (validated observation_period rows)."""
+        until = np.full(len(self.person_id), NO_DEATH, dtype=np.int64)
+        ids, has_id = _ints(periods["person_id"])
+        ends, has_end = _ints(periods["observation_period_end_date"])
+        ok = has_id & has_end
+        found, pos = self.locate(ids[ok])
+        ends = ends[ok][found]
+        pos = pos[found]
+        has_period = np.zeros(len(until), dtype=bool)
+        has_period[pos] = True
+        latest = np.full(len(until), np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(latest, pos, ends)
+        until[has_period] = latest[has_period]
+        return replace(self, observed_until=until)
 
     @staticmethod
     def _search(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +187,9 @@ class PersonIndex:
 
 
 # ---- one batch ----------------------------------------------------------------------------------
-def _cast_batch(spec: TableSpec, raw: pa.Table, source: str) -> tuple[pa.Table, dict[str, np.ndarray]]:
+def _cast_batch(
+    spec: TableSpec, raw: pa.Table, source: str, integer_dates: IntegerDates | None = None
+) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """Typed table in the spec schema plus, per column, the mask of unconvertible cells."""
     columns, bad = {}, {}
     present = set(raw.column_names)
@@ -160,7 +198,13 @@ def _cast_batch(spec: TableSpec, raw: pa.Table, source: str) -> tuple[pa.Table, 
             columns[col.name] = pa.nulls(raw.num_rows, col.arrow_type)
             continue
         try:
-            columns[col.name], bad[col.name] = convert_column(raw[col.name], col)
+            columns[col.name], bad[col.name] = convert_column(raw[col.name], col, integer_dates)
+        except IntegerDateError as exc:
+            raise OmopSchemaError(
+                f"{spec.name}: column {col.name} in {source}: {exc.cells:,} of {raw.num_rows:,} rows hold plain "
+                "integers that are neither all YYYYMMDD dates nor all days since 1970 between 1900-01-01 and "
+                "the extraction date; export ISO dates (YYYY-MM-DD) or set plausibility.integer_dates"
+            ) from None
         except ColumnTypeError as exc:
             raise OmopSchemaError(
                 f"{spec.name}: column {col.name} in {source} is stored as {exc}, which cannot hold CDM {col.kind}"
@@ -186,7 +230,11 @@ def _unparsable(spec: TableSpec, typed: pa.Table, bad: dict[str, np.ndarray]) ->
 
 
 def _reasons(spec: TableSpec, typed: pa.Table, bad: dict[str, np.ndarray], persons: PersonIndex | None) -> np.ndarray:
-    """Reason code per row (-1 = keep), the first applicable in REASONS order."""
+    """Reason code per row (-1 = keep), the first applicable in REASONS order.
+
+    The date plausibility rules (before 1900, after extraction, after the observation period)
+    apply to person-linked tables checked against a PersonIndex, whose `rules` they use.
+    """
     n = typed.num_rows
     reason = np.full(n, -1, dtype=np.int8)
     no_bad = np.zeros(n, dtype=bool)
@@ -205,6 +253,13 @@ def _reasons(spec: TableSpec, typed: pa.Table, bad: dict[str, np.ndarray], perso
         flag("unknown_person_id", has_pid & ~found)
     flag("unparsable_date", bad_date)
     flag("unparsable_number", bad_number)
+    if spec.name in CONCEPT_COLUMNS:
+        concept = CONCEPT_COLUMNS[spec.name][0]
+        flag("missing_concept_id", ~_ints(typed[concept])[1] & ~bad.get(concept, no_bad))
+    if linked and spec.start_date:
+        rules = persons.rules
+        flag("before_1900", has_start & (start < rules.earliest_day))
+        flag("after_extraction_date", has_start & (start > rules.extraction_day))
     if spec.end_date:
         end, has_end = _ints(typed[spec.end_date])
         flag("end_before_start", has_start & has_end & (end < start))
@@ -213,6 +268,10 @@ def _reasons(spec: TableSpec, typed: pa.Table, bad: dict[str, np.ndarray], perso
         flag("before_birth", ok & (start < persons.birth_day[pos]))
         if spec.name != "death":
             flag("after_death", ok & (start > persons.death_day[pos] + AFTER_DEATH_GRACE_DAYS))
+        slack = persons.rules.observation_slack_days
+        if persons.observed_until is not None and slack is not None and spec.name not in _NOT_OBSERVED:
+            until = persons.observed_until[pos]
+            flag("after_observation_period", ok & (until != NO_DEATH) & (start > until + slack))
     return reason
 
 
@@ -230,13 +289,18 @@ def quarantine_rows(
 
 
 def validate_batch(
-    table: str, raw: pa.Table, persons: PersonIndex | None, source_file: str | None = None
+    table: str,
+    raw: pa.Table,
+    persons: PersonIndex | None,
+    source_file: str | None = None,
+    integer_dates: IntegerDates | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """(kept rows in the CDM v5.4 types, quarantined raw rows with a reason) for one batch.
 
     No cross-batch check happens here (duplicates: see `first_occurrence_mask`). `persons=None`
     skips the person-table checks (used for the person table itself). Columns not in the spec are
-    left out of the kept rows but stay in the quarantine rows.
+    left out of the kept rows but stay in the quarantine rows. Integer date columns are read by
+    `integer_dates`, else by the PersonIndex's rules (omop.cast).
     """
     if table not in CDM_TABLES:
         raise OmopSchemaError(f"unsupported OMOP table {table!r}")
@@ -244,7 +308,9 @@ def validate_batch(
     source = source_file or "<batch>"
     raw, _ = normalise_names(raw, table)
     check_required(raw.column_names, table, source)
-    typed, bad = _cast_batch(spec, raw, source)
+    if integer_dates is None and persons is not None:
+        integer_dates = persons.rules.integer_date_rules
+    typed, bad = _cast_batch(spec, raw, source, integer_dates)
     reason = _reasons(spec, typed, bad, persons)
     keep = reason < 0
     if keep.all():
@@ -303,6 +369,7 @@ def validate_table(
     table: str,
     persons: PersonIndex | None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    integer_dates: IntegerDates | None = None,
 ) -> TableValidation:
     """Validate every file of one table batch by batch, then drop duplicate primary keys.
 
@@ -323,7 +390,7 @@ def validate_table(
         renamed.update(batch.renamed)
         if batch.malformed_lines:
             quarantine_parts.append(_malformed_quarantine(batch.malformed_lines, batch.source_file))
-        kept, quarantine = validate_batch(table, batch.table, persons, batch.source_file)
+        kept, quarantine = validate_batch(table, batch.table, persons, batch.source_file, integer_dates)
         kept_parts.append(kept)
         kept_sources.append((batch.source_file, kept.num_rows))
         if quarantine.num_rows:
@@ -402,38 +469,50 @@ def unmapped_warnings(unmapped: dict[str, dict], threshold: float = UNMAPPED_WAR
     ]
 
 
-def validate_omop(root: str | Path, out_dir: str | Path | None = None, batch_rows: int = DEFAULT_BATCH_ROWS) -> dict:
+def validate_omop(
+    root: str | Path,
+    out_dir: str | Path | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    rules: Plausibility | None = None,
+) -> dict:
     """Validate every supported table under `root`; person and death first (they build the PersonIndex).
 
     Writes `out_dir/quarantine/<table>.parquet` (tables with quarantined rows) and
     `out_dir/validation_report.json` when `out_dir` is given. Raises OmopSchemaError on schema
-    problems (no person table, a missing required column, an impossible stored type).
+    problems (no person table, a missing required column, an impossible stored type). `rules`:
+    the plausibility rules (default: `omop.plausibility.resolve(root)`, cdm_source or the run date).
     """
-    return validate_omop_with_persons(root, out_dir, batch_rows)[0]
+    return validate_omop_with_persons(root, out_dir, batch_rows, rules)[0]
 
 
 def validate_omop_with_persons(
-    root: str | Path, out_dir: str | Path | None = None, batch_rows: int = DEFAULT_BATCH_ROWS
+    root: str | Path,
+    out_dir: str | Path | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    rules: Plausibility | None = None,
 ) -> tuple[dict, PersonIndex]:
     """validate_omop, also returning the PersonIndex of the kept person and death rows."""
     root = str(root)
+    rules = rules or resolve(root)
     out = Path(out_dir) if out_dir is not None else None
     started = time.perf_counter()
     tables = find_tables(root)
     if "person" not in tables:
         raise OmopSchemaError(f"OMOP root {root} has no person table")
-    report: dict = {"root": root, "reasons": list(REASONS), "tables": {}}
+    report: dict = {"root": root, "reasons": list(REASONS), "plausibility": rules.report(), "tables": {}}
     persons: PersonIndex | None = None  # person is first in TABLE_ORDER, so set before it is needed
     for table in TABLE_ORDER:
         if table not in tables:
             continue
         table_started = time.perf_counter()
-        result = validate_table(tables[table], table, persons, batch_rows)
+        result = validate_table(tables[table], table, persons, batch_rows, rules.integer_date_rules)
         if table == "person":
             person_kept = result.kept
-            persons = PersonIndex.from_tables(person_kept)
+            persons = PersonIndex.from_tables(person_kept, rules=rules)
         elif table == "death":
-            persons = PersonIndex.from_tables(person_kept, result.kept)
+            persons = PersonIndex.from_tables(person_kept, result.kept, rules=rules)
+        elif table == "observation_period" and persons is not None:
+            persons = persons.with_observation(result.kept)
         account = dict(result.account)
         mapped = unmapped_account(table, result.kept)
         if mapped is not None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from ehrfm.config import StrictModel
+from ehrfm.omop.plausibility import DEFAULT_OBSERVATION_SLACK_DAYS, Plausibility, resolve
 from ehrfm.preprocess.tokenizer import check_gap_edges
 
 SHARD_FILES = "shard_files"
@@ -49,12 +51,30 @@ class PrsSettings(StrictModel):
     column: Literal["SUM", "AVG"] = "SUM"
     sampleset: str | None = None
     adjust_ancestry: bool = True  # when --pcs is given
+    # genome build the scores must be on; a file that cannot confirm it gets a report warning
+    build: Literal["GRCh37", "GRCh38"] | None = None
+
+
+class PlausibilitySettings(StrictModel):
+    """Date plausibility rules (ehrfm.omop.plausibility): rows breaking them are quarantined."""
+
+    # used when the OMOP root has no cdm_source release date; null: the run date
+    extraction_date: dt.date | None = None
+    # days a start date may fall after the person's last observation period (null: rule off)
+    observation_slack_days: int | None = Field(DEFAULT_OBSERVATION_SLACK_DAYS, ge=0)
+    # date columns of plain integers: auto (YYYYMMDD, or days since 1970 when unambiguous) / days_since_1970 / yyyymmdd
+    integer_dates: Literal["auto", "days_since_1970", "yyyymmdd"] = "auto"
+
+    def rules(self, root: str) -> Plausibility:
+        """The rules for the OMOP data under `root` (its cdm_source release date wins)."""
+        return resolve(root, self.extraction_date, self.observation_slack_days, self.integer_dates)
 
 
 class PreprocessConfig(StrictModel):
     splits: SplitSettings = Field(default_factory=SplitSettings)
     tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
     prs: PrsSettings = Field(default_factory=PrsSettings)
+    plausibility: PlausibilitySettings = Field(default_factory=PlausibilitySettings)
     subjects_per_shard: int = Field(10_000, ge=1, description="persons per events/prs/timelines shard")
     min_shards: int = Field(1, ge=1)
     batch_rows: int = Field(100_000, ge=1, description="rows per validation batch inside an ingest task")

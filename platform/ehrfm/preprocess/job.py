@@ -228,6 +228,7 @@ def _run_stages(
                 config.prs.column,
                 config.prs.sampleset,
                 config.prs.adjust_ancestry,
+                config.prs.build,
             )
             person_prs = build_person_prs(
                 prs_inputs, subjects, person_split, tmp / "quarantine" / "prs_samples.parquet"
@@ -285,6 +286,7 @@ def _run_stages(
     report = {
         "inputs": {k: v for k, v in asdict(inputs).items() if v},
         "tables": events.tables,
+        "plausibility": events.plausibility,  # the date rules applied (extraction date and its source)
         "totals": {
             key: sum(a[key] for a in events.tables.values()) for key in ("rows_in", "rows_kept", "rows_quarantined")
         },

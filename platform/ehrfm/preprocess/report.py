@@ -32,6 +32,12 @@ def summary_lines(report: dict) -> list[str]:
             f"{table:<22}{acc['rows_in']:>12,}{acc['rows_kept']:>12,}{acc['rows_quarantined']:>13,}"
             f"{acc.get('events', 0):>12,}  {_reasons(acc['by_reason'])}"
         )
+    rules = report.get("plausibility")
+    if rules:
+        lines.append(
+            f"dates kept: {rules['earliest_date']} .. {rules['extraction_date']} (extraction date from "
+            f"{rules['extraction_date_source']}), at most {rules['observation_slack_days']} days after observation"
+        )
     events = report["events"]
     lines.append(f"events: {events['events']:,} for {events['subjects']:,} persons in {events['shards']} shards")
     splits = report["splits"]
@@ -55,6 +61,7 @@ def summary_lines(report: dict) -> list[str]:
             f"({100 * prs['coverage']:.1f}%); excluded samples: {_reasons(prs['excluded_by_reason'])}; "
             f"ancestry-adjusted: {prs['transform'].get('ancestry_adjusted', False)}"
         )
+        lines.extend(f"PRS warning: {w}" for w in prs.get("warnings", []))
     else:
         lines.append("PRS: none given")
     lines.append(f"finished in {report['seconds']['total']:.1f}s")

@@ -8,7 +8,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +81,7 @@ class EventsResult:
     shards: list[dict]
     events: int
     train_code_counts: dict[str, int]
+    plausibility: dict = field(default_factory=dict)  # the date rules applied (OMOP input only)
 
 
 def _shard_events_dataset(
@@ -182,11 +183,15 @@ def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
     if "person" not in tables:
         raise OmopSchemaError(f"OMOP root {root} has no person table")
     quarantine_dir, accounts_dir = tmp / "quarantine", tmp / "_work" / "accounts"
+    rules = cfg.plausibility.rules(root)  # extraction date (cdm_source, config or run date) and slack
     with timer.stage("persons"):
-        person = validate_table(tables["person"], "person", None, cfg.batch_rows)
-        persons = PersonIndex.from_tables(person.kept)
+        person = validate_table(tables["person"], "person", None, cfg.batch_rows, rules.integer_date_rules)
+        persons = PersonIndex.from_tables(person.kept, rules=rules)
         death = validate_table(tables["death"], "death", persons, cfg.batch_rows) if "death" in tables else None
-        persons = PersonIndex.from_tables(person.kept, death.kept if death else None)
+        persons = PersonIndex.from_tables(person.kept, death.kept if death else None, rules=rules)
+        if "observation_period" in tables:  # each person's last period end, for after_observation_period
+            periods = validate_table(tables["observation_period"], "observation_period", persons, cfg.batch_rows)
+            persons = persons.with_observation(periods.kept)
         n_shards = num_shards_for(len(persons), cfg.subjects_per_shard, cfg.min_shards)
         driver_events, driver_counts = person_events(person.kept)
         accounts = {"person": {**person.account, "events": driver_counts.events, "mapping": driver_counts.as_dict()}}
@@ -237,7 +242,7 @@ def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
     if flagged:
         for table in flagged:
             ordered[table]["cross_file_key_check"] = True
-    return _events_result(shards, n_shards, ordered)
+    return replace(_events_result(shards, n_shards, ordered), plausibility=rules.report())
 
 
 def _events_result(shards: pa.Table, n_shards: int, tables: dict[str, dict]) -> EventsResult:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ehrfm.constants import SPLITS
-from ehrfm.prs.readers import read_pcs, read_prs, read_sample_map, validate_prs
+from ehrfm.prs.readers import check_build, read_pcs, read_prs, read_sample_map, validate_prs
 from ehrfm.prs.transform import PrsTransform, fit_prs_transform
 from ehrfm.schemas import prs_schema
 
@@ -29,6 +29,7 @@ class PrsInputs:
     column: str = "SUM"
     sampleset: str | None = None
     adjust_ancestry: bool = True
+    build: str | None = None  # genome build the scores must be on (checked by readers.check_build)
 
 
 @dataclass
@@ -119,6 +120,7 @@ def build_person_prs(
 ) -> PersonPrs:
     """Read, validate and z-score the PRS of `persons` (PersonIndex or sorted ids; `person_split` aligned)."""
     person_ids = np.asarray(getattr(persons, "person_id", persons), dtype=np.int64)
+    build_check, warnings = check_build(inputs.scores, inputs.build)
     scores = read_prs(inputs.scores, column=inputs.column, sampleset=inputs.sampleset)
     sample_map = read_sample_map(inputs.sample_map) if inputs.sample_map else None
     kept, report = validate_prs(scores, sample_map, person_ids, problems_out=problems_out)
@@ -138,6 +140,9 @@ def build_person_prs(
         **pcs_report,
         "given": True,
         "column": inputs.column,
+        "build": inputs.build,
+        "build_check": build_check,
+        "warnings": warnings,
         "missing_scores_set_to_train_mean": int(missing.sum()),
         "persons_with_prs_by_split": splits,
         "coverage": float(has_prs.mean()) if len(has_prs) else 0.0,

@@ -11,6 +11,10 @@ reason, which samples are excluded:
   no_scores            not a single finite score
 Problems that do not exclude a sample are counted too: non-finite values (NaN/inf, kept as
 missing), unparsable values, and samples whose PGS set is incomplete (missing = NaN).
+
+A pgsc_calc file whose chunks were scored with different scoring files is refused, not counted:
+its samplesets (when several are read) must hold the same PGS ids, and no two samples may hold
+score sets where each has a PGS the other lacks (a sample lacking some rows is only incomplete).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ _NUMBER_TEXT = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 _NONFINITE_TOKENS = pa.array(["nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"])
 _SSCORE_NON_SCORES = {"NAMED_ALLELE_DOSAGE_SUM"}
 _ID_COLUMNS = ("sample_id", "iid")
+MATCH_REPORT = "match_report.json"  # `ehrfm score_prs` writes it beside its scores, with target_build
 
 
 class PrsFormatError(ValueError):
@@ -185,10 +191,57 @@ def _read_pgsc_calc(path: Path, column: str, sampleset: str | None) -> PRSScores
     present = np.zeros((len(row_keys), k), dtype=bool)
     values[row_index, pgs_code] = numbers
     present[row_index, pgs_code] = present_cells
+    has_row = np.zeros((len(row_keys), k), dtype=bool)
+    has_row[row_index, pgs_code] = True
+    if sampleset is None and "sampleset" in table.column_names:
+        _check_sampleset_scores(path, _ids(table["sampleset"], path, "sampleset"), pgs_code, k, sample_code)
+    _check_sample_scores(path, has_row)
     row_samples = samples[row_keys // (occurrence.max(initial=0) + 1)]
     return PRSScores(
         row_samples, pgs_ids.tolist(), values, present, source=path.name, fmt="pgsc_calc", unparsable_values=unparsable
     )
+
+
+def _refuse_score_sets(path: Path, what: str, groups: int, bad_groups: int, samples: int, bad_samples: int) -> None:
+    raise PrsFormatError(
+        f"{path.name}: the PGS score set differs between chunks: {bad_groups:,} of {groups:,} {what} "
+        f"({bad_samples:,} of {samples:,} samples) hold PGS ids the others lack; score every chunk with "
+        "the same scoring files (or read one sampleset with prs.sampleset)"
+    )
+
+
+def _check_sampleset_scores(
+    path: Path, samplesets: np.ndarray, pgs_code: np.ndarray, k: int, sample_code: np.ndarray
+) -> None:
+    """Refuse a file whose samplesets (pgsc_calc's chunks) hold different PGS sets."""
+    names, set_code = _codes_in_order(samplesets)
+    if len(names) < 2:
+        return
+    held = np.zeros((len(names), k), dtype=bool)
+    held[set_code, pgs_code] = True
+    sets, which = np.unique(held, axis=0, return_inverse=True)
+    if len(sets) < 2:
+        return
+    which = np.asarray(which).reshape(-1)
+    samples = np.array([len(np.unique(sample_code[set_code == s])) for s in range(len(names))])
+    modal = np.argmax(np.bincount(which, weights=samples))
+    bad = which != modal
+    _refuse_score_sets(path, "samplesets", len(names), int(bad.sum()), int(samples.sum()), int(samples[bad].sum()))
+
+
+def _check_sample_scores(path: Path, has_row: np.ndarray) -> None:
+    """Refuse when two samples each hold a PGS the other lacks (different scoring files)."""
+    if has_row.shape[0] < 2 or has_row.shape[1] < 2:
+        return
+    sets, counts = np.unique(has_row, axis=0, return_counts=True)
+    if len(sets) < 2:
+        return
+    held = sets.astype(np.float32)
+    extra = (held @ (1.0 - held).T) > 0  # extra[i, j]: set i holds a PGS that set j lacks
+    clash = (extra & extra.T).any(axis=1)
+    if clash.any():
+        clash[np.argmax(counts)] = False  # the largest group is the reference the others disagree with
+        _refuse_score_sets(path, "score sets", len(sets), int(clash.sum()), int(counts.sum()), int(counts[clash].sum()))
 
 
 def _codes_in_order(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -298,6 +351,35 @@ def read_prs(path: str | Path, fmt: str | None = None, column: str = "SUM", samp
 
 
 # ---- sample map and PCs -------------------------------------------------------------------------
+def check_build(path: str | Path, build: str | None) -> tuple[str, list[str]]:
+    """(build check outcome, warnings) for the genome build the run is configured with.
+
+    No PRS format records a build; an `ehrfm score_prs` match_report.json beside the file does
+    (its target_build). Outcomes: not_configured, confirmed, unconfirmed (a warning); a recorded
+    build that differs is refused.
+    """
+    if build is None:
+        return "not_configured", []
+    path = Path(path)
+    recorded = None
+    sibling = path.parent / MATCH_REPORT
+    if sibling.is_file():
+        try:
+            recorded = json.loads(sibling.read_text(encoding="utf-8")).get("target_build")
+        except (ValueError, AttributeError):
+            recorded = None
+    if recorded == build:
+        return "confirmed", []
+    if recorded:
+        raise PrsFormatError(
+            f"{path.name}: scored on {recorded} ({MATCH_REPORT}), but the run is configured for {build}"
+        )
+    return "unconfirmed", [
+        f"{path.name}: the run is configured for {build}, but the file records no genome build and no "
+        f"{MATCH_REPORT} with a target_build lies beside it; check that the scores were computed on {build}"
+    ]
+
+
 def read_sample_map(path: str | Path) -> dict[str, int]:
     """`sample_id<TAB>person_id` (header required) -> {sample id: person id}.
 
