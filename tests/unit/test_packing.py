@@ -97,3 +97,17 @@ def test_segments_are_contiguous_and_start_with_their_prefix():
     assert packed["tokens"][1, :4].tolist() == [PAD_ID, PAD_ID, 19, 20]
     assert packed["targets"][1, :4].tolist() == [PAD_ID, PAD_ID, 20, 21]
     assert packed["ages"][1, :4].tolist() == [0, 0, 38, 40]
+
+
+def test_performance_section_defaults_and_switches():
+    from pydantic import ValidationError
+
+    from ehrfm.training.config import PretrainConfig
+
+    perf = PretrainConfig().performance
+    assert perf.packing and perf.fused_loss and perf.loss_chunk() == 4096
+    assert perf.compiled(use_gpu=True) and not perf.compiled(use_gpu=False)  # None: on with GPUs only
+    off = PretrainConfig.model_validate({"performance": {"fused_loss": False, "compile": False}}).performance
+    assert off.loss_chunk() == 0 and not off.compiled(use_gpu=True)
+    with pytest.raises(ValidationError, match="pack_rows"):
+        PretrainConfig.model_validate({"performance": {"pack_rows": 8}})
