@@ -52,6 +52,7 @@ from ehrfm.omop.files import (
     find_tables,
     iter_raw_batches,
     normalise_names,
+    problem,
     read_raw,
 )
 from ehrfm.omop.plausibility import Plausibility, resolve
@@ -200,11 +201,12 @@ def _cast_batch(
         try:
             columns[col.name], bad[col.name] = convert_column(raw[col.name], col, integer_dates)
         except IntegerDateError as exc:
-            raise OmopSchemaError(
-                f"{spec.name}: column {col.name} in {source}: {exc.cells:,} of {raw.num_rows:,} rows hold plain "
-                "integers that are neither all YYYYMMDD dates nor all days since 1970 between 1900-01-01 and "
-                "the extraction date; export ISO dates (YYYY-MM-DD) or set plausibility.integer_dates"
-            ) from None
+            what = (
+                f"plain integers that are neither all YYYYMMDD dates nor all days since 1970 between 1900-01-01 "
+                f"and the extraction date ({exc.cells:,} of {raw.num_rows:,} rows); export ISO dates "
+                "(YYYY-MM-DD) or set plausibility.integer_dates"
+            )
+            raise problem(source, spec.name, what, column=col.name) from None
         except ColumnTypeError as exc:
             raise OmopSchemaError(
                 f"{spec.name}: column {col.name} in {source} is stored as {exc}, which cannot hold CDM {col.kind}"

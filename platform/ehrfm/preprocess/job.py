@@ -48,7 +48,7 @@ from ehrfm.preprocess import stages as stages
 from ehrfm.preprocess.config import PreprocessConfig
 from ehrfm.preprocess.report import log_to_mlflow, percentiles, summary_lines
 from ehrfm.prs.person import PersonPrs, PrsInputs, build_person_prs, write_prs
-from ehrfm.prs.readers import PrsFormatError
+from ehrfm.prs.readers import PrsFormatError, check_build, read_prs
 from ehrfm.splits import shard_of, split_codes
 
 TIMELINES_FORMAT = "ehrfm-timelines/1"
@@ -194,6 +194,9 @@ def run_preprocess(
 
     check_inputs(inputs)
     warnings = preflight_omop(inputs.omop).warnings if inputs.omop else []
+    if inputs.prs:  # refused here, before Ray starts, rather than after the events (read again there)
+        check_build(inputs.prs, config.prs.build)
+        read_prs(inputs.prs, column=config.prs.column, sampleset=config.prs.sampleset)
     if not ray.is_initialized():
         ray.init(address=ray_address or default_ray_address())
     # hashing releases the GIL: one driver thread checksums the inputs while the stages run
