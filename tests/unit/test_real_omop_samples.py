@@ -1,8 +1,9 @@
 """The readers and validator on the real public OMOP samples in shared/data.
 
 Row counts come from each folder's README.txt; the data-quality findings (duplicate ids,
-orphan observation periods, an event before birth in GiBleed) are cross-checked with DuckDB,
-an engine independent of the reader under test.
+orphan observation periods, an event before birth, events after cdm_source's release date or a
+year after the last observation period in GiBleed) are cross-checked with DuckDB, an engine
+independent of the reader under test.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import duckdb
 import pyarrow.compute as pc
 import pytest
 
+from ehrfm.omop.plausibility import Plausibility, day_number
 from ehrfm.omop.validation import find_tables, validate_omop, validate_table
 
 GIBLEED_ROWS = {  # gibleed_omop53/README.txt
@@ -45,6 +47,35 @@ SYNTHEA_ROWS = {  # synthea27nj_omop54/README.txt
 }
 
 
+GIBLEED_STARTS = {
+    "visit_occurrence": "visit_start_date",
+    "condition_occurrence": "condition_start_date",
+    "drug_exposure": "drug_exposure_start_date",
+    "procedure_occurrence": "procedure_date",
+    "measurement": "measurement_date",
+    "observation": "observation_date",
+}
+_PLAUSIBILITY_SQL = """
+with rel as (select max(source_release_date::date) r from '{root}/cdm_source.csv'),
+obs as (
+    select person_id, max(observation_period_end_date::date) e from '{root}/observation_period.csv'
+    where person_id in (select person_id from '{root}/person.csv') group by person_id
+),
+rows as (
+    select t.{table}_id id, t.{start}::date s, obs.e e, p.birth_datetime::date b
+    from '{root}/{table}.csv' t join '{root}/person.csv' p using (person_id) left join obs using (person_id)
+)
+select
+    count(*) filter (where s > (select r from rel)),
+    count(*) filter (where s <= (select r from rel) and s >= b and e is not null and s > e + 365),
+    (select count(*) - count(distinct id) from rows
+     where s <= (select r from rel) and s >= b and (e is null or s <= e + 365))
+from rows
+"""
+# the ehrdata fixtures are dated around 2100 and have no cdm_source: an explicit extraction date
+EHRDATA_RULES = Plausibility(day_number(dt.date(2200, 1, 1)), "config")
+
+
 def _assert_account_identity(report: dict) -> None:
     for account in report["tables"].values():
         assert account["rows_in"] == account["rows_kept"] + account["rows_quarantined"]
@@ -66,15 +97,10 @@ def test_gibleed_cdm53_row_counts(gibleed: dict) -> None:
         "discharge_to_concept_id",
         "discharge_to_source_value",
     ]
-    for clean in (
-        "person",
-        "visit_occurrence",
-        "condition_occurrence",
-        "procedure_occurrence",
-        "concept",
-        "concept_ancestor",
-    ):
+    for clean in ("person", "concept", "concept_ancestor"):
         assert gibleed["tables"][clean]["rows_quarantined"] == 0, clean
+    assert gibleed["plausibility"]["extraction_date"] == "2019-05-25"  # GiBleed's cdm_source
+    assert gibleed["plausibility"]["extraction_date_source"] == "cdm_source.source_release_date"
 
 
 def test_gibleed_quality_findings_match_duckdb(gibleed: dict, shared_data: Path) -> None:
@@ -84,9 +110,16 @@ def test_gibleed_quality_findings_match_duckdb(gibleed: dict, shared_data: Path)
     def scalar(sql: str) -> int:
         return con.sql(sql.format(root=root)).fetchall()[0][0]
 
-    for table in ("drug_exposure", "measurement", "observation"):
-        repeats = scalar(f"select count(*) - count(distinct {table}_id) from '{{root}}/{table}.csv'")
-        assert gibleed["tables"][table]["by_reason"].get("duplicate_primary_key") == repeats
+    for table, start in GIBLEED_STARTS.items():
+        # rows after the release date, rows a year after the person's last observation period, and
+        # repeated ids among the rows that pass the row-level rules (duplicates are checked last)
+        after_release, after_period, repeats = con.sql(
+            _PLAUSIBILITY_SQL.format(root=root, table=table, start=start)
+        ).fetchall()[0]
+        got = gibleed["tables"][table]["by_reason"]
+        assert got.get("after_extraction_date", 0) == after_release, table
+        assert got.get("after_observation_period", 0) == after_period, table
+        assert got.get("duplicate_primary_key", 0) == repeats, table
     orphans = scalar(
         "select count(*) from '{root}/observation_period.csv' "
         "where person_id not in (select person_id from '{root}/person.csv')"
@@ -98,6 +131,11 @@ def test_gibleed_quality_findings_match_duckdb(gibleed: dict, shared_data: Path)
     )
     assert gibleed["tables"]["drug_exposure"]["by_reason"]["before_birth"] == before_birth
     assert (orphans, before_birth) == (2649, 1)
+    assert {t: a["by_reason"].get("after_extraction_date", 0) for t, a in gibleed["tables"].items()} == {
+        **dict.fromkeys(gibleed["tables"], 0),
+        **{"visit_occurrence": 1, "condition_occurrence": 77, "drug_exposure": 113},
+        **{"procedure_occurrence": 47, "measurement": 60, "observation": 1},
+    }
 
 
 def test_synthea_csv_and_parquet_agree(shared_data: Path) -> None:
@@ -120,7 +158,7 @@ def test_synthea_csv_and_parquet_agree(shared_data: Path) -> None:
 
 def test_ehrdata_edge_cases(shared_data: Path) -> None:
     root = shared_data / "omop_edgecase_fixtures_ehrdata"
-    vanilla = validate_omop(root / "vanilla")
+    vanilla = validate_omop(root / "vanilla", rules=EHRDATA_RULES)
     _assert_account_identity(vanilla)
     rows = {t: a["rows_in"] for t, a in vanilla["tables"].items()}
     assert rows == {
@@ -142,7 +180,7 @@ def test_ehrdata_edge_cases(shared_data: Path) -> None:
     assert measurement["measurement_id"].to_pylist()[:2] == [1, 2]
     assert measurement["measurement_datetime"][1].as_py() == dt.datetime(2100, 1, 1, 13, 0, 0)
 
-    capital = validate_omop(root / "capital_letters")
+    capital = validate_omop(root / "capital_letters", rules=EHRDATA_RULES)
     assert {t: a["rows_kept"] for t, a in capital["tables"].items()} == {
         "person": 1,
         "observation_period": 1,

@@ -144,7 +144,12 @@ def event_time_us(
 
 
 def concept_codes(prefix: str, concept: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, int]:
-    """(`PREFIX/<id>` codes, number of null concept ids written as 0, OMOP's 'no matching concept')."""
+    """(`PREFIX/<id>` codes, number of null concept ids written as 0, OMOP's 'no matching concept').
+
+    In the pipeline no clinical row reaches here with a null main concept id: the validator
+    quarantines it (`missing_concept_id`), so NULL and 0 never share a code; the count stays for
+    the person's demographic concepts and for direct callers.
+    """
     nulls = concept.null_count
     text = pc.cast(pc.fill_null(concept, 0), pa.string())
     return pc.binary_join_element_wise(prefix, text, "/"), nulls
