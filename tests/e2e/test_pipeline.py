@@ -104,7 +104,17 @@ def test_main_job_runs_every_stage_registers_a_champion_and_reruns_cheaply(
     assert float(champion.tags["val_auroc"]) == pytest.approx(registered["metric"])
     assert registered["metric"] == pytest.approx(sweep["metrics"]["val_auroc"])  # the sweep's winner was registered
 
-    assert "3/3 persons scored over HTTP match the registered model's own predictions" in capsys.readouterr().out
+    # stdout is not a terminal here: each stage's output is in its log, the console has one line per
+    # stage outcome (+ heartbeats) and the summary table, the job's last lines (#19: < 300 lines)
+    serve_log = (workdir / "logs" / "serve.log").read_text()
+    assert "3/3 persons scored over HTTP match the registered model's own predictions" in serve_log
+    console = capsys.readouterr().out.splitlines()
+    assert len(console) < 300, len(console)
+    summary = console[console.index("summary:") + 1 :]
+    assert summary[0].split() == ["stage", "status", "time", "output"] and len(summary) == 1 + len(records)
+    assert [row.split()[:2] for row in summary[1:]] == [
+        [name, "disabled" if name == "score_prs" else "ran"] for name in records
+    ]
 
     again = run_pipeline(cfg, workdir)
     assert capsys.readouterr().out.count("up to date, skipped") == 11
