@@ -160,3 +160,23 @@ def test_last_meaningful_line_skips_traceback_chrome_and_progress_bars():
     )
     assert last_meaningful_line(text) == "ValueError: pretrain.yaml: model.layers must be positive"
     assert last_meaningful_line("\n \n") == ""
+
+
+def test_on_a_terminal_outcomes_start_a_fresh_line_and_quiet_settings_are_only_defaults(tmp_path, monkeypatch):
+    import io
+    import os
+
+    from ehrfm.workflow.console import QUIET_ENV, Console, quiet_environment
+
+    stream = io.StringIO()
+    console = Console(tmp_path, stream=stream, capture=False)
+    stream.write("batches  40%|####  | 4/10")  # a progress bar left mid-line
+    console.line("[5/12] pretrain: done in 3.0s", fresh=True)
+    assert stream.getvalue().splitlines()[-1] == "[5/12] pretrain: done in 3.0s"
+
+    for key in QUIET_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")  # the user's choice is kept
+    applied = quiet_environment()
+    assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1" and os.environ["RAY_DEDUP_LOGS"] == "0"
+    assert "RAY_DEDUP_LOGS" not in applied and set(applied) == set(QUIET_ENV) - {"RAY_DEDUP_LOGS"}

@@ -104,7 +104,13 @@ class Console:
     def stage_output(self, stage: str, header: str) -> Iterator[Path | None]:
         """Run the body with the stage's output in its log file (capture mode) and a heartbeat."""
         if not self.capture:
-            yield None
+            try:
+                yield None
+            except SystemExit:
+                raise  # a command's own one-line message: the summary shows it
+            except BaseException:
+                traceback.print_exc()  # on a terminal the traceback stays where the stage printed
+                raise
             return
         self.logs.mkdir(parents=True, exist_ok=True)
         path = self.log_path(stage)
