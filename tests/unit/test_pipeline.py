@@ -119,6 +119,20 @@ def test_a_config_edit_in_place_reruns_that_stage_and_every_later_one(tmp_path, 
     plan = stage_plan(cfg, workdir)
     assert [name for name in STAGE_ORDER if plan[name] == "due"] == ["tune", "evaluate", "register", "serve"]
     assert stage_plan(cfg, workdir, start_from="label")["synthesize"] == "up to date"
+    run_pipeline(cfg, workdir, runner=Recorder())
+
+    # an output changed after its stage finished (a file added, deleted or rewritten): due again
+    (workdir / "labels" / "stray.parquet").write_bytes(b"x")
+    plan = stage_plan(cfg, workdir)
+    assert [name for name in STAGE_ORDER if plan[name] == "due"] == [
+        "label",
+        "finetune",
+        "zero_shot",
+        "tune",
+        "evaluate",
+        "register",
+        "serve",
+    ]
 
 
 def test_a_failing_stage_ends_the_job_with_the_summary_and_its_error_last(tmp_path, capsys):
@@ -180,3 +194,21 @@ def test_on_a_terminal_outcomes_start_a_fresh_line_and_quiet_settings_are_only_d
     applied = quiet_environment()
     assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1" and os.environ["RAY_DEDUP_LOGS"] == "0"
     assert "RAY_DEDUP_LOGS" not in applied and set(applied) == set(QUIET_ENV) - {"RAY_DEDUP_LOGS"}
+
+
+def test_a_usage_error_exit_names_the_commands_own_message_not_its_exit_code(tmp_path, capsys):
+    import sys
+
+    from ehrfm.workflow import StageFailed
+
+    def runner(command, args):
+        if command == "validate":
+            print("ehrfm validate: error: --omop: no such directory", file=sys.stderr)
+            raise SystemExit(2)  # what argparse does
+        return 0
+
+    with pytest.raises(StageFailed):
+        run_pipeline(PipelineConfig(persons=50), tmp_path / "run", runner=runner)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "error (validate): ehrfm validate: error: --omop: no such directory"
+    assert "[3/12] validate: FAILED after" in "\n".join(lines)

@@ -320,6 +320,14 @@ def read_stage_record(output: Path) -> dict | None:
         return None  # a damaged record: the stage runs again
 
 
+def is_current(record: dict | None, fingerprint: str, output: Path) -> bool:
+    """The recorded output was made from these inputs and is still what the stage left (a file
+    deleted or rewritten since makes the stage due again)."""
+    if record is None or record.get("fingerprint") != fingerprint:
+        return False
+    return record.get("manifest") == output_manifest(output, exclude=[STAGE_FILE])
+
+
 def stage_plan(cfg: PipelineConfig, workdir: Path, start_from: str | None = None) -> dict[str, str]:
     """{stage: "due" | "up to date" | "disabled"} without running anything, assuming due stages
     would finish (their downstream is then due too): what `run_pipeline` would do now."""
@@ -334,7 +342,7 @@ def stage_plan(cfg: PipelineConfig, workdir: Path, start_from: str | None = None
         print_, _ = stage_fingerprint(stage.name, stage.arguments(cfg, workdir), stage_inputs(stage, records))
         record = read_stage_record(workdir / stage.output)
         upstream_due = any(plan[name] == "due" for name in stage.upstream)
-        current = not forced and not upstream_due and record is not None and record.get("fingerprint") == print_
+        current = not forced and not upstream_due and is_current(record, print_, workdir / stage.output)
         plan[stage.name] = "up to date" if current else "due"
         records[stage.name] = record if current else {"fingerprint": print_, "manifest": "pending"}
     return plan
@@ -351,9 +359,11 @@ def run_pipeline(
     until: str | None = None,
     console: Console | None = None,
     runner: Callable[[str, list[str]], int] = run_command,
+    epilogue: Callable[[dict[str, dict]], None] | None = None,
 ) -> dict[str, dict]:
-    """Run (or skip) each stage in order; returns {stage: record}. Prints the summary table at the
-    end, also when a stage fails (then raises StageFailed, its message the error line)."""
+    """Run (or skip) each stage in order; returns {stage: record}. Prints the summary table last,
+    also when a stage fails (then raises StageFailed, its message the error line); `epilogue`
+    prints what comes before it after a run that finished (the evaluation report)."""
     workdir.mkdir(parents=True, exist_ok=True)
     console = console or Console(workdir)
     forced = False
@@ -368,6 +378,8 @@ def run_pipeline(
             outcomes[stage.name] = failure or _outcome(stage, records[stage.name], workdir)
             if failure is not None:
                 break
+        if failure is None and epilogue is not None:
+            epilogue(records)
     finally:
         console.line(summary_table([outcomes[s.name] for s in selected]))
     if failure is not None:
@@ -401,7 +413,7 @@ def _run_stage(
     args = stage.arguments(cfg, workdir)
     print_, configs = stage_fingerprint(stage.name, args, stage_inputs(stage, records))
     record = read_stage_record(output)
-    if not forced and record is not None and record.get("fingerprint") == print_:
+    if not forced and is_current(record, print_, output):
         console.line(f"{header}: up to date, skipped ({output})")
         records[stage.name] = {**record, "skipped": True}
         return None
@@ -458,13 +470,15 @@ def main(argv: list[str] | None = None) -> int:
         quiet_environment()  # before any stage starts Ray, whose processes inherit it
     # one tracking server for every stage: $MLFLOW_TRACKING_URI, else the local one (started or reused)
     console.line(f"MLflow tracking at {ensure_tracking_uri()}")
+
+    def epilogue(records: dict[str, dict]) -> None:
+        print_final_report(args.workdir, records, console)
+        console.line(f"pipeline finished in {time.perf_counter() - started:.1f}s; outputs under {args.workdir}")
+
     try:
-        records = run_pipeline(cfg, args.workdir, args.start_from, args.until, console=console)
+        run_pipeline(cfg, args.workdir, args.start_from, args.until, console=console, epilogue=epilogue)
     except StageFailed:
-        console.line(f"pipeline failed after {time.perf_counter() - started:.1f}s (summary above)")
-        return 1
-    print_final_report(args.workdir, records, console)
-    console.line(f"pipeline finished in {time.perf_counter() - started:.1f}s; outputs under {args.workdir}")
+        return 1  # the summary, the error its last line, is already out
     return 0
 
 

@@ -127,6 +127,8 @@ class Console:
                 heartbeat.start()
                 try:
                     yield path
+                except SystemExit:
+                    raise  # the command printed its own message (argparse's usage error, a one-line refusal)
                 except BaseException:
                     traceback.print_exc(file=log)
                     raise
@@ -136,7 +138,7 @@ class Console:
 
     def tail_error(self, stage: str, exc: BaseException | None) -> str:
         """The failing stage's error as one line: its exception's message, else its log's last line."""
-        if exc is not None:
+        if exc is not None and not (isinstance(exc, SystemExit) and not isinstance(exc.code, str)):
             message = str(exc).strip()
             if message and not isinstance(exc, SystemExit):
                 message = f"{type(exc).__name__}: {message}"
@@ -179,7 +181,9 @@ def summary_table(outcomes: list[StageOutcome]) -> str:
     """stage | status | time | output, then `error (<stage>): <line>` for a failed stage, last."""
     rows = [("stage", "status", "time", "output")]
     for o in outcomes:
-        rows.append((o.stage, o.status, "-" if o.seconds is None else f"{o.seconds:.1f}s", o.output or "-"))
+        # a skipped stage shows, in parentheses, the time of the run that made its output
+        time_ = "-" if o.seconds is None else f"{o.seconds:.1f}s"
+        rows.append((o.stage, o.status, f"({time_})" if o.status == "skipped" else time_, o.output or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["", "summary:"]
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
