@@ -194,14 +194,27 @@ def _latin1(omop: Path) -> None:
 
 
 def _truncated_gz() -> bytes:
-    data = _gzip("measurement")
-    return data[: len(data) * 2 // 3]
+    """Cut before its last block: the header decompresses, the end of the stream does not."""
+    return _gzip("measurement")[:-64]
 
 
 def _corrupt_gz() -> bytes:
     data = bytearray(_gzip("measurement"))
     data[len(data) // 2 : len(data) // 2 + 64] = b"\x00" * 64
     return bytes(data)
+
+
+def _late_bad_byte_in_a_part(omop: Path) -> None:
+    """measurement as a directory of two csv parts (so preprocess runs its cross-file key check),
+    the second with a latin-1 byte past the 64 KiB the pre-flight reads: found only while reading."""
+    (omop / "measurement.csv").unlink()
+    parts = omop / "measurement"
+    parts.mkdir()
+    text = csv_text("measurement").encode()
+    (parts / "part-0.csv").write_bytes(text)
+    late = text.rfind(b"32856")
+    assert late > 1 << 16
+    (parts / "part-1.csv").write_bytes(text[:late] + b"3285\xe9" + text[late + 5 :])
 
 
 def _truncated_parquet() -> bytes:
@@ -238,7 +251,7 @@ CASES: tuple[Case, ...] = (
         "measurement.csv.gz",
         "measurement",
         None,
-        "gzip stream is corrupt or truncated",
+        "gzip stream is corrupt or truncated (it breaks after 65,536 decompressed bytes)",
         _write("measurement.csv.gz", _truncated_gz(), "measurement"),
     ),
     Case(
@@ -288,6 +301,15 @@ CASES: tuple[Case, ...] = (
         None,
         "corrupt parquet data after 0 of 2,400 rows",
         _write("measurement.parquet", _corrupt_page("measurement"), "measurement"),
+        in_task=True,
+    ),
+    Case(
+        "late_bad_byte_in_a_part",
+        "part-1.csv",
+        "measurement",
+        None,
+        "cannot be parsed as csv after 0 rows (bad encoding or quoting)",
+        _late_bad_byte_in_a_part,
         in_task=True,
     ),
     Case(

@@ -174,10 +174,9 @@ def read_head(fs: pafs.FileSystem, path: str, compressed: bool, source: str, tab
     try:
         with fs.open_input_stream(path, compression="gzip" if compressed else None) as stream:
             head = stream.read(HEADER_BYTES)
-            complete = len(head) < HEADER_BYTES or not stream.read(1)
     except (OSError, EOFError, pa.ArrowInvalid):
         raise problem(source, table, "gzip stream is corrupt or truncated (cannot decompress the start)") from None
-    return head, complete
+    return head, len(head) < HEADER_BYTES
 
 
 def csv_header(fs: pafs.FileSystem, path: str, source: str, table: str) -> tuple[list[str], str]:

@@ -35,7 +35,7 @@ from ehrfm.omop.files import (
 from ehrfm.omop.spec import CDM_TABLES
 
 GZIP_CHECK_BYTES = 1 << 30  # compressed size above which a .gz file gets only its header checked
-_CHUNK = 1 << 22
+_CHUNK = 1 << 16  # gzip check read size: the break is reported to this granularity
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _gzip_stream_ok(fs: pafs.FileSystem, path: str, source: str, table: str) -> 
                 total += len(chunk)
     except (OSError, EOFError, pa.ArrowInvalid):
         raise problem(
-            source, table, f"gzip stream is corrupt or truncated ({total:,} bytes decompressed before it broke)"
+            source, table, f"gzip stream is corrupt or truncated (it breaks after {total:,} decompressed bytes)"
         ) from None
 
 

@@ -30,6 +30,7 @@ from ehrfm.splits import shard_of, split_codes
 
 _RESOLVED: dict[str, object] = {}
 INPUT_ERROR_COLUMN = "input_error"  # a task's input error, returned as data (see ingest_to_staged_files)
+INPUT_ERRORS_DIR = "_input_errors"  # under IngestContext.accounts_dir: input errors of tasks whose output is rows
 
 
 def resolve(box: list) -> object:
@@ -52,10 +53,23 @@ def file_sha256(path: str) -> str:
 
 
 # ---- ingest ---------------------------------------------------------------------------------------
+def _recording_input_error(rows: Iterator[pa.Table], unit: Unit, context: IngestContext) -> Iterator[pa.Table]:
+    """`rows`, but an input error (a file that cannot be read as its table) ends them quietly and is
+    written to `<accounts_dir>/_input_errors/<unit>.txt` for the driver to raise once the graph is
+    done: raised here it would reach the driver wrapped, after pages of Ray logs."""
+    try:
+        yield from rows
+    except OmopSchemaError as exc:
+        directory = Path(context.accounts_dir) / INPUT_ERRORS_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{unit.name}.txt").write_text(str(exc), encoding="utf-8")
+
+
 def ingest_batch(batch: pa.Table, ctx: list) -> Iterator[pa.Table]:
     context: IngestContext = resolve(ctx)
     for row in batch.to_pylist():
-        yield from ingest_unit(Unit(**row), context)
+        unit = Unit(**row)
+        yield from _recording_input_error(ingest_unit(unit, context), unit, context)
     yield STAGED_SCHEMA.empty_table()  # a unit without events must still give the shuffle a typed block
 
 
@@ -100,7 +114,8 @@ def ingest_to_staged_files(batch: pa.Table, ctx: list, staged_dir: str) -> pa.Ta
 def unit_keys_batch(batch: pa.Table, ctx: list) -> Iterator[pa.Table]:
     context: IngestContext = resolve(ctx)
     for row in batch.to_pylist():
-        yield from unit_keys(Unit(**row), context)
+        unit = Unit(**row)
+        yield from _recording_input_error(unit_keys(unit, context), unit, context)
     yield KEY_SCHEMA.empty_table()
 
 

@@ -138,12 +138,16 @@ def _shard_staged_files(
     return written
 
 
-def _raise_task_input_error(counts: pa.Table) -> None:
-    """Raise, in the driver, the first input error an ingest task returned as data."""
-    if tasks.INPUT_ERROR_COLUMN in counts.column_names:
+def _raise_task_input_error(counts: pa.Table | None = None, accounts_dir: Path | None = None) -> None:
+    """Raise, in the driver, the first input error ingest tasks returned as data (a column of their
+    counts, or files under accounts_dir; see ray_tasks.INPUT_ERROR_COLUMN / INPUT_ERRORS_DIR)."""
+    errors = []
+    if counts is not None and tasks.INPUT_ERROR_COLUMN in counts.column_names:
         errors = [e for e in counts[tasks.INPUT_ERROR_COLUMN].to_pylist() if e]
-        if errors:
-            raise OmopSchemaError(errors[0])
+    if not errors and accounts_dir is not None and (accounts_dir / tasks.INPUT_ERRORS_DIR).is_dir():
+        errors = [p.read_text(encoding="utf-8") for p in sorted((accounts_dir / tasks.INPUT_ERRORS_DIR).iterdir())]
+    if errors:
+        raise OmopSchemaError(errors[0])
 
 
 def _unit_items(units: list) -> object:
@@ -220,6 +224,7 @@ def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
                     tasks.duplicate_keys_group, batch_format="pyarrow"
                 )
             )
+            _raise_task_input_error(accounts_dir=accounts_dir)
             context.cross_unit_duplicates = duplicates_by_unit(dupes) if dupes.num_rows else {}
     with timer.stage("ingest_events"):
         ref = [ray.put(context)]
@@ -237,6 +242,7 @@ def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
                 )
             dataset = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
             shards = _shard_events_dataset(dataset, n_shards, tmp / "events", quarantine_dir, False, cfg)
+            _raise_task_input_error(accounts_dir=accounts_dir)
     accounts.update(table_accounts(accounts_dir, units))
     ordered = {t: accounts[t] for t in TABLE_ORDER if t in accounts}
     if flagged:
