@@ -1,5 +1,6 @@
 """Pretraining end to end on Ray Train + DeepSpeed on CPU (2 workers, gloo): ZeRO-2 with prefix fusion,
-resuming after a stop and after a killed worker on the same loss curve, an EHR-only model then a PRS adapter
+resuming after a stop and after a SIGKILLed worker on the same loss curve, an EHR-only model (its driver
+SIGKILLed and the run resumed by name) then a PRS adapter
 through the command line."""
 
 from __future__ import annotations
@@ -105,24 +106,25 @@ def test_ehr_only_model_then_prs_adapter(
     from ehrfm.training.pretrain import main, run_pretraining
 
     base_storage = storage / "ehr-only"
-    code = main(
-        [
-            "--config",
-            str(SMALL),
-            "--data",
-            str(timelines.root),
-            "--storage",
-            str(base_storage),
-            "--name",
-            "ehr-only",
-            "model.fusion=none",
-            "deepspeed.zero_stage=2",
-            "schedule.max_steps=20",
-            "schedule.val_every=10",
-            "schedule.checkpoint_every=10",
-        ]
-    )
-    assert code == 0
+    args = [
+        "--config",
+        str(SMALL),
+        "--data",
+        str(timelines.root),
+        "--storage",
+        str(base_storage),
+        "--name",
+        "ehr-only",
+        "model.fusion=none",
+        "deepspeed.zero_stage=2",
+        "schedule.max_steps=20",
+        "schedule.val_every=10",
+        "schedule.checkpoint_every=10",
+    ]
+    # The driver is SIGKILLed once its first checkpoint is registered; the same command (same --name)
+    # then resumes from that checkpoint instead of starting again.
+    kill_driver_after_first_checkpoint(args, base_storage / "ehr-only", "checkpoint_0000010")
+    assert main(args) == 0
     summary = json.loads((base_storage / "ehr-only" / "pretrain_result.json").read_text())
     base_checkpoint = Path(summary["checkpoint"])
     base_state = json.loads((base_checkpoint / "train_state.json").read_text())
@@ -136,7 +138,15 @@ def test_ehr_only_model_then_prs_adapter(
         [client.get_experiment_by_name("ehrfm-pretrain").experiment_id],
         filter_string=f"tags.`ehrfm.run_dir` = '{summary['run_dir']}'",
     )
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [10, 20]
+    assert len(runs) == 1  # the resumed driver continues the killed driver's MLflow run
+    val_history = client.get_metric_history(runs[0].info.run_id, "val_loss")
+    assert sorted({m.step for m in val_history}) == [10, 20]
+    (resume,) = client.get_metric_history(runs[0].info.run_id, "resumed_from_step")
+    assert resume.value in (10.0, 20.0)  # from a registered checkpoint, never from step 0
+    # at most one checkpoint interval (10 steps) is redone: the killed driver got no further than the
+    # checkpoint the new one resumed from plus 10 steps
+    killed_steps = [m.step for m in val_history if m.timestamp < resume.timestamp]
+    assert killed_steps and max(killed_steps) - resume.value <= 10
 
     cfg = make_config(
         timelines,
@@ -161,3 +171,39 @@ def test_ehr_only_model_then_prs_adapter(
     assert all(abs(adapted[k].item()) > 1e-3 for k in prs_keys if k.endswith("gate"))
     adapter_state = json.loads((Path(result.checkpoint) / "train_state.json").read_text())
     assert val_losses(adapter_state)[-1] < val_losses(base_state)[-1]  # the PRS adds information
+
+
+def kill_driver_after_first_checkpoint(args: list[str], run_dir: Path, checkpoint: str, timeout: float = 300) -> None:
+    """Start `jobs/pretrain.py args` as its own driver process on the session's Ray cluster, wait until
+    Ray Train has registered `checkpoint` (its checkpoint-manager snapshot names it), then SIGKILL it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    repo = Path(__file__).resolve().parents[2]
+    log = run_dir.parent / "killed-driver.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        driver = subprocess.Popen(
+            [sys.executable, str(repo / "jobs" / "pretrain.py"), *args], cwd=repo, env=env, stdout=out, stderr=out
+        )
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    try:
+        while not (snapshot.is_file() and checkpoint in snapshot.read_text()):
+            if driver.poll() is not None:
+                tail = log.read_text(errors="replace").splitlines()[-15:]
+                raise AssertionError(
+                    f"the driver exited ({driver.returncode}) before {checkpoint}:\n" + "\n".join(tail)
+                )
+            assert time.monotonic() < deadline, f"no {checkpoint} within {timeout} s"
+            time.sleep(0.2)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    assert driver.returncode == -signal.SIGKILL

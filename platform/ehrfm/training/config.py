@@ -108,7 +108,7 @@ class ScalingSection(StrictModel):
 
 class FaultSection(StrictModel):
     max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint; -1 = unlimited
-    kill_rank_at_step: int | None = None  # test hook: that rank os._exit()s once before this step
+    kill_rank_at_step: int | None = None  # test hook: that rank SIGKILLs itself once before this step
     kill_rank: int = 1
     marker_path: str | None = None  # default <storage>/<name>/.fault_injected (so the kill fires once)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 
 import ray.train
@@ -142,7 +143,8 @@ def evaluate(engine, batches: list[dict], device: torch.device, loss_chunk: int 
 
 
 def _maybe_inject_fault(cfg: PretrainConfig, rank: int, next_step: int) -> None:
-    """Test hook: the chosen rank dies (once, guarded by a marker file) before `next_step`."""
+    """Test hook: the chosen rank is SIGKILLed (once, guarded by a marker file) before `next_step`: the
+    same death as an OOM kill or a lost node, with no chance to clean up."""
     fault = cfg.fault
     if fault.kill_rank_at_step != next_step or rank != fault.kill_rank:
         return
@@ -151,7 +153,7 @@ def _maybe_inject_fault(cfg: PretrainConfig, rank: int, next_step: int) -> None:
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"rank {rank} killed before step {next_step}\n")
-    os._exit(17)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def positions_in(batch: dict[str, torch.Tensor], model_cfg: ModelConfig) -> int:
