@@ -11,6 +11,7 @@ other tables are validated; a vocabulary table missing columns ehrfm does not us
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -76,6 +77,16 @@ def _validate_prs(args: argparse.Namespace, out: Path, report: dict, persons: Pe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        # No pyarrow reader may outlive the command: one still alive (held by a traceback or a
+        # reference cycle) at interpreter teardown can abort the process with "terminate called
+        # without an active exception" (exit 134) after a correct report (apache/arrow#34314).
+        gc.collect()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(list(argv) if argv is not None else None)
     if bool(args.prs) != bool(args.sample_map):
         print("ehrfm validate: --prs and --sample-map go together", file=sys.stderr)
