@@ -61,6 +61,7 @@ def test_integer_dates_read_when_the_form_is_clear(cells, expected_days, bad) ->
         ["20200101", "18262"],  # YYYYMMDD beside days: ambiguous
         ["1577836800", "1577923200"],  # epoch seconds
         ["45000", "45001"],  # spreadsheet serials (2023) read as days would be 2093: beyond the extraction date
+        ["0", "0"],  # all zero: a placeholder, not 1970-01-01
     ],
 )
 def test_integer_dates_refused_when_ambiguous(cells) -> None:

@@ -17,9 +17,10 @@ Date columns of plain integers (stored as integers, or text where every cell is 
 read per column (per batch) by `IntegerDates.mode`:
   auto             every cell has 8 digits -> YYYYMMDD (a cell with an impossible month/day is
                    unparsable); no cell has 8 digits and every cell, read as days since 1970,
-                   falls in [1900-01-01, latest_day] -> days since 1970; anything else (a mix,
-                   or values out of that range: epoch seconds, spreadsheet serials for recent
-                   dates) is refused with IntegerDateError, never guessed.
+                   falls in [1900-01-01, latest_day] (not all 0, a common placeholder) -> days
+                   since 1970; anything else (a mix, all zeros, or values out of that range:
+                   epoch seconds, spreadsheet serials for recent dates) is refused with
+                   IntegerDateError, never guessed.
   days_since_1970  every cell is days since 1970 (outside 0001..9999 -> unparsable).
   yyyymmdd         every cell is YYYYMMDD (other cells unparsable).
 A text column mixing ISO dates and integers is read cell by cell (8-digit cells as YYYYMMDD).
@@ -277,7 +278,7 @@ def _dates_from_ints(
         low, high = rules.detection_bounds()
         if not (present & ~eight).any():
             mode = "yyyymmdd"
-        elif not eight.any() and not (present & ((ints < low) | (ints > high))).any():
+        elif not eight.any() and (ints[present] != 0).any() and not (present & ((ints < low) | (ints > high))).any():
             mode = "days_since_1970"
         else:
             raise IntegerDateError(int(present.sum()))
