@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ehrfm.constants import PAD_ID
 from ehrfm.model import EHRDecoder, ModelConfig
@@ -248,3 +249,38 @@ def test_flex_attention_equals_the_sdpa_reference_on_cpu():
         flex, _ = call_packed(model, batch, prs, has_prs)
     valid = batch["segment"] >= 0
     torch.testing.assert_close(flex[valid], reference[valid], atol=1e-5, rtol=1e-5)
+
+
+class CopyShapes(TorchDispatchMode):
+    """Shapes of every dtype conversion (`aten._to_copy`) an op sequence makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_forward_rotates_q_and_k_without_dtype_copies(autocast):
+    wins, prs, has_prs = windows(seed=4)
+    model = model_for("none")
+    if not autocast:
+        model = model.to(torch.bfloat16)
+    batch = packed(wins, 0)
+    tokens, ages, targets = unpacked(wins)
+    heads, head_dim = model.cfg.heads, model.cfg.head_dim
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for rows, length, run in (
+            (tokens.shape[0], CONTEXT, lambda: model(tokens, ages, targets=targets)),
+            (batch["tokens"].shape[0], CONTEXT, lambda: call_packed(model, batch, prs, has_prs)),
+        ):
+            with CopyShapes() as probe:
+                logits, _ = run()
+            assert logits.dtype == torch.bfloat16
+            assert (rows, heads, length, head_dim) not in probe.shapes  # q/k never go to fp32 and back
+            assert probe.shapes  # the probe sees conversions (ages to fp32, at least)
