@@ -3,7 +3,9 @@
 Pre-norm blocks (RMSNorm), rotary position embeddings on q/k, SDPA attention with `is_causal`
 (flash/efficient kernels on GPU), GELU MLP, input and output embeddings tied. Padding is on the
 right, so causal attention never lets a real token see a pad and no padding mask is needed in
-attention; pads are excluded from the loss instead. Nothing here knows about Ray or DeepSpeed.
+attention; pads are excluded from the loss instead. Packed rows (several persons per row) use
+document masking instead (model/packing.py), and the loss can skip the full logits
+(model/loss.py). Nothing here knows about Ray or DeepSpeed.
 """
 
 from __future__ import annotations
