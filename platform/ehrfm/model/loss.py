@@ -49,14 +49,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
             logits = (h @ weight.t()).float()  # [c, V] fp32; the only per-chunk V-sized tensors
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, t[:, None])
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # one exp, in place over the logits buffer
+            norm = probs.sum(dim=-1, keepdim=True)
+            total += (top + norm.log() - target_logit).sum()  # log-sum-exp minus the target's logit
             if not (need_hidden or need_weight):
                 continue
-            # d(loss)/d(logits) = softmax - one-hot, in place over the logits buffer
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-            grad_logits.mul_(scale)
+            # d(loss)/d(logits) = softmax - one-hot (scaled), still in the same buffer
+            grad_logits = probs.mul_(scale / norm)
+            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= scale
             grad_logits = grad_logits.to(hidden.dtype)
             if need_hidden:
                 grad_hidden[start : start + chunk] = grad_logits @ weight
