@@ -39,7 +39,7 @@ def _flex_attention():
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)  # default dynamism: row counts vary per batch
     return _compiled_flex
 
 
