@@ -417,30 +417,29 @@ CASES: tuple[Case, ...] = (
     Case("no_person_table", "person.csv", "person", None, "no person table", _no_person),
 )
 
+
+def _trim_vocabulary(omop: Path) -> None:
+    """concept without class and validity dates, concept_ancestor without its levels (a trimmed
+    vocabulary export), and person.csv with a UTF-8 byte-order mark: all must be accepted."""
+    concept = csv_text("concept", ("concept_class_id", "valid_start_date", "valid_end_date"))
+    _replace(omop, "concept", "concept.csv", concept.encode())
+    _replace(omop, "concept_ancestor", "concept_ancestor.csv", csv_text("concept_ancestor", ANCESTOR_COLS[2:]).encode())
+    _replace(omop, "person", "person.csv", codecs.BOM_UTF8 + csv_text("person").encode())
+
+
 LENIENT = Case(
     "trimmed_vocabulary_and_utf8_bom",
     "concept.csv",
     "concept",
     "valid_start_date",
     "concept.csv: concept.concept_class_id, concept.valid_start_date, concept.valid_end_date: "
-    "CDM v5.4 NOT NULL column(s) absent; not used by ehrfm, read as empty",
-    lambda omop: (
-        _replace(
-            omop,
-            "concept",
-            "concept.csv",
-            csv_text("concept", ("concept_class_id", "valid_start_date", "valid_end_date")).encode(),
-        ),
-        _replace(
-            omop, "concept_ancestor", "concept_ancestor.csv", csv_text("concept_ancestor", ANCESTOR_COLS[2:]).encode()
-        ),
-        _replace(omop, "person", "person.csv", codecs.BOM_UTF8 + csv_text("person").encode()),
-    ),
+    "CDM v5.4 NOT NULL column(s) absent, read as empty (not needed to build events)",
+    _trim_vocabulary,
     lenient=True,
 )
 ANCESTOR_WARNING = (
     "concept_ancestor.csv: concept_ancestor.min_levels_of_separation, concept_ancestor.max_levels_of_separation: "
-    "CDM v5.4 NOT NULL column(s) absent; not used by ehrfm, read as empty"
+    "CDM v5.4 NOT NULL column(s) absent, read as empty (not needed to build events)"
 )
 
 

@@ -67,7 +67,7 @@ def test_vocabulary_tables_need_only_what_ehrfm_uses() -> None:
     check_required(trimmed, "concept", "concept.csv")  # no error
     assert missing_expected(trimmed, "concept", "concept.csv") == (
         "concept.csv: concept.concept_class_id, concept.valid_start_date, concept.valid_end_date: "
-        "CDM v5.4 NOT NULL column(s) absent; not used by ehrfm, read as empty"
+        "CDM v5.4 NOT NULL column(s) absent, read as empty (not needed to build events)"
     )
     assert missing_expected(CDM_TABLES["concept"].column_names, "concept", "concept.csv") is None
     assert CDM_TABLES["measurement"].expected_columns == []  # clinical tables stay strict

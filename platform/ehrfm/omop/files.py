@@ -166,7 +166,7 @@ def missing_expected(columns: list[str], table: str, source: str) -> str | None:
     if not missing:
         return None
     names = ", ".join(f"{table}.{c}" for c in missing)
-    return f"{source}: {names}: CDM v5.4 NOT NULL column(s) absent; not used by ehrfm, read as empty"
+    return f"{source}: {names}: CDM v5.4 NOT NULL column(s) absent, read as empty (not needed to build events)"
 
 
 def read_head(fs: pafs.FileSystem, path: str, compressed: bool, source: str, table: str) -> tuple[bytes, bool]:
