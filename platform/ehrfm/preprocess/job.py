@@ -377,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("prs", "sample_map", "pcs"):
         if getattr(args, name):
             setattr(inputs, name, getattr(args, name))
+    import ray
+
+    owns_ray = not ray.is_initialized()  # started here (not by a caller): shut down here, not at teardown
     try:
         report = run_preprocess(config, inputs, args.out, ray_address=args.ray_address)
     except Exception as exc:  # noqa: BLE001 - an input error raised inside a Ray task arrives wrapped
@@ -385,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ehrfm preprocess: {one_line(cause)}", file=sys.stderr)
         return 2
+    finally:
+        if owns_ray and ray.is_initialized():
+            ray.shutdown()
     print("\n".join(summary_lines(report)))
     for warning in report["warnings"]:
         print(f"WARNING: {warning}")
