@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("genetics",),
     ("prs",),
     ("omop",),
+    ("meds",),
     ("preprocess",),
     ("tasks",),
     ("model",),

@@ -1,0 +1,1 @@
+"""The MEDS dataset ehrfm writes: code form (`codes`), on-disk layout and split names (`layout`)."""
