@@ -11,6 +11,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+# Kept equal to pyproject's [project] version (a unit test compares them); used when not installed.
+_FALLBACK_VERSION = "0.1.0"
+
 # subcommand -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synthesize": ("ehrfm_synthetic.cohort:main", "write a synthetic OMOP + PRS cohort with a known truth"),
@@ -50,9 +53,20 @@ def run_command(name: str, argv: Sequence[str]) -> int:
     return int(result or 0)
 
 
+def version() -> str:
+    """The installed distribution's version; the source tree's pyproject value when not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("ehrfm")
+    except PackageNotFoundError:
+        return _FALLBACK_VERSION
+
+
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
-    lines = ["usage: ehrfm <command> [options]", "", "commands:"]
+    lines = ["usage: ehrfm [--version] <command> [options]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in sorted(COMMANDS.items())]
     lines += ["", "Run `ehrfm <command> --help` for a command's options."]
     return "\n".join(lines)
@@ -62,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in {"-h", "--help", "help"}:
         print(_usage())
+        return 0
+    if args[0] in {"-V", "--version"}:
+        print(f"ehrfm {version()}")
         return 0
     return run_command(args[0], args[1:])
 

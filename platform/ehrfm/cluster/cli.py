@@ -1,4 +1,4 @@
-"""`python -m ehrfm.cluster up|down|status|env`: the local multi-node cluster from the shell."""
+"""`ehrfm cluster up|down|status|env` (also `python -m ehrfm.cluster`): the local multi-node cluster from the shell."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _default_worker_cpus(head_cpus: int, workers: int) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ehrfm.cluster", description="A Ray cluster of several nodes on one machine, token auth on."
+        prog="ehrfm cluster", description="A Ray cluster of several nodes on one machine, token auth on."
     )
     parser.add_argument(
         "action",
