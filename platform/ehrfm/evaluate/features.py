@@ -2,7 +2,7 @@
 
 Per label row and window (e.g. the last 30 / 365 days / all history, ending at and including the
 prediction time): how often each code occurred and the code's last numeric value. Static codes
-(null time, e.g. GENDER/8532) become 0/1 columns and MEDS_BIRTH gives the age. Everything is
+(null time, e.g. Gender/F) become 0/1 columns and MEDS_BIRTH gives the age. Everything is
 polars group-bys into a scipy CSR matrix, so thousands of codes cost memory only where non-zero.
 The code vocabulary is fit on training rows only, so no validation/test code leaks into columns.
 """
@@ -18,7 +18,10 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 DAYS_PER_YEAR = 365.25
-GENDER_NAMES = {"GENDER/8532": "female", "GENDER/8507": "male"}
+# Sex from the gender code: the vocabulary form the events stage writes with an OMOP concept table
+# (`Gender/F`, `Gender/M`) and the concept-id form it writes without one (`GENDER/8532`, `GENDER/8507`).
+GENDER_NAMES = {"Gender/F": "female", "Gender/M": "male", "GENDER/8532": "female", "GENDER/8507": "male"}
+GENDER_PREFIXES = ("Gender/", "GENDER/")
 
 
 def _labels_frame(labels: pa.Table | pl.DataFrame) -> pl.DataFrame:
@@ -78,7 +81,9 @@ def demographics(events: pa.Table | pl.DataFrame, labels: pa.Table | pl.DataFram
     ev, lab = _events_frame(events), _labels_frame(labels)
     birth = ev.filter(pl.col("code") == meds.birth_code).group_by("subject_id").agg(pl.col("time").min().alias("birth"))
     sex = (
-        ev.filter(pl.col("code").str.starts_with("GENDER/"))
+        ev.filter(
+            pl.col("code").str.starts_with(GENDER_PREFIXES[0]) | pl.col("code").str.starts_with(GENDER_PREFIXES[1])
+        )
         .group_by("subject_id")
         .agg(pl.col("code").first().alias("gender_code"))
     )

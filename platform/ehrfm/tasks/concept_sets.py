@@ -1,5 +1,9 @@
 """OMOP concept sets: expand seed concept ids to their descendants and turn them into event codes.
 
+Codes come from a `CodeBook` (ehrfm.meds.codes), the same mapping the events stage used:
+`<vocabulary_id>/<concept_code>` (`SNOMED/44054006`) for concepts in the cohort's concept table,
+the id form `CONDITION/201826` for the others (and for every concept without a book).
+
 A task names a few standard concepts (T2D 201826, metformin 1503297, ...). Real data records the
 more specific descendants (e.g. "metformin 500 MG Oral Tablet" under the metformin ingredient), so
 each seed id is expanded (`expand_concept`), by one of three paths reported in the label account:
@@ -27,7 +31,11 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-# Event code prefix for each OMOP domain, as written by the events stage (`CONDITION/201826`).
+from ehrfm.meds.codes import CodeBook
+from ehrfm.meds.layout import CODES_FILE
+
+# Id-form code prefix for each OMOP domain, as written by the events stage for concepts absent from
+# the concept table (`CONDITION/201826`) and for unmapped rows (`CONDITION/source/E11.9`).
 DOMAIN_PREFIX = {
     "condition": "CONDITION",
     "drug": "DRUG",
@@ -118,11 +126,24 @@ def expand_descendants(concept_ids: Iterable[int], concept_ancestor: pl.DataFram
     return sorted(set(seeds) | set(found.to_list()))
 
 
-def concept_codes(domain: str, concept_ids: Iterable[int]) -> list[str]:
-    """Event codes (`DRUG/1503297`) of concept ids in one OMOP domain."""
+def concept_codes(domain: str, concept_ids: Iterable[int], codebook: CodeBook | None = None) -> list[str]:
+    """Event codes of concept ids in one OMOP domain: `RxNorm/6809` via the book, else `DRUG/1503297`."""
     if domain not in DOMAIN_PREFIX:
         raise ValueError(f"unknown domain {domain!r}; expected one of {sorted(DOMAIN_PREFIX)}")
-    return [f"{DOMAIN_PREFIX[domain]}/{int(c)}" for c in concept_ids]
+    ids = [int(c) for c in concept_ids]
+    if codebook is None or not ids:
+        return [f"{DOMAIN_PREFIX[domain]}/{c}" for c in ids]
+    return [str(c) for c in codebook.codes(DOMAIN_PREFIX[domain], ids).to_pylist()]
+
+
+def codebook_of(concept_table: pl.DataFrame | None) -> CodeBook | None:
+    """The CodeBook of a concept table that has vocabulary_id and concept_code; None otherwise."""
+    if concept_table is None:
+        return None
+    names = {c.lower() for c in concept_table.columns}
+    if not {"concept_id", "vocabulary_id", "concept_code"} <= names:
+        return None
+    return CodeBook.from_concepts(concept_table)
 
 
 # ---- the shipped expansion ----------------------------------------------------------------------
@@ -223,12 +244,29 @@ def expand_concept(domain: str, seed: int, expansion: ConceptExpansion) -> Expan
     return ExpandedConcept(tuple(sorted(ids)), pattern, tuple(sources))
 
 
+def dataset_codebook(path: str | Path) -> CodeBook | None:
+    """The CodeBook of the MEDS dataset at or above `path` (its metadata/codes.parquet); None if none.
+
+    Looked for in `path` and up to two levels above it (`<root>/data/<split>` -> `<root>`): the codes
+    the events were written with, so a task's concept ids become the same codes.
+    """
+    start = Path(path).resolve()
+    for root in (start, *list(start.parents)[:2]):
+        codes = root / CODES_FILE
+        if codes.is_file():
+            return CodeBook.from_codes_metadata(codes)
+    return None
+
+
+CONCEPT_TABLE_COLUMNS = ("concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_code")
+
+
 def read_concept_table(omop_dir: str | Path) -> pl.DataFrame | None:
-    """OMOP `concept` (concept_id, concept_name, domain_id) from an OMOP dir; None when absent."""
+    """OMOP `concept` (the CONCEPT_TABLE_COLUMNS it has, as text) from an OMOP dir; None when absent."""
     root = Path(omop_dir)
     for entry in sorted(root.iterdir()):
         if entry.is_file() and _is_table_file(entry) and entry.name.lower().split(".")[0] == "concept":
             frame = _read_one(entry)
-            keep = [c for c in ("concept_id", "concept_name", "domain_id") if c in frame.columns]
+            keep = [c for c in CONCEPT_TABLE_COLUMNS if c in frame.columns]
             return frame.select(keep).with_columns(pl.col(c).cast(pl.String) for c in keep)
     return None

@@ -4,7 +4,9 @@ A task is a YAML file in `jobs/configs/tasks/` (t2d, cad, stroke, copd, hyperten
 `TaskDefinition`. Concept ids are OMOP standard concepts; `resolve_task` expands each one
 (`concept_sets.expand_concept`): through `concept_ancestor` when given, else through the shipped
 expansion (`tasks/resources/concept_sets.csv`), and always adds the source codes (ICD-9-CM /
-ICD-10-CM / SNOMED / drug names) that match unmapped rows (`CONDITION/source/E11.9`). Measurement
+ICD-10-CM / SNOMED / drug names) that match unmapped rows (`CONDITION/source/E11.9`). The ids
+become codes through the cohort's CodeBook (`SNOMED/44054006`; the id form `CONDITION/201826` for
+concepts the concept table lacks), the mapping the events were written with. Measurement
 thresholds are converted to the analyte's canonical unit (`ehrfm.omop.units`), the unit the
 events stage writes.
 """
@@ -19,8 +21,9 @@ import polars as pl
 from pydantic import Field
 
 from ehrfm.config import StrictModel, load_config
+from ehrfm.meds.codes import CodeBook
 from ehrfm.omop.units import convert_threshold
-from ehrfm.tasks.concept_sets import DOMAIN_PREFIX, ConceptExpansion, concept_codes, expand_concept
+from ehrfm.tasks.concept_sets import DOMAIN_PREFIX, ConceptExpansion, codebook_of, concept_codes, expand_concept
 
 # Where the shipped task YAMLs live (repository checkout; the package is installed editable).
 TASK_CONFIG_DIR = Path(__file__).resolve().parents[3] / "jobs" / "configs" / "tasks"
@@ -189,28 +192,33 @@ class ResolvedTask:
     prior: ResolvedCriteria
 
 
-def _resolve_one(domain: str, seed: int, expansion: ConceptExpansion, **extra) -> ResolvedConcept:
+def _resolve_one(
+    domain: str, seed: int, expansion: ConceptExpansion, codebook: CodeBook | None, **extra
+) -> ResolvedConcept:
     found = expand_concept(domain, seed, expansion)
     return ResolvedConcept(
         domain=domain,
         seed=seed,
-        codes=tuple(concept_codes(domain, found.concept_ids)),
+        codes=tuple(concept_codes(domain, found.concept_ids, codebook)),
         source_pattern=found.source_pattern,
         sources=found.sources,
         **extra,
     )
 
 
-def resolve_criteria(criteria: ConceptCriteria, expansion: ConceptExpansion) -> ResolvedCriteria:
+def resolve_criteria(
+    criteria: ConceptCriteria, expansion: ConceptExpansion, codebook: CodeBook | None = None
+) -> ResolvedCriteria:
     concepts = []
     for domain in CODE_DOMAINS:
-        concepts += [_resolve_one(domain, seed, expansion) for seed in getattr(criteria, domain)]
+        concepts += [_resolve_one(domain, seed, expansion, codebook) for seed in getattr(criteria, domain)]
     concepts += [
-        _resolve_one("drug", seed, expansion, outside_inpatient=True) for seed in criteria.drug_outside_inpatient
+        _resolve_one("drug", seed, expansion, codebook, outside_inpatient=True)
+        for seed in criteria.drug_outside_inpatient
     ]
     for item in criteria.measurement:
         threshold = (item.op, convert_threshold(item.concept_id, item.value, item.unit))
-        concepts.append(_resolve_one("measurement", item.concept_id, expansion, threshold=threshold))
+        concepts.append(_resolve_one("measurement", item.concept_id, expansion, codebook, threshold=threshold))
     return ResolvedCriteria(concepts=tuple(concepts), path=expansion.path)
 
 
@@ -218,13 +226,18 @@ def resolve_task(
     task: TaskDefinition,
     concept_ancestor: pl.DataFrame | None = None,
     concept_table: pl.DataFrame | None = None,
+    codebook: CodeBook | None = None,
 ) -> ResolvedTask:
     """Expand the task's concepts: through `concept_ancestor` when given, else the shipped expansion.
 
     `expand_descendants: false` uses the ids as given (and no source codes). `concept_table`
     (OMOP `concept`, optional) adds, without concept_ancestor, the drug concepts whose name
-    contains a seed ingredient's name.
+    contains a seed ingredient's name. Codes come from `codebook` (the events' mapping, e.g. read
+    from the dataset's metadata/codes.parquet), else from the concept table's vocabulary_id and
+    concept_code, else the id form.
     """
+    if codebook is None:
+        codebook = codebook_of(concept_table)
     if task.target.is_empty():
         raise ValueError(f"task {task.name!r}: the target criteria name no concepts")
     if not task.expand_descendants:
@@ -233,8 +246,8 @@ def resolve_task(
         expansion = ConceptExpansion(path="concept_ancestor", concept_ancestor=concept_ancestor)
     else:
         expansion = ConceptExpansion(path="shipped", concept_table=concept_table)
-    target = resolve_criteria(task.target, expansion)
-    prior = resolve_criteria(task.prior, expansion) if task.prior is not None else target
+    target = resolve_criteria(task.target, expansion, codebook)
+    prior = resolve_criteria(task.prior, expansion, codebook) if task.prior is not None else target
     return ResolvedTask(definition=task, target=target, prior=prior)
 
 

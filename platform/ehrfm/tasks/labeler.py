@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ehrfm.config import usage_errors
+from ehrfm.meds.codes import CodeBook
+from ehrfm.meds.layout import DATA_DIR
 from ehrfm.tasks.definitions import CODE_DOMAINS, INPATIENT, ResolvedTask, load_task, resolve_task
 
 LABEL_SCHEMA = pa.schema(
@@ -382,10 +384,21 @@ def write_labels(labels: pa.Table, account: LabelAccount, out_dir: Path) -> None
 
 
 def event_shards(events_dir: Path) -> list[str]:
-    paths = sorted(str(p) for p in Path(events_dir).glob("*.parquet"))
+    """Shard files under a directory of shards or a MEDS dataset (`data/<split>/*.parquet`)."""
+    root = Path(events_dir)
+    base = root / DATA_DIR if (root / DATA_DIR).is_dir() else root
+    paths = sorted(str(p) for p in base.rglob("*.parquet") if not p.name.startswith("."))
     if not paths:
         raise FileNotFoundError(f"no event shards (*.parquet) in {events_dir}")
     return paths
+
+
+def task_codebook(events_dir: Path, concept_table: pl.DataFrame | None) -> CodeBook | None:
+    """The events' own codes (dataset metadata) first, else the OMOP concept table's, else None (id form)."""
+    from ehrfm.tasks.concept_sets import codebook_of, dataset_codebook
+
+    found = dataset_codebook(events_dir)
+    return found if found is not None else codebook_of(concept_table)
 
 
 def vocabulary(omop: Path | None) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
@@ -402,7 +415,9 @@ def vocabulary(omop: Path | None) -> tuple[pl.DataFrame | None, pl.DataFrame | N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm label", description="label MEDS events for a prediction task")
-    parser.add_argument("--events", type=Path, required=True, help="directory of MEDS event shards")
+    parser.add_argument(
+        "--events", type=Path, required=True, help="MEDS dataset (data/<split>/) or a directory of event shards"
+    )
     parser.add_argument("--task", required=True, help="shipped task name (t2d, cad, ...) or a task YAML")
     parser.add_argument("--out", type=Path, required=True, help="output directory for this task's labels")
     parser.add_argument("--omop", type=Path, default=None, help="OMOP dir with concept_ancestor (optional)")
@@ -412,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ancestry, concepts = vocabulary(args.omop)
     with usage_errors(parser):
-        task = resolve_task(load_task(args.task, args.overrides), ancestry, concepts)
+        task = resolve_task(
+            load_task(args.task, args.overrides), ancestry, concepts, task_codebook(args.events, concepts)
+        )
     if task.definition.expand_descendants and ancestry is None:
         print(
             "concept_ancestor not available: descendants come from the shipped expansion "

@@ -106,16 +106,20 @@ def label_on_the_fly(cfg: FinetuneConfig) -> pa.Table:
     """Label <data>/events with the task into <run_dir>/labels/ (labels.parquet + account.json)."""
     import ray
 
-    from ehrfm.tasks.concept_sets import find_concept_ancestor, read_concept_ancestor
+    from ehrfm.tasks.concept_sets import find_concept_ancestor, read_concept_ancestor, read_concept_table
     from ehrfm.tasks.definitions import load_task, resolve_task
-    from ehrfm.tasks.labeler import event_shards, label_shards
+    from ehrfm.tasks.labeler import event_shards, label_shards, task_codebook
 
-    ancestry = None
+    ancestry, concepts = None, None
     if cfg.data.omop and find_concept_ancestor(Path(cfg.data.omop)):
         ancestry = read_concept_ancestor(Path(cfg.data.omop))
-    task = resolve_task(load_task(cfg.task), ancestry)
+    if cfg.data.omop:
+        concepts = read_concept_table(Path(cfg.data.omop))
+    # the MEDS layout (data/<split>/) or the old events/ directory; codes as the events were written
+    events = Path(cfg.data.dir) / "events" if (Path(cfg.data.dir) / "events").is_dir() else Path(cfg.data.dir)
+    task = resolve_task(load_task(cfg.task), ancestry, codebook=task_codebook(events, concepts))
     out = Path(cfg.run_dir()) / "labels"
-    labels, account = label_shards(event_shards(Path(cfg.data.dir) / "events"), task, out, use_ray=ray.is_initialized())
+    labels, account = label_shards(event_shards(events), task, out, use_ray=ray.is_initialized())
     print(f"labeled {account.labeled} of {account.persons_in} persons ({account.positive} positive) -> {out}")
     return labels
 

@@ -1,6 +1,6 @@
 """Online scoring of person records with a risk-model directory: the path Serve and the registry's
 pyfunc use. It builds the same MEDS rows the preprocessing builds from OMOP (MEDS_BIRTH and the
-GENDER/RACE/ETHNICITY codes at the birth time, then the clinical events), sorts and tokenizes
+gender/race/ethnicity codes at the birth time, then the clinical events), sorts and tokenizes
 them with the model's own tokenizer artifact, and cuts the window with the training code
 (`examples.cut_windows_at` at `examples.prediction_ages`), so a person scored here gets the
 score the offline examples give for the same events and prediction time.
@@ -17,6 +17,11 @@ Choices that differ from, or go beyond, the offline path (documented for Serve):
   No PRS at all gives has_prs=false, never a vector of zeros shown as genotyped.
 - Event times are day-resolution for the model (as in training); aware datetimes are converted
   to UTC and made naive, matching the naive UTC timestamps of events/.
+- Event codes are the codes the model was trained on: `<vocabulary_id>/<concept_code>`
+  (`SNOMED/44054006`, `LOINC/4548-4`) when preprocessing had the OMOP concept table, the id form
+  (`CONDITION/201826`) for concepts it lacked. The demographic codes built from sex /
+  race_concept_id / ethnicity_concept_id take the form the model's tokenizer knows (`Gender/F`,
+  else `GENDER/8532`).
 
 Validation errors name the field and counts only, never a patient's values (pydantic is told
 to hide inputs in its messages).
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,8 +48,21 @@ from ehrfm.transfer.examples import cut_windows_at, example_tensors, prediction_
 
 # OMOP gender concepts; "unknown" is 0 (no matching concept), what the pipeline writes for a null.
 SEX_CONCEPTS = {"male": 8507, "female": 8532, "other": 8521, "unknown": 0}
+# OMOP's standard demographic concepts in the vocabulary form (`<vocabulary_id>/<concept_code>`)
+# the events stage writes when the concept table lists them; the id form (`RACE/8527`) otherwise.
+DEMOGRAPHIC_CODES = {
+    8507: "Gender/M",
+    8532: "Gender/F",
+    8657: "Race/1",
+    8515: "Race/2",
+    8516: "Race/3",
+    8557: "Race/4",
+    8527: "Race/5",
+    38003563: "Ethnicity/Hispanic",
+    38003564: "Ethnicity/Not Hispanic",
+}
 # Codes the record's own fields produce; an event carrying one would duplicate or contradict them.
-RESERVED_CODE_PREFIXES = ("GENDER/", "RACE/", "ETHNICITY/")
+RESERVED_CODE_PREFIXES = ("GENDER/", "RACE/", "ETHNICITY/", "Gender/", "Race/", "Ethnicity/")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 DEFAULT_MIN_PRS_SHARE = 0.5
 
@@ -55,7 +74,7 @@ def _naive_utc(value: dt.datetime) -> dt.datetime:
 
 
 class ClinicalEvent(BaseModel):
-    """One MEDS event: a namespaced code (`CONDITION/201826`, `MEASUREMENT/3004410`, ...)."""
+    """One MEDS event: a code as in the training data (`SNOMED/44054006`, `LOINC/4548-4`, `CONDITION/201826`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
@@ -68,8 +87,8 @@ class ClinicalEvent(BaseModel):
     def _not_reserved(cls, code: str) -> str:
         if code == BIRTH_CODE or code.startswith(RESERVED_CODE_PREFIXES):
             raise ValueError(
-                f"{BIRTH_CODE} and {'/'.join(p.rstrip('/') for p in RESERVED_CODE_PREFIXES)} "
-                "codes come from birth_date, sex, race_concept_id and ethnicity_concept_id"
+                f"{BIRTH_CODE} and {'/'.join(p.rstrip('/') for p in RESERVED_CODE_PREFIXES[:3])} "
+                "codes (either form) come from birth_date, sex, race_concept_id and ethnicity_concept_id"
             )
         return code
 
@@ -153,16 +172,31 @@ def _time_us(value: dt.datetime) -> int:
     return (value - dt.datetime(1970, 1, 1)) // dt.timedelta(microseconds=1)
 
 
-def records_to_events(records: list[PersonRecord]) -> pa.Table:
-    """Sorted MEDS events (EVENT_SCHEMA) of the records; subject_id is the record's position."""
+def demographic_code(domain: str, concept_id: int, known: Collection[str] = ()) -> str:
+    """`Gender/F` when `known` (the tokenizer's codes) has that form, else the id form `GENDER/8532`.
+
+    The model knows one form per concept: the one preprocessing wrote (vocabulary form when the
+    OMOP concept table listed the concept). Neither known: the id form, an unknown code either way.
+    """
+    vocabulary = DEMOGRAPHIC_CODES.get(int(concept_id))
+    if vocabulary is not None and vocabulary in known:
+        return vocabulary
+    return f"{domain}/{int(concept_id)}"
+
+
+def records_to_events(records: list[PersonRecord], known: Collection[str] = ()) -> pa.Table:
+    """Sorted MEDS events (EVENT_SCHEMA) of the records; subject_id is the record's position.
+
+    `known`: the model's codes, which decide the form of the demographic codes (demographic_code).
+    """
     subject, time_us, codes, values = [], [], [], []
     for i, record in enumerate(records):
         birth = _birth_us(record)
         demographics = [
             BIRTH_CODE,
-            f"GENDER/{SEX_CONCEPTS[record.sex]}",
-            f"RACE/{record.race_concept_id}",
-            f"ETHNICITY/{record.ethnicity_concept_id}",
+            demographic_code("GENDER", SEX_CONCEPTS[record.sex], known),
+            demographic_code("RACE", record.race_concept_id, known),
+            demographic_code("ETHNICITY", record.ethnicity_concept_id, known),
         ]
         subject += [i] * (len(demographics) + len(record.events))
         time_us += [birth] * len(demographics) + [_time_us(e.time) for e in record.events]
@@ -251,7 +285,7 @@ class RiskPredictor:
         return PersonRecord.model_validate(data, context=context)
 
     def windows(self, records: list[PersonRecord]) -> Windows:
-        timelines = self.tokenizer.tokenize(records_to_events(records))
+        timelines = self.tokenizer.tokenize(records_to_events(records, self.tokenizer.token_id))
         tokens, ages, offsets = _without_eos(timelines.tokens, timelines.ages)
         times = pa.array([r.scored_time() for r in records], pa.timestamp("us"))
         births = pa.array(timelines.birth_day.astype(np.int32), pa.int32()).cast(pa.date32())

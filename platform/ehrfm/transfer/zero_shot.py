@@ -42,11 +42,13 @@ from pydantic import Field
 
 from ehrfm.config import StrictModel, add_config_arguments, parse_config
 from ehrfm.constants import PAD_ID
+from ehrfm.meds.codes import CodeBook
 from ehrfm.metrics import auroc_ci
 from ehrfm.model.config import ModelConfig
 from ehrfm.model.io import load_model, load_model_config
 from ehrfm.model.sampling import sample_trajectories
 from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names
+from ehrfm.tasks.concept_sets import dataset_codebook
 from ehrfm.tasks.definitions import CODE_DOMAINS, TaskDefinition, load_task, resolve_task
 from ehrfm.transfer.examples import build_examples, example_tensors, read_labels
 
@@ -85,13 +87,17 @@ class ZeroShotConfig(StrictModel):
     n_boot: int = Field(1000, ge=0)  # bootstrap resamples for the AUROC intervals
 
 
-def target_token_ids(task: TaskDefinition, tokenizer: Tokenizer) -> tuple[list[int], dict]:
+def target_token_ids(
+    task: TaskDefinition, tokenizer: Tokenizer, codebook: CodeBook | None = None
+) -> tuple[list[int], dict]:
     """The vocabulary ids of the task's target codes, and an account of the codes that have none.
 
+    `codebook`: the data's concept id -> code mapping (its metadata/codes.parquet), so the targets
+    are `SNOMED/44054006`-style codes when the data has them (the id form without a book).
     Measurement thresholds (HbA1c >= 6.5 %) are not single tokens, so they cannot be targets of a
     token sampler; they are counted, not silently used or dropped.
     """
-    resolved = resolve_task(task).target
+    resolved = resolve_task(task, codebook=codebook).target
     codes = sorted({code for domain in CODE_DOMAINS for code in resolved.codes.get(domain, ())})
     ids = sorted({tokenizer.token_id[c] for c in codes if c in tokenizer.token_id})
     account = {
@@ -256,7 +262,7 @@ def scoring_inputs(
             f"{pretrained_dir}: model vocabulary {model_cfg.vocab_size} != {data_dir}/tokenizer.json "
             f"({tokenizer.vocab_size} tokens): checkpoint and data come from different preprocessing"
         )
-    target_ids, account = target_token_ids(task, tokenizer)
+    target_ids, account = target_token_ids(task, tokenizer, dataset_codebook(data_dir))
     horizon = float(config.horizon_days or task.horizon_days)
     if not task.horizon_inclusive:
         horizon -= 0.5  # whole-day clock: an outcome exactly at the horizon is then outside
