@@ -37,6 +37,11 @@ CLIENT_RETRY_ENV = {
 # that ehrfm never uses; off unless the environment turns it on.
 SERVER_ENV_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
+# The experiment tag MLflow 3's UI reads to pick an experiment's landing page (the value is one of its
+# ExperimentKind names): ehrfm's experiments hold training runs, so the runs table, not GenAI traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -152,6 +157,17 @@ def ensure_tracking_uri(settings: ServerSettings | None = None) -> str:
         start_server(settings, detach=True)
     os.environ["MLFLOW_TRACKING_URI"] = settings.url
     return settings.url
+
+
+def use_experiment(name: str) -> str:
+    """`mlflow.set_experiment(name)` with the experiment-kind tag: MLflow 3 opens an untagged
+    experiment on its GenAI traces page; tagged, it opens on the runs table. Returns its id."""
+    import mlflow
+
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 @contextmanager

@@ -390,10 +390,10 @@ def _log(
         return None
     import mlflow
 
-    from ehrfm.tracking import mlflow_tracking
+    from ehrfm.tracking import mlflow_tracking, use_experiment
 
     with mlflow_tracking(uri):
-        mlflow.set_experiment(EXPERIMENT)
+        use_experiment(EXPERIMENT)
         with mlflow.start_run(run_name=f"evaluate-{Path(summary['labels']).stem}") as run:
             mlflow.log_params(
                 {

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ehrfm.mlops.registry import log_risk_model, model_card, register_if_better
     from ehrfm.model.risk import HEAD_FILE, HeadSpec
-    from ehrfm.tracking import ensure_tracking_uri
+    from ehrfm.tracking import ensure_tracking_uri, use_experiment
 
     model_dir = args.finetune / "model"
     result = json.loads((args.finetune / "finetune_result.json").read_text())
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics |= {"test_auroc_ci_low": row.auroc.lower, "test_auroc_ci_high": row.auroc.upper}
 
     mlflow.set_tracking_uri(args.tracking_uri or ensure_tracking_uri())
-    mlflow.set_experiment(f"ehrfm-register-{task}")
+    use_experiment(f"ehrfm-register-{task}")
     with mlflow.start_run(run_name=f"register-{task}"):
         uri = log_risk_model(model_dir, task, metrics, card)
         outcome = register_if_better(uri, task, metric, args.metric)

@@ -97,7 +97,9 @@ def log_to_mlflow(report: dict, params: dict[str, object]) -> bool:
     import mlflow
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    mlflow.set_experiment(os.environ.get("EHRFM_PREPROCESS_EXPERIMENT", "ehrfm-preprocess"))
+    from ehrfm.tracking import use_experiment
+
+    use_experiment(os.environ.get("EHRFM_PREPROCESS_EXPERIMENT", "ehrfm-preprocess"))
     with mlflow.start_run(run_name="preprocess"):
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.log_metrics({k.replace("%", "pct"): float(v) for k, v in metrics(report).items()})

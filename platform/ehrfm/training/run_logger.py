@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ehrfm.tracking import CLIENT_RETRY_ENV, ensure_tracking_uri
+from ehrfm.tracking import CLIENT_RETRY_ENV, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_tracking_uri
 
 RUN_TAG = "ehrfm.run_dir"
 
@@ -48,10 +48,13 @@ class RunLogger:
             os.environ.setdefault(key, value)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
+        kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}  # open on the runs table, not GenAI traces
         if found is None:
-            experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
+            experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root, tags=kind)
         else:
             experiment_id = found.experiment_id
+            if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_dir}'", max_results=1)
         if runs:
             self.run_id = runs[0].info.run_id

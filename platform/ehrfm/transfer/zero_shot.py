@@ -353,7 +353,9 @@ def log_throughput_to_mlflow(timing: dict, config: ZeroShotConfig) -> bool:
     import mlflow
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    mlflow.set_experiment(os.environ.get("EHRFM_ZERO_SHOT_EXPERIMENT", "ehrfm-zero-shot"))
+    from ehrfm.tracking import use_experiment
+
+    use_experiment(os.environ.get("EHRFM_ZERO_SHOT_EXPERIMENT", "ehrfm-zero-shot"))
     with mlflow.start_run(run_name="zero_shot"):
         mlflow.log_params({k: str(v)[:500] for k, v in config.model_dump().items()})
         mlflow.log_metrics({k: float(v) for k, v in timing.items() if isinstance(v, (int, float))})
