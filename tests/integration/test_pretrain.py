@@ -96,6 +96,11 @@ def test_zero3_with_cross_attention_fusion_pretrains(cross_zero3, timelines, mlf
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]
     assert run.data.params["config.deepspeed.zero_stage"] == "3" and run.data.params["world_size"] == "2"
+    # the model section as trained (filled from the data manifest), and an experiment that opens on runs
+    assert run.data.params["config.model.vocab_size"] == str(timelines.vocab_size) != "0"
+    assert run.data.params["config.model.num_pgs"] == str(timelines.num_pgs) != "0"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in history] == [5, 10, 15, 20, 25, 30]
     assert [m.value for m in history] == pytest.approx(val_losses(state))

@@ -64,7 +64,8 @@ def build_trainer(cfg: PretrainConfig, datasets: dict | None = None):
         raise ValueError(f"model.fusion={model_cfg.fusion} but {cfg.data.dir}/timelines has no PRS columns")
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.storage_path) if cfg.mlflow.enabled else None
     loop_config = {
-        "config": cfg.model_dump(mode="json"),
+        # the filled model section, so the run's params and logged config show the data's vocab_size/num_pgs
+        "config": cfg.model_copy(update={"model": model_cfg}).model_dump(mode="json"),
         "model": model_cfg.to_dict(),
         "tracking_uri": tracking_uri,
         "artifact_root": artifact_root(cfg.run.storage_path),
