@@ -11,17 +11,32 @@ import pyarrow.parquet as pq
 import torch
 
 from ehrfm.constants import BOS_ID, EOS_ID
+from ehrfm.meds.codes import CodeBook
 from ehrfm.model import EHRDecoder, ModelConfig, save_model_files
 from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names, value_token_names
 from ehrfm.schemas import timeline_schema
 from ehrfm.tasks.definitions import ConceptCriteria, TaskDefinition
 
 K = 5  # PRS scores per person
+CONCEPTS = pa.table(
+    {
+        "concept_id": pa.array([201826, 9202], pa.int64()),
+        "concept_name": ["Type 2 diabetes mellitus", "Outpatient Visit"],
+        "vocabulary_id": ["SNOMED", "Visit"],
+        "concept_code": ["44054006", "OP"],
+    }
+)
 
 
 def write_tiny_cohort(root, model_seed: int = 0):
     """tokenizer.json + timelines/ + labels + a random checkpoint of the same vocabulary."""
-    codes = ["CONDITION/201826", "VISIT/9202"] + [f"CONDITION/{100 + i}" for i in range(10)]
+    # Codes as preprocessing writes them with a concept table (T2D 201826 = SNOMED/44054006, outpatient
+    # visit 9202 = Visit/OP; conditions the table lacks keep the id form), and the dataset's
+    # metadata/codes.parquet that maps them back, where zero-shot finds its target codes.
+    book = CodeBook.from_concepts(CONCEPTS)
+    codes = ["SNOMED/44054006", "Visit/OP"] + [f"CONDITION/{100 + i}" for i in range(10)]
+    (root / "metadata").mkdir()
+    pq.write_table(book.codes_metadata(codes), root / "metadata" / "codes.parquet")
     edges = [1, 7, 30, 365]
     names = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + value_token_names(10) + gap_token_names(edges) + codes
     tok = Tokenizer(

@@ -69,7 +69,7 @@ def synthetic_cohort(n: int, seed: int, label_from: str) -> tuple[pa.Table, np.n
         event_table(sig_subj, rng.uniform(0, 2000, sig_subj.size), [SIGNAL] * sig_subj.size),
         event_table(noise_subj, rng.uniform(0, 2000, noise_subj.size), noise_codes),
         event_table(lab_subj, rng.uniform(0, 300, n), ["MEASUREMENT/3004410"] * n, rng.normal(5.6, 0.4, n)),
-        event_table(subjects, [None] * n, np.where(rng.random(n) < 0.5, "GENDER/8532", "GENDER/8507")),
+        event_table(subjects, [None] * n, np.where(rng.random(n) < 0.5, "Gender/F", "Gender/M")),
         event_table(subjects, rng.uniform(30, 70, n) * 365.25, ["MEDS_BIRTH"] * n),
         event_table(sig_subj, -rng.uniform(1, 300, sig_subj.size), [SIGNAL] * sig_subj.size),  # future: unseen
     ]
@@ -127,7 +127,8 @@ def test_window_counts_last_values_statics_and_age():
             event_table([1, 1, 1, 1, 2], [10, 100, 1000, -5, 3], ["A", "A", "A", "A", "A"]),
             event_table([1, 1, 1], [400, 20, 0], ["M"] * 3, [7.0, 0.0, 5.5]),  # last value at prediction time
             event_table([2], [200], ["M"], [9.0]),
-            event_table([1, 2, 3], [None] * 3, ["GENDER/8532", "GENDER/8507", "GENDER/8532"]),
+            # static codes (null time): the vocabulary form, and the id form of a concept-table-less cohort
+            event_table([1, 2, 3], [None] * 3, ["Gender/F", "Gender/M", "GENDER/8532"]),
             event_table([1], [365.25 * 40], ["MEDS_BIRTH"]),
         ]
     )
@@ -141,7 +142,7 @@ def test_window_counts_last_values_statics_and_age():
     assert frame["M|count|30d"].tolist() == [2, 0, 0] and frame["M|count|all"].tolist() == [3, 1, 0]
     np.testing.assert_array_equal(frame["M|last|30d"], [5.5, np.nan, np.nan])
     np.testing.assert_array_equal(frame["M|last|all"], [5.5, 9.0, np.nan])
-    assert frame["GENDER/8532|static"].tolist() == [1, 0, 1]
+    assert frame["Gender/F|static"].tolist() == [1, 0, 0] and frame["GENDER/8532|static"].tolist() == [0, 0, 1]
     np.testing.assert_allclose(frame["age_years"], [40.0, np.nan, np.nan], atol=1e-6)
     assert features.matrix.nnz == int(np.count_nonzero(np.nan_to_num(features.to_dense(), nan=0)))
     assert demographics(events, labels)["sex"].to_list() == ["female", "male", "female"]

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from ehrfm.model.risk import load_risk_model
-from ehrfm.transfer.predictor import PersonRecord, RiskPredictor
+from ehrfm.transfer.predictor import PersonRecord, RiskPredictor, demographic_code, records_to_events
 from tests.support.risk_model_factory import (
     CONTEXT,
     PGS_IDS,
@@ -191,6 +191,7 @@ BIRTH = "1961-04-02"
         ({"prs": {"PGS999999": 0.3}}, ("prs",), "1 PGS id(s) the model does not use (PGS999999)"),
         ({"sex": "robot"}, ("sex",), "'male', 'female'"),
         ({"events": [{"code": "GENDER/8507", "time": "1999-01-01T00:00:00"}]}, ("events", 0, "code"), "come from"),
+        ({"events": [{"code": "Race/5", "time": "1999-01-01T00:00:00"}]}, ("events", 0, "code"), "come from"),
         ({"events": [], "prediction_time": None}, ("prediction_time",), "required when there are no events"),
         ({"weight": 81.5}, ("weight",), "Extra inputs"),
     ],
@@ -219,3 +220,16 @@ def test_unknown_pgs_ids_are_refused_at_scoring_too(predictor):
     record = PersonRecord.model_validate({**person_record(make_person(17, seed=7, n_visits=3)), "prs": {"PGS777": 1.0}})
     with pytest.raises(ValueError, match="1 PGS id"):
         predictor.predict([record])
+
+
+def test_demographic_codes_take_the_form_the_model_knows():
+    record = PersonRecord.model_validate(
+        {"birth_date": "1970-01-01", "sex": "female", "race_concept_id": 8527, "prediction_time": "1990-01-01T00:00"}
+    )
+    # A model trained with the concept table knows the vocabulary form; its race code is absent here.
+    known = {"Gender/F", "Gender/M", "Ethnicity/Hispanic"}
+    codes = records_to_events([record], known)["code"].to_pylist()
+    assert codes == ["MEDS_BIRTH", "Gender/F", "RACE/8527", "ETHNICITY/0"]
+    assert records_to_events([record])["code"].to_pylist() == ["MEDS_BIRTH", "GENDER/8532", "RACE/8527", "ETHNICITY/0"]
+    assert demographic_code("ETHNICITY", 38003564, {"Ethnicity/Not Hispanic"}) == "Ethnicity/Not Hispanic"
+    assert demographic_code("GENDER", 0, {"Gender/F"}) == "GENDER/0"  # unknown sex: no vocabulary form

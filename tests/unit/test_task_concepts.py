@@ -3,16 +3,21 @@ T2D before / after the prediction time, several prediction times per person, unm
 
 from __future__ import annotations
 
+import json
 from datetime import date, datetime, timedelta
 
+import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from ehrfm.meds.codes import CodeBook
 from ehrfm.omop.events import table_events
 from ehrfm.omop.units import canonical_values, convert_threshold, normalise_unit
 from ehrfm.schemas import EVENT_SCHEMA
+from ehrfm.tasks.concept_sets import dataset_codebook
 from ehrfm.tasks.definitions import load_task, resolve_task
-from ehrfm.tasks.labeler import choose_prediction_times, label_events, label_statuses
+from ehrfm.tasks.labeler import choose_prediction_times, event_shards, label_events, label_statuses, main
 
 T0 = datetime(2010, 1, 1, 9, 0)
 
@@ -237,3 +242,75 @@ def test_unmapped_labs_get_their_own_vocabulary_entries_and_value_bins():
     a, b = tok.value_edges["MEASUREMENT/source/LAB_A"], tok.value_edges["MEASUREMENT/source/LAB_B"]
     assert max(a) < 20 < 1000 < min(b)  # each lab on its own scale
     assert np.all(np.diff(a) > 0)
+
+
+# ---- the code form: concept ids become the codes the events were written with (issue #20) -------
+CONCEPTS = pl.DataFrame(  # a tiny OMOP concept table (text, as read from CSV)
+    {
+        "concept_id": ["201826", "1503297", "3004410", "0"],
+        "concept_name": ["Type 2 diabetes mellitus", "metformin", "Hemoglobin A1c", "No matching concept"],
+        "domain_id": ["Condition", "Drug", "Measurement", "Metadata"],
+        "vocabulary_id": ["SNOMED", "RxNorm", "LOINC", "None"],
+        "concept_code": ["44054006", "6809", "4548-4", "No matching concept"],
+    }
+)
+
+
+def test_concept_sets_take_the_vocabulary_form_from_the_concept_table():
+    task = resolve_task(load_task("t2d"), None, CONCEPTS)
+    target = task.target.codes["condition"]
+    assert "SNOMED/44054006" in target and "CONDITION/201826" not in target
+    assert "CONDITION/4193704" in target  # a shipped descendant the table lacks keeps the id form
+    prior = task.prior.codes
+    assert "RxNorm/6809" in prior["drug"] and "LOINC/4548-4" in prior["measurement"]
+    assert task.prior.thresholds[0][0] == "LOINC/4548-4"  # HbA1c threshold on the vocabulary code
+    # Same concepts, same counts and source patterns as the id form: only the names change.
+    plain = resolve_task(load_task("t2d"))
+    assert [len(c.codes) for c in task.prior.concepts] == [len(c.codes) for c in plain.prior.concepts]
+    assert [c.source_pattern for c in task.prior.concepts] == [c.source_pattern for c in plain.prior.concepts]
+    # A table without vocabulary_id / concept_code (or none at all) gives the id form.
+    bare = resolve_task(load_task("t2d"), None, CONCEPTS.select("concept_id", "concept_name", "domain_id"))
+    assert bare.target.codes == plain.target.codes and "CONDITION/201826" in plain.target.codes["condition"]
+
+
+def test_labels_are_the_same_whichever_code_form_the_events_carry():
+    rows = (
+        person(1, [(1, 9, "CONDITION/201826")])  # prior
+        + person(2, [(2, 11, "CONDITION/201826")])  # positive
+        + person(3, [(3, 9, "MEASUREMENT/3004410", 6.6)])  # HbA1c above threshold: prior
+        + person(4, [(4, 9, "CONDITION/source/E11.9")])  # unmapped: the source pattern, both forms
+        + person(5)  # negative
+    )
+    renamed = {"CONDITION/201826": "SNOMED/44054006", "MEASUREMENT/3004410": "LOINC/4548-4", "VISIT/9202": "Visit/OP"}
+    vocab_rows = [(r[0], r[1], renamed.get(r[2], r[2]), *r[3:]) for r in rows]
+    plain = statuses(events(rows))
+    by_vocab = label_statuses(events(vocab_rows), resolve_task(load_task("t2d"), None, CONCEPTS))
+    assert {r["subject_id"]: (r["status"], r["boolean_value"]) for r in by_vocab.iter_rows(named=True)} == plain
+    assert plain == {
+        1: ("prior_condition", None),
+        2: ("labeled", True),
+        3: ("prior_measurement", None),
+        4: ("prior_condition", None),
+        5: ("labeled", False),
+    }
+    # Id-form codes resolved for vocabulary-form events match nothing: the forms must agree.
+    mismatched = label_statuses(events(vocab_rows), resolve_task(load_task("t2d")))
+    assert mismatched.filter(pl.col("boolean_value").fill_null(False)).height == 0
+
+
+def test_the_labeler_reads_the_codes_of_a_meds_dataset(tmp_path):
+    root = tmp_path / "dataset"
+    (root / "data" / "train").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    rows = person(1, [(1, 11, "SNOMED/44054006")]) + person(2)
+    pq.write_table(events(rows), root / "data" / "train" / "0.parquet")
+    book = CodeBook.from_concepts(CONCEPTS)
+    pq.write_table(book.codes_metadata(["SNOMED/44054006", "Visit/OP"]), root / "metadata" / "codes.parquet")
+    assert event_shards(root) == [str(root / "data" / "train" / "0.parquet")]
+    found = dataset_codebook(root / "data" / "train")
+    assert found is not None and found.code("CONDITION", 201826) == "SNOMED/44054006"
+    assert dataset_codebook(tmp_path) is None
+    assert main(["--events", str(root), "--task", "t2d", "--out", str(tmp_path / "labels")]) == 0
+    account = json.loads((tmp_path / "labels" / "account.json").read_text())
+    assert (account["labeled"], account["positive"]) == (2, 1)
+    assert account["concept_persons"]["target:condition/201826"] == 1

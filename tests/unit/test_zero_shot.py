@@ -24,6 +24,7 @@ from ehrfm.model.sampling import (
     path_probability,
     sample_trajectories,
 )
+from ehrfm.tasks.concept_sets import dataset_codebook
 from ehrfm.tasks.definitions import ConceptCriteria, TaskDefinition
 from ehrfm.transfer.zero_shot import (
     gap_days_per_token,
@@ -296,8 +297,8 @@ def test_padded_prompts_of_different_lengths_score_as_each_prompt_alone(fusion):
 
 def test_target_codes_and_gap_days_come_from_the_tokenizer(tmp_path):
     tok, _ = write_tiny_cohort(tmp_path)
-    ids, account = target_token_ids(T2D_TASK, tok)
-    assert ids == [tok.token_id["CONDITION/201826"]]
+    ids, account = target_token_ids(T2D_TASK, tok, dataset_codebook(tmp_path))
+    assert ids == [tok.token_id["SNOMED/44054006"]]  # T2D 201826 in the data's code form
     assert account == {
         "target_codes": 2,
         "in_vocabulary": 1,
@@ -310,3 +311,5 @@ def test_target_codes_and_gap_days_come_from_the_tokenizer(tmp_path):
     assert lower.sum().item() == 403  # every other token leaves the clock alone
     with pytest.raises(ValueError, match="none of its 1 target codes"):
         target_token_ids(TaskDefinition(name="x", target=ConceptCriteria(condition=[42])), tok)
+    with pytest.raises(ValueError, match="none of its 2 target codes"):  # the id form is not this data's form
+        target_token_ids(T2D_TASK, tok)

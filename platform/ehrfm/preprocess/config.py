@@ -22,6 +22,9 @@ class SplitSettings(StrictModel):
     val: float = Field(0.1, ge=0)
     test: float = Field(0.1, ge=0)
     salt: int = 0
+    # A MEDS subject_splits.parquet whose splits are kept (train/tuning/held_out -> train/val/test);
+    # subjects it does not list are hash-split. `preprocess --meds` sets it from the dataset's metadata.
+    subject_splits: str | None = None
 
     @model_validator(mode="after")
     def _positive_total(self) -> SplitSettings:

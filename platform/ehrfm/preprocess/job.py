@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from ehrfm.config import add_config_arguments, dump_config, parse_config
 from ehrfm.constants import FIRST_CODE_ID, SPECIAL_TOKENS, SPLITS
+from ehrfm.meds.reader import preflight_meds, subject_split_codes
 from ehrfm.omop.files import OmopSchemaError
 from ehrfm.omop.readability import preflight_omop
 from ehrfm.omop.validation import find_tables
@@ -49,7 +50,7 @@ from ehrfm.preprocess.config import PreprocessConfig
 from ehrfm.preprocess.report import log_to_mlflow, percentiles, summary_lines
 from ehrfm.prs.person import PersonPrs, PrsInputs, build_person_prs, write_prs
 from ehrfm.prs.readers import PrsFormatError, check_build, read_prs
-from ehrfm.splits import shard_of, split_codes
+from ehrfm.splits import shard_of
 
 TIMELINES_FORMAT = "ehrfm-timelines/1"
 
@@ -194,6 +195,12 @@ def run_preprocess(
 
     check_inputs(inputs)
     warnings = preflight_omop(inputs.omop).warnings if inputs.omop else []
+    if inputs.meds:  # refused here when no subject has MEDS_BIRTH; the dataset's own splits are kept
+        meds_check = preflight_meds(inputs.meds, stages.meds_files(Path(inputs.meds)))
+        warnings += meds_check.warnings
+        if meds_check.splits_file and not config.splits.subject_splits:
+            splits = config.splits.model_copy(update={"subject_splits": meds_check.splits_file})
+            config = config.model_copy(update={"splits": splits})
     if inputs.prs:  # refused here, before Ray starts, rather than after the events (read again there)
         check_build(inputs.prs, config.prs.build)
         read_prs(inputs.prs, column=config.prs.column, sampleset=config.prs.sampleset)
@@ -221,7 +228,7 @@ def _run_stages(
     stage = stages.omop_events if inputs.omop else stages.meds_events
     events = stage(inputs.omop or inputs.meds, config, tmp, timer)
     subjects, n_shards = events.subjects, events.n_shards
-    person_split = split_codes(subjects, config.splits.ratios, config.splits.salt)
+    person_split = subject_split_codes(subjects, config.splits.ratios, config.splits.salt, config.splits.subject_splits)
     with timer.stage("prs"):
         if inputs.prs:
             prs_inputs = PrsInputs(

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from ehrfm.meds.reader import align_data, subject_split_codes
 from ehrfm.omop.events import BIRTH_CODE, SHARD_COLUMN, STAGED_SCHEMA, finalize_shard, place_meds_events, stage_meds
 from ehrfm.omop.files import OmopSchemaError
 from ehrfm.omop.validation import quarantine_rows
@@ -26,7 +27,7 @@ from ehrfm.preprocess.ingest import KEY_SCHEMA, IngestContext, Unit, duplicate_k
 from ehrfm.preprocess.staged_partitions import PartitionedWriter, read_partition
 from ehrfm.preprocess.timelines import build_shard, shard_name
 from ehrfm.preprocess.tokenizer import code_counts_table, code_values_table, fit_value_edges, train_rows
-from ehrfm.splits import shard_of, split_codes
+from ehrfm.splits import shard_of
 
 _RESOLVED: dict[str, object] = {}
 INPUT_ERROR_COLUMN = "input_error"  # a task's input error, returned as data (see ingest_to_staged_files)
@@ -125,7 +126,7 @@ def duplicate_keys_group(group: pa.Table) -> pa.Table:
 
 def stage_meds_batch(batch: pa.Table, n_shards: int) -> pa.Table:
     """MEDS rows in the staged layout with their shard (rows without a subject go to shard 0)."""
-    staged = stage_meds(batch)
+    staged = stage_meds(align_data(batch))
     subjects = pc.fill_null(staged["subject_id"], 0).to_numpy(zero_copy_only=False)
     shards = np.where(staged["subject_id"].is_valid().to_numpy(zero_copy_only=False), shard_of(subjects, n_shards), 0)
     return staged.append_column(SHARD_COLUMN, pa.array(shards.astype(np.int32)))
@@ -154,9 +155,11 @@ def write_event_shard(
     meds_input: bool,
     ratios: tuple[float, float, float],
     salt: int,
+    splits_file: str | None = None,
 ) -> pa.Table:
     """One shard's group from the Ray shuffle -> events/part-S.parquet; returns its counts."""
-    return event_shard(int(group[SHARD_COLUMN][0].as_py()), group, events_dir, quarantine_dir, meds_input, ratios, salt)
+    shard = int(group[SHARD_COLUMN][0].as_py())
+    return event_shard(shard, group, events_dir, quarantine_dir, meds_input, ratios, salt, splits_file)
 
 
 def write_staged_event_shards(
@@ -167,6 +170,7 @@ def write_staged_event_shards(
     meds_input: bool,
     ratios: tuple[float, float, float],
     salt: int,
+    splits_file: str | None = None,
 ) -> pa.Table:
     """The "shard_files" strategy: each listed shard's staged files -> events/part-S.parquet."""
     return pa.concat_tables(
@@ -179,6 +183,7 @@ def write_staged_event_shards(
                 meds_input,
                 ratios,
                 salt,
+                splits_file,
             )
             for shard in batch["shard"].to_pylist()
         ]
@@ -193,6 +198,7 @@ def event_shard(
     meds_input: bool,
     ratios: tuple[float, float, float],
     salt: int,
+    splits_file: str | None = None,
 ) -> pa.Table:
     """All staged events of one shard -> events/part-S.parquet (sorted MEDS); returns its counts,
     including the train-split event count per code (the vocabulary's input, so no extra pass)."""
@@ -212,7 +218,7 @@ def event_shard(
     path = Path(events_dir) / shard_name(shard)
     pq.write_table(events, path)
     subjects = np.unique(events["subject_id"].to_numpy())
-    counts = train_code_counts(events, ratios, salt)
+    counts = train_code_counts(events, ratios, salt, splits_file)
     return pa.table(
         {
             "shard": pa.array([shard], pa.int32()),
@@ -240,13 +246,17 @@ def parquet_row_groups(path: str, columns: list[str] | None = None) -> Iterator[
         yield parquet.read_row_group(group, columns=columns)
 
 
-def train_code_counts(batch: pa.Table, ratios: tuple[float, float, float], salt: int) -> pa.Table:
-    train = split_codes(batch["subject_id"].to_numpy(), ratios, salt) == 0
+def train_code_counts(
+    batch: pa.Table, ratios: tuple[float, float, float], salt: int, splits_file: str | None = None
+) -> pa.Table:
+    train = subject_split_codes(batch["subject_id"].to_numpy(), ratios, salt, splits_file) == 0
     return code_counts_table(train_rows(batch, train))
 
 
-def train_code_values(batch: pa.Table, ratios: tuple[float, float, float], salt: int, bin_codes: pa.Array) -> pa.Table:
-    train = split_codes(batch["subject_id"].to_numpy(), ratios, salt) == 0
+def train_code_values(
+    batch: pa.Table, ratios: tuple[float, float, float], salt: int, bin_codes: pa.Array, splits_file: str | None = None
+) -> pa.Table:
+    train = subject_split_codes(batch["subject_id"].to_numpy(), ratios, salt, splits_file) == 0
     return code_values_table(train_rows(batch, train), bin_codes)
 
 
@@ -273,12 +283,19 @@ def timeline_batch(
     num_pgs: int,
     ratios: tuple[float, float, float],
     salt: int,
+    splits_file: str | None = None,
 ) -> pa.Table:
     tok = resolve(tokenizer)
     rows = {"shard": [], "lengths": [], "stats": [], "sha256": []}
     for shard in batch["shard"].to_pylist():
         table, stats = build_shard(
-            Path(events_dir) / shard_name(shard), Path(prs_dir) / shard_name(shard), tok, num_pgs, ratios, salt
+            Path(events_dir) / shard_name(shard),
+            Path(prs_dir) / shard_name(shard),
+            tok,
+            num_pgs,
+            ratios,
+            salt,
+            splits_file,
         )
         path = Path(timelines_dir) / shard_name(shard)
         pq.write_table(table, path)

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ehrfm.meds.reader import split_account, subject_split_codes
 from ehrfm.omop.events import SHARD_COLUMN, death_events, person_events
 from ehrfm.omop.files import OmopSchemaError, file_name
 from ehrfm.omop.spec import TABLE_ORDER
@@ -31,7 +32,7 @@ from ehrfm.preprocess.ingest import (
 )
 from ehrfm.preprocess.staged_partitions import partition_values
 from ehrfm.preprocess.tokenizer import Tokenizer, build_tokenizer
-from ehrfm.splits import num_shards_for, shard_of, split_codes
+from ehrfm.splits import num_shards_for, shard_of
 
 DRIVER_TABLES = ("person", "death")
 
@@ -103,6 +104,7 @@ def _shard_writer_kwargs(events_dir: Path, quarantine_dir: Path, meds_input: boo
         "meds_input": meds_input,
         "ratios": cfg.splits.ratios,
         "salt": cfg.splits.salt,
+        "splits_file": cfg.splits.subject_splits,
     }
 
 
@@ -331,6 +333,7 @@ def meds_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
             "rows_quarantined": rows_in - result.events,
             "by_reason": by_reason,
             "events": result.events,
+            "splits": split_account(result.subjects, cfg.splits.ratios, cfg.splits.salt, cfg.splits.subject_splits),
         }
     }
     if sum(by_reason.values()) != rows_in - result.events:
@@ -358,7 +361,12 @@ def fit_tokenizer(events_dir: Path, events: EventsResult, cfg: PreprocessConfig)
         values = events_ds.map_batches(
             tasks.train_code_values,
             batch_format="pyarrow",
-            fn_kwargs={"ratios": ratios, "salt": salt, "bin_codes": pa.array(candidates, pa.string())},
+            fn_kwargs={
+                "ratios": ratios,
+                "salt": salt,
+                "bin_codes": pa.array(candidates, pa.string()),
+                "splits_file": cfg.splits.subject_splits,
+            },
         )
         partitions = max(1, min(len(candidates), events.n_shards))
         fitted = collect(
@@ -374,7 +382,7 @@ def fit_tokenizer(events_dir: Path, events: EventsResult, cfg: PreprocessConfig)
         ):
             if edge is not None:
                 edges[candidates[index]] = np.asarray(edge, dtype=np.float32)
-    train = split_codes(events.subjects, ratios, salt) == 0
+    train = subject_split_codes(events.subjects, ratios, salt, cfg.splits.subject_splits) == 0
     summary = {"train_persons": int(train.sum()), "train_events": int(sum(code_counts.values()))}
     return build_tokenizer(
         code_counts,
@@ -406,6 +414,7 @@ def build_timelines(tmp: Path, tok: Tokenizer, num_pgs: int, shards: list[int], 
             "num_pgs": num_pgs,
             "ratios": cfg.splits.ratios,
             "salt": cfg.splits.salt,
+            "splits_file": cfg.splits.subject_splits,
         },
     )
     return collect(dataset).sort_by("shard")

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ehrfm.constants import SPLITS, UNK_ID
+from ehrfm.meds.reader import subject_split_codes
 from ehrfm.preprocess.tokenizer import ShardTimelines, Tokenizer
 from ehrfm.prs.person import float32_vectors, storable, vectors_to_numpy
 from ehrfm.schemas import timeline_schema
-from ehrfm.splits import split_codes
 
 EVENT_COLUMNS = ["subject_id", "time", "code", "numeric_value"]
 
@@ -59,12 +59,18 @@ def prs_rows(prs_file: Path, subject_ids: np.ndarray, num_pgs: int) -> tuple[np.
 
 
 def build_shard(
-    events_file: Path, prs_file: Path, tokenizer: Tokenizer, num_pgs: int, ratios: tuple[float, float, float], salt: int
+    events_file: Path,
+    prs_file: Path,
+    tokenizer: Tokenizer,
+    num_pgs: int,
+    ratios: tuple[float, float, float],
+    salt: int,
+    splits_file: str | None = None,
 ) -> tuple[pa.Table, dict]:
     """Timelines of one events shard and its counts (per split, tokens, UNK)."""
     events = pq.read_table(events_file, columns=EVENT_COLUMNS)
     timelines = tokenizer.tokenize(events)
-    splits = split_codes(timelines.subject_id, ratios, salt)
+    splits = subject_split_codes(timelines.subject_id, ratios, salt, splits_file)
     prs, has_prs = prs_rows(prs_file, timelines.subject_id, num_pgs)
     table = timeline_table(timelines, splits, prs, has_prs)
     lengths = np.diff(timelines.tokens.offsets.to_numpy())
