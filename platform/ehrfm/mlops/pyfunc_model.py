@@ -2,10 +2,12 @@
 build the model, so nothing is pickled) over a risk-model directory logged as an artifact.
 
 Input: a pandas DataFrame, one row per person, one string column `person` holding a PersonRecord
-as JSON (`{"birth_date": "1961-04-02", "sex": "female", "events": [{"code": "CONDITION/201826",
+as JSON (`{"birth_date": "1961-04-02", "sex": "female", "events": [{"code": "SNOMED/44054006",
 "time": "2019-05-01T00:00:00", "numeric_value": null}], "prs": {"PGS000001": 0.4},
-"prediction_time": null}`). One JSON column keeps nested events and partial PRS dicts intact
-through MLflow's signature enforcement and its REST scoring format.
+"prediction_time": null}`; codes as in the training dataset: `<vocabulary_id>/<concept_code>`, the
+id form `CONDITION/201826` for concepts its concept table lacked). One JSON column keeps nested
+events and partial PRS dicts intact through MLflow's signature enforcement and its REST scoring
+format.
 Output: a DataFrame with OUTPUT_COLUMNS, one row per input row, in input order.
 """
 
