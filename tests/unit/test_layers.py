@@ -19,7 +19,7 @@ PACKAGE = Path(ehrfm.__file__).resolve().parent
 # top to bottom: a module may import its own layer and those listed before it
 LAYERS: list[tuple[str, ...]] = [
     # contracts and shared helpers (top-level modules)
-    ("config", "constants", "schemas", "splits", "metrics", "calibration", "paths", "tracking"),
+    ("config", "constants", "schemas", "splits", "metrics", "calibration", "paths", "tracking", "small_counts"),
     ("genetics",),
     ("prs",),
     ("omop",),
