@@ -29,7 +29,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _events(subjects: np.ndarray, signal: np.ndarray, rng: np.random.Generator) -> pa.Table:
-    """Birth, sex, `signal` SIGNAL codes and a few noise codes per person, all before PT."""
+    """Birth, sex (static `Gender/F` or `Gender/M`, as the MEDS dataset writes it), `signal` SIGNAL codes
+    and a few noise codes per person, all before PT."""
     subj, times, codes = [], [], []
     for s, k in zip(subjects, signal):
         birth = PT - timedelta(days=float(rng.uniform(40, 75) * 365.25))
@@ -37,7 +38,7 @@ def _events(subjects: np.ndarray, signal: np.ndarray, rng: np.random.Generator) 
         subj += [s] * (2 + k + noise)
         times += [birth, None] + [PT - timedelta(days=float(d)) for d in rng.uniform(1, 900, k + noise)]
         codes += (
-            ["MEDS_BIRTH", rng.choice(["GENDER/8532", "GENDER/8507"])]
+            ["MEDS_BIRTH", rng.choice(["Gender/F", "Gender/M"])]
             + ["CONDITION/999"] * k
             + [f"CONDITION/{c}" for c in rng.integers(100, 106, noise)]
         )
