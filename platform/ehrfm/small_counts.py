@@ -14,6 +14,7 @@ and files, not people, and are not routed through this rule.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,7 +42,7 @@ def label(limit: int | None = None) -> str:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_small(count: Any, limit: int | None = None) -> bool:

@@ -58,6 +58,7 @@ from ehrfm.evaluate.report import (
 )
 from ehrfm.evaluate.truth import load_truth
 from ehrfm.metrics import DEFAULT_BOOTSTRAP, Estimate, bootstrap_difference
+from ehrfm.small_counts import binary_hidden, public_json, show
 from ehrfm.transfer.examples import read_labels
 
 EXPERIMENT = "ehrfm-evaluate"
@@ -212,11 +213,11 @@ def evaluate_all(
     report = out_dir / "report.md"
     report.write_text(report_markdown(summary, results, comparisons))
     report_json = out_dir / "report.json"
-    report_json.write_text(json.dumps(summary, indent=2, default=_json_number))
+    report_json.write_text(json.dumps(public_json(summary), indent=2, default=_json_number))
     paths = [report, report_json, *paths]
     summary["files"] = [p.name for p in paths]
     summary["mlflow_run_id"] = _log(tracking_uri, results, comparisons, paths, summary)
-    report_json.write_text(json.dumps(summary, indent=2, default=_json_number))
+    report_json.write_text(json.dumps(public_json(summary), indent=2, default=_json_number))
     return summary
 
 
@@ -266,8 +267,10 @@ def _acceptance(results: dict[str, ModelResult], comparisons: list[Comparison], 
 
 def report_markdown(summary: dict, results: list[ModelResult], comparisons: list[Comparison]) -> str:
     """The table of every model and the lines that say what it means."""
+    hide_n, hide_events = binary_hidden(summary["n_test"], summary["n_test_positive"])  # small-count rule
+    n_test, n_events = show(summary["n_test"], hidden=hide_n), show(summary["n_test_positive"], hidden=hide_events)
     lines = [
-        f"# Evaluation on {summary['n_test']} test rows ({summary['n_test_positive']} events)",
+        f"# Evaluation on {n_test} test rows ({n_events} events)",
         "",
         f"Bootstrap: {summary['n_boot']} person resamples (seed {summary['seed']}), percentile 95% CIs; "
         "differences are paired (both models on each resample).",
@@ -276,7 +279,7 @@ def report_markdown(summary: dict, results: list[ModelResult], comparisons: list
     ]
     if summary["n_test_positive"] < MIN_EVENTS_FOR_COMPARISON:
         lines.append(
-            f"- Only {summary['n_test_positive']} test events (fewer than {MIN_EVENTS_FOR_COMPARISON}): "
+            f"- Only {n_events} test events (fewer than {MIN_EVENTS_FOR_COMPARISON}): "
             "the intervals are wide and the comparisons below are not evidence either way"
         )
     by_name = {c.name: c for c in comparisons}
@@ -297,7 +300,7 @@ def report_markdown(summary: dict, results: list[ModelResult], comparisons: list
     if summary.get("prs_use"):
         use = summary["prs_use"]
         lines.append(
-            f"- PRS use: on {use['n_genotyped']} genotyped test rows the PRS moves the logit by SD "
+            f"- PRS use: on {show(use['n_genotyped'])} genotyped test rows the PRS moves the logit by SD "
             f"{use['logit_shift_sd']:.2f}; that shift correlates with {use['pgs_id'] or 'the PGS'} at r = "
             f"{use['corr_with_pgs']:.2f} [{use['ci_low']:.2f}, {use['ci_high']:.2f}]"
         )
@@ -326,7 +329,7 @@ def report_markdown(summary: dict, results: list[ModelResult], comparisons: list
         lines.append(
             f"- Oracle AUROC with the true genetic liability {auroc[ORACLE_GENETIC].fmt()}, with the "
             f"ancestry-group mean only {auroc[ORACLE_GROUP_MEAN].fmt()}: genetic headroom "
-            f"{by_name['oracle_genetic_headroom'].estimate.fmt()} ({oracle['test_rows_already_begun']} "
+            f"{by_name['oracle_genetic_headroom'].estimate.fmt()} ({show(oracle['test_rows_already_begun'])} "
             f"test rows had T2D begun before the prediction time: oracle risk 1)"
         )
         if "gap_to_oracle" in by_name:
@@ -399,8 +402,8 @@ def _log(
                 {
                     "n_boot": summary["n_boot"],
                     "seed": summary["seed"],
-                    "n_test": summary["n_test"],
-                    "n_test_positive": summary["n_test_positive"],
+                    "n_test": public_json(summary)["n_test"],
+                    "n_test_positive": public_json(summary)["n_test_positive"],
                     "headline": summary["headline"],
                     "best_baseline": summary["best_baseline"],
                     "decile_pgs": summary["decile_pgs"],

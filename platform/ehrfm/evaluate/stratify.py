@@ -1,18 +1,20 @@
 """Stratified views of a model: observed risk by PRS decile and metrics per subgroup.
 
 Tables hold group counts and rates only, never a person's row. Groups smaller than `min_count`
-get counts but no metrics (too few to estimate, and small cells are a disclosure risk).
+get counts but no metrics (too few to estimate, and small cells are a disclosure risk);
+`public_table` applies the small-count rule (ehrfm.small_counts) before a table is written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import polars as pl
 
 from ehrfm.evaluate.calibration import expected_calibration_error
 from ehrfm.metrics import auprc_ci, auroc_ci
+from ehrfm.small_counts import partition_hidden, show, threshold
 
 AGE_EDGES = (40, 50, 60, 70)
 NO_PRS = "no PRS"
@@ -77,9 +79,16 @@ def age_bucket(age_years, edges: tuple[int, ...] = AGE_EDGES) -> np.ndarray:
 
 
 def subgroup_table(
-    y_true, y_prob, groups: Mapping[str, np.ndarray], n_boot: int = 200, seed: int = 0, min_count: int = 20
+    y_true,
+    y_prob,
+    groups: Mapping[str, np.ndarray],
+    n_boot: int = 200,
+    seed: int = 0,
+    min_count: int | None = None,
 ) -> pl.DataFrame:
-    """One row per (attribute, level): n, events, prevalence, AUROC/AUPRC with CIs, ECE."""
+    """One row per (attribute, level): n, events, prevalence, AUROC/AUPRC with CIs, ECE. Metrics
+    only where n >= min_count (default: above the small-count threshold) and both classes occur."""
+    min_count = threshold() + 1 if min_count is None else min_count
     y = np.asarray(y_true).astype(bool).ravel()
     p = np.asarray(y_prob, dtype=np.float64).ravel()
     rows = []
@@ -117,3 +126,23 @@ def subgroup_table(
                 )
             rows.append(row)
     return pl.DataFrame(rows)
+
+
+def public_table(table: pl.DataFrame, partition: Sequence[str], rates: Sequence[str] = ()) -> pl.DataFrame:
+    """`table` as published: `n` and `events` as strings under the small-count rule, each group of
+    rows with equal `partition` values being one partition of the persons (its totals are shown
+    elsewhere), and the `rates` columns (which give events back from n) null where events are hidden."""
+    keys = list(zip(*(table[c].to_list() for c in partition))) if partition else [()] * table.height
+    n, events = table["n"].to_list(), table["events"].to_list()
+    hide_n, hide_e = [False] * table.height, [False] * table.height
+    for key in dict.fromkeys(keys):
+        rows = [i for i, k in enumerate(keys) if k == key]
+        part_n, part_e = partition_hidden([n[i] for i in rows], [events[i] for i in rows])
+        for i, hidden_n, hidden_e in zip(rows, part_n, part_e):
+            hide_n[i], hide_e[i] = hidden_n, hidden_e
+    hidden = pl.Series("hidden", hide_e)
+    return table.with_columns(
+        pl.Series("n", [show(v, hidden=h) for v, h in zip(n, hide_n)], dtype=pl.String),
+        pl.Series("events", [show(v, hidden=h) for v, h in zip(events, hide_e)], dtype=pl.String),
+        *(pl.when(hidden).then(None).otherwise(pl.col(c)).alias(c) for c in rates),
+    )

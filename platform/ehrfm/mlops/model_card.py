@@ -1,8 +1,9 @@
 """The model card logged with every registered risk model: what it predicts, from what data, how
 well (with CIs, overall and per subgroup), and what it must not be used for.
 
-Aggregates only. Counts between 1 and `min_cell - 1` are shown as `<min_cell` (small cells are a
-disclosure risk), and subgroups that small get no metrics.
+Aggregates only. Person counts follow the small-count rule (ehrfm.small_counts: 1..20 shown as
+`<=20`, with complementary suppression), and subgroups that small get no metrics. Values given as
+strings (counts already suppressed, or counts of things rather than people) are shown as given.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 from ehrfm.evaluate.report import ModelResult, markdown_table
 from ehrfm.metrics import Estimate
 from ehrfm.model.risk import HeadSpec
+from ehrfm.small_counts import binary_hidden, is_small, partition_hidden, show
 
-DEFAULT_MIN_CELL = 10
 DEFAULT_INTENDED_USE = (
     "Research use: ranking adults by their risk of the outcome within the horizon, from their coded "
     "health record and, when available, polygenic risk scores, to study risk stratification and the "
@@ -35,12 +36,11 @@ DEFAULT_LIMITS = (
 )
 
 
-def small_cell(count: Any, min_cell: int) -> str:
-    """A count for publication: `<min_cell` for 1..min_cell-1, the number otherwise."""
-    if isinstance(count, float) and not count.is_integer():
-        return f"{count:.4g}"
-    value = int(count)
-    return f"<{min_cell}" if 0 < value < min_cell else str(value)
+def summary_cell(value: Any) -> str:
+    """A data-summary value: strings as given, fractions as numbers, person counts by the rule."""
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.4g}"
+    return show(value)
 
 
 def _interval(row: Mapping[str, Any], metric: str) -> str:
@@ -50,14 +50,20 @@ def _interval(row: Mapping[str, Any], metric: str) -> str:
     ).fmt()
 
 
-def subgroup_markdown(rows: Sequence[Mapping[str, Any]], min_cell: int = DEFAULT_MIN_CELL) -> str:
-    """| attribute | level | n | events | AUROC [95% CI] | AUPRC [95% CI] | ECE | from subgroup_table rows."""
+def subgroup_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """| attribute | level | n | events | AUROC [95% CI] | AUPRC [95% CI] | ECE | from subgroup_table
+    rows; each attribute's levels are one partition of the persons (complementary suppression)."""
     lines = [
         "| attribute | level | n | events | AUROC [95% CI] | AUPRC [95% CI] | ECE |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        small = int(row["n"]) < min_cell or 0 < int(row["events"]) < min_cell
+    hidden: dict[int, tuple[bool, bool]] = {}
+    for attribute in dict.fromkeys(row["attribute"] for row in rows):
+        index = [i for i, row in enumerate(rows) if row["attribute"] == attribute]
+        hide_n, hide_e = partition_hidden([rows[i]["n"] for i in index], [rows[i]["events"] for i in index])
+        hidden |= dict(zip(index, zip(hide_n, hide_e)))
+    for i, row in enumerate(rows):
+        small = is_small(row["n"]) or binary_hidden(row["n"], row["events"])[1]
         ece = float(row.get("ece", math.nan))
         metrics = (
             ["n/a"] * 3
@@ -65,8 +71,8 @@ def subgroup_markdown(rows: Sequence[Mapping[str, Any]], min_cell: int = DEFAULT
             else [_interval(row, "auroc"), _interval(row, "auprc"), "n/a" if math.isnan(ece) else f"{ece:.3f}"]
         )
         lines.append(
-            f"| {row['attribute']} | {row['level']} | {small_cell(row['n'], min_cell)} | "
-            f"{small_cell(row['events'], min_cell)} | " + " | ".join(metrics) + " |"
+            f"| {row['attribute']} | {row['level']} | {show(row['n'], hidden=hidden[i][0])} | "
+            f"{show(row['events'], hidden=hidden[i][1])} | " + " | ".join(metrics) + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -79,10 +85,10 @@ def model_card(
     *,
     intended_use: str = DEFAULT_INTENDED_USE,
     limits: Sequence[str] = DEFAULT_LIMITS,
-    min_cell: int = DEFAULT_MIN_CELL,
 ) -> str:
     """Markdown model card. `results` from evaluate.report.evaluate_predictions, `subgroups` the rows
-    of evaluate.stratify.subgroup_table (`.to_dicts()`), `data_summary` cohort counts by name."""
+    of evaluate.stratify.subgroup_table (`.to_dicts()`), `data_summary` cohort counts by name (a
+    value that is not a person count, e.g. a number of PGS ids, is passed as a string)."""
     if hasattr(subgroups, "to_dicts"):
         subgroups = subgroups.to_dicts()
     calibration = (
@@ -104,12 +110,12 @@ def model_card(
         "## Data",
         "| item | count |",
         "|---|---|",
-        *(f"| {key} | {small_cell(value, min_cell)} |" for key, value in data_summary.items()),
+        *(f"| {key} | {summary_cell(value)} |" for key, value in data_summary.items()),
         "",
         "## Metrics (95% bootstrap CIs)",
         markdown_table(list(results)),
         "## Subgroups",
-        subgroup_markdown(subgroups, min_cell) if subgroups else "No subgroup table was given.\n",
+        subgroup_markdown(subgroups) if subgroups else "No subgroup table was given.\n",
         "## Intended use",
         intended_use,
         "",

@@ -33,14 +33,19 @@ def results_from_report(report: dict, names: tuple[str, ...] = CARD_MODELS) -> l
         rows.append(
             ModelResult(
                 name=name,
-                n=int(m["n"]),
-                n_positive=int(m["n_positive"]),
+                n=_count(m["n"]),
+                n_positive=_count(m["n_positive"]),
                 auroc=Estimate(m["auroc"], m["auroc_ci_low"], m["auroc_ci_high"]),
                 auprc=Estimate(m["auprc"], m["auprc_ci_low"], m["auprc_ci_high"]),
                 ece=float(m.get("ece", float("nan"))),
             )
         )
     return rows
+
+
+def _count(value) -> int | str:
+    """A count from report.json: a number, or the string a suppressed count was published as."""
+    return value if isinstance(value, str) else int(value)
 
 
 def subgroup_rows(evaluation_dir: Path, model: str = FINETUNED) -> list[dict]:
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "test label rows": report.get("n_test", 0),
         "test positives": report.get("n_test_positive", 0),
-        "PGS ids": len(spec.pgs_ids),
+        "PGS ids": str(len(spec.pgs_ids)),  # not a person count: shown as is
     }
     card = model_card(spec, summary, results, subgroup_rows(args.evaluation) if args.evaluation else None)
     metrics = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
