@@ -384,9 +384,10 @@ def write_labels(labels: pa.Table, account: LabelAccount, out_dir: Path) -> None
 
 
 def event_shards(events_dir: Path) -> list[str]:
-    """Shard files under a directory of shards or a MEDS dataset (`data/<split>/*.parquet`)."""
+    """Shard files of a MEDS dataset (`data/<split>/*.parquet`), of a preprocessed directory in the
+    old layout (`events/*.parquet`) or of a directory of shards."""
     root = Path(events_dir)
-    base = root / DATA_DIR if (root / DATA_DIR).is_dir() else root
+    base = next((root / sub for sub in (DATA_DIR, "events") if (root / sub).is_dir()), root)
     paths = sorted(str(p) for p in base.rglob("*.parquet") if not p.name.startswith("."))
     if not paths:
         raise FileNotFoundError(f"no event shards (*.parquet) in {events_dir}")

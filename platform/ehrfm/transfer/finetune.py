@@ -115,8 +115,7 @@ def label_on_the_fly(cfg: FinetuneConfig) -> pa.Table:
         ancestry = read_concept_ancestor(Path(cfg.data.omop))
     if cfg.data.omop:
         concepts = read_concept_table(Path(cfg.data.omop))
-    # the MEDS layout (data/<split>/) or the old events/ directory; codes as the events were written
-    events = Path(cfg.data.dir) / "events" if (Path(cfg.data.dir) / "events").is_dir() else Path(cfg.data.dir)
+    events = Path(cfg.data.dir)  # the MEDS layout (data/<split>/) or the old events/; codes as written there
     task = resolve_task(load_task(cfg.task), ancestry, codebook=task_codebook(events, concepts))
     out = Path(cfg.run_dir()) / "labels"
     labels, account = label_shards(event_shards(events), task, out, use_ray=ray.is_initialized())

@@ -158,7 +158,7 @@ def _pretrain_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
 
 
 def _label_args(cfg: PipelineConfig, workdir: Path) -> list[str]:
-    return ["--events", str(workdir / "preprocessed" / "events"), "--task", cfg.task, "--out", str(workdir / "labels")]
+    return ["--events", str(workdir / "preprocessed"), "--task", cfg.task, "--out", str(workdir / "labels")]
 
 
 def _labels_file(workdir: Path) -> str:
