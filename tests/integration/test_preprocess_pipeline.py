@@ -1,6 +1,8 @@
 """`ehrfm preprocess` on a hand-made OMOP cohort (csv and parquet, bad rows of every kind, PRS):
-exact tokens, exact row account, no val/test leakage, MEDS-valid events, identical bytes on a
-second run, and an atomic output that a failed run leaves untouched."""
+exact tokens, exact row account, no val/test leakage, a MEDS dataset that the `meds` package
+validates (codes `<vocabulary>/<concept_code>` from the cohort's concept table, static codes with a
+null time, held-out subjects only in data/held_out), identical bytes on a second run, and an atomic
+output that a failed run leaves untouched."""
 
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ehrfm.meds.writer import MEDS_DATA_SCHEMA
 from ehrfm.omop.files import OmopSchemaError
 from ehrfm.omop.spec import CDM_TABLES
 from ehrfm.preprocess.config import PreprocessConfig
 from ehrfm.preprocess.job import PreprocessInputs, atomic_directory, run_preprocess
 from ehrfm.preprocess.tokenizer import Tokenizer
-from ehrfm.schemas import EVENT_SCHEMA, timeline_schema
+from ehrfm.schemas import timeline_schema
 from ehrfm.splits import split_codes
 
 pytestmark = pytest.mark.ray
@@ -57,6 +60,28 @@ person_id,gender_concept_id,year_of_birth,month_of_birth,day_of_birth,birth_date
 90,8532,19x0,1,1,,0,0
 {P1},8532,1951,1,1,,0,0
 91,8532,1950,1,1,yesterday,0,0
+""",
+    )
+    # a trimmed vocabulary: these concepts take the `<vocabulary>/<concept_code>` form, the others
+    # (8507, 38003564, 1503297, ...) keep the id form; 441840 is only a parent (concept_ancestor)
+    _csv(
+        omop / "concept.csv",
+        """
+concept_id,concept_name,domain_id,vocabulary_id,concept_class_id,standard_concept,concept_code,valid_start_date,valid_end_date,invalid_reason
+8532,FEMALE,Gender,Gender,Gender,S,F,1970-01-01,2099-12-31,
+8527,White,Race,Race,Race,S,5,1970-01-01,2099-12-31,
+9202,Outpatient Visit,Visit,Visit,Visit,S,OP,1970-01-01,2099-12-31,
+201826,Type 2 diabetes mellitus,Condition,SNOMED,Clinical Finding,S,44054006,1970-01-01,2099-12-31,
+441840,Clinical finding,Condition,SNOMED,Clinical Finding,S,404684003,1970-01-01,2099-12-31,
+3004410,Hemoglobin A1c,Measurement,LOINC,Lab Test,S,4548-4,1970-01-01,2099-12-31,
+""",
+    )
+    _csv(
+        omop / "concept_ancestor.csv",
+        """
+ancestor_concept_id,descendant_concept_id,min_levels_of_separation,max_levels_of_separation
+441840,201826,1,1
+201826,201826,0,0
 """,
     )
     _csv(
@@ -227,19 +252,19 @@ def test_hand_made_person_round_trips_to_exact_tokens(run: dict) -> None:
     day = (D(2000, 1, 1) - D(1950, 1, 1)).days
     expected = [
         ("[BOS]", 0),
-        ("GENDER/8532", 0),
-        ("RACE/8527", 0),
+        ("Gender/F", 0),
+        ("Race/5", 0),
         ("ETHNICITY/38003564", 0),
         ("GAP/1825D+", day),
-        ("VISIT/9202", day),
-        ("CONDITION/201826", day),
-        ("MEASUREMENT/3004410", day),
+        ("Visit/OP", day),
+        ("SNOMED/44054006", day),
+        ("LOINC/4548-4", day),
         ("Q2", day),
-        ("VISIT_END/9202", day),
+        ("VISIT_END/Visit/OP", day),
         ("GAP/1-6D", day + 2),
         ("DRUG/1503297", day + 2),
         ("GAP/365-729D", day + 517),
-        ("CONDITION/201826", day + 517),
+        ("SNOMED/44054006", day + 517),
         ("[EOS]", day + 517),
     ]
     assert [(tok.tokens[t], a) for t, a in zip(row["tokens"], row["ages"])] == expected
@@ -270,6 +295,8 @@ def test_row_account_is_exact_for_every_reason(run: dict) -> None:
         "condition_occurrence": (9, 5, 4, {"malformed_row": 1, "unparsable_date": 1, "duplicate_primary_key": 2}),
         "drug_exposure": (1, 1, 0, {}),
         "measurement": (8, 7, 1, {"unparsable_number": 1}),
+        "concept": (6, 6, 0, {}),
+        "concept_ancestor": (2, 2, 0, {}),
     }
     assert tables["condition_occurrence"]["cross_file_key_check"] is True
     quarantine = run["out"] / "quarantine"
@@ -288,8 +315,8 @@ def test_row_account_is_exact_for_every_reason(run: dict) -> None:
 def test_vocabulary_and_bins_see_no_val_or_test_person(run: dict) -> None:
     tok = Tokenizer.load(run["out"] / "tokenizer.json")
     assert "CONDITION/777" not in tok.tokens and "MEASUREMENT/999999" not in tok.tokens
-    assert tok.value_edges == {"MEASUREMENT/3004410": [5.0, 6.0, 7.0]}  # train values 7, 5, 6, 8 only
-    assert tok.code_counts["VISIT/9202"] == 2  # P1 and P3; V1's and X1's visits are not counted
+    assert tok.value_edges == {"LOINC/4548-4": [5.0, 6.0, 7.0]}  # train values 7, 5, 6, 8 only
+    assert tok.code_counts["Visit/OP"] == 2  # P1 and P3; V1's and X1's visits are not counted
     assert tok.fit_summary["train_persons"] == 4
     unk = run["report"]["tokens"]["unk_tokens_by_split"]
     assert unk == {"train": 0, "val": 1, "test": 1}
@@ -297,23 +324,66 @@ def test_vocabulary_and_bins_see_no_val_or_test_person(run: dict) -> None:
     assert [tok.tokens[t] for t in val["tokens"]].count("[UNK]") == 1
 
 
-def test_events_are_valid_sorted_meds(run: dict) -> None:
-    shards = sorted((run["out"] / "events").glob("*.parquet"))
-    assert [p.name for p in shards] == [f"part-{s:05d}.parquet" for s in range(3)]
-    seen = set()
-    for path in shards:
-        events = pq.read_table(path)
-        assert events.schema == EVENT_SCHEMA
-        meds.DataSchema.validate(events)
-        keys = list(zip(events["subject_id"].to_pylist(), events["time"].to_pylist()))
-        assert keys == sorted(keys)
-        subjects = set(events["subject_id"].to_pylist())
-        assert not subjects & seen
-        seen |= subjects
-    assert seen == {P1, P2, P3, P4, V1, X1}
-    events = pa.concat_tables([pq.read_table(p) for p in shards])
-    in_visit_101 = events.filter(pa.compute.equal(events["visit_id"], 101))
+def test_output_is_a_meds_dataset_the_meds_package_validates(run: dict) -> None:
+    out = run["out"]
+    files = sorted(str(p.relative_to(out)) for p in (out / "data").rglob("*.parquet"))
+    by_split: dict[str, set[int]] = {}
+    for name in files:
+        split = name.split("/")[1]
+        data = pq.read_table(out / name)
+        assert data.schema == MEDS_DATA_SCHEMA
+        meds.DataSchema.validate(data)  # the data schema via its pyarrow schema; extra columns allowed
+        assert data.schema.field("time").type == meds.DataSchema.schema().field("time").type
+        subjects = data["subject_id"].to_pylist()
+        times = [t or dt.datetime.min for t in data["time"].to_pylist()]  # static (null) rows first
+        assert list(zip(subjects, times)) == sorted(zip(subjects, times))
+        assert not set(subjects) & set().union(*by_split.values())  # a subject lives in one file
+        by_split.setdefault(split, set()).update(subjects)
+    assert sorted(by_split) == ["held_out", "train", "tuning"]
+    assert by_split == {"train": {P1, P2, P3, P4}, "tuning": {V1}, "held_out": {X1}}
+    data = pa.concat_tables([pq.read_table(out / n) for n in files])
+    rows = data.to_pylist()
+    static = [r for r in rows if r["time"] is None]
+    # gender, race, ethnicity per person, null time; nothing else is static
+    assert sorted((r["subject_id"], r["code"]) for r in static if r["subject_id"] == P1) == [
+        (P1, "ETHNICITY/38003564"),
+        (P1, "Gender/F"),
+        (P1, "Race/5"),
+    ]
+    assert len(static) == 18 and {r["code"].split("/")[0] for r in static} == {
+        "Gender",
+        "GENDER",
+        "Race",
+        "RACE",
+        "ETHNICITY",
+    }
+    birth = [r for r in rows if r["code"] == meds.birth_code and r["subject_id"] == P1]
+    assert [r["time"] for r in birth] == [dt.datetime(1950, 1, 1)]
+    codes = {r["code"]: r["concept_id"] for r in rows}
+    assert codes["SNOMED/44054006"] == 201826 and codes["LOINC/4548-4"] == 3004410 and codes["Visit/OP"] == 9202
+    assert codes["VISIT_END/Visit/OP"] == 9202 and codes["DRUG/1503297"] == 1503297 and codes["GENDER/8507"] == 8507
+    assert codes[meds.birth_code] is None and "CONDITION/201826" not in codes
+    in_visit_101 = data.filter(pa.compute.equal(data["visit_id"], 101))
     assert set(in_visit_101["visit_type"].to_pylist()) == {"9201"} and in_visit_101.num_rows == 4
+
+    code_meta = pq.read_table(out / meds.code_metadata_filepath)
+    meds.CodeMetadataSchema.validate(code_meta)
+    assert set(code_meta["code"].to_pylist()) == set(codes)  # one row per code the data use
+    meta = {r["code"]: r for r in code_meta.to_pylist()}
+    assert meta["SNOMED/44054006"]["description"] == "Type 2 diabetes mellitus"
+    assert meta["SNOMED/44054006"]["parent_codes"] == ["SNOMED/404684003"]
+    assert (meta["Gender/F"]["concept_id"], meta["Gender/F"]["vocabulary_id"]) == (8532, "Gender")
+    assert meta["DRUG/1503297"]["concept_id"] is None and meta["DRUG/1503297"]["parent_codes"] == []
+
+    dataset = json.loads((out / meds.dataset_metadata_filepath).read_text())
+    meds.DatasetMetadataSchema.validate(dataset)
+    assert (dataset["etl_name"], dataset["meds_version"], dataset["dataset_name"]) == ("ehrfm", "0.4.1", "omop")
+    assert dataset["etl_version"] and dt.datetime.fromisoformat(dataset["created_at"]).tzinfo is not None
+
+    splits = pq.read_table(out / meds.subject_splits_filepath)
+    meds.SubjectSplitSchema.validate(splits)
+    assert {s: {r["subject_id"] for r in splits.to_pylist() if r["split"] == s} for s in by_split} == by_split
+    assert not (out / "events").exists() and not (out / "splits.parquet").exists()
 
 
 def test_prs_z_scored_on_train_persons(run: dict) -> None:
@@ -341,8 +411,8 @@ def test_manifest_and_report(run: dict) -> None:
     assert all(len(t) == len(a) for t, a in zip(timelines["tokens"].to_pylist(), timelines["ages"].to_pylist()))
     inputs = manifest["input_checksums"]["sha256"]
     assert str(run["root"] / "omop" / "PERSON.csv") in inputs and all(len(v) == 64 for v in inputs.values())
-    splits = pq.read_table(out / "splits.parquet").sort_by("subject_id")
-    assert dict(zip(splits["subject_id"].to_pylist(), splits["split"].to_pylist()))[V1] == "val"
+    splits = pq.read_table(out / meds.subject_splits_filepath).sort_by("subject_id")
+    assert dict(zip(splits["subject_id"].to_pylist(), splits["split"].to_pylist()))[V1] == "tuning"
     assert run["report"]["tokens"]["per_person"]["p100"] == max(len(t) for t in timelines["tokens"].to_pylist())
     assert not list(out.glob("_work")) and not list(out.parent.glob(".out.tmp-*"))
 
@@ -350,11 +420,13 @@ def test_manifest_and_report(run: dict) -> None:
 def test_second_run_gives_identical_bytes(run: dict, tmp_path: Path) -> None:
     again = tmp_path / "again"
     run_preprocess(CONFIG, _inputs(run["root"]), again)
-    for sub in ("timelines", "events", "prs"):
-        first = sorted(p.name for p in (run["out"] / sub).glob("*.parquet"))
-        assert first == sorted(p.name for p in (again / sub).glob("*.parquet"))
+    for sub in ("timelines", "data", "prs"):
+        first = sorted(str(p.relative_to(run["out"] / sub)) for p in (run["out"] / sub).rglob("*.parquet"))
+        assert first and first == sorted(str(p.relative_to(again / sub)) for p in (again / sub).rglob("*.parquet"))
         for name in first:
             assert (run["out"] / sub / name).read_bytes() == (again / sub / name).read_bytes(), f"{sub}/{name}"
+    for name in (meds.code_metadata_filepath, meds.subject_splits_filepath):
+        assert (run["out"] / name).read_bytes() == (again / name).read_bytes(), name
     assert (run["out"] / "tokenizer.json").read_bytes() == (again / "tokenizer.json").read_bytes()
 
 
@@ -362,7 +434,7 @@ def test_shard_files_strategy_gives_the_same_bytes_and_row_account(run: dict, tm
     """Events staged in per-shard files instead of a Ray shuffle (the 1M-person route), bad rows included."""
     out = tmp_path / "shard_files"
     report = run_preprocess(CONFIG.model_copy(update={"shuffle_strategy": "shard_files"}), _inputs(run["root"]), out)
-    for sub in ("timelines", "events", "prs", "quarantine"):
+    for sub in ("timelines", "data", "prs", "quarantine"):
         first = sorted(str(p.relative_to(run["out"])) for p in (run["out"] / sub).rglob("*.parquet"))
         assert first and first == sorted(str(p.relative_to(out)) for p in (out / sub).rglob("*.parquet"))
         for name in first:

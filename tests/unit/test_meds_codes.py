@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import meds
 import polars as pl
 import pyarrow as pa
 import pytest
@@ -73,6 +74,7 @@ def test_codes_metadata_round_trips_and_carries_direct_parents(book: CodeBook, t
         }
     )
     table = book.codes_metadata(["SNOMED/44054006", "Gender/F", "MEDS_BIRTH", "CONDITION/123"], ancestors)
+    meds.CodeMetadataSchema.validate(table)
     rows = {r["code"]: r for r in table.to_pylist()}
     assert rows["SNOMED/44054006"]["parent_codes"] == ["LOINC/4548-4"]
     assert rows["SNOMED/44054006"]["description"] == "Type 2 diabetes mellitus"

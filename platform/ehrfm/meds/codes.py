@@ -78,6 +78,16 @@ def _as_frame(table: pl.DataFrame | pa.Table) -> pl.DataFrame:
     return frame.rename({c: c.lower() for c in frame.columns})
 
 
+# metadata/codes.parquet: meds.CodeMetadataSchema's columns plus the OMOP concept id and vocabulary
+CODES_METADATA_SCHEMA = pa.schema(
+    [
+        pa.field("code", pa.string()),
+        pa.field("description", pa.string()),
+        pa.field("parent_codes", pa.list_(pa.string())),
+        pa.field("concept_id", pa.int64()),
+        pa.field("vocabulary_id", pa.string()),
+    ]
+)
 CODE_SCHEMA = {"concept_id": pl.Int64, "code": pl.String, "description": pl.String, "vocabulary_id": pl.String}
 
 
@@ -198,7 +208,8 @@ class CodeBook:
         else:
             rows = rows.with_columns(parent_codes=pl.lit(None, pl.List(pl.String)))
         rows = rows.with_columns(pl.col("parent_codes").fill_null(pl.lit([], pl.List(pl.String))))
-        return rows.select("code", "description", "parent_codes", "concept_id", "vocabulary_id").to_arrow()
+        table = rows.select(*CODES_METADATA_SCHEMA.names).to_arrow()
+        return table.cast(CODES_METADATA_SCHEMA)  # polars writes large types; MEDS wants plain ones
 
     def _parents(self, ancestors: pl.DataFrame | pa.Table | None) -> pl.DataFrame | None:
         if ancestors is None or not self.concepts.height:

@@ -1,10 +1,14 @@
 """Validated OMOP rows -> MEDS events: `subject_id, time, code, numeric_value` (+ visit_id, visit_type).
 
-Codes are namespaced by domain (`CONDITION/201826`, `DRUG/1503297`, `MEASUREMENT/3004410`,
-`VISIT/9202`, `GENDER/8532`, ...). Each person gets a `MEDS_BIRTH` event and, at the same time,
-the demographic codes; a death row gives `MEDS_DEATH`. A visit gives `VISIT/<type>` at its start
-and `VISIT_END/<type>` at its end, both carrying the visit id, so visit boundaries survive in the
-event stream (the labelers take the latest event of a visit as its end).
+Codes come from a code book (`ehrfm.meds.codes.CodeBook`, passed in: this layer sits above it):
+`<vocabulary_id>/<concept_code>` for concepts of the cohort's concept table (`SNOMED/44054006`,
+`Visit/IP`, `Gender/F`), else the id form namespaced by domain (`CONDITION/201826`, `VISIT/9202`);
+without a book every code takes the id form. Each event keeps its OMOP concept id (`concept_id`
+column). Each person gets a `MEDS_BIRTH` event and, at the same time, the demographic codes (static:
+the MEDS dataset writes them with a null time); a death row gives `MEDS_DEATH`. A visit gives its
+code at its start and `VISIT_END/<that code>` (`VISIT_END/Visit/IP`; `VISIT_END/<id>` in the id
+form) at its end, both carrying the visit id, so visit boundaries survive in the event stream (the
+labelers take the latest event of a visit as its end).
 
 An event's time is the row's `*_datetime` when it falls on the row's `*_date`, else that date at
 midnight: the date column is what the validator checked against birth and death, so it decides
@@ -15,6 +19,7 @@ single-process reference produce the same events.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import meds
 import numpy as np
@@ -31,26 +36,41 @@ BIRTH_CODE = meds.birth_code  # "MEDS_BIRTH"
 DEATH_CODE = meds.death_code  # "MEDS_DEATH"
 PRIORITY_COLUMN = "_priority"
 SHARD_COLUMN = "_shard"
+CONCEPT_COLUMN = "concept_id"  # the OMOP concept id behind an event (null for birth/death); kept in MEDS
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # Order of events that share a time (and, in timelines, a day): birth and demographics first, a
-# visit's start before its contents, its end after them, death last.
+# visit's start before its contents, its end after them, death last. Both code forms are listed
+# (id form `GENDER/8532`, vocabulary form `Gender/F`).
 PRIORITY_PREFIXES: tuple[tuple[str, int], ...] = (
     (BIRTH_CODE, 0),
     ("GENDER/", 1),
+    ("Gender/", 1),
     ("RACE/", 2),
+    ("Race/", 2),
     ("ETHNICITY/", 3),
+    ("Ethnicity/", 3),
     ("VISIT/", 4),
+    ("Visit/", 4),
     ("VISIT_END/", 8),
     (DEATH_CODE, 9),
 )
 CLINICAL_PRIORITY = 5
+STATIC_PRIORITIES = (1, 2, 3)  # the person's demographic codes: static (null time) in the MEDS dataset
+VISIT_END_PREFIX = "VISIT_END"
+
+
+class Coder(Protocol):
+    """What the events need of a code book (`ehrfm.meds.codes.CodeBook.codes`)."""
+
+    def codes(self, domain: str, concept_ids: pa.Array | pa.ChunkedArray) -> pa.Array: ...
+
 
 # Events with the bookkeeping columns used between the ingest and the per-shard sort (all nullable:
 # blocks from different tasks must concatenate in the shuffle).
 STAGED_SCHEMA = pa.schema(
     [pa.field(f.name, f.type) for f in EVENT_SCHEMA]
-    + [pa.field(PRIORITY_COLUMN, pa.int8()), pa.field(SHARD_COLUMN, pa.int32())]
+    + [pa.field(CONCEPT_COLUMN, pa.int64()), pa.field(PRIORITY_COLUMN, pa.int8()), pa.field(SHARD_COLUMN, pa.int32())]
 )
 
 
@@ -143,20 +163,28 @@ def event_time_us(
     return np.where(same_day, us, midnight), has_day
 
 
-def concept_codes(prefix: str, concept: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, int]:
-    """(`PREFIX/<id>` codes, number of null concept ids written as 0, OMOP's 'no matching concept').
+def concept_codes(prefix: str, concept: pa.Array | pa.ChunkedArray, book: Coder | None = None) -> tuple[pa.Array, int]:
+    """(codes, number of null concept ids written as 0, OMOP's 'no matching concept').
+
+    The book's codes (`<vocabulary>/<concept_code>` for the concepts it knows, `PREFIX/<id>` for
+    the rest); without a book the id form `PREFIX/<id>`.
 
     In the pipeline no clinical row reaches here with a null main concept id: the validator
     quarantines it (`missing_concept_id`), so NULL and 0 never share a code; the count stays for
     the person's demographic concepts and for direct callers.
     """
     nulls = concept.null_count
+    if book is not None:
+        return book.codes(prefix, concept), nulls
     text = pc.cast(pc.fill_null(concept, 0), pa.string())
     return pc.binary_join_element_wise(prefix, text, "/"), nulls
 
 
 def source_codes(
-    prefix: str, concept: pa.Array | pa.ChunkedArray, source: pa.Array | pa.ChunkedArray | None
+    prefix: str,
+    concept: pa.Array | pa.ChunkedArray,
+    source: pa.Array | pa.ChunkedArray | None,
+    book: Coder | None = None,
 ) -> tuple[pa.Array, int, int]:
     """(codes, unmapped rows, unmapped rows coded by their source value) for one concept column.
 
@@ -165,7 +193,7 @@ def source_codes(
     then a code like any other (own vocabulary entry, own value bins). Without a source value it
     stays `PREFIX/0`.
     """
-    codes, _ = concept_codes(prefix, concept)
+    codes, _ = concept_codes(prefix, concept, book)
     unmapped = pc.fill_null(pc.equal(pc.fill_null(concept, 0), 0), True)
     n_unmapped = int(pc.sum(unmapped).as_py() or 0)
     if source is None or n_unmapped == 0:
@@ -187,6 +215,19 @@ def _float32_values(values: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, int]:
     return pc.cast(values, pa.float32()), overflow
 
 
+def visit_end_codes(start_codes: pa.Array) -> pa.Array:
+    """`VISIT_END/<start code>` (`VISIT_END/Visit/IP`); an id-form start `VISIT/9201` -> `VISIT_END/9201`."""
+    id_form = pc.fill_null(pc.starts_with(start_codes, "VISIT/"), False)
+    stripped = pc.replace_substring_regex(start_codes, "^VISIT/", f"{VISIT_END_PREFIX}/")
+    prefixed = pc.binary_join_element_wise(VISIT_END_PREFIX, start_codes, "/")
+    return pc.if_else(id_form, stripped, prefixed)
+
+
+def _int64_ids(concept: pa.Array | pa.ChunkedArray) -> pa.Array:
+    concept = concept.combine_chunks() if isinstance(concept, pa.ChunkedArray) else concept
+    return pc.cast(concept, pa.int64())
+
+
 def _events(
     subject: np.ndarray | pa.Array,
     time_us: np.ndarray,
@@ -195,6 +236,7 @@ def _events(
     value: pa.Array | None = None,
     visit: pa.Array | None = None,
     visit_type: pa.Array | None = None,
+    concept: pa.Array | None = None,
 ) -> pa.Table:
     n = len(time_us)
     priorities = np.broadcast_to(np.asarray(priority, dtype=np.int8), (n,))
@@ -206,6 +248,7 @@ def _events(
             "numeric_value": value if value is not None else pa.nulls(n, pa.float32()),
             "visit_id": visit if visit is not None else pa.nulls(n, pa.int64()),
             "visit_type": visit_type if visit_type is not None else pa.nulls(n, pa.string()),
+            CONCEPT_COLUMN: concept if concept is not None else pa.nulls(n, pa.int64()),
             PRIORITY_COLUMN: pa.array(priorities, pa.int8()),
         }
     )
@@ -244,17 +287,18 @@ class EventCounts:
         return {**out, **dict(sorted(self.values.items()))}
 
 
-def table_events(table: str, kept: pa.Table) -> tuple[pa.Table, EventCounts]:
-    """Events of validated rows of one clinical table (EVENT_SCHEMA columns + `_priority`)."""
+def table_events(table: str, kept: pa.Table, book: Coder | None = None) -> tuple[pa.Table, EventCounts]:
+    """Events of validated rows of one clinical table (EVENT_SCHEMA columns + `concept_id`, `_priority`)."""
     source = EVENT_SOURCES[table]
     counts = EventCounts()
     subject = kept["person_id"].combine_chunks()
     start, _ = event_time_us(kept[source.date], kept[source.datetime] if source.datetime else None)
     concept = kept[source.concept].combine_chunks()
-    codes, counts.null_concept_ids = concept_codes(source.prefix, concept)
+    concept_ids = _int64_ids(concept)
+    codes, counts.null_concept_ids = concept_codes(source.prefix, concept, book)
     if source.end_date is None:
         text = kept[source.source_value].combine_chunks() if source.source_value in kept.column_names else None
-        codes, counts.unmapped_rows, counts.unmapped_coded_by_source = source_codes(source.prefix, concept, text)
+        codes, counts.unmapped_rows, counts.unmapped_coded_by_source = source_codes(source.prefix, concept, text, book)
     visit = kept[source.visit].combine_chunks() if source.visit else None
     value = None
     if source.value:
@@ -265,16 +309,16 @@ def table_events(table: str, kept: pa.Table) -> tuple[pa.Table, EventCounts]:
             raw, counts.values = canonical_values(concept, raw, unit_concept, unit_text)
         value, counts.values_beyond_float32 = _float32_values(raw)
     if source.end_date is None:
-        events = _events(subject, start, codes, CLINICAL_PRIORITY, value, visit)
+        events = _events(subject, start, codes, CLINICAL_PRIORITY, value, visit, concept=concept_ids)
     else:  # a visit: start and end events, typed by the visit concept
         visit_type = pc.cast(pc.fill_null(kept[source.concept].combine_chunks(), 0), pa.string())
         end, _ = event_time_us(kept[source.end_date], kept[source.end_datetime])
         end = np.maximum(end, start)  # a date-only end on the start day must not precede the start
-        end_codes, _ = concept_codes("VISIT_END", kept[source.concept].combine_chunks())
+        end_codes = visit_end_codes(codes)
         events = pa.concat_tables(
             [
-                _events(subject, start, codes, 4, None, visit, visit_type),
-                _events(subject, end, end_codes, 8, None, visit, visit_type),
+                _events(subject, start, codes, 4, None, visit, visit_type, concept_ids),
+                _events(subject, end, end_codes, 8, None, visit, visit_type, concept_ids),
             ]
         )
     counts.events = events.num_rows
@@ -291,8 +335,9 @@ def birth_time_us(person: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return np.where(has_stamp, stamp, days * DAY_US), has_stamp | (valid & has_year)
 
 
-def person_events(person: pa.Table) -> tuple[pa.Table, EventCounts]:
-    """MEDS_BIRTH plus GENDER/RACE/ETHNICITY codes at the birth time, for validated person rows."""
+def person_events(person: pa.Table, book: Coder | None = None) -> tuple[pa.Table, EventCounts]:
+    """MEDS_BIRTH plus the gender/race/ethnicity codes at the birth time, for validated person rows
+    (at birth here, so timelines put them first; the MEDS dataset writes them with a null time)."""
     counts = EventCounts()
     birth, valid = birth_time_us(person)
     if not valid.all():  # the validator quarantines these; reaching here is a bug upstream
@@ -303,9 +348,10 @@ def person_events(person: pa.Table) -> tuple[pa.Table, EventCounts]:
     for priority, (prefix, column) in enumerate(
         (("GENDER", "gender_concept_id"), ("RACE", "race_concept_id"), ("ETHNICITY", "ethnicity_concept_id")), start=1
     ):
-        codes, nulls = concept_codes(prefix, person[column].combine_chunks())
+        concept = person[column].combine_chunks()
+        codes, nulls = concept_codes(prefix, concept, book)
         counts.null_concept_ids += nulls
-        parts.append(_events(subject, birth, codes, priority))
+        parts.append(_events(subject, birth, codes, priority, concept=_int64_ids(concept)))
     events = pa.concat_tables(parts)
     counts.events = events.num_rows
     return events, counts
@@ -352,6 +398,8 @@ def stage_meds(raw: pa.Table) -> pa.Table:
         else:
             columns[field_.name] = pa.nulls(raw.num_rows, field_.type)
     codes = raw["code"].combine_chunks() if raw.num_rows else pa.array([], pa.string())
+    concept = raw[CONCEPT_COLUMN] if CONCEPT_COLUMN in raw.column_names else pa.nulls(raw.num_rows, pa.int64())
+    columns[CONCEPT_COLUMN] = pc.cast(concept, pa.int64(), safe=False)
     columns[PRIORITY_COLUMN] = pa.array(code_priority(codes), pa.int8())
     return pa.table(columns)
 
@@ -399,14 +447,13 @@ SORT_KEYS = [(name, "ascending", "at_end") for name in SORT_COLUMNS]  # nulls la
 
 
 def fill_visit_types(events: pa.Table) -> pa.Table:
-    """visit_type on every event that carries a visit id and no type yet, from the VISIT/<type>
-    event of the same subject with that id (row order is not kept: the shard is sorted next).
+    """visit_type on every event that carries a visit id and no type yet, from the visit's own
+    start/end events (same subject and id) (row order is not kept: the shard is sorted next).
 
     Needs every event of each subject in `events` (one shard): a visit and its contents are then
     together. An event whose visit id names no visit of its subject keeps visit_type null.
     """
-    is_visit = pc.fill_null(pc.starts_with(events["code"], "VISIT/"), False)
-    visits = events.filter(pc.and_(is_visit, pc.is_valid(events["visit_type"])))
+    visits = events.filter(pc.is_valid(events["visit_type"]))  # visit start/end events carry the type
     if visits.num_rows == 0:
         return events
     lookup = visits.group_by(["subject_id", "visit_id"]).aggregate([("visit_type", "min")])
@@ -416,8 +463,12 @@ def fill_visit_types(events: pa.Table) -> pa.Table:
     return joined.drop_columns(["visit_type_min"])
 
 
-def finalize_shard(staged: pa.Table) -> pa.Table:
-    """One shard's staged events -> sorted MEDS events in EVENT_SCHEMA, visit types filled."""
+def finalize_shard(staged: pa.Table, keep: tuple[str, ...] = ()) -> pa.Table:
+    """One shard's staged events -> sorted MEDS events in EVENT_SCHEMA, visit types filled; the
+    staged columns named in `keep` (e.g. `concept_id`, `_priority`) follow the EVENT_SCHEMA ones."""
     events = fill_visit_types(staged)
     events = events.sort_by(SORT_KEYS)
-    return events.select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA)
+    out = events.select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA)
+    for name in keep:
+        out = out.append_column(name, events[name])
+    return out

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ehrfm.omop.events import EVENT_SOURCES, SHARD_COLUMN, EventCounts, table_events
+from ehrfm.omop.events import EVENT_SOURCES, SHARD_COLUMN, Coder, EventCounts, table_events
 from ehrfm.omop.files import MALFORMED_LINE_COLUMN, file_name, iter_raw_batches
 from ehrfm.omop.spec import CDM_TABLES, REASONS, TABLE_ORDER
 from ehrfm.omop.validation import PersonIndex, quarantine_rows, validate_batch
@@ -196,6 +196,7 @@ class IngestContext:
     accounts_dir: str
     cross_unit_duplicates: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     key_buckets: int = 16
+    codebook: Coder | None = None  # the cohort's concept codes (ehrfm.meds.codes.CodeBook); None: id form
 
 
 @dataclass
@@ -292,7 +293,7 @@ def ingest_unit(unit: Unit, ctx: IngestContext) -> Iterator[pa.Table]:
     try:
         for kept in _validated(unit, ctx, account, quarantine):
             if unit.table in EVENT_SOURCES and kept.num_rows:
-                events, batch_counts = table_events(unit.table, kept)
+                events, batch_counts = table_events(unit.table, kept, ctx.codebook)
                 counts.add(batch_counts)
                 subjects = events["subject_id"].to_numpy()
                 yield events.append_column(SHARD_COLUMN, pa.array(shard_of(subjects, ctx.n_shards)))

@@ -1,4 +1,4 @@
-"""`ehrfm preprocess`: OMOP CDM (or MEDS) + PRS -> MEDS events -> PRS z-scores -> tokenized timelines.
+"""`ehrfm preprocess`: OMOP CDM (or MEDS) + PRS -> a MEDS dataset -> PRS z-scores -> tokenized timelines.
 
 One Ray Data graph per step (stages.py; the task functions in ray_tasks.py),
 streaming, with no step that holds the dataset in one process:
@@ -7,8 +7,9 @@ streaming, with no step that holds the dataset in one process:
     bucket (hash shuffle) to find cross-file duplicates exactly (see ingest.py).
  3. ingest + events: one task per OMOP file validates it batch by batch (quarantine + row
     account), maps kept rows to events and tags each with its shard, a hash of subject_id; each
-    shard's events are gathered, sorted and written as events/part-S.parquet
-    (meds.DataSchema-valid, subject-complete). Gathered either by a groupby on the shard (a Ray
+    shard's events are gathered, sorted and written as data/<split>/part-S.parquet, the MEDS
+    dataset's files (meds.DataSchema-valid, split by subject: train/tuning/held_out; static codes
+    with a null time; ehrfm.meds.writer). Gathered either by a groupby on the shard (a Ray
     shuffle) or, with shuffle_strategy=shard_files, through per-shard files the ingest tasks
     write under the temp directory, read back by one task per shard (no object-store traffic).
  4. PRS in the driver (K floats per person): validated, z-scored / ancestry-adjusted on the train
@@ -16,8 +17,9 @@ streaming, with no step that holds the dataset in one process:
  5. tokenizer fit on train persons only: code counts come back from the shard writers, value-bin
     edges from a groupby on code over the train values -> tokenizer.json.
  6. timelines: one task per shard -> timelines/part-S.parquet + timelines/manifest.json.
- 7. report.json, splits.parquet, quarantine/; all written under a hidden temp directory beside
-    OUT, which replaces OUT by a rename only when everything succeeded.
+ 7. report.json, metadata/ (codes.parquet, dataset.json, subject_splits.parquet), quarantine/;
+    all written under a hidden temp directory beside OUT, which replaces OUT by a rename only
+    when everything succeeded.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ehrfm.config import add_config_arguments, dump_config, parse_config
 from ehrfm.constants import FIRST_CODE_ID, SPECIAL_TOKENS, SPLITS
 from ehrfm.meds.reader import preflight_meds, subject_split_codes
+from ehrfm.meds.writer import write_metadata
 from ehrfm.omop.files import OmopSchemaError
 from ehrfm.omop.readability import preflight_omop
 from ehrfm.omop.validation import find_tables
@@ -247,21 +249,21 @@ def _run_stages(
             person_prs = PersonPrs.empty(subjects)
         write_prs(tmp / "prs", person_prs, shard_of(subjects, n_shards), n_shards)
     with timer.stage("tokenizer_fit"):
-        tok = stages.fit_tokenizer(tmp / "events", events, config)
+        tok = stages.fit_tokenizer(tmp, events, config)
         tok.save(tmp / "tokenizer.json")
     with timer.stage("timelines"):
         timelines = stages.build_timelines(
             tmp, tok, len(person_prs.pgs_ids), [s["shard"] for s in events.shards], config
         )
     splits, tokens, timeline_shards = _token_report(timelines)
-    pq.write_table(
-        pa.table(
-            {
-                "subject_id": pa.array(subjects, pa.int64()),
-                "split": pa.array(np.asarray(SPLITS, dtype=object)[person_split].tolist(), pa.string()),
-            }
-        ),
-        tmp / "splits.parquet",
+    metadata = write_metadata(
+        tmp,
+        events.codebook,
+        events.codes,
+        subjects,
+        person_split,
+        ancestors=events.ancestors,
+        dataset_name=Path(inputs.omop or inputs.meds).name,
     )
     manifest = {
         "format": TIMELINES_FORMAT,
@@ -300,7 +302,13 @@ def _run_stages(
         "totals": {
             key: sum(a[key] for a in events.tables.values()) for key in ("rows_in", "rows_kept", "rows_quarantined")
         },
-        "events": {"events": events.events, "subjects": int(len(subjects)), "shards": n_shards, "files": events.shards},
+        "events": {
+            "events": events.events,
+            "subjects": int(len(subjects)),
+            "shards": n_shards,
+            "files": events.shards,
+            "meds": metadata,
+        },
         "splits": splits,
         "tokens": tokens,
         "tokenizer": {"version": tok.version, "vocab_size": tok.vocab_size, **tok.fit_summary},

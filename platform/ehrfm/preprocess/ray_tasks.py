@@ -12,7 +12,6 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import meds
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,12 +19,22 @@ import pyarrow.parquet as pq
 import ray
 
 from ehrfm.meds.reader import align_data, subject_split_codes
-from ehrfm.omop.events import BIRTH_CODE, SHARD_COLUMN, STAGED_SCHEMA, finalize_shard, place_meds_events, stage_meds
+from ehrfm.meds.writer import meds_rows, read_shard, write_shard
+from ehrfm.omop.events import (
+    BIRTH_CODE,
+    CONCEPT_COLUMN,
+    PRIORITY_COLUMN,
+    SHARD_COLUMN,
+    STAGED_SCHEMA,
+    finalize_shard,
+    place_meds_events,
+    stage_meds,
+)
 from ehrfm.omop.files import OmopSchemaError
 from ehrfm.omop.validation import quarantine_rows
 from ehrfm.preprocess.ingest import KEY_SCHEMA, IngestContext, Unit, duplicate_keys, ingest_unit, unit_keys
 from ehrfm.preprocess.staged_partitions import PartitionedWriter, read_partition
-from ehrfm.preprocess.timelines import build_shard, shard_name
+from ehrfm.preprocess.timelines import EVENT_COLUMNS, build_shard, shard_name
 from ehrfm.preprocess.tokenizer import code_counts_table, code_values_table, fit_value_edges, train_rows
 from ehrfm.splits import shard_of
 
@@ -200,8 +209,9 @@ def event_shard(
     salt: int,
     splits_file: str | None = None,
 ) -> pa.Table:
-    """All staged events of one shard -> events/part-S.parquet (sorted MEDS); returns its counts,
-    including the train-split event count per code (the vocabulary's input, so no extra pass)."""
+    """All staged events of one shard -> `<events_dir>/data/<split>/part-S.parquet` (the MEDS dataset's
+    files of shard S, sorted); returns its counts, including the train-split event count per code
+    (the vocabulary's input, so no extra pass) and its distinct codes (for metadata/codes.parquet)."""
     rows_in = group.num_rows
     dropped_by: dict[str, int] = {}
     if meds_input:
@@ -213,10 +223,10 @@ def event_shard(
             target.mkdir(parents=True, exist_ok=True)
             rows = quarantine_rows(dropped.drop_columns(["reason"]), dropped["reason"], None)
             pq.write_table(rows, target / shard_name(shard))
-    events = finalize_shard(group)
-    meds.DataSchema.validate(events)
-    path = Path(events_dir) / shard_name(shard)
-    pq.write_table(events, path)
+    events = finalize_shard(group, keep=(CONCEPT_COLUMN, PRIORITY_COLUMN))
+    meds_data = meds_rows(events)
+    split_of_row = subject_split_codes(meds_data["subject_id"].to_numpy(), ratios, salt, splits_file)
+    paths = write_shard(meds_data, split_of_row, events_dir, shard)
     subjects = np.unique(events["subject_id"].to_numpy())
     counts = train_code_counts(events, ratios, salt, splits_file)
     return pa.table(
@@ -226,11 +236,18 @@ def event_shard(
             "events": pa.array([events.num_rows], pa.int64()),
             "subject_ids": pa.array([subjects], pa.list_(pa.int64())),
             "dropped": pa.array([json.dumps(dropped_by, sort_keys=True)], pa.string()),
-            "sha256": pa.array([file_sha256(str(path))], pa.string()),
+            "sha256": pa.array([_files_sha256(paths)], pa.string()),
+            "codes": pa.array([pc.unique(events["code"]).to_pylist()], pa.list_(pa.string())),
             "train_codes": pa.array([counts["code"]], pa.list_(pa.string())),
             "train_counts": pa.array([counts["n"]], pa.list_(pa.int64())),
         }
     )
+
+
+def _files_sha256(paths: list[Path]) -> str:
+    """One checksum for a shard's split files: sha256 over `<split>/<name>:<file sha256>` lines."""
+    lines = [f"{p.parent.name}/{p.name}:{file_sha256(str(p))}" for p in paths]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 # ---- tokenizer fit (train split only) -------------------------------------------------------------
@@ -289,7 +306,7 @@ def timeline_batch(
     rows = {"shard": [], "lengths": [], "stats": [], "sha256": []}
     for shard in batch["shard"].to_pylist():
         table, stats = build_shard(
-            Path(events_dir) / shard_name(shard),
+            read_shard(events_dir, shard, EVENT_COLUMNS),
             Path(prs_dir) / shard_name(shard),
             tok,
             num_pgs,

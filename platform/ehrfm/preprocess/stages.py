@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ehrfm.meds.codes import CodeBook, read_vocabulary_table
+from ehrfm.meds.layout import CODES_FILE, data_files
 from ehrfm.meds.reader import split_account, subject_split_codes
 from ehrfm.omop.events import SHARD_COLUMN, death_events, person_events
 from ehrfm.omop.files import OmopSchemaError, file_name
@@ -83,6 +85,9 @@ class EventsResult:
     events: int
     train_code_counts: dict[str, int]
     plausibility: dict = field(default_factory=dict)  # the date rules applied (OMOP input only)
+    codes: list[str] = field(default_factory=list)  # every distinct code written (metadata/codes.parquet)
+    codebook: CodeBook = field(default_factory=CodeBook.empty)
+    ancestors: object = None  # OMOP concept_ancestor (polars), for parent codes; None when absent
 
 
 def _shard_events_dataset(
@@ -177,7 +182,7 @@ def _omop_shard_files(
         )
         _raise_task_input_error(counts)
         staged_rows += _total_rows(counts)
-    return _shard_staged_files(staged_dir, staged_rows, tmp / "events", quarantine_dir, False, cfg)
+    return _shard_staged_files(staged_dir, staged_rows, tmp, quarantine_dir, False, cfg)
 
 
 def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> EventsResult:
@@ -199,7 +204,8 @@ def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
             periods = validate_table(tables["observation_period"], "observation_period", persons, cfg.batch_rows)
             persons = persons.with_observation(periods.kept)
         n_shards = num_shards_for(len(persons), cfg.subjects_per_shard, cfg.min_shards)
-        driver_events, driver_counts = person_events(person.kept)
+        book = CodeBook.from_omop_dir(root) if "://" not in str(root) else CodeBook.empty()
+        driver_events, driver_counts = person_events(person.kept, book)
         accounts = {"person": {**person.account, "events": driver_counts.events, "mapping": driver_counts.as_dict()}}
         _write_quarantine(quarantine_dir, "person", person.quarantine)
         if death is not None:
@@ -211,7 +217,7 @@ def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
         driver_events = driver_events.append_column(SHARD_COLUMN, pa.array(shard_of(subjects, n_shards)))
 
     units = plan_units(tables, skip=DRIVER_TABLES)
-    context = IngestContext(persons, n_shards, cfg.batch_rows, str(quarantine_dir), str(accounts_dir))
+    context = IngestContext(persons, n_shards, cfg.batch_rows, str(quarantine_dir), str(accounts_dir), codebook=book)
     flagged = tables_needing_key_check(units)
     if flagged:
         with timer.stage("cross_file_keys"):
@@ -230,7 +236,6 @@ def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
             context.cross_unit_duplicates = duplicates_by_unit(dupes) if dupes.num_rows else {}
     with timer.stage("ingest_events"):
         ref = [ray.put(context)]
-        (tmp / "events").mkdir()
         if cfg.shuffle_strategy == SHARD_FILES:
             shards = _omop_shard_files(driver_events, units, ref, tmp, quarantine_dir, cfg)
         else:
@@ -243,14 +248,30 @@ def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
                     ),
                 )
             dataset = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-            shards = _shard_events_dataset(dataset, n_shards, tmp / "events", quarantine_dir, False, cfg)
+            shards = _shard_events_dataset(dataset, n_shards, tmp, quarantine_dir, False, cfg)
             _raise_task_input_error(accounts_dir=accounts_dir)
     accounts.update(table_accounts(accounts_dir, units))
     ordered = {t: accounts[t] for t in TABLE_ORDER if t in accounts}
     if flagged:
         for table in flagged:
             ordered[table]["cross_file_key_check"] = True
-    return replace(_events_result(shards, n_shards, ordered), plausibility=rules.report())
+    return replace(
+        _events_result(shards, n_shards, ordered),
+        plausibility=rules.report(),
+        codebook=book,
+        ancestors=_concept_ancestor(root) if len(book) else None,
+    )
+
+
+def _concept_ancestor(root: str):
+    """The OMOP concept_ancestor edges (with min_levels_of_separation when present); None when absent."""
+    columns = ("ancestor_concept_id", "descendant_concept_id")
+    if "://" in str(root):
+        return None
+    try:
+        return read_vocabulary_table(root, "concept_ancestor", (*columns, "min_levels_of_separation"))
+    except ValueError:  # no level column: every ancestor counts as a parent
+        return read_vocabulary_table(root, "concept_ancestor", columns)
 
 
 def _events_result(shards: pa.Table, n_shards: int, tables: dict[str, dict]) -> EventsResult:
@@ -285,11 +306,13 @@ def _events_result(shards: pa.Table, n_shards: int, tables: dict[str, dict]) -> 
         .aggregate([("n", "sum")])
     )
     code_counts = dict(zip(counts["code"].to_pylist(), counts["n_sum"].to_pylist()))
-    return EventsResult(subjects, n_shards, tables, summaries, int(sum(r["events"] for r in scalars)), code_counts)
+    codes = sorted(set(shards["codes"].combine_chunks().flatten().to_pylist()))
+    events = int(sum(r["events"] for r in scalars))
+    return EventsResult(subjects, n_shards, tables, summaries, events, code_counts, codes=codes)
 
 
 def meds_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> EventsResult:
-    """A MEDS dataset re-sharded, sorted and checked into events/ (rows that cannot be placed counted)."""
+    """A MEDS dataset re-sharded, sorted and checked into data/<split>/ (rows that cannot be placed counted)."""
     import ray.data
 
     files = meds_files(Path(root))
@@ -300,7 +323,6 @@ def meds_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
         n_shards = num_shards_for(
             int(births["n"].to_numpy().sum()) if births.num_rows else 0, cfg.subjects_per_shard, cfg.min_shards
         )
-        (tmp / "events").mkdir()
         if cfg.shuffle_strategy == SHARD_FILES:
             staged_dir = tmp / "_work" / "staged"
             items = [{"path": f, "index": i} for i, f in enumerate(files)]
@@ -312,13 +334,15 @@ def meds_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
                     fn_kwargs={"n_shards": n_shards, "staged_dir": str(staged_dir)},
                 )
             )
-            shards = _shard_staged_files(staged_dir, _total_rows(staged), tmp / "events", tmp / "quarantine", True, cfg)
+            shards = _shard_staged_files(staged_dir, _total_rows(staged), tmp, tmp / "quarantine", True, cfg)
         else:
             dataset = ray.data.read_parquet(files).map_batches(
                 tasks.stage_meds_batch, batch_format="pyarrow", fn_kwargs={"n_shards": n_shards}
             )
-            shards = _shard_events_dataset(dataset, n_shards, tmp / "events", tmp / "quarantine", True, cfg)
+            shards = _shard_events_dataset(dataset, n_shards, tmp, tmp / "quarantine", True, cfg)
     result = _events_result(shards, n_shards, {})
+    if (Path(root) / CODES_FILE).is_file():  # the input's own concept ids, where it has them
+        result.codebook = CodeBook.from_codes_metadata(Path(root) / CODES_FILE)
     by_reason: dict[str, int] = {}
     for shard in result.shards:
         for reason, n in shard["dropped"].items():
@@ -341,7 +365,7 @@ def meds_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> Ev
     return result
 
 
-def fit_tokenizer(events_dir: Path, events: EventsResult, cfg: PreprocessConfig) -> Tokenizer:
+def fit_tokenizer(dataset_root: Path, events: EventsResult, cfg: PreprocessConfig) -> Tokenizer:
     """Vocabulary from the train code counts the shard writers returned; value-bin edges from the
     train values of the vocabulary's codes, grouped by code (exact order statistics per code)."""
     import ray.data
@@ -351,7 +375,7 @@ def fit_tokenizer(events_dir: Path, events: EventsResult, cfg: PreprocessConfig)
     candidates = sorted(c for c, n in code_counts.items() if n >= max(settings.min_count, settings.min_values_for_bins))
     edges: dict[str, np.ndarray] = {}
     if candidates:
-        files = [{"path": str(p)} for p in sorted(events_dir.glob("part-*.parquet"))]
+        files = [{"path": str(p)} for p in data_files(dataset_root)]
         events_ds = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
             tasks.read_parquet_batch,
             batch_size=1,
@@ -408,7 +432,7 @@ def build_timelines(tmp: Path, tok: Tokenizer, num_pgs: int, shards: list[int], 
         batch_format="pyarrow",
         fn_kwargs={
             "tokenizer": [ray.put(tok)],
-            "events_dir": str(tmp / "events"),
+            "events_dir": str(tmp),
             "prs_dir": str(tmp / "prs"),
             "timelines_dir": str(tmp / "timelines"),
             "num_pgs": num_pgs,

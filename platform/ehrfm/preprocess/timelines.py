@@ -1,7 +1,8 @@
-"""One shard of timelines: events/part-S + prs/part-S + the tokenizer -> timelines/part-S.
+"""One shard of timelines: the MEDS data files of shard S + prs/part-S + the tokenizer -> timelines/part-S.
 
-Shards are subject-complete (all events of a person live in one events shard, and the PRS rows
-use the same subject hash), so a shard is converted on its own, in one task, with no shuffle.
+Shards are subject-complete (all events of a person live in the `data/<split>/part-S` files of one
+shard, and the PRS rows use the same subject hash), so a shard is converted on its own, in one
+task, with no shuffle.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def prs_rows(prs_file: Path, subject_ids: np.ndarray, num_pgs: int) -> tuple[np.
 
 
 def build_shard(
-    events_file: Path,
+    events: pa.Table,
     prs_file: Path,
     tokenizer: Tokenizer,
     num_pgs: int,
@@ -67,8 +68,8 @@ def build_shard(
     salt: int,
     splits_file: str | None = None,
 ) -> tuple[pa.Table, dict]:
-    """Timelines of one events shard and its counts (per split, tokens, UNK)."""
-    events = pq.read_table(events_file, columns=EVENT_COLUMNS)
+    """Timelines of one shard's events (working form: `ehrfm.meds.writer.read_shard`) and its counts
+    (per split, tokens, UNK)."""
     timelines = tokenizer.tokenize(events)
     splits = subject_split_codes(timelines.subject_id, ratios, salt, splits_file)
     prs, has_prs = prs_rows(prs_file, timelines.subject_id, num_pgs)
