@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ehrfm.meds.layout import to_meds_split
 from ehrfm.schemas import EVENT_SCHEMA, prs_schema
 from ehrfm.tasks.labeler import LABEL_SCHEMA
 from ehrfm_synthetic.params import TRAITS, GenerativeParams
@@ -107,15 +108,23 @@ def make_task(root: Path, seed: int = 0) -> dict:
     y = (onset <= 730) | (rng.random(N) < _sigmoid(1.2 * signal + 1.5 * prs[:, 1] * has_prs - 3.5))
     split = np.array(["train"] * 140 + ["val"] * 50 + ["test"] * 50)
     data = root / "data"
-    (data / "events").mkdir(parents=True)
-    (data / "prs").mkdir()
-    pq.write_table(_events(subjects, signal, rng), data / "events" / "part-00000.parquet")
+    (data / "prs").mkdir(parents=True)
+    events = _events(subjects, signal, rng)
+    split_of_row = split[np.searchsorted(subjects, events["subject_id"].to_numpy())]
+    for name in ("train", "val", "test"):  # the MEDS layout preprocess writes (data/<MEDS split>/)
+        (data / "data" / to_meds_split(name)).mkdir(parents=True)
+        part = events.filter(pa.array(split_of_row == name))
+        pq.write_table(part, data / "data" / to_meds_split(name) / "part-00000.parquet")
     pq.write_table(
         pa.table({"subject_id": subjects, "prs": list(prs), "has_prs": has_prs}, schema=prs_schema(3)),
         data / "prs" / "part-00000.parquet",
     )
     (data / "prs" / "pgs_ids.json").write_text(json.dumps(PGS_IDS))
-    pq.write_table(pa.table({"subject_id": subjects, "split": split}), data / "splits.parquet")
+    (data / "metadata").mkdir()
+    meds_split = [to_meds_split(name) for name in split]
+    pq.write_table(
+        pa.table({"subject_id": subjects, "split": meds_split}), data / "metadata" / "subject_splits.parquet"
+    )
     labels = pa.table({"subject_id": subjects, "prediction_time": [PT] * N, "boolean_value": y}, schema=LABEL_SCHEMA)
     pq.write_table(labels, root / "labels.parquet")
     logit = 1.2 * signal + 1.5 * prs[:, 1] * has_prs - 3.5 + rng.normal(0, 0.5, N)

@@ -31,6 +31,8 @@ from ehrfm.config import StrictModel, add_config_arguments, parse_config
 from ehrfm.evaluate.features import CodeVocabulary, FeatureMatrix, build_features, demographics
 from ehrfm.evaluate.report import evaluate_predictions, log_to_mlflow, write_report, write_stratified
 from ehrfm.evaluate.stratify import age_bucket
+from ehrfm.meds.layout import DATA_DIR
+from ehrfm.meds.writer import read_events as read_dataset_events
 from ehrfm.metrics import auroc
 
 BASELINES = ("prs_lr", "counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb")
@@ -245,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def read_events(path: Path) -> pa.Table:
-    """The event columns the count features need, from a MEDS events file or a directory of parquet shards."""
+    """The event columns the count features need: from a preprocessed MEDS dataset root (static codes
+    placed at birth, `ehrfm.meds.writer.read_events`), a MEDS events file or a directory of shards."""
     path = Path(path)
+    if (path / DATA_DIR).is_dir() or (path / "events").is_dir():  # a dataset root (old layout: clear error)
+        return read_dataset_events(path, list(EVENT_COLUMNS))
     files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no event parquet at {path}")

@@ -97,7 +97,7 @@ def prs_headroom(
     }
 
     with threadpool_limits(limits=config.threads):
-        events = read_events(data_dir / "events")
+        events = read_events(data_dir)
         vocabulary = CodeVocabulary.fit(
             events, labels, tuple(config.windows_days), config.min_persons_per_code, config.max_codes
         )  # label-free: which codes are common enough

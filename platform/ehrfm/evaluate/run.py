@@ -57,6 +57,7 @@ from ehrfm.evaluate.report import (
     write_stratified,
 )
 from ehrfm.evaluate.truth import load_truth
+from ehrfm.meds.layout import SPLITS_FILE, read_subject_splits
 from ehrfm.metrics import DEFAULT_BOOTSTRAP, Estimate, bootstrap_difference
 from ehrfm.small_counts import binary_hidden, public_json, show
 from ehrfm.transfer.examples import read_labels
@@ -127,12 +128,12 @@ def evaluate_all(
     """Evaluate every available model on the test label rows; write the report; return its numbers."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     labels = read_labels(labels_path)
-    splits_path = data_dir / "splits.parquet"
-    split = splits_for(labels, pl.read_parquet(splits_path, columns=["subject_id", "split"]), str(splits_path))
+    splits_path = data_dir / SPLITS_FILE
+    split = splits_for(labels, read_subject_splits(data_dir), str(splits_path))
     y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(bool)
     prs_dir = data_dir / "prs"
     prs, has_prs = prs_for(labels, read_parquet_parts(prs_dir)) if prs_dir.exists() else (None, None)
-    events = read_events(data_dir / "events")
+    events = read_events(data_dir)
 
     risks: dict[str, np.ndarray] = {}
     if predictions is not None:
@@ -436,7 +437,7 @@ def _json_number(value):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="preprocessed dir: events/, prs/, splits.parquet")
+    parser.add_argument("--data", type=Path, required=True, help="preprocessed dir (MEDS): data/, metadata/, prs/")
     parser.add_argument("--labels", type=Path, required=True, help="labels.parquet from `ehrfm label`")
     parser.add_argument("--predictions", type=Path, default=None, help="fine-tuning predictions.parquet")
     parser.add_argument(

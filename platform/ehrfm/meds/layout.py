@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import meds
+import polars as pl
 
 DATA_DIR = meds.data_subdirectory  # "data"
 METADATA_DIR = "metadata"
@@ -56,3 +57,19 @@ def data_files(root: str | Path) -> list[Path]:
             )
         raise NotMedsDatasetError(f"{root}: no {DATA_DIR}/ directory (not a MEDS dataset)")
     return sorted(base.rglob("*.parquet"))
+
+
+def read_subject_splits(root: str | Path) -> pl.DataFrame:
+    """(subject_id, split) from `metadata/subject_splits.parquet`, splits in ehrfm's names (train/val/test)."""
+    path = Path(root) / SPLITS_FILE
+    if not path.is_file():
+        if (Path(root) / "splits.parquet").is_file():
+            raise NotMedsDatasetError(
+                f"{root} has the old ehrfm layout (splits.parquet, no {SPLITS_FILE}); rerun `ehrfm preprocess`"
+            )
+        raise FileNotFoundError(f"{root}: no {SPLITS_FILE}")
+    frame = pl.read_parquet(path, columns=["subject_id", "split"])
+    unknown = frame.filter(~pl.col("split").is_in(list(FROM_MEDS_SPLIT)))
+    if unknown.height:
+        raise ValueError(f"{path}: column split has {unknown.height} rows outside {sorted(FROM_MEDS_SPLIT)}")
+    return frame.with_columns(pl.col("split").replace_strict(FROM_MEDS_SPLIT, return_dtype=pl.String))
