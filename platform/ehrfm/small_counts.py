@@ -1,6 +1,6 @@
 """The small-count rule for every human-facing output (reports, subgroup tables, the model card,
 MLflow params and report files): person counts from 1 to the threshold are shown as `<=threshold`,
-0 may be shown.
+0 may be shown; a larger count hidden by complementary suppression is shown as `hidden`.
 
 All of Us (and most biobank) dissemination rules forbid showing participant counts of 1-20, and
 also any count that can be recovered by subtraction from what is shown (complementary
@@ -24,6 +24,7 @@ THRESHOLD_ENV = "EHRFM_SMALL_COUNT_THRESHOLD"
 # report.json / metrics.json keys that hold person counts; (total, part) pairs suppress together
 COUNT_KEYS = ("n", "n_positive", "n_test", "n_test_positive", "n_genotyped", "test_rows_already_begun")
 COUNT_PAIRS = (("n", "n_positive"), ("n_test", "n_test_positive"))
+HIDDEN = "hidden"  # a count above the threshold, hidden so that a small one cannot be subtracted out
 
 
 def threshold() -> int:
@@ -46,23 +47,23 @@ def _is_count(value: Any) -> bool:
 
 
 def is_small(count: Any, limit: int | None = None) -> bool:
-    """1 <= count <= threshold (suppressed strings are small too)."""
+    """1 <= count <= threshold (published strings count as suppressed)."""
     if isinstance(count, str):
-        return count.startswith("<=")
+        return count.startswith("<=") or count == HIDDEN
     if not _is_count(count):
         return False
     return 0 < count <= (threshold() if limit is None else limit)
 
 
 def show(count: Any, limit: int | None = None, hidden: bool = False) -> str:
-    """A count for publication: the label when small (or `hidden` by complementary suppression)."""
+    """A count for publication: the label when small, HIDDEN when `hidden` (complementary suppression)."""
     if isinstance(count, str):
         return count
     if not _is_count(count):
         return "n/a"
-    if hidden or is_small(count, limit):
+    if is_small(count, limit):
         return label(limit)
-    return str(int(count))
+    return HIDDEN if hidden else str(int(count))
 
 
 def binary_hidden(n: Any, events: Any, limit: int | None = None) -> tuple[bool, bool]:
@@ -118,6 +119,9 @@ def public_json(value: Any, limit: int | None = None) -> Any:
             hidden[total], hidden[part] = binary_hidden(value[total], value[part], limit)
     for key in COUNT_KEYS:
         if key in value and _is_count(value[key]):
-            small = hidden.get(key, False) or is_small(value[key], limit)
-            out[key] = label(limit) if small else value[key]
+            out[key] = (
+                show(value[key], limit, hidden.get(key, False))
+                if is_small(value[key], limit) or hidden.get(key)
+                else value[key]
+            )
     return out

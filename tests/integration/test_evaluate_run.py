@@ -13,10 +13,12 @@ from mlflow import MlflowClient
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ehrfm.evaluate.baselines import BASELINES, BaselineConfig
+from ehrfm.evaluate.report import counts_cell
 from ehrfm.evaluate.run import evaluate_all
 from ehrfm_synthetic.oracle import oracle_t2d_risk
 from ehrfm_synthetic.truth import load_truth
 from tests.support.evaluate_factory import PT, make_task
+from tests.support.published_counts import csv_count_cells, markdown_count_cells, small_numbers
 
 pytestmark = pytest.mark.mlflow
 
@@ -57,7 +59,7 @@ def test_report_has_every_model_with_cis_and_the_prs_gain(evaluated):
     ]
     for name in expected:
         assert re.search(
-            rf"^\| {re.escape(name)} \| 50 \({int(y.sum())}\) \| \d\.\d{{3}} \[\d\.\d{{3}}, \d\.\d{{3}}\] \| "
+            rf"^\| {re.escape(name)} \| {re.escape(counts_cell(50, int(y.sum())))} \| \d\.\d{{3}} \[\d\.\d{{3}}, \d\.\d{{3}}\] \| "
             rf"\d\.\d{{3}} \[\d\.\d{{3}}, \d\.\d{{3}}\] \|",
             report,
             re.M,
@@ -94,6 +96,23 @@ def test_report_has_every_model_with_cis_and_the_prs_gain(evaluated):
         assert (out / name).stat().st_size > 0, name
     subgroup_md = (out / "subgroups.md").read_text()
     assert all(f"| {a} |" in subgroup_md for a in ("sex", "age", "has_prs", "ancestry"))
+
+
+def test_no_person_count_from_1_to_20_is_published(evaluated):
+    """All of Us rule on a 50-row test split: report.md, subgroup tables, report.json, MLflow params."""
+    _, summary, out, uri = evaluated
+    report, subgroup_md = (out / "report.md").read_text(), (out / "subgroups.md").read_text()
+    header = re.match(r"# Evaluation on (\S+) test rows \((\S+) events\)", report)
+    cells = [*header.groups(), *markdown_count_cells(report), *markdown_count_cells(subgroup_md)]
+    cells += csv_count_cells(out / "subgroups.csv") + csv_count_cells(out / "prs_deciles.csv")
+    assert len(cells) > 100 and small_numbers(cells) == []
+    assert "<=20" in cells  # the tiny split has small cells: the rule was exercised, not vacuous
+    published = json.loads((out / "report.json").read_text())
+    counts = [published["n_test"], published["n_test_positive"]]
+    counts += [m[k] for m in published["models"].values() for k in ("n", "n_positive")]
+    assert small_numbers(str(c) for c in counts) == []
+    params = MlflowClient(tracking_uri=uri).get_run(summary["mlflow_run_id"]).data.params
+    assert small_numbers([params["n_test"], params["n_test_positive"]]) == []
 
 
 def test_oracle_auroc_from_the_truth_matches_scikit_learn(evaluated):
@@ -144,7 +163,9 @@ def test_mlflow_run_records_the_metrics_and_report(evaluated):
     _, summary, _, uri = evaluated
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(summary["mlflow_run_id"])
-    assert client.get_experiment(run.info.experiment_id).name == "ehrfm-evaluate"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "ehrfm-evaluate"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs table
     metrics = run.data.metrics
     for name in ("finetuned", "counts_prs_hgb", "oracle_genetic"):
         assert metrics[f"{name}/auroc"] == pytest.approx(summary["models"][name]["auroc"])

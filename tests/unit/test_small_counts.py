@@ -11,6 +11,7 @@ def test_counts_from_one_to_the_threshold_are_shown_as_the_label(monkeypatch) ->
     monkeypatch.delenv(sc.THRESHOLD_ENV, raising=False)
     assert [sc.show(v) for v in (0, 1, 20, 21, 72.0)] == ["0", "<=20", "<=20", "21", "72"]
     assert sc.show(float("nan")) == "n/a" and sc.show("<=20") == "<=20"
+    assert sc.show(72, hidden=True) == "hidden" and sc.show(5, hidden=True) == "<=20"
     monkeypatch.setenv(sc.THRESHOLD_ENV, "10")
     assert [sc.show(v) for v in (10, 11)] == ["<=10", "11"]
     monkeypatch.setenv(sc.THRESHOLD_ENV, "ten")
@@ -56,6 +57,6 @@ def test_public_json_suppresses_person_counts_and_pairs_only() -> None:
     out = sc.public_json(report)
     assert out["n_test"] == 72 and out["n_test_positive"] == "<=20" and out["n_boot"] == 10
     assert out["models"]["a"] == {"n": 72.0, "n_positive": 30.0, "auroc": 0.7}
-    assert out["models"]["b"] == {"n": 300, "n_positive": "<=20"}  # 10 non-events
+    assert out["models"]["b"] == {"n": 300, "n_positive": "hidden"}  # 10 non-events
     assert out["prs_use"] == {"n_genotyped": "<=20"}
     assert report["n_test_positive"] == 5  # the input is not changed
