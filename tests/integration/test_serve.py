@@ -22,9 +22,11 @@ from ehrfm.model.risk import load_risk_model
 from tests.support.risk_model_factory import (
     PGS_IDS,
     UNKNOWN_CONDITION,
+    code,
     labels_at,
     offline_risks,
     offline_timelines,
+    visit_end,
 )
 from tests.support.serve_app import (
     MAX_BODY,
@@ -144,14 +146,14 @@ def _valid() -> dict:
         "sex": "female",
         "prs": {PGS_IDS[0]: 0.3},
         "events": [
-            {"code": "CONDITION/320128", "time": "2001-01-01T00:00:00"},
-            {"code": "MEASUREMENT/3004410", "time": "2001-02-01T00:00:00", "numeric_value": 6.2},
+            {"code": code("CONDITION", 320128), "time": "2001-01-01T00:00:00"},
+            {"code": code("MEASUREMENT", 3004410), "time": "2001-02-01T00:00:00", "numeric_value": 6.2},
         ],
     }
 
 
 def _events(n: int) -> list[dict]:
-    return [{"code": "CONDITION/320128", "time": f"20{10 + i // 300:02d}-01-01T00:00:00"} for i in range(n)]
+    return [{"code": code("CONDITION", 320128), "time": f"20{10 + i // 300:02d}-01-01T00:00:00"} for i in range(n)]
 
 
 TRUNCATED_JSON = b'{"birth_date": "1961-04-02", "sex": '
@@ -176,7 +178,7 @@ BAD_INPUTS = [  # (route, raw body, status, loc of the first error)
             {
                 **_valid(),
                 "events": [
-                    {"code": "MEASUREMENT/3004410", "time": "2001-02-01T00:00:00", "numeric_value": float("nan")}
+                    {"code": code("MEASUREMENT", 3004410), "time": "2001-02-01T00:00:00", "numeric_value": float("nan")}
                 ],
             }
         ),
@@ -274,11 +276,11 @@ _times = st.datetimes().map(dt.datetime.isoformat)
 _aware = st.tuples(_times, st.sampled_from(["", "Z", "+14:00", "-12:00", "+05:30"])).map("".join)
 _codes = st.sampled_from(
     [
-        "CONDITION/320128",
-        "MEASUREMENT/3004410",
-        "VISIT/9202",
-        "DRUG/1503297",
-        "GENDER/8507",
+        code("CONDITION", 320128),
+        code("MEASUREMENT", 3004410),
+        code("VISIT", 9202),
+        code("DRUG", 1503297),
+        code("GENDER", 8507),
         "MEDS_BIRTH",
         f"CONDITION/{UNKNOWN_CONDITION}",
         "",
@@ -304,11 +306,11 @@ _record = st.fixed_dictionaries(
 )
 _vocab_codes = st.sampled_from(
     [
-        "CONDITION/320128",
-        "MEASUREMENT/3004410",
-        "VISIT/9202",
-        "VISIT_END/9202",
-        "DRUG/1503297",
+        code("CONDITION", 320128),
+        code("MEASUREMENT", 3004410),
+        code("VISIT", 9202),
+        visit_end(9202),
+        code("DRUG", 1503297),
         f"CONDITION/{UNKNOWN_CONDITION}",
     ]
 ) | st.text(min_size=1, max_size=20)

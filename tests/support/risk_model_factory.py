@@ -1,9 +1,9 @@
 """Tiny risk-model directories and made-up persons for the predictor and registry tests.
 
 A person is written twice from one description: as OMOP rows that go through the preprocessing
-functions (person_events / table_events -> finalize_shard -> tokenize -> timeline_table ->
-prediction_windows -> predict_logits), which is the offline path, and as a PersonRecord for the
-online path. Nothing here is real patient data.
+functions (person_events / table_events with the cohort's CodeBook -> finalize_shard -> tokenize ->
+timeline_table -> prediction_windows -> predict_logits), which is the offline path, and as a
+PersonRecord for the online path (codes in the same form). Nothing here is real patient data.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ehrfm.meds.codes import CodeBook
 from ehrfm.model.config import ModelConfig
 from ehrfm.model.risk import HeadSpec, RiskModel, predict_logits, save_risk_model
 from ehrfm.model.transformer import EHRDecoder
-from ehrfm.omop.events import finalize_shard, person_events, table_events
+from ehrfm.omop.events import finalize_shard, person_events, table_events, visit_end_codes
 from ehrfm.preprocess.timelines import timeline_table
 from ehrfm.preprocess.tokenizer import Tokenizer, build_tokenizer, quantile_edges
 from ehrfm.transfer.examples import example_tensors, prediction_windows
@@ -28,22 +29,45 @@ PGS_IDS = ["PGS000001", "PGS000002", "PGS000003", "PGS000004"]
 HB_A1C = 3004410  # the measurement with value bins
 UNKNOWN_CONDITION = 999999  # never in the vocabulary
 CONTEXT = 12
+# The cohort's concept table: codes take the `<vocabulary>/<concept_code>` form the events stage
+# writes (issue #20); 4329847 and 3038553 are left out, so they keep the id form.
+CONCEPTS = pa.table(
+    {
+        "concept_id": pa.array([9202, 9201, 320128, 201826, 1503297, HB_A1C, 8507, 8532, 8527, 38003564], pa.int64()),
+        "vocabulary_id": ["Visit", "Visit", "SNOMED", "SNOMED", "RxNorm", "LOINC", "Gender", "Gender", "Race"]
+        + ["Ethnicity"],
+        "concept_code": ["OP", "IP", "59621000", "44054006", "6809", "4548-4", "M", "F", "5", "Not Hispanic"],
+    }
+)
+BOOK = CodeBook.from_concepts(CONCEPTS)
+
+
+def code(domain: str, concept_id: int) -> str:
+    """The event code of a concept (`SNOMED/59621000`; `CONDITION/4329847` for one the table lacks)."""
+    return BOOK.code(domain, concept_id)
+
+
+def visit_end(visit_concept_id: int) -> str:
+    """The code at a visit's end, as the events stage writes it (`VISIT_END/Visit/OP`)."""
+    return str(visit_end_codes(pa.array([code("VISIT", visit_concept_id)]))[0])
+
+
 VOCAB_CODES = {
-    "VISIT/9202": 400,
-    "VISIT_END/9202": 400,
-    "VISIT/9201": 90,
-    "VISIT_END/9201": 90,
-    "CONDITION/320128": 150,
-    "CONDITION/201826": 60,
-    "CONDITION/4329847": 40,
-    "DRUG/1503297": 120,
-    f"MEASUREMENT/{HB_A1C}": 300,
-    "MEASUREMENT/3038553": 200,
-    "GENDER/8507": 50,
-    "GENDER/8532": 50,
-    "RACE/8527": 60,
+    code("VISIT", 9202): 400,
+    visit_end(9202): 400,
+    code("VISIT", 9201): 90,
+    visit_end(9201): 90,
+    code("CONDITION", 320128): 150,
+    code("CONDITION", 201826): 60,
+    code("CONDITION", 4329847): 40,
+    code("DRUG", 1503297): 120,
+    code("MEASUREMENT", HB_A1C): 300,
+    code("MEASUREMENT", 3038553): 200,
+    code("GENDER", 8507): 50,
+    code("GENDER", 8532): 50,
+    code("RACE", 8527): 60,
     "RACE/0": 40,
-    "ETHNICITY/38003564": 70,
+    code("ETHNICITY", 38003564): 70,
     "ETHNICITY/0": 30,
 }
 
@@ -52,7 +76,7 @@ def write_tokenizer(path: Path) -> Path:
     values = np.random.default_rng(0).normal(6.0, 1.0, 300)
     tok = build_tokenizer(
         VOCAB_CODES,
-        {f"MEASUREMENT/{HB_A1C}": quantile_edges(values, 4)},
+        {code("MEASUREMENT", HB_A1C): quantile_edges(values, 4)},
         min_count=1,
         n_bins=4,
         min_values_for_bins=20,
@@ -135,10 +159,10 @@ def person_record(person: Person, prediction_time: dt.datetime | None = None) ->
     def at(date: dt.date) -> str:
         return dt.datetime.combine(date, dt.time()).isoformat()
 
-    events = [{"code": f"VISIT/{t}", "time": at(s)} for s, _, t in person.visits]
-    events += [{"code": f"VISIT_END/{t}", "time": at(e)} for _, e, t in person.visits]
-    events += [{"code": f"CONDITION/{c}", "time": at(d)} for d, c in person.conditions]
-    events += [{"code": f"MEASUREMENT/{c}", "time": at(d), "numeric_value": v} for d, c, v in person.measurements]
+    events = [{"code": code("VISIT", t), "time": at(s)} for s, _, t in person.visits]
+    events += [{"code": visit_end(t), "time": at(e)} for _, e, t in person.visits]
+    events += [{"code": code("CONDITION", c), "time": at(d)} for d, c in person.conditions]
+    events += [{"code": code("MEASUREMENT", c), "time": at(d), "numeric_value": v} for d, c, v in person.measurements]
     sex = {8507: "male", 8532: "female"}[person.gender_concept_id]
     return {
         "birth_date": person.birth.isoformat(),
@@ -210,9 +234,9 @@ def _omop_tables(persons: list[Person]) -> dict[str, pa.Table]:
 def offline_timelines(persons: list[Person], tokenizer: Tokenizer) -> pa.Table:
     """timelines/ rows for the persons through the preprocessing functions (persons sorted by id)."""
     tables = _omop_tables(persons)
-    parts = [person_events(tables["person"])[0]]
+    parts = [person_events(tables["person"], BOOK)[0]]
     for name in ("visit_occurrence", "condition_occurrence", "measurement"):
-        parts.append(table_events(name, tables[name])[0])
+        parts.append(table_events(name, tables[name], BOOK)[0])
     events = finalize_shard(pa.concat_tables(parts, promote_options="permissive"))
     timelines = tokenizer.tokenize(events)
     by_id = {p.person_id: p for p in persons}

@@ -1,8 +1,10 @@
 """Issue #18 acceptance: labels on the real public OMOP samples agree with an independent computation.
 
-The events come from the package (validation -> events, one shard); the expected labels are
-computed here again from the raw CSV tables with polars, from the concept vocabulary shipped with
-each sample (names / concept_ancestor), not from the package's concept lists. Counts only.
+The events come from the package (validation -> events, one shard), coded as the pipeline codes
+them (`<vocabulary>/<concept_code>` from the sample's concept table, issue #20); the expected labels
+are computed here again from the raw CSV tables with polars, on concept ids, from the concept
+vocabulary shipped with each sample (names / concept_ancestor), not from the package's concept
+lists or codes. Counts only: a code rename cannot change them.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from datetime import timedelta
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
+from ehrfm.meds.codes import CodeBook
 from ehrfm.omop.events import EVENT_SOURCES, death_events, finalize_shard, person_events, table_events
 from ehrfm.omop.validation import PersonIndex, find_tables, validate_table
 from ehrfm.tasks.concept_sets import read_concept_ancestor, read_concept_table
@@ -25,11 +29,12 @@ NO_CAP = ["prediction_times.max_per_person=100000"]  # no hashed draw: the expec
 
 
 def omop_events(root) -> pa.Table:
-    """All events of an OMOP directory as one finalized shard (validation as the pipeline does it)."""
+    """All events of an OMOP directory as one finalized shard (validation and codes as the pipeline does)."""
+    book = CodeBook.from_omop_dir(root)
     tables = find_tables(str(root))
     person = validate_table(tables["person"], "person", None).kept
     persons = PersonIndex.from_tables(person)
-    parts = [person_events(person)[0]]
+    parts = [person_events(person, book)[0]]
     if "death" in tables:
         death = validate_table(tables["death"], "death", persons).kept
         persons = PersonIndex.from_tables(person, death)
@@ -39,7 +44,7 @@ def omop_events(root) -> pa.Table:
         if table in tables:
             kept = validate_table(tables[table], table, persons).kept
             if kept.num_rows:
-                parts.append(table_events(table, kept)[0])
+                parts.append(table_events(table, kept, book)[0])
     return finalize_shard(pa.concat_tables(parts, promote_options="permissive"))
 
 
@@ -235,13 +240,17 @@ def test_synthea_t2d_labels_match_an_independent_computation(synthea):
 
     task = resolve_task(load_task("t2d", EVERY_YEAR + NO_CAP), None, read_concept_table(root))
     assert task.target.path == "shipped"
+    assert "SNOMED/44054006" in task.target.codes["condition"]  # T2D 201826 in the events' code form
+    assert events.filter(pc.equal(events["code"], "SNOMED/44054006")).num_rows > 0
     _, account = label_events(events, task)
     assert got(account) == want
     assert want["prior"] > 0 and want["labeled"] > 0  # the sample exercises both
     t2d_persons = raw_rows(root).filter(is_t2d)["person_id"].n_unique()
     assert account.concept_persons["target:condition/201826"] == t2d_persons > 0
     # The seed-only path (no expansion) sees fewer T2D persons than the shipped expansion.
-    plain = resolve_task(load_task("t2d", EVERY_YEAR + NO_CAP + ["expand_descendants=false"]))
+    plain = resolve_task(
+        load_task("t2d", EVERY_YEAR + NO_CAP + ["expand_descendants=false"]), codebook=CodeBook.from_omop_dir(root)
+    )
     _, seed_only = label_events(events, plain)
     assert seed_only.concept_persons["target:condition/201826"] <= account.concept_persons["target:condition/201826"]
 
@@ -277,7 +286,9 @@ def test_gibleed_labels_match_an_independent_computation(gibleed, with_ancestor)
             "prediction_times": {"strategy": "landmarks", "min_gap_days": 365, "max_per_person": 100000},
         }
     )
-    task = resolve_task(definition, read_concept_ancestor(root) if with_ancestor else None)
+    ancestry = read_concept_ancestor(root) if with_ancestor else None
+    task = resolve_task(definition, ancestry, codebook=CodeBook.from_omop_dir(root))
+    assert "SNOMED/74474003" in task.target.codes["condition"]  # the events' code form
     assert task.target.path == ("concept_ancestor" if with_ancestor else "shipped")
     _, account = label_events(events, task)
     assert got(account) == want

@@ -15,6 +15,7 @@ from tests.support.risk_model_factory import (
     CONTEXT,
     PGS_IDS,
     Person,
+    code,
     labels_at,
     make_person,
     offline_risks,
@@ -25,6 +26,7 @@ from tests.support.risk_model_factory import (
 )
 
 FULL_PRS = {k: float(i) - 1.5 for i, k in enumerate(PGS_IDS)}
+HYPERTENSION, HBA1C_CODE = code("CONDITION", 320128), code("MEASUREMENT", 3004410)  # SNOMED/59621000, LOINC/4548-4
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +155,7 @@ def test_a_record_without_events_scores_its_demographic_prefix_and_aware_times_b
             "birth_date": "1980-02-02",
             "sex": "female",
             "race_concept_id": 8516,
-            "events": [{"code": "CONDITION/320128", "time": "2001-01-01T23:30:00-05:00"}],
+            "events": [{"code": HYPERTENSION, "time": "2001-01-01T23:30:00-05:00"}],
         }
     )
     assert aware.events[0].time == dt.datetime(2001, 1, 2, 4, 30) and aware.scored_time() == aware.events[0].time
@@ -178,12 +180,12 @@ BIRTH = "1961-04-02"
         ),
         ({"prediction_time": "1950-03-03T00:00:00"}, ("prediction_time",), "before birth_date"),
         (
-            {"events": [{"code": "MEASUREMENT/3004410", "time": "1999-01-01T00:00:00", "numeric_value": float("nan")}]},
+            {"events": [{"code": HBA1C_CODE, "time": "1999-01-01T00:00:00", "numeric_value": float("nan")}]},
             ("events", 0, "numeric_value"),
             "finite",
         ),
         (
-            {"events": [{"code": "MEASUREMENT/3004410", "time": "1999-01-01T00:00:00", "numeric_value": 1e300}]},
+            {"events": [{"code": HBA1C_CODE, "time": "1999-01-01T00:00:00", "numeric_value": 1e300}]},
             ("events", 0, "numeric_value"),
             "float32",
         ),
@@ -201,7 +203,7 @@ def test_validation_errors_name_the_field_and_hide_the_values(predictor, change,
         "birth_date": BIRTH,
         "sex": "female",
         "prediction_time": "2001-07-07T00:00:00",
-        "events": [{"code": "CONDITION/320128", "time": "2000-01-01T00:00:00"}],
+        "events": [{"code": HYPERTENSION, "time": "2000-01-01T00:00:00"}],
         **change,
     }
     with pytest.raises(ValidationError) as caught:
