@@ -1,7 +1,9 @@
 """Evaluation figures as PNG: ROC, precision-recall, reliability, observed risk by PRS decile.
 
 Figures are built on `matplotlib.figure.Figure` with the Agg canvas directly, never pyplot, so no
-display or global backend state is touched (safe in Ray workers and tests).
+display or global backend state is touched (safe in Ray workers and tests). Every curve gets its own
+colour (two qualitative palettes, 18 colours) and a line style cycling with it, legends sit outside
+the axes, and the reliability axes span the predictions (risks are often all below 0.1).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
@@ -19,6 +22,17 @@ from ehrfm.evaluate.calibration import ECE_BINS, ECE_STRATEGY, reliability_curve
 from ehrfm.evaluate.stratify import risk_by_prs_decile
 
 Risks = Mapping[str, np.ndarray]
+COLOURS = (*colormaps["tab10"].colors, *colormaps["Dark2"].colors)
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def curve_style(index: int) -> dict:
+    """Colour and line style of the index-th curve: no two of the first len(COLOURS) share a colour."""
+    return {"color": COLOURS[index % len(COLOURS)], "linestyle": LINE_STYLES[index % len(LINE_STYLES)]}
+
+
+def _legend_outside(ax) -> None:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7)
 
 
 def _figure(title: str) -> tuple[Figure, object]:
@@ -31,35 +45,48 @@ def _figure(title: str) -> tuple[Figure, object]:
 
 def roc_figure(y_true, risks: Risks) -> Figure:
     figure, ax = _figure("ROC")
-    for name, risk in risks.items():
+    for index, (name, risk) in enumerate(risks.items()):
         fpr, tpr, _ = roc_curve(y_true, risk)
-        ax.plot(fpr, tpr, label=name)
+        ax.plot(fpr, tpr, label=name, **curve_style(index))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="lower right", fontsize=7)
+    _legend_outside(ax)
     return figure
 
 
 def pr_figure(y_true, risks: Risks) -> Figure:
     figure, ax = _figure("Precision-recall")
-    for name, risk in risks.items():
+    for index, (name, risk) in enumerate(risks.items()):
         precision, recall, _ = precision_recall_curve(y_true, risk)
-        ax.step(recall, precision, where="post", label=name)
+        ax.step(recall, precision, where="post", label=name, **curve_style(index))
     ax.axhline(float(np.mean(y_true)), color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(loc="upper right", fontsize=7)
+    _legend_outside(ax)
     return figure
 
 
 def calibration_figure(y_true, risks: Risks) -> Figure:
-    """Reliability curves on the report's own bins (`ehrfm.evaluate.calibration`), ECE in the legend."""
+    """Reliability curves on the report's own bins (`ehrfm.evaluate.calibration`), ECE in the legend;
+    both axes from 0 to 1.1 x the largest binned prediction or observed rate (at most 1)."""
     figure, ax = _figure(f"Reliability ({ECE_BINS} {ECE_STRATEGY} bins)")
-    for name, risk in risks.items():
+    top = 0.0
+    for index, (name, risk) in enumerate(risks.items()):
         curve = reliability_curve(y_true, risk)
-        ax.plot(curve.mean_predicted, curve.observed, marker="o", markersize=3, label=f"{name} (ECE {curve.ece:.3f})")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel="mean predicted risk", ylabel="observed rate")
-    ax.legend(loc="upper left", fontsize=7)
+        ax.plot(
+            curve.mean_predicted,
+            curve.observed,
+            marker="o",
+            markersize=3,
+            label=f"{name} (ECE {curve.ece:.3f})",
+            **curve_style(index),
+        )
+        values = np.concatenate([np.ravel(curve.mean_predicted), np.ravel(curve.observed)])
+        values = values[np.isfinite(values)]
+        top = max(top, float(values.max()) if values.size else 0.0)
+    limit = min(1.0, 1.1 * top) if top > 0 else 1.0
+    ax.plot([0, limit], [0, limit], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="mean predicted risk", ylabel="observed rate", xlim=(0, limit), ylim=(0, limit))
+    _legend_outside(ax)
     return figure
 
 
@@ -76,7 +103,7 @@ def prs_decile_figure(table: pl.DataFrame) -> Figure:
         ax.plot(x, table["mean_predicted"].to_numpy(), marker="x", linestyle="--", label="mean predicted")
     ax.set_xticks(x, table["group"].to_list(), rotation=45, fontsize=7)
     ax.set(xlabel="PRS group", ylabel="event rate")
-    ax.legend(loc="upper left", fontsize=7)
+    _legend_outside(ax)
     return figure
 
 

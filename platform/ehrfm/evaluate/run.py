@@ -117,6 +117,7 @@ def evaluate_all(
     cohort: Path | None = None,
     n_boot: int = DEFAULT_BOOTSTRAP,
     recalibrate: str | None = None,
+    plot_recalibrated: bool = False,
     horizon_days: int = 730,
     baselines: tuple[str, ...] = BASELINES,
     baseline_config: BaselineConfig | None = None,
@@ -175,8 +176,8 @@ def evaluate_all(
     if "ancestry" not in groups and truth is not None:
         groups["ancestry"] = ancestry_of(labels["subject_id"].to_numpy(zero_copy_only=False), truth_ancestry(truth))
     out_dir.mkdir(parents=True, exist_ok=True)
-    # figures: each model once (a Platt-recalibrated ROC is the raw one), the headline also recalibrated
-    plotted = [k for k in test_risks if " (" not in k or k.startswith(f"{headline} (")]
+    # figures: each model once (a Platt-recalibrated ROC is the raw one); recalibrated curves on request
+    plotted = [k for k in test_risks if " (" not in k or plot_recalibrated]
     probabilities = {k: test_risks[k] for k in plotted if test_risks[k].min() >= 0 and test_risks[k].max() <= 1}
     paths = save_figures(
         out_dir, y[test], probabilities, prs_test, decile_model=headline if headline in probabilities else None
@@ -457,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also report each model recalibrated on its validation rows",
     )
+    parser.add_argument(
+        "--plot-recalibrated", action="store_true", help="also draw the recalibrated models in the figures"
+    )
     parser.add_argument("--horizon-days", type=int, default=730, help="the labels' horizon (for the oracle)")
     parser.add_argument(
         "--baselines",
@@ -487,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         cohort=args.cohort,
         n_boot=args.n_boot,
         recalibrate=args.recalibrate,
+        plot_recalibrated=args.plot_recalibrated,
         horizon_days=args.horizon_days,
         baselines=tuple(args.baselines),
         baseline_config=config,
