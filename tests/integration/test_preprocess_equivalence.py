@@ -55,8 +55,8 @@ def test_ray_pipeline_equals_polars_reference(cohort: dict) -> None:
 
 def _assert_same_bytes(first: Path, second: Path, subs: tuple[str, ...]) -> None:
     for sub in subs:
-        names = sorted(p.name for p in (first / sub).glob("*.parquet"))
-        assert names and names == sorted(p.name for p in (second / sub).glob("*.parquet"))
+        names = sorted(str(p.relative_to(first / sub)) for p in (first / sub).rglob("*.parquet"))
+        assert names and names == sorted(str(p.relative_to(second / sub)) for p in (second / sub).rglob("*.parquet"))
         for name in names:
             assert (first / sub / name).read_bytes() == (second / sub / name).read_bytes(), f"{sub}/{name}"
 
@@ -68,22 +68,20 @@ def test_meds_input_gives_the_same_timelines(cohort: dict, strategy: str) -> Non
     inputs = cohort["inputs"]
     report = run_preprocess(
         config,
-        PreprocessInputs(
-            meds=str(cohort["out"] / "events"), prs=inputs.prs, sample_map=inputs.sample_map, pcs=inputs.pcs
-        ),
+        PreprocessInputs(meds=str(cohort["out"]), prs=inputs.prs, sample_map=inputs.sample_map, pcs=inputs.pcs),
         out,
     )
     assert report["tables"]["meds"]["rows_quarantined"] == 0
     assert report["tables"]["meds"]["rows_in"] == cohort["report"]["events"]["events"]
     # also: the hash shuffle (first run) and this strategy agree byte for byte
-    _assert_same_bytes(cohort["out"], out, ("events", "timelines"))
+    _assert_same_bytes(cohort["out"], out, ("data", "timelines"))
 
 
 def test_shard_files_strategy_gives_the_hash_shuffle_bytes(cohort: dict) -> None:
     """Events staged in per-shard files instead of a Ray shuffle: the same files, tokenizer and report."""
     out = cohort["root"] / "shard_files"
     report = run_preprocess(CONFIG.model_copy(update={"shuffle_strategy": "shard_files"}), cohort["inputs"], out)
-    _assert_same_bytes(cohort["out"], out, ("events", "prs", "timelines"))
+    _assert_same_bytes(cohort["out"], out, ("data", "prs", "timelines"))
     assert (out / "tokenizer.json").read_bytes() == (cohort["out"] / "tokenizer.json").read_bytes()
     first = {k: v for k, v in cohort["report"].items() if k != "seconds"}
     assert {k: v for k, v in report.items() if k != "seconds"} == first

@@ -5,7 +5,9 @@ It shares only the specifications with the pipeline: the row validator (`omop.va
 `omop.validate_table`), the subject hash (`splits`), the PRS transform and the tokenizer's token
 names; the event mapping, duplicate removal, sorting, vocabulary, value bins and tokenization are
 written again here as polars expressions. Everything is held in memory, so it is for sizes that
-fit one machine.
+fit one machine. Codes follow the rule of `ehrfm.meds.codes` (written again here): a concept of the
+root's `concept` table is `<vocabulary_id>/<concept_code>`, any other id `<DOMAIN>/<id>`; a visit
+ends with `VISIT_END/<its start code>` (`VISIT_END/<id>` in the id form).
 """
 
 from __future__ import annotations
@@ -55,18 +57,54 @@ def _time(date: str, stamp: str | None) -> pl.Expr:
     return pl.when(same_day).then(pl.col(stamp)).otherwise(midnight)
 
 
-def _code(prefix: str, concept: str) -> pl.Expr:
-    return pl.format(prefix + "/{}", pl.col(concept).fill_null(0))
+Book = dict[int, str]  # concept id -> `<vocabulary_id>/<concept_code>`
 
 
-def _clinical_code(prefix: str, concept: str, source: str | None) -> pl.Expr:
-    """`PREFIX/<concept>`, or `PREFIX/source/<value>` for concept 0/null with a source value."""
+def concept_book(tables: dict[str, list[str]]) -> Book:
+    """The vocabulary-form code of every concept id > 0 in the root's concept table ({} without one)."""
+    if "concept" not in tables:
+        return {}
+    frames = [
+        pl.read_parquet(f) if f.endswith(".parquet") else pl.read_csv(f, infer_schema=False) for f in tables["concept"]
+    ]
+    concept = pl.concat([f.select(pl.all().cast(pl.String)) for f in frames])
+    concept = concept.rename({c: c.lower() for c in concept.columns}).select(
+        pl.col("concept_id").str.strip_chars().cast(pl.Int64, strict=False).alias("id"),
+        pl.col("vocabulary_id").str.strip_chars().alias("vocab"),
+        pl.col("concept_code").str.strip_chars().alias("code"),
+    )
+    concept = concept.filter(
+        (pl.col("id") > 0) & (pl.col("vocab").str.len_chars() > 0) & (pl.col("code").str.len_chars() > 0)
+    )
+    concept = concept.unique("id", keep="first", maintain_order=True)
+    return dict(zip(concept["id"].to_list(), (concept["vocab"] + "/" + concept["code"]).to_list()))
+
+
+def _code(prefix: str, concept: str, book: Book) -> pl.Expr:
+    ids = pl.col(concept).fill_null(0).cast(pl.Int64)
+    id_form = pl.format(prefix + "/{}", ids)
+    if not book:
+        return id_form
+    return ids.replace_strict(list(book), list(book.values()), default=id_form, return_dtype=pl.String)
+
+
+def _visit_end(concept: str, book: Book) -> pl.Expr:
+    ids = pl.col(concept).fill_null(0).cast(pl.Int64)
+    id_form = pl.format("VISIT_END/{}", ids)
+    if not book:
+        return id_form
+    known = ids.replace_strict(list(book), list(book.values()), default=None, return_dtype=pl.String)
+    return pl.when(known.is_not_null()).then(pl.format("VISIT_END/{}", known)).otherwise(id_form)
+
+
+def _clinical_code(prefix: str, concept: str, source: str | None, book: Book) -> pl.Expr:
+    """The concept's code, or `PREFIX/source/<value>` for concept 0/null with a source value."""
     if source is None:
-        return _code(prefix, concept)
+        return _code(prefix, concept, book)
     text = pl.col(source).cast(pl.String).str.strip_chars().str.slice(0, SOURCE_VALUE_MAX_CHARS)
     unmapped = pl.col(concept).fill_null(0) == 0
     use = unmapped & (text.str.len_chars().fill_null(0) > 0)
-    return pl.when(use).then(pl.format(prefix + "/source/{}", text)).otherwise(_code(prefix, concept))
+    return pl.when(use).then(pl.format(prefix + "/source/{}", text)).otherwise(_code(prefix, concept, book))
 
 
 _UNIT_OF_CONCEPT = {8554: "%", 9225: "%", 8737: "%", 8840: "mg/dL", 8753: "mmol/L", 9579: "mmol/mol"}
@@ -129,7 +167,7 @@ def _event_frame(
     )
 
 
-def _table_events(table: str, kept: pl.DataFrame) -> pl.DataFrame:
+def _table_events(table: str, kept: pl.DataFrame, book: Book) -> pl.DataFrame:
     source = EVENT_SOURCES[table]
     visit = pl.col(source.visit) if source.visit else pl.lit(None, dtype=pl.Int64)
     none = pl.lit(None, dtype=pl.String)
@@ -137,7 +175,7 @@ def _table_events(table: str, kept: pl.DataFrame) -> pl.DataFrame:
         return _event_frame(
             kept,
             _time(source.date, source.datetime),
-            _clinical_code(source.prefix, source.concept, source.source_value),
+            _clinical_code(source.prefix, source.concept, source.source_value, book),
             _value(source.value, source.concept if source.unit else None),
             visit,
             none,
@@ -148,13 +186,13 @@ def _table_events(table: str, kept: pl.DataFrame) -> pl.DataFrame:
     nothing = pl.lit(None, dtype=pl.Float32)
     return pl.concat(
         [
-            _event_frame(kept, start, _code("VISIT", source.concept), nothing, visit, kind),
-            _event_frame(kept, end, _code("VISIT_END", source.concept), nothing, visit, kind),
+            _event_frame(kept, start, _code("VISIT", source.concept, book), nothing, visit, kind),
+            _event_frame(kept, end, _visit_end(source.concept, book), nothing, visit, kind),
         ]
     )
 
 
-def _person_events(person: pl.DataFrame) -> pl.DataFrame:
+def _person_events(person: pl.DataFrame, book: Book) -> pl.DataFrame:
     birth = pl.coalesce(
         pl.col("birth_datetime"),
         pl.date(
@@ -172,7 +210,7 @@ def _person_events(person: pl.DataFrame) -> pl.DataFrame:
         ("RACE", "race_concept_id"),
         ("ETHNICITY", "ethnicity_concept_id"),
     ):
-        parts.append(_event_frame(person, birth, _code(prefix, column), nothing, none_i, none_s))
+        parts.append(_event_frame(person, birth, _code(prefix, column, book), nothing, none_i, none_s))
     return pl.concat(parts)
 
 
@@ -236,15 +274,16 @@ def omop_events(root: str, batch_rows: int = 100_000) -> pl.DataFrame:
     persons = PersonIndex.from_tables(person)
     death = validate_table(tables["death"], "death", persons, batch_rows).kept if "death" in tables else None
     persons = PersonIndex.from_tables(person, death)
-    parts = [_person_events(pl.from_arrow(person))]
+    book = concept_book(tables)
+    parts = [_person_events(pl.from_arrow(person), book)]
     if death is not None:
         parts.append(_death_events(pl.from_arrow(death)))
     for table in EVENT_SOURCES:
         if table in tables:
-            parts.append(_table_events(table, _kept_rows(tables[table], table, persons, batch_rows)))
+            parts.append(_table_events(table, _kept_rows(tables[table], table, persons, batch_rows), book))
     events = pl.concat(parts)
     visits = (
-        events.filter(pl.col("code").str.starts_with("VISIT/") & pl.col("visit_type").is_not_null())
+        events.filter(pl.col("visit_type").is_not_null())  # a visit's start and end events carry its type
         .group_by(["subject_id", "visit_id"])
         .agg(pl.col("visit_type").min().alias("_visit_type"))
     )
