@@ -11,13 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ehrfm.meds.writer import MEDS_DATA_SCHEMA
 from ehrfm.omop.events import EVENT_SOURCES
 from ehrfm.omop.validation import validate_omop
 from ehrfm.preprocess.config import PreprocessConfig
 from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
 from ehrfm.preprocess.tokenizer import Tokenizer
 from ehrfm.prs.person import storable
-from ehrfm.schemas import EVENT_SCHEMA, timeline_schema
+from ehrfm.schemas import timeline_schema
 
 pytestmark = pytest.mark.ray
 CONFIG = PreprocessConfig.model_validate(
@@ -38,9 +39,13 @@ def _check(root: Path, out: Path, report: dict, tmp: Path) -> pa.Table:
     assert got == {t: {k: a[k] for k in ACCOUNT_KEYS} for t, a in expected["tables"].items()}
     events_expected = sum(EVENTS_PER_ROW.get(t, 0) * a["rows_kept"] for t, a in expected["tables"].items())
     assert report["events"]["events"] == events_expected
-    events = pa.concat_tables([pq.read_table(p) for p in sorted((out / "events").glob("*.parquet"))])
-    assert events.schema == EVENT_SCHEMA and events.num_rows == events_expected
+    events = pa.concat_tables([pq.read_table(p) for p in sorted((out / "data").rglob("*.parquet"))])
+    assert events.schema == MEDS_DATA_SCHEMA and events.num_rows == events_expected
     meds.DataSchema.validate(events)
+    assert events["time"].null_count == 3 * expected["persons"]  # gender, race, ethnicity: static
+    codes = pq.read_table(out / meds.code_metadata_filepath)
+    meds.CodeMetadataSchema.validate(codes)
+    assert codes.num_rows == len(set(events["code"].to_pylist()))
     timelines = pa.concat_tables([pq.read_table(p) for p in sorted((out / "timelines").glob("part-*.parquet"))])
     assert timelines.schema == storable(timeline_schema(0))  # no PRS: prs is an empty list<float32>
     assert timelines["prs"].combine_chunks().flatten().to_pylist() == []
@@ -59,10 +64,10 @@ def test_synthea27nj_parquet(ray_cluster, shared_data: Path, tmp_path: Path) -> 
     }
     timelines = _check(root, tmp_path / "out", report, tmp_path)
     tok = Tokenizer.load(tmp_path / "out" / "tokenizer.json")
-    assert "MEASUREMENT/3004410" in tok.value_edges  # HbA1c has real values in this sample
+    assert "LOINC/4548-4" in tok.value_edges  # HbA1c (3004410) has real values in this sample
     assert report["tokens"]["value_tokens"] > 0 and report["splits"]["train"] > 0
     events = pa.concat_tables(
-        [pq.read_table(p, columns=["code"]) for p in (tmp_path / "out" / "events").glob("*.parquet")]
+        [pq.read_table(p, columns=["code"]) for p in (tmp_path / "out" / "data").rglob("*.parquet")]
     )
     assert events["code"].to_pylist().count("MEDS_DEATH") == 3
     assert timelines.num_rows == 28 and "MEDS_DEATH" not in tok.tokens  # 3 deaths: below min_count in train
