@@ -377,7 +377,11 @@ def test_output_is_a_meds_dataset_the_meds_package_validates(run: dict) -> None:
 
     dataset = json.loads((out / meds.dataset_metadata_filepath).read_text())
     meds.DatasetMetadataSchema.validate(dataset)
-    assert (dataset["etl_name"], dataset["meds_version"], dataset["dataset_name"]) == ("ehrfm", "0.4.1", "omop")
+    assert (dataset["etl_name"], dataset["meds_version"], dataset["dataset_name"]) == (
+        "ehrfm",
+        "0.4.1",
+        run["root"].name,
+    )
     assert dataset["etl_version"] and dt.datetime.fromisoformat(dataset["created_at"]).tzinfo is not None
 
     splits = pq.read_table(out / meds.subject_splits_filepath)

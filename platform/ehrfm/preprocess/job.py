@@ -223,6 +223,12 @@ def run_preprocess(
     return report
 
 
+def _dataset_name(inputs: PreprocessInputs) -> str:
+    """The input directory's name (its parent's for a cohort's `omop/`), for metadata/dataset.json."""
+    source = Path(str(inputs.omop or inputs.meds).rstrip("/"))
+    return source.parent.name if source.name.lower() in ("omop", "data") and source.parent.name else source.name
+
+
 def _run_stages(
     config: PreprocessConfig, inputs: PreprocessInputs, tmp: Path, checksums: dict, warnings: list[str]
 ) -> dict:
@@ -263,7 +269,7 @@ def _run_stages(
         subjects,
         person_split,
         ancestors=events.ancestors,
-        dataset_name=Path(inputs.omop or inputs.meds).name,
+        dataset_name=_dataset_name(inputs),
     )
     manifest = {
         "format": TIMELINES_FORMAT,
