@@ -54,10 +54,10 @@ def test_two_node_cluster_gives_the_single_node_bytes(ray_cluster, tmp_path: Pat
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info == {"nodes": 2, "cpus_per_node": [1.0, 1.0], "events": report["events"]["events"]}
-    for sub in ("events", "prs", "timelines"):
-        names = sorted(p.name for p in (single / sub).glob("*.parquet"))
-        assert len(names) == (3 if sub != "prs" else 3) and names == sorted(
-            p.name for p in (multi / sub).glob("*.parquet")
+    for sub in ("data", "prs", "timelines"):
+        names = sorted(str(p.relative_to(single / sub)) for p in (single / sub).rglob("*.parquet"))
+        assert len({n.rsplit("/", 1)[-1] for n in names}) == 3 and names == sorted(
+            str(p.relative_to(multi / sub)) for p in (multi / sub).rglob("*.parquet")
         )
         for name in names:
             assert (single / sub / name).read_bytes() == (multi / sub / name).read_bytes(), f"{sub}/{name}"

@@ -13,6 +13,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from ehrfm.meds.layout import read_subject_splits
 from ehrfm.preprocess.config import PreprocessConfig
 from ehrfm.preprocess.job import PreprocessInputs, run_preprocess
 from ehrfm.splits import split_codes
@@ -76,7 +77,7 @@ def test_large_string_codes_are_accepted_and_every_row_kept(run: dict) -> None:
 
 
 def test_official_splits_are_kept_and_held_out_subjects_never_train(run: dict) -> None:
-    splits = pl.read_parquet(run["out"] / "splits.parquet")
+    splits = read_subject_splits(run["out"])  # metadata/subject_splits.parquet, in ehrfm's split names
     split_of = dict(zip(splits["subject_id"].to_list(), splits["split"].to_list()))
     assert len(split_of) == 40
     assert {split_of[s] for s in HELD_OUT.tolist()} == {"test"}  # the hash alone puts all 12 in train

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from ehrfm.meds.writer import read_events
 from ehrfm.preprocess.job import main as preprocess_main
 
 ARGS = ["progress_bars=false", "tokenizer.min_count=1", "tokenizer.min_values_for_bins=5", "checksum_inputs=false"]
@@ -154,7 +155,7 @@ def run(ray_cluster, tmp_path_factory) -> dict:
     out = root / "out"
     code = preprocess_main(["--omop", str(omop), "--prs", str(prs), "--out", str(out), *ARGS, "prs.build=GRCh38"])
     assert code == 0
-    events = pa.concat_tables([pq.read_table(f) for f in sorted((out / "events").glob("*.parquet"))])
+    events = read_events(out)  # the MEDS dataset's data/<split>/ files, static codes placed at birth
     quarantine = {}
     for table in ("drug_exposure", "condition_occurrence"):
         parts = [pq.read_table(f) for f in sorted((out / "quarantine" / table).glob("*.parquet"))]
