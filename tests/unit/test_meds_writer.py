@@ -15,7 +15,14 @@ import pytest
 from ehrfm.meds.codes import CodeBook
 from ehrfm.meds.layout import NotMedsDatasetError
 from ehrfm.meds.writer import MEDS_DATA_SCHEMA, meds_rows, read_events, read_shard, write_metadata, write_shard
-from ehrfm.omop.events import CONCEPT_COLUMN, PRIORITY_COLUMN, finalize_shard, person_events, table_events
+from ehrfm.omop.events import (
+    CONCEPT_COLUMN,
+    PRIORITY_COLUMN,
+    code_priority,
+    finalize_shard,
+    person_events,
+    table_events,
+)
 from ehrfm.omop.spec import CDM_TABLES
 
 BOOK = CodeBook.from_concepts(
@@ -118,3 +125,53 @@ def test_metadata_files_validate_with_meds(tmp_path) -> None:
     dataset = json.loads((tmp_path / meds.dataset_metadata_filepath).read_text())
     meds.DatasetMetadataSchema.validate(dataset)
     assert dataset["etl_name"] == "ehrfm" and dataset["raw_source_id_columns"] == ["concept_id", "visit_id"]
+
+
+def test_visits_and_unmapped_rows_in_the_book_form_keep_their_concept_ids() -> None:
+    book = CodeBook.from_concepts(
+        pl.DataFrame({"concept_id": [9201], "vocabulary_id": ["Visit"], "concept_code": ["IP"]})
+    )
+    visits = cdm(
+        "visit_occurrence",
+        [
+            {
+                "visit_occurrence_id": 7,
+                "person_id": 1,
+                "visit_concept_id": 9201,
+                "visit_start_date": dt.date(2000, 1, 1),
+                "visit_end_date": dt.date(2000, 1, 3),
+            },
+            {
+                "visit_occurrence_id": 8,
+                "person_id": 1,
+                "visit_concept_id": 9202,
+                "visit_start_date": dt.date(2001, 1, 1),
+                "visit_end_date": dt.date(2001, 1, 1),
+            },
+        ],
+    )
+    events, _ = table_events("visit_occurrence", visits, book)
+    got = sorted(zip(events["code"].to_pylist(), events[CONCEPT_COLUMN].to_pylist(), events["visit_type"].to_pylist()))
+    assert got == [
+        ("VISIT/9202", 9202, "9202"),
+        ("VISIT_END/9202", 9202, "9202"),
+        ("VISIT_END/Visit/IP", 9201, "9201"),
+        ("Visit/IP", 9201, "9201"),
+    ]
+    codes = pa.array(["Gender/F", "Race/5", "Ethnicity/Hispanic", "Visit/IP", "VISIT_END/Visit/IP", "SNOMED/1"])
+    assert code_priority(codes).tolist() == [1, 2, 3, 4, 8, 5]
+    unmapped = cdm(
+        "condition_occurrence",
+        [
+            {
+                "condition_occurrence_id": 1,
+                "person_id": 1,
+                "condition_concept_id": 0,
+                "condition_start_date": dt.date(2000, 1, 1),
+                "condition_source_value": "E11.9",
+            }
+        ],
+    )
+    events, counts = table_events("condition_occurrence", unmapped, book)
+    assert events["code"].to_pylist() == ["CONDITION/source/E11.9"] and events[CONCEPT_COLUMN].to_pylist() == [0]
+    assert counts.unmapped_coded_by_source == 1
