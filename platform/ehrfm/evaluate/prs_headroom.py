@@ -156,7 +156,7 @@ def headroom_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm prs_headroom", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="preprocessed dir: events/, prs/")
+    parser.add_argument("--data", type=Path, required=True, help="preprocessed dir (MEDS): data/, prs/")
     parser.add_argument("--labels", type=Path, required=True, help="labels.parquet from `ehrfm label`")
     parser.add_argument(
         "--cohort", type=Path, default=None, help="synthetic cohort dir with truth/ (adds the oracle rows)"

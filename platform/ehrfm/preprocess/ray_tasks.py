@@ -166,7 +166,7 @@ def write_event_shard(
     salt: int,
     splits_file: str | None = None,
 ) -> pa.Table:
-    """One shard's group from the Ray shuffle -> events/part-S.parquet; returns its counts."""
+    """One shard's group from the Ray shuffle -> data/<split>/part-S.parquet; returns its counts."""
     shard = int(group[SHARD_COLUMN][0].as_py())
     return event_shard(shard, group, events_dir, quarantine_dir, meds_input, ratios, salt, splits_file)
 
@@ -181,7 +181,7 @@ def write_staged_event_shards(
     salt: int,
     splits_file: str | None = None,
 ) -> pa.Table:
-    """The "shard_files" strategy: each listed shard's staged files -> events/part-S.parquet."""
+    """The "shard_files" strategy: each listed shard's staged files -> data/<split>/part-S.parquet."""
     return pa.concat_tables(
         [
             event_shard(

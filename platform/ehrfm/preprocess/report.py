@@ -40,6 +40,12 @@ def summary_lines(report: dict) -> list[str]:
         )
     events = report["events"]
     lines.append(f"events: {events['events']:,} for {events['subjects']:,} persons in {events['shards']} shards")
+    if "meds" in events:  # metadata/codes.parquet: how many codes take the vocabulary form
+        meds_codes = events["meds"]
+        lines.append(
+            f"MEDS dataset: data/{{train,tuning,held_out}}/, {meds_codes['codes']:,} codes "
+            f"({meds_codes['codes_with_concept']:,} <vocabulary>/<concept_code>)"
+        )
     splits = report["splits"]
     lines.append("persons per split: " + ", ".join(f"{s}={splits.get(s, 0):,}" for s in SPLITS))
     tokens = report["tokens"]

@@ -186,7 +186,7 @@ def _omop_shard_files(
 
 
 def omop_events(root: str, cfg: PreprocessConfig, tmp: Path, timer: Timer) -> EventsResult:
-    """Validate and map every OMOP table; events/ written, accounts and per-shard counts returned."""
+    """Validate and map every OMOP table; the MEDS data/<split>/ files written, accounts and per-shard counts returned."""
     import ray
     import ray.data
 

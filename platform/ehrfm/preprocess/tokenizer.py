@@ -252,7 +252,7 @@ def _check_sorted(subject: np.ndarray, time_us: np.ndarray) -> None:
     if len(subject) and (
         np.any(subject[1:] < subject[:-1]) or np.any((subject[1:] == subject[:-1]) & (time_us[1:] < time_us[:-1]))
     ):
-        raise ValueError("tokenize: events must be sorted by subject_id and time (an events/ shard)")
+        raise ValueError("tokenize: events must be sorted by subject_id and time (a shard read by ehrfm.meds.writer)")
 
 
 def _birth_days(run: np.ndarray, time_us: np.ndarray, is_birth: np.ndarray, n_subjects: int) -> np.ndarray:
@@ -266,9 +266,9 @@ def _birth_days(run: np.ndarray, time_us: np.ndarray, is_birth: np.ndarray, n_su
 
 
 def _timeline_order(run: np.ndarray, day: np.ndarray, priority: np.ndarray) -> np.ndarray:
-    """Row order of the timeline: by subject, day, then priority, keeping events/ order within.
+    """Row order of the timeline: by subject, day, then priority, keeping the shard's order within.
 
-    events/ is sorted by (subject, time, ...), so (subject, day) groups are already contiguous and
+    A shard is sorted by (subject, time, ...), so (subject, day) groups are already contiguous and
     in order; a stable sort on (group, priority) is all that is left to do.
     """
     new_group = np.r_[True, (run[1:] != run[:-1]) | (day[1:] != day[:-1])] if len(run) else np.zeros(0, bool)
