@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ehrfm.evaluate.baselines import BASELINES, BaselineConfig
+from ehrfm.evaluate.meds_dev import validate_predictions
 from ehrfm.evaluate.report import counts_cell
 from ehrfm.evaluate.run import evaluate_all
 from ehrfm_synthetic.oracle import oracle_t2d_risk
@@ -38,8 +39,26 @@ def evaluated(tmp_path_factory, mlflow_server):
         recalibrate="platt",
         baseline_config=BaselineConfig(hgb_max_iter=30, threads=1, min_persons_per_code=3),
         tracking_uri=mlflow_server,
+        meds_dev_dir=root / "meds_dev",
     )
     return task, summary, root / "out", mlflow_server
+
+
+def test_meds_dev_prediction_tables_cover_the_test_rows_and_validate(evaluated):
+    task, summary, out, _ = evaluated
+    meds_dev = out.parent / "meds_dev"
+    files = {p.stem: p for p in meds_dev.glob("*.parquet")}
+    assert "finetuned" in files and "counts_lr" in files
+    assert not list(out.rglob("*meds_dev*"))  # person-level rows stay out of the report folder
+    finetuned = pq.read_table(files["finetuned"])
+    validate_predictions(finetuned)
+    predictions = pq.read_table(task["predictions"]).to_pandas()
+    test = predictions[predictions["split"] == "test"].sort_values(["subject_id", "prediction_time"])
+    written = finetuned.to_pandas().sort_values(["subject_id", "prediction_time"])
+    assert len(written) == len(test) == summary["n_test"]
+    assert np.allclose(written["predicted_boolean_probability"].to_numpy(), test["risk"].to_numpy())
+    assert (written["boolean_value"].to_numpy() == test["label"].to_numpy()).all()
+    assert (written["predicted_boolean_value"] == (written["predicted_boolean_probability"] >= 0.5)).all()
 
 
 def test_report_has_every_model_with_cis_and_the_prs_gain(evaluated):

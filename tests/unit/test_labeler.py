@@ -10,6 +10,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from ehrfm.tasks.concept_sets import expand_descendants, read_concept_ancestor
 from ehrfm.tasks.definitions import SHIPPED_TASKS, TaskDefinition, load_task, resolve_task
@@ -235,12 +236,16 @@ def test_label_command_writes_labels_and_account(tmp_path, capsys):
                 str(tmp_path / "out"),
                 "--omop",
                 str(tmp_path),
+                "--aces-config",
+                str(tmp_path / "aces" / "t2d.yaml"),
                 "horizon_days=200",
             ]
         )
         == 0
     )
     assert "concept_ancestor not available" in capsys.readouterr().err
+    aces = yaml.safe_load((tmp_path / "aces" / "t2d.yaml").read_text())  # the task as labelled: overrides applied
+    assert aces["windows"]["target"]["end"] == "start + 200d" and aces["trigger"] == "visit_end"
     labels = pq.read_table(tmp_path / "out" / "labels.parquet")
     assert labels.to_pylist() == [{"subject_id": 1, "prediction_time": day(10), "boolean_value": False}]
     account = json.loads((tmp_path / "out" / "account.json").read_text())

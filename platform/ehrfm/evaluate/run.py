@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from ehrfm.config import add_config_arguments, parse_config
 from ehrfm.evaluate.alignment import align_scores
@@ -38,6 +40,7 @@ from ehrfm.evaluate.baselines import (
     splits_for,
     subgroups,
 )
+from ehrfm.evaluate.meds_dev import prediction_table, write_predictions
 from ehrfm.evaluate.oracle import (
     ORACLE_GENETIC,
     ORACLE_GROUP_MEAN,
@@ -125,8 +128,12 @@ def evaluate_all(
     ancestry: Path | None = None,
     tracking_uri: str | None = None,
     seed: int = 0,
+    meds_dev_dir: Path | None = None,
 ) -> dict:
-    """Evaluate every available model on the test label rows; write the report; return its numbers."""
+    """Evaluate every available model on the test label rows; write the report; return its numbers.
+
+    `meds_dev_dir`: also write each probability model's test predictions there as MEDS-DEV
+    prediction tables (person-level rows: kept out of the report folder and of MLflow)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     labels = read_labels(labels_path)
     splits_path = data_dir / SPLITS_FILE
@@ -160,6 +167,8 @@ def evaluate_all(
             f"of {int(test.sum())} rows"
         )
     test_risks = {name: risk[test] for name, risk in risks.items()}
+    if meds_dev_dir is not None:
+        write_meds_dev_predictions(meds_dev_dir, labels.filter(pa.array(test)), test_risks)
     results = [evaluate_predictions(name, y[test], risk, n_boot=n_boot, seed=seed) for name, risk in test_risks.items()]
     by_name = {r.name: r for r in results}
     best_baseline = max(fitted, key=lambda n: by_name[n].auroc.value) if fitted else None
@@ -436,6 +445,23 @@ def _json_number(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def write_meds_dev_predictions(directory: Path, test_labels: pa.Table, test_risks: dict[str, np.ndarray]) -> list[Path]:
+    """One MEDS-DEV prediction table per model whose scores are probabilities (threshold 0.5)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, risk in test_risks.items():
+        if np.isnan(risk).any() or risk.min() < 0 or risk.max() > 1:
+            continue  # scores that are not probabilities (or rows a model did not score)
+        table = prediction_table(
+            test_labels["subject_id"], test_labels["prediction_time"], test_labels["boolean_value"], risk
+        )
+        path = directory / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_')}.parquet"
+        write_predictions(table, path)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="preprocessed dir (MEDS): data/, metadata/, prs/")
@@ -479,6 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI; none: no logging)"
     )
+    parser.add_argument(
+        "--meds-dev-predictions",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write each model's test predictions as MEDS-DEV prediction tables (<model>.parquet) to DIR",
+    )
     args = parser.parse_args(argv)
     config = parse_config(parser, BaselineConfig, args, config="baseline_config")
     summary = evaluate_all(
@@ -499,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         ancestry=args.ancestry,
         tracking_uri=args.tracking_uri,
         seed=args.seed,
+        meds_dev_dir=args.meds_dev_predictions,
     )
     print((args.out / "report.md").read_text())
     if summary["mlflow_run_id"]:

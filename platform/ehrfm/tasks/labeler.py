@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from ehrfm.config import usage_errors
 from ehrfm.meds.codes import CodeBook
 from ehrfm.meds.layout import DATA_DIR
+from ehrfm.tasks.aces import aces_yaml
 from ehrfm.tasks.definitions import CODE_DOMAINS, INPATIENT, ResolvedTask, load_task, resolve_task
 
 LABEL_SCHEMA = pa.schema(
@@ -423,6 +424,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory for this task's labels")
     parser.add_argument("--omop", type=Path, default=None, help="OMOP dir with concept_ancestor (optional)")
     parser.add_argument("--ray", action="store_true", help="label shards as Ray tasks")
+    parser.add_argument(
+        "--aces-config",
+        type=Path,
+        default=None,
+        metavar="YAML",
+        help="also write the resolved task as an ACES task configuration (for MEDS tools); see docs/MEDS.md",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="task overrides (e.g. horizon_days=365)")
     args = parser.parse_args(argv)
 
@@ -437,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
             "(ehrfm/tasks/resources/concept_sets.csv) and source codes; see concept_sets in account.json",
             file=sys.stderr,
         )
+    if args.aces_config is not None:
+        args.aces_config.parent.mkdir(parents=True, exist_ok=True)
+        args.aces_config.write_text(aces_yaml(task), encoding="utf-8")
+        print(f"ACES task configuration written to {args.aces_config}", file=sys.stderr)
     _, account = label_shards(event_shards(args.events), task, args.out, use_ray=args.ray)
     summary = account.as_dict()
     summary.pop("shards")
