@@ -10,11 +10,14 @@ loss (the baseline), packed + plain, unpacked + fused, packed + fused (+ compile
 Reported: real (non-pad target) tokens/s, positions/s (every position the model computes, prefix
 slots and padding included), useful-token fraction, model FLOP/s and MFU counted on each (MFU needs
 a peak: GPUs by name, or --peak-tflops; none is assumed for a CPU), peak memory. Timing covers the
-model steps only (collation excluded). The useful-token fraction is also given as a function of
-persons per micro-batch (packing only, no model).
+model steps only (collation excluded); the variants run in alternating order over --pack-rounds
+rounds and each one's best round counts (the machine is shared). The useful-token fraction is also
+given as a function of persons per micro-batch (packing only, no model). The same first-step loss
+in every variant (recorded) shows they train on the same windows.
 
-Part 2 (`ray`, skipped with --skip-ray): all runs use the same synthetic timelines (tests/support/timeline_factory.py), model, window length and
-global batch, in the same invocation. Throughput = non-pad target tokens per second over the last
+Part 2 (`ray`, skipped with --skip-ray; unpacked windows, plain loss): all runs use the same
+synthetic timelines (tests/support/timeline_factory.py), model, window length and global batch, in
+the same invocation. Throughput = non-pad target tokens per second over the last
 `--steps - --warmup-steps` optimiser steps (validation and checkpoint time excluded in the job).
 Memory per worker: peak RSS (CPU) or peak allocated (GPU), and the tensors of the model state
 (parameters, gradients, optimiser) a worker holds, which is what ZeRO partitions.
@@ -255,7 +258,8 @@ def fraction_by_persons(table: pa.Table, model_cfg: ModelConfig, counts: list[in
     return out
 
 
-def packing_comparison(args) -> dict:
+def packing_comparison(args, context: int, variant_names: list[str] | None = None) -> dict:
+    """The variants at one context (all of them, or `variant_names`), same windows, alternating rounds."""
     data = Path(args.data) if args.data else default_cohort()
     manifest = json.loads((data / "timelines" / "manifest.json").read_text())
     model = ModelConfig(
@@ -264,7 +268,7 @@ def packing_comparison(args) -> dict:
         hidden=args.hidden,
         layers=args.layers,
         heads=args.heads,
-        context=args.pack_context,
+        context=context,
         fusion=args.fusion,
         prs_tokens=4,
         prs_hidden=256,
@@ -281,15 +285,24 @@ def packing_comparison(args) -> dict:
         "loss_chunk": args.loss_chunk,
         "peak_tflops": args.peak_tflops,
     }
+    chosen = [v for v in VARIANTS if device == "cuda" or not v[3]]  # compilation is a GPU option
+    if variant_names:
+        chosen = [v for v in chosen if v[0] in variant_names]
+    runs: dict[str, list[dict]] = {v[0]: [] for v in chosen}
+    for round_ in range(args.pack_rounds):  # alternating order, so load drift on a shared machine cancels
+        for name, packed, fused, compiled in chosen if round_ % 2 == 0 else chosen[::-1]:
+            spec = {**base, "packed": packed, "fused": fused, "compiled": compiled}
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:  # a fresh process: its own peak
+                runs[name].append(pool.submit(run_variant, spec).result())
+            rate = runs[name][-1]["real_tokens_per_s"]
+            print(f"context {context}, round {round_}, {name}: {rate:.0f} real tokens/s", flush=True)
     variants = []
-    for name, packed, fused, compiled in VARIANTS:
-        if compiled and device != "cuda":
-            continue  # compilation is a GPU option
-        spec = {**base, "packed": packed, "fused": fused, "compiled": compiled}
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:  # a fresh process: its own peak
-            variants.append({"variant": name, **pool.submit(run_variant, spec).result()})
-        print(f"{name}: {variants[-1]['real_tokens_per_s']:.0f} real tokens/s", flush=True)
+    for name, done in runs.items():  # the best round of each variant counts
+        best = max(done, key=lambda run: run["real_tokens_per_s"])
+        variants.append(
+            {"variant": name, **best, "real_tokens_per_s_each_round": [r["real_tokens_per_s"] for r in done]}
+        )
     baseline = variants[0]["real_tokens_per_s"]
     for run in variants:
         run["real_tokens_per_s_vs_baseline"] = run["real_tokens_per_s"] / baseline
@@ -309,6 +322,7 @@ def packing_comparison(args) -> dict:
             "persons_per_micro_batch": args.pack_persons,
             "steps": args.pack_steps,
             "timed_steps": args.pack_steps - args.pack_warmup_steps,
+            "rounds": args.pack_rounds,
             "loss_chunk_tokens": args.loss_chunk,
             "threads": base["threads"],
             "precision": "bf16 autocast" if device == "cuda" else "fp32",
@@ -323,7 +337,8 @@ def packing_markdown(part: dict) -> str:
     rows = [
         f"Single-process model steps, default cohort ({part['train_persons']} train persons), context "
         f"{shape['context']} + {shape['prefix_length']} prefix, {shape['persons_per_micro_batch']} persons per "
-        f"micro-batch, hidden {shape['hidden']} x {shape['layers']} layers, {shape['precision']}, {part['device']}:",
+        f"micro-batch, hidden {shape['hidden']} x {shape['layers']} layers, {shape['precision']}, {part['device']}, "
+        f"{shape['timed_steps']} timed steps, best of {shape['rounds']} alternating rounds:",
         "",
         "| variant | real tokens/s | vs baseline | positions/s | useful-token fraction | rows / step | "
         "model TFLOP/s on real tokens / positions | MFU real / positions | peak memory (MB) |",
@@ -337,6 +352,15 @@ def packing_markdown(part: dict) -> str:
             f"{run['model_tflops_on_real_tokens']:.4f} / {run['model_tflops_on_positions']:.4f} | {mfu} | "
             f"{run['peak_memory_mb']:.0f} |"
         )
+    base, packed = part["variants"][0], [r for r in part["variants"] if r["variant"] == "packed + fused loss"]
+    if packed:
+        ceiling = packed[0]["useful_token_fraction"] / base["useful_token_fraction"]
+        rows += [
+            "",
+            f"Packing can raise real tokens/s by at most the ratio of useful-token fractions, {ceiling:.2f}x here, "
+            f"if a packed position costs what an unpacked one does; measured {packed[0]['real_tokens_per_s_vs_baseline']:.2f}x "
+            f"(positions/s ratio {packed[0]['positions_per_s'] / base['positions_per_s']:.2f}: the document mask).",
+        ]
     rows += [
         "",
         "| persons per micro-batch | "
@@ -355,6 +379,7 @@ def packing_markdown(part: dict) -> str:
 
 def markdown(results: dict) -> str:
     parts = [packing_markdown(results["packing"])] if "packing" in results else []
+    parts += [packing_markdown(part) for part in results.get("packing_longer_contexts", [])]
     if "plain_pytorch" in results:
         parts.append(ray_markdown(results))
     return "\n\n".join(parts)
@@ -404,11 +429,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--data", help="DIR holding timelines/ (default: the make-run cohort, made once)")
-    parser.add_argument("--pack-context", type=int, default=512)
+    parser.add_argument("--pack-context", type=int, default=512, help="context of the full comparison")
+    parser.add_argument(
+        "--pack-longer-contexts",
+        type=int,
+        nargs="*",
+        default=[2048],
+        help="further contexts, baseline vs packed + fused only (the reference GPU model uses 2,048)",
+    )
     parser.add_argument("--pack-persons", type=int, default=16, help="persons per micro-batch (packing part)")
     parser.add_argument("--pack-steps", type=int, default=10)
     parser.add_argument("--pack-warmup-steps", type=int, default=2)
     parser.add_argument("--pack-threads", type=int, default=1)
+    parser.add_argument("--pack-rounds", type=int, default=2, help="rounds over the variants (best counts)")
     parser.add_argument("--loss-chunk", type=int, default=4096, help="fused loss: target positions per chunk")
     parser.add_argument("--fraction-batches", type=int, default=20, help="batches per point of the fraction curve")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (GPUs: by name)")
@@ -419,10 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.persons, args.hidden, args.layers, args.steps, args.warmup_steps = 200, 64, 2, 12, 4
-        args.pack_steps, args.pack_warmup_steps, args.fraction_batches = 4, 1, 4
+        args.pack_steps, args.pack_warmup_steps, args.fraction_batches, args.pack_rounds = 4, 1, 4, 1
+        args.pack_longer_contexts = []
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     load_before = os.getloadavg()
-    results: dict = {"benchmark": "train_throughput", "packing": packing_comparison(args)}
+    results: dict = {"benchmark": "train_throughput", "packing": packing_comparison(args, args.pack_context)}
+    pair = [VARIANTS[0][0], "packed + fused loss"]
+    results["packing_longer_contexts"] = [packing_comparison(args, c, pair) for c in args.pack_longer_contexts]
     if not args.skip_ray:
         results.update(ray_comparison(args))
     results["machine"] = {

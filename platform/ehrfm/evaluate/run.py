@@ -73,7 +73,7 @@ ZS_PATH, ZS_SHARE = "zero_shot_path_probability", "zero_shot_share"
 MIN_PRS_GAIN = 0.04
 MIN_EVENTS_FOR_COMPARISON = 20  # below this many test events a table of AUROCs is anecdote
 MODEL_NOTES = {
-    FINETUNED: "fine-tuned foundation model (calibrated risk)",
+    FINETUNED: "fine-tuned foundation model (Platt-calibrated on validation, raw where that was refused)",
     FINETUNED_MASKED: "same weights, every person's PRS masked",
     FINETUNED_DEFAULT: "the default fine-tune (the configuration a sweep starts from)",
     ZS_PATH: "zero-shot: probability of the target along sampled trajectories",
