@@ -16,8 +16,9 @@ from tests.support.layout import check_layout, ray_is_initialized, stop_leaked_r
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
-# session fixtures shared by integration and e2e modules (expensive runs made once)
-pytest_plugins = ["tests.support.pretrain_runs"]
+# session fixtures shared by integration and e2e modules (expensive runs made once); the background
+# build of DeepSpeed's CPU op (tests/support/deepspeed_ops.py)
+pytest_plugins = ["tests.support.pretrain_runs", "tests.support.deepspeed_ops"]
 
 
 def pytest_collection_modifyitems(items):
