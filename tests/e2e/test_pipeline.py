@@ -39,8 +39,8 @@ def test_main_job_runs_every_stage_registers_a_champion_and_reruns_cheaply(
         pretrain_overrides=[
             "schedule.max_steps=4",
             "schedule.log_every=2",
-            "schedule.val_every=2",
-            "schedule.checkpoint_every=2",
+            "schedule.val_every=4",  # one validation and one checkpoint: each costs seconds of fixed overhead
+            "schedule.checkpoint_every=4",
             "optim.warmup_steps=1",
         ],
         finetune_overrides=["train.epochs=1"],
