@@ -81,7 +81,7 @@ def write_model(directory: Path, num_pgs: int, seed: int = 0) -> Path:
     return save_risk_model(directory, model, spec, tokenizer_path)
 
 
-async def drive(url: str, bodies: list[bytes], concurrency: int) -> tuple[list[float], float, int]:
+async def drive(url: str, bodies: list[bytes], concurrency: int, token: str) -> tuple[list[float], float, int]:
     """Send every body once with `concurrency` in flight; (latencies in s, wall seconds, non-200s)."""
     import aiohttp
 
@@ -90,13 +90,14 @@ async def drive(url: str, bodies: list[bytes], concurrency: int) -> tuple[list[f
         queue.put_nowait(body)
     latencies: list[float] = []
     errors = 0
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
 
     async def client(session) -> None:
         nonlocal errors
         while not queue.empty():
             body = queue.get_nowait()
             start = time.perf_counter()
-            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+            async with session.post(url, data=body, headers=headers) as response:
                 await response.read()
                 errors += response.status != 200
             latencies.append(time.perf_counter() - start)
@@ -142,6 +143,8 @@ def main(argv: list[str]) -> int:
     from ray import serve
 
     from ehrfm.serve.app import build_app, wait_ready
+    from ehrfm.serve.auth import ensure_token
+    from ehrfm.serve.config import AuthConfig
     from ehrfm.serve.smoke import synthetic_persons
 
     load_before = os.getloadavg()
@@ -154,6 +157,9 @@ def main(argv: list[str]) -> int:
     bodies = [encoded[i % len(encoded)] for i in range(args.requests)]
     warmup = [encoded[i % len(encoded)] for i in range(args.warmup)]
 
+    # the service as deployed: bearer auth on, the token in a 0600 file the replicas read
+    auth = AuthConfig(token_file=str(workdir / "serve_token"))
+    token = ensure_token(auth).token  # EHRFM_SERVE_TOKEN when set: the replicas inherit it too
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -171,12 +177,13 @@ def main(argv: list[str]) -> int:
                         "max_ongoing_requests": 64,
                     },
                     "ingress_deployment": {"num_cpus": 0.25, "max_ongoing_requests": 256},
+                    "auth": auth.model_dump(),
                 }
             )
             serve.run(app, name="bench", route_prefix="/")
             wait_ready(base)
-            asyncio.run(drive(f"{base}/v1/score", warmup, args.concurrency))
-            latencies, wall, errors = asyncio.run(drive(f"{base}/v1/score", bodies, args.concurrency))
+            asyncio.run(drive(f"{base}/v1/score", warmup, args.concurrency, token))
+            latencies, wall, errors = asyncio.run(drive(f"{base}/v1/score", bodies, args.concurrency, token))
             ms = np.asarray(latencies) * 1000.0
             rows.append(
                 {

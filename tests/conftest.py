@@ -53,6 +53,20 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def serve_token_file(tmp_path_factory):
+    """`ehrfm serve` run by a test (the pipeline's serve stage, `--smoke` in a subprocess) creates and
+    reuses its bearer token file under the session's tmp dir, never in the user's ~/.ehrfm."""
+    path = tmp_path_factory.mktemp("serve-token") / "serve_token"
+    previous = os.environ.get("EHRFM_SERVE_TOKEN_FILE")
+    os.environ["EHRFM_SERVE_TOKEN_FILE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("EHRFM_SERVE_TOKEN_FILE", None)
+    else:
+        os.environ["EHRFM_SERVE_TOKEN_FILE"] = previous
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real local Ray cluster for the whole session (2 CPUs, no dashboard), shut down at the end."""

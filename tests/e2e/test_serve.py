@@ -72,6 +72,7 @@ class Load:
 
     def _run(self) -> None:
         session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {TOKEN}"  # auth is on by default
         while not self._stop.is_set():
             try:
                 response = session.post(f"{self.url}/v1/score", json=self.body, timeout=120)

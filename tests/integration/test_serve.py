@@ -2,13 +2,16 @@
 model registered in the session's MLflow server; the two applications are in tests/support/serve_app.py.
 
 Checked: scores equal the offline path's predictions; occlusion explanations equal rescoring without the
-event; every bad input is a 4xx naming the field and echoing no value; nothing a request carried reaches
-the logs; auth on and off; a hypothesis fuzz finds no 5xx (under load: tests/e2e/test_serve.py)."""
+event; every bad input is a 4xx naming the field and echoing no value (implausible dates and unknown PGS
+ids included); nothing a request carried reaches the logs; the default config refuses a request without
+the bearer token; the OpenAPI document lists every error status; `ehrfm serve` refuses a port another
+server answers on; a hypothesis fuzz finds no 5xx (under load: tests/e2e/test_serve.py)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -132,7 +135,7 @@ def test_health_readiness_model_info_and_openapi(service):
     }
     ready = requests.get(f"{url}/readyz", timeout=30)
     assert ready.status_code == 200 and ready.json()["model_version"] == "1"
-    info = requests.get(f"{url}/v1/model", timeout=30).json()
+    info = requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
     assert (info["name"], info["version"], info["alias"], info["task"]) == (MODEL, "1", "champion", TASK)
     assert info["pgs_ids"] == PGS_IDS and info["metrics"]["val_auroc"] == pytest.approx(0.61)
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
@@ -158,7 +161,7 @@ def _events(n: int) -> list[dict]:
 
 TRUNCATED_JSON = b'{"birth_date": "1961-04-02", "sex": '
 BAD_INPUTS = [  # (route, raw body, status, loc of the first error)
-    ("score", TRUNCATED_JSON, 422, ["body", len(TRUNCATED_JSON)]),
+    ("score", TRUNCATED_JSON, 400, ["body", len(TRUNCATED_JSON)]),
     ("score", json.dumps({**_valid(), "sex": 7}), 422, ["body", "sex"]),
     ("score", json.dumps({**_valid(), "birth_date": [1961]}), 422, ["body", "birth_date"]),
     ("score", json.dumps({**_valid(), "events": {"code": "x"}}), 422, ["body", "events"]),
@@ -218,7 +221,7 @@ def test_bad_input_is_a_4xx_naming_the_field_and_echoing_no_value(service, route
         detail = response.json()["detail"]
         assert detail[0]["loc"] == loc and detail[0]["msg"]
         assert all(set(error) == {"loc", "msg", "type"} for error in detail)
-    for value in ("1961-04-02", "1950-05-05", "81.5", "[1961]"):  # unknown PGS ids are named: not patient data
+    for value in ("1961-04-02", "1950-05-05", "81.5", "[1961]", "PGS999999", "PGS1"):
         assert value not in response.text
 
 
@@ -244,23 +247,91 @@ def test_request_content_never_reaches_the_logs(service, ray_cluster):
             assert marker not in text, f"{marker} found in {path.name}"
 
 
-def test_bearer_auth_guards_the_v1_routes_only_when_a_token_is_configured(service):
-    url = f"{service['url']}/secure"
+def test_default_config_refuses_requests_without_the_token_and_keeps_health_open(service):
     _, _, bodies = persons_and_requests()
-    good = {"Authorization": f"Bearer {TOKEN}"}
-    assert post(f"{url}/v1/score", bodies[1]).status_code == 401
-    assert post(f"{url}/v1/score", bodies[1], headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert post(f"{url}/v1/score", bodies[1], headers={"Authorization": TOKEN}).status_code == 401
-    assert requests.get(f"{url}/v1/model", timeout=30).status_code == 401
-    unauthorized = post(f"{url}/v1/explain", bodies[1])
-    assert unauthorized.status_code == 401 and unauthorized.headers["WWW-Authenticate"] == "Bearer"
-    scored = post(f"{url}/v1/score", bodies[1], headers=good)
-    assert scored.status_code == 200
-    assert scored.json()["risk"] == pytest.approx(post(f"{service['url']}/v1/score", bodies[1]).json()["risk"])
-    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
-    assert requests.get(f"{url}/readyz", timeout=30).status_code == 200
-    assert requests.get(f"{url}/v1/model", headers=good, timeout=30).status_code == 200
-    assert post(f"{service['url']}/v1/score", bodies[1]).status_code == 200  # the open app has no token
+    for url in (service["url"], f"{service['url']}/secure"):  # default auth / a token file named in the config
+        refused = post(f"{url}/v1/score", bodies[1], token=None)
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+        assert post(f"{url}/v1/score", bodies[1], token="wrong").status_code == 401
+        assert post(f"{url}/v1/score", bodies[1], token=None, headers={"Authorization": TOKEN}).status_code == 401
+        assert post(f"{url}/v1/explain", bodies[1], token=None).status_code == 401
+        assert requests.get(f"{url}/v1/model", timeout=30).status_code == 401
+        assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+        assert requests.get(f"{url}/readyz", timeout=30).status_code == 200
+        assert requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).ok
+    scored = [post(f"{url}/v1/score", bodies[1]) for url in (service["url"], f"{service['url']}/secure")]
+    assert [r.status_code for r in scored] == [200, 200]
+    assert scored[0].json()["risk"] == pytest.approx(scored[1].json()["risk"])
+
+
+IMPLAUSIBLE = [  # (change to a valid body, loc, message fragment, the value that must not come back)
+    (
+        {"events": [_events(1)[0], {"code": "CONDITION/1", "time": "2100-05-05T00:00:00"}]},
+        "events",
+        "events[1].time is after",
+        "2100",
+    ),
+    (
+        {"events": [{"code": "CONDITION/1", "time": "1899-12-30T00:00:00"}]},
+        "events",
+        "events[0].time is before 1900",
+        "1899",
+    ),
+    (
+        {"events": [{"code": "CONDITION/1", "time": "1950-05-05T00:00:00"}]},
+        "events",
+        "events[0].time is before birth_date",
+        "1950-05-05",
+    ),
+    ({"birth_date": "0001-01-01"}, "birth_date", "before 1900", "0001-01-01"),
+    ({"prediction_time": "2100-05-05T00:00:00"}, "prediction_time", "after the request's own clock", "2100"),
+    (
+        {"birth_date": "1900-03-03", "prediction_time": "2026-03-04T00:00:00"},
+        "prediction_time",
+        "over 125",
+        "1900-03-03",
+    ),
+]
+
+
+def test_implausible_dates_are_a_422_naming_the_field_never_the_value(service):
+    for change, field, message, value in IMPLAUSIBLE:
+        response = post(f"{service['url']}/v1/score", {**_valid(), **change})
+        assert response.status_code == 422, (field, response.text[:300])
+        [error] = response.json()["detail"]
+        assert error["loc"] == ["body", field] and message in error["msg"]
+        assert value not in response.text
+
+
+def test_openapi_lists_every_status_of_the_v1_routes(service):
+    paths = requests.get(f"{service['url']}/openapi.json", timeout=30).json()["paths"]
+    for path, method in (("/v1/score", "post"), ("/v1/score:batch", "post"), ("/v1/explain", "post")):
+        assert {"200", "400", "401", "413", "422", "500", "503"} <= set(paths[path][method]["responses"])
+    assert {"200", "401", "503"} <= set(paths["/v1/model"]["get"]["responses"])
+    assert set(paths["/healthz"]["get"]["responses"]) == {"200"}
+
+
+def test_serve_command_refuses_a_port_another_server_answers_on(service, model_dirs, capsys):
+    """Serve's proxy shares a port (SO_REUSEPORT): without this check a second service would take part of
+    the traffic. This cluster's own proxy is recognised (a redeploy); a plain listener is not."""
+    from ehrfm.serve.app import main
+    from ehrfm.serve.port import foreign_listener
+    from tests.support.serve_app import token_file
+
+    own_port = int(service["url"].rsplit(":", 1)[1])
+    assert foreign_listener("127.0.0.1", own_port, {"ehrfm", "secure"}) is None
+    assert f"127.0.0.1:{own_port}" in foreign_listener("127.0.0.1", own_port, None)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        code = main(["--model-dir", str(model_dirs[1]), "--port", str(port), f"auth.token_file={token_file()}"])
+    refusals = [line for line in capsys.readouterr().err.splitlines() if f"127.0.0.1:{port}" in line]
+    assert code == 2
+    assert refusals == [
+        f"ehrfm serve: 127.0.0.1:{port} already accepts connections and is not this Ray cluster's Serve proxy; "
+        "stop what listens there or choose another --port"
+    ]
 
 
 # ---- JSON fuzzing: no input makes a 5xx -------------------------------------------------------------
@@ -324,7 +395,8 @@ def _plausible(draw) -> dict:
     """Mostly valid records (events after birth, known or unknown codes, extreme but finite
     values), so the model path itself is fuzzed, not only validation."""
     birth = draw(st.dates(min_value=dt.date(1900, 1, 1), max_value=dt.date(2000, 1, 1)))
-    offsets = st.integers(0, 120 * 365 * 86_400)
+    # times up to 2025 (births from 1900: ages up to 125), so plausibility lets them through to the model
+    offsets = st.integers(0, int((dt.datetime(2025, 1, 1) - dt.datetime.combine(birth, dt.time())).total_seconds()))
 
     def at(seconds: int) -> str:
         return (dt.datetime.combine(birth, dt.time()) + dt.timedelta(seconds=seconds)).isoformat()

@@ -1,7 +1,8 @@
 """What tests/{integration,e2e}/test_serve.py share: the service's two applications on the session's Ray cluster
-(`ehrfm`: route /, 2 RiskModel replicas, auth off, small limits; `secure`: route /secure, 1 replica, bearer token
-from a secret file, polling the alias every second) in front of a model registered in the loopback MLflow
-server, and the persons and requests they are asked about.
+(`ehrfm`: route /, 2 RiskModel replicas, small limits; `secure`: route /secure, 1 replica, polling the alias
+every second; both with the default bearer auth, the token in a 0600 file as `ehrfm serve` writes it) in front
+of a model registered in the loopback MLflow server, and the persons and requests they are asked about.
+`post` sends the token unless told `token=None`.
 
 Each test module registers its own model (its TASK), so that registry versions do not depend on other modules;
 the fixtures stay in the test modules and call these."""
@@ -10,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +28,20 @@ from tests.support.risk_model_factory import PGS_IDS, make_person, person_record
 
 TOKEN = "s3cret-test-token-0123456789"
 MAX_EVENTS, MAX_PERSONS, MAX_BODY = 60, 4, 32 * 1024
+
+
+def write_token_file(path: Path, token: str = TOKEN) -> Path:
+    """`token` in a new file readable by its owner only (the service refuses any other mode)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return path
+
+
+@functools.cache
+def token_file() -> Path:
+    """One token file per test process, so every app built from serve_app_args (redeploys too) has it."""
+    return write_token_file(Path(tempfile.mkdtemp(prefix="ehrfm-serve-token-")) / "token")
 
 
 @contextlib.contextmanager
@@ -59,6 +77,7 @@ def serve_app_args(model: str, tracking_uri: str, **extra) -> dict:
         "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
         "model_deployment": {"num_replicas": 2, "num_cpus": 0.2, "health_check_period_s": 2.0},
         "ingress_deployment": {"num_cpus": 0.2},
+        "auth": {"token_file": str(token_file())},
         **extra,
     }
 
@@ -68,8 +87,7 @@ def running_service(model: str, tracking: str, secret_dir: Path) -> Iterator[dic
     """Both applications served on a free loopback port; Serve shut down afterwards."""
     from ray import serve
 
-    token_file = secret_dir / "token"
-    token_file.write_text(TOKEN + "\n")
+    secret = write_token_file(secret_dir / "token")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(serve_app_args(model, tracking, model_version="1")), name="ehrfm", route_prefix="/")
@@ -79,7 +97,7 @@ def running_service(model: str, tracking: str, secret_dir: Path) -> Iterator[dic
                 model,
                 tracking,
                 alias_poll_s=1.0,
-                auth={"token_file": str(token_file)},
+                auth={"token_file": str(secret)},
                 model_deployment={"num_replicas": 1, "num_cpus": 0.2},
             )
         ),
@@ -90,11 +108,13 @@ def running_service(model: str, tracking: str, secret_dir: Path) -> Iterator[dic
     serve.shutdown()
 
 
-def post(url: str, body, **kwargs) -> requests.Response:
+def post(url: str, body, token: str | None = TOKEN, **kwargs) -> requests.Response:
+    """POST a JSON body (or raw bytes/text) with the bearer token unless `token` is None."""
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
     return requests.post(
         url,
         data=body if isinstance(body, (bytes, str)) else json.dumps(body),
-        headers={"Content-Type": "application/json", **kwargs.pop("headers", {})},
+        headers={"Content-Type": "application/json", **auth, **kwargs.pop("headers", {})},
         timeout=60,
         **kwargs,
     )

@@ -176,7 +176,39 @@ BIRTH = "1961-04-02"
         (
             {"events": [{"code": "CONDITION/1", "time": "1960-12-30T08:00:00"}]},
             ("events",),
-            "1 of 1 events are dated before",
+            "events[0].time is before birth_date",
+        ),
+        (
+            {
+                "events": [{"code": HYPERTENSION, "time": "2000-01-01T00:00:00"}] * 2
+                + [{"code": "C/1", "time": "2100-05-05T00:00:00"}]
+            },
+            ("events",),
+            "events[2].time is after the request's own clock",
+        ),
+        (
+            {
+                "events": [
+                    {"code": "C/1", "time": "1899-12-30T00:00:00"},
+                    {"code": "C/1", "time": "1960-12-30T08:00:00"},
+                ]
+            },
+            ("events",),
+            "events[0].time is before 1900-01-01 (2 of 2 events have implausible times)",
+        ),
+        ({"birth_date": "0001-01-01"}, ("birth_date",), "is before 1900-01-01"),
+        ({"birth_date": "2100-05-05"}, ("birth_date",), "is after the request's own clock"),
+        ({"prediction_time": "2100-05-05T00:00:00"}, ("prediction_time",), "is after the request's own clock"),
+        ({"prediction_time": "1899-12-30T00:00:00"}, ("prediction_time",), "is before 1900-01-01"),
+        ({"birth_date": "1900-03-03", "prediction_time": "2026-03-04T00:00:00"}, ("prediction_time",), "over 125"),
+        (
+            {
+                "birth_date": "1900-03-03",
+                "prediction_time": None,
+                "events": [{"code": "C/1", "time": "2026-03-04T00:00:00"}],
+            },
+            ("prediction_time",),
+            "over 125 years at the prediction time (by default the last event's time)",
         ),
         ({"prediction_time": "1950-03-03T00:00:00"}, ("prediction_time",), "before birth_date"),
         (
@@ -190,7 +222,7 @@ BIRTH = "1961-04-02"
             "float32",
         ),
         ({"prs": {PGS_IDS[0]: float("inf")}}, ("prs", PGS_IDS[0]), "finite"),
-        ({"prs": {"PGS999999": 0.3}}, ("prs",), "1 PGS id(s) the model does not use (PGS999999)"),
+        ({"prs": {"PGS999999": 0.3, PGS_IDS[0]: 0.1}}, ("prs",), "1 of the 2 PGS ids given are not among the model's"),
         ({"sex": "robot"}, ("sex",), "'male', 'female'"),
         ({"events": [{"code": "GENDER/8507", "time": "1999-01-01T00:00:00"}]}, ("events", 0, "code"), "come from"),
         ({"events": [{"code": "Race/5", "time": "1999-01-01T00:00:00"}]}, ("events", 0, "code"), "come from"),
@@ -214,14 +246,36 @@ def test_validation_errors_name_the_field_and_hide_the_values(predictor, change,
     assert message in errors[0]["msg"]
     text = str(caught.value)
     assert "input_value" not in text
-    for value in (BIRTH, "1960-12-30", "1950-03-03", "robot", "81.5", "1e+300"):
+    for value in (BIRTH, "1960-12-30", "1950-03-03", "robot", "81.5", "1e+300", "PGS999999", "2100", "1899", "0001-01"):
         assert value not in text
+    assert "1900-03-03" not in text and "2026" not in text
 
 
 def test_unknown_pgs_ids_are_refused_at_scoring_too(predictor):
     record = PersonRecord.model_validate({**person_record(make_person(17, seed=7, n_visits=3)), "prs": {"PGS777": 1.0}})
-    with pytest.raises(ValueError, match="1 PGS id"):
+    with pytest.raises(ValueError, match="1 of the 1 PGS ids given") as caught:
         predictor.predict([record])
+    assert "PGS777" not in str(caught.value)
+
+
+def test_the_clock_of_the_plausibility_check_is_the_validating_one_with_a_day_of_skew():
+    base = {"birth_date": "1961-04-02", "sex": "female"}
+    now = dt.datetime(2001, 1, 1, 12, tzinfo=dt.UTC)
+    for time, ok in (
+        ("2001-01-02T11:00:00", True),
+        ("2001-01-02T13:00:00", False),
+        ("2001-01-02T12:30:00+02:00", True),
+    ):
+        body = {**base, "events": [{"code": "C/1", "time": time}]}
+        if ok:
+            PersonRecord.model_validate(body, context={"now": now})
+        else:
+            with pytest.raises(ValidationError, match="events\\[0\\].time is after"):
+                PersonRecord.model_validate(body, context={"now": now})
+    # 125 years old is still plausible, 126 is not
+    PersonRecord.model_validate({**base, "birth_date": "1900-03-03", "prediction_time": "2026-03-02T00:00:00"})
+    with pytest.raises(ValidationError, match="over 125"):
+        PersonRecord.model_validate({**base, "birth_date": "1900-03-03", "prediction_time": "2026-03-03T00:00:00"})
 
 
 def test_demographic_codes_take_the_form_the_model_knows():

@@ -4,9 +4,11 @@
 ingress deployment that forwards to the model replicas). Request bodies are the predictor's own
 `PersonRecord`, so the API validates exactly what the model accepts.
 
-Errors are field-level and never echo input: a bad body is a 422 whose `detail` lists
-`{loc, msg, type}` (pydantic's `input` and `ctx` are dropped), a body over the size limit a 413,
-a missing or wrong bearer token a 401, no model replica able to answer a 503 with Retry-After.
+Errors are field-level and never echo input: a body that is not JSON is a 400, a JSON body that
+fails validation (schema or plausibility) a 422, both with `detail` listing `{loc, msg, type}`
+(pydantic's `input` and `ctx` are dropped); a body over the size limit is a 413, a missing or
+wrong bearer token a 401 with `WWW-Authenticate: Bearer`, a scoring failure a 500, no model
+replica able to answer a 503 with Retry-After. The OpenAPI document lists each of them.
 """
 
 from __future__ import annotations
@@ -103,6 +105,44 @@ class ModelInfo(BaseModel):
     loaded_at: str
 
 
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="where: 'body', then field names and list positions")
+    msg: str = Field(description="what is wrong (never the submitted value)")
+    type: str
+
+
+class FieldErrors(BaseModel):
+    detail: list[FieldError]
+
+
+class Message(BaseModel):
+    detail: str
+
+
+def error_responses(auth: bool, body: bool = True) -> dict[int | str, dict[str, Any]]:
+    """The error statuses of a /v1 route, for the OpenAPI document (`body`: it reads a request body)."""
+    responses: dict[int | str, dict[str, Any]] = {
+        400: {"model": FieldErrors, "description": "the body is not valid JSON"},
+        413: {"model": Message, "description": "the body is larger than the limit"},
+        422: {"model": FieldErrors, "description": "the body fails validation: the fields are named, values never"},
+        500: {"model": FieldErrors, "description": "scoring failed (the exception type only)"},
+        503: {
+            "model": Message,
+            "description": "no model replica is available; retry after the Retry-After seconds",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+        },
+    }
+    if not body:
+        responses = {503: responses[503]}
+    if auth:
+        responses[401] = {
+            "model": Message,
+            "description": "missing or invalid bearer token",
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
+        }
+    return dict(sorted(responses.items(), key=lambda item: str(item[0])))
+
+
 class Status(BaseModel):
     status: str
     model_name: str | None = None
@@ -142,8 +182,8 @@ def _check_events(record: PersonRecord, limits: LimitsConfig, loc: tuple) -> Non
 
 def bearer_guard(token: str | None):
     """A dependency that lets a request through only with `Authorization: Bearer <token>`
-    (constant-time comparison); with no token configured every request passes."""
-    scheme = HTTPBearer(auto_error=False, description="set when the service was started with a token")
+    (constant-time comparison); None means auth was disabled on purpose (auth.enabled=false)."""
+    scheme = HTTPBearer(auto_error=False, description="the service's token (EHRFM_SERVE_TOKEN or its token file)")
 
     async def check(credentials: HTTPAuthorizationCredentials | None = Depends(scheme)) -> None:
         if token is None:
@@ -170,10 +210,13 @@ def create_api(backend: ScoringBackend, limits: LimitsConfig, token: str | None 
         ),
     )
     guarded = [Depends(bearer_guard(token))]
+    errors = error_responses(auth=token is not None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": public_errors(list(exc.errors()))})
+        detail = public_errors(list(exc.errors()))
+        not_json = any(error["type"] == "json_invalid" for error in detail)
+        return JSONResponse(status_code=400 if not_json else 422, content={"detail": detail})
 
     @app.exception_handler(OverflowError)
     async def _out_of_range(request: Request, exc: OverflowError) -> JSONResponse:
@@ -217,12 +260,20 @@ def create_api(backend: ScoringBackend, limits: LimitsConfig, token: str | None 
             return JSONResponse(status_code=503, content={"status": "not ready"})
         return Status(status="ready", model_name=info["name"], model_version=info["version"])
 
-    @app.get(f"/{API_VERSION}/model", response_model=ModelInfo, dependencies=guarded, tags=["model"])
+    @app.get(
+        f"/{API_VERSION}/model",
+        response_model=ModelInfo,
+        dependencies=guarded,
+        responses=error_responses(token is not None, body=False),
+        tags=["model"],
+    )
     async def model() -> dict[str, Any]:
         """The served model: registry name and version, task, horizon, PGS ids, validation metrics."""
         return await backend.model_info()
 
-    @app.post(f"/{API_VERSION}/score", response_model=ScoreResult, dependencies=guarded, tags=["scoring"])
+    @app.post(
+        f"/{API_VERSION}/score", response_model=ScoreResult, dependencies=guarded, responses=errors, tags=["scoring"]
+    )
     async def score(person: PersonRecord) -> dict[str, Any]:
         """Score one person. Events after the prediction time (default: the last event's time) are
         ignored; PGS ids the model does not use are refused; missing ones count as missing (a
@@ -231,7 +282,13 @@ def create_api(backend: ScoringBackend, limits: LimitsConfig, token: str | None 
         [outcome] = await backend.score([person])
         return _unwrap(outcome, ("body",))
 
-    @app.post(f"/{API_VERSION}/score:batch", response_model=ScoreBatchResponse, dependencies=guarded, tags=["scoring"])
+    @app.post(
+        f"/{API_VERSION}/score:batch",
+        response_model=ScoreBatchResponse,
+        dependencies=guarded,
+        responses=errors,
+        tags=["scoring"],
+    )
     async def score_batch(request: ScoreBatchRequest) -> dict[str, Any]:
         """Score many persons; any invalid person fails the request with its index in `loc`."""
         if len(request.persons) > limits.max_persons:
@@ -250,7 +307,13 @@ def create_api(backend: ScoringBackend, limits: LimitsConfig, token: str | None 
         outcomes = await backend.score(request.persons)
         return {"results": [_unwrap(o, ("body", "persons", i)) for i, o in enumerate(outcomes)]}
 
-    @app.post(f"/{API_VERSION}/explain", response_model=ExplainResult, dependencies=guarded, tags=["scoring"])
+    @app.post(
+        f"/{API_VERSION}/explain",
+        response_model=ExplainResult,
+        dependencies=guarded,
+        responses=errors,
+        tags=["scoring"],
+    )
     async def explain(person: PersonRecord) -> dict[str, Any]:
         """Score one person and name the events that move the risk most, by occlusion: each of the
         most recent events up to the prediction time is removed once and the person rescored

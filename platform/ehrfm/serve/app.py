@@ -8,7 +8,9 @@
 - `main(argv)`: `ehrfm serve` / `jobs/serve.py`. Resolves `models:/<model>@<alias>` to a version,
   pins it in the deployment (re-running it after the alias moved is a rolling update of the
   running application to the new version), starts Serve bound to 127.0.0.1 unless told otherwise and waits until /readyz
-  answers. With `--smoke N` it then scores N made-up persons over HTTP and checks them against
+  answers. Bearer auth is on: the token comes from EHRFM_SERVE_TOKEN or the token file, which is
+  created (0600, random) on first start and reused after (serve/auth.py). A port that already
+  accepts connections and is not this cluster's Serve proxy is refused (exit 2, serve/port.py). With `--smoke N` it then scores N made-up persons over HTTP and checks them against
   the model scored in this process. On a Ray cluster of its own (or of the calling process) it
   keeps serving until Ctrl-C, or stops after the smoke run; on a running cluster (`--address`,
   RAY_ADDRESS) it deploys and exits, leaving the service up.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,13 +41,42 @@ def config_from_args(args: dict[str, Any]) -> ServeConfig:
 
 
 def build_app(args: dict[str, Any]):
-    """Serve application builder: args dict -> bound application (ScoringAPI -> RiskModel)."""
+    """Serve application builder: args dict -> bound application (ScoringAPI -> RiskModel).
+    With auth on and no token it refuses here, in one line, rather than in a replica restart loop."""
+    from ehrfm.serve.auth import check_auth
     from ehrfm.serve.deployment import build_deployments
 
-    return build_deployments(config_from_args(args))
+    config = config_from_args(args)
+    check_auth(config.auth)
+    return build_deployments(config)
 
 
 # ---- ehrfm serve ------------------------------------------------------------------------------------
+def setup_auth(config: ServeConfig) -> None:
+    """Make sure the service gets a token (creating the token file on first start) and say where it
+    is and how clients send it; the token itself is printed only when just created, on a terminal.
+    The replicas read the same file: its path, never the token, goes into the deployment config."""
+    from ehrfm.serve.auth import ensure_token
+
+    if not config.auth.enabled:
+        print("WARNING: bearer auth is DISABLED (auth.enabled=false): anyone who reaches the port can score")
+        return
+    source = ensure_token(config.auth)
+    if source.path is None:
+        print(
+            f"bearer auth on: token from {source.where}; clients send `Authorization: Bearer ${config.auth.token_env}`"
+        )
+        return
+    config.auth.token_file = str(source.path)
+    if source.created:
+        print(f"created bearer token file {source.path} (mode 0600); later starts reuse it")
+        if sys.stdout.isatty():
+            print(f"token (shown this once): {source.token}")
+        else:
+            print("the token is not printed (stdout is not a terminal): read it from the file")
+    print(f"bearer auth on: token in {source.path}; clients send `Authorization: Bearer $(cat {source.path})`")
+
+
 def wait_ready(base_url: str, timeout_s: float = 300.0) -> dict[str, Any]:
     """Poll /readyz until the service has a model; the readiness body."""
     from ehrfm.serve.smoke import request_json
@@ -119,9 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from ehrfm.serve import model_store
-    from ehrfm.serve.auth import read_token
+    from ehrfm.serve.auth import TokenError, read_token
+    from ehrfm.serve.port import foreign_listener
     from ehrfm.tracking import ensure_tracking_uri
 
+    # a cluster this command starts runs no Serve yet: anything on the port is someone else's
+    fresh = not ray.is_initialized() and not (args.address or os.environ.get("RAY_ADDRESS"))
+    refusal = foreign_listener(args.host, args.port, None) if fresh else None
+    if refusal:
+        print(f"ehrfm serve: {refusal}", file=sys.stderr)
+        return 2
+    try:
+        setup_auth(config)
+    except TokenError as exc:
+        print(f"ehrfm serve: {exc}", file=sys.stderr)
+        return 2
     if config.model_uri.startswith("models:/"):
         config.tracking_uri = config.tracking_uri or ensure_tracking_uri()
         os.environ["MLFLOW_TRACKING_URI"] = config.tracking_uri
@@ -133,6 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     # on a cluster that outlives this command the service keeps running after it exits
     external = started_here and bool(args.address or os.environ.get("RAY_ADDRESS"))
+    if not fresh:  # a redeploy may find this cluster's own Serve proxy on the port
+        status = serve.status()
+        refusal = foreign_listener(
+            args.host, args.port, set(status.applications) if status.proxies or status.applications else None
+        )
+        if refusal:
+            print(f"ehrfm serve: {refusal}", file=sys.stderr)
+            if started_here:
+                ray.shutdown()
+            return 2
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(config.model_dump(mode="json")), name=APP_NAME, route_prefix="/")
     base_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"

@@ -44,14 +44,16 @@ class ExplainConfig(StrictModel):
 
 
 class AuthConfig(StrictModel):
-    """Optional bearer token on the /v1 routes. The token comes from the environment variable
-    `token_env`, else the file `token_file` (or the file the variable `token_file_env` names);
-    with none of them set, the routes are open unless `required` is true (then startup fails)."""
+    """Bearer token on the /v1 routes, required unless `enabled` is false (a deliberate opt-out,
+    warned about at startup): scores are patient data, so an open API must be a choice, not an
+    accident. The token comes from the environment variable `token_env`, else the file
+    `token_file` (or the file the variable `token_file_env` names). With auth on and no token the
+    application refuses to start; `ehrfm serve` first creates a token file (serve/auth.py)."""
 
+    enabled: bool = True
     token_env: str = DEFAULT_TOKEN_ENV
     token_file_env: str = DEFAULT_TOKEN_FILE_ENV
     token_file: str | None = None
-    required: bool = False
 
 
 class DeploymentSizing(StrictModel):

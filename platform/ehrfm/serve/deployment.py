@@ -15,7 +15,7 @@ RiskModel
 
 ScoringAPI
 - Builds the FastAPI app at replica start (`__serve_build_asgi_app__`), with the bearer token read
-  in the replica (env or secret file). Calls to RiskModel are retried (`retries`, short backoff)
+  in the replica (env or secret file); with auth on and no token the replica does not start. Calls to RiskModel are retried (`retries`, short backoff)
   when the replica they went to died: scoring is a pure function of the request, so a retry on
   another replica is safe and a killed model replica loses no request.
 
@@ -157,8 +157,11 @@ class ScoringIngress:
     def __init__(self, model: Any, settings: dict[str, Any]) -> None:
         self._config = ServeConfig.model_validate(settings)
         self._model = model
-        self._token = read_token(self._config.auth)
-        logger.info("scoring API up; bearer auth %s", "on" if self._token else "off")
+        self._token = read_token(self._config.auth)  # TokenError: auth on without a token, no replica starts
+        if self._token is None:
+            logger.warning("scoring API up; bearer auth is DISABLED (auth.enabled=false): /v1 routes are open")
+        else:
+            logger.info("scoring API up; bearer auth on")
 
     def __serve_build_asgi_app__(self):
         return create_api(self, self._config.limits, self._token)

@@ -23,8 +23,11 @@ Choices that differ from, or go beyond, the offline path (documented for Serve):
   race_concept_id / ethnicity_concept_id take the form the model's tokenizer knows (`Gender/F`,
   else `GENDER/8532`).
 
-Validation errors name the field and counts only, never a patient's values (pydantic is told
-to hide inputs in its messages).
+Plausibility (a typo or a unit mix-up must not get a confident score): times before 1900-01-01 or
+after the validating clock plus a day of skew (`context={"now": ...}` sets the clock, else the
+current UTC time), events before birth, and an age over 125 years at the prediction time are
+refused. Validation errors name the field (`events[3].time`) and counts only, never a patient's
+values (pydantic is told to hide inputs in its messages).
 """
 
 from __future__ import annotations
@@ -65,12 +68,34 @@ DEMOGRAPHIC_CODES = {
 RESERVED_CODE_PREFIXES = ("GENDER/", "RACE/", "ETHNICITY/", "Gender/", "Race/", "Ethnicity/")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 DEFAULT_MIN_PRS_SHARE = 0.5
+EARLIEST_TIME = dt.datetime(1900, 1, 1)
+CLOCK_SKEW = dt.timedelta(days=1)
+MAX_AGE_YEARS = 125
 
 
 def _naive_utc(value: dt.datetime) -> dt.datetime:
     if value.tzinfo is not None:
         value = value.astimezone(dt.UTC).replace(tzinfo=None)
     return value
+
+
+def _latest_time(info: ValidationInfo) -> dt.datetime:
+    """The validating clock (naive UTC) plus the allowed skew; `context["now"]` replaces the clock."""
+    now = (info.context or {}).get("now")
+    now = dt.datetime.now(dt.UTC) if now is None else now
+    return _naive_utc(now) + CLOCK_SKEW
+
+
+def _age_years(birth: dt.date, when: dt.datetime) -> int:
+    return when.year - birth.year - ((when.month, when.day) < (birth.month, birth.day))
+
+
+def _implausible_time(value: dt.datetime, latest: dt.datetime) -> str | None:
+    if value < EARLIEST_TIME:
+        return "is before 1900-01-01"
+    if value > latest:
+        return "is after the request's own clock (more than 1 day ahead)"
+    return None
 
 
 class ClinicalEvent(BaseModel):
@@ -120,14 +145,28 @@ class PersonRecord(BaseModel):
     prs: dict[str, FiniteFloat] | None = None
     prediction_time: dt.datetime | None = Field(default=None, validate_default=True)
 
+    @field_validator("birth_date")
+    @classmethod
+    def _plausible_birth(cls, value: dt.date, info: ValidationInfo) -> dt.date:
+        problem = _implausible_time(dt.datetime.combine(value, dt.time()), _latest_time(info))
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("events")
     @classmethod
-    def _after_birth(cls, events: list[ClinicalEvent], info: ValidationInfo) -> list[ClinicalEvent]:
-        birth = info.data.get("birth_date")
+    def _plausible_times(cls, events: list[ClinicalEvent], info: ValidationInfo) -> list[ClinicalEvent]:
+        """Names the first implausible event and counts the others; never a value."""
+        latest, birth = _latest_time(info), info.data.get("birth_date")
+        problems = [_implausible_time(event.time, latest) for event in events]
         if birth is not None:
-            before = sum(event.time.date() < birth for event in events)
-            if before:
-                raise ValueError(f"{before} of {len(events)} events are dated before birth_date")
+            problems = [
+                p or ("is before birth_date" if e.time.date() < birth else None) for p, e in zip(problems, events)
+            ]
+        bad = [i for i, problem in enumerate(problems) if problem]
+        if bad:
+            more = f" ({len(bad)} of {len(events)} events have implausible times)" if len(bad) > 1 else ""
+            raise ValueError(f"events[{bad[0]}].time {problems[bad[0]]}{more}")
         return events
 
     @field_validator("prs")
@@ -141,14 +180,21 @@ class PersonRecord(BaseModel):
     @field_validator("prediction_time")
     @classmethod
     def _prediction_time(cls, value: dt.datetime | None, info: ValidationInfo) -> dt.datetime | None:
+        birth, events = info.data.get("birth_date"), info.data.get("events")
         if value is None:
-            if "events" in info.data and not info.data["events"]:
+            if events is not None and not events:
                 raise ValueError("required when there are no events (the default is the last event's time)")
-            return None
-        value = _naive_utc(value)
-        birth = info.data.get("birth_date")
-        if birth is not None and value.date() < birth:
-            raise ValueError("is before birth_date")
+            when = max(e.time for e in events) if events else None
+        else:
+            value = when = _naive_utc(value)
+            problem = _implausible_time(value, _latest_time(info))
+            if problem:
+                raise ValueError(problem)
+            if birth is not None and value.date() < birth:
+                raise ValueError("is before birth_date")
+        if birth is not None and when is not None and _age_years(birth, when) > MAX_AGE_YEARS:
+            default = "" if value is not None else " (by default the last event's time)"
+            raise ValueError(f"gives an age over {MAX_AGE_YEARS} years at the prediction time{default}")
         return value
 
     def scored_time(self) -> dt.datetime:
@@ -157,10 +203,14 @@ class PersonRecord(BaseModel):
 
 
 def check_pgs_ids(prs: dict[str, float], expected: list[str]) -> None:
-    unknown = sorted(set(prs) - set(expected))
+    """Refuses PGS ids the model does not use; counts them and never echoes them (a key can carry
+    anything a client put there)."""
+    unknown = set(prs) - set(expected)
     if unknown:
-        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise ValueError(f"{len(unknown)} PGS id(s) the model does not use ({shown}); it expects {len(expected)} ids")
+        raise ValueError(
+            f"{len(unknown)} of the {len(prs)} PGS ids given are not among the model's {len(expected)} ids "
+            "(the model info lists them)"
+        )
 
 
 # ---- records -> MEDS events ----------------------------------------------------------------------
