@@ -54,6 +54,9 @@ class ServerSettings:
     artifacts_destination: str | None = None  # default: <state_dir>/artifacts
     workers: int = 1
     allowed_hosts: str | None = None  # Host headers accepted; MLflow's default: localhost + private IPs
+    # `basic-auth` on a shared server (mlflow/k8s): users and passwords, the admin from
+    # MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD; the loopback default needs none
+    app_name: str | None = None
 
     @classmethod
     def from_env(cls, **overrides) -> ServerSettings:
@@ -66,6 +69,7 @@ class ServerSettings:
             "artifacts_destination": env.get("EHRFM_MLFLOW_ARTIFACTS_DESTINATION"),
             "workers": int(env.get("EHRFM_MLFLOW_WORKERS", 1)),
             "allowed_hosts": env.get("EHRFM_MLFLOW_ALLOWED_HOSTS"),
+            "app_name": env.get("EHRFM_MLFLOW_APP_NAME") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -95,6 +99,8 @@ class ServerSettings:
         ]
         if self.allowed_hosts:
             command += ["--allowed-hosts", self.allowed_hosts]
+        if self.app_name:
+            command += ["--app-name", self.app_name]
         return command
 
 

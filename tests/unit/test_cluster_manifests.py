@@ -7,6 +7,8 @@
   prepare + validate steps.
 - MLflow on Kubernetes: the Deployment's settings reach `mlflow server` through ehrfm.tracking,
   and a real server started with them accepts the in-cluster host name and refuses others.
+- Secrets: the RayService's Serve token and MLflow's basic-auth credentials come from Kubernetes
+  Secrets that every container requires, so neither service can start open.
 """
 
 from __future__ import annotations
@@ -246,3 +248,51 @@ def test_mlflow_deployment_settings_reach_the_server_command(monkeypatch):
         assert option["--allowed-hosts"] == env["EHRFM_MLFLOW_ALLOWED_HOSTS"]
         assert option["--backend-store-uri"] == secret.get("backend-store-uri", "sqlite:////mlflow/mlflow.db")
         assert option["--artifacts-destination"] == secret.get("artifacts-destination", "/mlflow/artifacts")
+        assert option["--app-name"] == "basic-auth"
+
+
+def _secret_env(container: dict) -> dict[str, tuple[str, str, bool]]:
+    """{variable: (Secret name, key, optional)} of a container's env."""
+    return {
+        item["name"]: (ref["name"], ref["key"], ref.get("optional", False))
+        for item in container.get("env", [])
+        if (ref := item.get("valueFrom", {}).get("secretKeyRef"))
+    }
+
+
+def _containers(kind: str) -> list[dict]:
+    spec = cluster_spec(load_manifest(kind))
+    templates = [spec["headGroupSpec"]["template"]] + [group["template"] for group in spec["workerGroupSpecs"]]
+    return [container for template in templates for container in template["spec"]["containers"]]
+
+
+def test_rayservice_takes_the_serve_token_from_a_required_secret_and_keeps_auth_on():
+    from ehrfm.serve.app import config_from_args
+
+    for container in _containers("RayService"):
+        assert _secret_env(container)["EHRFM_SERVE_TOKEN"] == ("ehrfm-serve-token", "token", False)
+    serve_config = yaml.safe_load(load_manifest("RayService")["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    config = config_from_args(app["args"])
+    assert config.auth.enabled and config.auth.token_env == "EHRFM_SERVE_TOKEN"
+    assert "EHRFM_SERVE_TOKEN" not in json.dumps(app.get("runtime_env", {}))  # never a token in the Serve config
+    comments = (KUBERAY / MANIFESTS["RayService"]).read_text()
+    assert "kubectl -n ehrfm create secret generic ehrfm-serve-token" in comments
+
+
+def test_mlflow_on_kubernetes_runs_basic_auth_and_every_ray_pod_logs_in():
+    container = mlflow_objects()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    values = {item["name"]: item.get("value") for item in container["env"]}
+    assert values["EHRFM_MLFLOW_APP_NAME"] == "basic-auth"
+    assert {k: v for k, v in _secret_env(container).items() if v[0] == "mlflow-auth"} == {
+        "MLFLOW_AUTH_ADMIN_USERNAME": ("mlflow-auth", "username", False),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ("mlflow-auth", "password", False),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": ("mlflow-auth", "flask-secret-key", False),
+    }
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"  # basic-auth leaves /health open
+    assert "kubectl -n ehrfm create secret generic mlflow-auth" in (REPO / "mlflow" / "k8s" / "mlflow.yaml").read_text()
+    for kind in sorted(MANIFESTS):
+        for ray_container in _containers(kind):
+            secrets = _secret_env(ray_container)
+            assert secrets["MLFLOW_TRACKING_USERNAME"] == ("mlflow-auth", "username", False), kind
+            assert secrets["MLFLOW_TRACKING_PASSWORD"] == ("mlflow-auth", "password", False), kind
