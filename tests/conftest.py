@@ -16,6 +16,11 @@ from tests.support.layout import check_layout, ray_is_initialized, stop_leaked_r
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
+# Ray Train's controller polls its workers every 2 s and a worker's report waits for the poll that
+# takes the one before (a queue of one); the tests' tiny runs report every few steps, so they poll
+# every 0.5 s (about 15% off a short run). Set before any cluster starts, so every process inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 # session fixtures shared by integration and e2e modules (expensive runs made once); the background
 # build of DeepSpeed's CPU op (tests/support/deepspeed_ops.py)
 pytest_plugins = ["tests.support.pretrain_runs", "tests.support.deepspeed_ops"]
