@@ -212,3 +212,27 @@ def test_a_usage_error_exit_names_the_commands_own_message_not_its_exit_code(tmp
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == "error (validate): ehrfm validate: error: --omop: no such directory"
     assert "[3/12] validate: FAILED after" in "\n".join(lines)
+
+
+def test_a_logging_handler_made_in_one_stage_writes_into_the_next_stages_log(tmp_path):
+    """Ray's loggers get their handler on first use, inside some stage; after that stage's log file
+    is closed the handler must still work (no '--- Logging error ---'), writing where output goes now."""
+    import io
+    import logging
+
+    from ehrfm.workflow.console import Console
+
+    console = Console(tmp_path, stream=io.StringIO(), capture=True)
+    logger = logging.getLogger("ehrfm-test-stage-logger")
+    logger.propagate = False
+    try:
+        with console.stage_output("first", "[1/2] first"):
+            logger.addHandler(logging.StreamHandler())  # binds to sys.stderr as it is during the stage
+            logger.warning("record of the first stage")
+        with console.stage_output("second", "[2/2] second"):
+            logger.warning("record of the second stage")
+    finally:
+        logger.handlers.clear()
+    first, second = (console.log_path(s).read_text() for s in ("first", "second"))
+    assert "record of the first stage" in first and "record of the second stage" not in first
+    assert "record of the second stage" in second and "Logging error" not in second

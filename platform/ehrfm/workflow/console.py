@@ -11,6 +11,7 @@ line is the failing stage's error, if one failed.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import sys
@@ -151,6 +152,45 @@ class Console:
         return ""
 
 
+class _StageStream(io.TextIOBase):
+    """What sys.stdout/sys.stderr are while a stage runs: writes go to the current stage's log.
+
+    A logging handler made during a stage (Ray's and Ray Data's loggers are configured on first
+    use) keeps the stream object it was given; a plain file would be closed when the stage ends
+    and every later record through that handler would fail ("--- Logging error ---"). This object
+    outlives the stages: between them it writes where the process's stream wrote before."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.target: TextIO | None = None
+        self.outside: TextIO | None = None
+
+    def _current(self) -> TextIO:
+        return self.target or self.outside or getattr(sys, f"__{self.name}__")
+
+    def write(self, text: str) -> int:
+        try:
+            return self._current().write(text)
+        except ValueError:  # the stream outside the stages was closed since (a finished test's capture)
+            return getattr(sys, f"__{self.name}__").write(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(Exception):
+            self._current().flush()
+
+    def fileno(self) -> int:
+        return self._current().fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+
+_STAGE_STREAMS = {"stdout": _StageStream("stdout"), "stderr": _StageStream("stderr")}
+
+
 @contextlib.contextmanager
 def _redirected(log: TextIO) -> Iterator[None]:
     """sys.stdout/sys.stderr and file descriptors 1/2 into `log` (Ray and C++ libraries write to
@@ -165,10 +205,17 @@ def _redirected(log: TextIO) -> Iterator[None]:
             os.dup2(log.fileno(), fd)
         except OSError:
             pass
+    out, err = _STAGE_STREAMS["stdout"], _STAGE_STREAMS["stderr"]
+    if sys.stdout is not out:
+        out.outside = sys.stdout
+    if sys.stderr is not err:
+        err.outside = sys.stderr
+    out.target = err.target = log
     try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             yield
     finally:
+        out.target = err.target = None
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
