@@ -258,8 +258,9 @@ def fraction_by_persons(table: pa.Table, model_cfg: ModelConfig, counts: list[in
     return out
 
 
-def packing_comparison(args, context: int, variant_names: list[str] | None = None) -> dict:
+def packing_comparison(args, context: int, variant_names: list[str] | None = None, steps: int | None = None) -> dict:
     """The variants at one context (all of them, or `variant_names`), same windows, alternating rounds."""
+    steps = steps or args.pack_steps
     data = Path(args.data) if args.data else default_cohort()
     manifest = json.loads((data / "timelines" / "manifest.json").read_text())
     model = ModelConfig(
@@ -278,8 +279,8 @@ def packing_comparison(args, context: int, variant_names: list[str] | None = Non
         "data": str(data),
         "model": model.to_dict(),
         "persons": args.pack_persons,
-        "steps": args.pack_steps,
-        "warmup_steps": args.pack_warmup_steps,
+        "steps": steps,
+        "warmup_steps": min(args.pack_warmup_steps, steps - 1),
         "threads": args.pack_threads,
         "device": device,
         "loss_chunk": args.loss_chunk,
@@ -292,8 +293,8 @@ def packing_comparison(args, context: int, variant_names: list[str] | None = Non
     for round_ in range(args.pack_rounds):  # alternating order, so load drift on a shared machine cancels
         for name, packed, fused, compiled in chosen if round_ % 2 == 0 else chosen[::-1]:
             spec = {**base, "packed": packed, "fused": fused, "compiled": compiled}
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:  # a fresh process: its own peak
+            spawn = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:  # a fresh process: its own peak
                 runs[name].append(pool.submit(run_variant, spec).result())
             rate = runs[name][-1]["real_tokens_per_s"]
             print(f"context {context}, round {round_}, {name}: {rate:.0f} real tokens/s", flush=True)
@@ -320,8 +321,8 @@ def packing_comparison(args, context: int, variant_names: list[str] | None = Non
             "heads": model.heads,
             "vocab": model.vocab_size,
             "persons_per_micro_batch": args.pack_persons,
-            "steps": args.pack_steps,
-            "timed_steps": args.pack_steps - args.pack_warmup_steps,
+            "steps": steps,
+            "timed_steps": steps - min(args.pack_warmup_steps, steps - 1),
             "rounds": args.pack_rounds,
             "loss_chunk_tokens": args.loss_chunk,
             "threads": base["threads"],
@@ -437,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[2048],
         help="further contexts, baseline vs packed + fused only (the reference GPU model uses 2,048)",
     )
+    parser.add_argument("--pack-longer-steps", type=int, default=5, help="model steps per longer-context run")
     parser.add_argument("--pack-persons", type=int, default=16, help="persons per micro-batch (packing part)")
     parser.add_argument("--pack-steps", type=int, default=10)
     parser.add_argument("--pack-warmup-steps", type=int, default=2)
@@ -458,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     results: dict = {"benchmark": "train_throughput", "packing": packing_comparison(args, args.pack_context)}
     pair = [VARIANTS[0][0], "packed + fused loss"]
-    results["packing_longer_contexts"] = [packing_comparison(args, c, pair) for c in args.pack_longer_contexts]
+    results["packing_longer_contexts"] = [
+        packing_comparison(args, c, pair, args.pack_longer_steps) for c in args.pack_longer_contexts
+    ]
     if not args.skip_ray:
         results.update(ray_comparison(args))
     results["machine"] = {
