@@ -1,6 +1,7 @@
 """The MLflow registry round trip through a real tracking server on loopback: log the risk model as
 a models-from-code pyfunc, register it, move `champion` only to a better model, load it by alias and get
-the predictor's and the offline path's risks (in a fresh process: tests/e2e/test_registry.py)."""
+the predictor's and the offline path's risks (in a fresh process: tests/e2e/test_registry.py); the weights'
+SHA-256 recorded at registration, and serving's refusal of a version whose files were changed since."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from ehrfm.mlops.pyfunc_model import OUTPUT_COLUMNS, records_frame
+from ehrfm.mlops import checksums
+from ehrfm.mlops.pyfunc_model import OUTPUT_COLUMNS, RISK_MODEL_ARTIFACT, records_frame
 from ehrfm.mlops.registry import CHAMPION, RISK_MODEL_FILES, log_risk_model, register_if_better
 from ehrfm.model.risk import load_risk_model
 from ehrfm.serve import model_store
@@ -142,3 +144,46 @@ def test_a_worse_model_keeps_the_champion_and_a_better_one_takes_it(tracking, wo
     with pytest.raises(ValueError, match="finite"):
         register_if_better(uris[1], "cad", float("nan"))
     assert len(client.search_model_versions("name='ehrfm-cad'")) == 4
+
+
+def test_registered_version_records_the_sha256_of_each_logged_risk_model_file(t2d_champion):
+    directory, _, _, _ = t2d_champion
+    version = MlflowClient().get_model_version("ehrfm-t2d", "1")
+    expected = {name: checksums.file_sha256(directory / name) for name in RISK_MODEL_FILES}
+    assert json.loads(version.tags[checksums.MANIFEST_TAG]) == expected  # names and hex digests only
+    assert version.tags[checksums.DIGEST_TAG] == checksums.digest(expected)
+    logged = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/{checksums.MANIFEST_FILE}")
+    assert logged["files"] == expected and logged[checksums.DIGEST_TAG] == version.tags[checksums.DIGEST_TAG]
+
+
+def _overwrite_in_artifact_store(model_uri: str, name: str, data: bytes, tmp_path: Path) -> None:
+    """Replace one risk-model file of a logged model in the artifact store (through the server's
+    artifact proxy, as anyone with write access to the store could), leaving the registry alone."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    model = mlflow.get_logged_model(model_uri.removeprefix("models:/"))
+    (tmp_path / name).write_bytes(data)
+    get_artifact_repository(model.artifact_location).log_artifact(
+        str(tmp_path / name), f"artifacts/{RISK_MODEL_ARTIFACT}"
+    )
+
+
+def test_a_version_whose_weights_changed_after_registration_is_refused(tracking, workdir, tmp_path):
+    directory = risk_model(workdir, "ckd-1", seed=3, task="ckd")
+    uri = log_risk_model(directory, "ckd", {"val_auroc": 0.6}, "# card\n")
+    assert register_if_better(uri, "ckd", 0.60)["version"] == 1
+    bare = mlflow.register_model(uri, "ehrfm-ckd")  # plain MLflow: the same files, no checksum tags
+    champion = model_store.resolve("models:/ehrfm-ckd@champion")
+    unchecked = model_store.resolve(f"models:/ehrfm-ckd/{bare.version}")
+    assert model_store.load(champion, min_prs_share=0.5).ref.version == "1"  # intact: verified and loaded
+    with pytest.raises(checksums.WeightsChecksumError, match=f"ehrfm-ckd version {bare.version} has no weights_sha256"):
+        model_store.load(unchecked, min_prs_share=0.5)
+    assert model_store.load(unchecked, min_prs_share=0.5, verify_weights=False).ref.version == bare.version
+
+    weights = (directory / "model.pt").read_bytes()
+    _overwrite_in_artifact_store(uri, "model.pt", weights[:-1] + bytes([weights[-1] ^ 1]), tmp_path)
+    with pytest.raises(checksums.WeightsChecksumError) as refused:
+        model_store.load(champion, min_prs_share=0.5)
+    message = str(refused.value)
+    assert message.startswith("model ehrfm-ckd version 1: ") and "changed: model.pt)" in message
+    assert "refusing to serve" in message and not any(n in message for n in RISK_MODEL_FILES[1:])

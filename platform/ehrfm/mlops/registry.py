@@ -11,6 +11,9 @@
   predictions next to the model). Params, metrics, tags and the card hold aggregates only.
 - The validation metric a version was registered with is a version tag (`val_auroc` by default);
   a new version takes the alias only when its metric is strictly greater than the champion's.
+- The SHA-256 of every logged risk-model file is computed before upload and recorded on the
+  registered version (`weights_sha256`, `weights_manifest`; `checksums.py`); serving refuses a
+  version whose downloaded files differ.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import ehrfm
+from ehrfm.mlops import checksums
 from ehrfm.mlops import pyfunc_model as registry_model
 from ehrfm.mlops.model_card import model_card  # noqa: F401  (part of this module's interface)
 from ehrfm.mlops.pyfunc_model import RISK_MODEL_ARTIFACT, example_record, pyfunc_signature, records_frame
@@ -105,10 +109,12 @@ def log_risk_model(
         card = tmp / MODEL_CARD_FILE
         card.write_text(card_markdown, encoding="utf-8")
         spec = predictor.spec
+        risk_files = _risk_model_copy(model_dir, tmp)
+        hashes = checksums.manifest(risk_files)  # of exactly the files uploaded
         info = mlflow.pyfunc.log_model(
             name="risk_model",
             python_model=registry_model.__file__,
-            artifacts={RISK_MODEL_ARTIFACT: str(_risk_model_copy(model_dir, tmp)), "model_card": str(card)},
+            artifacts={RISK_MODEL_ARTIFACT: str(risk_files), "model_card": str(card)},
             code_paths=[str(_package_copy(tmp))],
             signature=pyfunc_signature(),
             input_example=input_example,
@@ -122,14 +128,33 @@ def log_risk_model(
                 "tokenizer_version": spec.tokenizer_version,
                 "calibrated": spec.platt is not None,
             },
-            tags={"ehrfm.task": task},
+            tags={"ehrfm.task": task, **checksums.tags(hashes)},
         )
         finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
         if finite:
             mlflow.log_metrics(finite, model_id=info.model_id)
         mlflow.log_text(card_markdown, MODEL_CARD_FILE)
+        mlflow.log_dict(
+            {"model_id": info.model_id, "files": hashes, checksums.DIGEST_TAG: checksums.digest(hashes)},
+            checksums.MANIFEST_FILE,
+        )
         mlflow.set_tag("ehrfm.task", task)
     return info.model_uri
+
+
+def _checksum_tags(model_uri: str) -> dict[str, str]:
+    """The weight checksums to record for `model_uri`: those `log_risk_model` computed before the
+    upload (tags of the logged model), else those of the risk-model files the store holds now."""
+    match = re.fullmatch(r"models:/(m-[0-9a-f]+)", model_uri)
+    if match is not None:
+        recorded = mlflow.get_logged_model(match[1]).tags or {}
+        if recorded.get(checksums.DIGEST_TAG) and recorded.get(checksums.MANIFEST_TAG):
+            return {key: recorded[key] for key in (checksums.DIGEST_TAG, checksums.MANIFEST_TAG)}
+    with tempfile.TemporaryDirectory(prefix="ehrfm-register-") as tmp:
+        directory = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{model_uri}/artifacts/{RISK_MODEL_ARTIFACT}", dst_path=tmp
+        )
+        return checksums.tags(checksums.manifest(directory))
 
 
 def _champion(client: MlflowClient, name: str):
@@ -142,8 +167,9 @@ def _champion(client: MlflowClient, name: str):
 
 
 def register_if_better(model_uri: str, task: str, val_metric: float, metric_name: str = "val_auroc") -> dict[str, Any]:
-    """Register `model_uri` as a new version of `ehrfm-<task>` (tagged with `metric_name`) and give
-    it the `champion` alias only when `val_metric` beats the current champion's tag.
+    """Register `model_uri` as a new version of `ehrfm-<task>` (tagged with `metric_name` and the
+    weights' SHA-256, which serving checks) and give it the `champion` alias only when `val_metric`
+    beats the current champion's tag.
 
     Returns name, version, metric_name, metric, promoted, champion_version (after this call),
     previous_champion_version, previous_champion_metric and reason.
@@ -153,7 +179,8 @@ def register_if_better(model_uri: str, task: str, val_metric: float, metric_name
         raise ValueError(f"{metric_name} must be a finite number to compare models")
     client = MlflowClient()
     name = registered_name(task)
-    version = mlflow.register_model(model_uri, name, tags={metric_name: repr(val_metric), "ehrfm.task": task})
+    tags = {metric_name: repr(val_metric), "ehrfm.task": task, **_checksum_tags(model_uri)}
+    version = mlflow.register_model(model_uri, name, tags=tags)
     champion = _champion(client, name)
     previous_metric = math.nan
     if champion is None:

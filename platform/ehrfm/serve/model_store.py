@@ -4,12 +4,14 @@ serving tokenizes and scores with exactly the code and artifacts the registry ho
 
 The alias is resolved once, to a number, and that number is loaded (`models:/<name>/<n>`): an
 alias moving during the download cannot mix two versions, and every response can name the
-version that scored it.
+version that scored it. The downloaded files must match the SHA-256 recorded on that version at
+registration (`ehrfm.mlops.checksums`), else loading fails and the replica never serves them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import re
 import tempfile
@@ -17,8 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ehrfm.mlops import checksums
 from ehrfm.mlops.pyfunc_model import RISK_MODEL_ARTIFACT, example_record
 from ehrfm.transfer.predictor import RiskPredictor
+
+logger = logging.getLogger(__name__)
 
 LOCAL_VERSION = "local"
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -63,13 +68,18 @@ def resolve(model_uri: str, pinned_version: str | None = None) -> ModelRef:
     return ModelRef(name, str(MlflowClient().get_model_version_by_alias(name, alias).version), alias)
 
 
-def _registry_metrics(ref: ModelRef) -> dict[str, float]:
-    """Numeric tags of the registered version (the metric it was registered with)."""
+def _registry_tags(ref: ModelRef) -> dict[str, str]:
     from mlflow import MlflowClient
 
-    tags = MlflowClient().get_model_version(ref.name, ref.version).tags or {}
+    return dict(MlflowClient().get_model_version(ref.name, ref.version).tags or {})
+
+
+def _registry_metrics(tags: dict[str, str]) -> dict[str, float]:
+    """Numeric tags of the registered version (the metric it was registered with)."""
     metrics = {}
     for key, value in tags.items():
+        if key in (checksums.DIGEST_TAG, checksums.MANIFEST_TAG):
+            continue
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -108,20 +118,32 @@ class LoadedModel:
         }
 
 
-def load(ref: ModelRef, min_prs_share: float) -> LoadedModel:
+def load(ref: ModelRef, min_prs_share: float, *, verify_weights: bool = True) -> LoadedModel:
     """Download (registry) or open (local) the risk-model directory and load it; a made-up
-    canary person must score to a finite probability before the model is handed out."""
+    canary person must score to a finite probability before the model is handed out.
+
+    A registry version's downloaded files must match the `weights_sha256` / `weights_manifest`
+    tags recorded at registration (checksums.WeightsChecksumError naming the version and the
+    files otherwise, also when the version has no such tag). `verify_weights=False` skips the
+    check (logged as a warning); local directories are never checked.
+    """
     if ref.local_dir is not None:
         loaded = LoadedModel(ref, RiskPredictor.load(ref.local_dir, min_prs_share=min_prs_share))
     else:
         import mlflow
 
+        tags = _registry_tags(ref)  # from the backend store, before anything is downloaded
+        what = f"model {ref.name} version {ref.version}"
         with tempfile.TemporaryDirectory(prefix="ehrfm-serve-") as tmp:
             directory = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{ref.version_uri}/artifacts/{RISK_MODEL_ARTIFACT}", dst_path=tmp
             )
+            if verify_weights:
+                checksums.verify(directory, tags, what)
+            else:
+                logger.warning("%s: weight checksum verification is off (verify_weights=False)", what)
             predictor = RiskPredictor.load(directory, min_prs_share=min_prs_share)  # reads every file into memory
-        loaded = LoadedModel(ref, predictor, _registry_metrics(ref))
+        loaded = LoadedModel(ref, predictor, _registry_metrics(tags))
     [canary] = loaded.predictor.predict([example_record(loaded.predictor)])
     if not 0.0 <= canary["risk"] <= 1.0:
         raise RuntimeError(f"{ref.version_uri}: the canary record scored {canary['risk']!r}, not a probability")
