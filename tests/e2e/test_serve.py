@@ -1,5 +1,6 @@
 """The scoring service under load, over real HTTP (tests/support/serve_app.py): a killed model replica and a
-version switch fail no request; `ehrfm serve --smoke` deploys the champion in its own process and cluster."""
+version switch fail no request; `ehrfm serve` deploys the champion in its own process and cluster and drains on
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -181,37 +182,90 @@ def test_version_switch_under_load_fails_no_request_and_reports_the_new_version(
 
 
 @pytest.mark.e2e
-def test_serve_command_deploys_the_champion_and_scores_made_up_persons_over_http(service, repo_root):
-    """`ehrfm serve --smoke N` (what `make run` ends with), in its own process and Ray cluster."""
+def test_serve_command_deploys_the_champion_and_scores_made_up_persons_over_http(
+    service, repo_root, tmp_path, serve_token_file
+):
+    """`ehrfm serve` in its own process and Ray cluster deploys the champion, which scores made-up persons over
+    HTTP as the registered model does; SIGTERM then drains: requests in flight (waiting 3 s in the model's batch
+    queue for batch-mates) all get their 200 after the signal, and the command exits 0, saying it drained."""
     import os
+    import signal
     import subprocess
 
     from mlflow import MlflowClient
 
+    from ehrfm.serve import model_store
+    from ehrfm.serve.smoke import synthetic_persons
+    from ehrfm.transfer.predictor import PersonRecord
+
     champion = MlflowClient().get_model_version_by_alias(MODEL, "champion").version
     env = {**os.environ, "MLFLOW_TRACKING_URI": service["tracking"], "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "jobs/serve.py",
-            "--model",
-            MODEL,
-            "--alias",
-            "champion",
-            "--port",
-            str(free_port()),
-            "--smoke",
-            "3",
-            "model_deployment.num_cpus=0.2",
-            "ingress_deployment.num_cpus=0.2",
-        ],
-        cwd=repo_root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=500,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert f"deploying {MODEL} version {champion} (alias champion)" in done.stdout
-    assert "3/3 persons scored over HTTP match the registered model's own predictions" in done.stdout
+    port, stdout, stderr = free_port(), tmp_path / "stdout", tmp_path / "stderr"
+    with stdout.open("w") as out, stderr.open("w") as err:
+        command = subprocess.Popen(
+            [
+                sys.executable,
+                "jobs/serve.py",
+                "--model",
+                MODEL,
+                "--alias",
+                "champion",
+                "--port",
+                str(port),
+                "model_deployment.num_cpus=0.2",
+                "ingress_deployment.num_cpus=0.2",
+                "batching.batch_wait_timeout_s=3",  # each request waits 3 s for batch-mates: in flight that long
+            ],
+            cwd=repo_root,
+            env=env,
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
+    try:
+        # what `--smoke 3` checks against, prepared while the command starts: the registered model's own predictions
+        local = model_store.load(model_store.resolve(f"models:/{MODEL}@champion", champion), 0.5)
+        persons = synthetic_persons(local.predictor.tokenizer, local.predictor.spec.pgs_ids, 3, seed=7)
+        expected = local.predictor.predict([PersonRecord.model_validate(p) for p in persons])
+        deadline = time.monotonic() + 300
+        while "serving; " not in stdout.read_text():
+            assert command.poll() is None and time.monotonic() < deadline, stdout.read_text() + stderr.read_text()
+            time.sleep(0.5)
+
+        token, outcomes = serve_token_file.read_text().strip(), {}
+
+        def score(i: int) -> None:
+            try:
+                response = post(f"http://127.0.0.1:{port}/v1/score", persons[i], token=token)
+                outcomes[i] = (response.status_code, response.json(), time.monotonic())
+            except (requests.RequestException, ValueError) as exc:
+                outcomes[i] = (-1, repr(exc), time.monotonic())
+
+        clients = [threading.Thread(target=score, args=(i,)) for i in range(len(persons))]
+        for client in clients:
+            client.start()
+        time.sleep(1.0)  # the requests are in the replicas' batch queue, 2 s from being scored
+        signalled = time.monotonic()
+        command.send_signal(signal.SIGTERM)
+        returncode = command.wait(timeout=90)
+        exited_after = time.monotonic() - signalled
+        for client in clients:
+            client.join(timeout=60)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+    out, err = stdout.read_text(), stderr.read_text()
+    assert returncode == 0, out[-2000:] + err[-3000:]
+    assert exited_after < 60  # graceful_shutdown_timeout_s (20 s) bounds the drain, then Serve and Ray stop
+    assert f"deploying {MODEL} version {champion} (alias champion)" in out
+    assert "SIGTERM: drained in" in out
+    # every request in flight at the signal was answered after it, by the champion, as the registered model scores
+    assert sorted(outcomes) == [0, 1, 2], outcomes
+    for i, want in enumerate(expected):
+        status, body, answered = outcomes[i]
+        assert status == 200, (status, body, out[-2000:])
+        assert answered > signalled
+        assert body["model_version"] == champion
+        assert math.isclose(body["risk"], want["risk"], rel_tol=1e-5, abs_tol=1e-9)

@@ -12,8 +12,9 @@
   created (0600, random) on first start and reused after (serve/auth.py). A port that already
   accepts connections and is not this cluster's Serve proxy is refused (exit 2, serve/port.py). With `--smoke N` it then scores N made-up persons over HTTP and checks them against
   the model scored in this process. On a Ray cluster of its own (or of the calling process) it
-  keeps serving until Ctrl-C, or stops after the smoke run; on a running cluster (`--address`,
-  RAY_ADDRESS) it deploys and exits, leaving the service up.
+  keeps serving until SIGTERM or Ctrl-C (SIGINT), then drains (`drain`) and exits 0, or stops after
+  the smoke run; on a running cluster (`--address`, RAY_ADDRESS) it deploys and exits, leaving the
+  service up.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from ehrfm.config import add_config_arguments, load_config, parse_config
-from ehrfm.serve.config import ServeConfig
+from ehrfm.serve.config import DeploymentSizing, ServeConfig
 
 APP_NAME = "ehrfm"
 DEFAULT_HOST = "127.0.0.1"
@@ -126,6 +129,49 @@ def smoke(base_url: str, config: ServeConfig, n: int, token: str | None) -> int:
     return 0 if failures == 0 else 1
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def wait_for_stop_signal() -> signal.Signals:
+    """Block until SIGTERM or SIGINT arrives (main thread only); the signal. Installed after
+    ray.init, replacing its SIGTERM handler (which aborts the process, cutting every connection)."""
+    received: list[signal.Signals] = []
+    arrived = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signal.Signals(signum))
+        arrived.set()
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+    while not arrived.wait(1.0):
+        pass
+    # while draining: a second SIGTERM is ignored, a second Ctrl-C stops without waiting
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return received[0]
+
+
+def drain(config: ServeConfig, why: str) -> None:
+    """Stop taking requests, let those in flight finish, shut Serve down. `serve.shutdown()` alone
+    kills the HTTP proxy at once, cutting every open connection (replicas drain behind it, but their
+    answers have nowhere to go). Deleting the application first takes its routes off the proxy (new
+    requests get 404) while each replica finishes what it holds, up to its deployment's
+    graceful_shutdown_timeout_s, before it stops; `serve.delete` returns once all have stopped."""
+    from ray import serve
+
+    sizings = [getattr(config, name) for name in type(config).model_fields]
+    bound = max(s.graceful_shutdown_timeout_s for s in sizings if isinstance(s, DeploymentSizing))
+    print(f"{why}: draining: no new requests; requests in flight get up to {bound:g}s to finish", flush=True)
+    start = time.monotonic()
+    try:
+        serve.delete(APP_NAME)
+    except TimeoutError as exc:  # serve.delete waits at most 60 s
+        print(f"ehrfm serve: {exc}; shutting down anyway", file=sys.stderr)
+    serve.shutdown()
+    print(f"{why}: drained in {time.monotonic() - start:.1f}s; Serve shut down", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm serve", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ehrfm-t2d", help="registered model name")
@@ -196,14 +242,21 @@ def main(argv: list[str] | None = None) -> int:
     if external:
         print(f"deployed as Serve application {APP_NAME!r}; `serve shutdown` stops it")
         return code
-    if not args.smoke:
-        print("serving; Ctrl-C stops")
+    if args.smoke:
+        serve.shutdown()
+    else:
+        print("serving; SIGTERM or Ctrl-C drains and stops", flush=True)
+        previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        why = wait_for_stop_signal().name
         try:
-            while True:
-                time.sleep(3600)
+            drain(config, why)
         except KeyboardInterrupt:
-            pass
-    serve.shutdown()
+            print("second Ctrl-C: not waiting for requests in flight", flush=True)
+            serve.shutdown()
+            code = 130
+        finally:  # None: a handler set outside Python (Ray's), which cannot be put back
+            for signum, handler in previous.items():
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
     if started_here:
         ray.shutdown()
     return code
