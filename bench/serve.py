@@ -1,13 +1,19 @@
-"""Benchmark: single-person scoring over HTTP through Ray Serve, with and without dynamic batching,
-with 1 and 2 model replicas: requests/s and p50/p95/p99 latency.
+"""Benchmark: online scoring through Ray Serve against the floor of Serve itself, open loop.
 
-Every configuration serves the same risk model (random weights of the demo size: hidden 64,
-2 layers, 128-token window, 128 PGS; a synthetic 400-code vocabulary; weights do not change
-the cost) from a local risk-model directory, and gets the same made-up persons
-(ehrfm.serve.smoke.synthetic_persons, 20-80 events each, half with a full PRS vector) from
-`--concurrency` concurrent clients (aiohttp, one process), after a warm-up. "no batching" is
-`max_batch_size: 1`; "batching" is `max_batch_size: 16, batch_wait_timeout_s: 0.005`. The
-client, the proxy, the ingress and the replicas share the machine's cores.
+For each application, requests are offered at 10, 50 and 100 per second (evenly spaced, bounded
+in flight, 2 s timeout: bench/_open_loop.py) for `--seconds` each, after a warm-up:
+- `echo floor`: a Serve app that answers without work (bench/_echo_app.py, one hop): what the
+  proxy, a replica and HTTP cost on this machine;
+- `ehrfm one_hop` (the default ServeConfig: 2 model replicas that are the ingress, adaptive
+  batching) and `ehrfm two_hop` (a retrying ScoringAPI ingress in front of 2 model replicas).
+Single-person `POST /v1/score`, bearer auth on. Per rate: completed requests/s, p50/p95/p99
+latency, errors (non-200s and timeouts), CPU per completed request (every process of the local
+Ray cluster) and its ratio to the echo floor's at the same rate. Then `POST /v1/score:batch`
+(32 persons per request, 4 clients) gives persons/s.
+
+The model is the demo size with random weights (hidden 64, 2 layers, 128-token window, 128 PGS;
+weights do not change the cost), the persons made up (ehrfm.serve.smoke.synthetic_persons, 20-80
+events each, half with a full PRS vector). The load generator shares the machine's cores.
 
     .venv/bin/python bench/serve.py --out bench/results/serve.json
 """
@@ -32,13 +38,6 @@ from ehrfm.model.config import ModelConfig
 from ehrfm.model.risk import HeadSpec, RiskModel, save_risk_model
 from ehrfm.model.transformer import EHRDecoder
 from ehrfm.preprocess.tokenizer import Tokenizer, build_tokenizer, quantile_edges
-
-CONFIGS = [  # (label, max_batch_size, model replicas)
-    ("no batching, 1 replica", 1, 1),
-    ("batching, 1 replica", 16, 1),
-    ("no batching, 2 replicas", 1, 2),
-    ("batching, 2 replicas", 16, 2),
-]
 
 
 def write_model(directory: Path, num_pgs: int, seed: int = 0) -> Path:
@@ -81,14 +80,17 @@ def write_model(directory: Path, num_pgs: int, seed: int = 0) -> Path:
     return save_risk_model(directory, model, spec, tokenizer_path)
 
 
-async def drive(url: str, bodies: list[bytes], concurrency: int, token: str) -> tuple[list[float], float, int]:
-    """Send every body once with `concurrency` in flight; (latencies in s, wall seconds, non-200s)."""
+RATES = (10.0, 50.0, 100.0)
+BATCH_PERSONS = 32
+
+
+async def drive_batch(url: str, bodies: list[bytes], concurrency: int, token: str) -> tuple[float, int]:
+    """Send every batch body once, `concurrency` at a time; (wall seconds, non-200s)."""
     import aiohttp
 
     queue: asyncio.Queue = asyncio.Queue()
     for body in bodies:
         queue.put_nowait(body)
-    latencies: list[float] = []
     errors = 0
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
 
@@ -96,55 +98,58 @@ async def drive(url: str, bodies: list[bytes], concurrency: int, token: str) -> 
         nonlocal errors
         while not queue.empty():
             body = queue.get_nowait()
-            start = time.perf_counter()
             async with session.post(url, data=body, headers=headers) as response:
                 await response.read()
                 errors += response.status != 200
-            latencies.append(time.perf_counter() - start)
 
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout) as session:
         start = time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    return latencies, wall, errors
+        return time.perf_counter() - start, errors
 
 
-def markdown(rows: list[dict], concurrency: int) -> str:
+def markdown(rows: list[dict], batch_rows: list[dict], seconds: float) -> str:
     lines = [
-        f"Single-person `POST /v1/score`, {concurrency} concurrent clients.",
+        f"Single-person `POST /v1/score`, open loop, {seconds:.0f} s per rate, bearer auth on; CPU = every "
+        "process of the local Ray cluster per completed request.",
         "",
-        "| configuration | requests/s | p50 ms | p95 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|",
+        "| application | offered/s | completed/s | p50 ms | p95 ms | p99 ms | errors | CPU ms/request | CPU vs floor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['configuration']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} "
-            f"| {r['p99_ms']:.1f} | {r['errors']} |"
+            f"| {r['application']} | {r['offered_per_s']:.0f} | {r['completed_per_s']:.1f} | {r['p50_ms']:.1f} "
+            f"| {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['service_cpu_ms_per_request']:.1f} "
+            f"| {r['cpu_vs_floor']:.2f}x |"
         )
+    lines += ["", f"`POST /v1/score:batch`, {BATCH_PERSONS} persons per request, 4 clients:", ""]
+    lines += ["| application | persons/s | errors |", "|---|---|---|"]
+    for r in batch_rows:
+        lines.append(f"| {r['application']} | {r['persons_per_s']:.0f} | {r['errors']} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=600, help="timed requests per configuration")
-    parser.add_argument("--warmup", type=int, default=60)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20.0, help="offered load per rate")
     parser.add_argument("--num-pgs", type=int, default=128)
-    parser.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of each model replica")
+    parser.add_argument("--batch-requests", type=int, default=60, help="score:batch requests per application")
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--quick", action="store_true", help="smoke size: 40 requests, 10 warm-up")
+    parser.add_argument("--quick", action="store_true", help="smoke size: 2 s per rate")
     args = parser.parse_args(argv)
     if args.quick:
-        args.requests, args.warmup = 40, 10
+        args.seconds, args.batch_requests = 2.0, 8
 
     import ray
-    from ray import serve
+    from ray import cloudpickle, serve
 
+    import _echo_app  # bench/ is sys.path[0] when run as a script
+    from _open_loop import open_loop
     from ehrfm.serve.app import build_app, wait_ready
     from ehrfm.serve.auth import ensure_token
-    from ehrfm.serve.config import AuthConfig
+    from ehrfm.serve.config import AuthConfig, ServeConfig
     from ehrfm.serve.smoke import synthetic_persons
 
     load_before = os.getloadavg()
@@ -153,58 +158,70 @@ def main(argv: list[str]) -> int:
     tokenizer = Tokenizer.load(model_dir / "tokenizer.json")
     pgs_ids = [f"PGS{i:06d}" for i in range(args.num_pgs)]
     persons = synthetic_persons(tokenizer, pgs_ids, 200, seed=1, events_per_person=(20, 80))
-    encoded = [json.dumps(p).encode() for p in persons]
-    bodies = [encoded[i % len(encoded)] for i in range(args.requests)]
-    warmup = [encoded[i % len(encoded)] for i in range(args.warmup)]
+    bodies = [json.dumps(p).encode() for p in persons]
+    batch_bodies = [
+        json.dumps(
+            {"persons": [persons[(i * BATCH_PERSONS + j) % len(persons)] for j in range(BATCH_PERSONS)]}
+        ).encode()
+        for i in range(args.batch_requests)
+    ]
 
     # the service as deployed: bearer auth on, the token in a 0600 file the replicas read
     auth = AuthConfig(token_file=str(workdir / "serve_token"))
     token = ensure_token(auth).token  # EHRFM_SERVE_TOKEN when set: the replicas inherit it too
+    cloudpickle.register_pickle_by_value(_echo_app)  # the replicas cannot import bench/
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
-    rows = []
+    applications = [
+        ("echo floor", _echo_app.one_hop),
+        ("ehrfm one_hop", lambda: build_app({"model_uri": str(model_dir), "auth": auth.model_dump()})),
+        (
+            "ehrfm two_hop",
+            lambda: build_app({"model_uri": str(model_dir), "auth": auth.model_dump(), "topology": "two_hop"}),
+        ),
+    ]
+    rows: list[dict] = []
+    batch_rows: list[dict] = []
+    floor: dict[float, float] = {}
     try:
-        for label, batch_size, replicas in CONFIGS:
-            app = build_app(
-                {
-                    "model_uri": str(model_dir),
-                    "batching": {"max_batch_size": batch_size, "batch_wait_timeout_s": 0.005},
-                    "model_deployment": {
-                        "num_replicas": replicas,
-                        "num_cpus": args.replica_cpus,
-                        "max_ongoing_requests": 64,
-                    },
-                    "ingress_deployment": {"num_cpus": 0.25, "max_ongoing_requests": 256},
-                    "auth": auth.model_dump(),
-                }
-            )
-            serve.run(app, name="bench", route_prefix="/")
-            wait_ready(base)
-            asyncio.run(drive(f"{base}/v1/score", warmup, args.concurrency, token))
-            latencies, wall, errors = asyncio.run(drive(f"{base}/v1/score", bodies, args.concurrency, token))
-            ms = np.asarray(latencies) * 1000.0
-            rows.append(
-                {
-                    "configuration": label,
-                    "max_batch_size": batch_size,
-                    "replicas": replicas,
-                    "requests": len(bodies),
-                    "seconds": round(wall, 3),
-                    "requests_per_s": round(len(bodies) / wall, 2),
-                    "p50_ms": round(float(np.percentile(ms, 50)), 2),
-                    "p95_ms": round(float(np.percentile(ms, 95)), 2),
-                    "p99_ms": round(float(np.percentile(ms, 99)), 2),
-                    "errors": int(errors),
-                }
-            )
-            print(rows[-1], flush=True)
+        for label, make in applications:
+            serve.run(make(), name="bench", route_prefix="/")
+            if label != "echo floor":
+                wait_ready(base)
+            url = f"{base}/v1/score"
+            open_loop(url, bodies, 20.0, 3.0, token)  # warm-up: imports, first batches, connections
+            for rate in RATES:
+                result = open_loop(url, bodies, rate, args.seconds, token).row()
+                if label == "echo floor":
+                    floor[rate] = result["service_cpu_ms_per_request"]
+                result.update(
+                    application=label,
+                    completed_per_s=round(result["completed"] / result["seconds"], 2),
+                    cpu_vs_floor=round(result["service_cpu_ms_per_request"] / floor[rate], 3),
+                )
+                rows.append(result)
+                print(result, flush=True)
+            if label != "echo floor":
+                wall, errors = asyncio.run(drive_batch(f"{base}/v1/score:batch", batch_bodies, 4, token))
+                batch_rows.append(
+                    {
+                        "application": label,
+                        "requests": len(batch_bodies),
+                        "persons_per_request": BATCH_PERSONS,
+                        "seconds": round(wall, 3),
+                        "persons_per_s": round(len(batch_bodies) * BATCH_PERSONS / wall, 1),
+                        "errors": errors,
+                    }
+                )
+                print(batch_rows[-1], flush=True)
             serve.delete("bench")
     finally:
         serve.shutdown()
         ray.shutdown()
 
+    defaults = ServeConfig(model_uri=str(model_dir))
     result = {
         "benchmark": "serve",
         "shape": {
@@ -212,11 +229,15 @@ def main(argv: list[str]) -> int:
             "events_per_person": [20, 80],
             "num_pgs": args.num_pgs,
             "model": {"hidden": 64, "layers": 2, "context": 128},
-            "requests": args.requests,
-            "warmup": args.warmup,
-            "concurrency": args.concurrency,
+            "seconds_per_rate": args.seconds,
+            "rates": list(RATES),
         },
-        "settings": {"batch_wait_timeout_s": 0.005, "replica_num_cpus": args.replica_cpus, "ingress_replicas": 1},
+        "settings": {
+            "model_replicas": defaults.model_deployment.num_replicas,
+            "model_replica_num_cpus": defaults.model_deployment.num_cpus,
+            "batching": defaults.batching.model_dump(),
+            "open_loop": {"timeout_s": 2.0, "max_in_flight": 256},
+        },
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -226,7 +247,8 @@ def main(argv: list[str]) -> int:
             "note": args.note,
         },
         "results": rows,
-        "markdown": markdown(rows, args.concurrency),
+        "batch": batch_rows,
+        "markdown": markdown(rows, batch_rows, args.seconds),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -51,13 +51,18 @@ def version_one(tracking, model_dirs):
     return register_version_one(model_dirs, TASK)
 
 
+TOPOLOGY = "two_hop"  # its ingress retries a call whose model replica died
+
+
 def app_args(tracking_uri: str, **extra) -> dict:
-    return serve_app_args(MODEL, tracking_uri, **extra)
+    return serve_app_args(MODEL, tracking_uri, topology=TOPOLOGY, **extra)
 
 
 @pytest.fixture(scope="module")
 def service(ray_cluster, tracking, version_one, tmp_path_factory):
-    with running_service(MODEL, tracking, tmp_path_factory.mktemp("secret")) as running:
+    """The two_hop topology (the default one_hop is tested in tests/integration/test_serve.py; a dying
+    one_hop replica takes the requests it holds with it: Serve's proxy does not retry)."""
+    with running_service(MODEL, tracking, tmp_path_factory.mktemp("secret"), topology=TOPOLOGY) as running:
         yield running
 
 

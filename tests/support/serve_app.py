@@ -77,20 +77,24 @@ def serve_app_args(model: str, tracking_uri: str, **extra) -> dict:
         "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
         "model_deployment": {"num_replicas": 2, "num_cpus": 0.2, "health_check_period_s": 2.0},
         "ingress_deployment": {"num_cpus": 0.2},
+        "explain_deployment": {"num_cpus": 0.1},
         "auth": {"token_file": str(token_file())},
         **extra,
     }
 
 
 @contextlib.contextmanager
-def running_service(model: str, tracking: str, secret_dir: Path) -> Iterator[dict]:
-    """Both applications served on a free loopback port; Serve shut down afterwards."""
+def running_service(model: str, tracking: str, secret_dir: Path, **ehrfm_args) -> Iterator[dict]:
+    """Both applications served on a free loopback port (`ehrfm_args` override the `ehrfm` app's
+    settings, e.g. its topology); Serve shut down afterwards."""
     from ray import serve
 
     secret = write_token_file(secret_dir / "token")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(serve_app_args(model, tracking, model_version="1")), name="ehrfm", route_prefix="/")
+    serve.run(
+        build_app(serve_app_args(model, tracking, model_version="1", **ehrfm_args)), name="ehrfm", route_prefix="/"
+    )
     serve.run(
         build_app(
             serve_app_args(

@@ -36,7 +36,7 @@ def test_serve_config_file_and_rayservice_args_are_valid_for_serve_and_build_a_c
         {"config": str(tmp_path / "args.yaml"), "batching.max_batch_size": "1", "model_deployment": {"num_cpus": 0.5}}
     )
     assert dotted.batching.max_batch_size == 1 and dotted.model_deployment.num_cpus == 0.5
-    assert dotted.model_deployment.autoscaling["min_replicas"] == 1  # nested dicts merge, not replace
+    assert dotted.model_deployment.autoscaling["min_replicas"] == 2  # nested dicts merge, not replace
     with pytest.raises(ValueError, match="batch_size"):
         config_from_args({"model_uri": "models:/m@a", "batching": {"batch_size": 4}})
     with pytest.raises(ValueError, match="max_replica"):

@@ -105,7 +105,11 @@ def smoke(base_url: str, config: ServeConfig, n: int, token: str | None) -> int:
     from ehrfm.serve.smoke import request_json, synthetic_persons
     from ehrfm.transfer.predictor import PersonRecord
 
-    local = model_store.load(model_store.resolve(config.model_uri, config.model_version), config.min_prs_share)
+    local = model_store.load(
+        model_store.resolve(config.model_uri, config.model_version),
+        config.min_prs_share,
+        verify_weights=config.verify_weights,
+    )
     persons = synthetic_persons(local.predictor.tokenizer, local.predictor.spec.pgs_ids, n, seed=7)
     expected = local.predictor.predict([PersonRecord.model_validate(p) for p in persons])
     failures = 0

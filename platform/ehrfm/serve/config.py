@@ -21,10 +21,12 @@ DEFAULT_TOKEN_FILE_ENV = "EHRFM_SERVE_TOKEN_FILE"
 
 
 class BatchingConfig(StrictModel):
-    """Dynamic batching of single-person requests inside a model replica (`@serve.batch`)."""
+    """Dynamic batching of single-person requests inside a model replica (`@serve.batch`). With no
+    wait (the default) a batch is whatever queued while the previous batch ran: one person when the
+    service is idle, up to `max_batch_size` under load, so batches fill exactly when it pays."""
 
-    max_batch_size: int = Field(default=16, ge=1, le=1024)  # 1 = no batching
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0.0, le=5.0)
+    max_batch_size: int = Field(default=32, ge=1, le=1024)  # 1 = no batching
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=5.0)
 
 
 class LimitsConfig(StrictModel):
@@ -60,7 +62,7 @@ class DeploymentSizing(StrictModel):
     """Replicas and resources of one deployment. `autoscaling` is Ray Serve's autoscaling_config
     (min_replicas, max_replicas, target_ongoing_requests, ...); when set it replaces num_replicas."""
 
-    num_replicas: int = Field(default=1, ge=1)
+    num_replicas: int = Field(default=2, ge=1)
     autoscaling: dict[str, Any] | None = None
     num_cpus: float = Field(default=1.0, ge=0.0)
     max_ongoing_requests: int = Field(default=64, ge=1)
@@ -110,13 +112,22 @@ class ServeConfig(StrictModel):
     alias_poll_s: float = Field(default=0.0, ge=0.0)
     tracking_uri: str | None = None  # else MLFLOW_TRACKING_URI of the replica's environment
     min_prs_share: float = Field(default=0.5, gt=0.0, le=1.0)
-    retries: int = Field(default=3, ge=0, le=10)  # ingress -> model retries when a model replica dies
+    # the downloaded files must match the SHA-256 recorded at registration (mlops/checksums.py);
+    # false serves an unverified version, deliberately (warned about in the replica's log)
+    verify_weights: bool = True
+    # one_hop: the model replicas are the HTTP ingress (cheapest); two_hop: a ScoringAPI ingress in
+    # front retries on another model replica when one dies (serve/deployment.py)
+    topology: Literal["one_hop", "two_hop"] = "one_hop"
+    retries: int = Field(default=3, ge=0, le=10)  # retries of a call to a replica that died
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     explain: ExplainConfig = ExplainConfig()
     auth: AuthConfig = AuthConfig()
-    model_deployment: DeploymentSizing = DeploymentSizing()
-    ingress_deployment: DeploymentSizing = DeploymentSizing(num_cpus=0.25)
+    # 2 replicas: one dying (or restarting) leaves the other serving; half a core each fits 2 cores
+    model_deployment: DeploymentSizing = DeploymentSizing(num_cpus=0.5)
+    ingress_deployment: DeploymentSizing = DeploymentSizing(num_replicas=1, num_cpus=0.25)  # two_hop only
+    # explanations cost a forward pass per occluded event: few at a time, on a replica of their own
+    explain_deployment: DeploymentSizing = DeploymentSizing(num_replicas=1, num_cpus=0.25, max_ongoing_requests=2)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")
@@ -133,6 +144,7 @@ class ServeConfig(StrictModel):
             "alias_poll_s": self.alias_poll_s,
             "tracking_uri": self.tracking_uri,
             "min_prs_share": self.min_prs_share,
+            "verify_weights": self.verify_weights,
             "max_batch_size": self.batching.max_batch_size,
             "batch_wait_timeout_s": self.batching.batch_wait_timeout_s,
             "explain_max_events": self.explain.max_events,

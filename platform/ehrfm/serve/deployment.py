@@ -1,25 +1,35 @@
-"""The two Serve deployments: `RiskModel` (model replicas) and `ScoringAPI` (FastAPI ingress).
+"""The Serve deployments of the scoring service, in one of two topologies (`ServeConfig.topology`).
 
-RiskModel
+one_hop (default): `RiskModel` is the FastAPI ingress itself. The proxy hands a request to a model
+replica, which validates it, waits in its `@serve.batch` queue with other requests and scores
+them together: no second Serve call, no second serialization of the person. A replica that dies
+takes the requests it was scoring with it (the proxy does not retry), so run 2 replicas.
+
+two_hop: a thin `ScoringAPI` ingress validates and forwards to `RiskModel` replicas, retrying on
+another replica when the one it called died (scoring is a pure function of the request, so a
+retry is safe): a killed model replica fails no request, at the cost of one more call per request.
+
+Both: `Explainer` is a deployment of its own, with its own concurrency limit, so explanations
+(one forward pass per occluded event) queue there and never in front of scoring.
+
+Model replicas (`_ModelHolder`)
 - `reconfigure(user_config)` (Serve calls it at start and on every user_config change, without
   replacing the replica) loads the model named by model_uri/model_version in a thread, then swaps
   it in with one assignment: requests keep being scored by the old version until the new one has
   loaded and passed its canary, so a version switch fails no request. Each batch holds on to the
   model it started with and reports that version.
-- `score` is `@serve.batch`: single-person calls from any number of HTTP requests are scored
-  together, `max_batch_size` / `batch_wait_timeout_s` from the user_config (size 1 = no batching).
+- `score_person` is `@serve.batch`: single-person calls are scored together,
+  `max_batch_size` / `batch_wait_timeout_s` from the user_config. With the default wait of 0 a
+  batch takes whatever queued while the previous one ran, so batches grow with the load and an
+  idle service adds no wait. `score_persons` scores a `/v1/score:batch` request as one batch.
   The model runs in a worker thread so the replica keeps answering health checks meanwhile.
 - With `alias_poll_s` > 0 a replica re-resolves `models:/<name>@<alias>` on that period and
   switches by itself when the alias has moved.
 - `check_health` fails while no model is loaded.
 
-ScoringAPI
-- Builds the FastAPI app at replica start (`__serve_build_asgi_app__`), with the bearer token read
-  in the replica (env or secret file); with auth on and no token the replica does not start. Calls to RiskModel are retried (`retries`, short backoff)
-  when the replica they went to died: scoring is a pure function of the request, so a retry on
-  another replica is safe and a killed model replica loses no request.
-
-Logs hold versions, counts and exception types only, never request content.
+The bearer token is read in the ingress replica (env or secret file); with auth on and no token
+the replica does not start. Logs hold versions, counts and exception types only, never request
+content.
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ _REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
 
 
 class ModelSettings(BaseModel):
-    """The RiskModel user_config (ServeConfig.model_user_config)."""
+    """The user_config of the model-holding deployments (ServeConfig.model_user_config)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -55,13 +65,14 @@ class ModelSettings(BaseModel):
     alias_poll_s: float = 0.0
     tracking_uri: str | None = None
     min_prs_share: float = 0.5
+    verify_weights: bool = True
     max_batch_size: int = _DEFAULT_BATCH.max_batch_size
     batch_wait_timeout_s: float = _DEFAULT_BATCH.batch_wait_timeout_s
     explain_max_events: int = 64
     explain_top_k: int = 10
 
     def model_identity(self) -> tuple:
-        return self.model_uri, self.model_version, self.tracking_uri, self.min_prs_share
+        return self.model_uri, self.model_version, self.tracking_uri, self.min_prs_share, self.verify_weights
 
 
 def _stamp(outcome: dict[str, Any], loaded: model_store.LoadedModel) -> dict[str, Any]:
@@ -70,8 +81,31 @@ def _stamp(outcome: dict[str, Any], loaded: model_store.LoadedModel) -> dict[str
     return outcome
 
 
-@serve.deployment(name="RiskModel")
-class RiskModelDeployment:
+async def call_with_retries(handle: Any, method: str, args: tuple, retries: int) -> Any:
+    """One call to a replica of `handle`'s deployment, retried on another one when its replica died."""
+    attempts = retries + 1
+    for attempt in range(attempts):
+        try:
+            return await getattr(handle, method).remote(*args)
+        except _REPLICA_GONE as exc:
+            logger.warning(
+                "%s replica lost during %s (%s); attempt %d of %d",
+                handle.deployment_name,
+                method,
+                type(exc).__name__,
+                attempt + 1,
+                attempts,
+            )
+            if attempt + 1 < attempts:
+                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+        except DeploymentUnavailableError as exc:
+            raise ModelUnavailable(type(exc).__name__) from None
+    raise ModelUnavailable(f"{method}: {attempts} attempts failed")
+
+
+class _ModelHolder:
+    """Loading, version switching and alias polling, shared by the scoring and explaining replicas."""
+
     def __init__(self) -> None:
         self._loaded: model_store.LoadedModel | None = None
         self._settings: ModelSettings | None = None
@@ -85,21 +119,33 @@ class RiskModelDeployment:
                 import mlflow
 
                 mlflow.set_tracking_uri(settings.tracking_uri)
-            await self._switch(settings.model_uri, settings.model_version, settings.min_prs_share)
+            await self._switch(settings)
         # only once the model loaded: a failed update leaves the replica as it was
-        self.score.set_max_batch_size(settings.max_batch_size)
-        self.score.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self._apply(settings)
         self._settings = settings
         self._restart_poller(settings)
 
-    async def _switch(self, model_uri: str, pinned: str | None, min_prs_share: float) -> bool:
-        """Load the model `model_uri` names now unless it is the one in service; True if swapped."""
+    def _apply(self, settings: ModelSettings) -> None:
+        """Settings that take effect without a reload (batching, for the scorers)."""
+
+    async def _switch(self, settings: ModelSettings, follow_alias: bool = False) -> bool:
+        """Load the model the settings name now (the alias's current version when `follow_alias`)
+        unless it is the one in service; True if swapped."""
+        pinned = None if follow_alias else settings.model_version
         async with self._load_lock:
-            ref = await asyncio.to_thread(model_store.resolve, model_uri, pinned)
+            ref = await asyncio.to_thread(model_store.resolve, settings.model_uri, pinned)
             current = self._loaded
-            if current is not None and current.ref == ref and current.predictor.min_prs_share == min_prs_share:
+            if (
+                current is not None
+                and current.ref == ref
+                and current.predictor.min_prs_share == settings.min_prs_share
+                and self._settings is not None
+                and self._settings.verify_weights == settings.verify_weights
+            ):
                 return False
-            loaded = await asyncio.to_thread(model_store.load, ref, min_prs_share)
+            loaded = await asyncio.to_thread(
+                model_store.load, ref, settings.min_prs_share, verify_weights=settings.verify_weights
+            )
             self._loaded = loaded
         logger.info(
             "serving %s version %s (was %s)", ref.name, ref.version, None if current is None else current.ref.version
@@ -117,7 +163,7 @@ class RiskModelDeployment:
         while True:
             await asyncio.sleep(settings.alias_poll_s)
             try:
-                await self._switch(settings.model_uri, None, settings.min_prs_share)
+                await self._switch(settings, follow_alias=True)
             except Exception as exc:  # noqa: BLE001  (keep serving the loaded version)
                 logger.warning(
                     "alias check of %s failed (%s); still serving version %s",
@@ -131,11 +177,33 @@ class RiskModelDeployment:
             raise RuntimeError("no model loaded yet")
         return self._loaded
 
+    def info(self) -> dict[str, Any]:
+        return self._model().info()
+
+    def check_health(self) -> None:
+        self._model()
+
+
+class _Scorer(_ModelHolder):
+    """A model replica that scores: single persons through the batch queue, lists as one batch."""
+
+    def _apply(self, settings: ModelSettings) -> None:
+        self.score_person.set_max_batch_size(settings.max_batch_size)
+        self.score_person.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
     @serve.batch(max_batch_size=_DEFAULT_BATCH.max_batch_size, batch_wait_timeout_s=_DEFAULT_BATCH.batch_wait_timeout_s)
-    async def score(self, records: list[PersonRecord]) -> list[dict[str, Any]]:
+    async def score_person(self, records: list[PersonRecord]) -> list[dict[str, Any]]:
+        return await self.score_persons(records)
+
+    async def score_persons(self, records: list[PersonRecord]) -> list[dict[str, Any]]:
         loaded = self._model()
         outcomes = await asyncio.to_thread(score_records, loaded.predictor, records)
         return [_stamp(o, loaded) for o in outcomes]
+
+
+@serve.deployment(name="Explainer")
+class ExplainerDeployment(_ModelHolder):
+    """Occlusion explanations on replicas of their own (max_ongoing_requests bounds them)."""
 
     async def explain(self, record: PersonRecord) -> dict[str, Any]:
         loaded, settings = self._model(), self._settings
@@ -144,19 +212,13 @@ class RiskModelDeployment:
         )
         return _stamp(outcome, loaded)
 
-    def info(self) -> dict[str, Any]:
-        return self._model().info()
 
-    def check_health(self) -> None:
-        self._model()
+class _Ingress:
+    """The API side: bearer token, FastAPI app, explanations forwarded to the Explainer."""
 
-
-@serve.deployment(name="ScoringAPI")
-@serve.ingress()
-class ScoringIngress:
-    def __init__(self, model: Any, settings: dict[str, Any]) -> None:
+    def _setup_api(self, settings: dict[str, Any], explainer: Any) -> None:
         self._config = ServeConfig.model_validate(settings)
-        self._model = model
+        self._explainer = explainer
         self._token = read_token(self._config.auth)  # TokenError: auth on without a token, no replica starts
         if self._token is None:
             logger.warning("scoring API up; bearer auth is DISABLED (auth.enabled=false): /v1 routes are open")
@@ -166,40 +228,67 @@ class ScoringIngress:
     def __serve_build_asgi_app__(self):
         return create_api(self, self._config.limits, self._token)
 
-    async def _call(self, method: str, *args: Any) -> Any:
-        """One call to a RiskModel replica, retried on another one when its replica died."""
-        attempts = self._config.retries + 1
-        for attempt in range(attempts):
-            try:
-                return await getattr(self._model, method).remote(*args)
-            except _REPLICA_GONE as exc:
-                logger.warning(
-                    "RiskModel replica lost during %s (%s); attempt %d of %d",
-                    method,
-                    type(exc).__name__,
-                    attempt + 1,
-                    attempts,
-                )
-                if attempt + 1 < attempts:
-                    await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-            except DeploymentUnavailableError as exc:
-                raise ModelUnavailable(type(exc).__name__) from None
-        raise ModelUnavailable(f"{method}: {attempts} attempts failed")
+    async def explain(self, record: PersonRecord) -> dict[str, Any]:
+        return await call_with_retries(self._explainer, "explain", (record,), self._config.retries)
+
+
+@serve.deployment(name="RiskModel")
+@serve.ingress()
+class RiskService(_Scorer, _Ingress):
+    """one_hop: the model replica is the ingress."""
+
+    def __init__(self, settings: dict[str, Any], explainer: Any) -> None:
+        _Scorer.__init__(self)
+        self._setup_api(settings, explainer)
 
     async def score(self, records: list[PersonRecord]) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(self._call("score", record) for record in records)))
+        if len(records) == 1:
+            return [await self.score_person(records[0])]
+        return await self.score_persons(records)
 
-    async def explain(self, record: PersonRecord) -> dict[str, Any]:
-        return await self._call("explain", record)
+    async def model_info(self) -> dict[str, Any]:
+        try:
+            return self.info()
+        except RuntimeError:
+            raise ModelUnavailable("no model loaded yet") from None
+
+
+@serve.deployment(name="RiskModel")
+class RiskModelDeployment(_Scorer):
+    """two_hop: model replicas behind ScoringAPI."""
+
+
+@serve.deployment(name="ScoringAPI")
+@serve.ingress()
+class ScoringIngress(_Ingress):
+    """two_hop: validates and forwards to RiskModel replicas, retrying when one died."""
+
+    def __init__(self, model: Any, settings: dict[str, Any], explainer: Any) -> None:
+        self._model = model
+        self._setup_api(settings, explainer)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        return await call_with_retries(self._model, method, args, self._config.retries)
+
+    async def score(self, records: list[PersonRecord]) -> list[dict[str, Any]]:
+        if len(records) == 1:
+            return [await self._call("score_person", records[0])]
+        return await self._call("score_persons", records)
 
     async def model_info(self) -> dict[str, Any]:
         return await self._call("info")
 
 
 def build_deployments(config: ServeConfig):
-    """The bound application: ScoringAPI -> RiskModel, sized and configured from `config`."""
-    model = RiskModelDeployment.options(
-        user_config=config.model_user_config(), **config.model_deployment.deployment_options()
-    )
+    """The bound application, sized and configured from `config` (see the module docstring)."""
+    user_config = config.model_user_config()
+    settings = config.model_dump(mode="json")
+    explainer = ExplainerDeployment.options(
+        user_config=user_config, **config.explain_deployment.deployment_options()
+    ).bind()
+    model_options = config.model_deployment.deployment_options()
+    if config.topology == "one_hop":
+        return RiskService.options(user_config=user_config, **model_options).bind(settings, explainer)
+    model = RiskModelDeployment.options(user_config=user_config, **model_options).bind()
     ingress = ScoringIngress.options(**config.ingress_deployment.deployment_options())
-    return ingress.bind(model.bind(), config.model_dump(mode="json"))
+    return ingress.bind(model, settings, explainer)

@@ -370,28 +370,38 @@ class RiskPredictor:
 
     def predict(self, records: list[PersonRecord]) -> list[dict[str, Any]]:
         """Per record: calibrated risk with the PRS as given and masked, validation percentile,
-        has_prs, and counts of unknown codes and truncated events."""
+        has_prs, and counts of unknown codes and truncated events.
+
+        One forward pass per chunk: the PRS-masked rows are appended to the same batch only for the
+        persons whose PRS counts (for everyone else masking changes nothing, so their masked risk
+        is their risk); a batch without any PRS costs one pass, not two."""
         if not records:
             return []
         windows = self.windows(records)
         prs, has_prs = self.prs_inputs(records)
-        logits, masked = [], []
+        logits = np.empty(len(records), dtype=np.float32)
+        masked = np.empty(len(records), dtype=np.float32)
         for lo in range(0, len(records), self.batch_size):
-            part = slice(lo, lo + self.batch_size)
+            part = np.arange(lo, min(lo + self.batch_size, len(records)))
+            genotyped = part[has_prs[part]]
+            rows = np.concatenate([part, genotyped])
+            shown = np.concatenate([has_prs[part], np.zeros(len(genotyped), dtype=bool)])
             batch = example_tensors(
                 {  # the offline path's conversion; labels are not used for scoring
-                    "tokens": windows.tokens[part],
-                    "ages": windows.ages[part],
-                    "length": windows.length[part],
-                    "prs": prs[part],
-                    "has_prs": has_prs[part],
-                    "label": np.zeros(len(has_prs[part]), dtype=bool),
+                    "tokens": windows.tokens[rows],
+                    "ages": windows.ages[rows],
+                    "length": windows.length[rows],
+                    "prs": prs[rows],
+                    "has_prs": shown,
+                    "label": np.zeros(len(rows), dtype=bool),
                 }
             )
-            logits.append(predict_logits(self.model, batch).numpy())
-            masked.append(predict_logits(self.model, batch, mask_prs=True).numpy())
-        risk = self.spec.calibrate(np.concatenate(logits))
-        risk_masked = self.spec.calibrate(np.concatenate(masked))
+            out = predict_logits(self.model, batch).numpy()
+            logits[part] = out[: len(part)]
+            masked[part] = out[: len(part)]
+            masked[genotyped] = out[len(part) :]
+        risk = self.spec.calibrate(logits)
+        risk_masked = self.spec.calibrate(masked)
         percentile = self.spec.percentile(risk)
         return [
             {
