@@ -82,6 +82,33 @@ def write_model(directory: Path, num_pgs: int, seed: int = 0) -> Path:
 
 RATES = (10.0, 50.0, 100.0)
 BATCH_PERSONS = 32
+EXPLAIN_RATE, SCORE_RATE_BESIDE = 3.0, 50.0
+
+
+def scoring_beside_explanations(score_url: str, explain_url: str, bodies: list[bytes], token: str, seconds: float):
+    """Scoring at SCORE_RATE_BESIDE/s while explanations are asked for at EXPLAIN_RATE/s (each one
+    rescoring up to 64 variants of the person): do explanations starve scoring?"""
+    import threading
+
+    from _open_loop import open_loop
+
+    explained: dict = {}
+    thread = threading.Thread(
+        target=lambda: explained.update(open_loop(explain_url, bodies, EXPLAIN_RATE, seconds, token, 10.0).row())
+    )
+    thread.start()
+    scored = open_loop(score_url, bodies, SCORE_RATE_BESIDE, seconds, token).row()
+    thread.join()
+    return {
+        "score_offered_per_s": SCORE_RATE_BESIDE,
+        "score_p50_ms": scored["p50_ms"],
+        "score_p99_ms": scored["p99_ms"],
+        "score_errors": scored["errors"],
+        "explain_offered_per_s": EXPLAIN_RATE,
+        "explain_completed": explained["completed"],
+        "explain_p50_ms": explained["p50_ms"],
+        "explain_errors": explained["errors"],
+    }
 
 
 async def drive_batch(url: str, bodies: list[bytes], concurrency: int, token: str) -> tuple[float, int]:
@@ -109,7 +136,7 @@ async def drive_batch(url: str, bodies: list[bytes], concurrency: int, token: st
         return time.perf_counter() - start, errors
 
 
-def markdown(rows: list[dict], batch_rows: list[dict], seconds: float) -> str:
+def markdown(rows: list[dict], batch_rows: list[dict], explain_rows: list[dict], seconds: float) -> str:
     lines = [
         f"Single-person `POST /v1/score`, open loop, {seconds:.0f} s per rate, bearer auth on; CPU = every "
         "process of the local Ray cluster per completed request.",
@@ -127,6 +154,14 @@ def markdown(rows: list[dict], batch_rows: list[dict], seconds: float) -> str:
     lines += ["| application | persons/s | errors |", "|---|---|---|"]
     for r in batch_rows:
         lines.append(f"| {r['application']} | {r['persons_per_s']:.0f} | {r['errors']} |")
+    for r in explain_rows:
+        lines += [
+            "",
+            f"ehrfm one_hop scoring at {r['score_offered_per_s']:.0f}/s while `POST /v1/explain` is offered at "
+            f"{r['explain_offered_per_s']:.0f}/s: scoring p50 {r['score_p50_ms']:.1f} ms, p99 {r['score_p99_ms']:.1f} ms, "
+            f"{r['score_errors']} errors; explanations: {r['explain_completed']} completed, p50 "
+            f"{r['explain_p50_ms']:.0f} ms, {r['explain_errors']} errors (10 s timeout).",
+        ]
     return "\n".join(lines)
 
 
@@ -184,6 +219,7 @@ def main(argv: list[str]) -> int:
     ]
     rows: list[dict] = []
     batch_rows: list[dict] = []
+    explain_rows: list[dict] = []
     floor: dict[float, float] = {}
     try:
         for label, make in applications:
@@ -203,6 +239,9 @@ def main(argv: list[str]) -> int:
                 )
                 rows.append(result)
                 print(result, flush=True)
+            if label == "ehrfm one_hop":
+                explain_rows.append(scoring_beside_explanations(url, f"{base}/v1/explain", bodies, token, args.seconds))
+                print(explain_rows[-1], flush=True)
             if label != "echo floor":
                 wall, errors = asyncio.run(drive_batch(f"{base}/v1/score:batch", batch_bodies, 4, token))
                 batch_rows.append(
@@ -248,7 +287,8 @@ def main(argv: list[str]) -> int:
         },
         "results": rows,
         "batch": batch_rows,
-        "markdown": markdown(rows, batch_rows, args.seconds),
+        "explain_beside_scoring": explain_rows,
+        "markdown": markdown(rows, batch_rows, explain_rows, args.seconds),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
