@@ -24,6 +24,15 @@ class Estimate:
     upper: float
     n_boot: int = 0
     n_boot_valid: int = 0  # resamples with both classes present
+    se: float = float("nan")  # standard deviation of the valid resamples (the bootstrap standard error)
+
+    def minimum_detectable(self, alpha: float = 0.05, power: float = 0.8) -> float:
+        """The smallest true difference this sample would detect (two-sided `alpha`, `power`) given
+        the bootstrap standard error: (z_{1-alpha/2} + z_{power}) * se (0.05, 0.8: 2.80 * se)."""
+        from statistics import NormalDist
+
+        z = NormalDist().inv_cdf
+        return float((z(1 - alpha / 2) + z(power)) * self.se)
 
     def fmt(self, digits: int = 3) -> str:
         if np.isnan(self.value):
@@ -130,7 +139,8 @@ def _percentile_estimate(value: float, boot: np.ndarray, n_boot: int, alpha: flo
     if valid.size == 0:
         return Estimate(value, np.nan, np.nan, n_boot, 0)
     lower, upper = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
-    return Estimate(value, float(lower), float(upper), n_boot, int(valid.size))
+    se = float(np.std(valid, ddof=1)) if valid.size > 1 else float("nan")
+    return Estimate(value, float(lower), float(upper), n_boot, int(valid.size), se)
 
 
 def _check_metric(metric: str) -> None:

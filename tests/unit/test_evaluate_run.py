@@ -13,7 +13,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ehrfm.cli import run_command
 from ehrfm.evaluate.alignment import align_scores
-from ehrfm.metrics import bootstrap_difference, bootstrap_metric, bootstrap_weights
+from ehrfm.evaluate.run import Comparison, report_markdown
+from ehrfm.metrics import Estimate, bootstrap_difference, bootstrap_metric, bootstrap_weights
 from tests.support.evaluate_factory import N, make_task
 
 
@@ -34,6 +35,9 @@ def test_paired_bootstrap_difference_matches_a_direct_loop():
                 diffs.append(reference(y[idx], a[idx]) - reference(y[idx], b[idx]))
         assert est.n_boot_valid == len(diffs) > 0.9 * n_boot
         assert (est.lower, est.upper) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])), abs=1e-12)
+        assert est.se == pytest.approx(np.std(diffs, ddof=1), abs=1e-12)
+        # 80% power at two-sided 5%: (1.960 + 0.842) standard errors
+        assert est.minimum_detectable() == pytest.approx(2.8016 * est.se, rel=1e-4)
         assert est.lower < est.value < est.upper
         single = bootstrap_metric(metric, y, a, n_boot=n_boot, seed=seed)
         assert single.n_boot_valid == est.n_boot_valid  # the same resamples as the single-model bootstrap
@@ -106,5 +110,56 @@ def test_cli_prints_the_table_without_fine_tune_predictions(tmp_path, capsys, mo
     assert code == 0 and "| prs_lr | 50 (" in printed and "finetuned" not in printed
     summary = json.loads((tmp_path / "out" / "report.json").read_text())
     assert summary["headline"] == "prs_lr" and summary["oracle"] is None and summary["decile_pgs"] == "PGS000003"
-    assert summary["acceptance"]["prs_gain_at_least_0.04"] is None
+    # far fewer than 300 test events: no target is judged
+    assert summary["acceptance"] == {
+        "judged": False,
+        "prs_gain_share_of_baseline": None,
+        "beats_every_baseline": None,
+    }
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert " meets " not in report  # (no paired comparison here: only one model was evaluated)
     assert summary["mlflow_run_id"] is None  # no tracking URI given
+
+
+def test_the_mdd_shrinks_with_events_and_a_target_is_judged_only_on_300_or_more():
+    rng = np.random.default_rng(5)
+
+    def paired(n_events: int) -> Estimate:
+        y = np.r_[np.ones(n_events, bool), np.zeros(9 * n_events, bool)]
+        base = rng.normal(size=y.size) + 1.0 * y
+        return bootstrap_difference("auroc", y, base + rng.normal(0, 0.3, y.size), base, n_boot=200, seed=1)
+
+    small, large = paired(40), paired(400)
+    assert large.minimum_detectable() < 0.5 * small.minimum_detectable()  # ~ 1/sqrt(n): 10x the events
+
+    def report(n_events: int, gain: float, baseline_gain: float) -> str:
+        summary = {
+            "n_test": 20 * n_events,
+            "n_test_positive": n_events,
+            "n_boot": 200,
+            "seed": 1,
+            "best_baseline": None,
+            "oracle": None,
+            "decile_pgs": None,
+        }
+        comparisons = [
+            Comparison(
+                "prs_gain",
+                "finetuned",
+                "finetuned_prs_masked",
+                Estimate(gain, gain - 0.01, gain + 0.01, 200, 200, 0.005),
+            ),
+            Comparison(
+                "baseline_prs_gain",
+                "counts_prs_hgb",
+                "counts_hgb",
+                Estimate(baseline_gain, baseline_gain - 0.01, baseline_gain + 0.01, 200, 200, 0.005),
+            ),
+        ]
+        return report_markdown(summary, [], comparisons)
+
+    # 0.02 is 0.67 of the baseline's 0.03: meets the 0.6 share, but only a sample of 300+ events may say so
+    assert "not judged on this sample" in report(299, 0.02, 0.03) and "meets" not in report(299, 0.02, 0.03)
+    assert "the point estimate meets it" in report(300, 0.02, 0.03)
+    assert "the point estimate falls short of it" in report(300, 0.01, 0.03)
+    assert "up to 0.014" in report(300, 0.02, 0.03)  # 2.80 x 0.005
