@@ -62,7 +62,8 @@ def prs_design(prs: np.ndarray, has_prs: np.ndarray) -> np.ndarray:
     return np.column_stack([values, np.asarray(has_prs, dtype=np.float64)])
 
 
-def _lr_design(features: FeatureMatrix, prs_cols: np.ndarray | None) -> sp.csr_matrix:
+def lr_design(features: FeatureMatrix, prs_cols: np.ndarray | None) -> sp.csr_matrix:
+    """The logistic-regression baselines' design: log1p counts, last values as they are, + PRS columns."""
     matrix = features.matrix.tocsr(copy=True)
     counts = ~features.value_columns[matrix.indices]
     matrix.data[counts] = np.log1p(matrix.data[counts])
@@ -163,7 +164,7 @@ def _fit_each(
         if name == "prs_lr":
             results[name] = fit_logistic(prs_cols, y, split, config)
         elif name.endswith("_lr"):
-            results[name] = fit_logistic(_lr_design(features, prs_cols if wants_prs else None), y, split, config)
+            results[name] = fit_logistic(lr_design(features, prs_cols if wants_prs else None), y, split, config)
         else:
             columns = dense_columns(features, split == TRAIN, config.hgb_max_dense_features)
             dense = features.to_dense(columns)

@@ -1,0 +1,220 @@
+"""The few-shot protocol, the EHRSHOT way: how fast does each model learn from few labeled rows?
+
+For each k in `shots` and each of `replicates` draws, k positive and k negative label rows are
+drawn without replacement from the train split only (never val or test rows); each head is fit on
+those 2k rows alone and scored on every test row (AUROC, AUPRC). A draw is a pure function of
+(seed, k, replicate), so adding a k or a model never changes another k's draws. Positive and
+negative rows are drawn at the row level: one person may give several rows.
+
+Heads (fixed settings, no validation split: with k = 1 there is nothing to tune on):
+- fm_lr: L2 logistic regression (C = `lr_c`, features standardised on the shots) on the frozen
+  decoder's last-token state, the PRS z-scores (0 where missing) and a has-PRS flag.
+- counts_lr / counts_prs_lr: the same regression on the baselines' count features (log1p counts,
+  last values, max-abs scaled on the shots), without / with the PRS columns.
+- counts_hgb / counts_prs_hgb: HistGradientBoosting on the baselines' dense count columns
+  (chosen on the train rows without their labels), without / with the PRS columns; no early
+  stopping; min_samples_leaf = min(20, max(1, 2k // 10)) unless `hgb_min_samples_leaf` is set,
+  so k = 1 (two rows) can still split and k = 128 keeps scikit-learn's default of 20.
+Nothing is skipped silently: a k with fewer than k train positives (or negatives), or a head that
+cannot be fit, is recorded with NaN metrics and the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+from pydantic import Field, field_validator
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import MaxAbsScaler, StandardScaler
+from threadpoolctl import threadpool_limits
+
+from ehrfm.config import StrictModel
+from ehrfm.evaluate.baselines import dense_columns, lr_design, prs_design
+from ehrfm.evaluate.features import FeatureMatrix
+from ehrfm.metrics import auprc, auroc
+
+TRAIN, TEST = "train", "test"
+FM_LR = "fm_lr"
+COUNT_MODELS = ("counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb")
+MODELS = (FM_LR, *COUNT_MODELS)
+METRICS = ("auroc", "auprc")
+
+
+class FewShotConfig(StrictModel):
+    """The protocol's settings (EHRSHOT: k in 1..128, 5 replicates)."""
+
+    shots: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
+    replicates: int = Field(5, ge=1)
+    seed: int = 0
+    models: list[str] = Field(default_factory=lambda: list(MODELS))
+    lr_c: float = Field(1.0, gt=0)  # inverse L2 strength of every logistic-regression head
+    lr_max_iter: int = 2000
+    hgb_max_iter: int = 100
+    hgb_learning_rate: float = 0.1
+    hgb_min_samples_leaf: int | None = Field(None, ge=1)  # None: min(20, max(1, 2k // 10))
+    hgb_max_dense_features: int = 2000
+    batch_size: int = Field(256, ge=1)  # rows per forward pass of the frozen decoder
+    context: int | None = None  # window length; None: the pretrained model's
+    threads: int | None = None  # BLAS/OpenMP threads while fitting (None: the libraries' default)
+
+    @field_validator("shots")
+    @classmethod
+    def _positive_shots(cls, shots: list[int]) -> list[int]:
+        if not shots or min(shots) < 1:
+            raise ValueError(f"shots must be non-empty and >= 1, got {shots}")
+        return sorted(set(shots))
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, models: list[str]) -> list[str]:
+        unknown = set(models) - set(MODELS)
+        if unknown:
+            raise ValueError(f"unknown models {sorted(unknown)}; choose from {MODELS}")
+        return list(models)
+
+
+class NotEnoughShots(ValueError):
+    """The train split has fewer than k rows of a class: the draw is impossible, not shrunk."""
+
+
+@dataclass(frozen=True)
+class Design:
+    """One head's inputs for every label row: `kind` says how it is fit."""
+
+    kind: Literal["lr", "hgb"]
+    x: np.ndarray | sp.csr_matrix
+
+
+# ---- draws --------------------------------------------------------------------------------------
+def draw_shots(y: np.ndarray, split: np.ndarray, k: int, replicate: int, seed: int) -> np.ndarray:
+    """Row indices of k positive then k negative train rows, a pure function of (seed, k, replicate)."""
+    y = np.asarray(y).astype(bool)
+    train = np.asarray(split) == TRAIN
+    positives, negatives = np.flatnonzero(train & y), np.flatnonzero(train & ~y)
+    for name, rows in (("positive", positives), ("negative", negatives)):
+        if len(rows) < k:
+            raise NotEnoughShots(f"the train split has fewer than k={k} {name} rows")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, k, replicate]))
+    return np.concatenate([rng.choice(positives, k, replace=False), rng.choice(negatives, k, replace=False)])
+
+
+# ---- heads --------------------------------------------------------------------------------------
+def hgb_min_samples_leaf(rows: int, config: FewShotConfig) -> int:
+    """The leaf size for `rows` training rows: small enough that two rows can split."""
+    if config.hgb_min_samples_leaf is not None:
+        return config.hgb_min_samples_leaf
+    return min(20, max(1, rows // 10))
+
+
+def fit_and_score(design: Design, y: np.ndarray, fit_rows: np.ndarray, score_rows: np.ndarray, config: FewShotConfig):
+    """Fit one head on `fit_rows` only; its risk on `score_rows`."""
+    x_fit, y_fit, x_score = design.x[fit_rows], np.asarray(y)[fit_rows].astype(int), design.x[score_rows]
+    if design.kind == "lr":
+        scaler = MaxAbsScaler() if sp.issparse(design.x) else StandardScaler()
+        scaler.fit(x_fit)
+        model = LogisticRegression(C=config.lr_c, max_iter=config.lr_max_iter)
+        model.fit(scaler.transform(x_fit), y_fit)
+        return model.predict_proba(scaler.transform(x_score))[:, 1]
+    model = HistGradientBoostingClassifier(
+        learning_rate=config.hgb_learning_rate,
+        max_iter=config.hgb_max_iter,
+        min_samples_leaf=hgb_min_samples_leaf(len(fit_rows), config),
+        early_stopping=False,
+        random_state=config.seed,
+    )
+    model.fit(x_fit, y_fit)
+    return model.predict_proba(x_score)[:, 1]
+
+
+def fm_design(hidden: np.ndarray, prs: np.ndarray | None, has_prs: np.ndarray | None) -> Design:
+    """The FM head's inputs: frozen last-token states beside the PRS columns and has-PRS flag."""
+    x = np.asarray(hidden, dtype=np.float64)
+    if prs is not None:
+        x = np.column_stack([x, prs_design(prs, has_prs)])
+    return Design("lr", x)
+
+
+def count_designs(
+    features: FeatureMatrix,
+    prs: np.ndarray | None,
+    has_prs: np.ndarray | None,
+    split: np.ndarray,
+    config: FewShotConfig,
+) -> dict[str, Design]:
+    """The count heads' inputs, built as the baselines build theirs (PRS heads only with a PRS)."""
+    prs_cols = None if prs is None else prs_design(prs, has_prs)
+    wanted = [m for m in COUNT_MODELS if m in config.models and (prs_cols is not None or "_prs_" not in m)]
+    out: dict[str, Design] = {}
+    if any(m.endswith("_lr") for m in wanted):
+        out["counts_lr"] = Design("lr", lr_design(features, None))
+        if prs_cols is not None:
+            out["counts_prs_lr"] = Design("lr", lr_design(features, prs_cols))
+    if any(m.endswith("_hgb") for m in wanted):
+        columns = dense_columns(features, np.asarray(split) == TRAIN, config.hgb_max_dense_features)
+        dense = features.to_dense(columns)
+        out["counts_hgb"] = Design("hgb", dense)
+        if prs_cols is not None:
+            out["counts_prs_hgb"] = Design("hgb", np.column_stack([dense, prs_cols.astype(np.float32)]))
+    return {name: design for name, design in out.items() if name in wanted}
+
+
+# ---- the protocol -------------------------------------------------------------------------------
+def _record(model: str, k: int, replicate: int, scores: dict | None = None, reason: str | None = None) -> dict:
+    scores = scores or dict.fromkeys(METRICS, math.nan)
+    return {"model": model, "k": k, "replicate": replicate, **scores, "reason": reason}
+
+
+def run_few_shot(designs: Mapping[str, Design], y, split, config: FewShotConfig) -> list[dict]:
+    """One record per (model, k, replicate): test AUROC/AUPRC, or NaN and the reason it has none."""
+    y = np.asarray(y).astype(int).ravel()
+    split = np.asarray(split).astype(str).ravel()
+    test = np.flatnonzero(split == TEST)
+    if not 0 < y[test].sum() < len(test):
+        raise ValueError("the test split needs rows of both classes to score a head")
+    records = []
+    with threadpool_limits(limits=config.threads):
+        for k in config.shots:
+            for replicate in range(config.replicates):
+                try:
+                    rows = draw_shots(y, split, k, replicate, config.seed)
+                except NotEnoughShots as err:
+                    records += [_record(name, k, replicate, reason=str(err)) for name in designs]
+                    continue
+                for name, design in designs.items():
+                    try:
+                        risk = fit_and_score(design, y, rows, test, config)
+                    except ValueError as err:  # scikit-learn's refusals of a fit
+                        records.append(_record(name, k, replicate, reason=f"{type(err).__name__}: {err}"))
+                        continue
+                    scores = {"auroc": auroc(y[test], risk), "auprc": auprc(y[test], risk)}
+                    records.append(_record(name, k, replicate, scores))
+    return records
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per (model, k): mean, SD (n - 1), min and max of each metric over the fitted replicates."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["model"], record["k"]), []).append(record)
+    rows = []
+    for (model, k), group in groups.items():
+        row = {"model": model, "k": k, "replicates": len(group)}
+        fitted = [r for r in group if math.isfinite(r["auroc"])]
+        row["replicates_fit"] = len(fitted)
+        for metric in METRICS:
+            values = np.array([r[metric] for r in fitted], dtype=np.float64)
+            row[f"{metric}_mean"] = float(values.mean()) if values.size else math.nan
+            row[f"{metric}_sd"] = float(values.std(ddof=1)) if values.size > 1 else math.nan
+            row[f"{metric}_min"] = float(values.min()) if values.size else math.nan
+            row[f"{metric}_max"] = float(values.max()) if values.size else math.nan
+        reasons = sorted({r["reason"] for r in group if r["reason"]})
+        row["reason"] = "; ".join(reasons) or None
+        rows.append(row)
+    order = {m: i for i, m in enumerate(MODELS)}
+    return sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"], r["k"]))

@@ -1,0 +1,101 @@
+"""Frozen foundation-model features for label rows: the decoder's final-normed hidden state at
+the last real token of each prediction window, what the linear probe's head reads (`last`).
+
+Used by the few-shot protocol (`ehrfm few_shot`), which fits its own heads outside the model on
+these features. The windows are cut by `build_examples` (the code the fine-tune uses), the decoder
+is loaded as the fine-tune builds it (modality dropout and adapter mode off) and runs in eval mode
+under torch.no_grad on CPU, batch by batch. Windows are right-padded to a fixed width and attention
+is causal, so a row's features do not depend on which rows share its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+
+from ehrfm.model.io import load_model_config, load_state_dict
+from ehrfm.model.transformer import EHRDecoder
+from ehrfm.transfer.examples import build_examples, example_tensors
+
+
+@dataclass
+class LabelRowFeatures:
+    """Per label row, in the labels' order: hidden [n, H] float32, prs [n, K] float32, has_prs [n]."""
+
+    hidden: np.ndarray
+    prs: np.ndarray
+    has_prs: np.ndarray
+
+
+def load_frozen_decoder(checkpoint_dir: str | Path) -> EHRDecoder:
+    """The pretrained decoder as the linear probe sees it: no modality dropout, no adapter, eval, fp32, CPU."""
+    cfg = dataclasses.replace(load_model_config(checkpoint_dir), modality_dropout=0.0, adapter=False)
+    decoder = EHRDecoder(cfg)
+    decoder.load_state_dict(load_state_dict(checkpoint_dir))
+    return decoder.float().eval()
+
+
+@torch.no_grad()
+def last_token_states(decoder: EHRDecoder, examples: pa.Table, batch_size: int = 256) -> np.ndarray:
+    """[n, H] hidden state at each window's last real token, the PRS given to the decoder as recorded."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    parts = []
+    for start in range(0, examples.num_rows, batch_size):
+        batch = example_tensors(examples.slice(start, batch_size))
+        prs = batch["prs"] if decoder.prs_encoder is not None else None
+        has_prs = batch["has_prs"] if prs is not None else None
+        hidden = decoder.encode(batch["tokens"], batch["ages"], prs, has_prs)
+        last = batch["length"].long().clamp(min=1) - 1
+        parts.append(hidden[torch.arange(hidden.shape[0]), last].float().numpy())
+    return np.concatenate(parts) if parts else np.zeros((0, decoder.cfg.hidden), np.float32)
+
+
+def label_order(labels: pa.Table, examples: pa.Table) -> np.ndarray:
+    """For each label row, the index of its example (build_examples returns them shard by shard).
+
+    Rows are matched on (subject_id, prediction_time, occurrence), so repeated label rows each get
+    their own (identical) window."""
+
+    def keyed(table: pa.Table) -> pl.DataFrame:
+        frame = pl.from_arrow(table.select(["subject_id", "prediction_time"])).with_row_index("index")
+        return frame.with_columns(pl.int_range(pl.len()).over("subject_id", "prediction_time").alias("occurrence"))
+
+    joined = keyed(labels).join(
+        keyed(examples), on=["subject_id", "prediction_time", "occurrence"], how="left", maintain_order="left"
+    )
+    missing = joined["index_right"].null_count()
+    if missing:
+        raise ValueError(f"{missing} of {labels.num_rows} label rows have no prediction window")
+    return joined["index_right"].to_numpy()
+
+
+def label_row_features(
+    checkpoint_dir: str | Path,
+    data_dir: str | Path,
+    labels: pa.Table,
+    context: int | None = None,
+    batch_size: int = 256,
+) -> LabelRowFeatures:
+    """Frozen features, PRS and has-PRS for every label row (labels' order), from a checkpoint dir.
+
+    `context` None: the pretrained model's window length (as the fine-tune's default)."""
+    decoder = load_frozen_decoder(checkpoint_dir)
+    context = context or decoder.cfg.context
+    if context > decoder.cfg.context:
+        raise ValueError(f"context={context} exceeds the {decoder.cfg.context} tokens the model was pretrained on")
+    examples = build_examples(data_dir, labels, context)
+    examples = examples.take(pa.array(label_order(labels, examples), pa.int64()))
+    width = examples.schema.field("prs").type.list_size
+    prs_values = examples["prs"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return LabelRowFeatures(
+        hidden=last_token_states(decoder, examples, batch_size),
+        prs=prs_values.astype(np.float32).reshape(examples.num_rows, width),
+        has_prs=examples["has_prs"].to_numpy(zero_copy_only=False).astype(bool),
+    )

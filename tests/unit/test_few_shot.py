@@ -1,0 +1,105 @@
+"""The few-shot protocol on synthetic features whose truth is known (no model, no files)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from ehrfm.evaluate.features import FeatureMatrix
+from ehrfm.evaluate.few_shot import (
+    FM_LR,
+    Design,
+    FewShotConfig,
+    NotEnoughShots,
+    count_designs,
+    draw_shots,
+    fit_and_score,
+    fm_design,
+    run_few_shot,
+    summarize,
+)
+
+
+def synthetic_rows(n: int = 2000, hidden: int = 24, seed: int = 0):
+    """Label = feature 0 (plus a little noise) above its 88th percentile; 60% train, 10% val, 30% test."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, hidden)).astype(np.float32)
+    y = (x[:, 0] + 0.2 * rng.standard_normal(n)) > 1.2
+    split = rng.choice(["train", "val", "test"], size=n, p=[0.6, 0.1, 0.3])
+    prs = rng.standard_normal((n, 3)).astype(np.float32)
+    has_prs = rng.random(n) < 0.7
+    return x, y, split, prs, has_prs
+
+
+def test_draws_are_deterministic_disjoint_and_from_train_rows_only():
+    _, y, split, _, _ = synthetic_rows()
+    first = draw_shots(y, split, 16, replicate=2, seed=7)
+    assert np.array_equal(first, draw_shots(y, split, 16, replicate=2, seed=7))
+    assert not np.array_equal(first, draw_shots(y, split, 16, replicate=2, seed=8))
+    assert not np.array_equal(first, draw_shots(y, split, 16, replicate=3, seed=7))
+    positives, negatives = first[:16], first[16:]
+    assert y[positives].all() and not y[negatives].any()
+    assert len(set(first.tolist())) == 32  # no row twice, positives and negatives disjoint
+    assert (split[first] == "train").all()
+
+
+def test_an_impossible_k_is_reported_not_shrunk():
+    x, y, split, prs, has_prs = synthetic_rows(n=400)
+    train_positives = int((y & (split == "train")).sum())
+    with pytest.raises(NotEnoughShots, match="fewer than k="):
+        draw_shots(y, split, train_positives + 1, 0, 0)
+    config = FewShotConfig(shots=[1, train_positives + 1], replicates=2)
+    records = run_few_shot({FM_LR: fm_design(x, prs, has_prs)}, y, split, config)
+    assert len(records) == 4  # every (k, replicate) has a record
+    impossible = [r for r in records if r["k"] == train_positives + 1]
+    assert all(math.isnan(r["auroc"]) and "fewer than k=" in r["reason"] for r in impossible)
+    summary = {r["k"]: r for r in summarize(records)}
+    assert summary[train_positives + 1]["replicates_fit"] == 0
+    assert "fewer than k=" in summary[train_positives + 1]["reason"]
+    assert summary[1]["replicates_fit"] == 2 and summary[1]["reason"] is None
+
+
+def test_fm_head_learns_the_feature_that_sets_the_label_as_k_grows():
+    x, y, split, prs, has_prs = synthetic_rows()
+    config = FewShotConfig(shots=[1, 4, 32], replicates=5, seed=0)
+    summary = {r["k"]: r for r in summarize(run_few_shot({FM_LR: fm_design(x, prs, has_prs)}, y, split, config))}
+    assert summary[1]["auroc_mean"] < summary[4]["auroc_mean"] < summary[32]["auroc_mean"]
+    assert summary[32]["auroc_mean"] > 0.9
+    assert summary[32]["auroc_min"] <= summary[32]["auroc_mean"] <= summary[32]["auroc_max"]
+    assert summary[32]["auroc_sd"] >= 0 and summary[32]["replicates_fit"] == 5
+    assert 0 < summary[32]["auprc_mean"] <= 1
+
+
+def test_gradient_boosting_fits_two_rows_and_count_designs_follow_the_baselines():
+    x, y, split, prs, has_prs = synthetic_rows(n=600, hidden=6)
+    counts = sp.csr_matrix(np.abs(np.round(x * 2)))  # count-like columns
+    features = FeatureMatrix(counts, [f"c{i}" for i in range(6)], np.zeros(6, bool), np.arange(600), np.arange(600))
+    config = FewShotConfig(shots=[1, 8], replicates=2)
+    designs = count_designs(features, prs, has_prs, split, config)
+    assert set(designs) == {"counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb"}
+    assert designs["counts_prs_hgb"].x.shape[1] == designs["counts_hgb"].x.shape[1] + 4  # 3 PRS + has-PRS
+    assert set(count_designs(features, None, None, split, config)) == {"counts_lr", "counts_hgb"}
+    rows = draw_shots(y, split, 1, 0, 0)
+    risk = fit_and_score(designs["counts_hgb"], y, rows, np.flatnonzero(split == "test"), config)
+    assert np.isfinite(risk).all() and np.ptp(risk) > 0  # two rows, one leaf each: it did split
+    records = run_few_shot(designs, y, split, config)
+    assert len(records) == 4 * 2 * 2 and all(math.isfinite(r["auroc"]) for r in records)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_a_head_that_cannot_be_fit_is_recorded_with_its_reason():
+    _, y, split, _, _ = synthetic_rows(n=300)
+    broken = Design("lr", np.full((300, 2), np.nan))  # scikit-learn refuses NaN input
+    records = run_few_shot({"counts_lr": broken}, y, split, FewShotConfig(shots=[2], replicates=1))
+    assert math.isnan(records[0]["auroc"]) and "ValueError" in records[0]["reason"]
+
+
+def test_config_rejects_unknown_models_and_non_positive_shots():
+    with pytest.raises(ValueError):
+        FewShotConfig(models=["nope"])
+    with pytest.raises(ValueError):
+        FewShotConfig(shots=[0, 1])
+    assert FewShotConfig(shots=[4, 1, 4]).shots == [1, 4]
