@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zero_shot": ("ehrfm.transfer.zero_shot:main", "zero-shot risk: sample futures from the pretrained decoder"),
     "label": ("ehrfm.tasks.labeler:main", "label prediction times for a task (MEDS label parquet)"),
     "baselines": ("ehrfm.evaluate.baselines:main", "PRS-only and count-feature baselines with bootstrap CIs"),
+    "few_shot": (
+        "ehrfm.evaluate.few_shot_job:main",
+        "few-shot heads (k = 1..128 shots): frozen FM features vs count baselines, AUROC vs k",
+    ),
     "prs_headroom": ("ehrfm.evaluate.prs_headroom:main", "how much the observed PRS could add to a task (CV, oracle)"),
     "evaluate": (
         "ehrfm.evaluate.run:main",

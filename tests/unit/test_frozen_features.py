@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from ehrfm.small_counts import is_small
 from ehrfm.transfer.frozen_features import label_row_features
 from tests.support.finetune_factory import make_labels, write_finetune_data, write_pretrained
 
@@ -13,13 +16,13 @@ from tests.support.finetune_factory import make_labels, write_finetune_data, wri
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("frozen")
-    info = write_finetune_data(root, persons=40)
+    info = write_finetune_data(root, persons=150)
     labels = make_labels(info, root / "labels.parquet", "token")
-    return info, labels, write_pretrained(info, root)
+    return info, labels, write_pretrained(info, root), root / "labels.parquet"
 
 
 def test_features_are_per_label_row_in_label_order(tiny):
-    info, labels, checkpoint = tiny
+    info, labels, checkpoint, labels_path = tiny
     features = label_row_features(checkpoint, info.root, labels, batch_size=64)
     n = labels.num_rows
     assert features.hidden.shape == (n, 32) and features.hidden.dtype == np.float32
@@ -33,9 +36,31 @@ def test_features_are_per_label_row_in_label_order(tiny):
 
 
 def test_a_rows_features_do_not_depend_on_its_batch(tiny):
-    info, labels, checkpoint = tiny
+    info, labels, checkpoint, labels_path = tiny
     whole = label_row_features(checkpoint, info.root, labels, batch_size=64).hidden
     small = label_row_features(checkpoint, info.root, labels, batch_size=3).hidden
     np.testing.assert_allclose(small, whole, atol=1e-5)
     alone = label_row_features(checkpoint, info.root, labels.slice(5, 1), batch_size=1).hidden
     np.testing.assert_allclose(alone[0], whole[5], atol=1e-5)
+
+
+def test_few_shot_command_writes_aggregates_table_and_plot(tiny, tmp_path, capsys, monkeypatch):
+    from ehrfm.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    info, labels, checkpoint, labels_path = tiny
+    out = tmp_path / "few"
+    argv = ["few_shot", "--pretrained", str(checkpoint.parent), "--data", str(info.root), "--labels"]
+    argv += [str(labels_path), "--out", str(out)]
+    argv += ["models=[fm_lr]", "shots=[1,2,1000]", "replicates=2"]
+    assert main(argv) == 0
+    result = json.loads((out / "few_shot.json").read_text())
+    summary = {row["k"]: row for row in result["summary"]}
+    assert set(summary) == {1, 2, 1000} and summary[1]["replicates_fit"] == 2
+    assert summary[1000]["replicates_fit"] == 0 and "fewer than k=1000" in summary[1000]["reason"]
+    assert summary[1000]["auroc_mean"] is None  # NaN written as null
+    assert all(set(r) == {"model", "k", "replicate", "auroc", "auprc", "reason"} for r in result["records"])
+    assert all(not is_small(v) or v.startswith("<=") for v in result["counts"].values())
+    assert (out / "few_shot_auroc.png").stat().st_size > 1000
+    assert (out / "few_shot.csv").read_text().startswith("model,k,")
+    assert "| fm_lr | 1 |" in capsys.readouterr().out

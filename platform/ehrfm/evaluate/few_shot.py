@@ -35,7 +35,7 @@ from sklearn.preprocessing import MaxAbsScaler, StandardScaler
 from threadpoolctl import threadpool_limits
 
 from ehrfm.config import StrictModel
-from ehrfm.evaluate.baselines import dense_columns, lr_design, prs_design
+from ehrfm.evaluate.baselines import BaselineConfig, dense_columns, lr_design, prs_design
 from ehrfm.evaluate.features import FeatureMatrix
 from ehrfm.metrics import auprc, auroc
 
@@ -58,7 +58,9 @@ class FewShotConfig(StrictModel):
     hgb_max_iter: int = 100
     hgb_learning_rate: float = 0.1
     hgb_min_samples_leaf: int | None = Field(None, ge=1)  # None: min(20, max(1, 2k // 10))
-    hgb_max_dense_features: int = 2000
+    # the count features, built as the baselines build them: windows_days, min_persons_per_code,
+    # max_codes and hgb_max_dense_features are read (the baselines' fitting settings are not)
+    features: BaselineConfig = Field(default_factory=BaselineConfig)
     batch_size: int = Field(256, ge=1)  # rows per forward pass of the frozen decoder
     context: int | None = None  # window length; None: the pretrained model's
     threads: int | None = None  # BLAS/OpenMP threads while fitting (None: the libraries' default)
@@ -156,7 +158,7 @@ def count_designs(
         if prs_cols is not None:
             out["counts_prs_lr"] = Design("lr", lr_design(features, prs_cols))
     if any(m.endswith("_hgb") for m in wanted):
-        columns = dense_columns(features, np.asarray(split) == TRAIN, config.hgb_max_dense_features)
+        columns = dense_columns(features, np.asarray(split) == TRAIN, config.features.hgb_max_dense_features)
         dense = features.to_dense(columns)
         out["counts_hgb"] = Design("hgb", dense)
         if prs_cols is not None:

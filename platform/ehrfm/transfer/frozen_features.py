@@ -26,11 +26,13 @@ from ehrfm.transfer.examples import build_examples, example_tensors
 
 @dataclass
 class LabelRowFeatures:
-    """Per label row, in the labels' order: hidden [n, H] float32, prs [n, K] float32, has_prs [n]."""
+    """Per label row, in the labels' order: hidden [n, H] float32, prs [n, K] float32, has_prs [n],
+    split [n] (the timelines' split, the one the fine-tune trains and tests on)."""
 
     hidden: np.ndarray
     prs: np.ndarray
     has_prs: np.ndarray
+    split: np.ndarray
 
 
 def load_frozen_decoder(checkpoint_dir: str | Path) -> EHRDecoder:
@@ -98,4 +100,5 @@ def label_row_features(
         hidden=last_token_states(decoder, examples, batch_size),
         prs=prs_values.astype(np.float32).reshape(examples.num_rows, width),
         has_prs=examples["has_prs"].to_numpy(zero_copy_only=False).astype(bool),
+        split=examples["split"].to_numpy(zero_copy_only=False).astype(str),
     )

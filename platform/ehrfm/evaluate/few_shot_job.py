@@ -1,0 +1,243 @@
+"""`ehrfm few_shot`: the few-shot protocol (evaluate/few_shot.py) on a preprocessed cohort.
+
+    ehrfm few_shot --pretrained RUN_OR_CHECKPOINT --data PREPROCESSED --labels labels.parquet \
+        --out OUT [--config few_shot.yaml] [--tracking-uri URI] [shots=[1,2,4] replicates=5 ...]
+
+Frozen features come from the pretrained decoder (no fine-tuning: the FM head is fit per draw
+like the baselines), count features from the MEDS events as the baselines build them, splits from
+the timelines (the fine-tune's). OUT holds aggregates only: few_shot.json (settings, published
+row counts, the per-(model, k) table and each replicate's metrics), few_shot.csv (the table),
+few_shot.md and few_shot_auroc.png (mean test AUROC vs k, min-max band). With a tracking URI
+(flag or $MLFLOW_TRACKING_URI) one run in experiment `ehrfm-few-shot` gets the settings as
+params, `<model>/auroc_mean` etc. with step = k, and the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ehrfm.config import add_config_arguments, parse_config
+from ehrfm.evaluate.baselines import read_events
+from ehrfm.evaluate.features import CodeVocabulary, build_features
+from ehrfm.evaluate.few_shot import (
+    COUNT_MODELS,
+    FM_LR,
+    METRICS,
+    MODELS,
+    TEST,
+    TRAIN,
+    FewShotConfig,
+    count_designs,
+    fm_design,
+    run_few_shot,
+    summarize,
+)
+from ehrfm.evaluate.plots import curve_style
+from ehrfm.evaluate.report import metric_key
+from ehrfm.small_counts import binary_hidden, show
+from ehrfm.transfer.examples import read_labels
+from ehrfm.transfer.frozen_features import label_row_features
+
+EXPERIMENT = "ehrfm-few-shot"
+JSON_FILE, CSV_FILE, MARKDOWN_FILE, PLOT_FILE = "few_shot.json", "few_shot.csv", "few_shot.md", "few_shot_auroc.png"
+LABELS = {
+    FM_LR: "FM (frozen) + PRS, LR",
+    "counts_lr": "counts LR",
+    "counts_prs_lr": "counts + PRS LR",
+    "counts_hgb": "counts GBM",
+    "counts_prs_hgb": "counts + PRS GBM",
+}
+
+
+def published_counts(y: np.ndarray, split: np.ndarray) -> dict[str, str]:
+    """Rows and positive rows of the train and test splits under the small-count rule (as strings)."""
+    out = {}
+    for name, rows in (("train", split == TRAIN), ("test", split == TEST)):
+        n, events = int(rows.sum()), int(y[rows].sum())
+        hide_n, hide_events = binary_hidden(n, events)
+        out[f"n_{name}"] = show(n, hidden=hide_n)
+        out[f"n_{name}_positive"] = show(events, hidden=hide_events)
+    return out
+
+
+def few_shot_evaluation(
+    checkpoint_dir: Path, data_dir: Path, labels_path: Path, out_dir: Path, config: FewShotConfig
+) -> dict:
+    """Features, the protocol and the output files; returns what few_shot.json holds."""
+    started = time.perf_counter()
+    labels = read_labels(labels_path)
+    y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(int)
+    frozen = label_row_features(checkpoint_dir, data_dir, labels, config.context, config.batch_size)
+    designs = {}
+    if FM_LR in config.models:
+        designs[FM_LR] = fm_design(frozen.hidden, frozen.prs, frozen.has_prs)
+    if any(m in config.models for m in COUNT_MODELS):
+        counts = config.features
+        events = read_events(data_dir)
+        train_labels = labels.filter(pa.array(frozen.split == TRAIN))  # the vocabulary sees train rows only
+        vocabulary = CodeVocabulary.fit(
+            events, train_labels, tuple(counts.windows_days), counts.min_persons_per_code, counts.max_codes
+        )
+        features = build_features(events, labels, vocabulary)
+        designs |= count_designs(features, frozen.prs, frozen.has_prs, frozen.split, config)
+    feature_seconds = time.perf_counter() - started
+    records = run_few_shot(designs, y, frozen.split, config)
+    result = {
+        "config": config.model_dump(mode="json"),
+        "pretrained": str(checkpoint_dir),
+        "labels": str(labels_path),
+        "counts": published_counts(y, frozen.split),
+        "feature_seconds": round(feature_seconds, 1),
+        "fit_seconds": round(time.perf_counter() - started - feature_seconds, 1),
+        "summary": summarize(records),
+        "records": records,
+    }
+    write_outputs(result, Path(out_dir))
+    return result
+
+
+# ---- outputs ------------------------------------------------------------------------------------
+def _number(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def summary_markdown(result: dict) -> str:
+    """The per-(model, k) table: mean test AUROC/AUPRC ± SD [min, max] over the replicates."""
+    counts = result["counts"]
+    lines = [
+        f"# Few-shot: {result['config']['replicates']} draws per k of k positive + k negative train rows",
+        "",
+        f"Test rows {counts['n_test']} ({counts['n_test_positive']} positive); "
+        f"train rows {counts['n_train']} ({counts['n_train_positive']} positive).",
+        "",
+        "| model | k | AUROC mean ± SD [min, max] | AUPRC mean ± SD [min, max] | fit |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(row: dict, metric: str) -> str:
+        if not math.isfinite(row[f"{metric}_mean"]):
+            return "n/a"
+        sd = row[f"{metric}_sd"]
+        spread = f" ± {sd:.3f}" if math.isfinite(sd) else ""
+        return f"{row[f'{metric}_mean']:.3f}{spread} [{row[f'{metric}_min']:.3f}, {row[f'{metric}_max']:.3f}]"
+
+    for row in result["summary"]:
+        fit = f"{row['replicates_fit']}/{row['replicates']}" + (f" ({row['reason']})" if row["reason"] else "")
+        lines.append(f"| {row['model']} | {row['k']} | {cell(row, 'auroc')} | {cell(row, 'auprc')} | {fit} |")
+    return "\n".join(lines) + "\n"
+
+
+def auroc_figure(summary: list[dict]) -> Figure:
+    """Mean test AUROC against k (log2 axis), one line per model with its min-max band."""
+    figure = Figure(figsize=(6.5, 4.5), dpi=110)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    models = [m for m in MODELS if any(r["model"] == m for r in summary)]
+    for index, model in enumerate(models):
+        rows = [r for r in summary if r["model"] == model and math.isfinite(r["auroc_mean"])]
+        if not rows:
+            continue
+        k = np.array([r["k"] for r in rows])
+        style = curve_style(index)
+        ax.plot(k, [r["auroc_mean"] for r in rows], marker="o", label=LABELS.get(model, model), **style)
+        low, high = [r["auroc_min"] for r in rows], [r["auroc_max"] for r in rows]
+        ax.fill_between(k, low, high, color=style["color"], alpha=0.15, linewidth=0)
+    ax.set_xscale("log", base=2)
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("k (positive shots; as many negatives)")
+    ax.set_ylabel("test AUROC (mean, min-max band)")
+    ax.set_title("Few-shot heads")
+    ax.legend(loc="lower right", fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def write_outputs(result: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / name for name in (JSON_FILE, CSV_FILE, MARKDOWN_FILE, PLOT_FILE)]
+    clean = json.loads(json.dumps(result, default=float), parse_constant=lambda _: None)  # NaN -> null
+    paths[0].write_text(json.dumps(clean, indent=2))
+    columns = list(result["summary"][0]) if result["summary"] else ["model", "k"]
+    with paths[1].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows({k: _number(v) for k, v in row.items()} for row in result["summary"])
+    paths[2].write_text(summary_markdown(result))
+    auroc_figure(result["summary"]).savefig(paths[3])
+    return paths
+
+
+def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
+    """One run: settings as params, each model's metrics with step = k, the output files."""
+    import mlflow
+
+    from ehrfm.tracking import mlflow_tracking, use_experiment
+
+    config = result["config"]
+    with mlflow_tracking(uri):
+        use_experiment(EXPERIMENT)
+        with mlflow.start_run(run_name=f"few-shot-{Path(result['labels']).stem}") as run:
+            mlflow.log_params(
+                {
+                    "shots": ",".join(map(str, config["shots"])),
+                    "replicates": config["replicates"],
+                    "seed": config["seed"],
+                    "models": ",".join(config["models"]),
+                    "lr_c": config["lr_c"],
+                    "hgb_min_samples_leaf": config["hgb_min_samples_leaf"] or "min(20, max(1, 2k // 10))",
+                    "pretrained": result["pretrained"],
+                    **result["counts"],
+                }
+            )
+            for row in result["summary"]:
+                metrics = {
+                    metric_key(row["model"], f"{metric}_{stat}"): row[f"{metric}_{stat}"]
+                    for metric in METRICS
+                    for stat in ("mean", "sd", "min", "max")
+                    if math.isfinite(row[f"{metric}_{stat}"])
+                }
+                metrics[metric_key(row["model"], "replicates_fit")] = float(row["replicates_fit"])
+                mlflow.log_metrics(metrics, step=int(row["k"]))
+            for path in paths:
+                mlflow.log_artifact(str(path), artifact_path="few_shot")
+            return run.info.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ehrfm few_shot", description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrained", type=Path, required=True, help="pretraining run dir or checkpoint dir")
+    parser.add_argument("--data", type=Path, required=True, help="preprocessed dir: timelines/, data/ (MEDS)")
+    parser.add_argument("--labels", type=Path, required=True, help="labels.parquet from `ehrfm label`")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI; none: no logging)"
+    )
+    add_config_arguments(parser, "FewShotConfig")
+    args = parser.parse_args(argv)
+    config = parse_config(parser, FewShotConfig, args)
+    from ehrfm.transfer.finetune import resolve_pretrained
+
+    checkpoint = resolve_pretrained(args.pretrained)
+    result = few_shot_evaluation(checkpoint, args.data, args.labels, args.out, config)
+    print(summary_markdown(result))
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        paths = [args.out / name for name in (JSON_FILE, CSV_FILE, MARKDOWN_FILE, PLOT_FILE)]
+        print(f"MLflow run {log_to_mlflow(uri, result, paths)} in experiment {EXPERIMENT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
