@@ -83,7 +83,8 @@ def test_gradient_boosting_fits_two_rows_and_count_designs_follow_the_baselines(
     assert designs["counts_prs_hgb"].x.shape[1] == designs["counts_hgb"].x.shape[1] + 4  # 3 PRS + has-PRS
     assert set(count_designs(features, None, None, split, config)) == {"counts_lr", "counts_hgb"}
     rows = draw_shots(y, split, 1, 0, 0)
-    risk = fit_and_score(designs["counts_hgb"], y, rows, np.flatnonzero(split == "test"), config)
+    unmeasured = np.column_stack([designs["counts_hgb"].x, np.full(600, np.nan)])  # a value never measured
+    risk = fit_and_score(Design("hgb", unmeasured), y, rows, np.flatnonzero(split == "test"), config)
     assert np.isfinite(risk).all() and np.ptp(risk) > 0  # two rows, one leaf each: it did split
     records = run_few_shot(designs, y, split, config)
     assert len(records) == 4 * 2 * 2 and all(math.isfinite(r["auroc"]) for r in records)

@@ -123,6 +123,9 @@ def fit_and_score(design: Design, y: np.ndarray, fit_rows: np.ndarray, score_row
         model = LogisticRegression(C=config.lr_c, max_iter=config.lr_max_iter)
         model.fit(scaler.transform(x_fit), y_fit)
         return model.predict_proba(scaler.transform(x_score))[:, 1]
+    # a column unmeasured (NaN) in every shot is constant to the fit and breaks scikit-learn's binning
+    measured = ~np.isnan(x_fit).all(axis=0)
+    x_fit, x_score = x_fit[:, measured], x_score[:, measured]
     model = HistGradientBoostingClassifier(
         learning_rate=config.hgb_learning_rate,
         max_iter=config.hgb_max_iter,
