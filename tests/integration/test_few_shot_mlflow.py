@@ -18,7 +18,7 @@ def test_run_has_params_metrics_per_k_and_artifacts(tmp_path, mlflow_server):
     x = rng.standard_normal((600, 8))
     y = (x[:, 0] > 1.0).astype(int)
     split = rng.choice(["train", "test"], size=600, p=[0.7, 0.3])
-    config = FewShotConfig(shots=[1, 4, 10_000], replicates=2, models=[FM_LR])
+    config = FewShotConfig(shots=[1, 4, 10_000], replicates=2, models=[FM_LR], threads=1)
     records = run_few_shot({FM_LR: fm_design(x, None, None)}, y, split, config)
     result = {
         "config": config.model_dump(mode="json"),

@@ -51,7 +51,7 @@ def test_an_impossible_k_is_reported_not_shrunk():
     train_positives = int((y & (split == "train")).sum())
     with pytest.raises(NotEnoughShots, match="fewer than k="):
         draw_shots(y, split, train_positives + 1, 0, 0)
-    config = FewShotConfig(shots=[1, train_positives + 1], replicates=2)
+    config = FewShotConfig(shots=[1, train_positives + 1], replicates=2, threads=1)
     records = run_few_shot({FM_LR: fm_design(x, prs, has_prs)}, y, split, config)
     assert len(records) == 4  # every (k, replicate) has a record
     impossible = [r for r in records if r["k"] == train_positives + 1]
@@ -64,7 +64,7 @@ def test_an_impossible_k_is_reported_not_shrunk():
 
 def test_fm_head_learns_the_feature_that_sets_the_label_as_k_grows():
     x, y, split, prs, has_prs = synthetic_rows()
-    config = FewShotConfig(shots=[1, 4, 32], replicates=5, seed=0)
+    config = FewShotConfig(shots=[1, 4, 32], replicates=5, seed=0, threads=1)
     summary = {r["k"]: r for r in summarize(run_few_shot({FM_LR: fm_design(x, prs, has_prs)}, y, split, config))}
     assert summary[1]["auroc_mean"] < summary[4]["auroc_mean"] < summary[32]["auroc_mean"]
     assert summary[32]["auroc_mean"] > 0.9
@@ -77,7 +77,7 @@ def test_gradient_boosting_fits_two_rows_and_count_designs_follow_the_baselines(
     x, y, split, prs, has_prs = synthetic_rows(n=600, hidden=6)
     counts = sp.csr_matrix(np.abs(np.round(x * 2)))  # count-like columns
     features = FeatureMatrix(counts, [f"c{i}" for i in range(6)], np.zeros(6, bool), np.arange(600), np.arange(600))
-    config = FewShotConfig(shots=[1, 8], replicates=2)
+    config = FewShotConfig(shots=[1, 8], replicates=2, threads=1)
     designs = count_designs(features, prs, has_prs, split, config)
     assert set(designs) == {"counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb"}
     assert designs["counts_prs_hgb"].x.shape[1] == designs["counts_hgb"].x.shape[1] + 4  # 3 PRS + has-PRS
@@ -94,7 +94,7 @@ def test_gradient_boosting_fits_two_rows_and_count_designs_follow_the_baselines(
 def test_a_head_that_cannot_be_fit_is_recorded_with_its_reason():
     _, y, split, _, _ = synthetic_rows(n=300)
     broken = Design("lr", np.full((300, 2), np.nan))  # scikit-learn refuses NaN input
-    records = run_few_shot({"counts_lr": broken}, y, split, FewShotConfig(shots=[2], replicates=1))
+    records = run_few_shot({"counts_lr": broken}, y, split, FewShotConfig(shots=[2], replicates=1, threads=1))
     assert math.isnan(records[0]["auroc"]) and "ValueError" in records[0]["reason"]
 
 

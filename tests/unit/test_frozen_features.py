@@ -52,7 +52,7 @@ def test_few_shot_command_writes_aggregates_table_and_plot(tiny, tmp_path, capsy
     out = tmp_path / "few"
     argv = ["few_shot", "--pretrained", str(checkpoint.parent), "--data", str(info.root), "--labels"]
     argv += [str(labels_path), "--out", str(out)]
-    argv += ["models=[fm_lr]", "shots=[1,2,1000]", "replicates=2"]
+    argv += ["models=[fm_lr]", "shots=[1,2,1000]", "replicates=2", "threads=1"]
     assert main(argv) == 0
     result = json.loads((out / "few_shot.json").read_text())
     summary = {row["k"]: row for row in result["summary"]}

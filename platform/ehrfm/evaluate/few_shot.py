@@ -117,24 +117,26 @@ def hgb_min_samples_leaf(rows: int, config: FewShotConfig) -> int:
 def fit_and_score(design: Design, y: np.ndarray, fit_rows: np.ndarray, score_rows: np.ndarray, config: FewShotConfig):
     """Fit one head on `fit_rows` only; its risk on `score_rows`."""
     x_fit, y_fit, x_score = design.x[fit_rows], np.asarray(y)[fit_rows].astype(int), design.x[score_rows]
-    if design.kind == "lr":
-        scaler = MaxAbsScaler() if sp.issparse(design.x) else StandardScaler()
-        scaler.fit(x_fit)
-        model = LogisticRegression(C=config.lr_c, max_iter=config.lr_max_iter)
-        model.fit(scaler.transform(x_fit), y_fit)
-        return model.predict_proba(scaler.transform(x_score))[:, 1]
-    # a column unmeasured (NaN) in every shot is constant to the fit and breaks scikit-learn's binning
-    measured = ~np.isnan(x_fit).all(axis=0)
-    x_fit, x_score = x_fit[:, measured], x_score[:, measured]
-    model = HistGradientBoostingClassifier(
-        learning_rate=config.hgb_learning_rate,
-        max_iter=config.hgb_max_iter,
-        min_samples_leaf=hgb_min_samples_leaf(len(fit_rows), config),
-        early_stopping=False,
-        random_state=config.seed,
-    )
-    model.fit(x_fit, y_fit)
-    return model.predict_proba(x_score)[:, 1]
+    # every fit, not only run_few_shot's loop: OpenMP threads that spin beside other work cost 10x
+    with threadpool_limits(limits=config.threads):
+        if design.kind == "lr":
+            scaler = MaxAbsScaler() if sp.issparse(design.x) else StandardScaler()
+            scaler.fit(x_fit)
+            model = LogisticRegression(C=config.lr_c, max_iter=config.lr_max_iter)
+            model.fit(scaler.transform(x_fit), y_fit)
+            return model.predict_proba(scaler.transform(x_score))[:, 1]
+        # a column unmeasured (NaN) in every shot is constant to the fit and breaks scikit-learn's binning
+        measured = ~np.isnan(x_fit).all(axis=0)
+        x_fit, x_score = x_fit[:, measured], x_score[:, measured]
+        model = HistGradientBoostingClassifier(
+            learning_rate=config.hgb_learning_rate,
+            max_iter=config.hgb_max_iter,
+            min_samples_leaf=hgb_min_samples_leaf(len(fit_rows), config),
+            early_stopping=False,
+            random_state=config.seed,
+        )
+        model.fit(x_fit, y_fit)
+        return model.predict_proba(x_score)[:, 1]
 
 
 def fm_design(hidden: np.ndarray, prs: np.ndarray | None, has_prs: np.ndarray | None) -> Design:
