@@ -57,7 +57,8 @@ def test_scores_do_not_depend_on_the_chunking(tmp_path, monkeypatch):
     for column in ("zs_share", "zs_truncated", TOKENS_COLUMN):
         assert chunked[column].to_pylist() == whole[column].to_pylist()
     chunked_path, whole_path = chunked["zs_path_probability"].to_pylist(), whole["zs_path_probability"].to_pylist()
-    assert chunked_path == pytest.approx(whole_path, abs=1e-9)  # batch size changes float rounding only
+    # the batch size changes float32 rounding only (which kernels a CPU picks: 3e-9 seen on one machine)
+    assert chunked_path == pytest.approx(whole_path, abs=1e-6)
     assert set(whole[DEVICE_COLUMN].to_pylist()) == {"cpu"}
     assert sum(whole[TOKENS_COLUMN].to_pylist()) > 0
 
