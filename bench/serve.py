@@ -1,15 +1,24 @@
-"""Benchmark: online scoring through Ray Serve against the floor of Serve itself, open loop.
+"""Benchmark: online scoring through Ray Serve against the floor of Serve itself, open loop, per HTTP ingress.
 
-For each application, requests are offered at 10, 50 and 100 per second (evenly spaced, bounded
-in flight, 2 s timeout: bench/_open_loop.py) for `--seconds` each, after a warm-up:
-- `echo floor`: a Serve app that answers without work (bench/_echo_app.py, one hop): what the
-  proxy, a replica and HTTP cost on this machine;
-- `ehrfm one_hop` (the default ServeConfig: 2 model replicas that are the ingress, adaptive
-  batching) and `ehrfm two_hop` (a retrying ScoringAPI ingress in front of 2 model replicas).
+The ingress is a property of the Ray cluster (platform/ehrfm/serve/ingress.py), so each one runs in a
+process and local cluster of its own, one after the other:
+- `haproxy` (what `ehrfm serve` starts): Serve's HAProxy direct ingress;
+- `haproxy+throughput`: the same with Serve's throughput-optimized settings
+  (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: no separate user-code thread, GC frozen after start, buffered logs);
+- `proxy`: Serve's Python HTTP proxy.
+On each, requests are offered at 10, 50 and 100 per second (evenly spaced, bounded in flight, 2 s
+timeout: bench/_open_loop.py) for `--seconds` each, after a warm-up, to:
+- `echo floor`: a Serve app that answers without work (bench/_echo_app.py, one hop): what the ingress,
+  a replica and HTTP cost on this machine;
+- `ehrfm one_hop` (the default ServeConfig: 2 model replicas that are the ingress, adaptive batching)
+  and, on the proxy only, `ehrfm two_hop` (a retrying ScoringAPI ingress in front of 2 model replicas).
 Single-person `POST /v1/score`, bearer auth on. Per rate: completed requests/s, p50/p95/p99
 latency, errors (non-200s and timeouts), CPU per completed request (every process of the local
-Ray cluster) and its ratio to the echo floor's at the same rate. Then `POST /v1/score:batch`
-(32 persons per request, 4 clients) gives persons/s.
+Ray cluster, HAProxy included) and its ratio to the echo floor's on the same ingress at the same
+rate. Then `POST /v1/score:batch` (32 persons per request, 4 clients) gives persons/s, and on the
+default ingress scoring runs beside explanations. Last, the least a request can cost ehrfm beyond
+the floor: parsing and validating the request body and scoring it alone, in this process, one
+thread (the bound of "CPU per request vs floor").
 
 The model is the demo size with random weights (hidden 64, 2 layers, 128-token window, 128 PGS;
 weights do not change the cost), the persons made up (ehrfm.serve.smoke.synthetic_persons, 20-80
@@ -25,6 +34,7 @@ import asyncio
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ehrfm.cluster.local import free_port
 from ehrfm.model.config import ModelConfig
 from ehrfm.model.risk import HeadSpec, RiskModel, save_risk_model
 from ehrfm.model.transformer import EHRDecoder
@@ -81,6 +90,13 @@ def write_model(directory: Path, num_pgs: int, seed: int = 0) -> Path:
 
 
 RATES = (10.0, 50.0, 100.0)
+DEFAULT_INGRESS = "haproxy"
+# ingress -> (extra environment of its cluster, applications measured on it)
+INGRESSES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
+    "haproxy": ({}, ("echo floor", "ehrfm one_hop")),
+    "haproxy+throughput": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, ("echo floor", "ehrfm one_hop")),
+    "proxy": ({}, ("echo floor", "ehrfm one_hop", "ehrfm two_hop")),
+}
 BATCH_PERSONS = 32
 EXPLAIN_RATE, SCORE_RATE_BESIDE = 3.0, 50.0
 
@@ -136,71 +152,102 @@ async def drive_batch(url: str, bodies: list[bytes], concurrency: int, token: st
         return time.perf_counter() - start, errors
 
 
-def markdown(rows: list[dict], batch_rows: list[dict], explain_rows: list[dict], seconds: float) -> str:
+def markdown(result: dict) -> str:
+    seconds = result["shape"]["seconds_per_rate"]
     lines = [
         f"Single-person `POST /v1/score`, open loop, {seconds:.0f} s per rate, bearer auth on; CPU = every "
-        "process of the local Ray cluster per completed request.",
+        'process of the local Ray cluster per completed request; "vs floor": against the echo floor on the '
+        "same ingress (`haproxy` is what `ehrfm serve` starts).",
         "",
-        "| application | offered/s | completed/s | p50 ms | p95 ms | p99 ms | errors | CPU ms/request | CPU vs floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ingress | application | offered/s | completed/s | p50 ms | p95 ms | p99 ms | errors | CPU ms/request "
+        "| CPU vs floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in result["results"]:
         lines.append(
-            f"| {r['application']} | {r['offered_per_s']:.0f} | {r['completed_per_s']:.1f} | {r['p50_ms']:.1f} "
-            f"| {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['service_cpu_ms_per_request']:.1f} "
-            f"| {r['cpu_vs_floor']:.2f}x |"
+            f"| {r['ingress']} | {r['application']} | {r['offered_per_s']:.0f} | {r['completed_per_s']:.1f} "
+            f"| {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} "
+            f"| {r['service_cpu_ms_per_request']:.1f} | {r['cpu_vs_floor']:.2f}x |"
         )
     lines += ["", f"`POST /v1/score:batch`, {BATCH_PERSONS} persons per request, 4 clients:", ""]
-    lines += ["| application | persons/s | errors |", "|---|---|---|"]
-    for r in batch_rows:
-        lines.append(f"| {r['application']} | {r['persons_per_s']:.0f} | {r['errors']} |")
-    for r in explain_rows:
+    lines += ["| ingress | application | persons/s | errors |", "|---|---|---|---|"]
+    for r in result["batch"]:
+        lines.append(f"| {r['ingress']} | {r['application']} | {r['persons_per_s']:.0f} | {r['errors']} |")
+    for r in result["explain_beside_scoring"]:
         lines += [
             "",
-            f"ehrfm one_hop scoring at {r['score_offered_per_s']:.0f}/s while `POST /v1/explain` is offered at "
-            f"{r['explain_offered_per_s']:.0f}/s: scoring p50 {r['score_p50_ms']:.1f} ms, p99 {r['score_p99_ms']:.1f} ms, "
-            f"{r['score_errors']} errors; explanations: {r['explain_completed']} completed, p50 "
-            f"{r['explain_p50_ms']:.0f} ms, {r['explain_errors']} errors (10 s timeout).",
+            f"ehrfm one_hop ({r['ingress']}) scoring at {r['score_offered_per_s']:.0f}/s while `POST /v1/explain` is "
+            f"offered at {r['explain_offered_per_s']:.0f}/s: scoring p50 {r['score_p50_ms']:.1f} ms, p99 "
+            f"{r['score_p99_ms']:.1f} ms, {r['score_errors']} errors; explanations: {r['explain_completed']} "
+            f"completed, p50 {r['explain_p50_ms']:.0f} ms, {r['explain_errors']} errors (10 s timeout).",
         ]
+    bound = result["request_cost_in_process"]
+    floor = next(
+        r["service_cpu_ms_per_request"]
+        for r in result["results"]
+        if r["ingress"] == DEFAULT_INGRESS and r["application"] == "echo floor" and r["offered_per_s"] == RATES[-1]
+    )
+    lines += [
+        "",
+        f"The least a request costs ehrfm beyond the floor (in process, 1 thread, no Serve): parse + validate "
+        f"{bound['parse_ms']:.2f} ms, score alone {bound['score_ms']:.2f} ms (in batches of 8: "
+        f"{bound['score_ms_batch8']:.2f} ms per person); with the {DEFAULT_INGRESS} echo floor at "
+        f"{RATES[-1]:.0f}/s ({floor:.1f} ms) that bounds CPU vs floor at "
+        f"{(floor + bound['parse_ms'] + bound['score_ms']) / floor:.2f}x for single-person batches.",
+    ]
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="offered load per rate")
-    parser.add_argument("--num-pgs", type=int, default=128)
-    parser.add_argument("--batch-requests", type=int, default=60, help="score:batch requests per application")
-    parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--quick", action="store_true", help="smoke size: 2 s per rate")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seconds, args.batch_requests = 2.0, 8
+def request_cost_in_process(model_dir: Path, bodies: list[bytes]) -> dict:
+    """CPU ms per request of what ehrfm must do whatever the ingress: parse and validate the body, score."""
+    from ehrfm.serve.scoring import score_records
+    from ehrfm.transfer.predictor import PersonRecord, RiskPredictor
 
+    torch.set_num_threads(1)  # a replica of num_cpus 0.5 gets one thread (OMP_NUM_THREADS from Ray)
+    predictor = RiskPredictor.load(model_dir)
+    records = [PersonRecord.model_validate_json(b) for b in bodies]
+    score_records(predictor, records[:8])  # warm-up
+
+    def cpu_ms(fn, repeat: int) -> float:
+        start = time.process_time()
+        for _ in range(repeat):
+            fn()
+        return 1000.0 * (time.process_time() - start) / repeat
+
+    n = len(bodies)
+    parse = cpu_ms(lambda: [PersonRecord.model_validate_json(b) for b in bodies], 3) / n
+    single = cpu_ms(lambda: [score_records(predictor, [r]) for r in records], 2) / n
+    batch8 = cpu_ms(lambda: [score_records(predictor, records[i : i + 8]) for i in range(0, n, 8)], 2) / n
+    return {
+        "parse_ms": round(parse, 3),
+        "score_ms": round(single, 3),
+        "score_ms_batch8": round(batch8, 3),
+        "persons": n,
+    }
+
+
+def measure_ingress(ingress: str, workdir: Path, num_pgs: int, seconds: float, batch_requests: int) -> dict:
+    """Every application of `ingress` on a local cluster of this process (started with its environment)."""
     import ray
     from ray import cloudpickle, serve
 
     import _echo_app  # bench/ is sys.path[0] when run as a script
     from _open_loop import open_loop
+    from ehrfm.cluster.local import free_port
     from ehrfm.serve.app import build_app, wait_ready
     from ehrfm.serve.auth import ensure_token
-    from ehrfm.serve.config import AuthConfig, ServeConfig
-    from ehrfm.serve.smoke import synthetic_persons
+    from ehrfm.serve.config import AuthConfig
 
-    load_before = os.getloadavg()
-    workdir = Path(tempfile.mkdtemp(prefix="serve_bench_"))
-    model_dir = write_model(workdir / "model", args.num_pgs)
-    tokenizer = Tokenizer.load(model_dir / "tokenizer.json")
-    pgs_ids = [f"PGS{i:06d}" for i in range(args.num_pgs)]
-    persons = synthetic_persons(tokenizer, pgs_ids, 200, seed=1, events_per_person=(20, 80))
-    bodies = [json.dumps(p).encode() for p in persons]
+    model_dir = workdir / "model"
+    bodies = json.loads((workdir / "bodies.json").read_text())
+    bodies = [b.encode() for b in bodies]
+    persons = [json.loads(b) for b in bodies]
     batch_bodies = [
         json.dumps(
             {"persons": [persons[(i * BATCH_PERSONS + j) % len(persons)] for j in range(BATCH_PERSONS)]}
         ).encode()
-        for i in range(args.batch_requests)
+        for i in range(batch_requests)
     ]
-
     # the service as deployed: bearer auth on, the token in a 0600 file the replicas read
     auth = AuthConfig(token_file=str(workdir / "serve_token"))
     token = ensure_token(auth).token  # EHRFM_SERVE_TOKEN when set: the replicas inherit it too
@@ -209,43 +256,45 @@ def main(argv: list[str]) -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
-    applications = [
-        ("echo floor", _echo_app.one_hop),
-        ("ehrfm one_hop", lambda: build_app({"model_uri": str(model_dir), "auth": auth.model_dump()})),
-        (
-            "ehrfm two_hop",
-            lambda: build_app({"model_uri": str(model_dir), "auth": auth.model_dump(), "topology": "two_hop"}),
+    makers = {
+        "echo floor": _echo_app.one_hop,
+        "ehrfm one_hop": lambda: build_app({"model_uri": str(model_dir), "auth": auth.model_dump()}),
+        "ehrfm two_hop": lambda: build_app(
+            {"model_uri": str(model_dir), "auth": auth.model_dump(), "topology": "two_hop"}
         ),
-    ]
+    }
     rows: list[dict] = []
     batch_rows: list[dict] = []
     explain_rows: list[dict] = []
     floor: dict[float, float] = {}
     try:
-        for label, make in applications:
-            serve.run(make(), name="bench", route_prefix="/")
+        for label in INGRESSES[ingress][1]:
+            serve.run(makers[label](), name="bench", route_prefix="/")
             if label != "echo floor":
                 wait_ready(base)
             url = f"{base}/v1/score"
             open_loop(url, bodies, 20.0, 3.0, token)  # warm-up: imports, first batches, connections
             for rate in RATES:
-                result = open_loop(url, bodies, rate, args.seconds, token).row()
+                result = open_loop(url, bodies, rate, seconds, token).row()
                 if label == "echo floor":
                     floor[rate] = result["service_cpu_ms_per_request"]
                 result.update(
+                    ingress=ingress,
                     application=label,
                     completed_per_s=round(result["completed"] / result["seconds"], 2),
                     cpu_vs_floor=round(result["service_cpu_ms_per_request"] / floor[rate], 3),
                 )
                 rows.append(result)
                 print(result, flush=True)
-            if label == "ehrfm one_hop":
-                explain_rows.append(scoring_beside_explanations(url, f"{base}/v1/explain", bodies, token, args.seconds))
+            if label == "ehrfm one_hop" and ingress == DEFAULT_INGRESS:
+                beside = scoring_beside_explanations(url, f"{base}/v1/explain", bodies, token, seconds)
+                explain_rows.append({"ingress": ingress, **beside})
                 print(explain_rows[-1], flush=True)
             if label != "echo floor":
                 wall, errors = asyncio.run(drive_batch(f"{base}/v1/score:batch", batch_bodies, 4, token))
                 batch_rows.append(
                     {
+                        "ingress": ingress,
                         "application": label,
                         "requests": len(batch_bodies),
                         "persons_per_request": BATCH_PERSONS,
@@ -259,6 +308,60 @@ def main(argv: list[str]) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+    return {"results": rows, "batch": batch_rows, "explain_beside_scoring": explain_rows}
+
+
+def run_ingress_process(ingress: str, workdir: Path, args: argparse.Namespace) -> dict:
+    """`measure_ingress` in a child process whose environment selects the ingress of its cluster."""
+    from ehrfm.serve.ingress import ingress_env
+
+    env = dict(os.environ)
+    env.update(ingress_env("proxy" if ingress == "proxy" else "haproxy", env, one_machine=True))
+    env.update(INGRESSES[ingress][0])
+    env.pop("RAY_ADDRESS", None)
+    part = workdir / f"part-{ingress.replace('+', '-')}.json"
+    command = [sys.executable, __file__, "--ingress", ingress, "--workdir", str(workdir), "--out", str(part)]
+    command += ["--seconds", str(args.seconds), "--num-pgs", str(args.num_pgs)]
+    command += ["--batch-requests", str(args.batch_requests)]
+    subprocess.run(command, env=env, check=True)
+    return json.loads(part.read_text())
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="offered load per rate")
+    parser.add_argument("--num-pgs", type=int, default=128)
+    parser.add_argument("--batch-requests", type=int, default=60, help="score:batch requests per application")
+    parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true", help="smoke size: 2 s per rate")
+    parser.add_argument("--ingress", choices=sorted(INGRESSES), help=argparse.SUPPRESS)  # one child's part
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--ingresses", nargs="*", choices=sorted(INGRESSES), default=list(INGRESSES), help="ingresses to measure"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.batch_requests = 2.0, 8
+    if args.ingress:
+        part = measure_ingress(args.ingress, args.workdir, args.num_pgs, args.seconds, args.batch_requests)
+        Path(args.out).write_text(json.dumps(part))
+        return 0
+
+    from ehrfm.serve.config import ServeConfig
+    from ehrfm.serve.smoke import synthetic_persons
+
+    load_before = os.getloadavg()
+    workdir = Path(tempfile.mkdtemp(prefix="serve_bench_"))
+    model_dir = write_model(workdir / "model", args.num_pgs)
+    tokenizer = Tokenizer.load(model_dir / "tokenizer.json")
+    pgs_ids = [f"PGS{i:06d}" for i in range(args.num_pgs)]
+    persons = synthetic_persons(tokenizer, pgs_ids, 200, seed=1, events_per_person=(20, 80))
+    bodies = [json.dumps(p) for p in persons]
+    (workdir / "bodies.json").write_text(json.dumps(bodies))
+    parts = [run_ingress_process(ingress, workdir, args) for ingress in args.ingresses]
+    bound = request_cost_in_process(model_dir, [b.encode() for b in bodies])
+    print(bound, flush=True)
 
     defaults = ServeConfig(model_uri=str(model_dir))
     result = {
@@ -270,6 +373,7 @@ def main(argv: list[str]) -> int:
             "model": {"hidden": 64, "layers": 2, "context": 128},
             "seconds_per_rate": args.seconds,
             "rates": list(RATES),
+            "ingresses": {name: {"env": env, "applications": list(apps)} for name, (env, apps) in INGRESSES.items()},
         },
         "settings": {
             "model_replicas": defaults.model_deployment.num_replicas,
@@ -285,11 +389,12 @@ def main(argv: list[str]) -> int:
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
             "note": args.note,
         },
-        "results": rows,
-        "batch": batch_rows,
-        "explain_beside_scoring": explain_rows,
-        "markdown": markdown(rows, batch_rows, explain_rows, args.seconds),
+        "results": [row for part in parts for row in part["results"]],
+        "batch": [row for part in parts for row in part["batch"]],
+        "explain_beside_scoring": [row for part in parts for row in part["explain_beside_scoring"]],
+        "request_cost_in_process": bound,
     }
+    result["markdown"] = markdown(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(result["markdown"])

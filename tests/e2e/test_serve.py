@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import requests
@@ -51,18 +50,15 @@ def version_one(tracking, model_dirs):
     return register_version_one(model_dirs, TASK)
 
 
-TOPOLOGY = "two_hop"  # its ingress retries a call whose model replica died
-
-
 def app_args(tracking_uri: str, **extra) -> dict:
-    return serve_app_args(MODEL, tracking_uri, topology=TOPOLOGY, **extra)
+    return serve_app_args(MODEL, tracking_uri, **extra)
 
 
 @pytest.fixture(scope="module")
 def service(ray_cluster, tracking, version_one, tmp_path_factory):
-    """The two_hop topology (the default one_hop is tested in tests/integration/test_serve.py; a dying
-    one_hop replica takes the requests it holds with it: Serve's proxy does not retry)."""
-    with running_service(MODEL, tracking, tmp_path_factory.mktemp("secret"), topology=TOPOLOGY) as running:
+    """The default topology (one_hop) behind the default ingress (HAProxy, which the session's cluster runs:
+    tests/conftest.py): HAProxy replays a request whose replica died on the other replica."""
+    with running_service(MODEL, tracking, tmp_path_factory.mktemp("secret")) as running:
         yield running
 
 
@@ -79,6 +75,10 @@ class Load:
     def _run(self) -> None:
         session = requests.Session()
         session.headers["Authorization"] = f"Bearer {TOKEN}"  # auth is on by default
+        # a connection per request: Serve reloads HAProxy when a replica leaves or joins, and a reload can
+        # close an idle keep-alive connection just as a client reuses it (no response: the client's to
+        # retry; docs/OPERATIONS.md, "Failures"), which is not what this test is about
+        session.headers["Connection"] = "close"
         while not self._stop.is_set():
             try:
                 response = session.post(f"{self.url}/v1/score", json=self.body, timeout=120)
@@ -92,7 +92,7 @@ class Load:
                     )
                 )
             except requests.RequestException as exc:
-                self.outcomes.append((time.monotonic(), -1, type(exc).__name__, None))
+                self.outcomes.append((time.monotonic(), -1, f"{type(exc).__name__}: {exc}"[:300], None))
 
     def __enter__(self) -> Load:
         for thread in self._threads:
@@ -132,16 +132,6 @@ def test_killing_a_model_replica_under_load_loses_no_request(service, ray_cluste
         killed_at = len(load.outcomes)
         load.wait_for(killed_at + 60)
     assert load.failures() == []
-    # requests that were on the killed replica were retried by the ingress, not lost or failed
-    serve_logs = Path(ray_cluster._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
-    retried = [
-        line
-        for path in serve_logs.glob("replica_ehrfm_ScoringAPI_*.log")
-        for line in path.read_text(errors="replace").splitlines()
-        if "RiskModel replica lost" in line
-    ]
-    # a kill between requests needs no retry; any retry that happened was for a lost replica
-    assert all("ActorDiedError" in line or "Unavailable" in line for line in retried)
     risks = [o[3] for o in load.outcomes]
     assert max(risks) - min(risks) < 1e-6  # one person, one model: one risk (float32 batch rounding aside)
     deadline = time.monotonic() + 120
@@ -266,6 +256,7 @@ def test_serve_command_deploys_the_champion_and_scores_made_up_persons_over_http
     assert exited_after < 60  # graceful_shutdown_timeout_s (20 s) bounds the drain, then Serve and Ray stop
     assert f"deploying {MODEL} version {champion} (alias champion)" in out
     assert "SIGTERM: drained in" in out
+    assert "ingress: HAProxy" in out  # the default ingress of a cluster `ehrfm serve` starts
     # every request in flight at the signal was answered after it, by the champion, as the registered model scores
     assert sorted(outcomes) == [0, 1, 2], outcomes
     for i, want in enumerate(expected):

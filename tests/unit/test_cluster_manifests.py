@@ -280,6 +280,15 @@ def test_rayservice_takes_the_serve_token_from_a_required_secret_and_keeps_auth_
     assert "kubectl -n ehrfm create secret generic ehrfm-serve-token" in comments
 
 
+def test_rayservice_runs_the_haproxy_ingress_as_ehrfm_serve_does():
+    from ehrfm.serve.ingress import PORT_VARS, ingress_env
+
+    wanted = {k: v for k, v in ingress_env("haproxy", {}).items() if k not in PORT_VARS}  # Ray's default ports
+    for container in _containers("RayService"):
+        values = {e["name"]: e.get("value") for e in container["env"]}
+        assert {k: values.get(k) for k in wanted} == wanted, container["name"]
+
+
 def test_mlflow_on_kubernetes_runs_basic_auth_and_every_ray_pod_logs_in():
     container = mlflow_objects()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     values = {item["name"]: item.get("value") for item in container["env"]}

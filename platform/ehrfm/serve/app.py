@@ -7,8 +7,9 @@
   nested fields.
 - `main(argv)`: `ehrfm serve` / `jobs/serve.py`. Resolves `models:/<model>@<alias>` to a version,
   pins it in the deployment (re-running it after the alias moved is a rolling update of the
-  running application to the new version), starts Serve bound to 127.0.0.1 unless told otherwise and waits until /readyz
-  answers. Bearer auth is on: the token comes from EHRFM_SERVE_TOKEN or the token file, which is
+  running application to the new version), starts Serve bound to 127.0.0.1 unless told otherwise, with
+  HAProxy as its HTTP ingress on a cluster of its own (`--ingress`, serve/ingress.py), and waits until
+  /readyz answers. Bearer auth is on: the token comes from EHRFM_SERVE_TOKEN or the token file, which is
   created (0600, random) on first start and reused after (serve/auth.py). A port that already
   accepts connections and is not this cluster's Serve proxy is refused (exit 2, serve/port.py). With `--smoke N` it then scores N made-up persons over HTTP and checks them against
   the model scored in this process. On a Ray cluster of its own (or of the calling process) it
@@ -31,6 +32,7 @@ from typing import Any
 
 from ehrfm.config import add_config_arguments, load_config, parse_config
 from ehrfm.serve.config import DeploymentSizing, ServeConfig
+from ehrfm.serve.ingress import INGRESS_MODES, describe, use_ingress
 
 APP_NAME = "ehrfm"
 DEFAULT_HOST = "127.0.0.1"
@@ -159,8 +161,9 @@ def wait_for_stop_signal() -> signal.Signals:
 def drain(config: ServeConfig, why: str) -> None:
     """Stop taking requests, let those in flight finish, shut Serve down. `serve.shutdown()` alone
     kills the HTTP proxy at once, cutting every open connection (replicas drain behind it, but their
-    answers have nowhere to go). Deleting the application first takes its routes off the proxy (new
-    requests get 404) while each replica finishes what it holds, up to its deployment's
+    answers have nowhere to go). Deleting the application first takes its routes off the ingress (new
+    requests get 404; behind HAProxy a stopping replica first keeps accepting for the draining period,
+    serve/ingress.py) while each replica finishes what it holds, up to its deployment's
     graceful_shutdown_timeout_s, before it stops; `serve.delete` returns once all have stopped."""
     from ray import serve
 
@@ -185,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (loopback by default)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a new local one)")
+    parser.add_argument(
+        "--ingress",
+        choices=INGRESS_MODES,
+        default=None,
+        help="HTTP ingress of a cluster this command starts (serve/ingress.py): haproxy (default; replays a "
+        "request whose replica died) or Serve's Python proxy; a running cluster keeps its own",
+    )
     parser.add_argument(
         "--smoke",
         type=int,
@@ -223,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         config.model_version = ref.version
         print(f"deploying {ref.name} version {ref.version}" + (f" (alias {ref.alias})" if ref.alias else ""))
     started_here = not ray.is_initialized()
+    if fresh:  # Serve's controller reads the ingress from the environment of the cluster it starts in
+        print(describe(use_ingress(args.ingress)))
+    elif args.ingress:
+        print(f"note: --ingress {args.ingress} applies only to a cluster this command starts; this one keeps its own")
     if started_here:
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     # on a cluster that outlives this command the service keeps running after it exits

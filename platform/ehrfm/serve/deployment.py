@@ -2,11 +2,12 @@
 
 one_hop (default): `RiskModel` is the FastAPI ingress itself. The proxy hands a request to a model
 replica, which validates it, waits in its `@serve.batch` queue with other requests and scores
-them together: no second Serve call, no second serialization of the person. A replica that dies
-takes the requests it was scoring with it (the proxy does not retry), so run 2 replicas.
+them together: no second Serve call, no second serialization of the person. Behind the HAProxy
+ingress (serve/ingress.py, the default) a request whose replica died is replayed on another one;
+behind Serve's Python proxy a replica that dies takes the requests it holds with it. Run 2 replicas.
 
-two_hop: a thin `ScoringAPI` ingress validates and forwards to `RiskModel` replicas, retrying on
-another replica when the one it called died (scoring is a pure function of the request, so a
+two_hop (for clusters on Serve's Python proxy): a thin `ScoringAPI` ingress validates and forwards to
+`RiskModel` replicas, retrying on another replica when the one it called died (scoring is a pure function of the request, so a
 retry is safe): a killed model replica fails no request, at the cost of one more call per request.
 
 Both: `Explainer` is a deployment of its own, with its own concurrency limit, so explanations

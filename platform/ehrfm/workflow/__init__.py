@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -468,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(args.workdir)
     if console.capture:
         quiet_environment()  # before any stage starts Ray, whose processes inherit it
+    if not os.environ.get("RAY_ADDRESS"):  # the local cluster a stage starts gets `ehrfm serve`'s ingress
+        from ehrfm.serve.ingress import use_ingress
+
+        use_ingress()
     # one tracking server for every stage: $MLFLOW_TRACKING_URI, else the local one (started or reused)
     console.line(f"MLflow tracking at {ensure_tracking_uri()}")
 
