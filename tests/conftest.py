@@ -79,10 +79,6 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if not ray.is_initialized():
-        from ehrfm.serve.ingress import use_ingress
-
-        # Serve on this cluster gets the default ingress (HAProxy), as `ehrfm serve` starts it
-        use_ingress()
         # address="local": always a fresh cluster of our own, never one that happens to be running.
         # Workers get the repo root on PYTHONPATH, so what a test ships them from tests.support imports
         # there too (Ray gives workers only the driver's working directory, whatever it is).

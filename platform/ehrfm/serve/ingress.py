@@ -10,7 +10,8 @@ running cluster that someone else started, its own setting holds.
   hands each straight to an ingress replica, which listens on a port of its own (30000-31000); there
   is no Python proxy in the path. It replays a request on another replica when its replica failed
   before answering (`RETRY_ON`): scoring is a pure function of the request, so a replay is safe, and
-  a model replica dying under load fails no request. A request whose body exceeds HAProxy's buffer
+  a model replica dying under load fails no request in most runs (one full CI run lost 3: connections
+  closed without a response; docs/OPERATIONS.md, "Failures"). A request whose body exceeds HAProxy's buffer
   (`RAY_SERVE_HAPROXY_TUNE_BUFSIZE`, 16 KiB by default, about 250 events) cannot be replayed.
 - `proxy`: Serve's Python HTTP proxy actor (Serve's own default). It costs ~10 ms of CPU per request
   more on 2 cores and never retries a request whose replica died while holding it.
