@@ -6,9 +6,9 @@ them together: no second Serve call, no second serialization of the person. Behi
 ingress (serve/ingress.py, the default) a request whose replica died is replayed on another one;
 behind Serve's Python proxy a replica that dies takes the requests it holds with it. Run 2 replicas.
 
-two_hop (for clusters on Serve's Python proxy): a thin `ScoringAPI` ingress validates and forwards to
-`RiskModel` replicas, retrying on another replica when the one it called died (scoring is a pure function of the request, so a
-retry is safe): a killed model replica fails no request, at the cost of one more call per request.
+two_hop (for clusters on Serve's Python proxy): a thin `ScoringAPI` ingress validates and forwards
+to `RiskModel` replicas, retrying on another replica when the one it called died (scoring is a pure
+function of the request, so a retry is safe): a killed model replica fails no request, at the cost of one more call per request.
 
 Both: `Explainer` is a deployment of its own, with its own concurrency limit, so explanations
 (one forward pass per occluded event) queue there and never in front of scoring.

@@ -13,8 +13,8 @@ running cluster that someone else started, its own setting holds.
   a model replica dying under load fails no request in most runs (one full CI run lost 3: connections
   closed without a response; docs/OPERATIONS.md, "Failures"). A request whose body exceeds HAProxy's buffer
   (`RAY_SERVE_HAPROXY_TUNE_BUFSIZE`, 16 KiB by default, about 250 events) cannot be replayed.
-- `proxy`: Serve's Python HTTP proxy actor (Serve's own default). It costs ~10 ms of CPU per request
-  more on 2 cores and never retries a request whose replica died while holding it.
+- `proxy`: Serve's Python HTTP proxy actor (Serve's own default). It costs 11-14 ms more CPU per request
+  on 2 cores (bench/serve.py: the echo floor at 50-100/s) and never retries a request whose replica died while holding it.
 
 Besides the service's port, HAProxy opens a stats page and a Prometheus endpoint, bound to all
 interfaces by Ray's template (backend names and counters, never request content). A cluster started
