@@ -110,6 +110,21 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def skip_cpu_shared_memory_kernel() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce kernel.
+
+    Its communication backend builds that kernel (`deepspeed_shm_comm`) on first use on CPU, yet only
+    DeepSpeed's inference all-reduce calls it: ZeRO's training collectives go through
+    torch.distributed (gloo), with or without it. The build takes 35-95 s of both cores of a 2-core
+    machine, and the cached build in ~/.cache/torch_extensions is thrown away whenever its compile line
+    changes (another venv, another interpreter), so on CI and shared machines it ran several times per
+    test session. Marking the kernel incompatible makes DeepSpeed fall back to torch.distributed.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def initialize_engine(
     model: nn.Module, groups: list[dict[str, Any]], spec: EngineSpec, schedule: WarmupCosine, world_size: int
 ):
@@ -122,6 +137,8 @@ def initialize_engine(
     """
     import deepspeed
 
+    if not spec.use_gpu:
+        skip_cpu_shared_memory_kernel()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=build_optimizer(groups, spec),
