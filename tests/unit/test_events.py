@@ -381,3 +381,29 @@ def test_day_arithmetic_floors_before_1970() -> None:
     )
     us = events["time"].cast(pa.int64()).to_pylist()[0]
     assert np.floor_divide(us, DAY_US) == -1
+
+
+def test_code_priority_is_decided_by_prefix_for_every_row_and_chunk_layout() -> None:
+    """Per distinct code, gathered per row: repeated codes, nulls, chunked and large-string input
+    all give the row-by-row answer (birth and death only as whole codes, the last prefix winning)."""
+    cases = {
+        "MEDS_BIRTH": 0,
+        "MEDS_BIRTHDAY/1": 5,  # shares the birth prefix but is not the birth code
+        "GENDER/8532": 1,
+        "Gender/F": 1,
+        "RACE/0": 2,
+        "Ethnicity/Hispanic": 3,
+        "VISIT/9201": 4,
+        "VISIT_END/Visit/IP": 8,
+        "MEDS_DEATH": 9,
+        "MEDS_DEATH/cause": 5,
+        "SNOMED/44054006": 5,
+        "": 5,
+    }
+    rng = np.random.default_rng(0)
+    rows = [list(cases)[i] for i in rng.integers(0, len(cases), 500)] + [None, "GENDER/8532", None]
+    expected = [5 if code is None else cases[code] for code in rows]
+    assert code_priority(pa.array(rows)).tolist() == expected
+    assert code_priority(pa.chunked_array([rows[:200], rows[200:]])).tolist() == expected
+    assert code_priority(pa.array(rows, pa.large_string())).tolist() == expected
+    assert code_priority(pa.array([], pa.string())).tolist() == []

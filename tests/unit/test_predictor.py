@@ -69,6 +69,26 @@ def test_online_windows_and_risks_equal_the_offline_path(predictor, model_dir):
     np.testing.assert_allclose([r["percentile"] for r in online], expected_percentile)
 
 
+def test_short_windows_scored_alone_or_beside_longer_ones_equal_the_full_width_offline_risks(predictor, model_dir):
+    """Online batches are cut to their longest window (causal attention: the padding after it
+    changes no real position), so a short person alone runs a much narrower forward."""
+    short = make_person(21, seed=3, n_visits=3, prs=FULL_PRS)  # scored after its first visit
+    long = make_person(22, seed=4, n_visits=8)
+    times = {21: evening_of(short.visits[0][1]), 22: evening_of(long.visits[6][1])}
+    records = {p.person_id: predictor.parse(person_record(p, times[p.person_id])) for p in (short, long)}
+    assert predictor.windows([records[21]]).length[0] < CONTEXT == predictor.windows([records[22]]).length[0]
+
+    model, spec = load_risk_model(model_dir)
+    offline = offline_risks(
+        model, spec, offline_timelines([short, long], predictor.tokenizer), labels_at(sorted(times.items()))
+    )
+    together = predictor.predict([records[21], records[22]])
+    alone = predictor.predict([records[21]]) + predictor.predict([records[22]])
+    for online in (together, alone):
+        np.testing.assert_allclose([r["risk"] for r in online], offline["risk"], rtol=1e-6)
+        np.testing.assert_allclose([r["risk_prs_masked"] for r in online], offline["risk_prs_masked"], rtol=1e-6)
+
+
 def test_later_events_stay_hidden_and_the_default_time_is_the_last_event(predictor):
     person = make_person(13, seed=3, n_visits=9)
     cut = person.visits[4][1]

@@ -367,15 +367,28 @@ def death_events(death: pa.Table) -> tuple[pa.Table, EventCounts]:
 
 
 # ---- MEDS input ---------------------------------------------------------------------------------
-def code_priority(codes: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """int8 priority per code from its prefix (PRIORITY_PREFIXES; clinical codes otherwise)."""
-    priority = np.full(len(codes), CLINICAL_PRIORITY, dtype=np.int8)
-    for prefix, value in PRIORITY_PREFIXES:
-        match = pc.fill_null(pc.starts_with(codes, prefix), False).to_numpy(zero_copy_only=False)
-        if prefix in (BIRTH_CODE, DEATH_CODE):
-            match &= pc.fill_null(pc.equal(codes, prefix), False).to_numpy(zero_copy_only=False)
-        priority[match] = value
+def _priority_of(code: str) -> int:
+    priority = CLINICAL_PRIORITY
+    for prefix, value in PRIORITY_PREFIXES:  # the last matching prefix wins
+        if code.startswith(prefix) and (code == prefix or prefix not in (BIRTH_CODE, DEATH_CODE)):
+            priority = value
     return priority
+
+
+def code_priority(codes: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """int8 priority per code from its prefix (PRIORITY_PREFIXES; clinical codes and nulls otherwise).
+
+    Decided once per distinct code, then gathered per row: a shard holds millions of rows but
+    thousands of codes, and a served person a few dozen rows, where the per-prefix compute calls
+    this replaces were a third of the featurization time.
+    """
+    if isinstance(codes, pa.ChunkedArray):
+        codes = codes.combine_chunks()
+    encoded = codes if pa.types.is_dictionary(codes.type) else codes.dictionary_encode()
+    per_code = [_priority_of(code) for code in encoded.dictionary.to_pylist()]
+    table = np.array([*per_code, CLINICAL_PRIORITY], dtype=np.int8)  # the last entry: null codes
+    rows = pc.fill_null(encoded.indices, len(per_code)).to_numpy(zero_copy_only=False)
+    return table[rows]
 
 
 MEDS_REASONS = ("missing_subject_id", "missing_code", "no_birth_event", "before_birth")

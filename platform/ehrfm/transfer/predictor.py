@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import torch
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator
 
 from ehrfm.constants import EOS_ID, FIRST_CODE_ID, UNK_ID
@@ -386,17 +387,19 @@ class RiskPredictor:
             genotyped = part[has_prs[part]]
             rows = np.concatenate([part, genotyped])
             shown = np.concatenate([has_prs[part], np.zeros(len(genotyped), dtype=bool)])
+            width = int(windows.length[rows].max())  # causal attention: the padding after it changes nothing
             batch = example_tensors(
                 {  # the offline path's conversion; labels are not used for scoring
-                    "tokens": windows.tokens[rows],
-                    "ages": windows.ages[rows],
+                    "tokens": windows.tokens[rows, :width],
+                    "ages": windows.ages[rows, :width],
                     "length": windows.length[rows],
                     "prs": prs[rows],
                     "has_prs": shown,
                     "label": np.zeros(len(rows), dtype=bool),
                 }
             )
-            out = predict_logits(self.model, batch).numpy()
+            with torch.inference_mode():  # no autograd bookkeeping at all: a few % of a tiny forward
+                out = predict_logits(self.model, batch).numpy()
             logits[part] = out[: len(part)]
             masked[part] = out[: len(part)]
             masked[genotyped] = out[len(part) :]
