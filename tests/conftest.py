@@ -21,9 +21,9 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 # every 0.5 s (about 15% off a short run). Set before any cluster starts, so every process inherits it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
-# session fixtures shared by integration and e2e modules (expensive runs made once); the background
-# build of DeepSpeed's CPU op (tests/support/deepspeed_ops.py)
-pytest_plugins = ["tests.support.pretrain_runs", "tests.support.deepspeed_ops"]
+# session fixtures shared by integration and e2e modules (expensive runs made once); DeepSpeed's CPU
+# shared-memory op is never built (ehrfm.training.engine.skip_cpu_shared_memory_kernel)
+pytest_plugins = ["tests.support.pretrain_runs"]
 
 
 def pytest_collection_modifyitems(items):
