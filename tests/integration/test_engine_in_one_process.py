@@ -3,20 +3,13 @@ compiling its shared-memory all-reduce kernel, which training never calls."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 from torch import nn
 
+from ehrfm.cluster.local import free_port
 from ehrfm.training.config import DeepSpeedSection, EngineSpec
 from ehrfm.training.engine import WarmupCosine, initialize_engine, parameter_groups
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -27,7 +20,7 @@ def world_of_one(monkeypatch, tmp_path):
     extensions = tmp_path / "torch_extensions"
     for key, value in {
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "RANK": "0",
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
