@@ -39,7 +39,8 @@ def storage(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def probe(ray_cluster, data, pretrained, storage, mlflow_server):
-    """Linear probe on PRS labels, run through run_finetune; returns (config, summary, labels)."""
+    """Linear probe on PRS labels over two windows of history, run through run_finetune; returns
+    (config, summary, labels)."""
     from ehrfm.transfer.finetune import run_finetune
 
     path = storage / "prs_labels.parquet"
@@ -53,6 +54,7 @@ def probe(ray_cluster, data, pretrained, storage, mlflow_server):
         "model.mode=linear_probe",
         "optim.head_lr=0.03",
         "train.modality_dropout=0.0",
+        "data.history_windows=2",
         f"mlflow.tracking_uri={mlflow_server}",
     )
     return cfg, run_finetune(cfg), labels
@@ -162,9 +164,12 @@ def test_saved_model_directory_round_trips(probe, data):
     assert (
         spec.context == 32 and spec.tokenizer_version == "factory-1" and spec.head_inputs == "last+mean+prs"
     )  # the shipped default
+    assert spec.history_windows == 2  # the windows the probe read travel with the model
     table = predictions(run_dir)
-    examples = build_examples(data.root, labels, spec.context)
+    examples = build_examples(data.root, labels, spec.context, spec.history_windows)
     val = examples.filter(pc.equal(examples["split"], "val"))
+    older = np.stack(val["window_lengths"].to_numpy(zero_copy_only=False))[:, 0]
+    assert (older > 0).mean() > 0.2  # many rows have history before their newest window
     logit, masked = predict_examples(model, val, batch_size=50)
     np.testing.assert_allclose(
         logit, table.filter(pc.equal(table["split"], "val"))["logit"].to_numpy(), rtol=1e-5, atol=1e-6

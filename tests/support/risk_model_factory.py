@@ -86,7 +86,15 @@ def write_tokenizer(path: Path) -> Path:
     return path
 
 
-def write_risk_model(directory: Path, tokenizer_path: Path, seed: int, platt=(1.5, -0.8), task: str = "t2d") -> Path:
+def write_risk_model(
+    directory: Path,
+    tokenizer_path: Path,
+    seed: int,
+    platt=(1.5, -0.8),
+    task: str = "t2d",
+    head_inputs: str = "last+prs",
+    history_windows: int = 1,
+) -> Path:
     """A random-init decoder (prefix PRS fusion) + head, saved as a risk-model directory."""
     tok = Tokenizer.load(tokenizer_path)
     torch.manual_seed(seed)
@@ -101,7 +109,7 @@ def write_risk_model(directory: Path, tokenizer_path: Path, seed: int, platt=(1.
         prs_tokens=2,
         prs_hidden=8,
     )
-    model = RiskModel(EHRDecoder(cfg), "last+prs").eval()
+    model = RiskModel(EHRDecoder(cfg), head_inputs).eval()
     with torch.no_grad():  # head weights large enough that persons get visibly different risks
         model.head.linear.weight.normal_(0.0, 1.0)
     reference = np.quantile(np.random.default_rng(seed).uniform(0.02, 0.98, 400), np.linspace(0, 1, 101))
@@ -109,7 +117,8 @@ def write_risk_model(directory: Path, tokenizer_path: Path, seed: int, platt=(1.
         task=task,
         horizon_days=730,
         context=CONTEXT,
-        head_inputs="last+prs",
+        head_inputs=head_inputs,
+        history_windows=history_windows,
         pgs_ids=list(PGS_IDS),
         tokenizer_version=tok.version,
         platt=platt,
@@ -252,7 +261,7 @@ def offline_timelines(persons: list[Person], tokenizer: Tokenizer) -> pa.Table:
 
 def offline_risks(model: RiskModel, spec: HeadSpec, timelines: pa.Table, labels: pa.Table) -> dict[str, np.ndarray]:
     """Risks (PRS as stored and masked) for label rows, through prediction_windows + predict_logits."""
-    examples = prediction_windows(timelines, labels, spec.context)
+    examples = prediction_windows(timelines, labels, spec.context, spec.history_windows)
     batch = example_tensors(examples)
     return {
         "tokens": examples["tokens"].to_pylist(),

@@ -46,6 +46,10 @@ def test_config_validates_and_names_bad_keys():
         load_config(FinetuneConfig, CONFIG, ["model.unfrozen_layers=1"])
     with pytest.raises(ValueError, match="head_lrr"):
         load_config(FinetuneConfig, CONFIG, ["optim.head_lrr=1"])
+    # older windows reach the head only through its mean pooling
+    with pytest.raises(ValueError, match=r"history_windows=4 .* needs '\+mean'"):
+        load_config(FinetuneConfig, CONFIG, ["data.history_windows=4", "model.head_inputs=last+prs"])
+    assert load_config(FinetuneConfig, CONFIG, ["data.history_windows=4"]).data.history_windows == 4
 
 
 def test_pretrained_resolves_from_run_dir_summary_or_newest_checkpoint(tmp_path, pretrained):

@@ -3,6 +3,7 @@ counts of unknown codes and truncated events, PRS masking and partial PRS, field
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import numpy as np
@@ -87,6 +88,55 @@ def test_short_windows_scored_alone_or_beside_longer_ones_equal_the_full_width_o
     for online in (together, alone):
         np.testing.assert_allclose([r["risk"] for r in online], offline["risk"], rtol=1e-6)
         np.testing.assert_allclose([r["risk_prs_masked"] for r in online], offline["risk_prs_masked"], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def history_model_dir(tmp_path_factory):
+    """The same weights as model_dir's decoder (seed 1), a mean-pooling head reading three windows."""
+    root = tmp_path_factory.mktemp("history")
+    tokenizer = write_tokenizer(root / "tokenizer.json")
+    return write_risk_model(root / "model", tokenizer, seed=1, head_inputs="last+mean+prs", history_windows=3)
+
+
+def test_whole_history_scores_online_equal_the_offline_path_and_read_the_older_windows(history_model_dir):
+    predictor = RiskPredictor.load(history_model_dir)
+    long = make_person(31, seed=5, n_visits=8, prs=FULL_PRS)  # more than three windows of history
+    short = make_person(32, seed=6, n_visits=3)  # scored after its first visit: fits in its newest window
+    times = {31: evening_of(long.visits[6][1]), 32: evening_of(short.visits[0][1])}
+    records = {p.person_id: predictor.parse(person_record(p, times[p.person_id])) for p in (long, short)}
+    windows = predictor.windows([records[31], records[32]])
+    assert windows.window_lengths[0].tolist() == [CONTEXT] * 3
+    assert windows.window_lengths[1, :2].tolist() == [0, 0] and 0 < windows.window_lengths[1, 2] < CONTEXT
+
+    model, spec = load_risk_model(history_model_dir)
+    offline = offline_risks(
+        model, spec, offline_timelines([long, short], predictor.tokenizer), labels_at(sorted(times.items()))
+    )
+    assert windows.tokens.tolist() == offline["tokens"]
+    together = predictor.predict([records[31], records[32]])
+    alone = predictor.predict([records[31]]) + predictor.predict([records[32]])
+    for online in (together, alone):
+        np.testing.assert_allclose([r["risk"] for r in online], offline["risk"], rtol=1e-6)
+        np.testing.assert_allclose([r["risk_prs_masked"] for r in online], offline["risk_prs_masked"], rtol=1e-6)
+
+    newest_only = dataclasses.replace(spec, history_windows=1)
+    one_window = offline_risks(
+        model, newest_only, offline_timelines([long, short], predictor.tokenizer), labels_at(sorted(times.items()))
+    )
+    assert one_window["risk"][1] == offline["risk"][1]  # nothing older to read: the same score
+    assert abs(one_window["risk"][0] - offline["risk"][0]) > 1e-4  # the older history moves the score
+
+
+@pytest.mark.parametrize(("visit_days", "truncated"), [(5, 0), (6, 3), (8, 11)])
+def test_truncated_events_are_counted_before_the_oldest_window(history_model_dir, visit_days, truncated):
+    predictor = RiskPredictor.load(history_model_dir)
+    person = one_day_visits(8)
+    record = predictor.parse(person_record(person, evening_of(person.visits[visit_days - 1][0])))
+    [out] = predictor.predict([record])
+    # BOS + 3 demographic codes, then 6 tokens (4 of them events) per day; three windows hold 36 tokens
+    tokens_so_far = 4 + 6 * visit_days
+    assert out["truncated_events"] == truncated
+    assert (tokens_so_far <= 3 * CONTEXT) == (truncated == 0)
 
 
 def test_later_events_stay_hidden_and_the_default_time_is_the_last_event(predictor):

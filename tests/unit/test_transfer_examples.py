@@ -164,3 +164,38 @@ def test_mean_pooled_head_reads_only_real_tokens_and_round_trips(tmp_path):
     )
     loaded, _ = load_risk_model(tmp_path / "m")
     assert torch.equal(predict_logits(model, batch), predict_logits(loaded, batch))
+
+
+def test_whole_history_windows_tile_the_record_backwards_from_the_prediction_day():
+    # day 150: BOS a GAP b visible; newest window of 3 = a GAP b, the one before = BOS, then nothing
+    out = prediction_windows(timelines(), labels([(7, 150, True), (9, 60, False)]), context=3, windows=3)
+    assert out["tokens"].to_pylist()[0] == [PAD_ID] * 3 + [BOS_ID, PAD_ID, PAD_ID] + [10, 11, 12]
+    assert out["ages"].to_pylist()[0][3:] == [0, 0, 0, 0, 100, 100]
+    assert out["window_lengths"].to_pylist() == [[0, 1, 3], [0, 0, 3]]
+    assert out["length"].to_pylist() == [3, 3] and out["dropped"].to_pylist() == [0, 0]
+    # the newest window is the one-window example's, whatever the count
+    single = prediction_windows(timelines(), labels([(7, 150, True), (9, 60, False)]), context=3)
+    assert [t[6:] for t in out["tokens"].to_pylist()] == single["tokens"].to_pylist()
+    two = prediction_windows(timelines(), labels([(7, 250, True)]), context=2, windows=2)
+    # day 250: all 7 tokens; the last 4 in two windows, 3 dropped
+    assert two["tokens"].to_pylist() == [[12, 11, 13, EOS_ID]]
+    assert two["window_lengths"].to_pylist() == [[2, 2]] and two["dropped"].to_pylist() == [3]
+    batch = example_tensors(out)
+    assert batch["tokens"].shape == (2, 3, 3) and batch["length"].tolist() == [[0, 1, 3], [0, 0, 3]]
+
+
+def test_whole_history_mean_pools_every_window_and_an_empty_window_costs_nothing():
+    model = RiskModel(small_decoder(), head_inputs="last+mean+prs").eval()
+    rows = labels([(7, 150, True), (9, 60, False)])
+    many = example_tensors(prediction_windows(timelines(), rows, context=3, windows=3))
+    one = example_tensors(prediction_windows(timelines(), rows, context=3))
+    logits = predict_logits(model, many)
+    # subject 9's history fits its newest window: the same logit as the one-window model, bit for bit
+    assert torch.equal(logits[1], predict_logits(model, one)[1])
+    # subject 7: last state of the newest window, mean over the 4 real tokens of both non-empty windows
+    prs, has_prs = many["prs"][:1], many["has_prs"][:1]
+    older = model.decoder.encode(many["tokens"][:1, 1, :1], many["ages"][:1, 1, :1], prs, has_prs)[0]
+    newest = model.decoder.encode(many["tokens"][:1, 2], many["ages"][:1, 2], prs, has_prs)[0]
+    head_in = torch.cat([newest[2], torch.cat([older, newest]).mean(0), model.decoder.prs_summary(prs, has_prs)[0]])
+    torch.testing.assert_close(logits[0], model.head(head_in[None]).squeeze())
+    assert not torch.allclose(logits[0], predict_logits(model, one)[0])  # the older window is read

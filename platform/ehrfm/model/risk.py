@@ -2,7 +2,9 @@
 
 The head reads the hidden state at the last token of the prediction window, optionally beside
 the mean hidden state over the window (`+mean`: a small decoder's last state need not carry
-everything a long history said) and the mean PRS soft token (`+prs`), so the PRS reaches the
+everything a long history said). With `history_windows` > 1 the decoder also encodes the history
+before that window, window by window, and `+mean` pools over all of it: the whole (bounded) history
+reaches the head, at one decoder pass per non-empty window and the mean PRS soft token (`+prs`), so the PRS reaches the
 head both through the decoder's fusion and directly. PRS masking sets has_prs to false for
 everyone: the same weights then use the learned missing-PRS path, which is how the PRS
 contribution is measured.
@@ -54,6 +56,7 @@ class HeadSpec:
     horizon_days: int
     context: int
     head_inputs: HeadInputs = "last+prs"
+    history_windows: int = 1  # windows of `context` tokens per person, newest last (the whole-history mean)
     pgs_ids: list[str] = field(default_factory=list)
     tokenizer_version: str = ""
     platt: tuple[float, float] | None = None  # calibrated = sigmoid(a * logit + b), fit on validation
@@ -106,21 +109,54 @@ class RiskModel(nn.Module):
         prs: torch.Tensor | None = None,
         has_prs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B]; `length` [B] real tokens per right-padded window (>= 1)."""
+        """Logits [B]. One window per person: tokens [B, T], `length` [B] real tokens per right-padded
+        window (>= 1). The whole history: tokens [B, W, T], `length` [B, W] (oldest window first,
+        empty windows 0, the newest >= 1)."""
         if prs is not None and has_prs is None:
             has_prs = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        hidden = self.decoder.encode(tokens, ages, prs, has_prs)
-        length = length.long().clamp(min=1)
-        features = [hidden[torch.arange(tokens.shape[0], device=tokens.device), length - 1]]
-        if self.pool_mean:
-            real = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < length[:, None]).to(hidden.dtype)
-            features.append((hidden * real.unsqueeze(-1)).sum(dim=1) / length.unsqueeze(-1).to(hidden.dtype))
+        last, mean = self.pooled_states(tokens, ages, length, prs, has_prs)
+        features = [last, mean] if self.pool_mean else [last]
         if head_uses_prs(self.head_inputs):
             if prs is None:
                 prs = torch.zeros(tokens.shape[0], self.decoder.cfg.num_pgs, device=tokens.device)
                 has_prs = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-            features.append(self.decoder.prs_summary(prs, has_prs).to(hidden.dtype))
+            features.append(self.decoder.prs_summary(prs, has_prs).to(last.dtype))
         return self.head(torch.cat(features, dim=-1)).squeeze(-1)
+
+    def pooled_states(
+        self,
+        tokens: torch.Tensor,
+        ages: torch.Tensor,
+        length: torch.Tensor,
+        prs: torch.Tensor | None,
+        has_prs: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden state at the newest window's last real token, mean hidden state over every real
+        token of every window), each [B, H]. Each window is encoded on its own (attention stays
+        inside it, every window gets the person's PRS); empty windows are not run at all, so a short
+        record costs one window whatever the window count."""
+        if tokens.dim() == 2:
+            tokens, ages, length = tokens[:, None], ages[:, None], length[:, None]
+        batch, windows, width = tokens.shape
+        length = length.long().clone()
+        length[:, -1] = length[:, -1].clamp(min=1)
+        flat_length = length.reshape(-1)
+        rows = torch.nonzero(flat_length > 0).squeeze(1)
+        person = torch.div(rows, windows, rounding_mode="floor")
+        if prs is not None:
+            prs, has_prs = prs[person], has_prs[person]
+        hidden = self.decoder.encode(tokens.reshape(-1, width)[rows], ages.reshape(-1, width)[rows], prs, has_prs)
+        counts = flat_length[rows]
+        ends = hidden[torch.arange(len(rows), device=hidden.device), counts - 1]
+        newest = torch.remainder(rows, windows) == windows - 1  # one per person, in person order
+        last = ends[newest]
+        real = (torch.arange(width, device=hidden.device)[None, :] < counts[:, None]).to(hidden.dtype)
+        sums = (hidden * real.unsqueeze(-1)).sum(dim=1)
+        if windows == 1:
+            return last, sums / counts.unsqueeze(-1).to(hidden.dtype)
+        total = torch.zeros(batch, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        total.index_add_(0, person, sums)
+        return last, total / length.sum(dim=1, keepdim=True).to(hidden.dtype)
 
     def freeze_decoder(self, unfrozen_layers: int = 0) -> None:
         """Linear probe (0) or partial fine-tune: only the head and the top `unfrozen_layers` blocks

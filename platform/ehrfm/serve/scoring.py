@@ -89,11 +89,14 @@ def score_records(predictor: RiskPredictor, records: list[PersonRecord]) -> list
 
 
 def _events_in_window(predictor: RiskPredictor, record: PersonRecord) -> int:
-    """How many of the most recent events reach the model: the code tokens in the window (the
-    birth-time demographic codes are older than every event, so they leave the window first)."""
+    """How many of the most recent events reach the model: the code tokens in its windows (the
+    birth-time demographic codes are older than every event, so they leave the windows first)."""
     windows = predictor.windows([record])
-    tokens = windows.tokens[0, : windows.length[0]]
-    return int(((tokens == UNK_ID) | (tokens >= predictor.first_code_token)).sum())
+    lengths = windows.window_lengths[0]
+    per_window = windows.tokens[0].reshape(len(lengths), -1)
+    real = np.arange(per_window.shape[1])[None, :] < lengths[:, None]
+    is_code = (per_window == UNK_ID) | (per_window >= predictor.first_code_token)
+    return int((is_code & real).sum())
 
 
 def explain_record(predictor: RiskPredictor, record: PersonRecord, max_events: int, top_k: int) -> dict[str, Any]:

@@ -37,6 +37,8 @@ EXAMPLE_COLUMNS = [
     "prs",
     "has_prs",
 ]
+# whole-history examples only: real tokens per window [windows], oldest first
+WINDOW_LENGTHS = "window_lengths"
 
 
 def read_labels(path: str | Path) -> pa.Table:
@@ -63,32 +65,61 @@ def prediction_ages(prediction_time: pa.Array, birth_date: pa.Array) -> np.ndarr
     return np.floor_divide(t, DAY_US) - b
 
 
-def cut_windows_at(
-    tokens: np.ndarray, ages: np.ndarray, offsets: np.ndarray, rows: np.ndarray, cut_ages: np.ndarray, context: int
+def cut_history_at(
+    tokens: np.ndarray,
+    ages: np.ndarray,
+    offsets: np.ndarray,
+    rows: np.ndarray,
+    cut_ages: np.ndarray,
+    context: int,
+    windows: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For each (timeline row, cut age): the last `context` tokens with age <= cut age.
+    """For each (timeline row, cut age): the history up to the cut as `windows` consecutive windows of
+    `context` tokens, the newest last. The newest window is the last `context` tokens with age <= cut
+    age (what a one-window model sees); each earlier window holds the `context` tokens before the next
+    one, so together they are the last `windows * context` tokens; windows before the start of the
+    record are empty (length 0).
 
-    Returns tokens [n, context] (PAD on the right), ages [n, context], length [n], dropped [n]
-    (earlier history left out of the window). Ages within a timeline never decrease.
+    Returns tokens [n, windows, context] (PAD on the right of each window), ages [n, windows, context],
+    lengths [n, windows], dropped [n] (earlier history left out of all windows). Ages within a timeline
+    never decrease.
     """
+    if windows < 1:
+        raise ValueError(f"windows must be >= 1, got {windows}")
     n = len(rows)
-    out_tokens = np.full((n, context), PAD_ID, dtype=np.int32)
-    out_ages = np.zeros((n, context), dtype=np.int32)
-    lengths = np.zeros(n, dtype=np.int32)
+    out_tokens = np.full((n, windows, context), PAD_ID, dtype=np.int32)
+    out_ages = np.zeros((n, windows, context), dtype=np.int32)
+    lengths = np.zeros((n, windows), dtype=np.int32)
     dropped = np.zeros(n, dtype=np.int32)
     for i, (row, cut) in enumerate(zip(rows, cut_ages)):
         lo, hi = offsets[row], offsets[row + 1]
         end = lo + int(np.searchsorted(ages[lo:hi], cut, side="right"))
-        start = max(lo, end - context)
-        length = end - start
-        out_tokens[i, :length] = tokens[start:end]
-        out_ages[i, :length] = ages[start:end]
-        lengths[i], dropped[i] = length, start - lo
+        for w in range(windows - 1, -1, -1):
+            start = max(lo, end - context)
+            length = end - start
+            out_tokens[i, w, :length] = tokens[start:end]
+            out_ages[i, w, :length] = ages[start:end]
+            lengths[i, w] = length
+            end = start
+        dropped[i] = end - lo
     return out_tokens, out_ages, lengths, dropped
 
 
-def prediction_windows(timelines: pa.Table, labels: pa.Table, context: int) -> pa.Table:
-    """Example rows (EXAMPLE_COLUMNS) for the labels whose subject is in this timelines shard."""
+def cut_windows_at(
+    tokens: np.ndarray, ages: np.ndarray, offsets: np.ndarray, rows: np.ndarray, cut_ages: np.ndarray, context: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The newest window alone (`cut_history_at` with one window): tokens [n, context] (PAD on the
+    right), ages [n, context], length [n], dropped [n]."""
+    win_tokens, win_ages, lengths, dropped = cut_history_at(tokens, ages, offsets, rows, cut_ages, context)
+    return win_tokens[:, 0], win_ages[:, 0], lengths[:, 0], dropped
+
+
+def prediction_windows(timelines: pa.Table, labels: pa.Table, context: int, windows: int = 1) -> pa.Table:
+    """Example rows (EXAMPLE_COLUMNS) for the labels whose subject is in this timelines shard.
+
+    With `windows` > 1 (whole-history examples, `cut_history_at`), tokens and ages hold the windows
+    one after another (oldest first, `windows * context` values), `length` is the newest window's
+    length and `window_lengths` has every window's."""
     ids = timelines["subject_id"].to_numpy()
     order = np.argsort(ids, kind="stable")
     label_ids = labels["subject_id"].to_numpy()
@@ -102,31 +133,36 @@ def prediction_windows(timelines: pa.Table, labels: pa.Table, context: int) -> p
     cut = prediction_ages(
         labels["prediction_time"].combine_chunks(), timelines["birth_date"].take(taken).combine_chunks()
     )
-    win_tokens, win_ages, lengths, dropped = cut_windows_at(tokens, ages, offsets, rows, cut, context)
+    win_tokens, win_ages, window_lengths, dropped = cut_history_at(tokens, ages, offsets, rows, cut, context, windows)
+    lengths = window_lengths[:, -1]
     empty = int((lengths == 0).sum())
     if empty:
         raise ValueError(
             f"{empty} of {len(lengths)} prediction times fall before the person's birth (no tokens to score)"
         )
-    return pa.table(
-        {
-            "subject_id": labels["subject_id"],
-            "prediction_time": labels["prediction_time"],
-            "label": labels["boolean_value"],
-            "split": timelines["split"].take(taken),
-            "tokens": pa.FixedSizeListArray.from_arrays(pa.array(win_tokens.ravel(), pa.int32()), context),
-            "ages": pa.FixedSizeListArray.from_arrays(pa.array(win_ages.ravel(), pa.int32()), context),
-            "length": pa.array(lengths, pa.int32()),
-            "dropped": pa.array(dropped, pa.int32()),
-            "prs": timelines["prs"].take(taken),
-            "has_prs": timelines["has_prs"].take(taken),
-        }
-    )
+    width = windows * context
+    columns = {
+        "subject_id": labels["subject_id"],
+        "prediction_time": labels["prediction_time"],
+        "label": labels["boolean_value"],
+        "split": timelines["split"].take(taken),
+        "tokens": pa.FixedSizeListArray.from_arrays(pa.array(win_tokens.ravel(), pa.int32()), width),
+        "ages": pa.FixedSizeListArray.from_arrays(pa.array(win_ages.ravel(), pa.int32()), width),
+        "length": pa.array(lengths, pa.int32()),
+        "dropped": pa.array(dropped, pa.int32()),
+        "prs": timelines["prs"].take(taken),
+        "has_prs": timelines["has_prs"].take(taken),
+    }
+    if windows > 1:
+        columns[WINDOW_LENGTHS] = pa.FixedSizeListArray.from_arrays(
+            pa.array(window_lengths.ravel(), pa.int32()), windows
+        )
+    return pa.table(columns)
 
 
-def build_examples(data_dir: str | Path, labels: pa.Table, context: int) -> pa.Table:
+def build_examples(data_dir: str | Path, labels: pa.Table, context: int, windows: int = 1) -> pa.Table:
     """Windows for every label row, shard by shard, in (shard, label) order; errors on unknown subjects."""
-    parts = [prediction_windows(pq.read_table(f), labels, context) for f in timeline_files(data_dir)]
+    parts = [prediction_windows(pq.read_table(f), labels, context, windows) for f in timeline_files(data_dir)]
     examples = pa.concat_tables(parts) if parts else None
     found = 0 if examples is None else examples.num_rows
     if found != labels.num_rows:
@@ -138,7 +174,10 @@ def build_examples(data_dir: str | Path, labels: pa.Table, context: int) -> pa.T
 
 
 def example_tensors(batch: pa.Table | dict) -> dict[str, torch.Tensor]:
-    """An Arrow/numpy batch of examples -> model inputs (tokens, ages, length, prs, has_prs, label)."""
+    """An Arrow/numpy batch of examples -> model inputs (tokens, ages, length, prs, has_prs, label).
+
+    Whole-history examples (a `window_lengths` column) give tokens and ages [B, windows, context] and
+    length [B, windows], what RiskModel reads as several windows per person."""
 
     def column(name):
         value = batch[name]
@@ -152,10 +191,19 @@ def example_tensors(batch: pa.Table | dict) -> dict[str, torch.Tensor]:
         value = np.asarray(value)
         return np.stack(value) if value.dtype == object else value
 
+    tokens = np.array(column("tokens"), dtype=np.int64, copy=True)
+    ages = np.array(column("ages"), dtype=np.int32, copy=True)
+    has_windows = WINDOW_LENGTHS in (batch.column_names if isinstance(batch, pa.Table) else batch)
+    if has_windows:
+        length = np.array(column(WINDOW_LENGTHS), dtype=np.int64, copy=True)
+        shape = (len(tokens), length.shape[1], -1)
+        tokens, ages = tokens.reshape(shape), ages.reshape(shape)
+    else:
+        length = np.array(column("length"), dtype=np.int64, copy=True)
     return {
-        "tokens": torch.from_numpy(np.array(column("tokens"), dtype=np.int64, copy=True)),
-        "ages": torch.from_numpy(np.array(column("ages"), dtype=np.int32, copy=True)),
-        "length": torch.from_numpy(np.array(column("length"), dtype=np.int64, copy=True)),
+        "tokens": torch.from_numpy(tokens),
+        "ages": torch.from_numpy(ages),
+        "length": torch.from_numpy(length),
         "prs": torch.from_numpy(np.array(column("prs"), dtype=np.float32, copy=True)),
         "has_prs": torch.from_numpy(np.asarray(column("has_prs"), dtype=bool)),
         "label": torch.from_numpy(np.asarray(column("label"), dtype=np.float32)),

@@ -207,7 +207,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[FinetuneConfig, PreparedData]
         labels = read_labels(cfg.data.labels)
     else:
         labels = label_on_the_fly(cfg)
-    examples = build_examples(cfg.data.dir, labels, cfg.data.context)
+    examples = build_examples(cfg.data.dir, labels, cfg.data.context, cfg.data.history_windows)
     split_column = examples["split"]
     data = PreparedData(
         examples={s: examples.filter(pc.equal(split_column, s)) for s in SPLITS},
@@ -237,6 +237,7 @@ def head_spec(cfg: FinetuneConfig, data: PreparedData) -> HeadSpec:
         horizon_days=int(cfg.horizon_days),
         context=int(cfg.data.context),
         head_inputs=cfg.model.head_inputs,
+        history_windows=int(cfg.data.history_windows),
         pgs_ids=list(data.pgs_ids),
         tokenizer_version=data.tokenizer_version,
     )

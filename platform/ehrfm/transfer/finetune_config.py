@@ -30,6 +30,10 @@ class FinetuneData(StrictModel):
     labels: str | None = None  # MEDS label parquet (file or dir); None: label <dir>/events with the task
     omop: str | None = None  # OMOP dir with concept_ancestor, for on-the-fly labeling (optional)
     context: int | None = Field(None, ge=1)  # window length; None: the pretrained model's context
+    # Windows of `context` tokens read per person, newest last: 1 reads only the window ending at the
+    # prediction time; more let the head's `+mean` pool over the history before it (one decoder pass
+    # per non-empty window, so the cost per person grows with their record, at most this many times).
+    history_windows: int = Field(1, ge=1, le=64)
 
 
 class FinetuneModel(StrictModel):
@@ -92,6 +96,11 @@ class FinetuneConfig(StrictModel):
             raise ValueError(f"model.unfrozen_layers is only used with mode partial (mode is {self.model.mode})")
         if self.train.pos_weight is not None and self.train.imbalance != "pos_weight":
             raise ValueError("train.pos_weight is set but train.imbalance is not pos_weight")
+        if self.data.history_windows > 1 and "+mean" not in self.model.head_inputs:
+            raise ValueError(
+                f"data.history_windows={self.data.history_windows} is read through the head's mean pooling: "
+                f"model.head_inputs {self.model.head_inputs!r} needs '+mean'"
+            )
         if self.deepspeed.precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision bf16 needs scaling.use_gpu (CPU runs train in fp32)")
         return self

@@ -2,7 +2,8 @@
 pyfunc use. It builds the same MEDS rows the preprocessing builds from OMOP (MEDS_BIRTH and the
 gender/race/ethnicity codes at the birth time, then the clinical events), sorts and tokenizes
 them with the model's own tokenizer artifact, and cuts the window with the training code
-(`examples.cut_windows_at` at `examples.prediction_ages`), so a person scored here gets the
+(`examples.cut_history_at` at `examples.prediction_ages`, as many windows as the model's
+`history_windows`), so a person scored here gets the
 score the offline examples give for the same events and prediction time.
 
 Choices that differ from, or go beyond, the offline path (documented for Serve):
@@ -48,7 +49,7 @@ from ehrfm.constants import EOS_ID, FIRST_CODE_ID, UNK_ID
 from ehrfm.model.risk import TOKENIZER_FILE, HeadSpec, RiskModel, load_risk_model, predict_logits
 from ehrfm.omop.events import BIRTH_CODE, PRIORITY_COLUMN, code_priority, finalize_shard
 from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names, value_token_names
-from ehrfm.transfer.examples import cut_windows_at, example_tensors, prediction_ages
+from ehrfm.transfer.examples import WINDOW_LENGTHS, cut_history_at, example_tensors, prediction_ages
 
 # OMOP gender concepts; "unknown" is 0 (no matching concept), what the pipeline writes for a null.
 SEX_CONCEPTS = {"male": 8507, "female": 8532, "other": 8521, "unknown": 0}
@@ -284,9 +285,10 @@ def _without_eos(tokens: pa.ListArray, ages: pa.ListArray) -> tuple[np.ndarray, 
 class Windows:
     """Model inputs for a batch of records plus the per-record counts Serve reports."""
 
-    tokens: np.ndarray  # [n, context] int32
+    tokens: np.ndarray  # [n, windows * context] int32, oldest window first (as the offline examples' column)
     ages: np.ndarray
-    length: np.ndarray
+    length: np.ndarray  # [n] real tokens in the newest window
+    window_lengths: np.ndarray  # [n, windows] real tokens per window
     unknown_codes: np.ndarray  # events at or before the prediction time whose code is not in the vocabulary
     truncated_events: np.ndarray  # events at or before the prediction time left out of the window
 
@@ -342,16 +344,20 @@ class RiskPredictor:
         births = pa.array(timelines.birth_day.astype(np.int32), pa.int32()).cast(pa.date32())
         cut = prediction_ages(times, births)
         rows = np.arange(len(records))
-        win_tokens, win_ages, lengths, dropped = cut_windows_at(tokens, ages, offsets, rows, cut, self.spec.context)
+        windows = self.spec.history_windows
+        win_tokens, win_ages, lengths, dropped = cut_history_at(
+            tokens, ages, offsets, rows, cut, self.spec.context, windows
+        )
         is_code = (tokens == UNK_ID) | (tokens >= self.first_code_token)
         unknown = np.zeros(len(records), dtype=np.int64)
         truncated = np.zeros(len(records), dtype=np.int64)
         for i in rows:
             lo = offsets[i]
-            end, start = lo + dropped[i] + lengths[i], lo + dropped[i]
+            end, start = lo + dropped[i] + lengths[i].sum(), lo + dropped[i]
             unknown[i] = int((tokens[lo:end] == UNK_ID).sum())
             truncated[i] = int(is_code[lo:start].sum())
-        return Windows(win_tokens, win_ages, lengths, unknown, truncated)
+        n = len(records)
+        return Windows(win_tokens.reshape(n, -1), win_ages.reshape(n, -1), lengths[:, -1], lengths, unknown, truncated)
 
     def prs_inputs(self, records: list[PersonRecord]) -> tuple[np.ndarray, np.ndarray]:
         """(z-scores [n, K] in the model's PGS order, has_prs [n]) under the min_prs_share rule."""
@@ -387,17 +393,20 @@ class RiskPredictor:
             genotyped = part[has_prs[part]]
             rows = np.concatenate([part, genotyped])
             shown = np.concatenate([has_prs[part], np.zeros(len(genotyped), dtype=bool)])
-            width = int(windows.length[rows].max())  # causal attention: the padding after it changes nothing
-            batch = example_tensors(
-                {  # the offline path's conversion; labels are not used for scoring
-                    "tokens": windows.tokens[rows, :width],
-                    "ages": windows.ages[rows, :width],
-                    "length": windows.length[rows],
-                    "prs": prs[rows],
-                    "has_prs": shown,
-                    "label": np.zeros(len(rows), dtype=bool),
-                }
-            )
+            inputs = {  # the offline path's conversion; labels are not used for scoring
+                "tokens": windows.tokens[rows],
+                "ages": windows.ages[rows],
+                "length": windows.length[rows],
+                "prs": prs[rows],
+                "has_prs": shown,
+                "label": np.zeros(len(rows), dtype=bool),
+            }
+            if self.spec.history_windows > 1:
+                inputs[WINDOW_LENGTHS] = windows.window_lengths[rows]
+            batch = example_tensors(inputs)
+            # causal attention: the padding after the longest window changes nothing
+            width = int(batch["length"].max())
+            batch["tokens"], batch["ages"] = batch["tokens"][..., :width], batch["ages"][..., :width]
             with torch.inference_mode():  # no autograd bookkeeping at all: a few % of a tiny forward
                 out = predict_logits(self.model, batch).numpy()
             logits[part] = out[: len(part)]
