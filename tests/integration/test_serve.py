@@ -26,6 +26,7 @@ from schemathesis import checks
 
 from ehrfm.model.risk import load_risk_model
 from tests.support.risk_model_factory import (
+    CONTEXT,
     PGS_IDS,
     UNKNOWN_CONDITION,
     code,
@@ -141,6 +142,7 @@ def test_health_readiness_model_info_and_openapi(service):
     info = requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
     assert (info["name"], info["version"], info["alias"], info["task"]) == (MODEL, "1", "champion", TASK)
     assert info["pgs_ids"] == PGS_IDS and info["metrics"]["val_auroc"] == pytest.approx(0.61)
+    assert (info["context"], info["history_windows"]) == (CONTEXT, 1)
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
     paths = requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
     assert {"/v1/score", "/v1/score:batch", "/v1/explain", "/v1/model", "/healthz", "/readyz"} <= set(paths)

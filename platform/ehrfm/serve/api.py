@@ -96,6 +96,7 @@ class ModelInfo(BaseModel):
     task: str
     horizon_days: int
     context: int
+    history_windows: int  # windows of `context` tokens read per person, newest last
     head_inputs: str
     pgs_ids: list[str]
     min_prs_share: float

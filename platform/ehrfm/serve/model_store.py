@@ -108,6 +108,7 @@ class LoadedModel:
             "task": spec.task,
             "horizon_days": spec.horizon_days,
             "context": spec.context,
+            "history_windows": spec.history_windows,
             "head_inputs": spec.head_inputs,
             "pgs_ids": list(spec.pgs_ids),
             "min_prs_share": self.predictor.min_prs_share,
