@@ -35,6 +35,15 @@ def test_features_are_per_label_row_in_label_order(tiny):
     np.testing.assert_array_equal(shuffled.has_prs, features.has_prs[order])
 
 
+def test_whole_history_features_add_the_older_windows_to_the_mean_only(tiny):
+    info, labels, checkpoint, labels_path = tiny
+    one = label_row_features(checkpoint, info.root, labels, context=8, batch_size=64)
+    three = label_row_features(checkpoint, info.root, labels, context=8, batch_size=64, history_windows=3)
+    np.testing.assert_allclose(three.hidden, one.hidden, atol=1e-5)  # the newest window's last state
+    moved = np.abs(three.mean - one.mean).max(axis=1) > 1e-4
+    assert 0.2 < moved.mean() < 1.0  # rows with history before their newest window, not the others
+
+
 def test_a_rows_features_do_not_depend_on_its_batch(tiny):
     info, labels, checkpoint, labels_path = tiny
     whole = label_row_features(checkpoint, info.root, labels, batch_size=64).hidden
@@ -52,7 +61,7 @@ def test_few_shot_command_writes_aggregates_table_and_plot(tiny, tmp_path, capsy
     out = tmp_path / "few"
     argv = ["few_shot", "--pretrained", str(checkpoint.parent), "--data", str(info.root), "--labels"]
     argv += [str(labels_path), "--out", str(out)]
-    argv += ["models=[fm_lr]", "shots=[1,2,1000]", "replicates=2", "threads=1"]
+    argv += ["models=[fm_lr]", "shots=[1,2,1000]", "replicates=2", "threads=1", "cross_fit_folds=3"]
     assert main(argv) == 0
     result = json.loads((out / "few_shot.json").read_text())
     summary = {row["k"]: row for row in result["summary"]}
@@ -63,4 +72,9 @@ def test_few_shot_command_writes_aggregates_table_and_plot(tiny, tmp_path, capsy
     assert all(not is_small(v) or v.startswith("<=") for v in result["counts"].values())
     assert (out / "few_shot_auroc.png").stat().st_size > 1000
     assert (out / "few_shot.csv").read_text().startswith("model,k,")
-    assert "| fm_lr | 1 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| fm_lr | 1 |" in printed and "Cross-fitted heads on all label rows (3 person folds)" in printed
+    cross = result["cross_fit"]
+    assert set(cross["models"]) == {"fm_lr"} and cross["comparisons"] == {}  # no count heads asked for
+    assert 0.0 <= cross["models"]["fm_lr"]["auroc_ci"][0] <= cross["models"]["fm_lr"]["auroc"] <= 1.0
+    assert "rows" not in cross and cross["published"]["rows"] == str(labels.num_rows)  # published form only

@@ -8,7 +8,8 @@ negative rows are drawn at the row level: one person may give several rows.
 
 Heads (fixed settings, no validation split: with k = 1 there is nothing to tune on):
 - fm_lr: L2 logistic regression (C = `lr_c`, features standardised on the shots) on the frozen
-  decoder's last-token state, the PRS z-scores (0 where missing) and a has-PRS flag.
+  decoder's last-token state (`fm_inputs=last+mean`: and its mean state over every window read,
+  `history_windows` of them), the PRS z-scores (0 where missing) and a has-PRS flag.
 - counts_lr / counts_prs_lr: the same regression on the baselines' count features (log1p counts,
   last values, max-abs scaled on the shots), without / with the PRS columns.
 - counts_hgb / counts_prs_hgb: HistGradientBoosting on the baselines' dense count columns
@@ -28,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import MaxAbsScaler, StandardScaler
@@ -63,14 +64,32 @@ class FewShotConfig(StrictModel):
     features: BaselineConfig = Field(default_factory=BaselineConfig)
     batch_size: int = Field(256, ge=1)  # rows per forward pass of the frozen decoder
     context: int | None = None  # window length; None: the pretrained model's
+    history_windows: int = Field(
+        1, ge=1, le=64
+    )  # windows of history read per row (the fine-tune's data.history_windows)
+    fm_inputs: Literal["last", "last+mean"] = "last"  # + the mean state over every window read
+    # > 1: also fit every head on K person folds of all label rows, each row scored out of fold
+    # (evaluate/cross_fit.py); 0: off
+    cross_fit_folds: int = Field(0, ge=0)
+    n_boot: int = Field(1000, ge=100)  # bootstrap resamples of the cross-fit CIs
     threads: int | None = None  # BLAS/OpenMP threads while fitting (None: the libraries' default)
 
     @field_validator("shots")
     @classmethod
     def _positive_shots(cls, shots: list[int]) -> list[int]:
-        if not shots or min(shots) < 1:
-            raise ValueError(f"shots must be non-empty and >= 1, got {shots}")
+        if shots and min(shots) < 1:
+            raise ValueError(f"shots must be >= 1, got {shots}")
         return sorted(set(shots))
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> FewShotConfig:
+        if self.cross_fit_folds == 1:
+            raise ValueError("cross_fit_folds must be 0 (off) or at least 2")
+        if not self.shots and not self.cross_fit_folds:
+            raise ValueError("shots is empty and cross_fit_folds is 0: nothing to evaluate")
+        if self.history_windows > 1 and self.fm_inputs == "last":
+            raise ValueError("history_windows > 1 reaches the FM head only through fm_inputs=last+mean")
+        return self
 
     @field_validator("models")
     @classmethod
@@ -139,9 +158,14 @@ def fit_and_score(design: Design, y: np.ndarray, fit_rows: np.ndarray, score_row
         return model.predict_proba(x_score)[:, 1]
 
 
-def fm_design(hidden: np.ndarray, prs: np.ndarray | None, has_prs: np.ndarray | None) -> Design:
-    """The FM head's inputs: frozen last-token states beside the PRS columns and has-PRS flag."""
+def fm_design(
+    hidden: np.ndarray, prs: np.ndarray | None, has_prs: np.ndarray | None, mean: np.ndarray | None = None
+) -> Design:
+    """The FM head's inputs: frozen last-token states (and the mean state, when given) beside the PRS
+    columns and has-PRS flag."""
     x = np.asarray(hidden, dtype=np.float64)
+    if mean is not None:
+        x = np.column_stack([x, np.asarray(mean, dtype=np.float64)])
     if prs is not None:
         x = np.column_stack([x, prs_design(prs, has_prs)])
     return Design("lr", x)

@@ -10,6 +10,12 @@ row counts, the per-(model, k) table and each replicate's metrics), few_shot.csv
 few_shot.md and few_shot_auroc.png (mean test AUROC vs k, min-max band). With a tracking URI
 (flag or $MLFLOW_TRACKING_URI) one run in experiment `ehrfm-few-shot` gets the settings as
 params, `<model>/auroc_mean` etc. with step = k, and the files.
+
+With `cross_fit_folds=K` (K >= 2) the same heads are also fit on K person folds of all label rows
+and every row is scored out of fold (evaluate/cross_fit.py): AUROC/AUPRC with CIs over all rows and
+the FM head's paired difference to each count head with its minimum detectable difference, in
+few_shot.json ("cross_fit"), few_shot.md and MLflow (`cross_fit/<model>/auroc`). `shots=[]` runs the
+cross-fit alone; `history_windows=N fm_inputs=last+mean` gives the FM head the whole bounded history.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from matplotlib.figure import Figure
 
 from ehrfm.config import add_config_arguments, parse_config
 from ehrfm.evaluate.baselines import read_events
+from ehrfm.evaluate.cross_fit import cross_fit_markdown, cross_fit_report
 from ehrfm.evaluate.features import CodeVocabulary, build_features
 from ehrfm.evaluate.few_shot import (
     COUNT_MODELS,
@@ -79,10 +86,13 @@ def few_shot_evaluation(
     started = time.perf_counter()
     labels = read_labels(labels_path)
     y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(int)
-    frozen = label_row_features(checkpoint_dir, data_dir, labels, config.context, config.batch_size)
+    frozen = label_row_features(
+        checkpoint_dir, data_dir, labels, config.context, config.batch_size, config.history_windows
+    )
     designs = {}
     if FM_LR in config.models:
-        designs[FM_LR] = fm_design(frozen.hidden, frozen.prs, frozen.has_prs)
+        mean = frozen.mean if config.fm_inputs == "last+mean" else None
+        designs[FM_LR] = fm_design(frozen.hidden, frozen.prs, frozen.has_prs, mean)
     if any(m in config.models for m in COUNT_MODELS):
         counts = config.features
         events = read_events(data_dir)
@@ -94,15 +104,26 @@ def few_shot_evaluation(
         designs |= count_designs(features, frozen.prs, frozen.has_prs, frozen.split, config)
     feature_seconds = time.perf_counter() - started
     records = run_few_shot(designs, y, frozen.split, config)
+    fit_seconds = time.perf_counter() - started - feature_seconds
+    cross_fit = None
+    if config.cross_fit_folds:
+        subject_ids = labels["subject_id"].to_numpy()
+        cross_fit = cross_fit_report(designs, y, subject_ids, config, config.n_boot)
+        hide_n, hide_events = binary_hidden(len(y), int(y.sum()))
+        cross_fit["published"] = {"rows": show(len(y), hidden=hide_n), "events": show(int(y.sum()), hidden=hide_events)}
+        for key in ("rows", "events"):  # only the published (small-count-ruled) form leaves the job
+            cross_fit.pop(key)
     result = {
         "config": config.model_dump(mode="json"),
         "pretrained": str(checkpoint_dir),
         "labels": str(labels_path),
         "counts": published_counts(y, frozen.split),
         "feature_seconds": round(feature_seconds, 1),
-        "fit_seconds": round(time.perf_counter() - started - feature_seconds, 1),
+        "fit_seconds": round(fit_seconds, 1),
+        "cross_fit_seconds": round(time.perf_counter() - started - feature_seconds - fit_seconds, 1),
         "summary": summarize(records),
         "records": records,
+        "cross_fit": cross_fit,
     }
     write_outputs(result, Path(out_dir))
     return result
@@ -136,7 +157,11 @@ def summary_markdown(result: dict) -> str:
     for row in result["summary"]:
         fit = f"{row['replicates_fit']}/{row['replicates']}" + (f" ({row['reason']})" if row["reason"] else "")
         lines.append(f"| {row['model']} | {row['k']} | {cell(row, 'auroc')} | {cell(row, 'auprc')} | {fit} |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if result.get("cross_fit"):
+        published = result["cross_fit"]["published"]
+        text += "\n" + cross_fit_markdown(result["cross_fit"], published["rows"], published["events"])
+    return text
 
 
 def auroc_figure(summary: list[dict]) -> Figure:
@@ -210,6 +235,11 @@ def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
                 }
                 metrics[metric_key(row["model"], "replicates_fit")] = float(row["replicates_fit"])
                 mlflow.log_metrics(metrics, step=int(row["k"]))
+            cross_fit = result.get("cross_fit") or {}
+            for name, m in cross_fit.get("models", {}).items():
+                mlflow.log_metrics({metric_key(f"cross_fit/{name}", metric): m[metric] for metric in METRICS})
+            for name, c in cross_fit.get("comparisons", {}).items():
+                mlflow.log_metric(metric_key(f"cross_fit/{name}", "auroc_difference"), c["auroc_difference"])
             for path in paths:
                 mlflow.log_artifact(str(path), artifact_path="few_shot")
             return run.info.run_id

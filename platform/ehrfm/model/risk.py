@@ -88,6 +88,43 @@ class HeadSpec:
         return np.interp(np.asarray(risks, dtype=np.float64), q, np.linspace(0.0, 100.0, q.size))
 
 
+def pooled_states(
+    decoder: EHRDecoder,
+    tokens: torch.Tensor,
+    ages: torch.Tensor,
+    length: torch.Tensor,
+    prs: torch.Tensor | None,
+    has_prs: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden state at the newest window's last real token, mean hidden state over every real
+    token of every window), each [B, H]; tokens [B, T] with length [B], or [B, W, T] with length
+    [B, W] (oldest window first). Each window is encoded on its own (attention stays inside it,
+    every window gets the person's PRS); empty windows are not run at all, so a short record costs
+    one window whatever the window count."""
+    if tokens.dim() == 2:
+        tokens, ages, length = tokens[:, None], ages[:, None], length[:, None]
+    batch, windows, width = tokens.shape
+    length = length.long().clone()
+    length[:, -1] = length[:, -1].clamp(min=1)
+    flat_length = length.reshape(-1)
+    rows = torch.nonzero(flat_length > 0).squeeze(1)
+    person = torch.div(rows, windows, rounding_mode="floor")
+    if prs is not None:
+        prs, has_prs = prs[person], has_prs[person]
+    hidden = decoder.encode(tokens.reshape(-1, width)[rows], ages.reshape(-1, width)[rows], prs, has_prs)
+    counts = flat_length[rows]
+    ends = hidden[torch.arange(len(rows), device=hidden.device), counts - 1]
+    newest = torch.remainder(rows, windows) == windows - 1  # one per person, in person order
+    last = ends[newest]
+    real = (torch.arange(width, device=hidden.device)[None, :] < counts[:, None]).to(hidden.dtype)
+    sums = (hidden * real.unsqueeze(-1)).sum(dim=1)
+    if windows == 1:
+        return last, sums / counts.unsqueeze(-1).to(hidden.dtype)
+    total = torch.zeros(batch, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    total.index_add_(0, person, sums)
+    return last, total / length.sum(dim=1, keepdim=True).to(hidden.dtype)
+
+
 class RiskModel(nn.Module):
     """Decoder + head: logit of the task at the end of each prediction window."""
 
@@ -114,7 +151,7 @@ class RiskModel(nn.Module):
         empty windows 0, the newest >= 1)."""
         if prs is not None and has_prs is None:
             has_prs = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        last, mean = self.pooled_states(tokens, ages, length, prs, has_prs)
+        last, mean = pooled_states(self.decoder, tokens, ages, length, prs, has_prs)
         features = [last, mean] if self.pool_mean else [last]
         if head_uses_prs(self.head_inputs):
             if prs is None:
@@ -122,41 +159,6 @@ class RiskModel(nn.Module):
                 has_prs = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
             features.append(self.decoder.prs_summary(prs, has_prs).to(last.dtype))
         return self.head(torch.cat(features, dim=-1)).squeeze(-1)
-
-    def pooled_states(
-        self,
-        tokens: torch.Tensor,
-        ages: torch.Tensor,
-        length: torch.Tensor,
-        prs: torch.Tensor | None,
-        has_prs: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden state at the newest window's last real token, mean hidden state over every real
-        token of every window), each [B, H]. Each window is encoded on its own (attention stays
-        inside it, every window gets the person's PRS); empty windows are not run at all, so a short
-        record costs one window whatever the window count."""
-        if tokens.dim() == 2:
-            tokens, ages, length = tokens[:, None], ages[:, None], length[:, None]
-        batch, windows, width = tokens.shape
-        length = length.long().clone()
-        length[:, -1] = length[:, -1].clamp(min=1)
-        flat_length = length.reshape(-1)
-        rows = torch.nonzero(flat_length > 0).squeeze(1)
-        person = torch.div(rows, windows, rounding_mode="floor")
-        if prs is not None:
-            prs, has_prs = prs[person], has_prs[person]
-        hidden = self.decoder.encode(tokens.reshape(-1, width)[rows], ages.reshape(-1, width)[rows], prs, has_prs)
-        counts = flat_length[rows]
-        ends = hidden[torch.arange(len(rows), device=hidden.device), counts - 1]
-        newest = torch.remainder(rows, windows) == windows - 1  # one per person, in person order
-        last = ends[newest]
-        real = (torch.arange(width, device=hidden.device)[None, :] < counts[:, None]).to(hidden.dtype)
-        sums = (hidden * real.unsqueeze(-1)).sum(dim=1)
-        if windows == 1:
-            return last, sums / counts.unsqueeze(-1).to(hidden.dtype)
-        total = torch.zeros(batch, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        total.index_add_(0, person, sums)
-        return last, total / length.sum(dim=1, keepdim=True).to(hidden.dtype)
 
     def freeze_decoder(self, unfrozen_layers: int = 0) -> None:
         """Linear probe (0) or partial fine-tune: only the head and the top `unfrozen_layers` blocks

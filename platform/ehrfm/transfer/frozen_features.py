@@ -1,5 +1,7 @@
 """Frozen foundation-model features for label rows: the decoder's final-normed hidden state at
-the last real token of each prediction window, what the linear probe's head reads (`last`).
+the last real token of each prediction window (`last`) and the mean over the real tokens of every
+window read (`mean`, over the whole bounded history with `history_windows` > 1), what the linear
+probe's head reads (`model.risk.pooled_states`).
 
 Used by the few-shot protocol (`ehrfm few_shot`), which fits its own heads outside the model on
 these features. The windows are cut by `build_examples` (the code the fine-tune uses), the decoder
@@ -20,16 +22,19 @@ import pyarrow as pa
 import torch
 
 from ehrfm.model.io import load_model_config, load_state_dict
+from ehrfm.model.risk import pooled_states
 from ehrfm.model.transformer import EHRDecoder
 from ehrfm.transfer.examples import build_examples, example_tensors
 
 
 @dataclass
 class LabelRowFeatures:
-    """Per label row, in the labels' order: hidden [n, H] float32, prs [n, K] float32, has_prs [n],
-    split [n] (the timelines' split, the one the fine-tune trains and tests on)."""
+    """Per label row, in the labels' order: hidden [n, H] float32 (last state), mean [n, H] float32,
+    prs [n, K] float32, has_prs [n], split [n] (the timelines' split, the one the fine-tune trains
+    and tests on)."""
 
     hidden: np.ndarray
+    mean: np.ndarray
     prs: np.ndarray
     has_prs: np.ndarray
     split: np.ndarray
@@ -44,19 +49,23 @@ def load_frozen_decoder(checkpoint_dir: str | Path) -> EHRDecoder:
 
 
 @torch.no_grad()
-def last_token_states(decoder: EHRDecoder, examples: pa.Table, batch_size: int = 256) -> np.ndarray:
-    """[n, H] hidden state at each window's last real token, the PRS given to the decoder as recorded."""
+def pooled_features(decoder: EHRDecoder, examples: pa.Table, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """([n, H] hidden state at each example's last real token, [n, H] mean over the real tokens of
+    all its windows), the PRS given to the decoder as recorded."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    parts = []
+    lasts, means = [], []
     for start in range(0, examples.num_rows, batch_size):
         batch = example_tensors(examples.slice(start, batch_size))
         prs = batch["prs"] if decoder.prs_encoder is not None else None
         has_prs = batch["has_prs"] if prs is not None else None
-        hidden = decoder.encode(batch["tokens"], batch["ages"], prs, has_prs)
-        last = batch["length"].long().clamp(min=1) - 1
-        parts.append(hidden[torch.arange(hidden.shape[0]), last].float().numpy())
-    return np.concatenate(parts) if parts else np.zeros((0, decoder.cfg.hidden), np.float32)
+        last, mean = pooled_states(decoder, batch["tokens"], batch["ages"], batch["length"], prs, has_prs)
+        lasts.append(last.float().numpy())
+        means.append(mean.float().numpy())
+    if not lasts:
+        empty = np.zeros((0, decoder.cfg.hidden), np.float32)
+        return empty, empty
+    return np.concatenate(lasts), np.concatenate(means)
 
 
 def label_order(labels: pa.Table, examples: pa.Table) -> np.ndarray:
@@ -84,20 +93,24 @@ def label_row_features(
     labels: pa.Table,
     context: int | None = None,
     batch_size: int = 256,
+    history_windows: int = 1,
 ) -> LabelRowFeatures:
     """Frozen features, PRS and has-PRS for every label row (labels' order), from a checkpoint dir.
 
-    `context` None: the pretrained model's window length (as the fine-tune's default)."""
+    `context` None: the pretrained model's window length (as the fine-tune's default);
+    `history_windows`: windows of history read per row (examples.cut_history_at)."""
     decoder = load_frozen_decoder(checkpoint_dir)
     context = context or decoder.cfg.context
     if context > decoder.cfg.context:
         raise ValueError(f"context={context} exceeds the {decoder.cfg.context} tokens the model was pretrained on")
-    examples = build_examples(data_dir, labels, context)
+    examples = build_examples(data_dir, labels, context, history_windows)
     examples = examples.take(pa.array(label_order(labels, examples), pa.int64()))
     width = examples.schema.field("prs").type.list_size
     prs_values = examples["prs"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    last, mean = pooled_features(decoder, examples, batch_size)
     return LabelRowFeatures(
-        hidden=last_token_states(decoder, examples, batch_size),
+        hidden=last,
+        mean=mean,
         prs=prs_values.astype(np.float32).reshape(examples.num_rows, width),
         has_prs=examples["has_prs"].to_numpy(zero_copy_only=False).astype(bool),
         split=examples["split"].to_numpy(zero_copy_only=False).astype(str),
