@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from ehrfm.constants import EOS_ID
 from ehrfm.model.risk import load_risk_model
 from ehrfm.transfer.predictor import PersonRecord, RiskPredictor, demographic_code, records_to_events
 from tests.support.risk_model_factory import (
@@ -137,6 +138,19 @@ def test_truncated_events_are_counted_before_the_oldest_window(history_model_dir
     tokens_so_far = 4 + 6 * visit_days
     assert out["truncated_events"] == truncated
     assert (tokens_so_far <= 3 * CONTEXT) == (truncated == 0)
+
+
+def test_on_the_records_last_day_offline_windows_hold_no_eos_either(predictor, model_dir):
+    """An offline label on the last day of the whole record: its window ends like the online one,
+    without the closing EOS (that the record ends there is not known at the prediction time)."""
+    person = make_person(41, seed=7, n_visits=1, prs=FULL_PRS)
+    when = evening_of(person.visits[-1][1])
+    record = predictor.parse(person_record(person, when))
+    model, spec = load_risk_model(model_dir)
+    offline = offline_risks(model, spec, offline_timelines([person], predictor.tokenizer), labels_at([(41, when)]))
+    assert predictor.windows([record]).tokens.tolist() == offline["tokens"]
+    assert EOS_ID not in offline["tokens"][0]
+    np.testing.assert_allclose(predictor.predict([record])[0]["risk"], offline["risk"][0], rtol=1e-6)
 
 
 def test_later_events_stay_hidden_and_the_default_time_is_the_last_event(predictor):

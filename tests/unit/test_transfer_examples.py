@@ -52,9 +52,11 @@ def test_window_holds_the_last_tokens_at_or_before_the_prediction_day():
     assert out["split"].to_pylist() == ["train", "train", "val"]
     assert out["label"].to_pylist() == [True, False, False]
     # day 150: BOS a GAP b are visible (ages <= 150); context 3 keeps the last three, one dropped
-    assert out["tokens"].to_pylist() == [[10, 11, 12], [10, 11, 12], [BOS_ID, 10, EOS_ID]]
+    # subject 9 on day 60, after its last event: the record's closing EOS (age 50) is future
+    # information at a prediction time (the record is still open), so no window shows it
+    assert out["tokens"].to_pylist() == [[10, 11, 12], [10, 11, 12], [BOS_ID, 10, PAD_ID]]
     assert out["ages"].to_pylist()[0] == [0, 100, 100]
-    assert out["length"].to_pylist() == [3, 3, 3]
+    assert out["length"].to_pylist() == [3, 3, 2]
     assert out["dropped"].to_pylist() == [1, 1, 0]
     assert out["prs"].to_pylist()[0] == [1.0, -1.0, 2.0] and out["has_prs"].to_pylist() == [True, True, False]
 
@@ -171,17 +173,17 @@ def test_whole_history_windows_tile_the_record_backwards_from_the_prediction_day
     out = prediction_windows(timelines(), labels([(7, 150, True), (9, 60, False)]), context=3, windows=3)
     assert out["tokens"].to_pylist()[0] == [PAD_ID] * 3 + [BOS_ID, PAD_ID, PAD_ID] + [10, 11, 12]
     assert out["ages"].to_pylist()[0][3:] == [0, 0, 0, 0, 100, 100]
-    assert out["window_lengths"].to_pylist() == [[0, 1, 3], [0, 0, 3]]
-    assert out["length"].to_pylist() == [3, 3] and out["dropped"].to_pylist() == [0, 0]
+    assert out["window_lengths"].to_pylist() == [[0, 1, 3], [0, 0, 2]]
+    assert out["length"].to_pylist() == [3, 2] and out["dropped"].to_pylist() == [0, 0]
     # the newest window is the one-window example's, whatever the count
     single = prediction_windows(timelines(), labels([(7, 150, True), (9, 60, False)]), context=3)
     assert [t[6:] for t in out["tokens"].to_pylist()] == single["tokens"].to_pylist()
     two = prediction_windows(timelines(), labels([(7, 250, True)]), context=2, windows=2)
-    # day 250: all 7 tokens; the last 4 in two windows, 3 dropped
-    assert two["tokens"].to_pylist() == [[12, 11, 13, EOS_ID]]
-    assert two["window_lengths"].to_pylist() == [[2, 2]] and two["dropped"].to_pylist() == [3]
+    # day 250: all 6 tokens before the closing EOS; the last 4 in two windows, 2 dropped
+    assert two["tokens"].to_pylist() == [[11, 12, 11, 13]]
+    assert two["window_lengths"].to_pylist() == [[2, 2]] and two["dropped"].to_pylist() == [2]
     batch = example_tensors(out)
-    assert batch["tokens"].shape == (2, 3, 3) and batch["length"].tolist() == [[0, 1, 3], [0, 0, 3]]
+    assert batch["tokens"].shape == (2, 3, 3) and batch["length"].tolist() == [[0, 1, 3], [0, 0, 2]]
 
 
 def test_whole_history_mean_pools_every_window_and_an_empty_window_costs_nothing():

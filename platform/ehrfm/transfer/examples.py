@@ -1,7 +1,7 @@
 """Labels + timelines -> prediction windows: what the model may see at each prediction time.
 
 A window is the last `context` tokens of a person's timeline whose age (days since birth) is at
-or before the prediction time's age, right-padded. Because a gap token carries the age of the
+or before the prediction time's age, right-padded, never the closing EOS (`open_records`). Because a gap token carries the age of the
 event it precedes, the cut never reveals how long it was until the next event. The tokens of the
 prediction day itself are included (event times are day-resolution in OMOP's *_date columns);
 the labelers exclude anyone whose target or prior evidence falls at or before the prediction
@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from ehrfm.constants import PAD_ID
+from ehrfm.constants import EOS_ID, PAD_ID
 from ehrfm.preprocess.arrow_lists import list_values_offsets, timeline_files
 
 DAY_US = 86_400_000_000
@@ -63,6 +63,23 @@ def prediction_ages(prediction_time: pa.Array, birth_date: pa.Array) -> np.ndarr
     t = pc.cast(prediction_time, pa.timestamp("us")).cast(pa.int64()).to_numpy(zero_copy_only=False)
     b = pc.cast(birth_date, pa.date32()).cast(pa.int32()).to_numpy(zero_copy_only=False).astype(np.int64)
     return np.floor_divide(t, DAY_US) - b
+
+
+def open_records(
+    tokens: np.ndarray, ages: np.ndarray, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat tokens, ages and offsets of timelines with their closing EOS removed. At a prediction
+    time the record is still open: that it ends on that day is future information (and online
+    requests never carry it), so no window shows it, even when the prediction day is the last one."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    closing = offsets[1:] - 1
+    ends_with_eos = np.zeros(len(closing), dtype=bool)
+    nonempty = offsets[1:] > offsets[:-1]
+    ends_with_eos[nonempty] = tokens[closing[nonempty]] == EOS_ID
+    keep = np.ones(len(tokens), dtype=bool)
+    keep[closing[ends_with_eos]] = False
+    removed = np.concatenate([[0], np.cumsum(ends_with_eos)])
+    return tokens[keep], ages[keep], offsets - removed
 
 
 def cut_history_at(
@@ -129,6 +146,7 @@ def prediction_windows(timelines: pa.Table, labels: pa.Table, context: int, wind
     rows = order[pos[found]]
     tokens, offsets = list_values_offsets(timelines["tokens"])
     ages, _ = list_values_offsets(timelines["ages"])
+    tokens, ages, offsets = open_records(tokens, ages, offsets)
     taken = pa.array(rows, pa.int64())
     cut = prediction_ages(
         labels["prediction_time"].combine_chunks(), timelines["birth_date"].take(taken).combine_chunks()

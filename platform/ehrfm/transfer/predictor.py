@@ -8,9 +8,8 @@ score the offline examples give for the same events and prediction time.
 
 Choices that differ from, or go beyond, the offline path (documented for Serve):
 - A served record is open: it ends at the prediction time, not at the end of follow-up, so the
-  EOS token ("record ended") is never part of an online window. Offline windows contain it only
-  when the prediction day is the last day of the whole record, which the labelers avoid
-  (prediction times are visit ends before the last visit).
+  EOS token ("record ended") is never part of a window, online or offline (`examples.open_records`,
+  also when an offline prediction day is the last day of the whole record).
 - PRS values are z-scores on the scale of the pipeline's prs/ output (after the fitted
   train-split transform). Missing PGS ids are filled with 0 (the train mean), as the pipeline
   does for a genotyped person with a missing score; a record counts as genotyped
@@ -45,11 +44,12 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator
 
-from ehrfm.constants import EOS_ID, FIRST_CODE_ID, UNK_ID
+from ehrfm.constants import FIRST_CODE_ID, UNK_ID
 from ehrfm.model.risk import TOKENIZER_FILE, HeadSpec, RiskModel, load_risk_model, predict_logits
 from ehrfm.omop.events import BIRTH_CODE, PRIORITY_COLUMN, code_priority, finalize_shard
+from ehrfm.preprocess.arrow_lists import list_values_offsets
 from ehrfm.preprocess.tokenizer import Tokenizer, gap_token_names, value_token_names
-from ehrfm.transfer.examples import WINDOW_LENGTHS, cut_history_at, example_tensors, prediction_ages
+from ehrfm.transfer.examples import WINDOW_LENGTHS, cut_history_at, example_tensors, open_records, prediction_ages
 
 # OMOP gender concepts; "unknown" is 0 (no matching concept), what the pipeline writes for a null.
 SEX_CONCEPTS = {"male": 8507, "female": 8532, "other": 8521, "unknown": 0}
@@ -270,17 +270,6 @@ def records_to_events(records: list[PersonRecord], known: Collection[str] = ()) 
     return finalize_shard(staged)
 
 
-def _without_eos(tokens: pa.ListArray, ages: pa.ListArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flat tokens, ages and offsets of timelines with their closing EOS removed (open records)."""
-    offsets = tokens.offsets.to_numpy().astype(np.int64)
-    flat_tokens = tokens.flatten().to_numpy(zero_copy_only=False)
-    flat_ages = ages.flatten().to_numpy(zero_copy_only=False)
-    keep = np.ones(len(flat_tokens), dtype=bool)
-    keep[offsets[1:] - 1] = False
-    assert np.all(flat_tokens[~keep] == EOS_ID)
-    return flat_tokens[keep], flat_ages[keep], offsets - np.arange(len(offsets))
-
-
 @dataclass
 class Windows:
     """Model inputs for a batch of records plus the per-record counts Serve reports."""
@@ -339,7 +328,9 @@ class RiskPredictor:
 
     def windows(self, records: list[PersonRecord]) -> Windows:
         timelines = self.tokenizer.tokenize(records_to_events(records, self.tokenizer.token_id))
-        tokens, ages, offsets = _without_eos(timelines.tokens, timelines.ages)
+        flat_tokens, offsets = list_values_offsets(timelines.tokens)
+        flat_ages, _ = list_values_offsets(timelines.ages)
+        tokens, ages, offsets = open_records(flat_tokens, flat_ages, offsets)
         times = pa.array([r.scored_time() for r in records], pa.timestamp("us"))
         births = pa.array(timelines.birth_day.astype(np.int32), pa.int32()).cast(pa.date32())
         cut = prediction_ages(times, births)
