@@ -4,6 +4,11 @@ A bootstrap resample is a vector of multiplicities (how often each person was dr
 metrics are written as weighted sums over the scores sorted once: tied scores form one threshold
 group, exactly as scikit-learn's roc_auc_score and average_precision_score treat ties. The
 resamples are processed in chunks so memory stays at about `chunk_elems` floats.
+
+Rows are the resampled unit unless `groups` is given: with several label rows per person (one per
+prediction time), pass the subject ids, so a resample draws persons and takes all of each drawn
+person's rows. Rows of one person are correlated; resampling them one by one makes intervals too
+narrow.
 """
 
 from __future__ import annotations
@@ -112,22 +117,44 @@ def bootstrap_weights(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarr
     return np.bincount((draws + offsets).ravel(), minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
 
 
-def _weight_chunks(n: int, n_boot: int, seed: int, chunk_elems: int):
-    """Seeded resample multiplicities in chunks of about `chunk_elems` floats (same stream for any caller)."""
+def _weight_chunks(n: int, n_boot: int, seed: int, chunk_elems: int, groups: np.ndarray | None = None):
+    """Seeded per-row resample multiplicities in chunks of about `chunk_elems` floats (same stream for
+    any caller). With `groups`, the groups are drawn and each row takes its group's multiplicity."""
     rng = np.random.default_rng(seed)
     chunk = max(1, chunk_elems // max(1, n))
+    if groups is None:
+        for first in range(0, n_boot, chunk):
+            yield bootstrap_weights(n, min(chunk, n_boot - first), rng)
+        return
+    _, inverse = np.unique(groups, return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if inverse.size else 0
     for first in range(0, n_boot, chunk):
-        yield bootstrap_weights(n, min(chunk, n_boot - first), rng)
+        yield bootstrap_weights(n_groups, min(chunk, n_boot - first), rng)[:, inverse]
+
+
+def _check_groups(groups, n: int) -> np.ndarray | None:
+    if groups is None:
+        return None
+    groups = np.asarray(groups).ravel()
+    if groups.shape[0] != n:
+        raise ValueError(f"groups has {groups.shape[0]} entries for {n} rows")
+    return groups
 
 
 def _resampled(
-    metric: str, y: np.ndarray, scores: list[np.ndarray], n_boot: int, seed: int, chunk_elems: int
+    metric: str,
+    y: np.ndarray,
+    scores: list[np.ndarray],
+    n_boot: int,
+    seed: int,
+    chunk_elems: int,
+    groups: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """The metric of each score vector on the same `n_boot` person resamples (NaN: a class absent)."""
     fn, descending = _METRICS[metric]
     prepared = [(order, starts, y[order]) for order, starts in (_tie_groups(s, descending) for s in scores)]
     values: list[list[np.ndarray]] = [[] for _ in scores]
-    for weights in _weight_chunks(y.size, n_boot, seed, chunk_elems // max(1, len(scores))):
+    for weights in _weight_chunks(y.size, n_boot, seed, chunk_elems // max(1, len(scores)), groups):
         for out, (order, starts, ys) in zip(values, prepared):
             w = weights[:, order]
             out.append(fn(w * ys, w * ~ys, starts))
@@ -156,14 +183,17 @@ def bootstrap_metric(
     seed: int = 0,
     alpha: float = 0.05,
     chunk_elems: int = 20_000_000,
+    groups=None,
 ) -> Estimate:
-    """Point estimate and percentile (1 - alpha) interval over `n_boot` seeded person resamples."""
+    """Point estimate and percentile (1 - alpha) interval over `n_boot` seeded resamples (of rows, or
+    of `groups` such as subject ids)."""
     _check_metric(metric)
     y, s = _check(y_true, y_score)
+    groups = _check_groups(groups, y.size)
     value = _point(metric, y, s)
     if n_boot <= 0 or y.size == 0:
         return Estimate(value, np.nan, np.nan)
-    (boot,) = _resampled(metric, y, [s], n_boot, seed, chunk_elems)
+    (boot,) = _resampled(metric, y, [s], n_boot, seed, chunk_elems, groups)
     return _percentile_estimate(value, boot, n_boot, alpha)
 
 
@@ -176,6 +206,7 @@ def bootstrap_difference(
     seed: int = 0,
     alpha: float = 0.05,
     chunk_elems: int = 20_000_000,
+    groups=None,
 ) -> Estimate:
     """metric(a) - metric(b) on the same persons, with a paired percentile interval.
 
@@ -186,16 +217,21 @@ def bootstrap_difference(
     _check_metric(metric)
     y, a = _check(y_true, score_a)
     _, b = _check(y_true, score_b)
+    groups = _check_groups(groups, y.size)
     value = _point(metric, y, a) - _point(metric, y, b)
     if n_boot <= 0 or y.size == 0:
         return Estimate(value, np.nan, np.nan)
-    boot_a, boot_b = _resampled(metric, y, [a, b], n_boot, seed, 2 * chunk_elems)
+    boot_a, boot_b = _resampled(metric, y, [a, b], n_boot, seed, 2 * chunk_elems, groups)
     return _percentile_estimate(value, boot_a - boot_b, n_boot, alpha)
 
 
-def auroc_ci(y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, alpha: float = 0.05) -> Estimate:
-    return bootstrap_metric("auroc", y_true, y_score, n_boot, seed, alpha)
+def auroc_ci(
+    y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, alpha: float = 0.05, groups=None
+) -> Estimate:
+    return bootstrap_metric("auroc", y_true, y_score, n_boot, seed, alpha, groups=groups)
 
 
-def auprc_ci(y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, alpha: float = 0.05) -> Estimate:
-    return bootstrap_metric("auprc", y_true, y_score, n_boot, seed, alpha)
+def auprc_ci(
+    y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, alpha: float = 0.05, groups=None
+) -> Estimate:
+    return bootstrap_metric("auprc", y_true, y_score, n_boot, seed, alpha, groups=groups)

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from ehrfm.evaluate.cross_fit import cross_fit_report
 from ehrfm.evaluate.features import FeatureMatrix
 from ehrfm.evaluate.few_shot import (
+    COUNT_MODELS,
+    FM_COUNTS_HGB,
+    FM_HGB,
     FM_LR,
     Design,
     FewShotConfig,
@@ -88,6 +92,32 @@ def test_gradient_boosting_fits_two_rows_and_count_designs_follow_the_baselines(
     assert np.isfinite(risk).all() and np.ptp(risk) > 0  # two rows, one leaf each: it did split
     records = run_few_shot(designs, y, split, config)
     assert len(records) == 4 * 2 * 2 and all(math.isfinite(r["auroc"]) for r in records)
+
+
+def test_fm_boosting_heads_read_the_states_and_the_counts_together():
+    """Risk needs one state column and one count column: only fm_counts_hgb sees both, and the
+    cross-fit report compares every FM head with every count head."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    states = rng.standard_normal((n, 4))
+    counts = rng.poisson(1.0, size=(n, 3)).astype(float)
+    y = ((states[:, 0] > 0.3) & (counts[:, 0] >= 2)).astype(int)
+    split = np.where(np.arange(n) % 3 == 0, "test", "train")
+    features = FeatureMatrix(sp.csr_matrix(counts), ["c0", "c1", "c2"], np.zeros(3, bool), np.arange(n), np.arange(n))
+    models = [FM_LR, FM_HGB, FM_COUNTS_HGB, "counts_hgb"]
+    config = FewShotConfig(shots=[], cross_fit_folds=3, threads=1, models=models)
+    fm = fm_design(states, None, None)
+    designs = {FM_LR: fm, FM_HGB: fm_design(states, None, None, kind="hgb")}
+    designs |= count_designs(features, None, None, split, config, fm.x)
+    assert set(designs) == set(models)
+    assert designs[FM_COUNTS_HGB].x.shape == (n, 3 + 4) and designs[FM_HGB].kind == "hgb"
+    assert FM_COUNTS_HGB not in count_designs(features, None, None, split, config)  # no states given
+    report = cross_fit_report(designs, y, np.arange(n), config, n_boot=100)
+    auc = {m: report["models"][m]["auroc"] for m in models}
+    assert auc[FM_COUNTS_HGB] > 0.97 and auc[FM_COUNTS_HGB] > max(auc[FM_HGB], auc["counts_hgb"]) + 0.05
+    assert set(report["comparisons"]) == {f"{m}-counts_hgb" for m in (FM_LR, FM_HGB, FM_COUNTS_HGB)}
+    assert report["comparisons"][f"{FM_COUNTS_HGB}-counts_hgb"]["ci"][0] > 0
+    assert FewShotConfig().models == [FM_LR, *COUNT_MODELS]  # the boosted FM heads are opt-in
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

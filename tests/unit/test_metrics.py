@@ -10,7 +10,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from ehrfm.calibration import Recalibrator
 from ehrfm.evaluate.calibration import expected_calibration_error, reliability_curve
 from ehrfm.evaluate.stratify import age_bucket, prs_deciles, risk_by_prs_decile, subgroup_table, wilson_interval
-from ehrfm.metrics import auprc, auroc, auroc_ci, bootstrap_metric, bootstrap_weights
+from ehrfm.metrics import auprc, auroc, auroc_ci, bootstrap_difference, bootstrap_metric, bootstrap_weights
 
 
 def scored_sample(n: int, seed: int, ties: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -63,6 +63,34 @@ def test_bootstrap_ci_contains_estimate_shrinks_with_n_and_is_seeded():
     assert bootstrap_metric("auroc", y, s, seed=1).lower != bootstrap_metric("auroc", y, s, seed=2).lower
     chunked = bootstrap_metric("auroc", y, s, seed=1, chunk_elems=1000)  # chunks of 2 resamples
     assert chunked == bootstrap_metric("auroc", y, s, seed=1)
+
+
+def test_person_resampling_keeps_a_persons_rows_together():
+    """With several rows per person, resampling rows treats copies as independent evidence and
+    narrows the interval; resampling persons (groups=subject ids) does not."""
+    rng = np.random.default_rng(3)
+    n = 400
+    y = rng.random(n) < 0.2
+    s = y * 0.8 + rng.normal(size=n)
+    copies = 6
+    y_rep, s_rep = np.repeat(y, copies), np.repeat(s, copies)
+    persons = np.repeat(np.arange(n) * 7 + 11, copies)  # ids need not be 0..n-1 nor sorted by row
+
+    def width(est):
+        return est.upper - est.lower
+
+    one_row_each = auroc_ci(y, s, 1000, seed=1)
+    rows = auroc_ci(y_rep, s_rep, 1000, seed=1)
+    by_person = auroc_ci(y_rep, s_rep, 1000, seed=1, groups=persons)
+    assert rows.value == pytest.approx(one_row_each.value) == pytest.approx(by_person.value)
+    assert width(rows) < 0.55 * width(one_row_each)  # ~1/sqrt(6) of it: overconfident
+    assert width(by_person) == pytest.approx(width(one_row_each), rel=0.2)
+    # one row per person: the person resample is the row resample, draw for draw
+    assert auroc_ci(y, s, 500, seed=2, groups=np.arange(n)) == auroc_ci(y, s, 500, seed=2)
+    diff = bootstrap_difference("auroc", y_rep, s_rep, s_rep + rng.normal(size=y_rep.size), 500, 1, groups=persons)
+    assert diff.lower < diff.value < diff.upper
+    with pytest.raises(ValueError, match="groups has 5 entries for 2400 rows"):
+        auroc_ci(y_rep, s_rep, 10, groups=np.arange(5))
 
 
 def test_ece_near_zero_when_calibrated_and_near_known_gap_when_not():

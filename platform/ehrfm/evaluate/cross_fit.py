@@ -4,11 +4,12 @@ A held-out test split of a 20k cohort holds ~40 T2D events, too few to resolve t
 differences at stake (#21). Cross-fitting uses every label row instead: the persons are dealt into
 K folds (all rows of a person in one fold, a pure function of the seed and the set of subject ids),
 each fold is scored by heads fit on the other K - 1 folds, and the pooled out-of-fold risks are
-compared with a paired bootstrap over rows. The heads and their inputs are the few-shot protocol's
+compared with a paired bootstrap over persons (a resample draws persons and keeps all their rows:
+one person's label rows are correlated, and resampling rows would make the intervals too narrow). The heads and their inputs are the few-shot protocol's
 (evaluate/few_shot.py: the frozen FM features with an L2 logistic regression, the count baselines
 with LR and gradient boosting), fit on full folds with the same fixed settings.
 
-The report gives each head's AUROC / AUPRC with bootstrap CIs, the FM head's paired difference to
+The report gives each head's AUROC / AUPRC with bootstrap CIs, each FM head's paired difference to
 every count head with its minimum detectable difference (80% power, two-sided 5%), and the event
 count; a difference is judged against a target only on at least MIN_EVENTS_FOR_TARGET events.
 """
@@ -21,7 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ehrfm.evaluate.few_shot import FM_LR, Design, FewShotConfig, fit_and_score
+from ehrfm.evaluate.few_shot import COUNT_MODELS, FM_MODELS, Design, FewShotConfig, fit_and_score
 from ehrfm.metrics import auprc_ci, auroc_ci, bootstrap_difference
 
 MIN_EVENTS_FOR_TARGET = 300  # as `ehrfm evaluate`: below it a paired AUROC difference cannot resolve 0.01-0.03
@@ -71,7 +72,8 @@ def cross_fit_report(
     events = int(y.sum())
     models = {}
     for name, risk in risks.items():
-        roc, pr = auroc_ci(y, risk, n_boot, config.seed), auprc_ci(y, risk, n_boot, config.seed)
+        roc = auroc_ci(y, risk, n_boot, config.seed, groups=subject_ids)
+        pr = auprc_ci(y, risk, n_boot, config.seed, groups=subject_ids)
         models[name] = {
             "auroc": roc.value,
             "auroc_ci": [roc.lower, roc.upper],
@@ -79,13 +81,11 @@ def cross_fit_report(
             "auprc_ci": [pr.lower, pr.upper],
         }
     comparisons = {}
-    if FM_LR in risks:
-        for name, risk in risks.items():
-            if name == FM_LR:
-                continue
-            diff = bootstrap_difference("auroc", y, risks[FM_LR], risk, n_boot, config.seed)
+    for fm in (m for m in FM_MODELS if m in risks):  # every FM head against every count head
+        for name in (m for m in COUNT_MODELS if m in risks):
+            diff = bootstrap_difference("auroc", y, risks[fm], risks[name], n_boot, config.seed, groups=subject_ids)
             mdd = diff.minimum_detectable()
-            comparisons[f"{FM_LR}-{name}"] = {
+            comparisons[f"{fm}-{name}"] = {
                 "auroc_difference": diff.value,
                 "ci": [diff.lower, diff.upper],
                 "minimum_detectable_difference": mdd if math.isfinite(mdd) else None,
@@ -96,6 +96,7 @@ def cross_fit_report(
         "events": events,
         "judgeable": events >= MIN_EVENTS_FOR_TARGET,
         "n_boot": n_boot,
+        "resampled": "persons",
         "models": models,
         "comparisons": comparisons,
     }

@@ -16,6 +16,9 @@ Heads (fixed settings, no validation split: with k = 1 there is nothing to tune 
   (chosen on the train rows without their labels), without / with the PRS columns; no early
   stopping; min_samples_leaf = min(20, max(1, 2k // 10)) unless `hgb_min_samples_leaf` is set,
   so k = 1 (two rows) can still split and k = 128 keeps scikit-learn's default of 20.
+- fm_hgb (opt-in): the same boosting on fm_lr's inputs, a non-linear head on the frozen states.
+- fm_counts_hgb (opt-in): the boosting on counts_prs_hgb's columns plus fm_lr's states, asking
+  whether the decoder's states add anything to the strongest count model.
 Nothing is skipped silently: a k with fewer than k train positives (or negatives), or a head that
 cannot be fit, is recorded with NaN metrics and the reason.
 """
@@ -41,9 +44,11 @@ from ehrfm.evaluate.features import FeatureMatrix
 from ehrfm.metrics import auprc, auroc
 
 TRAIN, TEST = "train", "test"
-FM_LR = "fm_lr"
+FM_LR, FM_HGB, FM_COUNTS_HGB = "fm_lr", "fm_hgb", "fm_counts_hgb"
+FM_MODELS = (FM_LR, FM_HGB, FM_COUNTS_HGB)  # heads that read the frozen decoder's states
 COUNT_MODELS = ("counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb")
-MODELS = (FM_LR, *COUNT_MODELS)
+MODELS = (*FM_MODELS, *COUNT_MODELS)
+DEFAULT_MODELS = (FM_LR, *COUNT_MODELS)
 METRICS = ("auroc", "auprc")
 
 
@@ -53,7 +58,7 @@ class FewShotConfig(StrictModel):
     shots: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
     replicates: int = Field(5, ge=1)
     seed: int = 0
-    models: list[str] = Field(default_factory=lambda: list(MODELS))
+    models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
     lr_c: float = Field(1.0, gt=0)  # inverse L2 strength of every logistic-regression head
     lr_max_iter: int = 2000
     hgb_max_iter: int = 100
@@ -159,7 +164,11 @@ def fit_and_score(design: Design, y: np.ndarray, fit_rows: np.ndarray, score_row
 
 
 def fm_design(
-    hidden: np.ndarray, prs: np.ndarray | None, has_prs: np.ndarray | None, mean: np.ndarray | None = None
+    hidden: np.ndarray,
+    prs: np.ndarray | None,
+    has_prs: np.ndarray | None,
+    mean: np.ndarray | None = None,
+    kind: Literal["lr", "hgb"] = "lr",
 ) -> Design:
     """The FM head's inputs: frozen last-token states (and the mean state, when given) beside the PRS
     columns and has-PRS flag."""
@@ -168,7 +177,7 @@ def fm_design(
         x = np.column_stack([x, np.asarray(mean, dtype=np.float64)])
     if prs is not None:
         x = np.column_stack([x, prs_design(prs, has_prs)])
-    return Design("lr", x)
+    return Design(kind, x)
 
 
 def count_designs(
@@ -177,22 +186,27 @@ def count_designs(
     has_prs: np.ndarray | None,
     split: np.ndarray,
     config: FewShotConfig,
+    fm_states: np.ndarray | None = None,
 ) -> dict[str, Design]:
-    """The count heads' inputs, built as the baselines build theirs (PRS heads only with a PRS)."""
+    """The count heads' inputs, built as the baselines build theirs (PRS heads only with a PRS), and
+    fm_counts_hgb's (the dense counts beside `fm_states`, fm_lr's inputs with their PRS columns)."""
     prs_cols = None if prs is None else prs_design(prs, has_prs)
     wanted = [m for m in COUNT_MODELS if m in config.models and (prs_cols is not None or "_prs_" not in m)]
+    with_fm = FM_COUNTS_HGB in config.models and fm_states is not None
     out: dict[str, Design] = {}
     if any(m.endswith("_lr") for m in wanted):
         out["counts_lr"] = Design("lr", lr_design(features, None))
         if prs_cols is not None:
             out["counts_prs_lr"] = Design("lr", lr_design(features, prs_cols))
-    if any(m.endswith("_hgb") for m in wanted):
+    if with_fm or any(m.endswith("_hgb") for m in wanted):
         columns = dense_columns(features, np.asarray(split) == TRAIN, config.features.hgb_max_dense_features)
         dense = features.to_dense(columns)
         out["counts_hgb"] = Design("hgb", dense)
         if prs_cols is not None:
             out["counts_prs_hgb"] = Design("hgb", np.column_stack([dense, prs_cols.astype(np.float32)]))
-    return {name: design for name, design in out.items() if name in wanted}
+        if with_fm:
+            out[FM_COUNTS_HGB] = Design("hgb", np.column_stack([dense, np.asarray(fm_states, dtype=np.float32)]))
+    return {name: design for name, design in out.items() if name in wanted or name == FM_COUNTS_HGB}
 
 
 # ---- the protocol -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ params, `<model>/auroc_mean` etc. with step = k, and the files.
 
 With `cross_fit_folds=K` (K >= 2) the same heads are also fit on K person folds of all label rows
 and every row is scored out of fold (evaluate/cross_fit.py): AUROC/AUPRC with CIs over all rows and
-the FM head's paired difference to each count head with its minimum detectable difference, in
+each FM head's paired difference to each count head with its minimum detectable difference, in
 few_shot.json ("cross_fit"), few_shot.md and MLflow (`cross_fit/<model>/auroc`). `shots=[]` runs the
 cross-fit alone; `history_windows=N fm_inputs=last+mean` gives the FM head the whole bounded history.
 """
@@ -40,6 +40,8 @@ from ehrfm.evaluate.cross_fit import cross_fit_markdown, cross_fit_report
 from ehrfm.evaluate.features import CodeVocabulary, build_features
 from ehrfm.evaluate.few_shot import (
     COUNT_MODELS,
+    FM_COUNTS_HGB,
+    FM_HGB,
     FM_LR,
     METRICS,
     MODELS,
@@ -61,6 +63,8 @@ EXPERIMENT = "ehrfm-few-shot"
 JSON_FILE, CSV_FILE, MARKDOWN_FILE, PLOT_FILE = "few_shot.json", "few_shot.csv", "few_shot.md", "few_shot_auroc.png"
 LABELS = {
     FM_LR: "FM (frozen) + PRS, LR",
+    FM_HGB: "FM (frozen) + PRS, GBM",
+    FM_COUNTS_HGB: "counts + FM (frozen) + PRS, GBM",
     "counts_lr": "counts LR",
     "counts_prs_lr": "counts + PRS LR",
     "counts_hgb": "counts GBM",
@@ -90,10 +94,13 @@ def few_shot_evaluation(
         checkpoint_dir, data_dir, labels, config.context, config.batch_size, config.history_windows
     )
     designs = {}
+    mean = frozen.mean if config.fm_inputs == "last+mean" else None
+    fm_inputs = fm_design(frozen.hidden, frozen.prs, frozen.has_prs, mean)
     if FM_LR in config.models:
-        mean = frozen.mean if config.fm_inputs == "last+mean" else None
-        designs[FM_LR] = fm_design(frozen.hidden, frozen.prs, frozen.has_prs, mean)
-    if any(m in config.models for m in COUNT_MODELS):
+        designs[FM_LR] = fm_inputs
+    if FM_HGB in config.models:
+        designs[FM_HGB] = fm_design(frozen.hidden, frozen.prs, frozen.has_prs, mean, kind="hgb")
+    if any(m in config.models for m in (*COUNT_MODELS, FM_COUNTS_HGB)):
         counts = config.features
         events = read_events(data_dir)
         train_labels = labels.filter(pa.array(frozen.split == TRAIN))  # the vocabulary sees train rows only
@@ -101,7 +108,7 @@ def few_shot_evaluation(
             events, train_labels, tuple(counts.windows_days), counts.min_persons_per_code, counts.max_codes
         )
         features = build_features(events, labels, vocabulary)
-        designs |= count_designs(features, frozen.prs, frozen.has_prs, frozen.split, config)
+        designs |= count_designs(features, frozen.prs, frozen.has_prs, frozen.split, config, fm_inputs.x)
     feature_seconds = time.perf_counter() - started
     records = run_few_shot(designs, y, frozen.split, config)
     fit_seconds = time.perf_counter() - started - feature_seconds

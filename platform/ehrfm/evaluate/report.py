@@ -47,9 +47,12 @@ class ModelResult:
         return {k: v if isinstance(v, str) else float(v) for k, v in values.items()}
 
 
-def evaluate_predictions(name: str, y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> ModelResult:
+def evaluate_predictions(
+    name: str, y_true, y_score, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, groups=None
+) -> ModelResult:
     """AUROC, AUPRC (seeded bootstrap 95% CIs) and ECE of one model's scores (the binning of the
-    calibration plot: `expected_calibration_error`'s defaults)."""
+    calibration plot: `expected_calibration_error`'s defaults). `groups` (subject ids): resample
+    persons, not rows, when a person has several label rows."""
     y = np.asarray(y_true).astype(bool).ravel()
     score = np.asarray(y_score, dtype=np.float64).ravel()
     is_probability = score.size > 0 and np.isfinite(score).all() and score.min() >= 0 and score.max() <= 1
@@ -57,8 +60,8 @@ def evaluate_predictions(name: str, y_true, y_score, n_boot: int = DEFAULT_BOOTS
         name=name,
         n=int(y.size),
         n_positive=int(y.sum()),
-        auroc=auroc_ci(y, score, n_boot, seed),
-        auprc=auprc_ci(y, score, n_boot, seed),
+        auroc=auroc_ci(y, score, n_boot, seed, groups=groups),
+        auprc=auprc_ci(y, score, n_boot, seed, groups=groups),
         ece=expected_calibration_error(y, score) if is_probability else float("nan"),
     )
 
@@ -97,14 +100,23 @@ def write_report(
 
 
 def write_stratified(
-    out_dir: Path, y_true, risks: dict, groups: dict, prs=None, n_boot: int = 200, seed: int = 0
+    out_dir: Path,
+    y_true,
+    risks: dict,
+    groups: dict,
+    prs=None,
+    n_boot: int = 200,
+    seed: int = 0,
+    persons=None,
 ) -> list[Path]:
     """subgroups.csv (every model x subgroup level) and prs_deciles.csv (every model x decile), as
     published: counts under the small-count rule, each model's levels of an attribute (its deciles)
     one partition of the test persons."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = [
-        subgroup_table(y_true, risk, groups, n_boot, seed).insert_column(0, pl.lit(name).alias("model"))
+        subgroup_table(y_true, risk, groups, n_boot, seed, persons=persons).insert_column(
+            0, pl.lit(name).alias("model")
+        )
         for name, risk in risks.items()
     ]
     paths = [out_dir / "subgroups.csv"]

@@ -176,11 +176,16 @@ def evaluate_all(
     test_risks = {name: risk[test] for name, risk in risks.items()}
     if meds_dev_dir is not None:
         write_meds_dev_predictions(meds_dev_dir, labels.filter(pa.array(test)), test_risks)
-    results = [evaluate_predictions(name, y[test], risk, n_boot=n_boot, seed=seed) for name, risk in test_risks.items()]
+    # a person has a label row per prediction time: resample persons, so their rows stay together
+    persons = labels["subject_id"].to_numpy(zero_copy_only=False)[test]
+    results = [
+        evaluate_predictions(name, y[test], risk, n_boot=n_boot, seed=seed, groups=persons)
+        for name, risk in test_risks.items()
+    ]
     by_name = {r.name: r for r in results}
     best_baseline = max(fitted, key=lambda n: by_name[n].auroc.value) if fitted else None
     headline = FINETUNED if FINETUNED in risks else best_baseline
-    comparisons = _comparisons(y[test], test_risks, list(fitted), headline, n_boot, seed)
+    comparisons = _comparisons(y[test], test_risks, list(fitted), headline, n_boot, seed, persons)
 
     if decile_pgs is None and cohort is not None:
         decile_pgs = trait_pgs(cohort)
@@ -199,7 +204,14 @@ def evaluate_all(
         out_dir, y[test], probabilities, prs_test, decile_model=headline if headline in probabilities else None
     )
     paths += write_stratified(
-        out_dir, y[test], test_risks, {k: v[test] for k, v in groups.items()}, prs_test, n_boot=n_boot, seed=seed
+        out_dir,
+        y[test],
+        test_risks,
+        {k: v[test] for k, v in groups.items()},
+        prs_test,
+        n_boot=n_boot,
+        seed=seed,
+        persons=persons,
     )
     subgroup_md = out_dir / "subgroups.md"
     key_models = [
@@ -215,6 +227,7 @@ def evaluate_all(
         "n_test": int(test.sum()),
         "n_test_positive": int(y[test].sum()),
         "n_boot": n_boot,
+        "resampled": "persons",  # bootstrap unit: all of a drawn person's label rows
         "seed": seed,
         "decile_pgs": decile_pgs,
         "headline": headline,
@@ -240,7 +253,13 @@ def evaluate_all(
 
 
 def _comparisons(
-    y, risks: dict[str, np.ndarray], baselines: list[str], headline: str | None, n_boot: int, seed: int
+    y,
+    risks: dict[str, np.ndarray],
+    baselines: list[str],
+    headline: str | None,
+    n_boot: int,
+    seed: int,
+    persons: np.ndarray | None = None,
 ) -> list[Comparison]:
     """The paired AUROC differences the task is judged on, for the models that are present."""
     pairs = []
@@ -259,7 +278,7 @@ def _comparisons(
         if headline is not None:
             pairs.append(("gap_to_oracle", ORACLE_GENETIC, headline))
     return [
-        Comparison(name, a, b, bootstrap_difference("auroc", y, risks[a], risks[b], n_boot, seed))
+        Comparison(name, a, b, bootstrap_difference("auroc", y, risks[a], risks[b], n_boot, seed, groups=persons))
         for name, a, b in pairs
     ]
 

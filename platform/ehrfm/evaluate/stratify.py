@@ -85,9 +85,11 @@ def subgroup_table(
     n_boot: int = 200,
     seed: int = 0,
     min_count: int | None = None,
+    persons=None,
 ) -> pl.DataFrame:
     """One row per (attribute, level): n, events, prevalence, AUROC/AUPRC with CIs, ECE. Metrics
-    only where n >= min_count (default: above the small-count threshold) and both classes occur."""
+    only where n >= min_count (default: above the small-count threshold) and both classes occur.
+    `persons` (subject id per row): the CIs resample persons, not rows."""
     min_count = threshold() + 1 if min_count is None else min_count
     y = np.asarray(y_true).astype(bool).ravel()
     p = np.asarray(y_prob, dtype=np.float64).ravel()
@@ -114,7 +116,9 @@ def subgroup_table(
                 "ece": np.nan,
             }
             if n >= min_count and 0 < events < n:
-                roc, pr = auroc_ci(y[mask], p[mask], n_boot, seed), auprc_ci(y[mask], p[mask], n_boot, seed)
+                who = None if persons is None else np.asarray(persons).ravel()[mask]
+                roc = auroc_ci(y[mask], p[mask], n_boot, seed, groups=who)
+                pr = auprc_ci(y[mask], p[mask], n_boot, seed, groups=who)
                 row.update(
                     auroc=roc.value,
                     auroc_low=roc.lower,
