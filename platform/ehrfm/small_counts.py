@@ -105,6 +105,15 @@ def partition_hidden(
             return hide_n, hide_e
 
 
+def public_partition(cells: Mapping[str, Any], limit: int | None = None) -> dict[str, Any]:
+    """The cells of a partition whose total is shown: small cells as the label, and one more
+    (complementary) when a single hidden cell could be recovered by subtraction."""
+    names = list(cells)
+    counts = [cells[name] for name in names]
+    hidden = complement(counts, [is_small(c, limit) for c in counts])
+    return {name: show(c, limit, hidden=True) if h else c for name, c, h in zip(names, counts, hidden)}
+
+
 def public_json(value: Any, limit: int | None = None) -> Any:
     """A copy of a report dict with every person count in COUNT_KEYS shown by the rule (pairs
     suppressed together); other values unchanged."""

@@ -309,7 +309,8 @@ def test_label_command_on_an_export_with_an_empty_concept_ancestor_says_which_pa
         main(["--events", str(tmp_path / "events"), "--task", "t2d", "--out", str(tmp_path / "L"), "--omop", str(root)])
         == 0
     )
-    assert "concept_ancestor not available" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "concept_ancestor not available" in printed.err
     account = json.loads((tmp_path / "L" / "account.json").read_text())
     assert account["concept_sets"]["path"] == "shipped"
     assert account["concept_sets"]["target"]["condition/201826"]["source_codes"] is True
@@ -317,3 +318,21 @@ def test_label_command_on_an_export_with_an_empty_concept_ancestor_says_which_pa
     assert account["prediction_times"] == account["labeled"] + sum(account["excluded"].values())
     # Humulin 70/30 (19009384) is named "insulin": matched through the concept table's names too.
     assert account["concept_persons"]["prior:drug/1596977 outside inpatient"] == 1
+    # the terminal gets the published form: 28 persons, so most counts are small (1-20 never shown)
+    console = json.loads(printed.out)
+
+    def counts(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                yield from counts(v)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            yield value
+
+    assert not [c for c in counts(console) if 0 < c <= 20]
+    assert console["persons_in"] == account["persons_in"] > 20
+    assert console["concept_persons"]["prior:drug/1596977 outside inpatient"] == "<=20"
+    # persons_in = labeled + excluded: with one small exclusion cell shown as <=20, the labeled
+    # persons would be 28 minus the rest, so they are hidden too (complementary suppression)
+    small_exclusions = [k for k, v in account["persons_excluded"].items() if 0 < v <= 20]
+    assert len(small_exclusions) == 1 and console["persons_excluded"][small_exclusions[0]] == "<=20"
+    assert console["persons_labeled"] == "hidden"

@@ -60,3 +60,10 @@ def test_public_json_suppresses_person_counts_and_pairs_only() -> None:
     assert out["models"]["b"] == {"n": 300, "n_positive": "hidden"}  # 10 non-events
     assert out["prs_use"] == {"n_genotyped": "<=20"}
     assert report["n_test_positive"] == 5  # the input is not changed
+
+
+def test_public_partition_shows_small_cells_as_the_label_and_their_complement_hidden() -> None:
+    shown = sc.public_partition({"labeled": 900, "prior": 7, "lost": 95, "none": 0}, limit=20)
+    assert shown == {"labeled": 900, "prior": "<=20", "lost": "hidden", "none": 0}
+    two_small = sc.public_partition({"labeled": 900, "prior": 7, "lost": 3}, limit=20)
+    assert two_small == {"labeled": 900, "prior": "<=20", "lost": "<=20"}  # two hidden cells: no subtraction

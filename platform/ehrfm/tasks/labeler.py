@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from ehrfm.config import usage_errors
 from ehrfm.meds.codes import CodeBook
 from ehrfm.meds.layout import DATA_DIR
+from ehrfm.small_counts import binary_hidden, is_small, public_partition, show
 from ehrfm.tasks.aces import aces_yaml
 from ehrfm.tasks.definitions import CODE_DOMAINS, INPATIENT, ResolvedTask, load_task, resolve_task
 
@@ -415,6 +416,33 @@ def vocabulary(omop: Path | None) -> tuple[pl.DataFrame | None, pl.DataFrame | N
     return ancestry, read_concept_table(omop)
 
 
+def public_account(summary: dict, limit: int | None = None) -> dict:
+    """The console form of an account (as_dict without shards): person and prediction-time counts
+    under the small-count rule. account.json keeps the exact counts beside labels.parquet, inside
+    the workspace; what a person reads on a terminal or in a job log is published."""
+    out = dict(summary)
+    for total, excluded in (("persons_labeled", "persons_excluded"), ("labeled", "excluded")):
+        shown = public_partition({total: summary[total], **summary[excluded]}, limit)
+        out[total] = shown.pop(total)
+        out[excluded] = shown
+    for labeled, positive, negative in (
+        ("persons_labeled", "persons_positive", None),
+        ("labeled", "positive", "negative"),
+    ):
+        hide_positive = binary_hidden(summary[labeled], summary[positive], limit)[1]
+        out[positive] = show(summary[positive], limit, hidden=True) if hide_positive else summary[positive]
+        if negative is not None:
+            hide_negative = hide_positive or is_small(summary[negative], limit)
+            out[negative] = show(summary[negative], limit, hidden=True) if hide_negative else summary[negative]
+    for key in ("persons_in", "prediction_times", "censored_as_negative"):
+        out[key] = show(summary[key], limit) if is_small(summary[key], limit) else summary[key]
+    if "concept_persons" in summary:
+        out["concept_persons"] = {
+            k: show(v, limit) if is_small(v, limit) else v for k, v in summary["concept_persons"].items()
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehrfm label", description="label MEDS events for a prediction task")
     parser.add_argument(
@@ -453,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = account.as_dict()
     summary.pop("shards")
     summary["concept_sets"] = summary["concept_sets"]["path"]  # the details are in account.json
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(public_account(summary), indent=2))
     return 0
 
 

@@ -61,7 +61,10 @@ def build_trainer(cfg: PretrainConfig, datasets: dict | None = None):
     manifest = TimelineManifest.read(cfg.data.dir)
     model_cfg = cfg.model.with_data(manifest.vocab_size, manifest.num_pgs)
     if model_cfg.fusion != "none" and manifest.num_pgs == 0:
-        raise ValueError(f"model.fusion={model_cfg.fusion} but {cfg.data.dir}/timelines has no PRS columns")
+        raise ValueError(
+            f"model.fusion={model_cfg.fusion} but {cfg.data.dir}/timelines has no PRS columns: pass "
+            "model.fusion=none for an EHR-only decoder (the adapter adds PRS later), or preprocess with --prs"
+        )
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.storage_path) if cfg.mlflow.enabled else None
     loop_config = {
         # the filled model section, so the run's params and logged config show the data's vocab_size/num_pgs
