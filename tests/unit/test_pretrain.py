@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from ehrfm.config import load_config
 from ehrfm.constants import PAD_ID
+from ehrfm.prs.person import float32_vectors
 from ehrfm.training.config import PretrainConfig
 from ehrfm.training.engine import WarmupCosine, deepspeed_config
 from ehrfm.training.windows import TimelineManifest, WindowCollate
@@ -93,6 +95,22 @@ def test_windows_are_slices_of_timelines_fixed_per_epoch(tmp_path):
     long_rows = np.array([len(t) > 80 for t in tokens])
     assert (later["tokens"][long_rows] != batch["tokens"][long_rows]).any(dim=1).float().mean() > 0.8
     assert torch.equal(batch["has_prs"], torch.from_numpy(table["has_prs"].to_numpy(zero_copy_only=False)))
+
+
+def test_timelines_without_prs_collate_for_an_ehr_only_decoder(tmp_path):
+    """OMOP without PRS files stores K = 0 as empty variable-length lists (not a fixed-size list):
+    the collate reads them as [B, 0] scores, packed or not, and refuses a manifest that disagrees."""
+    write_timelines(tmp_path, persons=30, files=1, min_events=5, max_events=100)
+    table = pq.read_table(tmp_path / "timelines" / "part-00000.parquet")
+    index = table.schema.get_field_index("prs")
+    table = table.set_column(index, "prs", float32_vectors(np.zeros((30, 0), np.float32)))
+    table = table.set_column(table.schema.get_field_index("has_prs"), "has_prs", pa.array([False] * 30))
+    batch = WindowCollate(context=32, num_pgs=0, seed=0, epoch=0)(table)
+    assert batch["prs"].shape == (30, 0) and batch["tokens"].shape == (30, 32) and not batch["has_prs"].any()
+    packed = WindowCollate(context=32, num_pgs=0, seed=0, epoch=0, pack_prefix=0)(table)
+    assert packed["prs"].shape == (30, 0) and packed["tokens"].shape[1] == 32
+    with pytest.raises(ValueError, match="prs has 0 scores per person, the manifest says 8"):
+        WindowCollate(context=32, num_pgs=8, seed=0, epoch=0)(table)
 
 
 def test_manifest_problems_are_reported(tmp_path):

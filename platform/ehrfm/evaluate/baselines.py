@@ -34,6 +34,7 @@ from ehrfm.evaluate.stratify import age_bucket
 from ehrfm.meds.layout import DATA_DIR
 from ehrfm.meds.writer import read_events as read_dataset_events
 from ehrfm.metrics import auroc
+from ehrfm.prs.person import stored_width
 
 BASELINES = ("prs_lr", "counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb")
 TRAIN, VAL, TEST = "train", "val", "test"
@@ -191,7 +192,7 @@ def prs_for(labels: pa.Table, prs_table: pa.Table, columns: list[int] | None = N
     frame = pl.from_arrow(prs_table.select(["subject_id", "prs", "has_prs"]))
     lab = pl.from_arrow(labels).select(pl.col("subject_id").cast(pl.Int64))
     joined = lab.join(frame, on="subject_id", how="left", maintain_order="left")
-    width = prs_table.schema.field("prs").type.list_size
+    width = stored_width(prs_table.schema.field("prs").type)
     values = np.zeros((lab.height, width), dtype=np.float32)
     has = joined["has_prs"].fill_null(False).to_numpy()
     present = joined["prs"].is_not_null().to_numpy()

@@ -68,6 +68,12 @@ def storable(schema: pa.Schema) -> pa.Schema:
     return pa.schema(fields, metadata=schema.metadata)
 
 
+def stored_width(list_type: pa.DataType) -> int:
+    """K of a stored PRS column: a fixed-size list's size, 0 for the empty variable lists that
+    `storable` writes when no PRS was given."""
+    return list_type.list_size if pa.types.is_fixed_size_list(list_type) else 0
+
+
 def float32_vectors(values: np.ndarray) -> pa.Array:
     """[n, K] float32 -> fixed_size_list<float32>[K]; K = 0 (no PRS given) -> empty list<float32>."""
     n, k = values.shape

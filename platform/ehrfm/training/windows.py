@@ -24,6 +24,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from ehrfm.constants import PAD_ID, SPLITS
 from ehrfm.preprocess.arrow_lists import list_values_offsets, timeline_files
+from ehrfm.prs.person import stored_width, vectors_to_numpy
 from ehrfm.training.packing import pack_windows
 
 COLUMNS = ["subject_id", "tokens", "ages", "prs", "has_prs"]
@@ -122,12 +123,10 @@ class WindowCollate(ArrowBatchCollateFn):
         token_rows = cut_windows(tokens, offsets, starts, window, PAD_ID).astype(np.int64)
         age_rows = cut_windows(ages, offsets, starts, window, 0).astype(np.int32)
         prs = batch.column("prs").combine_chunks()
-        if prs.type.list_size != self.num_pgs:
-            raise ValueError(
-                f"timelines: prs has {prs.type.list_size} scores per person, the manifest says {self.num_pgs}"
-            )
-        prs_values = prs.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-        prs_rows = prs_values.reshape(len(subject_ids), self.num_pgs)
+        width = stored_width(prs.type)
+        if width != self.num_pgs or (width == 0 and len(prs.flatten())):
+            raise ValueError(f"timelines: prs has {width} scores per person, the manifest says {self.num_pgs}")
+        prs_rows = vectors_to_numpy(prs, self.num_pgs)
         has_prs = pc.fill_null(batch.column("has_prs"), False).to_numpy(zero_copy_only=False)
         per_person = {
             "prs": torch.from_numpy(prs_rows.copy()),

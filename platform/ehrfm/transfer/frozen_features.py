@@ -24,6 +24,7 @@ import torch
 from ehrfm.model.io import load_model_config, load_state_dict
 from ehrfm.model.risk import pooled_states
 from ehrfm.model.transformer import EHRDecoder
+from ehrfm.prs.person import stored_width
 from ehrfm.transfer.examples import build_examples, example_tensors
 
 
@@ -105,7 +106,7 @@ def label_row_features(
         raise ValueError(f"context={context} exceeds the {decoder.cfg.context} tokens the model was pretrained on")
     examples = build_examples(data_dir, labels, context, history_windows)
     examples = examples.take(pa.array(label_order(labels, examples), pa.int64()))
-    width = examples.schema.field("prs").type.list_size
+    width = stored_width(examples.schema.field("prs").type)
     prs_values = examples["prs"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     last, mean = pooled_features(decoder, examples, batch_size)
     return LabelRowFeatures(
