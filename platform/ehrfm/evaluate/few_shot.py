@@ -6,8 +6,9 @@ those 2k rows alone and scored on every test row (AUROC, AUPRC). A draw is a pur
 (seed, k, replicate), so adding a k or a model never changes another k's draws. Positive and
 negative rows are drawn at the row level: one person may give several rows.
 
-Heads (fixed settings, no validation split: with k = 1 there is nothing to tune on):
-- fm_lr: L2 logistic regression (C = `lr_c`, features standardised on the shots) on the frozen
+Heads (fixed settings unless `lr_cv_folds` is set, no validation split: with k = 1 there is nothing to tune on):
+- fm_lr: L2 logistic regression (C = `lr_c`, or chosen by `lr_cv_folds` folds of the shots
+  from `lr_cs`; features standardised on the shots) on the frozen
   decoder's last-token state (`fm_inputs=last+mean`: and its mean state over every window read,
   `history_windows` of them), the PRS z-scores (0 where missing) and a has-PRS flag.
 - counts_lr / counts_prs_lr: the same regression on the baselines' count features (log1p counts,
@@ -34,7 +35,8 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import Field, field_validator, model_validator
 from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import MaxAbsScaler, StandardScaler
 from threadpoolctl import threadpool_limits
 
@@ -60,6 +62,10 @@ class FewShotConfig(StrictModel):
     seed: int = 0
     models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
     lr_c: float = Field(1.0, gt=0)  # inverse L2 strength of every logistic-regression head
+    # >= 2: each LR head picks its C from lr_cs by this many stratified folds of its own fit rows
+    # (AUROC), as EHRSHOT tunes its heads; lr_c when a class has fewer rows than folds (k = 1, 2)
+    lr_cv_folds: int = Field(0, ge=0)
+    lr_cs: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
     lr_max_iter: int = 2000
     hgb_max_iter: int = 100
     hgb_learning_rate: float = 0.1
@@ -90,6 +96,10 @@ class FewShotConfig(StrictModel):
     def _something_to_do(self) -> FewShotConfig:
         if self.cross_fit_folds == 1:
             raise ValueError("cross_fit_folds must be 0 (off) or at least 2")
+        if self.lr_cv_folds == 1:
+            raise ValueError("lr_cv_folds must be 0 (fixed lr_c) or at least 2")
+        if not self.lr_cs or min(self.lr_cs) <= 0:
+            raise ValueError(f"lr_cs must be positive values, got {self.lr_cs}")
         if not self.shots and not self.cross_fit_folds:
             raise ValueError("shots is empty and cross_fit_folds is 0: nothing to evaluate")
         if self.history_windows > 1 and self.fm_inputs == "last":
@@ -138,6 +148,22 @@ def hgb_min_samples_leaf(rows: int, config: FewShotConfig) -> int:
     return min(20, max(1, rows // 10))
 
 
+def logistic_head(y_fit: np.ndarray, config: FewShotConfig) -> LogisticRegression | LogisticRegressionCV:
+    """L2 logistic regression with C = lr_c, or with C chosen from lr_cs by stratified folds of the
+    fit rows when lr_cv_folds is set and each class has a row per fold."""
+    folds = config.lr_cv_folds
+    if folds >= 2 and np.bincount(y_fit, minlength=2).min() >= folds:
+        return LogisticRegressionCV(
+            Cs=list(config.lr_cs),
+            cv=StratifiedKFold(folds, shuffle=True, random_state=config.seed),
+            scoring="roc_auc",
+            max_iter=config.lr_max_iter,
+            l1_ratios=(0.0,),  # L2, as the fixed-C head
+            use_legacy_attributes=False,
+        )
+    return LogisticRegression(C=config.lr_c, max_iter=config.lr_max_iter)
+
+
 def fit_and_score(design: Design, y: np.ndarray, fit_rows: np.ndarray, score_rows: np.ndarray, config: FewShotConfig):
     """Fit one head on `fit_rows` only; its risk on `score_rows`."""
     x_fit, y_fit, x_score = design.x[fit_rows], np.asarray(y)[fit_rows].astype(int), design.x[score_rows]
@@ -146,7 +172,7 @@ def fit_and_score(design: Design, y: np.ndarray, fit_rows: np.ndarray, score_row
         if design.kind == "lr":
             scaler = MaxAbsScaler() if sp.issparse(design.x) else StandardScaler()
             scaler.fit(x_fit)
-            model = LogisticRegression(C=config.lr_c, max_iter=config.lr_max_iter)
+            model = logistic_head(y_fit, config)
             model.fit(scaler.transform(x_fit), y_fit)
             return model.predict_proba(scaler.transform(x_score))[:, 1]
         # a column unmeasured (NaN) in every shot is constant to the fit and breaks scikit-learn's binning
