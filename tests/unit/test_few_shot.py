@@ -147,6 +147,16 @@ def test_lr_heads_can_choose_their_c_inside_the_shots():
         FewShotConfig(lr_cv_folds=1)
 
 
+def test_cross_fit_only_needs_no_test_events():
+    """shots=[] scores no test rows, so a test split without events (a rare outcome) is no reason to stop."""
+    _, y, split, _, _ = synthetic_rows(n=300)
+    y = np.where(split == "test", False, y)
+    config = FewShotConfig(shots=[], cross_fit_folds=3, threads=1)
+    assert run_few_shot({FM_LR: fm_design(np.ones((300, 2)), None, None)}, y, split, config) == []
+    with pytest.raises(ValueError, match="both classes"):
+        run_few_shot({FM_LR: fm_design(np.ones((300, 2)), None, None)}, y, split, FewShotConfig(shots=[1]))
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_a_head_that_cannot_be_fit_is_recorded_with_its_reason():
     _, y, split, _, _ = synthetic_rows(n=300)

@@ -246,6 +246,8 @@ def run_few_shot(designs: Mapping[str, Design], y, split, config: FewShotConfig)
     y = np.asarray(y).astype(int).ravel()
     split = np.asarray(split).astype(str).ravel()
     test = np.flatnonzero(split == TEST)
+    if not config.shots:  # cross-fit only: the test split is not scored
+        return []
     if not 0 < y[test].sum() < len(test):
         raise ValueError("the test split needs rows of both classes to score a head")
     records = []
