@@ -190,7 +190,11 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[FinetuneConfig, PreparedData]
             f"{manifest.vocab_size}, {manifest.num_pgs}: the model was pretrained on other data"
         )
     if head_uses_prs(cfg.model.head_inputs) and model_cfg.fusion == "none":
-        raise ValueError(f"{cfg.model.pretrained} has no PRS fusion: set model.head_inputs=last")
+        inputs = cfg.model.head_inputs.replace("+prs", "") or "last"
+        raise ValueError(
+            f"{cfg.model.pretrained} has no PRS fusion (an EHR-only decoder): set model.head_inputs={inputs} "
+            "(to add PRS to it: pretrain an adapter, model.adapter=true model.fusion=prefix, on data with PRS)"
+        )
     cfg.data.context = cfg.data.context or model_cfg.context
     if cfg.data.context > model_cfg.context:
         raise ValueError(
