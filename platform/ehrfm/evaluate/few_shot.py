@@ -8,7 +8,8 @@ negative rows are drawn at the row level: one person may give several rows.
 
 Heads (fixed settings unless `lr_cv_folds` is set, no validation split: with k = 1 there is nothing to tune on):
 - fm_lr: L2 logistic regression (C = `lr_c`, or chosen by `lr_cv_folds` folds of the shots
-  from `lr_cs`; features standardised on the shots) on the frozen
+  from `lr_cs`; features standardised on the shots, or with `scale_on=train` on every train row's
+  features without labels: two shots alone scale every column to +-1) on the frozen
   decoder's last-token state (`fm_inputs=last+mean`: and its mean state over every window read,
   `history_windows` of them), the PRS z-scores (0 where missing) and a has-PRS flag.
 - counts_lr / counts_prs_lr: the same regression on the baselines' count features (log1p counts,
@@ -66,6 +67,9 @@ class FewShotConfig(StrictModel):
     # (AUROC), as EHRSHOT tunes its heads; lr_c when a class has fewer rows than folds (k = 1, 2)
     lr_cv_folds: int = Field(0, ge=0)
     lr_cs: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    # where the LR heads' feature scaling is fit: on the 2k shots, or on every train-split row's
+    # features without their labels (as the count vocabulary is); 2 shots scale every column to +-1
+    scale_on: Literal["shots", "train"] = "shots"
     lr_max_iter: int = 2000
     hgb_max_iter: int = 100
     hgb_learning_rate: float = 0.1
@@ -164,14 +168,22 @@ def logistic_head(y_fit: np.ndarray, config: FewShotConfig) -> LogisticRegressio
     return LogisticRegression(C=config.lr_c, max_iter=config.lr_max_iter)
 
 
-def fit_and_score(design: Design, y: np.ndarray, fit_rows: np.ndarray, score_rows: np.ndarray, config: FewShotConfig):
-    """Fit one head on `fit_rows` only; its risk on `score_rows`."""
+def fit_and_score(
+    design: Design,
+    y: np.ndarray,
+    fit_rows: np.ndarray,
+    score_rows: np.ndarray,
+    config: FewShotConfig,
+    scale_rows: np.ndarray | None = None,
+):
+    """Fit one head on `fit_rows` only (labels and all); its risk on `score_rows`. `scale_rows`: the
+    rows whose features (never labels) fit an LR head's scaling, default `fit_rows`."""
     x_fit, y_fit, x_score = design.x[fit_rows], np.asarray(y)[fit_rows].astype(int), design.x[score_rows]
     # every fit, not only run_few_shot's loop: OpenMP threads that spin beside other work cost 10x
     with threadpool_limits(limits=config.threads):
         if design.kind == "lr":
             scaler = MaxAbsScaler() if sp.issparse(design.x) else StandardScaler()
-            scaler.fit(x_fit)
+            scaler.fit(x_fit if scale_rows is None else design.x[scale_rows])
             model = logistic_head(y_fit, config)
             model.fit(scaler.transform(x_fit), y_fit)
             return model.predict_proba(scaler.transform(x_score))[:, 1]
@@ -250,6 +262,7 @@ def run_few_shot(designs: Mapping[str, Design], y, split, config: FewShotConfig)
         return []
     if not 0 < y[test].sum() < len(test):
         raise ValueError("the test split needs rows of both classes to score a head")
+    scale_rows = np.flatnonzero(split == TRAIN) if config.scale_on == "train" else None
     records = []
     with threadpool_limits(limits=config.threads):
         for k in config.shots:
@@ -261,7 +274,7 @@ def run_few_shot(designs: Mapping[str, Design], y, split, config: FewShotConfig)
                     continue
                 for name, design in designs.items():
                     try:
-                        risk = fit_and_score(design, y, rows, test, config)
+                        risk = fit_and_score(design, y, rows, test, config, scale_rows)
                     except ValueError as err:  # scikit-learn's refusals of a fit
                         records.append(_record(name, k, replicate, reason=f"{type(err).__name__}: {err}"))
                         continue
