@@ -234,14 +234,21 @@ def main(argv: list[str] | None = None) -> int:
     groups = subgroups(events, labels, has_prs, args.ancestry)
     test = split == TEST
     test_risks = {name: risk[test] for name, risk in risks.items()}
+    persons = labels["subject_id"].to_numpy(zero_copy_only=False)[test]  # resampled with all their rows
     results = [
-        evaluate_predictions(name, y[test], risk, n_boot=args.n_boot, seed=config.seed)
+        evaluate_predictions(name, y[test], risk, n_boot=args.n_boot, seed=config.seed, groups=persons)
         for name, risk in test_risks.items()
     ]
     prs_test = None if prs is None else np.where(has_prs[test], prs[test, 0], np.nan)
     paths = write_report(results, args.out, y[test], test_risks, prs_test)
     paths += write_stratified(
-        args.out, y[test], test_risks, {k: v[test] for k, v in groups.items()}, prs_test, seed=config.seed
+        args.out,
+        y[test],
+        test_risks,
+        {k: v[test] for k, v in groups.items()},
+        prs_test,
+        seed=config.seed,
+        persons=persons,
     )
     log_to_mlflow(results, paths)
     print(json.dumps({r.name: {"auroc": r.auroc.value, "auprc": r.auprc.value} for r in results}, indent=2))

@@ -5,7 +5,8 @@ differences at stake (#21). Cross-fitting uses every label row instead: the pers
 K folds (all rows of a person in one fold, a pure function of the seed and the set of subject ids),
 each fold is scored by heads fit on the other K - 1 folds, and the pooled out-of-fold risks are
 compared with a paired bootstrap over persons (a resample draws persons and keeps all their rows:
-one person's label rows are correlated, and resampling rows would make the intervals too narrow). The heads and their inputs are the few-shot protocol's
+one person's label rows are correlated, and resampling rows would make the intervals too narrow).
+The heads and their inputs are the few-shot protocol's
 (evaluate/few_shot.py: the frozen FM features with an L2 logistic regression, the count baselines
 with LR and gradient boosting), fit on full folds with the same fixed settings.
 

@@ -6,7 +6,8 @@ those 2k rows alone and scored on every test row (AUROC, AUPRC). A draw is a pur
 (seed, k, replicate), so adding a k or a model never changes another k's draws. Positive and
 negative rows are drawn at the row level: one person may give several rows.
 
-Heads (fixed settings unless `lr_cv_folds` is set, no validation split: with k = 1 there is nothing to tune on):
+Heads (fixed settings unless `lr_cv_folds` is set; no validation split: with k = 1 there is
+nothing to tune on):
 - fm_lr: L2 logistic regression (C = `lr_c`, or chosen by `lr_cv_folds` folds of the shots
   from `lr_cs`; features standardised on the shots, or with `scale_on=train` on every train row's
   features without labels: two shots alone scale every column to +-1) on the frozen

@@ -55,6 +55,7 @@ def register_winner(
             test["label"].to_numpy(zero_copy_only=False),
             test["risk"].to_numpy(),
             n_boot=n_boot,
+            groups=test["subject_id"].to_numpy(),
         )
     ]
     counts = {f"{split} {k}": v for split, c in data.counts().items() for k, v in c.items() if k != "genotyped"}
