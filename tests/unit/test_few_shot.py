@@ -108,7 +108,7 @@ def test_fm_boosting_heads_read_the_states_and_the_counts_together():
     models = [FM_LR, FM_HGB, FM_COUNTS_HGB, "counts_hgb"]
     config = FewShotConfig(shots=[], cross_fit_folds=3, threads=1, models=models)
     fm = fm_design(states, None, None)
-    designs = {FM_LR: fm, FM_HGB: fm_design(states, None, None, kind="hgb")}
+    designs = {FM_LR: fm, FM_HGB: Design("hgb", fm.x)}
     designs |= count_designs(features, None, None, split, config, fm.x)
     assert set(designs) == set(models)
     assert designs[FM_COUNTS_HGB].x.shape == (n, 3 + 4) and designs[FM_HGB].kind == "hgb"

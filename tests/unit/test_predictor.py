@@ -150,9 +150,8 @@ def test_on_the_records_last_day_offline_windows_hold_no_eos_either(predictor, m
     offline = offline_risks(model, spec, offline_timelines([person], predictor.tokenizer), labels_at([(41, when)]))
     assert predictor.windows([record]).tokens.tolist() == offline["tokens"]
     assert EOS_ID not in offline["tokens"][0]
-    np.testing.assert_allclose(
-        predictor.predict([record])[0]["risk"], offline["risk"][0], rtol=1e-5
-    )  # fp32, batches of other shapes
+    # fp32 over batches of other shapes: 1e-6 relative was seen to fail by 2e-6
+    np.testing.assert_allclose(predictor.predict([record])[0]["risk"], offline["risk"][0], rtol=1e-5)
 
 
 def test_later_events_stay_hidden_and_the_default_time_is_the_last_event(predictor):

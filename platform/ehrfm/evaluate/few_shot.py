@@ -207,7 +207,6 @@ def fm_design(
     prs: np.ndarray | None,
     has_prs: np.ndarray | None,
     mean: np.ndarray | None = None,
-    kind: Literal["lr", "hgb"] = "lr",
 ) -> Design:
     """The FM head's inputs: frozen last-token states (and the mean state, when given) beside the PRS
     columns and has-PRS flag."""
@@ -216,7 +215,7 @@ def fm_design(
         x = np.column_stack([x, np.asarray(mean, dtype=np.float64)])
     if prs is not None:
         x = np.column_stack([x, prs_design(prs, has_prs)])
-    return Design(kind, x)
+    return Design("lr", x)
 
 
 def count_designs(

@@ -47,6 +47,7 @@ from ehrfm.evaluate.few_shot import (
     MODELS,
     TEST,
     TRAIN,
+    Design,
     FewShotConfig,
     count_designs,
     fm_design,
@@ -99,7 +100,7 @@ def few_shot_evaluation(
     if FM_LR in config.models:
         designs[FM_LR] = fm_inputs
     if FM_HGB in config.models:
-        designs[FM_HGB] = fm_design(frozen.hidden, frozen.prs, frozen.has_prs, mean, kind="hgb")
+        designs[FM_HGB] = Design("hgb", fm_inputs.x)  # the same inputs, a boosted head
     if any(m in config.models for m in (*COUNT_MODELS, FM_COUNTS_HGB)):
         counts = config.features
         events = read_events(data_dir)

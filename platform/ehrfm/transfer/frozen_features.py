@@ -24,7 +24,7 @@ import torch
 from ehrfm.model.io import load_model_config, load_state_dict
 from ehrfm.model.risk import pooled_states
 from ehrfm.model.transformer import EHRDecoder
-from ehrfm.prs.person import stored_width
+from ehrfm.prs.person import stored_width, vectors_to_numpy
 from ehrfm.transfer.examples import build_examples, example_tensors
 
 
@@ -106,13 +106,12 @@ def label_row_features(
         raise ValueError(f"context={context} exceeds the {decoder.cfg.context} tokens the model was pretrained on")
     examples = build_examples(data_dir, labels, context, history_windows)
     examples = examples.take(pa.array(label_order(labels, examples), pa.int64()))
-    width = stored_width(examples.schema.field("prs").type)
-    prs_values = examples["prs"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    prs = vectors_to_numpy(examples["prs"], stored_width(examples.schema.field("prs").type))
     last, mean = pooled_features(decoder, examples, batch_size)
     return LabelRowFeatures(
         hidden=last,
         mean=mean,
-        prs=prs_values.astype(np.float32).reshape(examples.num_rows, width),
+        prs=prs,
         has_prs=examples["has_prs"].to_numpy(zero_copy_only=False).astype(bool),
         split=examples["split"].to_numpy(zero_copy_only=False).astype(str),
     )
