@@ -214,15 +214,35 @@ def bootstrap_difference(
     spread (much narrower than two separate intervals when the models' errors are correlated).
     With the same seed each resample is the one `bootstrap_metric` draws.
     """
+    return bootstrap_contrast(metric, y_true, [score_a, score_b], [1.0, -1.0], n_boot, seed, alpha, chunk_elems, groups)
+
+
+def bootstrap_contrast(
+    metric: str,
+    y_true,
+    scores,
+    weights,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    alpha: float = 0.05,
+    chunk_elems: int = 20_000_000,
+    groups=None,
+) -> Estimate:
+    """sum_i weights[i] * metric(scores[i]) on the same persons, with a paired percentile interval:
+    e.g. (a - b) - 0.6 (c - d) asks whether one model's gain reaches 0.6 of another's, with every
+    model scored on each resample (the same resamples as `bootstrap_metric` with the same seed)."""
     _check_metric(metric)
-    y, a = _check(y_true, score_a)
-    _, b = _check(y_true, score_b)
+    if len(scores) != len(weights) or not scores:
+        raise ValueError(f"{len(scores)} score vectors and {len(weights)} weights: need one weight per vector")
+    checked = [_check(y_true, s) for s in scores]
+    y = checked[0][0]
+    vectors = [s for _, s in checked]
     groups = _check_groups(groups, y.size)
-    value = _point(metric, y, a) - _point(metric, y, b)
+    value = float(sum(w * _point(metric, y, s) for w, s in zip(weights, vectors)))
     if n_boot <= 0 or y.size == 0:
         return Estimate(value, np.nan, np.nan)
-    boot_a, boot_b = _resampled(metric, y, [a, b], n_boot, seed, 2 * chunk_elems, groups)
-    return _percentile_estimate(value, boot_a - boot_b, n_boot, alpha)
+    boots = _resampled(metric, y, vectors, n_boot, seed, len(vectors) * chunk_elems, groups)
+    return _percentile_estimate(value, sum(w * b for w, b in zip(weights, boots)), n_boot, alpha)
 
 
 def auroc_ci(

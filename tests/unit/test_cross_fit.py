@@ -7,7 +7,7 @@ import pytest
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from ehrfm.evaluate.cross_fit import cross_fit, cross_fit_markdown, cross_fit_report, person_folds
-from ehrfm.evaluate.few_shot import FM_LR, Design, FewShotConfig, fm_design
+from ehrfm.evaluate.few_shot import FM_LR, FM_LR_NO_PRS, Design, FewShotConfig, fm_design
 from ehrfm.metrics import auroc
 
 
@@ -54,6 +54,46 @@ def test_report_compares_the_fm_head_with_each_count_head_and_states_the_mdd():
     assert report["judgeable"] == (y.sum() >= 300)
     text = cross_fit_markdown(report, "1500", str(y.sum()))
     assert "| fm_lr-counts_lr |" in text and "5 person folds" in text
+
+
+@pytest.mark.parametrize("prs_signal", [1.0, 0.0])
+def test_prs_gains_of_the_fm_and_of_boosting_and_the_target_contrast(prs_signal):
+    """The PRS adds to the label only through its own column: with signal both models gain and
+    the report's contrast is FM gain - 0.6 x boosting's gain; without, neither gain is resolved."""
+    rng = np.random.default_rng(6)
+    n = 3000
+    states = rng.standard_normal((n, 3))
+    prs = rng.standard_normal((n, 1)).astype(np.float32)
+    has_prs = rng.random(n) < 0.8
+    liability = states[:, 0] + prs_signal * np.where(has_prs, prs[:, 0], 0.0) + 0.6 * rng.standard_normal(n)
+    y = (liability > 1.5).astype(int)
+    prs_cols = np.column_stack([np.where(has_prs[:, None], prs, 0.0), has_prs]).astype(np.float32)
+    designs = {
+        FM_LR: fm_design(states, prs, has_prs),
+        FM_LR_NO_PRS: fm_design(states, None, None),
+        "counts_hgb": Design("hgb", states[:, :2]),
+        "counts_prs_hgb": Design("hgb", np.column_stack([states[:, :2], prs_cols])),
+    }
+    config = FewShotConfig(
+        shots=[], cross_fit_folds=4, threads=1, models=[FM_LR, FM_LR_NO_PRS, "counts_hgb", "counts_prs_hgb"]
+    )
+    report = cross_fit_report(designs, y, np.arange(n), config, n_boot=200)
+    gains, target = report["prs_gains"]["gains"], report["prs_gains"]["target"]
+    assert set(gains) == {"fm_lr", "counts_hgb"}
+    auc = {name: m["auroc"] for name, m in report["models"].items()}
+    assert gains["fm_lr"]["auroc_difference"] == pytest.approx(auc[FM_LR] - auc[FM_LR_NO_PRS])
+    assert gains["counts_hgb"]["auroc_difference"] == pytest.approx(auc["counts_prs_hgb"] - auc["counts_hgb"])
+    fm_gain, hgb_gain = gains["fm_lr"]["auroc_difference"], gains["counts_hgb"]["auroc_difference"]
+    assert target["fm_gain_minus_share_of_hgb_gain"] == pytest.approx(fm_gain - 0.6 * hgb_gain)
+    assert target["ci"][0] <= target["fm_gain_minus_share_of_hgb_gain"] <= target["ci"][1]
+    if prs_signal:
+        assert gains["fm_lr"]["ci"][0] > 0.03 and gains["counts_hgb"]["ci"][0] > 0.03
+        assert target["ci"][0] > 0 and target["ratio"] == pytest.approx(fm_gain / hgb_gain)
+    else:
+        assert gains["fm_lr"]["ci"][0] < 0 < gains["fm_lr"]["ci"][1] or abs(fm_gain) < 0.005
+        assert abs(hgb_gain) < 0.02
+    text = cross_fit_markdown(report, str(n), str(y.sum()))
+    assert "| PRS gain (with - without the score) |" in text and "FM PRS gain - 0.6 x boosting's" in text
 
 
 def test_config_needs_two_folds_and_the_mean_for_several_windows():

@@ -130,7 +130,7 @@ def test_lr_heads_can_choose_their_c_inside_the_shots():
     x = np.column_stack([signal, rng.standard_normal((n, noise))])
     y = (signal + 0.7 * rng.standard_normal(n) > 1.2).astype(int)
     split = np.where(np.arange(n) % 2 == 0, "test", "train")
-    fixed = FewShotConfig(shots=[32], replicates=3, threads=1, lr_c=100.0)
+    fixed = FewShotConfig(shots=[32], replicates=3, threads=1, lr_c=100.0, lr_cv_folds=0)
     tuned = fixed.model_copy(update={"lr_cv_folds": 3})
     design = {FM_LR: fm_design(x, None, None)}
     mean_auc = {

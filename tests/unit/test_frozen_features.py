@@ -44,6 +44,20 @@ def test_whole_history_features_add_the_older_windows_to_the_mean_only(tiny):
     assert 0.2 < moved.mean() < 1.0  # rows with history before their newest window, not the others
 
 
+def test_prs_masked_states_are_those_of_the_missing_prs_path(tiny):
+    """The second pass masks every PRS: persons without one keep their states, genotyped persons'
+    states move (the tiny decoder has PRS prefix fusion)."""
+    info, labels, checkpoint, labels_path = tiny
+    features = label_row_features(checkpoint, info.root, labels, batch_size=64, prs_masked_too=True)
+    assert label_row_features(checkpoint, info.root, labels, batch_size=64).hidden_prs_masked is None
+    genotyped = features.has_prs
+    assert 0 < genotyped.sum() < len(genotyped)
+    np.testing.assert_allclose(features.hidden_prs_masked[~genotyped], features.hidden[~genotyped], atol=1e-5)
+    np.testing.assert_allclose(features.mean_prs_masked[~genotyped], features.mean[~genotyped], atol=1e-5)
+    moved = np.abs(features.hidden_prs_masked[genotyped] - features.hidden[genotyped]).max(axis=1) > 1e-4
+    assert moved.all()
+
+
 def test_a_rows_features_do_not_depend_on_its_batch(tiny):
     info, labels, checkpoint, labels_path = tiny
     whole = label_row_features(checkpoint, info.root, labels, batch_size=64).hidden
@@ -61,7 +75,7 @@ def test_few_shot_command_writes_aggregates_table_and_plot(tiny, tmp_path, capsy
     out = tmp_path / "few"
     argv = ["few_shot", "--pretrained", str(checkpoint.parent), "--data", str(info.root), "--labels"]
     argv += [str(labels_path), "--out", str(out)]
-    argv += ["models=[fm_lr]", "shots=[1,2,1000]", "replicates=2", "threads=1", "cross_fit_folds=3"]
+    argv += ["models=[fm_lr,fm_lr_no_prs]", "shots=[1,2,1000]", "replicates=2", "threads=1", "cross_fit_folds=3"]
     assert main(argv) == 0
     result = json.loads((out / "few_shot.json").read_text())
     summary = {row["k"]: row for row in result["summary"]}
@@ -75,6 +89,7 @@ def test_few_shot_command_writes_aggregates_table_and_plot(tiny, tmp_path, capsy
     printed = capsys.readouterr().out
     assert "| fm_lr | 1 |" in printed and "Cross-fitted heads on all label rows (3 person folds)" in printed
     cross = result["cross_fit"]
-    assert set(cross["models"]) == {"fm_lr"} and cross["comparisons"] == {}  # no count heads asked for
+    assert set(cross["models"]) == {"fm_lr", "fm_lr_no_prs"} and cross["comparisons"] == {}  # no count heads
+    assert set(cross["prs_gains"]["gains"]) == {"fm_lr"} and "target" not in cross["prs_gains"]  # no boosting pair
     assert 0.0 <= cross["models"]["fm_lr"]["auroc_ci"][0] <= cross["models"]["fm_lr"]["auroc"] <= 1.0
     assert "rows" not in cross and cross["published"]["rows"] == str(labels.num_rows)  # published form only

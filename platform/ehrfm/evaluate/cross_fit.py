@@ -13,6 +13,11 @@ with LR and gradient boosting), fit on full folds with the same fixed settings.
 The report gives each head's AUROC / AUPRC with bootstrap CIs, each FM head's paired difference to
 every count head with its minimum detectable difference (80% power, two-sided 5%), and the event
 count; a difference is judged against a target only on at least MIN_EVENTS_FOR_TARGET events.
+
+With fm_lr_no_prs beside fm_lr, and a count head with and without the PRS, it also gives the PRS
+gains on all rows: the FM's (fm_lr - fm_lr_no_prs), gradient boosting's from the same score
+(counts_prs_hgb - counts_hgb) and the contrast FM gain - MIN_PRS_GAIN_SHARE x boosting's gain with
+its paired interval: the PRS target (#21) asks that contrast to be >= 0.
 """
 
 from __future__ import annotations
@@ -23,10 +28,16 @@ from collections.abc import Mapping
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ehrfm.evaluate.few_shot import COUNT_MODELS, FM_MODELS, Design, FewShotConfig, fit_and_score
-from ehrfm.metrics import auprc_ci, auroc_ci, bootstrap_difference
+from ehrfm.evaluate.few_shot import COUNT_MODELS, FM_LR, FM_LR_NO_PRS, FM_MODELS, Design, FewShotConfig, fit_and_score
+from ehrfm.evaluate.targets import MIN_EVENTS_FOR_TARGET, MIN_PRS_GAIN_SHARE
+from ehrfm.metrics import Estimate, auprc_ci, auroc_ci, bootstrap_contrast, bootstrap_difference
 
-MIN_EVENTS_FOR_TARGET = 300  # as `ehrfm evaluate`: below it a paired AUROC difference cannot resolve 0.01-0.03
+# (with the PRS, without it): the pairs whose difference is a model's PRS gain
+PRS_PAIRS = {
+    "fm_lr": (FM_LR, FM_LR_NO_PRS),
+    "counts_hgb": ("counts_prs_hgb", "counts_hgb"),
+    "counts_lr": ("counts_prs_lr", "counts_lr"),
+}
 
 
 def person_folds(subject_ids: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -85,12 +96,7 @@ def cross_fit_report(
     for fm in (m for m in FM_MODELS if m in risks):  # every FM head against every count head
         for name in (m for m in COUNT_MODELS if m in risks):
             diff = bootstrap_difference("auroc", y, risks[fm], risks[name], n_boot, config.seed, groups=subject_ids)
-            mdd = diff.minimum_detectable()
-            comparisons[f"{fm}-{name}"] = {
-                "auroc_difference": diff.value,
-                "ci": [diff.lower, diff.upper],
-                "minimum_detectable_difference": mdd if math.isfinite(mdd) else None,
-            }
+            comparisons[f"{fm}-{name}"] = _interval(diff)
     return {
         "folds": config.cross_fit_folds,
         "rows": int(len(y)),
@@ -100,7 +106,41 @@ def cross_fit_report(
         "resampled": "persons",
         "models": models,
         "comparisons": comparisons,
+        "prs_gains": prs_gains(risks, y, subject_ids, n_boot, config.seed),
     }
+
+
+def _interval(estimate: Estimate) -> dict:
+    mdd = estimate.minimum_detectable()
+    return {
+        "auroc_difference": estimate.value,
+        "ci": [estimate.lower, estimate.upper],
+        "minimum_detectable_difference": mdd if math.isfinite(mdd) else None,
+    }
+
+
+def prs_gains(risks: Mapping[str, np.ndarray], y: np.ndarray, subject_ids: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Each model's AUROC gain from the PRS (PRS_PAIRS whose two heads were fit) with paired CIs, and
+    when the FM's and boosting's both are there, the target's contrast: FM gain - share x boosting's."""
+    present = {name: pair for name, pair in PRS_PAIRS.items() if all(m in risks for m in pair)}
+    gains = {
+        name: _interval(bootstrap_difference("auroc", y, risks[a], risks[b], n_boot, seed, groups=subject_ids))
+        for name, (a, b) in present.items()
+    }
+    out: dict = {"gains": gains}
+    if "fm_lr" in present and "counts_hgb" in present:
+        fm, hgb = PRS_PAIRS["fm_lr"], PRS_PAIRS["counts_hgb"]
+        scores = [risks[fm[0]], risks[fm[1]], risks[hgb[0]], risks[hgb[1]]]
+        weights = [1.0, -1.0, -MIN_PRS_GAIN_SHARE, MIN_PRS_GAIN_SHARE]
+        contrast = bootstrap_contrast("auroc", y, scores, weights, n_boot, seed, groups=subject_ids)
+        fm_gain, hgb_gain = gains["fm_lr"]["auroc_difference"], gains["counts_hgb"]["auroc_difference"]
+        out["target"] = {
+            "share": MIN_PRS_GAIN_SHARE,
+            "fm_gain_minus_share_of_hgb_gain": contrast.value,
+            "ci": [contrast.lower, contrast.upper],
+            "ratio": fm_gain / hgb_gain if hgb_gain > 0 else None,  # a point figure; the contrast has the CI
+        }
+    return out
 
 
 def cross_fit_markdown(report: dict, published_rows: str, published_events: str) -> str:
@@ -125,10 +165,25 @@ def cross_fit_markdown(report: dict, published_rows: str, published_events: str)
         )
     if report["comparisons"]:
         lines += ["", "| paired AUROC difference | value [95% CI] | minimum detectable |", "|---|---|---|"]
-        for name, c in report["comparisons"].items():
-            mdd = c["minimum_detectable_difference"]
-            lines.append(
-                f"| {name} | {c['auroc_difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | "
-                f"{'n/a' if mdd is None else f'{mdd:.3f}'} |"
-            )
+        lines += [_difference_row(name, c) for name, c in report["comparisons"].items()]
+    prs = report.get("prs_gains") or {}
+    if prs.get("gains"):
+        lines += ["", "| PRS gain (with - without the score) | value [95% CI] | minimum detectable |", "|---|---|---|"]
+        lines += [_difference_row(name, c) for name, c in prs["gains"].items()]
+    if prs.get("target"):
+        t = prs["target"]
+        ratio = "n/a (boosting gains nothing)" if t["ratio"] is None else f"{t['ratio']:.2f}"
+        lines += [
+            "",
+            f"FM PRS gain - {t['share']} x boosting's: {t['fm_gain_minus_share_of_hgb_gain']:+.3f} "
+            f"[{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}] (target >= 0); ratio of the gains {ratio}.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _difference_row(name: str, c: dict) -> str:
+    mdd = c["minimum_detectable_difference"]
+    return (
+        f"| {name} | {c['auroc_difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | "
+        f"{'n/a' if mdd is None else f'{mdd:.3f}'} |"
+    )

@@ -6,11 +6,12 @@ those 2k rows alone and scored on every test row (AUROC, AUPRC). A draw is a pur
 (seed, k, replicate), so adding a k or a model never changes another k's draws. Positive and
 negative rows are drawn at the row level: one person may give several rows.
 
-Heads (fixed settings unless `lr_cv_folds` is set; no validation split: with k = 1 there is
-nothing to tune on):
-- fm_lr: L2 logistic regression (C = `lr_c`, or chosen by `lr_cv_folds` folds of the shots
-  from `lr_cs`; features standardised on the shots, or with `scale_on=train` on every train row's
-  features without labels: two shots alone scale every column to +-1) on the frozen
+Heads (no validation split: the LR heads choose their C inside their own fit rows, the boosting
+heads have fixed settings):
+- fm_lr: L2 logistic regression (C chosen from `lr_cs` by `lr_cv_folds` = 3 stratified folds of
+  the shots, the fixed `lr_c` when a class has fewer rows than folds, k = 1 and 2, or with
+  `lr_cv_folds=0`; features standardised on every train row's features without their labels,
+  `scale_on=train`, since two shots alone would scale every column to +-1) on the frozen
   decoder's last-token state (`fm_inputs=last+mean`: and its mean state over every window read,
   `history_windows` of them), the PRS z-scores (0 where missing) and a has-PRS flag.
 - counts_lr / counts_prs_lr: the same regression on the baselines' count features (log1p counts,
@@ -22,6 +23,10 @@ nothing to tune on):
 - fm_hgb (opt-in): the same boosting on fm_lr's inputs, a non-linear head on the frozen states.
 - fm_counts_hgb (opt-in): the boosting on counts_prs_hgb's columns plus fm_lr's states, asking
   whether the decoder's states add anything to the strongest count model.
+- fm_lr_no_prs (opt-in): fm_lr with the PRS taken away everywhere: the states come from a second
+  forward pass with every person's PRS masked (the model's missing-PRS path) and there are no PRS
+  columns. fm_lr - fm_lr_no_prs is the FM's PRS gain, measured as counts_prs_hgb - counts_hgb
+  measures gradient boosting's (two heads fit apart, one with the score and one without).
 Nothing is skipped silently: a k with fewer than k train positives (or negatives), or a head that
 cannot be fit, is recorded with NaN metrics and the reason.
 """
@@ -49,7 +54,8 @@ from ehrfm.metrics import auprc, auroc
 
 TRAIN, TEST = "train", "test"
 FM_LR, FM_HGB, FM_COUNTS_HGB = "fm_lr", "fm_hgb", "fm_counts_hgb"
-FM_MODELS = (FM_LR, FM_HGB, FM_COUNTS_HGB)  # heads that read the frozen decoder's states
+FM_LR_NO_PRS = "fm_lr_no_prs"  # fm_lr without the PRS anywhere: the decoder's PRS masked, no PRS columns
+FM_MODELS = (FM_LR, FM_HGB, FM_COUNTS_HGB, FM_LR_NO_PRS)  # heads that read the frozen decoder's states
 COUNT_MODELS = ("counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb")
 MODELS = (*FM_MODELS, *COUNT_MODELS)
 DEFAULT_MODELS = (FM_LR, *COUNT_MODELS)
@@ -65,12 +71,14 @@ class FewShotConfig(StrictModel):
     models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
     lr_c: float = Field(1.0, gt=0)  # inverse L2 strength of every logistic-regression head
     # >= 2: each LR head picks its C from lr_cs by this many stratified folds of its own fit rows
-    # (AUROC), as EHRSHOT tunes its heads; lr_c when a class has fewer rows than folds (k = 1, 2)
-    lr_cv_folds: int = Field(0, ge=0)
+    # (AUROC), as EHRSHOT tunes its heads; lr_c when a class has fewer rows than folds (k = 1, 2);
+    # 0: always lr_c. Default 3: on the 20k cohort a fixed C = 1 overfits from k = 32 on (fm_lr
+    # 0.688 / 0.634 / 0.609 at k = 32 / 64 / 128, tuned 0.722 / 0.729 / 0.740; README "Few-shot")
+    lr_cv_folds: int = Field(3, ge=0)
     lr_cs: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
     # where the LR heads' feature scaling is fit: on the 2k shots, or on every train-split row's
     # features without their labels (as the count vocabulary is); 2 shots scale every column to +-1
-    scale_on: Literal["shots", "train"] = "shots"
+    scale_on: Literal["shots", "train"] = "train"
     lr_max_iter: int = 2000
     hgb_max_iter: int = 100
     hgb_learning_rate: float = 0.1

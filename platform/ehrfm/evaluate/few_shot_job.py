@@ -43,6 +43,7 @@ from ehrfm.evaluate.few_shot import (
     FM_COUNTS_HGB,
     FM_HGB,
     FM_LR,
+    FM_LR_NO_PRS,
     METRICS,
     MODELS,
     TEST,
@@ -66,6 +67,7 @@ LABELS = {
     FM_LR: "FM (frozen) + PRS, LR",
     FM_HGB: "FM (frozen) + PRS, GBM",
     FM_COUNTS_HGB: "counts + FM (frozen) + PRS, GBM",
+    FM_LR_NO_PRS: "FM (frozen), PRS masked, LR",
     "counts_lr": "counts LR",
     "counts_prs_lr": "counts + PRS LR",
     "counts_hgb": "counts GBM",
@@ -92,7 +94,13 @@ def few_shot_evaluation(
     labels = read_labels(labels_path)
     y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(int)
     frozen = label_row_features(
-        checkpoint_dir, data_dir, labels, config.context, config.batch_size, config.history_windows
+        checkpoint_dir,
+        data_dir,
+        labels,
+        config.context,
+        config.batch_size,
+        config.history_windows,
+        prs_masked_too=FM_LR_NO_PRS in config.models,
     )
     designs = {}
     mean = frozen.mean if config.fm_inputs == "last+mean" else None
@@ -101,6 +109,9 @@ def few_shot_evaluation(
         designs[FM_LR] = fm_inputs
     if FM_HGB in config.models:
         designs[FM_HGB] = Design("hgb", fm_inputs.x)  # the same inputs, a boosted head
+    if FM_LR_NO_PRS in config.models:
+        masked_mean = frozen.mean_prs_masked if config.fm_inputs == "last+mean" else None
+        designs[FM_LR_NO_PRS] = fm_design(frozen.hidden_prs_masked, None, None, masked_mean)
     if any(m in config.models for m in (*COUNT_MODELS, FM_COUNTS_HGB)):
         counts = config.features
         events = read_events(data_dir)

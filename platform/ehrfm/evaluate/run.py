@@ -59,6 +59,7 @@ from ehrfm.evaluate.report import (
     metric_key,
     write_stratified,
 )
+from ehrfm.evaluate.targets import MIN_EVENTS_FOR_TARGET, MIN_PRS_GAIN_SHARE
 from ehrfm.evaluate.truth import load_truth
 from ehrfm.meds.layout import SPLITS_FILE, read_subject_splits
 from ehrfm.metrics import DEFAULT_BOOTSTRAP, Estimate, bootstrap_difference
@@ -71,12 +72,6 @@ FINETUNED_DEFAULT = "finetuned_default"
 HGB, HGB_PRS = "counts_hgb", "counts_prs_hgb"
 ZS_PATH, ZS_SHARE = "zero_shot_path_probability", "zero_shot_share"
 MIN_EVENTS_FOR_COMPARISON = 20  # below this many test events a table of AUROCs is anecdote
-# A target is judged only on at least this many test events: below it the paired AUROC difference
-# cannot resolve the 0.01-0.03 effects at stake (its minimum detectable difference is reported instead).
-MIN_EVENTS_FOR_TARGET = 300
-# The PRS target: the FM should get at least this share of what gradient boosting gains from the
-# same score (the data's own headroom), not a fixed number the data may not hold.
-MIN_PRS_GAIN_SHARE = 0.6
 MODEL_NOTES = {
     FINETUNED: "fine-tuned foundation model (Platt-calibrated on validation, raw where that was refused)",
     FINETUNED_MASKED: "same weights, every person's PRS masked",

@@ -32,13 +32,15 @@ from ehrfm.transfer.examples import build_examples, example_tensors
 class LabelRowFeatures:
     """Per label row, in the labels' order: hidden [n, H] float32 (last state), mean [n, H] float32,
     prs [n, K] float32, has_prs [n], split [n] (the timelines' split, the one the fine-tune trains
-    and tests on)."""
+    and tests on); with `prs_masked_too`, the two states again with every person's PRS masked."""
 
     hidden: np.ndarray
     mean: np.ndarray
     prs: np.ndarray
     has_prs: np.ndarray
     split: np.ndarray
+    hidden_prs_masked: np.ndarray | None = None
+    mean_prs_masked: np.ndarray | None = None
 
 
 def load_frozen_decoder(checkpoint_dir: str | Path) -> EHRDecoder:
@@ -50,9 +52,12 @@ def load_frozen_decoder(checkpoint_dir: str | Path) -> EHRDecoder:
 
 
 @torch.no_grad()
-def pooled_features(decoder: EHRDecoder, examples: pa.Table, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def pooled_features(
+    decoder: EHRDecoder, examples: pa.Table, batch_size: int = 256, mask_prs: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """([n, H] hidden state at each example's last real token, [n, H] mean over the real tokens of
-    all its windows), the PRS given to the decoder as recorded."""
+    all its windows), the PRS given to the decoder as recorded, or masked for everyone (`mask_prs`:
+    the decoder's learned missing-PRS path, as for a person without genotypes)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     lasts, means = [], []
@@ -60,6 +65,8 @@ def pooled_features(decoder: EHRDecoder, examples: pa.Table, batch_size: int = 2
         batch = example_tensors(examples.slice(start, batch_size))
         prs = batch["prs"] if decoder.prs_encoder is not None else None
         has_prs = batch["has_prs"] if prs is not None else None
+        if mask_prs and has_prs is not None:
+            has_prs = torch.zeros_like(has_prs)
         last, mean = pooled_states(decoder, batch["tokens"], batch["ages"], batch["length"], prs, has_prs)
         lasts.append(last.float().numpy())
         means.append(mean.float().numpy())
@@ -95,11 +102,13 @@ def label_row_features(
     context: int | None = None,
     batch_size: int = 256,
     history_windows: int = 1,
+    prs_masked_too: bool = False,
 ) -> LabelRowFeatures:
     """Frozen features, PRS and has-PRS for every label row (labels' order), from a checkpoint dir.
 
     `context` None: the pretrained model's window length (as the fine-tune's default);
-    `history_windows`: windows of history read per row (examples.cut_history_at)."""
+    `history_windows`: windows of history read per row (examples.cut_history_at); `prs_masked_too`:
+    a second pass with every PRS masked (a decoder without PRS fusion gives the same states)."""
     decoder = load_frozen_decoder(checkpoint_dir)
     context = context or decoder.cfg.context
     if context > decoder.cfg.context:
@@ -108,9 +117,14 @@ def label_row_features(
     examples = examples.take(pa.array(label_order(labels, examples), pa.int64()))
     prs = vectors_to_numpy(examples["prs"], stored_width(examples.schema.field("prs").type))
     last, mean = pooled_features(decoder, examples, batch_size)
+    masked_last = masked_mean = None
+    if prs_masked_too:
+        masked_last, masked_mean = pooled_features(decoder, examples, batch_size, mask_prs=True)
     return LabelRowFeatures(
         hidden=last,
         mean=mean,
+        hidden_prs_masked=masked_last,
+        mean_prs_masked=masked_mean,
         prs=prs,
         has_prs=examples["has_prs"].to_numpy(zero_copy_only=False).astype(bool),
         split=examples["split"].to_numpy(zero_copy_only=False).astype(str),
