@@ -51,6 +51,17 @@ def test_draws_are_deterministic_disjoint_and_from_train_rows_only():
     assert (split[first] == "train").all()
 
 
+def test_fm_design_lays_out_states_mean_summary_then_prs_columns():
+    rng = np.random.default_rng(2)
+    hidden, mean, summary = (rng.standard_normal((5, 3)) for _ in range(3))
+    prs, has_prs = rng.standard_normal((5, 4)), np.array([1, 0, 1, 1, 0], bool)
+    assert fm_design(hidden, None, None).x.shape == (5, 3)
+    full = fm_design(hidden, prs, has_prs, mean, summary).x
+    assert full.shape == (5, 3 + 3 + 3 + 4 + 1)
+    np.testing.assert_array_equal(full[:, 6:9], summary)
+    np.testing.assert_array_equal(fm_design(hidden, None, None, None, summary).x[:, 3:], summary)
+
+
 def test_an_impossible_k_is_reported_not_shrunk():
     x, y, split, prs, has_prs = synthetic_rows(n=400)
     train_positives = int((y & (split == "train")).sum())

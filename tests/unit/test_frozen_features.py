@@ -56,6 +56,11 @@ def test_prs_masked_states_are_those_of_the_missing_prs_path(tiny):
     np.testing.assert_allclose(features.mean_prs_masked[~genotyped], features.mean[~genotyped], atol=1e-5)
     moved = np.abs(features.hidden_prs_masked[genotyped] - features.hidden[genotyped]).max(axis=1) > 1e-4
     assert moved.all()
+    # the PRS summary: one learned vector for everyone without a PRS, each genotyped person's own
+    summary = features.prs_summary
+    assert summary.shape == (labels.num_rows, 32)
+    np.testing.assert_allclose(summary[~genotyped], np.broadcast_to(summary[~genotyped][0], summary[~genotyped].shape))
+    assert np.abs(summary[genotyped] - summary[~genotyped][0]).max(axis=1).min() > 1e-4
 
 
 def test_a_rows_features_do_not_depend_on_its_batch(tiny):
@@ -76,9 +81,11 @@ def test_few_shot_command_writes_aggregates_table_and_plot(tiny, tmp_path, capsy
     argv = ["few_shot", "--pretrained", str(checkpoint.parent), "--data", str(info.root), "--labels"]
     argv += [str(labels_path), "--out", str(out)]
     argv += ["models=[fm_lr,fm_lr_no_prs]", "shots=[1,2,1000]", "replicates=2", "threads=1", "cross_fit_folds=3"]
+    argv += ["fm_prs=summary"]
     assert main(argv) == 0
     result = json.loads((out / "few_shot.json").read_text())
     summary = {row["k"]: row for row in result["summary"]}
+    assert result["config"]["fm_prs"] == "summary"
     assert set(summary) == {1, 2, 1000} and summary[1]["replicates_fit"] == 2
     assert summary[1000]["replicates_fit"] == 0 and "fewer than k=1000" in summary[1000]["reason"]
     assert summary[1000]["auroc_mean"] is None  # NaN written as null

@@ -92,6 +92,11 @@ class FewShotConfig(StrictModel):
         1, ge=1, le=64
     )  # windows of history read per row (the fine-tune's data.history_windows)
     fm_inputs: Literal["last", "last+mean"] = "last"  # + the mean state over every window read
+    # how the PRS reaches the FM heads besides the decoder's own fusion: `scores`, the z-scores and
+    # a has-PRS flag as columns (K + 1 of them: 129 on the default cohort); `summary`, the decoder's
+    # PRS summary vector (the mean PRS soft token, what the fine-tune's `+prs` head reads, H wide);
+    # `states`, only through the states the decoder computed with the PRS
+    fm_prs: Literal["scores", "summary", "states"] = "scores"
     # > 1: also fit every head on K person folds of all label rows, each row scored out of fold
     # (evaluate/cross_fit.py); 0: off
     cross_fit_folds: int = Field(0, ge=0)
@@ -215,12 +220,14 @@ def fm_design(
     prs: np.ndarray | None,
     has_prs: np.ndarray | None,
     mean: np.ndarray | None = None,
+    prs_summary: np.ndarray | None = None,
 ) -> Design:
-    """The FM head's inputs: frozen last-token states (and the mean state, when given) beside the PRS
-    columns and has-PRS flag."""
+    """The FM head's inputs: frozen last-token states (and the mean state, and the decoder's PRS
+    summary, when given) beside the PRS columns and has-PRS flag (when `prs` is given)."""
     x = np.asarray(hidden, dtype=np.float64)
-    if mean is not None:
-        x = np.column_stack([x, np.asarray(mean, dtype=np.float64)])
+    for extra in (mean, prs_summary):
+        if extra is not None:
+            x = np.column_stack([x, np.asarray(extra, dtype=np.float64)])
     if prs is not None:
         x = np.column_stack([x, prs_design(prs, has_prs)])
     return Design("lr", x)

@@ -104,7 +104,11 @@ def few_shot_evaluation(
     )
     designs = {}
     mean = frozen.mean if config.fm_inputs == "last+mean" else None
-    fm_inputs = fm_design(frozen.hidden, frozen.prs, frozen.has_prs, mean)
+    if config.fm_prs == "summary" and frozen.prs_summary is None:
+        raise ValueError("fm_prs=summary needs a decoder with PRS fusion; this one has none (use fm_prs=states)")
+    summary = frozen.prs_summary if config.fm_prs == "summary" else None
+    scores = (frozen.prs, frozen.has_prs) if config.fm_prs == "scores" else (None, None)
+    fm_inputs = fm_design(frozen.hidden, *scores, mean, summary)
     if FM_LR in config.models:
         designs[FM_LR] = fm_inputs
     if FM_HGB in config.models:

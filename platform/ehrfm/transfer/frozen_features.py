@@ -32,13 +32,15 @@ from ehrfm.transfer.examples import build_examples, example_tensors
 class LabelRowFeatures:
     """Per label row, in the labels' order: hidden [n, H] float32 (last state), mean [n, H] float32,
     prs [n, K] float32, has_prs [n], split [n] (the timelines' split, the one the fine-tune trains
-    and tests on); with `prs_masked_too`, the two states again with every person's PRS masked."""
+    and tests on); prs_summary [n, H] the decoder's PRS summary (None without PRS fusion); with
+    `prs_masked_too`, the two states again with every person's PRS masked."""
 
     hidden: np.ndarray
     mean: np.ndarray
     prs: np.ndarray
     has_prs: np.ndarray
     split: np.ndarray
+    prs_summary: np.ndarray | None = None
     hidden_prs_masked: np.ndarray | None = None
     mean_prs_masked: np.ndarray | None = None
 
@@ -49,6 +51,18 @@ def load_frozen_decoder(checkpoint_dir: str | Path) -> EHRDecoder:
     decoder = EHRDecoder(cfg)
     decoder.load_state_dict(load_state_dict(checkpoint_dir))
     return decoder.float().eval()
+
+
+@torch.no_grad()
+def prs_summaries(decoder: EHRDecoder, examples: pa.Table, batch_size: int = 256) -> np.ndarray | None:
+    """[n, H] the decoder's PRS summary (mean PRS soft token) per example; None without PRS fusion."""
+    if decoder.prs_encoder is None:
+        return None
+    out = [np.zeros((0, decoder.cfg.hidden), np.float32)]
+    for start in range(0, examples.num_rows, batch_size):
+        batch = example_tensors(examples.slice(start, batch_size))
+        out.append(decoder.prs_summary(batch["prs"], batch["has_prs"]).float().numpy())
+    return np.concatenate(out)
 
 
 @torch.no_grad()
@@ -123,6 +137,7 @@ def label_row_features(
     return LabelRowFeatures(
         hidden=last,
         mean=mean,
+        prs_summary=prs_summaries(decoder, examples, batch_size),
         hidden_prs_masked=masked_last,
         mean_prs_masked=masked_mean,
         prs=prs,
