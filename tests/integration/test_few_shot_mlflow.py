@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from ehrfm.evaluate.few_shot import FM_LR, FewShotConfig, fm_design, run_few_shot, summarize
+from ehrfm.evaluate.cross_fit import cross_fit_report
+from ehrfm.evaluate.few_shot import FM_LR, FM_LR_NO_PRS, Design, FewShotConfig, fm_design, run_few_shot, summarize
 from ehrfm.evaluate.few_shot_job import log_to_mlflow, published_counts, write_outputs
 
 pytestmark = pytest.mark.mlflow
@@ -20,6 +21,16 @@ def test_run_has_params_metrics_per_k_and_artifacts(tmp_path, mlflow_server):
     split = rng.choice(["train", "test"], size=600, p=[0.7, 0.3])
     config = FewShotConfig(shots=[1, 4, 10_000], replicates=2, models=[FM_LR], threads=1)
     records = run_few_shot({FM_LR: fm_design(x, None, None)}, y, split, config)
+    prs, has_prs = x[:, 1:2], np.ones(600, bool)
+    designs = {
+        FM_LR: fm_design(x[:, [0, 2]], prs, has_prs),
+        FM_LR_NO_PRS: fm_design(x[:, [0, 2]], None, None),
+        "counts_hgb": Design("hgb", x[:, [0, 2]]),
+        "counts_prs_hgb": Design("hgb", x[:, :3]),
+    }
+    cross_config = config.model_copy(update={"shots": [], "cross_fit_folds": 3})
+    cross_fit = cross_fit_report(designs, y, np.arange(600), cross_config, n_boot=100)
+    cross_fit["published"] = {"rows": "600", "events": str(y.sum())}
     result = {
         "config": config.model_dump(mode="json"),
         "pretrained": "ckpt",
@@ -27,10 +38,17 @@ def test_run_has_params_metrics_per_k_and_artifacts(tmp_path, mlflow_server):
         "counts": published_counts(y, split),
         "summary": summarize(records),
         "records": records,
+        "cross_fit": cross_fit,
     }
     paths = write_outputs(result, tmp_path / "out")
     run = MlflowClient(mlflow_server).get_run(log_to_mlflow(mlflow_server, result, paths))
     assert run.data.params["shots"] == "1,4,10000" and run.data.params["replicates"] == "2"
+    assert run.data.params["fm_prs"] == "states" and run.data.params["lr_cv_folds"] == "3"
+    logged = run.data.metrics
+    gain = cross_fit["prs_gains"]["gains"]["fm_lr"]["auroc_difference"]
+    assert logged["cross_fit/prs_gain/fm_lr/auroc_difference"] == pytest.approx(gain)
+    contrast = cross_fit["prs_gains"]["target"]["fm_gain_minus_share_of_hgb_gain"]
+    assert logged["cross_fit/prs_gain/fm_minus_share_of_hgb"] == pytest.approx(contrast)
     history = MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "fm_lr/auroc_mean")
     assert sorted(m.step for m in history) == [1, 4]  # the impossible k has no metric, only replicates_fit 0
     fitted = MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "fm_lr/replicates_fit")

@@ -244,6 +244,10 @@ def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
                     "seed": config["seed"],
                     "models": ",".join(config["models"]),
                     "lr_c": config["lr_c"],
+                    "lr_cv_folds": config["lr_cv_folds"],
+                    "scale_on": config["scale_on"],
+                    "fm_prs": config["fm_prs"],
+                    "fm_inputs": config["fm_inputs"],
                     "hgb_min_samples_leaf": config["hgb_min_samples_leaf"] or "min(20, max(1, 2k // 10))",
                     "pretrained": result["pretrained"],
                     **result["counts"],
@@ -263,6 +267,12 @@ def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
                 mlflow.log_metrics({metric_key(f"cross_fit/{name}", metric): m[metric] for metric in METRICS})
             for name, c in cross_fit.get("comparisons", {}).items():
                 mlflow.log_metric(metric_key(f"cross_fit/{name}", "auroc_difference"), c["auroc_difference"])
+            prs = cross_fit.get("prs_gains") or {}
+            for name, c in prs.get("gains", {}).items():
+                mlflow.log_metric(metric_key(f"cross_fit/prs_gain/{name}", "auroc_difference"), c["auroc_difference"])
+            if prs.get("target"):
+                contrast = prs["target"]["fm_gain_minus_share_of_hgb_gain"]
+                mlflow.log_metric(metric_key("cross_fit/prs_gain", "fm_minus_share_of_hgb"), contrast)
             for path in paths:
                 mlflow.log_artifact(str(path), artifact_path="few_shot")
             return run.info.run_id
