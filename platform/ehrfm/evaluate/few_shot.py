@@ -25,8 +25,8 @@ heads have fixed settings):
 - fm_counts_hgb (opt-in): the boosting on counts_prs_hgb's columns plus fm_lr's states, asking
   whether the decoder's states add anything to the strongest count model.
 - fm_lr_no_prs (opt-in): fm_lr with the PRS taken away everywhere: the states come from a second
-  forward pass with every person's PRS masked (the model's missing-PRS path) and there are no PRS
-  columns. fm_lr - fm_lr_no_prs is the FM's PRS gain, measured as counts_prs_hgb - counts_hgb
+  forward pass with every person's PRS masked (the model's missing-PRS path), and it reads no PRS
+  summary or score columns whatever `fm_prs` says. fm_lr - fm_lr_no_prs is the FM's PRS gain, measured as counts_prs_hgb - counts_hgb
   measures gradient boosting's (two heads fit apart, one with the score and one without).
 Nothing is skipped silently: a k with fewer than k train positives (or negatives), or a head that
 cannot be fit, is recorded with NaN metrics and the reason.
