@@ -48,8 +48,11 @@ def test_prs_masked_states_are_those_of_the_missing_prs_path(tiny):
     """The second pass masks every PRS: persons without one keep their states, genotyped persons'
     states move (the tiny decoder has PRS prefix fusion)."""
     info, labels, checkpoint, labels_path = tiny
-    features = label_row_features(checkpoint, info.root, labels, batch_size=64, prs_masked_too=True)
-    assert label_row_features(checkpoint, info.root, labels, batch_size=64).hidden_prs_masked is None
+    features = label_row_features(
+        checkpoint, info.root, labels, batch_size=64, prs_masked_too=True, prs_summary_too=True
+    )
+    plain = label_row_features(checkpoint, info.root, labels, batch_size=64)
+    assert plain.hidden_prs_masked is None and plain.prs_summary is None  # only what was asked for
     genotyped = features.has_prs
     assert 0 < genotyped.sum() < len(genotyped)
     np.testing.assert_allclose(features.hidden_prs_masked[~genotyped], features.hidden[~genotyped], atol=1e-5)

@@ -26,8 +26,9 @@ heads have fixed settings):
   whether the decoder's states add anything to the strongest count model.
 - fm_lr_no_prs (opt-in): fm_lr with the PRS taken away everywhere: the states come from a second
   forward pass with every person's PRS masked (the model's missing-PRS path), and it reads no PRS
-  summary or score columns whatever `fm_prs` says. fm_lr - fm_lr_no_prs is the FM's PRS gain, measured as counts_prs_hgb - counts_hgb
-  measures gradient boosting's (two heads fit apart, one with the score and one without).
+  summary or score columns whatever `fm_prs` says. fm_lr - fm_lr_no_prs is the FM's PRS gain,
+  measured as counts_prs_hgb - counts_hgb measures gradient boosting's (two heads fit apart, one
+  with the score and one without).
 Nothing is skipped silently: a k with fewer than k train positives (or negatives), or a head that
 cannot be fit, is recorded with NaN metrics and the reason.
 """
@@ -73,8 +74,8 @@ class FewShotConfig(StrictModel):
     lr_c: float = Field(1.0, gt=0)  # inverse L2 strength of every logistic-regression head
     # >= 2: each LR head picks its C from lr_cs by this many stratified folds of its own fit rows
     # (AUROC), as EHRSHOT tunes its heads; lr_c when a class has fewer rows than folds (k = 1, 2);
-    # 0: always lr_c. Default 3: on the 20k cohort a fixed C = 1 overfits from k = 32 on (fm_lr
-    # 0.688 / 0.634 / 0.609 at k = 32 / 64 / 128, tuned 0.722 / 0.729 / 0.740; README "Few-shot")
+    # 0: always lr_c. Default 3: on the 20k cohort a fixed C = 1 overfit from k = 32 on (fm_lr on
+    # the previous backbone 0.688 / 0.634 / 0.609 at k = 32 / 64 / 128, tuned 0.722 / 0.729 / 0.740)
     lr_cv_folds: int = Field(3, ge=0)
     lr_cs: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
     # where the LR heads' feature scaling is fit: on the 2k shots, or on every train-split row's

@@ -101,6 +101,7 @@ def few_shot_evaluation(
         config.batch_size,
         config.history_windows,
         prs_masked_too=FM_LR_NO_PRS in config.models,
+        prs_summary_too=config.fm_prs == "summary",
     )
     designs = {}
     mean = frozen.mean if config.fm_inputs == "last+mean" else None

@@ -32,8 +32,8 @@ from ehrfm.transfer.examples import build_examples, example_tensors
 class LabelRowFeatures:
     """Per label row, in the labels' order: hidden [n, H] float32 (last state), mean [n, H] float32,
     prs [n, K] float32, has_prs [n], split [n] (the timelines' split, the one the fine-tune trains
-    and tests on); prs_summary [n, H] the decoder's PRS summary (None without PRS fusion); with
-    `prs_masked_too`, the two states again with every person's PRS masked."""
+    and tests on); with `prs_summary_too`, prs_summary [n, H], the decoder's PRS summary (None
+    without PRS fusion); with `prs_masked_too`, the two states again with every PRS masked."""
 
     hidden: np.ndarray
     mean: np.ndarray
@@ -117,6 +117,7 @@ def label_row_features(
     batch_size: int = 256,
     history_windows: int = 1,
     prs_masked_too: bool = False,
+    prs_summary_too: bool = False,
 ) -> LabelRowFeatures:
     """Frozen features, PRS and has-PRS for every label row (labels' order), from a checkpoint dir.
 
@@ -137,7 +138,7 @@ def label_row_features(
     return LabelRowFeatures(
         hidden=last,
         mean=mean,
-        prs_summary=prs_summaries(decoder, examples, batch_size),
+        prs_summary=prs_summaries(decoder, examples, batch_size) if prs_summary_too else None,
         hidden_prs_masked=masked_last,
         mean_prs_masked=masked_mean,
         prs=prs,
