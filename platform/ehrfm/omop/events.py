@@ -18,6 +18,7 @@ single-process reference produce the same events.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -367,6 +368,7 @@ def death_events(death: pa.Table) -> tuple[pa.Table, EventCounts]:
 
 
 # ---- MEDS input ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1 << 16)  # a served person repeats the same few hundred codes, request after request
 def _priority_of(code: str) -> int:
     priority = CLINICAL_PRIORITY
     for prefix, value in PRIORITY_PREFIXES:  # the last matching prefix wins
