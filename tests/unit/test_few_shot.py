@@ -98,6 +98,13 @@ def test_gradient_boosting_fits_two_rows_and_count_designs_follow_the_baselines(
     assert set(designs) == {"counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb"}
     assert designs["counts_prs_hgb"].x.shape[1] == designs["counts_hgb"].x.shape[1] + 4  # 3 PRS + has-PRS
     assert set(count_designs(features, None, None, split, config)) == {"counts_lr", "counts_hgb"}
+    # values_hgb (opt-in) reads only the last-value (and age) columns of the same dense matrix
+    value_cols = np.array([False, True, False, False, True, False])
+    with_values = FeatureMatrix(counts, features.names, value_cols, np.arange(600), np.arange(600))
+    opted = FewShotConfig(threads=1, models=["counts_hgb", "values_hgb"])
+    both = count_designs(with_values, prs, has_prs, split, opted)
+    assert set(both) == {"counts_hgb", "values_hgb"}
+    np.testing.assert_array_equal(both["values_hgb"].x, both["counts_hgb"].x[:, value_cols])
     rows = draw_shots(y, split, 1, 0, 0)
     unmeasured = np.column_stack([designs["counts_hgb"].x, np.full(600, np.nan)])  # a value never measured
     risk = fit_and_score(Design("hgb", unmeasured), y, rows, np.flatnonzero(split == "test"), config)
@@ -129,7 +136,10 @@ def test_fm_boosting_heads_read_the_states_and_the_counts_together():
     assert auc[FM_COUNTS_HGB] > 0.97 and auc[FM_COUNTS_HGB] > max(auc[FM_HGB], auc["counts_hgb"]) + 0.05
     assert set(report["comparisons"]) == {f"{m}-counts_hgb" for m in (FM_LR, FM_HGB, FM_COUNTS_HGB)}
     assert report["comparisons"][f"{FM_COUNTS_HGB}-counts_hgb"]["ci"][0] > 0
-    assert FewShotConfig().models == [FM_LR, *COUNT_MODELS]  # the boosted FM heads are opt-in
+    assert FewShotConfig().models == [
+        FM_LR,
+        *(m for m in COUNT_MODELS if m != "values_hgb"),
+    ]  # opt-in: boosted FM heads, values_hgb
 
 
 def test_lr_heads_can_choose_their_c_inside_the_shots():

@@ -58,9 +58,12 @@ TRAIN, TEST = "train", "test"
 FM_LR, FM_HGB, FM_COUNTS_HGB = "fm_lr", "fm_hgb", "fm_counts_hgb"
 FM_LR_NO_PRS = "fm_lr_no_prs"  # fm_lr without the PRS anywhere: the decoder's PRS masked, no PRS columns
 FM_MODELS = (FM_LR, FM_HGB, FM_COUNTS_HGB, FM_LR_NO_PRS)  # heads that read the frozen decoder's states
-COUNT_MODELS = ("counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb")
+# values_hgb (opt-in): boosting on the last measured values and age alone, no code counts: shows
+# how much of counts_hgb's lead comes from thresholds on a few lab values
+VALUES_HGB = "values_hgb"
+COUNT_MODELS = ("counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb", VALUES_HGB)
 MODELS = (*FM_MODELS, *COUNT_MODELS)
-DEFAULT_MODELS = (FM_LR, *COUNT_MODELS)
+DEFAULT_MODELS = (FM_LR, "counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb")
 METRICS = ("auroc", "auprc")
 
 
@@ -245,8 +248,9 @@ def count_designs(
     config: FewShotConfig,
     fm_states: np.ndarray | None = None,
 ) -> dict[str, Design]:
-    """The count heads' inputs, built as the baselines build theirs (PRS heads only with a PRS), and
-    fm_counts_hgb's (the dense counts beside `fm_states`, fm_lr's inputs with their PRS columns)."""
+    """The count heads' inputs, built as the baselines build theirs (PRS heads only with a PRS),
+    values_hgb's (the dense last-value and age columns alone), and fm_counts_hgb's (the dense counts
+    beside `fm_states`, fm_lr's inputs with their PRS columns)."""
     prs_cols = None if prs is None else prs_design(prs, has_prs)
     wanted = [m for m in COUNT_MODELS if m in config.models and (prs_cols is not None or "_prs_" not in m)]
     with_fm = FM_COUNTS_HGB in config.models and fm_states is not None
@@ -259,6 +263,7 @@ def count_designs(
         columns = dense_columns(features, np.asarray(split) == TRAIN, config.features.hgb_max_dense_features)
         dense = features.to_dense(columns)
         out["counts_hgb"] = Design("hgb", dense)
+        out[VALUES_HGB] = Design("hgb", dense[:, features.value_columns[columns]])
         if prs_cols is not None:
             out["counts_prs_hgb"] = Design("hgb", np.column_stack([dense, prs_cols.astype(np.float32)]))
         if with_fm:

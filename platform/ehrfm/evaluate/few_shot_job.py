@@ -72,6 +72,7 @@ LABELS = {
     "counts_prs_lr": "counts + PRS LR",
     "counts_hgb": "counts GBM",
     "counts_prs_hgb": "counts + PRS GBM",
+    "values_hgb": "last values + age GBM (no counts)",
 }
 
 
