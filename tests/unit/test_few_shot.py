@@ -11,7 +11,6 @@ import scipy.sparse as sp
 from ehrfm.evaluate.cross_fit import cross_fit_report
 from ehrfm.evaluate.features import FeatureMatrix
 from ehrfm.evaluate.few_shot import (
-    COUNT_MODELS,
     FM_COUNTS_HGB,
     FM_HGB,
     FM_LR,
@@ -136,10 +135,8 @@ def test_fm_boosting_heads_read_the_states_and_the_counts_together():
     assert auc[FM_COUNTS_HGB] > 0.97 and auc[FM_COUNTS_HGB] > max(auc[FM_HGB], auc["counts_hgb"]) + 0.05
     assert set(report["comparisons"]) == {f"{m}-counts_hgb" for m in (FM_LR, FM_HGB, FM_COUNTS_HGB)}
     assert report["comparisons"][f"{FM_COUNTS_HGB}-counts_hgb"]["ci"][0] > 0
-    assert FewShotConfig().models == [
-        FM_LR,
-        *(m for m in COUNT_MODELS if m != "values_hgb"),
-    ]  # opt-in: boosted FM heads, values_hgb
+    defaults = FewShotConfig().models  # opt-in: the boosted FM heads and values_hgb
+    assert defaults == [FM_LR, "counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb"]
 
 
 def test_lr_heads_can_choose_their_c_inside_the_shots():

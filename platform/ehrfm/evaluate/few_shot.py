@@ -63,7 +63,7 @@ FM_MODELS = (FM_LR, FM_HGB, FM_COUNTS_HGB, FM_LR_NO_PRS)  # heads that read the 
 VALUES_HGB = "values_hgb"
 COUNT_MODELS = ("counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb", VALUES_HGB)
 MODELS = (*FM_MODELS, *COUNT_MODELS)
-DEFAULT_MODELS = (FM_LR, "counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb")
+DEFAULT_MODELS = (FM_LR, *(m for m in COUNT_MODELS if m != VALUES_HGB))
 METRICS = ("auroc", "auprc")
 
 
