@@ -263,7 +263,8 @@ def count_designs(
         columns = dense_columns(features, np.asarray(split) == TRAIN, config.features.hgb_max_dense_features)
         dense = features.to_dense(columns)
         out["counts_hgb"] = Design("hgb", dense)
-        out[VALUES_HGB] = Design("hgb", dense[:, features.value_columns[columns]])
+        if VALUES_HGB in wanted:  # a copy of the value columns: only when asked for
+            out[VALUES_HGB] = Design("hgb", dense[:, features.value_columns[columns]])
         if prs_cols is not None:
             out["counts_prs_hgb"] = Design("hgb", np.column_stack([dense, prs_cols.astype(np.float32)]))
         if with_fm:
