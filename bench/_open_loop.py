@@ -8,7 +8,10 @@ the bound counts as an error, never as a silent skip), each request has its own 
 CPU per request is the CPU time of every process this one started (the local Ray cluster: GCS,
 raylet, Serve controller, proxy, replicas) during the window, over the requests completed: the
 service's whole cost, not just the replica's, and unaffected by other work on the machine. The
-generator's own CPU is reported beside it.
+generator's own CPU is reported beside it. So is the CPU that everything else on the machine used
+in the same window (machine-wide busy time, steal included, minus those two), in cores: latency
+needs spare cores, so a run beside other work is flagged rather than mistaken for the service's
+own tail.
 """
 
 from __future__ import annotations
@@ -35,6 +38,17 @@ def descendants_cpu_seconds() -> float:
     return total
 
 
+def machine_busy_cpu_seconds() -> float:
+    """CPU seconds every core of the machine has spent not idle (steal counted as busy: on a VM it is
+    time another tenant took)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)  # already inside user/nice
+    return sum(times) - idle - guest
+
+
 def own_cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
@@ -53,6 +67,7 @@ class LoadResult:
     max_ms: float
     service_cpu_ms_per_request: float
     generator_cpu_ms_per_request: float
+    other_cpu_cores: float  # what the rest of the machine used meanwhile, in cores
 
     def row(self) -> dict:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -91,7 +106,7 @@ async def _run(
     connector = aiohttp.TCPConnector(limit=max_in_flight, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         tasks = []
-        busy0, own0 = descendants_cpu_seconds(), own_cpu_seconds()
+        busy0, own0, machine0 = descendants_cpu_seconds(), own_cpu_seconds(), machine_busy_cpu_seconds()
         t0 = time.perf_counter()
         for i in range(n):
             due = t0 + i / rate
@@ -105,7 +120,7 @@ async def _run(
             tasks.append(asyncio.create_task(one(session, bodies[i % len(bodies)])))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
-        busy1, own1 = descendants_cpu_seconds(), own_cpu_seconds()
+        busy1, own1, machine1 = descendants_cpu_seconds(), own_cpu_seconds(), machine_busy_cpu_seconds()
     ms = np.asarray(latencies) * 1000.0 if latencies else np.asarray([np.nan])
     done = max(len(latencies), 1)
     generator = own1 - own0
@@ -121,6 +136,7 @@ async def _run(
         max_ms=float(np.max(ms)),
         service_cpu_ms_per_request=1000.0 * (busy1 - busy0) / done,
         generator_cpu_ms_per_request=1000.0 * generator / done,
+        other_cpu_cores=max(0.0, (machine1 - machine0) - (busy1 - busy0) - generator) / wall,
     )
 
 
