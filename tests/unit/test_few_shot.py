@@ -21,10 +21,12 @@ from ehrfm.evaluate.few_shot import (
     draw_shots,
     fit_and_score,
     fm_design,
+    hgb_early_stopping,
     logistic_head,
     run_few_shot,
     summarize,
 )
+from ehrfm.metrics import auroc
 
 
 def synthetic_rows(n: int = 2000, hidden: int = 24, seed: int = 0):
@@ -110,6 +112,27 @@ def test_gradient_boosting_fits_two_rows_and_count_designs_follow_the_baselines(
     assert np.isfinite(risk).all() and np.ptp(risk) > 0  # two rows, one leaf each: it did split
     records = run_few_shot(designs, y, split, config)
     assert len(records) == 4 * 2 * 2 and all(math.isfinite(r["auroc"]) for r in records)
+
+
+def test_boosting_stops_early_on_the_cross_fit_folds_but_never_on_the_shots():
+    auto, off, on = (FewShotConfig(threads=1, hgb_early_stopping=m) for m in ("auto", "off", "on"))
+    assert [hgb_early_stopping(rows, auto) for rows in (2, 256, 10_000, 10_001)] == [False, False, False, True]
+    assert not hgb_early_stopping(50_000, off) and hgb_early_stopping(2, on)
+    # a weak signal among many noise columns: 100 rounds at rate 0.1 fit the noise
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((13_000, 40)).astype(np.float32)
+    y = (x[:, 0] + 2.5 * rng.standard_normal(13_000)) > 2.0
+    fit, score = np.arange(11_000), np.arange(11_000, 13_000)
+    risk = {
+        name: fit_and_score(Design("hgb", x), y, fit, score, c)
+        for name, c in (("auto", auto), ("off", off), ("on", on))
+    }
+    np.testing.assert_array_equal(risk["auto"], risk["on"])  # 11,000 fit rows: auto stops early
+    assert auroc(y[score], risk["on"]) > auroc(y[score], risk["off"]) + 0.01
+    few = np.arange(256)
+    np.testing.assert_array_equal(
+        fit_and_score(Design("hgb", x), y, few, score, auto), fit_and_score(Design("hgb", x), y, few, score, off)
+    )
 
 
 def test_fm_boosting_heads_read_the_states_and_the_counts_together():

@@ -251,6 +251,7 @@ def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
                     "fm_prs": config["fm_prs"],
                     "fm_inputs": config["fm_inputs"],
                     "hgb_min_samples_leaf": config["hgb_min_samples_leaf"] or "min(20, max(1, 2k // 10))",
+                    "hgb_early_stopping": config["hgb_early_stopping"],
                     "pretrained": result["pretrained"],
                     **result["counts"],
                 }
