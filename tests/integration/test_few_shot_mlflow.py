@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from ehrfm.evaluate.cross_fit import cross_fit_report
+from ehrfm.evaluate.cross_fit import ZERO_SHOT, cross_fit_report
 from ehrfm.evaluate.few_shot import FM_LR, FM_LR_NO_PRS, Design, FewShotConfig, fm_design, run_few_shot, summarize
 from ehrfm.evaluate.few_shot_job import log_to_mlflow, published_counts, write_outputs
 
@@ -29,7 +29,8 @@ def test_run_has_params_metrics_per_k_and_artifacts(tmp_path, mlflow_server):
         "counts_prs_hgb": Design("hgb", x[:, :3]),
     }
     cross_config = config.model_copy(update={"shots": [], "cross_fit_folds": 3})
-    cross_fit = cross_fit_report(designs, y, np.arange(600), cross_config, n_boot=100)
+    zero_shot = 1 / (1 + np.exp(-(x[:, 0] + rng.standard_normal(600))))
+    cross_fit = cross_fit_report(designs, y, np.arange(600), cross_config, n_boot=100, fixed={ZERO_SHOT: zero_shot})
     cross_fit["published"] = {"rows": "600", "events": str(y.sum())}
     result = {
         "config": config.model_dump(mode="json"),
@@ -49,6 +50,10 @@ def test_run_has_params_metrics_per_k_and_artifacts(tmp_path, mlflow_server):
     assert logged["cross_fit/prs_gain/fm_lr/auroc_difference"] == pytest.approx(gain)
     contrast = cross_fit["prs_gains"]["target"]["fm_gain_minus_share_of_hgb_gain"]
     assert logged["cross_fit/prs_gain/fm_minus_share_of_hgb"] == pytest.approx(contrast)
+    gap = cross_fit["zero_shot"]["auroc_difference"]
+    assert logged["cross_fit/fm_lr-zero_shot/auroc_difference"] == pytest.approx(gap)
+    ece = cross_fit["models"][ZERO_SHOT]["ece_recalibrated"]
+    assert logged["cross_fit/zero_shot/ece_recalibrated"] == pytest.approx(ece)
     history = MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "fm_lr/auroc_mean")
     assert sorted(m.step for m in history) == [1, 4]  # the impossible k has no metric, only replicates_fit 0
     fitted = MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "fm_lr/replicates_fit")

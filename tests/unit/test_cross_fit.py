@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from sklearn.ensemble import HistGradientBoostingClassifier
 
-from ehrfm.evaluate.cross_fit import cross_fit, cross_fit_markdown, cross_fit_report, person_folds
+from ehrfm.evaluate.calibration import expected_calibration_error
+from ehrfm.evaluate.cross_fit import (
+    ZERO_SHOT,
+    cross_fit,
+    cross_fit_markdown,
+    cross_fit_report,
+    person_folds,
+    recalibrated_out_of_fold,
+)
 from ehrfm.evaluate.few_shot import FM_LR, FM_LR_NO_PRS, Design, FewShotConfig, fm_design
 from ehrfm.metrics import auroc
 
@@ -104,3 +112,60 @@ def test_config_needs_two_folds_and_the_mean_for_several_windows():
     with pytest.raises(ValueError, match="fm_inputs=last\\+mean"):
         FewShotConfig(history_windows=4)
     assert FewShotConfig(shots=[], cross_fit_folds=5, history_windows=4, fm_inputs="last+mean").cross_fit_folds == 5
+
+
+def _miscalibrated(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from a known risk, and that risk distorted (too extreme, shifted up)."""
+    rng = np.random.default_rng(seed)
+    true_logit = -3.2 + 1.2 * rng.standard_normal(n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    return y, 1 / (1 + np.exp(-(2.0 * true_logit + 3.0)))
+
+
+def test_cross_fitted_platt_brings_a_miscalibrated_score_under_the_ece_target_from_other_folds_only():
+    n = 20_000
+    y, risk = _miscalibrated(n, seed=8)
+    fold = person_folds(np.arange(n), 5, seed=0)
+    recalibrated, refused = recalibrated_out_of_fold(risk, y, fold)
+    assert refused == 0
+    assert expected_calibration_error(y, risk) > 0.05 and expected_calibration_error(y, recalibrated) < 0.01
+    # fold 0's map is fit on the other folds alone: its own labels cannot move its recalibrated risks
+    flipped = y.copy()
+    flipped[fold == 0] = 1 - flipped[fold == 0]
+    again, _ = recalibrated_out_of_fold(risk, flipped, fold)
+    np.testing.assert_array_equal(again[fold == 0], recalibrated[fold == 0])
+    assert not np.allclose(again[fold == 1], recalibrated[fold == 1])
+    # an anti-correlated score is never inverted: its folds keep the raw risks and are counted
+    inverted, refused = recalibrated_out_of_fold(1 - risk, y, fold)
+    assert refused == 5 and np.array_equal(inverted, 1 - risk)
+
+
+def test_zero_shot_scores_join_the_cross_fit_and_its_gap_to_the_fm_head_is_judged():
+    n = 6000
+    rng = np.random.default_rng(9)
+    y, risk = _miscalibrated(n, seed=9)
+    x = np.column_stack([np.log(risk / (1 - risk)), rng.standard_normal((n, 2))])
+    designs = {FM_LR: fm_design(x, None, None), "counts_lr": Design("lr", x[:, 1:])}
+    config = FewShotConfig(shots=[], cross_fit_folds=5, threads=1)
+    close = risk  # ranks as well as the head's inputs do, badly calibrated
+    weak = 1 / (1 + np.exp(-(np.log(risk / (1 - risk)) + 3.0 * rng.standard_normal(n))))
+    for score, met in ((close, True), (weak, False)):
+        report = cross_fit_report(designs, y, np.arange(n), config, n_boot=200, fixed={ZERO_SHOT: score})
+        gap = report["zero_shot"]
+        assert report["judgeable"] and gap["head"] == FM_LR and gap["max_gap"] == 0.05
+        assert gap["auroc_difference"] == pytest.approx(
+            report["models"][FM_LR]["auroc"] - report["models"][ZERO_SHOT]["auroc"]
+        )
+        assert gap["met"] is met and (gap["ci"][1] <= 0.05) is met
+        assert f"{ZERO_SHOT}-counts_lr" in report["comparisons"]
+        zs = report["models"][ZERO_SHOT]
+        assert zs["ece"] > 0.05 or not met  # the raw path probability is not a calibrated risk here
+        text = cross_fit_markdown(report, str(n), str(y.sum()))
+        assert f"fm_lr - zero_shot: {gap['auroc_difference']:+.3f}" in text
+        assert ("): met." in text) is met
+    assert report["models"][FM_LR]["ece_recalibrated"] <= 0.02 and report["models"][FM_LR]["ece_target_met"]
+    assert "ECE <= 0.02 after recalibration: fm_lr" in text
+    with pytest.raises(ValueError, match=f"zero_shot: needs a finite score for each of the {n} label rows"):
+        cross_fit_report(designs, y, np.arange(n), config, n_boot=100, fixed={ZERO_SHOT: close[:-1]})
+    with pytest.raises(ValueError, match="set cross_fit_folds >= 2"):
+        FewShotConfig(zero_shot=["zs.parquet"])

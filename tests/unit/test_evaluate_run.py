@@ -85,6 +85,35 @@ def test_mismatched_predictions_are_refused_with_counts(tmp_path):
         )
 
 
+def test_scores_of_every_label_row_may_come_in_several_files_and_none_may_be_missing_or_repeated(tmp_path):
+    """A cross-fit compares on all label rows: zero-shot run once for val+test and once for train is
+    read as one file; a row scored twice or not at all is refused with the counts."""
+    task = make_task(tmp_path)
+    scored = pq.read_table(task["predictions"])  # the val and test rows
+    labels, split = task["labels_table"], task["split"]
+    train = labels.filter(pa.array(split == "train"))
+    train_file = tmp_path / "train.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": train["subject_id"],
+                "prediction_time": train["prediction_time"],
+                "risk": np.full(train.num_rows, 0.25),
+            }
+        ),
+        train_file,
+    )
+    risk = align_scores([task["predictions"], train_file], labels, split, {"zs": "risk"}, required_split=None)["zs"]
+    assert np.isfinite(risk).all() and (risk[split == "train"] == 0.25).all()
+    np.testing.assert_array_equal(risk[split != "train"], scored["risk"].to_numpy())
+    with pytest.raises(ValueError, match=rf"predictions.parquet: scores {N - train.num_rows} of {N} label rows"):
+        align_scores(task["predictions"], labels, split, {"zs": "risk"}, required_split=None)
+    with pytest.raises(ValueError, match=rf"train.parquet, .*overlap.parquet: 3 of {N + 3} rows repeat"):
+        overlap = tmp_path / "overlap.parquet"
+        pq.write_table(pq.read_table(train_file).slice(0, 3), overlap)
+        align_scores([task["predictions"], train_file, overlap], labels, split, {"zs": "risk"}, required_split=None)
+
+
 def test_cli_prints_the_table_without_fine_tune_predictions(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     task = make_task(tmp_path, seed=1)

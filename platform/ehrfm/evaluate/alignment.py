@@ -2,13 +2,15 @@
 
 A predictions file (fine-tuning's predictions.parquet, zero-shot's zero_shot.parquet) is keyed by
 (subject_id, prediction_time). Every one of its rows must be a label row, no key may repeat, and
-it must score every test label row; where it carries `label` or `split` they must agree with the
+it must score every test label row (every label row, for a cross-fit over all of them); several
+files (one zero-shot run per split) are read as one, so a key in two of them is a repeat; where it carries `label` or `split` they must agree with the
 labels and the splits. A file that breaks any of these is an error naming the counts, never a
 silent inner join that would evaluate a different set of persons.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import polars as pl
 import pyarrow as pa
 
 KEYS = ("subject_id", "prediction_time")
+CHECKED = ("label", "split")  # columns that, where a file carries them, must agree with the labels
 
 
 def _keys(frame: pl.DataFrame) -> pl.DataFrame:
@@ -23,16 +26,29 @@ def _keys(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def align_scores(
-    path: Path, labels: pa.Table, split: np.ndarray, columns: dict[str, str], required_split: str = "test"
+    path: Path | Sequence[Path],
+    labels: pa.Table,
+    split: np.ndarray,
+    columns: dict[str, str],
+    required_split: str | None = "test",
 ) -> dict[str, np.ndarray]:
-    """`{name: scores}` over all label rows (NaN where the file has no row) for each `{name: column}`."""
-    path = Path(path)
+    """`{name: scores}` over all label rows (NaN where the file has no row) for each `{name: column}`.
+    `required_split` None: every label row must be scored."""
+    paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+    if not paths:
+        raise ValueError("no score file given")
     wanted = sorted(set(columns.values()))
-    frame = pl.read_parquet(path)
-    missing = [c for c in (*KEYS, *wanted) if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing} (has {frame.columns})")
-    scores = _keys(frame)
+    frames = []
+    for one in paths:
+        frame = pl.read_parquet(one)
+        missing = [c for c in (*KEYS, *wanted) if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{one}: missing columns {missing} (has {frame.columns})")
+        shared = [c for c in frame.columns if c in (*KEYS, *wanted, *CHECKED)]
+        carries = [pl.lit(c in frame.columns).alias(f"_carries_{c}") for c in CHECKED]  # _agree's rows
+        frames.append(_keys(frame.select(shared)).with_columns(carries))
+    path = paths[0] if len(paths) == 1 else ", ".join(str(p) for p in paths)  # how errors name the input
+    scores = pl.concat(frames, how="diagonal_relaxed")
     n_rows = scores.height
     repeated = n_rows - scores.select(KEYS).unique().height
     if repeated:
@@ -48,21 +64,20 @@ def align_scores(
         raise ValueError(f"{path}: {unmatched} of {n_rows} rows match no label row ({label_rows.height} label rows)")
     _agree(path, joined, "label", "boolean_value", pl.Boolean)
     _agree(path, joined, "split", "label_split", pl.String)
-    n_required = int((np.asarray(split) == required_split).sum())
-    covered = joined.filter(pl.col("label_split") == required_split).height
+    required = np.ones(len(split), bool) if required_split is None else np.asarray(split) == required_split
+    n_required, what = int(required.sum()), "" if required_split is None else f"{required_split} "
+    covered = int(required[joined["row"].to_numpy()].sum())
     if covered != n_required:
-        raise ValueError(f"{path}: scores {covered} of {n_required} {required_split} label rows")
+        raise ValueError(f"{path}: scores {covered} of {n_required} {what}label rows")
     rows = joined["row"].to_numpy()
     out = {}
     for name, column in columns.items():
         values = np.full(label_rows.height, np.nan)
         values[rows] = joined[column].cast(pl.Float64).to_numpy()
-        on_required = values[np.asarray(split) == required_split]
+        on_required = values[required]
         bad = int((~np.isfinite(on_required)).sum())
         if bad:
-            raise ValueError(
-                f"{path}: column {column!r} is null/NaN on {bad} of {on_required.size} {required_split} rows"
-            )
+            raise ValueError(f"{path}: column {column!r} is null/NaN on {bad} of {on_required.size} {what}rows")
         out[name] = values
     return out
 
@@ -72,7 +87,7 @@ def _agree(path: Path, joined: pl.DataFrame, column: str, reference: str, dtype:
     if column not in joined.columns:
         return
     same = pl.col(column).cast(dtype).eq_missing(pl.col(reference).cast(dtype))
-    differ = joined.filter(~same).height
+    differ = joined.filter(pl.col(f"_carries_{column}") & ~same).height
     if differ:
         raise ValueError(
             f"{path}: column {column!r} disagrees with the labels/splits on {differ} of {joined.height} rows"

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -113,6 +114,10 @@ class FewShotConfig(StrictModel):
     # (evaluate/cross_fit.py); 0: off
     cross_fit_folds: int = Field(0, ge=0)
     n_boot: int = Field(1000, ge=100)  # bootstrap resamples of the cross-fit CIs
+    # zero_shot.parquet files (or their directories) of `ehrfm zero_shot` runs that together score
+    # every label row (`splits=[train, val, test]`, or one run per split): the path probability
+    # joins the cross-fit as a head that fits nothing, and the zero-shot target is judged on all rows
+    zero_shot: list[Path] = Field(default_factory=list)
     threads: int | None = None  # BLAS/OpenMP threads while fitting (None: the libraries' default)
 
     @field_validator("shots")
@@ -126,6 +131,8 @@ class FewShotConfig(StrictModel):
     def _something_to_do(self) -> FewShotConfig:
         if self.cross_fit_folds == 1:
             raise ValueError("cross_fit_folds must be 0 (off) or at least 2")
+        if self.zero_shot and not self.cross_fit_folds:
+            raise ValueError("zero_shot scores are compared on the cross-fit: set cross_fit_folds >= 2")
         if self.lr_cv_folds == 1:
             raise ValueError("lr_cv_folds must be 0 (fixed lr_c) or at least 2")
         if not self.lr_cs or min(self.lr_cs) <= 0:

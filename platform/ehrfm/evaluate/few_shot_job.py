@@ -13,8 +13,11 @@ params, `<model>/auroc_mean` etc. with step = k, and the files.
 
 With `cross_fit_folds=K` (K >= 2) the same heads are also fit on K person folds of all label rows
 and every row is scored out of fold (evaluate/cross_fit.py): AUROC/AUPRC with CIs over all rows and
-each FM head's paired difference to each count head with its minimum detectable difference, in
-few_shot.json ("cross_fit"), few_shot.md and MLflow (`cross_fit/<model>/auroc`). `shots=[]` runs the
+each FM head's paired difference to each count head with its minimum detectable difference, and
+each head's ECE raw and after a cross-fitted Platt map, in few_shot.json ("cross_fit"), few_shot.md
+and MLflow (`cross_fit/<model>/auroc`). `zero_shot=[Z1,Z2]` (runs of `ehrfm zero_shot` that
+together score every label row) adds the zero-shot path probability as a head that fits nothing,
+and the zero-shot target (fm_lr - zero_shot <= 0.05) judged on all rows. `shots=[]` runs the
 cross-fit alone; `history_windows=N fm_inputs=last+mean` gives the FM head the whole bounded history.
 """
 
@@ -35,8 +38,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ehrfm.config import add_config_arguments, parse_config
+from ehrfm.evaluate.alignment import align_scores
 from ehrfm.evaluate.baselines import read_events
-from ehrfm.evaluate.cross_fit import cross_fit_markdown, cross_fit_report
+from ehrfm.evaluate.cross_fit import ZERO_SHOT, cross_fit_markdown, cross_fit_report
 from ehrfm.evaluate.features import CodeVocabulary, build_features
 from ehrfm.evaluate.few_shot import (
     COUNT_MODELS,
@@ -73,7 +77,18 @@ LABELS = {
     "counts_hgb": "counts GBM",
     "counts_prs_hgb": "counts + PRS GBM",
     "values_hgb": "last values + age GBM (no counts)",
+    ZERO_SHOT: "zero-shot path probability",
 }
+ZERO_SHOT_FILE, ZERO_SHOT_COLUMN = "zero_shot.parquet", "zs_path_probability"
+
+
+def zero_shot_files(paths: list[Path]) -> list[Path]:
+    """The zero_shot.parquet of each given file or run directory."""
+    files = [Path(p) / ZERO_SHOT_FILE if Path(p).is_dir() else Path(p) for p in paths]
+    absent = [str(f) for f in files if not f.is_file()]
+    if absent:
+        raise FileNotFoundError(f"zero-shot scores not found: {absent}")
+    return files
 
 
 def published_counts(y: np.ndarray, split: np.ndarray) -> dict[str, str]:
@@ -133,7 +148,11 @@ def few_shot_evaluation(
     cross_fit = None
     if config.cross_fit_folds:
         subject_ids = labels["subject_id"].to_numpy()
-        cross_fit = cross_fit_report(designs, y, subject_ids, config, config.n_boot)
+        fixed = {}
+        if config.zero_shot:  # every label row must be scored: the comparison is paired on all of them
+            files = zero_shot_files(config.zero_shot)
+            fixed = align_scores(files, labels, frozen.split, {ZERO_SHOT: ZERO_SHOT_COLUMN}, required_split=None)
+        cross_fit = cross_fit_report(designs, y, subject_ids, config, config.n_boot, fixed)
         hide_n, hide_events = binary_hidden(len(y), int(y.sum()))
         cross_fit["published"] = {"rows": show(len(y), hidden=hide_n), "events": show(int(y.sum()), hidden=hide_events)}
         for key in ("rows", "events"):  # only the published (small-count-ruled) form leaves the job
@@ -248,6 +267,7 @@ def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
                     "lr_c": config["lr_c"],
                     "lr_cv_folds": config["lr_cv_folds"],
                     "scale_on": config["scale_on"],
+                    "zero_shot_files": len(config["zero_shot"]),
                     "fm_prs": config["fm_prs"],
                     "fm_inputs": config["fm_inputs"],
                     "hgb_min_samples_leaf": config["hgb_min_samples_leaf"] or "min(20, max(1, 2k // 10))",
@@ -267,7 +287,12 @@ def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
                 mlflow.log_metrics(metrics, step=int(row["k"]))
             cross_fit = result.get("cross_fit") or {}
             for name, m in cross_fit.get("models", {}).items():
-                mlflow.log_metrics({metric_key(f"cross_fit/{name}", metric): m[metric] for metric in METRICS})
+                mlflow.log_metrics(
+                    {
+                        metric_key(f"cross_fit/{name}", metric): m[metric]
+                        for metric in (*METRICS, "ece", "ece_recalibrated")
+                    }
+                )
             for name, c in cross_fit.get("comparisons", {}).items():
                 mlflow.log_metric(metric_key(f"cross_fit/{name}", "auroc_difference"), c["auroc_difference"])
             prs = cross_fit.get("prs_gains") or {}
@@ -276,6 +301,9 @@ def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
             if prs.get("target"):
                 contrast = prs["target"]["fm_gain_minus_share_of_hgb_gain"]
                 mlflow.log_metric(metric_key("cross_fit/prs_gain", "fm_minus_share_of_hgb"), contrast)
+            if cross_fit.get("zero_shot"):
+                gap = cross_fit["zero_shot"]["auroc_difference"]
+                mlflow.log_metric(metric_key(f"cross_fit/{FM_LR}-{ZERO_SHOT}", "auroc_difference"), gap)
             for path in paths:
                 mlflow.log_artifact(str(path), artifact_path="few_shot")
             return run.info.run_id

@@ -7,3 +7,7 @@ MIN_EVENTS_FOR_TARGET = 300
 # The PRS target: the FM should get at least this share of what gradient boosting gains from the
 # same score (the data's own headroom), not a fixed number the data may not hold.
 MIN_PRS_GAIN_SHARE = 0.6
+# Zero-shot: its path probability should come within this AUROC of the fitted FM head (#21).
+MAX_ZERO_SHOT_GAP = 0.05
+# Calibration: expected calibration error (10 equal-count bins) after recalibration (#21).
+MAX_RECALIBRATED_ECE = 0.02
