@@ -8,7 +8,16 @@ import pytest
 from mlflow import MlflowClient
 
 from ehrfm.evaluate.cross_fit import ZERO_SHOT, cross_fit_report
-from ehrfm.evaluate.few_shot import FM_LR, FM_LR_NO_PRS, Design, FewShotConfig, fm_design, run_few_shot, summarize
+from ehrfm.evaluate.few_shot import (
+    FM_LR,
+    FM_LR_NO_PRS,
+    Design,
+    FewShotConfig,
+    fm_design,
+    paired_differences,
+    run_few_shot,
+    summarize,
+)
 from ehrfm.evaluate.few_shot_job import log_to_mlflow, published_counts, write_outputs
 
 pytestmark = pytest.mark.mlflow
@@ -20,7 +29,7 @@ def test_run_has_params_metrics_per_k_and_artifacts(tmp_path, mlflow_server):
     y = (x[:, 0] > 1.0).astype(int)
     split = rng.choice(["train", "test"], size=600, p=[0.7, 0.3])
     config = FewShotConfig(shots=[1, 4, 10_000], replicates=2, models=[FM_LR], threads=1)
-    records = run_few_shot({FM_LR: fm_design(x, None, None)}, y, split, config)
+    records = run_few_shot({FM_LR: fm_design(x, None, None), "counts_hgb": Design("hgb", x[:, 1:])}, y, split, config)
     prs, has_prs = x[:, 1:2], np.ones(600, bool)
     designs = {
         FM_LR: fm_design(x[:, [0, 2]], prs, has_prs),
@@ -38,6 +47,7 @@ def test_run_has_params_metrics_per_k_and_artifacts(tmp_path, mlflow_server):
         "labels": str(tmp_path / "labels.parquet"),
         "counts": published_counts(y, split),
         "summary": summarize(records),
+        "paired": paired_differences(records),
         "records": records,
         "cross_fit": cross_fit,
     }
@@ -56,6 +66,9 @@ def test_run_has_params_metrics_per_k_and_artifacts(tmp_path, mlflow_server):
     assert logged["cross_fit/zero_shot/ece_recalibrated"] == pytest.approx(ece)
     history = MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "fm_lr/auroc_mean")
     assert sorted(m.step for m in history) == [1, 4]  # the impossible k has no metric, only replicates_fit 0
+    paired = MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "fm_lr-counts_hgb/auroc_difference_mean")
+    expected = {r["k"]: r["auroc_difference_mean"] for r in result["paired"]}
+    assert {m.step: m.value for m in paired} == pytest.approx(expected) and sorted(expected) == [1, 4]
     fitted = MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "fm_lr/replicates_fit")
     assert {m.step: m.value for m in fitted}[10_000] == 0.0
     artifacts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(run.info.run_id, "few_shot")}

@@ -23,9 +23,11 @@ from ehrfm.evaluate.few_shot import (
     fm_design,
     hgb_early_stopping,
     logistic_head,
+    paired_differences,
     run_few_shot,
     summarize,
 )
+from ehrfm.evaluate.few_shot_job import paired_markdown
 from ehrfm.metrics import auroc
 
 
@@ -224,3 +226,25 @@ def test_config_rejects_unknown_models_and_non_positive_shots():
     with pytest.raises(ValueError):
         FewShotConfig(shots=[0, 1])
     assert FewShotConfig(shots=[4, 1, 4]).shots == [1, 4]
+
+
+def test_paired_differences_take_the_same_draws_and_judge_the_target_by_the_mean():
+    """The FM head is 0.02 better than counts_hgb on every draw while the draws' own AUROCs spread
+    by 0.1: the paired SE is near 0 and every draw is a win; at k = 8 it loses on average."""
+    rng = np.random.default_rng(3)
+    records = []
+    for k in (4, 8, 128):
+        for replicate in range(6):
+            base = 0.7 + 0.1 * rng.standard_normal()  # how easy this draw was, shared by both heads
+            delta = -0.03 if k == 8 else 0.02
+            records.append({"model": "counts_hgb", "k": k, "replicate": replicate, "auroc": base, "auprc": 0.1})
+            records.append({"model": FM_LR, "k": k, "replicate": replicate, "auroc": base + delta, "auprc": 0.1})
+    records.append({"model": FM_LR, "k": 4, "replicate": 6, "auroc": 0.99, "auprc": 0.1})  # no partner: left out
+    records.append({"model": "counts_hgb", "k": 4, "replicate": 7, "auroc": math.nan, "auprc": math.nan})
+    rows = {r["k"]: r for r in paired_differences(records)}
+    assert set(rows) == {4, 8, 128} and all(r["baseline"] == "counts_hgb" and r["draws"] == 6 for r in rows.values())
+    assert rows[4]["auroc_difference_mean"] == pytest.approx(0.02) and rows[4]["auroc_difference_se"] < 1e-9
+    assert rows[4]["wins"] == 6 and rows[8]["wins"] == 0
+    text = paired_markdown(paired_differences(records))
+    assert "| counts_hgb | 8 | -0.030 ± 0.000 | 0/6 |" in text
+    assert "above counts_hgb at every k <= 64 (mean over the draws): not met (k = 8)." in text  # k = 128 not judged

@@ -352,3 +352,35 @@ def summarize(records: list[dict]) -> list[dict]:
         rows.append(row)
     order = {m: i for i, m in enumerate(MODELS)}
     return sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"], r["k"]))
+
+
+def paired_differences(records: list[dict], head: str = FM_LR, metric: str = "auroc") -> list[dict]:
+    """Per (count head, k): `head` minus that head over the draws both were fit on. Every head of a
+    (k, replicate) reads the same shots, so the paired difference's spread is the draws' effect on
+    the difference, far below either AUROC's own spread (which mixes in how easy each draw was).
+    SE = SD / sqrt(draws); `wins` counts the draws where `head` scored higher."""
+    score = {(r["model"], r["k"], r["replicate"]): r[metric] for r in records if math.isfinite(r[metric])}
+    rows = []
+    for baseline in (m for m in COUNT_MODELS if any(r["model"] == m for r in records)):
+        for k in sorted({r["k"] for r in records}):
+            pairs = [
+                score[(head, k, rep)] - score[(baseline, k, rep)]
+                for (model, kk, rep) in score
+                if model == head and kk == k and (baseline, k, rep) in score
+            ]
+            if not pairs:
+                continue
+            values = np.array(pairs)
+            sd = float(values.std(ddof=1)) if values.size > 1 else math.nan
+            rows.append(
+                {
+                    "head": head,
+                    "baseline": baseline,
+                    "k": k,
+                    "draws": int(values.size),
+                    f"{metric}_difference_mean": float(values.mean()),
+                    f"{metric}_difference_se": sd / math.sqrt(values.size) if values.size > 1 else math.nan,
+                    "wins": int((values > 0).sum()),
+                }
+            )
+    return rows

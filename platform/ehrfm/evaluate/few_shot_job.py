@@ -56,11 +56,13 @@ from ehrfm.evaluate.few_shot import (
     FewShotConfig,
     count_designs,
     fm_design,
+    paired_differences,
     run_few_shot,
     summarize,
 )
 from ehrfm.evaluate.plots import curve_style
 from ehrfm.evaluate.report import metric_key
+from ehrfm.evaluate.targets import FEW_SHOT_MAX_K
 from ehrfm.small_counts import binary_hidden, show
 from ehrfm.transfer.examples import read_labels
 from ehrfm.transfer.frozen_features import label_row_features
@@ -166,6 +168,7 @@ def few_shot_evaluation(
         "fit_seconds": round(fit_seconds, 1),
         "cross_fit_seconds": round(time.perf_counter() - started - feature_seconds - fit_seconds, 1),
         "summary": summarize(records),
+        "paired": paired_differences(records) if FM_LR in designs else [],
         "records": records,
         "cross_fit": cross_fit,
     }
@@ -202,10 +205,38 @@ def summary_markdown(result: dict) -> str:
         fit = f"{row['replicates_fit']}/{row['replicates']}" + (f" ({row['reason']})" if row["reason"] else "")
         lines.append(f"| {row['model']} | {row['k']} | {cell(row, 'auroc')} | {cell(row, 'auprc')} | {fit} |")
     text = "\n".join(lines) + "\n"
+    if result.get("paired"):
+        text += "\n" + paired_markdown(result["paired"])
     if result.get("cross_fit"):
         published = result["cross_fit"]["published"]
         text += "\n" + cross_fit_markdown(result["cross_fit"], published["rows"], published["events"])
     return text
+
+
+def paired_markdown(paired: list[dict], baselines: tuple[str, ...] = ("counts_hgb", "counts_prs_hgb")) -> str:
+    """The FM head minus each boosting head on the same draws, per k, and the few-shot target's verdict."""
+    rows = [r for r in paired if r["baseline"] in baselines]
+    if not rows:
+        return ""
+    head = rows[0]["head"]
+    lines = [
+        f"## {head} minus boosting on the same draws (mean ± SE over the draws; wins: draws where {head} is higher)",
+        "",
+        "| baseline | k | AUROC difference | wins |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        se = r["auroc_difference_se"]
+        spread = f" ± {se:.3f}" if math.isfinite(se) else ""
+        lines.append(
+            f"| {r['baseline']} | {r['k']} | {r['auroc_difference_mean']:+.3f}{spread} | {r['wins']}/{r['draws']} |"
+        )
+    judged = [r for r in rows if r["baseline"] == "counts_hgb" and r["k"] <= FEW_SHOT_MAX_K]
+    if judged:
+        misses = [str(r["k"]) for r in judged if not r["auroc_difference_mean"] > 0]
+        verdict = "met" if not misses else f"not met (k = {', '.join(misses)})"
+        lines += ["", f"{head} above counts_hgb at every k <= {FEW_SHOT_MAX_K} (mean over the draws): {verdict}."]
+    return "\n".join(lines) + "\n"
 
 
 def auroc_figure(summary: list[dict]) -> Figure:
@@ -285,6 +316,9 @@ def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
                 }
                 metrics[metric_key(row["model"], "replicates_fit")] = float(row["replicates_fit"])
                 mlflow.log_metrics(metrics, step=int(row["k"]))
+            for row in result.get("paired", []):
+                key = metric_key(f"{row['head']}-{row['baseline']}", "auroc_difference_mean")
+                mlflow.log_metric(key, row["auroc_difference_mean"], step=int(row["k"]))
             cross_fit = result.get("cross_fit") or {}
             for name, m in cross_fit.get("models", {}).items():
                 mlflow.log_metrics(

@@ -11,3 +11,5 @@ MIN_PRS_GAIN_SHARE = 0.6
 MAX_ZERO_SHOT_GAP = 0.05
 # Calibration: expected calibration error (10 equal-count bins) after recalibration (#21).
 MAX_RECALIBRATED_ECE = 0.02
+# Few-shot: the FM head should beat counts gradient boosting at every k up to this (mean over draws).
+FEW_SHOT_MAX_K = 64
