@@ -103,3 +103,38 @@ def test_few_shot_command_writes_aggregates_table_and_plot(tiny, tmp_path, capsy
     assert set(cross["prs_gains"]["gains"]) == {"fm_lr"} and "target" not in cross["prs_gains"]  # no boosting pair
     assert 0.0 <= cross["models"]["fm_lr"]["auroc_ci"][0] <= cross["models"]["fm_lr"]["auroc"] <= 1.0
     assert "rows" not in cross and cross["published"]["rows"] == str(labels.num_rows)  # published form only
+
+
+def test_cross_fit_only_command_reads_zero_shot_scores_of_every_label_row(tiny, tmp_path, capsys, monkeypatch):
+    """`shots=[] zero_shot=[...]`: the scores join the cross-fit as a head of their own; a file that
+    leaves label rows unscored is refused before anything is fit."""
+    import pyarrow.parquet as pq
+
+    from ehrfm.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    info, labels, checkpoint, labels_path = tiny
+    rng = np.random.default_rng(0)
+    scores = pa.table(
+        {
+            "subject_id": labels["subject_id"],
+            "prediction_time": labels["prediction_time"],
+            "zs_path_probability": rng.uniform(0.01, 0.2, labels.num_rows),
+        }
+    )
+    half = labels.num_rows // 2
+    (tmp_path / "a").mkdir()
+    pq.write_table(scores.slice(0, half), tmp_path / "a" / "zero_shot.parquet")  # a run directory
+    pq.write_table(scores.slice(half), tmp_path / "b.parquet")  # or the file itself
+    argv = ["few_shot", "--pretrained", str(checkpoint.parent), "--data", str(info.root), "--labels"]
+    argv += [str(labels_path), "--out", str(tmp_path / "out"), "models=[fm_lr]", "shots=[]", "threads=1"]
+    argv += ["cross_fit_folds=3", f"zero_shot=[{tmp_path / 'a'},{tmp_path / 'b.parquet'}]"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "out" / "few_shot.json").read_text())
+    cross = result["cross_fit"]
+    assert set(cross["models"]) == {"fm_lr", "zero_shot"} and cross["zero_shot"]["head"] == "fm_lr"
+    assert cross["zero_shot"]["met"] is False  # far fewer than 300 events: never judged met
+    printed = capsys.readouterr().out
+    assert printed.startswith("# Cross-fit only") and "fm_lr - zero_shot:" in printed and "not judged" in printed
+    with pytest.raises(ValueError, match=rf"zero_shot.parquet: scores {half} of {labels.num_rows} label rows"):
+        main(argv[:-1] + [f"zero_shot=[{tmp_path / 'a'}]"])

@@ -184,6 +184,11 @@ def _number(value):
 def summary_markdown(result: dict) -> str:
     """The per-(model, k) table: mean test AUROC/AUPRC ± SD [min, max] over the replicates."""
     counts = result["counts"]
+    if not result["config"]["shots"]:  # cross-fit only (`shots=[]`): no few-shot table to show
+        published = result["cross_fit"]["published"]
+        return "# Cross-fit only (shots=[])\n\n" + cross_fit_markdown(
+            result["cross_fit"], published["rows"], published["events"]
+        )
     lines = [
         f"# Few-shot: {result['config']['replicates']} draws per k of k positive + k negative train rows",
         "",
@@ -259,7 +264,8 @@ def auroc_figure(summary: list[dict]) -> Figure:
     ax.set_xlabel("k (positive shots; as many negatives)")
     ax.set_ylabel("test AUROC (mean, min-max band)")
     ax.set_title("Few-shot heads")
-    ax.legend(loc="lower right", fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a cross-fit-only run has no curve to name
+        ax.legend(loc="lower right", fontsize=7)
     figure.tight_layout()
     return figure
 
