@@ -257,14 +257,15 @@ def cross_fit_markdown(report: dict, published_rows: str, published_events: str)
         lines += [
             "",
             f"{gap['head']} - zero_shot: {gap['auroc_difference']:+.3f} [{gap['ci'][0]:+.3f}, {gap['ci'][1]:+.3f}] "
-            f"(target: the whole interval <= {gap['max_gap']}): {verdict}.",
+            f"(minimum detectable {_mdd(gap)}; target: the whole interval <= {gap['max_gap']}): {verdict}.",
         ]
     return "\n".join(lines) + "\n"
 
 
-def _difference_row(name: str, c: dict) -> str:
+def _mdd(c: dict) -> str:
     mdd = c["minimum_detectable_difference"]
-    return (
-        f"| {name} | {c['auroc_difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | "
-        f"{'n/a' if mdd is None else f'{mdd:.3f}'} |"
-    )
+    return "n/a" if mdd is None else f"{mdd:.3f}"
+
+
+def _difference_row(name: str, c: dict) -> str:
+    return f"| {name} | {c['auroc_difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | {_mdd(c)} |"
