@@ -2,10 +2,11 @@
 
 A predictions file (fine-tuning's predictions.parquet, zero-shot's zero_shot.parquet) is keyed by
 (subject_id, prediction_time). Every one of its rows must be a label row, no key may repeat, and
-it must score every test label row (every label row, for a cross-fit over all of them); several
-files (one zero-shot run per split) are read as one, so a key in two of them is a repeat; where it carries `label` or `split` they must agree with the
-labels and the splits. A file that breaks any of these is an error naming the counts, never a
-silent inner join that would evaluate a different set of persons.
+it must score every test label row (every label row, for a cross-fit over all of them); where it
+carries `label` or `split` they must agree with the labels and the splits. Several files (one
+zero-shot run per split) are read as one, so a key in two of them is a repeat. A file that breaks
+any of these is an error naming the counts, never a silent inner join that would evaluate a
+different set of persons.
 """
 
 from __future__ import annotations
