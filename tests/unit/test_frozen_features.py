@@ -107,7 +107,7 @@ def test_few_shot_command_writes_aggregates_table_and_plot(tiny, tmp_path, capsy
 
 def test_cross_fit_only_command_reads_zero_shot_scores_of_every_label_row(tiny, tmp_path, capsys, monkeypatch):
     """`shots=[] zero_shot=[...]`: the scores join the cross-fit as a head of their own; a file that
-    leaves label rows unscored is refused before anything is fit."""
+    leaves label rows unscored is refused before the decoder runs."""
     import pyarrow.parquet as pq
 
     from ehrfm.cli import main
@@ -136,5 +136,11 @@ def test_cross_fit_only_command_reads_zero_shot_scores_of_every_label_row(tiny, 
     assert cross["zero_shot"]["met"] is False  # far fewer than 300 events: never judged met
     printed = capsys.readouterr().out
     assert printed.startswith("# Cross-fit only") and "fm_lr - zero_shot:" in printed and "not judged" in printed
+    import ehrfm.evaluate.few_shot_job as job
+
+    def decoder_must_not_run(*args, **kwargs):
+        raise AssertionError("the decoder ran before the zero-shot files were checked")
+
+    monkeypatch.setattr(job, "label_row_features", decoder_must_not_run)
     with pytest.raises(ValueError, match=rf"zero_shot.parquet: scores {half} of {labels.num_rows} label rows"):
         main(argv[:-1] + [f"zero_shot=[{tmp_path / 'a'}]"])

@@ -29,12 +29,15 @@ def _keys(frame: pl.DataFrame) -> pl.DataFrame:
 def align_scores(
     path: Path | Sequence[Path],
     labels: pa.Table,
-    split: np.ndarray,
+    split: np.ndarray | None,
     columns: dict[str, str],
     required_split: str | None = "test",
 ) -> dict[str, np.ndarray]:
     """`{name: scores}` over all label rows (NaN where the file has no row) for each `{name: column}`.
-    `required_split` None: every label row must be scored."""
+    `required_split` None: every label row must be scored. `split` None (splits not known yet): the
+    files' `split` columns are not checked, and every label row must be scored."""
+    if split is None and required_split is not None:
+        raise ValueError(f"required_split={required_split!r} needs the label rows' splits")
     paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
     if not paths:
         raise ValueError("no score file given")
@@ -56,7 +59,9 @@ def align_scores(
         raise ValueError(f"{path}: {repeated} of {n_rows} rows repeat a (subject_id, prediction_time)")
     label_rows = (
         _keys(pl.from_arrow(labels).select(*KEYS, "boolean_value"))
-        .with_columns(pl.Series("label_split", np.asarray(split).astype(str)))
+        .with_columns(
+            pl.Series("label_split", np.full(labels.num_rows, "") if split is None else np.asarray(split).astype(str))
+        )
         .with_row_index("row")
     )
     joined = scores.join(label_rows, on=list(KEYS), how="left")
@@ -64,8 +69,9 @@ def align_scores(
     if unmatched:
         raise ValueError(f"{path}: {unmatched} of {n_rows} rows match no label row ({label_rows.height} label rows)")
     _agree(path, joined, "label", "boolean_value", pl.Boolean)
-    _agree(path, joined, "split", "label_split", pl.String)
-    required = np.ones(len(split), bool) if required_split is None else np.asarray(split) == required_split
+    if split is not None:
+        _agree(path, joined, "split", "label_split", pl.String)
+    required = np.ones(labels.num_rows, bool) if required_split is None else np.asarray(split) == required_split
     n_required, what = int(required.sum()), "" if required_split is None else f"{required_split} "
     covered = int(required[joined["row"].to_numpy()].sum())
     if covered != n_required:

@@ -111,6 +111,9 @@ def few_shot_evaluation(
     started = time.perf_counter()
     labels = read_labels(labels_path)
     y = labels["boolean_value"].to_numpy(zero_copy_only=False).astype(int)
+    zero_shot = zero_shot_files(config.zero_shot)
+    if zero_shot:  # a row missing or repeated fails here, in seconds, not after the decoder's pass
+        align_scores(zero_shot, labels, None, {ZERO_SHOT: ZERO_SHOT_COLUMN}, required_split=None)
     frozen = label_row_features(
         checkpoint_dir,
         data_dir,
@@ -151,9 +154,8 @@ def few_shot_evaluation(
     if config.cross_fit_folds:
         subject_ids = labels["subject_id"].to_numpy()
         fixed = {}
-        if config.zero_shot:  # every label row must be scored: the comparison is paired on all of them
-            files = zero_shot_files(config.zero_shot)
-            fixed = align_scores(files, labels, frozen.split, {ZERO_SHOT: ZERO_SHOT_COLUMN}, required_split=None)
+        if zero_shot:  # every label row scored (paired on all of them); now the files' splits are checked too
+            fixed = align_scores(zero_shot, labels, frozen.split, {ZERO_SHOT: ZERO_SHOT_COLUMN}, required_split=None)
         cross_fit = cross_fit_report(designs, y, subject_ids, config, config.n_boot, fixed)
         hide_n, hide_events = binary_hidden(len(y), int(y.sum()))
         cross_fit["published"] = {"rows": show(len(y), hidden=hide_n), "events": show(int(y.sum()), hidden=hide_events)}
