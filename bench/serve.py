@@ -11,7 +11,8 @@ timeout: bench/_open_loop.py) for `--seconds` each, after a warm-up, to:
 - `echo floor`: a Serve app that answers without work (bench/_echo_app.py, one hop): what the ingress,
   a replica and HTTP cost on this machine;
 - `ehrfm one_hop` (the default ServeConfig: 2 model replicas that are the ingress, adaptive batching)
-  and, on the proxy only, `ehrfm two_hop` (a retrying ScoringAPI ingress in front of 2 model replicas).
+  and, on `haproxy` and `proxy`, `ehrfm two_hop` (a retrying ScoringAPI ingress in front of 2 model
+  replicas: the price of a model replica's death failing no request, docs/OPERATIONS.md "Failures").
 Single-person `POST /v1/score`, bearer auth on. Per rate: completed requests/s, p50/p95/p99
 latency, errors (non-200s and timeouts), CPU per completed request (every process of the local
 Ray cluster, HAProxy included) and its ratio to the echo floor's on the same ingress at the same
@@ -93,7 +94,7 @@ RATES = (10.0, 50.0, 100.0)
 DEFAULT_INGRESS = "haproxy"
 # ingress -> (extra environment of its cluster, applications measured on it)
 INGRESSES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
-    "haproxy": ({}, ("echo floor", "ehrfm one_hop")),
+    "haproxy": ({}, ("echo floor", "ehrfm one_hop", "ehrfm two_hop")),
     "haproxy+throughput": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, ("echo floor", "ehrfm one_hop")),
     "proxy": ({}, ("echo floor", "ehrfm one_hop", "ehrfm two_hop")),
 }

@@ -5,6 +5,7 @@ SIGTERM."""
 from __future__ import annotations
 
 import math
+import re
 import sys
 import threading
 import time
@@ -61,9 +62,9 @@ def app_args(tracking_uri: str, **extra) -> dict:
 @pytest.fixture(scope="module")
 def service(ray_cluster, tracking, version_one, tmp_path_factory):
     """The two_hop topology on the session's cluster, which runs Serve's Python proxy (tests/conftest.py): a
-    dying one_hop replica there takes the requests it holds with it. Behind HAProxy (the default ingress of
-    `ehrfm serve`) one_hop still loses 0-2 requests in flight per kill (measured, docs/OPERATIONS.md
-    "Failures"), so zero failures is asserted for two_hop, which retries on another model replica."""
+    dying one_hop replica there takes the requests it holds with it, so zero failures is asserted here for
+    two_hop, which retries on another model replica. The default deployment (`ehrfm serve`: HAProxy in front
+    of one_hop) is killed under load in its own cluster below."""
     with running_service(MODEL, tracking, tmp_path_factory.mktemp("secret"), topology=TOPOLOGY) as running:
         yield running
 
@@ -72,15 +73,15 @@ def service(ray_cluster, tracking, version_one, tmp_path_factory):
 class Load:
     """Client threads scoring one person in a loop (no client retries); records every outcome."""
 
-    def __init__(self, url: str, body: dict, threads: int = 3):
-        self.url, self.body = url, body
+    def __init__(self, url: str, body: dict, threads: int = 3, token: str = TOKEN):
+        self.url, self.body, self.token = url, body, token
         self.outcomes: list[tuple[float, int, str | None, float | None]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def _run(self) -> None:
         session = requests.Session()
-        session.headers["Authorization"] = f"Bearer {TOKEN}"  # auth is on by default
+        session.headers["Authorization"] = f"Bearer {self.token}"  # auth is on by default
         while not self._stop.is_set():
             try:
                 response = session.post(f"{self.url}/v1/score", json=self.body, timeout=120)
@@ -150,6 +151,112 @@ def test_killing_a_model_replica_under_load_loses_no_request(service, ray_cluste
     while replicas[0] in replica_actors("ehrfm", "RiskModel") or len(replica_actors("ehrfm", "RiskModel")) < 2:
         assert time.monotonic() < deadline, "Serve did not replace the killed replica"
         time.sleep(1.0)
+
+
+def _haproxy_defaults(root_pid: int) -> str:
+    """The `defaults` section of the config of the HAProxy running under process `root_pid`."""
+    import psutil
+
+    haproxy = [p for p in psutil.Process(root_pid).children(recursive=True) if p.name() == "haproxy"][-1]  # the newest
+    args = haproxy.cmdline()
+    text = Path(args[args.index("-f") + 1]).read_text()
+    return text.split("\ndefaults\n", 1)[1].split("\nfrontend ", 1)[0]
+
+
+def _model_replicas(root_pid: int) -> list:
+    """The processes of the `ehrfm` app's RiskModel replicas under process `root_pid`."""
+    import psutil
+
+    replicas = []
+    for process in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if "ServeReplica:ehrfm:RiskModel" in " ".join(process.cmdline()):
+                replicas.append(process)
+        except psutil.NoSuchProcess:  # exited while listed
+            continue
+    return replicas
+
+
+@pytest.mark.e2e
+def test_the_default_service_replays_the_requests_a_killed_model_replica_held(
+    tracking, version_one, repo_root, tmp_path, serve_token_file
+):
+    """`ehrfm serve` with its deployment defaults (its own cluster, HAProxy in front of one_hop, 2 model
+    replicas) while 6 clients without retries score: a model replica's process is SIGKILLed twice while it
+    holds requests (each waits up to 1 s in the batch queue, so about 3 are in every replica at any time).
+    No request fails: HAProxy's own log shows them sent again, to the other replica. Without `option
+    http-buffer-request` in HAProxy's defaults (serve/ingress.py) every request held by a killed replica was
+    lost. What one_hop cannot save, a response cut by the kill after its headers left, needs a replica to
+    die while writing, which these 1-s batches make rare (docs/OPERATIONS.md "Failures")."""
+    import os
+    import signal
+    import socket
+    import subprocess
+
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # HAProxy's access log, one datagram per line
+    sink.bind(("127.0.0.1", 0))
+    sink.settimeout(0.2)
+    log_lines: list[str] = []
+    done = threading.Event()
+
+    def receive() -> None:
+        while not done.is_set():
+            try:
+                log_lines.append(sink.recv(65535).decode(errors="replace"))
+            except TimeoutError:
+                continue
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking,
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "RAY_SERVE_HAPROXY_LOG_TARGET": f"127.0.0.1:{sink.getsockname()[1]}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    port, stdout, stderr = free_port(), tmp_path / "stdout", tmp_path / "stderr"
+    arguments = ["--model", MODEL, "--alias", "champion", "--port", str(port), "batching.batch_wait_timeout_s=1"]
+    arguments += ["model_deployment.num_cpus=0.2", "ingress_deployment.num_cpus=0.2"]
+    with stdout.open("w") as out, stderr.open("w") as err:
+        command = subprocess.Popen(
+            [sys.executable, "jobs/serve.py", *arguments], cwd=repo_root, env=env, stdout=out, stderr=err, text=True
+        )
+    killed: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while "serving; " not in stdout.read_text():
+            assert command.poll() is None and time.monotonic() < deadline, stdout.read_text() + stderr.read_text()
+            time.sleep(0.5)
+        assert "ingress: HAProxy (reads each request whole" in stdout.read_text()
+        assert "    option http-buffer-request\n" in _haproxy_defaults(command.pid)  # what makes a replay possible
+        body = persons_and_requests()[2][0]
+        with Load(f"http://127.0.0.1:{port}", body, threads=6, token=serve_token_file.read_text().strip()) as load:
+            load.wait_for(12)
+            for _ in range(2):
+                replicas = _model_replicas(command.pid)
+                assert len(replicas) == 2
+                os.kill(replicas[0].pid, signal.SIGKILL)  # as the OOM killer would: no drain, no goodbye
+                killed.append(replicas[0].pid)
+                load.wait_for(len(load.outcomes) + 12)
+                deadline = time.monotonic() + 120
+                while len(alive := {p.pid for p in _model_replicas(command.pid)}) < 2 or killed[-1] in alive:
+                    assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+                    time.sleep(0.5)
+                load.wait_for(len(load.outcomes) + 6)
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(timeout=90) == 0, stdout.read_text()[-2000:] + stderr.read_text()[-3000:]
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+        done.set()
+        receiver.join(timeout=5)
+        sink.close()
+    assert len(killed) == 2 and load.failures() == [], load.failures()[:5]
+    # HAProxy's httplog: ".../<retries> <queues> "POST ...": "+1" = sent again, to another server
+    replayed = [line for line in log_lines if re.search(r"/\+\d+ \d+/\d+ \"POST /v1/score", line)]
+    assert len(replayed) >= 2, f"{len(replayed)} replays in {len(log_lines)} HAProxy log lines"
 
 
 @pytest.mark.e2e

@@ -7,7 +7,17 @@ import socket
 
 import pytest
 
-from ehrfm.serve.ingress import DRAINING_VAR, ENABLE_VAR, RETRY_ON, current_ingress, describe, ingress_env, use_ingress
+from ehrfm.serve.ingress import (
+    BUFFER_DIRECTIVE,
+    DRAINING_VAR,
+    ENABLE_VAR,
+    RETRY_ON,
+    current_ingress,
+    describe,
+    ingress_env,
+    use_ingress,
+    with_request_buffering,
+)
 
 
 def test_haproxy_gets_replays_and_ray_default_ports_when_they_are_free():
@@ -16,8 +26,12 @@ def test_haproxy_gets_replays_and_ray_default_ports_when_they_are_free():
         free = probe.getsockname()[1]
     env = ingress_env("haproxy", {"RAY_SERVE_HAPROXY_STATS_PORT": str(free)})
     assert env[ENABLE_VAR] == "1"
-    assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == RETRY_ON and "empty-response" in RETRY_ON.split()
-    assert env["RAY_SERVE_HAPROXY_RETRIES"] == "3"
+    # Ray writes the value as the `retry-on` line of HAProxy's defaults; its second line makes HAProxy hold
+    # each request whole, which a replay needs
+    conditions, directive = env["RAY_SERVE_HAPROXY_RETRY_ON"].split("\n")
+    assert conditions == RETRY_ON and "empty-response" in RETRY_ON.split()
+    assert directive == "    option http-buffer-request" == f"    {BUFFER_DIRECTIVE}"
+    assert env["RAY_SERVE_HAPROXY_RETRIES"] == "10"
     assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == str(free)
 
 
@@ -32,7 +46,8 @@ def test_a_port_in_use_is_replaced_and_an_operators_retry_policy_is_kept():
         )
     assert env["RAY_SERVE_HAPROXY_METRICS_PORT"] != str(taken)
     assert int(env["RAY_SERVE_HAPROXY_METRICS_PORT"]) > 0
-    assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure"
+    assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == f"conn-failure\n    {BUFFER_DIRECTIVE}"  # conditions kept
+    assert with_request_buffering(env["RAY_SERVE_HAPROXY_RETRY_ON"]) == env["RAY_SERVE_HAPROXY_RETRY_ON"]  # once
 
 
 def test_the_environment_decides_when_no_mode_is_given_and_the_default_is_haproxy():
