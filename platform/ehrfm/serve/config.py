@@ -115,9 +115,10 @@ class ServeConfig(StrictModel):
     # the downloaded files must match the SHA-256 recorded at registration (mlops/checksums.py);
     # false serves an unverified version, deliberately (warned about in the replica's log)
     verify_weights: bool = True
-    # one_hop: the model replicas are the HTTP ingress (cheapest; the HAProxy ingress replays a request
-    # whose replica died); two_hop: a ScoringAPI ingress in front retries on another model replica when
-    # one dies, for clusters on Serve's Python proxy, which does not (serve/deployment.py, serve/ingress.py)
+    # one_hop: the model replicas are the HTTP ingress (cheapest; the HAProxy ingress replays the requests
+    # a dying replica held, not a response it was writing); two_hop: a ScoringAPI ingress in front retries
+    # on another model replica when one dies, so that no request fails, on either ingress, at one more
+    # Serve call per request (serve/deployment.py, serve/ingress.py, docs/OPERATIONS.md "Failures")
     topology: Literal["one_hop", "two_hop"] = "one_hop"
     retries: int = Field(default=3, ge=0, le=10)  # retries of a call to a replica that died
     batching: BatchingConfig = BatchingConfig()

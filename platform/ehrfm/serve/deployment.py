@@ -4,13 +4,16 @@ one_hop (default): `RiskModel` is the FastAPI ingress itself. The proxy hands a 
 replica, which validates it, waits in its `@serve.batch` queue with other requests and scores
 them together: no second Serve call, no second serialization of the person. Behind the HAProxy
 ingress (serve/ingress.py, the default) a request whose replica dies, before or while holding it,
-is replayed on another replica (measured: 1 request lost in 63 kills, docs/OPERATIONS.md
-"Failures"); behind Serve's Python proxy a replica that dies takes every request it holds with it.
-Run 2 replicas.
+is replayed on another replica; only a response cut while the replica was writing it is lost
+(measured: 2 in 50 kills, docs/OPERATIONS.md "Failures"). Behind Serve's Python proxy a replica
+that dies takes every request it holds with it. Run 2 replicas; clients retry a request that got
+no complete response.
 
-two_hop (for clusters on Serve's Python proxy): a thin `ScoringAPI` ingress validates and forwards
-to `RiskModel` replicas, retrying on another replica when the one it called died (scoring is a pure
-function of the request, so a retry is safe): a killed model replica fails no request, at the cost of one more call per request.
+two_hop: a thin `ScoringAPI` ingress validates and forwards to `RiskModel` replicas, retrying on
+another replica when the one it called died (scoring is a pure function of the request, so a retry
+is safe): a killed model replica fails no request on either ingress, since the ingress that answers
+the client lives on, at the cost of one more Serve call per request (behind HAProxy: 12.3 against
+7.4 ms CPU and p99 27.7 against 10.2 ms at 100 requests/s on 2 cores, bench/serve.py).
 
 Both: `Explainer` is a deployment of its own, with its own concurrency limit, so explanations
 (one forward pass per occluded event) queue there and never in front of scoring.
