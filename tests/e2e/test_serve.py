@@ -1,15 +1,18 @@
 """The scoring service under load, over real HTTP (tests/support/serve_app.py): a killed model replica and a
-version switch fail no request; `ehrfm serve` deploys the champion in its own process and cluster and drains on
-SIGTERM."""
+version switch fail no request; `ehrfm serve` deploys the champion in its own process and cluster, its HAProxy
+replays the requests a killed model replica held, and it drains on SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import socket
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -153,6 +156,32 @@ def test_killing_a_model_replica_under_load_loses_no_request(service, ray_cluste
         time.sleep(1.0)
 
 
+@contextlib.contextmanager
+def datagram_lines() -> Iterator[tuple[str, list[str]]]:
+    """A loopback UDP socket (`host:port`) whose datagrams are collected as lines while the block runs."""
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.settimeout(0.2)
+    lines: list[str] = []
+    done = threading.Event()
+
+    def receive() -> None:
+        while not done.is_set():
+            try:
+                lines.append(sink.recv(65535).decode(errors="replace"))
+            except TimeoutError:
+                continue
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    try:
+        yield f"127.0.0.1:{sink.getsockname()[1]}", lines
+    finally:
+        done.set()
+        receiver.join(timeout=5)
+        sink.close()
+
+
 def _haproxy_defaults(root_pid: int) -> str:
     """The `defaults` section of the config of the HAProxy running under process `root_pid`."""
     import psutil
@@ -190,69 +219,47 @@ def test_the_default_service_replays_the_requests_a_killed_model_replica_held(
     die while writing, which these 1-s batches make rare (docs/OPERATIONS.md "Failures")."""
     import os
     import signal
-    import socket
     import subprocess
 
-    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # HAProxy's access log, one datagram per line
-    sink.bind(("127.0.0.1", 0))
-    sink.settimeout(0.2)
-    log_lines: list[str] = []
-    done = threading.Event()
-
-    def receive() -> None:
-        while not done.is_set():
-            try:
-                log_lines.append(sink.recv(65535).decode(errors="replace"))
-            except TimeoutError:
-                continue
-
-    receiver = threading.Thread(target=receive, daemon=True)
-    receiver.start()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking,
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        "RAY_SERVE_HAPROXY_LOG_TARGET": f"127.0.0.1:{sink.getsockname()[1]}",
-    }
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     env.pop("RAY_ADDRESS", None)
     port, stdout, stderr = free_port(), tmp_path / "stdout", tmp_path / "stderr"
     arguments = ["--model", MODEL, "--alias", "champion", "--port", str(port), "batching.batch_wait_timeout_s=1"]
     arguments += ["model_deployment.num_cpus=0.2", "ingress_deployment.num_cpus=0.2"]
-    with stdout.open("w") as out, stderr.open("w") as err:
-        command = subprocess.Popen(
-            [sys.executable, "jobs/serve.py", *arguments], cwd=repo_root, env=env, stdout=out, stderr=err, text=True
-        )
     killed: list[int] = []
-    try:
-        deadline = time.monotonic() + 300
-        while "serving; " not in stdout.read_text():
-            assert command.poll() is None and time.monotonic() < deadline, stdout.read_text() + stderr.read_text()
-            time.sleep(0.5)
-        assert "ingress: HAProxy (reads each request whole" in stdout.read_text()
-        assert "    option http-buffer-request\n" in _haproxy_defaults(command.pid)  # what makes a replay possible
-        body = persons_and_requests()[2][0]
-        with Load(f"http://127.0.0.1:{port}", body, threads=6, token=serve_token_file.read_text().strip()) as load:
-            load.wait_for(12)
-            for _ in range(2):
-                replicas = _model_replicas(command.pid)
-                assert len(replicas) == 2
-                os.kill(replicas[0].pid, signal.SIGKILL)  # as the OOM killer would: no drain, no goodbye
-                killed.append(replicas[0].pid)
-                load.wait_for(len(load.outcomes) + 12)
-                deadline = time.monotonic() + 120
-                while len(alive := {p.pid for p in _model_replicas(command.pid)}) < 2 or killed[-1] in alive:
-                    assert time.monotonic() < deadline, "Serve did not replace the killed replica"
-                    time.sleep(0.5)
-                load.wait_for(len(load.outcomes) + 6)
-        command.send_signal(signal.SIGTERM)
-        assert command.wait(timeout=90) == 0, stdout.read_text()[-2000:] + stderr.read_text()[-3000:]
-    finally:
-        if command.poll() is None:
-            command.kill()
-            command.wait()
-        done.set()
-        receiver.join(timeout=5)
-        sink.close()
+    with datagram_lines() as (log_target, log_lines):
+        env["RAY_SERVE_HAPROXY_LOG_TARGET"] = log_target  # HAProxy's access log, one line per datagram
+        with stdout.open("w") as out, stderr.open("w") as err:
+            command = subprocess.Popen(
+                [sys.executable, "jobs/serve.py", *arguments], cwd=repo_root, env=env, stdout=out, stderr=err, text=True
+            )
+        try:
+            deadline = time.monotonic() + 300
+            while "serving; " not in stdout.read_text():
+                assert command.poll() is None and time.monotonic() < deadline, stdout.read_text() + stderr.read_text()
+                time.sleep(0.5)
+            assert "ingress: HAProxy (reads each request whole" in stdout.read_text()
+            assert "    option http-buffer-request\n" in _haproxy_defaults(command.pid)  # what makes a replay possible
+            body = persons_and_requests()[2][0]
+            with Load(f"http://127.0.0.1:{port}", body, threads=6, token=serve_token_file.read_text().strip()) as load:
+                load.wait_for(12)
+                for _ in range(2):
+                    replicas = _model_replicas(command.pid)
+                    assert len(replicas) == 2
+                    os.kill(replicas[0].pid, signal.SIGKILL)  # as the OOM killer would: no drain, no goodbye
+                    killed.append(replicas[0].pid)
+                    load.wait_for(len(load.outcomes) + 12)
+                    deadline = time.monotonic() + 120
+                    while len(alive := {p.pid for p in _model_replicas(command.pid)}) < 2 or killed[-1] in alive:
+                        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+                        time.sleep(0.5)
+                    load.wait_for(len(load.outcomes) + 6)
+            command.send_signal(signal.SIGTERM)
+            assert command.wait(timeout=90) == 0, stdout.read_text()[-2000:] + stderr.read_text()[-3000:]
+        finally:
+            if command.poll() is None:
+                command.kill()
+                command.wait()
     assert len(killed) == 2 and load.failures() == [], load.failures()[:5]
     # HAProxy's httplog: ".../<retries> <queues> "POST ...": "+1" = sent again, to another server
     replayed = [line for line in log_lines if re.search(r"/\+\d+ \d+/\d+ \"POST /v1/score", line)]
