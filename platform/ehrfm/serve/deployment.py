@@ -12,8 +12,8 @@ no complete response.
 two_hop: a thin `ScoringAPI` ingress validates and forwards to `RiskModel` replicas, retrying on
 another replica when the one it called died (scoring is a pure function of the request, so a retry
 is safe): a killed model replica fails no request on either ingress, since the ingress that answers
-the client lives on, at the cost of one more Serve call per request (behind HAProxy: 12.3 against
-7.4 ms CPU and p99 27.7 against 10.2 ms at 100 requests/s on 2 cores, bench/serve.py).
+the client lives on, at the cost of one more Serve call per request (behind HAProxy at 100
+requests/s on 2 cores: 2.3-6.3 ms more CPU per request, p99 28-47 ms against 10-18 ms; bench/serve.py).
 
 Both: `Explainer` is a deployment of its own, with its own concurrency limit, so explanations
 (one forward pass per occluded event) queue there and never in front of scoring.
