@@ -86,7 +86,9 @@ def run_variant(name: str, command: list[str], log: Path, result: Path, timeout_
     started = time.perf_counter()
     with log.open("w") as sink:
         try:
-            code = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=REPO).returncode
+            code = subprocess.run(
+                command, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=REPO
+            ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     row: dict = {"variant": name, "returncode": code, "wall_s": round(time.perf_counter() - started, 1)}
@@ -161,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="preprocessed directory holding timelines/")
     parser.add_argument("--out", help="results folder")
-    parser.add_argument("--prepare-data", type=Path, help="only copy the default cohort's timelines to DIR/preprocessed")
+    parser.add_argument(
+        "--prepare-data", type=Path, help="only copy the default cohort's timelines to DIR/preprocessed"
+    )
     parser.add_argument("--config", default="jobs/configs/pretrain-gpu-300m.yaml")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per variant (at least 2)")
     parser.add_argument("--log-every", type=int, default=20, help="steps per throughput window (the last one counts)")
