@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     storage = Path(args.storage or f"/tmp/ehrfm-gpu-pretrain-{os.getpid()}")
     overrides = variant_overrides(args)
     unknown = set(args.variants) - set(overrides)
-    if unknown:
+    if not args.variants or unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(overrides)}")
     rows = []
     for name in args.variants:

@@ -20,4 +20,9 @@ if ! "$python" -c "import ray, deepspeed, pydantic" 2>/dev/null; then
   export PYTHONPATH="/tmp/site:$PYTHONPATH" PATH="/tmp/site/bin:$PATH"
 fi
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+# fail in seconds, not after a Ray start, when the machine lacks a module the job imports
+if ! "$python" -c "import ehrfm.training.pretrain, ehrfm.training.pretrain_loop, ehrfm.cli" > "$out/preflight.txt" 2>&1; then
+  tail -5 "$out/preflight.txt" >&2
+  exit 2
+fi
 exec "$python" bench/gpu_pretrain.py --data "$data" --out "$out" "$@"
