@@ -35,8 +35,9 @@ import sys
 import time
 from pathlib import Path
 
+from ehrfm.training.pretrain import RESULT_FILE
+
 REPO = Path(__file__).resolve().parents[1]
-RESULT_FILE = "pretrain_result.json"  # ehrfm.training.pretrain.RESULT_FILE (not imported: no Ray needed here)
 FIGURES = (
     "mfu_real_tokens",
     "mfu_positions",
@@ -144,7 +145,7 @@ PREPARED = ("timelines", "tokenizer.json", "metadata")  # what pretraining reads
 
 
 def prepare_data(target: Path) -> Path:
-    """Copy the default synthetic cohort's timelines (made once by bench/train_throughput.py, ~5 MB)
+    """Copy the default synthetic cohort's timelines (made once by bench/train_throughput.py, ~4 MB)
     to `target`/preprocessed, a folder small enough to travel to the GPU machine beside the wheels."""
     sys.path.insert(0, str(REPO / "bench"))
     from train_throughput import default_cohort
@@ -160,20 +161,14 @@ def prepare_data(target: Path) -> Path:
     return dest
 
 
-def write_results(out: Path, args: argparse.Namespace, storage: Path, overrides: dict, rows: list[dict]) -> None:
-    result = {
-        "benchmark": "gpu_pretrain",
-        "config": args.config,
-        "steps": args.steps,
-        "log_every": args.log_every,
-        "device": device_name(),
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()},
-        "overrides": {"shared": shared_overrides(args, storage), **overrides},
-        "variants": rows,
-    }
+def write_results(out: Path, header: dict, rows: list[dict]) -> str:
+    """gpu_pretrain.json / .md with the runs so far (after each run: a cut-off call keeps what it
+    measured); the table."""
+    result = {**header, "variants": rows}
     result["markdown"] = markdown(result)
     (out / "gpu_pretrain.json").write_text(json.dumps(result, indent=2))
     (out / "gpu_pretrain.md").write_text(result["markdown"] + "\n")
+    return result["markdown"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.variants) - set(overrides)
     if not args.variants or unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(overrides)}")
-    rows = []
+    header = {
+        "benchmark": "gpu_pretrain",
+        "config": args.config,
+        "steps": args.steps,
+        "log_every": args.log_every,
+        "device": device_name(),
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()},
+        "overrides": {"shared": shared_overrides(args, storage), **overrides},
+    }
+    rows: list[dict] = []
+    table = ""
     for name in args.variants:
         command = [sys.executable, "jobs/pretrain.py", "--config", args.config, "--data", args.data, "--name", name]
         command += shared_overrides(args, storage) + overrides[name]
@@ -223,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpu_pretrain] {name}: {json.dumps({k: v for k, v in row.items() if k != 'log_tail'})}", flush=True)
         rows.append(row)
         shutil.rmtree(storage / name, ignore_errors=True)  # checkpoints of a 300M model: GBs of disk
-        write_results(out, args, storage, overrides, rows)  # after each run: a cut-off call keeps what it measured
-    print(markdown(json.loads((out / "gpu_pretrain.json").read_text())), flush=True)
+        table = write_results(out, header, rows)
+    print(table, flush=True)
     return 0 if all(row["returncode"] == 0 for row in rows) else 1
 
 
