@@ -206,6 +206,16 @@ def _model_replicas(root_pid: int) -> list:
     return replicas
 
 
+def _serve_replica_logs(root_pid: int) -> list[Path]:
+    """The Serve logs of every RiskModel replica the cluster under `root_pid` has run (its session's logs/serve)."""
+    for replica in _model_replicas(root_pid):
+        for opened in replica.open_files():
+            if "/logs/" in opened.path:
+                serve_logs = Path(opened.path.split("/logs/")[0]) / "logs" / "serve"
+                return sorted(serve_logs.glob("replica_ehrfm_RiskModel_*.log"))
+    return []
+
+
 @pytest.mark.e2e
 def test_the_default_service_replays_the_requests_a_killed_model_replica_held(
     tracking, version_one, repo_root, tmp_path, serve_token_file
@@ -215,8 +225,9 @@ def test_the_default_service_replays_the_requests_a_killed_model_replica_held(
     holds requests (each waits up to 1 s in the batch queue, so about 3 are in every replica at any time).
     No request fails: HAProxy's own log shows them sent again, to the other replica. Without `option
     http-buffer-request` in HAProxy's defaults (serve/ingress.py) every request held by a killed replica was
-    lost. What one_hop cannot save, a response cut by the kill after its headers left, needs a replica to
-    die while writing, which these 1-s batches make rare (docs/OPERATIONS.md "Failures")."""
+    lost. A replica that dies while writing a response resets the connection before any byte of it leaves
+    (serve/whole_response.py, tested on its own in tests/integration/test_serve_whole_response.py), so that
+    request is replayed too; here the replicas must say the middleware is active (docs/OPERATIONS.md "Failures")."""
     import os
     import signal
     import subprocess
@@ -239,6 +250,7 @@ def test_the_default_service_replays_the_requests_a_killed_model_replica_held(
                 assert command.poll() is None and time.monotonic() < deadline, stdout.read_text() + stderr.read_text()
                 time.sleep(0.5)
             assert "ingress: HAProxy (reads each request whole" in stdout.read_text()
+            assert "replicas send each response whole" in stdout.read_text()
             assert "    option http-buffer-request\n" in _haproxy_defaults(command.pid)  # what makes a replay possible
             body = persons_and_requests()[2][0]
             with Load(f"http://127.0.0.1:{port}", body, threads=6, token=serve_token_file.read_text().strip()) as load:
@@ -254,6 +266,7 @@ def test_the_default_service_replays_the_requests_a_killed_model_replica_held(
                         assert time.monotonic() < deadline, "Serve did not replace the killed replica"
                         time.sleep(0.5)
                     load.wait_for(len(load.outcomes) + 6)
+            replica_logs = _serve_replica_logs(command.pid)
             command.send_signal(signal.SIGTERM)
             assert command.wait(timeout=90) == 0, stdout.read_text()[-2000:] + stderr.read_text()[-3000:]
         finally:
@@ -261,9 +274,46 @@ def test_the_default_service_replays_the_requests_a_killed_model_replica_held(
                 command.kill()
                 command.wait()
     assert len(killed) == 2 and load.failures() == [], load.failures()[:5]
+    # the model replicas sent their responses whole (serve/whole_response.py; a replica says so at its first request)
+    said = [log.read_text() for log in replica_logs]
+    assert sum("whole-response middleware active" in text for text in said) >= 2, [log.name for log in replica_logs]
+    assert not any("whole-response middleware inactive" in text for text in said)
     # HAProxy's httplog: ".../<retries> <queues> "POST ...": "+1" = sent again, to another server
     replayed = [line for line in log_lines if re.search(r"/\+\d+ \d+/\d+ \"POST /v1/score", line)]
     assert len(replayed) >= 2, f"{len(replayed)} replays in {len(log_lines)} HAProxy log lines"
+
+
+@pytest.mark.e2e
+def test_replicas_killed_while_writing_responses_cut_none_of_them(repo_root):
+    """The window one_hop used to lose (docs/OPERATIONS.md "Failures"), made wide: two replicas behind the
+    default HAProxy ingress (its own cluster, the environment `ehrfm serve` gives it) answer after a 100-ms
+    gap between headers and body, so every kill finds responses half written; 6 clients without retries.
+    Without serve/whole_response.py each kill cut about 3 responses after their headers (measured: 28 in
+    10 kills); with it the dying replica resets those connections before any byte leaves and HAProxy
+    replays them on the other replica."""
+    import json
+    import os
+    import subprocess
+
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    with datagram_lines() as (log_target, log_lines):
+        env["RAY_SERVE_HAPROXY_LOG_TARGET"] = log_target
+        done = subprocess.run(
+            [sys.executable, "tests/support/midwrite_kill.py", "--kills", "3", "--gap", "0.1"],
+            cwd=repo_root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["kills"] == 3
+    outcomes = result["outcomes"]
+    assert set(outcomes) == {"ok"}, outcomes  # no cut response, no error
+    assert outcomes["ok"] >= 300, outcomes  # it ran under load
+    replayed = [line for line in log_lines if re.search(r"/\+\d+ \d+/\d+ \"POST /x", line)]
+    assert len(replayed) >= 3, f"{len(replayed)} replays in {len(log_lines)} HAProxy log lines"
 
 
 @pytest.mark.e2e

@@ -63,3 +63,15 @@ def test_the_environment_decides_when_no_mode_is_given_and_the_default_is_haprox
     assert "HAProxy" in describe(environ)
     with pytest.raises(ValueError, match="unknown ingress"):
         ingress_env("nginx", {})  # type: ignore[arg-type]
+
+
+def test_haproxy_clusters_get_whole_responses_unless_an_operator_chose_a_callback():
+    from ehrfm.serve.whole_response import CALLBACK_PATH, CALLBACK_VAR
+
+    env = ingress_env("haproxy", {})
+    assert env[CALLBACK_VAR] == CALLBACK_PATH == "ehrfm.serve.whole_response:middlewares"
+    assert "replicas send each response whole" in describe(env)
+    for own in ("mycompany.serve:middlewares", ""):  # their own callback, or deliberately none
+        kept = ingress_env("haproxy", {CALLBACK_VAR: own})
+        assert kept[CALLBACK_VAR] == own and "each response whole" not in describe(kept)
+    assert CALLBACK_VAR not in ingress_env("proxy", {})  # the Python proxy answers the client itself

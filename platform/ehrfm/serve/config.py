@@ -116,9 +116,10 @@ class ServeConfig(StrictModel):
     # false serves an unverified version, deliberately (warned about in the replica's log)
     verify_weights: bool = True
     # one_hop: the model replicas are the HTTP ingress (cheapest; the HAProxy ingress replays the requests
-    # a dying replica held, not a response it was writing); two_hop: a ScoringAPI ingress in front retries
-    # on another model replica when one dies, so that no request fails, on either ingress, at one more
-    # Serve call per request (serve/deployment.py, serve/ingress.py, docs/OPERATIONS.md "Failures")
+    # a dying replica held, and the one it was answering, whose response it sends whole or not at all:
+    # serve/whole_response.py); two_hop: a ScoringAPI ingress in front retries on another model replica
+    # when one dies, which Serve's Python proxy needs for the same guarantee, at one more Serve call per
+    # request (serve/deployment.py, serve/ingress.py, docs/OPERATIONS.md "Failures")
     topology: Literal["one_hop", "two_hop"] = "one_hop"
     retries: int = Field(default=3, ge=0, le=10)  # retries of a call to a replica that died
     batching: BatchingConfig = BatchingConfig()

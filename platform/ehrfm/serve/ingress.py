@@ -12,9 +12,10 @@ running cluster that someone else started, its own setting holds.
   before answering (`RETRY_ON`): scoring is a pure function of the request, so a replay is safe. It
   can replay only a request it still holds whole, so it reads each body before choosing a replica
   (`BUFFER_DIRECTIVE`), and retries up to `RETRIES` times. Then the requests a killed model replica
-  held are answered by the other one; what is still lost is a response the replica was writing when
-  it died (measured: 2 in 50 kills under continuous load, against 27 lost in 26 kills with Ray's
-  template alone; docs/OPERATIONS.md, "Failures"). A request whose body exceeds HAProxy's buffer
+  held are answered by the other one. A response the replica was writing when it died would still be
+  cut after its headers, so the replicas' HTTP servers send each response whole or reset the
+  connection (serve/whole_response.py, through Serve's HTTP callback `CALLBACK_VAR`), and HAProxy
+  replays that one too (docs/OPERATIONS.md, "Failures"). A request whose body exceeds HAProxy's buffer
   (`RAY_SERVE_HAPROXY_TUNE_BUFSIZE`, 16 KiB by default, about 250 events) cannot be replayed.
 - `proxy`: Serve's Python HTTP proxy actor (Serve's own default). It costs 11-14 ms more CPU per request
   on 2 cores (bench/serve.py: the echo floor at 50-100/s) and never retries a request whose replica died while holding it.
@@ -31,6 +32,8 @@ import os
 import socket
 from collections.abc import MutableMapping
 from typing import Literal
+
+from ehrfm.serve.whole_response import CALLBACK_PATH, CALLBACK_VAR
 
 IngressMode = Literal["haproxy", "proxy"]
 INGRESS_MODES: tuple[IngressMode, ...] = ("haproxy", "proxy")
@@ -101,6 +104,9 @@ def ingress_env(
         ENABLE_VAR: "1",
         "RAY_SERVE_HAPROXY_RETRY_ON": with_request_buffering(environ.get("RAY_SERVE_HAPROXY_RETRY_ON", RETRY_ON)),
         "RAY_SERVE_HAPROXY_RETRIES": environ.get("RAY_SERVE_HAPROXY_RETRIES", str(RETRIES)),
+        # Serve's HTTP servers wrap every app in what this returns; an operator's own callback (or "",
+        # none) is kept: to keep both, return ehrfm.serve.whole_response.middlewares() from yours too.
+        CALLBACK_VAR: environ.get(CALLBACK_VAR, CALLBACK_PATH),
     }
     if one_machine:
         env[DRAINING_VAR] = environ.get(DRAINING_VAR, ONE_MACHINE_DRAINING_S)
@@ -133,6 +139,7 @@ def describe(env: dict[str, str]) -> str:
         return "ingress: Serve's Python proxy"
     return (
         f"ingress: HAProxy (reads each request whole, then replays one whose replica failed on another "
-        f"replica, up to {env['RAY_SERVE_HAPROXY_RETRIES']} times); its stats page on port {env['RAY_SERVE_HAPROXY_STATS_PORT']} "
+        f"replica, up to {env['RAY_SERVE_HAPROXY_RETRIES']} times"
+        f"{'; replicas send each response whole' if env.get(CALLBACK_VAR) == CALLBACK_PATH else ''}); its stats page on port {env['RAY_SERVE_HAPROXY_STATS_PORT']} "
         f"and Prometheus metrics on port {env['RAY_SERVE_HAPROXY_METRICS_PORT']} (all interfaces, counters only)"
     )
