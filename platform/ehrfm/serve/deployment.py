@@ -4,15 +4,15 @@ one_hop (default): `RiskModel` is the FastAPI ingress itself. The proxy hands a 
 replica, which validates it, waits in its `@serve.batch` queue with other requests and scores
 them together: no second Serve call, no second serialization of the person. Behind the HAProxy
 ingress (serve/ingress.py, the default) a request whose replica dies, before or while holding it,
-is replayed on another replica; only a response cut while the replica was writing it is lost
-(measured: 2 in 50 kills, docs/OPERATIONS.md "Failures"). Behind Serve's Python proxy a replica
-that dies takes every request it holds with it. Run 2 replicas; clients retry a request that got
-no complete response.
+is replayed on another replica, and so is one whose response it was writing: its HTTP server sends
+each response whole or resets the connection (serve/whole_response.py; before it, 2 responses in 50
+kills were cut after their headers, docs/OPERATIONS.md "Failures"). Behind Serve's Python proxy a
+replica that dies takes every request it holds with it. Run 2 replicas.
 
 two_hop: a thin `ScoringAPI` ingress validates and forwards to `RiskModel` replicas, retrying on
 another replica when the one it called died (scoring is a pure function of the request, so a retry
-is safe): a killed model replica fails no request on either ingress, since the ingress that answers
-the client lives on, at the cost of one more Serve call per request (behind HAProxy at 100
+is safe): a killed model replica fails no request behind Serve's Python proxy either, since the
+ingress that answers the client lives on, at the cost of one more Serve call per request (behind HAProxy at 100
 requests/s on 2 cores: 2.3-6.3 ms more CPU per request, p99 28-47 ms against 10-18 ms; bench/serve.py).
 
 Both: `Explainer` is a deployment of its own, with its own concurrency limit, so explanations
