@@ -48,9 +48,9 @@ _reported = False
 def connection_socket(send: Send) -> Any | None:
     """The TCP socket under uvicorn's `send` (its response cycle's transport), else None."""
     transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if transport is None or transport.is_closing():
+    if transport is None:
         return None
-    sock = transport.get_extra_info("socket")
+    sock = transport.get_extra_info("socket")  # a closing connection's too: `hold` meets its OSError
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     return sock
@@ -87,7 +87,7 @@ class WholeResponseMiddleware:
 
         async def send_whole(message: Message) -> None:
             nonlocal held
-            if message["type"] == "http.response.start" and not held:
+            if message["type"] == "http.response.start":
                 try:
                     hold(sock)
                     held = True
