@@ -14,6 +14,7 @@ import torch
 
 from ehrfm.model.io import load_state_dict
 from ehrfm.model.risk import load_risk_model
+from ehrfm.preprocess.tokenizer import Tokenizer
 from tests.support.finetune_factory import make_labels, timelines_table, write_finetune_data, write_pretrained
 from tests.support.finetune_setup import config, predictions
 
@@ -55,6 +56,7 @@ def probe(ray_cluster, data, pretrained, storage, mlflow_server):
         "optim.head_lr=0.03",
         "train.modality_dropout=0.0",
         "data.history_windows=2",
+        "model.value_codes=3",  # the head also reads the window's value bins (the factory's tokens hold some)
         f"mlflow.tracking_uri={mlflow_server}",
     )
     return cfg, run_finetune(cfg), labels
@@ -72,7 +74,8 @@ def test_linear_probe_trains_only_the_head_and_reads_the_prs(probe, pretrained):
         assert torch.equal(final[f"decoder.{key}"], value), key
     resolved = cfg.model_copy(deep=True)
     resolved.model.pretrained = str(pretrained)
-    initial = build_risk_model(resolved).head.state_dict()  # the seeded head before training
+    _, spec = load_risk_model(Path(summary["model_dir"]))
+    initial = build_risk_model(resolved, spec.value_readout()).head.state_dict()  # the seeded head before training
     assert not torch.allclose(final["head.linear.weight"], initial["linear.weight"])
     m = summary["metrics"]
     # Label = PRS column 0 > 0 (genotyped only): learned through the PRS, gone when it is masked.
@@ -161,10 +164,15 @@ def test_saved_model_directory_round_trips(probe, data):
     cfg, _, labels = probe
     run_dir = Path(cfg.run_dir())
     model, spec = load_risk_model(run_dir / "model")
+    tokenizer = Tokenizer.load(data.root / "tokenizer.json")
     assert (
-        spec.context == 32 and spec.tokenizer_version == "factory-1" and spec.head_inputs == "last+mean+prs"
+        spec.context == 32 and spec.tokenizer_version == tokenizer.version and spec.head_inputs == "last+mean+prs"
     )  # the shipped default
     assert spec.history_windows == 2  # the windows the probe read travel with the model
+    # so do the value readout's codes and ids: the worker's head read them, the loaded model reads them too
+    assert spec.value_codes == ["C00", "C01", "C02"] and spec.value_recency_days == [30, 365]
+    assert spec.value_code_ids == [tokenizer.token_id[c] for c in spec.value_codes]
+    assert model.head.linear.in_features == 3 * 32 + 3 * 3 * 10
     table = predictions(run_dir)
     examples = build_examples(data.root, labels, spec.context, spec.history_windows)
     val = examples.filter(pc.equal(examples["split"], "val"))

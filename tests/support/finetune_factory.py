@@ -10,7 +10,6 @@ initialised decoder saved as a pretraining checkpoint.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +17,32 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ehrfm.constants import FIRST_CODE_ID
 from ehrfm.model.config import ModelConfig
 from ehrfm.model.io import save_model_files
 from ehrfm.model.transformer import EHRDecoder
+from ehrfm.preprocess.tokenizer import Tokenizer, build_tokenizer, quantile_edges
 from tests.support.timeline_factory import T2D_TOKEN, write_timelines
 
 DAY_US = 86_400_000_000
 
 
+def factory_tokenizer(vocab_size: int) -> Tokenizer:
+    """A real tokenizer over the factory's token ids: 10 value tokens from FIRST_CODE_ID (the
+    factory's T2D, sex and first background tokens read as bins), 1 gap token, then codes C00...
+    by falling count, every code with value bins. So code-then-bin pairs occur in the timelines."""
+    n_codes = vocab_size - FIRST_CODE_ID - 11
+    counts = {f"C{i:02d}": 1000 - i for i in range(n_codes)}
+    edges = {c: quantile_edges(np.arange(100.0), 10) for c in counts}
+    tok = build_tokenizer(counts, edges, min_count=1, n_bins=10, min_values_for_bins=20, gap_edges_days=[1])
+    assert tok.vocab_size == vocab_size
+    return tok
+
+
 def write_finetune_data(root: Path, persons: int = 600):
     """Timelines (2 files) plus the tokenizer.json a risk model ships; returns the FactoryInfo."""
     info = write_timelines(root, persons=persons, files=2, min_events=12, max_events=80)
-    (info.root / "tokenizer.json").write_text(json.dumps({"format": "test", "version": "factory-1"}))
+    factory_tokenizer(info.vocab_size).save(info.root / "tokenizer.json")
     return info
 
 

@@ -24,6 +24,7 @@ from ehrfm.omop.events import finalize_shard, person_events, table_events, visit
 from ehrfm.preprocess.timelines import timeline_table
 from ehrfm.preprocess.tokenizer import Tokenizer, build_tokenizer, quantile_edges
 from ehrfm.transfer.examples import example_tensors, prediction_windows
+from ehrfm.transfer.value_bins import readout_from_tokenizer
 
 PGS_IDS = ["PGS000001", "PGS000002", "PGS000003", "PGS000004"]
 HB_A1C = 3004410  # the measurement with value bins
@@ -94,9 +95,12 @@ def write_risk_model(
     task: str = "t2d",
     head_inputs: str = "last+prs",
     history_windows: int = 1,
+    value_codes: int = 0,
 ) -> Path:
-    """A random-init decoder (prefix PRS fusion) + head, saved as a risk-model directory."""
+    """A random-init decoder (prefix PRS fusion) + head, saved as a risk-model directory; with
+    `value_codes`, a head that also reads the window's recent value bins of that many codes."""
     tok = Tokenizer.load(tokenizer_path)
+    readout = readout_from_tokenizer(tok, value_codes) if value_codes else None
     torch.manual_seed(seed)
     cfg = ModelConfig(
         vocab_size=tok.vocab_size,
@@ -109,7 +113,7 @@ def write_risk_model(
         prs_tokens=2,
         prs_hidden=8,
     )
-    model = RiskModel(EHRDecoder(cfg), head_inputs).eval()
+    model = RiskModel(EHRDecoder(cfg), head_inputs, value_readout=readout).eval()
     with torch.no_grad():  # head weights large enough that persons get visibly different risks
         model.head.linear.weight.normal_(0.0, 1.0)
     reference = np.quantile(np.random.default_rng(seed).uniform(0.02, 0.98, 400), np.linspace(0, 1, 101))
@@ -124,6 +128,7 @@ def write_risk_model(
         platt=platt,
         reference_quantiles=[float(q) for q in reference],
         metrics={"val_auroc": 0.5},
+        **HeadSpec.value_fields(readout),
     )
     return save_risk_model(directory, model, spec, tokenizer_path)
 

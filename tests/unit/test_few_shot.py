@@ -248,3 +248,32 @@ def test_paired_differences_take_the_same_draws_and_judge_the_target_by_the_mean
     text = paired_markdown(paired_differences(records))
     assert "| counts_hgb | 8 | -0.030 ± 0.000 | 0/6 |" in text
     assert "above counts_hgb at every k <= 64 (mean over the draws): not met (k = 8)." in text  # k = 128 not judged
+
+
+def test_value_bins_come_last_and_an_lr_head_reads_them_unscaled():
+    rng = np.random.default_rng(5)
+    n = 800
+    hidden = rng.standard_normal((n, 4)) * 10.0  # states on a scale a head must standardise
+    bins = (rng.random((n, 6)) < 0.05).astype(np.float32)  # rare 0/1 indicators
+    y = ((hidden[:, 0] / 10.0 + 2.0 * bins[:, 0] + 0.3 * rng.standard_normal(n)) > 1.0).astype(int)
+    design = fm_design(hidden, None, None, value_bins=bins)
+    assert design.x.shape == (n, 10) and design.unscaled == 6
+    np.testing.assert_array_equal(design.x[:, 4:], bins)
+    assert fm_design(hidden, None, None, value_bins=np.zeros((n, 0))).unscaled == 0
+    config = FewShotConfig(shots=[], cross_fit_folds=2, lr_cv_folds=0, lr_c=0.5, threads=1)
+    fit, score = np.arange(0, n, 2), np.arange(1, n, 2)
+    got = fit_and_score(design, y, fit, score, config)
+    # the same fit by hand: the states standardised on the fit rows, the indicators as they are
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(hidden[fit])
+    prepared = lambda rows: np.column_stack([scaler.transform(hidden[rows]), bins[rows]])  # noqa: E731
+    by_hand = LogisticRegression(C=0.5, max_iter=config.lr_max_iter).fit(prepared(fit), y[fit])
+    np.testing.assert_allclose(got, by_hand.predict_proba(prepared(score))[:, 1], rtol=1e-6)
+    everything_scaled = fit_and_score(Design("lr", design.x), y, fit, score, config)
+    assert np.abs(everything_scaled - got).max() > 1e-3  # standardising the indicators is a different head
+    with pytest.raises(ValueError, match="dense design"):
+        Design("lr", sp.csr_matrix(design.x), unscaled=2)
+    with pytest.raises(ValueError, match="dense design"):
+        Design("lr", design.x, unscaled=11)

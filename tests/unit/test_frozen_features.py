@@ -144,3 +144,28 @@ def test_cross_fit_only_command_reads_zero_shot_scores_of_every_label_row(tiny, 
     monkeypatch.setattr(job, "label_row_features", decoder_must_not_run)
     with pytest.raises(ValueError, match=rf"zero_shot.parquet: scores {half} of {labels.num_rows} label rows"):
         main(argv[:-1] + [f"zero_shot=[{tmp_path / 'a'}]"])
+
+
+def test_few_shot_value_bins_reach_the_fm_head_from_the_datasets_tokenizer(tiny, tmp_path, monkeypatch):
+    """`fm_value_codes=N`: the job reads the data directory's tokenizer, and the FM head's fit changes."""
+    from ehrfm.cli import main
+    from ehrfm.preprocess.tokenizer import Tokenizer
+    from ehrfm.transfer.value_bins import readout_from_tokenizer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    info, labels, checkpoint, labels_path = tiny
+    readout = readout_from_tokenizer(Tokenizer.load(info.root / "tokenizer.json"), 5)
+    features = label_row_features(checkpoint, info.root, labels, batch_size=64, value_readout=readout)
+    assert features.value_bins.shape == (labels.num_rows, readout.width)
+    assert 0 < features.value_bins.any(axis=1).mean() < 1  # the factory's tokens hold some code-then-bin pairs
+
+    def cross_fitted_auroc(out, *extra):
+        argv = ["few_shot", "--pretrained", str(checkpoint.parent), "--data", str(info.root), "--labels"]
+        argv += [str(labels_path), "--out", str(out), "models=[fm_lr]", "shots=[]", "threads=1", "cross_fit_folds=3"]
+        assert main(argv + list(extra)) == 0
+        result = json.loads((out / "few_shot.json").read_text())
+        return result["config"]["fm_value_codes"], result["cross_fit"]["models"]["fm_lr"]["auroc"]
+
+    plain, with_values = cross_fitted_auroc(tmp_path / "a"), cross_fitted_auroc(tmp_path / "b", "fm_value_codes=5")
+    assert plain[0] == 0 and with_values[0] == 5
+    assert plain[1] != with_values[1]

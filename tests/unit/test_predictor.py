@@ -8,6 +8,7 @@ import datetime as dt
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 
 from ehrfm.constants import EOS_ID
@@ -126,6 +127,40 @@ def test_whole_history_scores_online_equal_the_offline_path_and_read_the_older_w
     )
     assert one_window["risk"][1] == offline["risk"][1]  # nothing older to read: the same score
     assert abs(one_window["risk"][0] - offline["risk"][0]) > 1e-4  # the older history moves the score
+
+
+@pytest.fixture(scope="module")
+def values_model_dir(tmp_path_factory):
+    """A head that also reads the window's recent HbA1c bins (the factory's one code with bins)."""
+    root = tmp_path_factory.mktemp("values")
+    tokenizer = write_tokenizer(root / "tokenizer.json")
+    return write_risk_model(root / "model", tokenizer, seed=1, head_inputs="last+mean+prs", value_codes=3)
+
+
+def test_a_head_reading_value_bins_scores_online_as_offline_and_the_bins_reach_the_risk(values_model_dir):
+    predictor = RiskPredictor.load(values_model_dir)
+    model, spec = load_risk_model(values_model_dir)
+    assert spec.value_codes == [HBA1C_CODE] and spec.value_recency_days == [30, 365]  # the only binned code
+    assert spec.value_code_ids == [predictor.tokenizer.token_id[HBA1C_CODE]]
+    measured = make_person(41, seed=7, n_visits=6, prs=FULL_PRS)
+    other = make_person(42, seed=8, n_visits=4)
+    times = {41: evening_of(measured.visits[4][1]), 42: evening_of(other.visits[2][1])}
+    records = [predictor.parse(person_record(p, times[p.person_id])) for p in (measured, other)]
+    online = predictor.predict(records)
+    offline = offline_risks(
+        model, spec, offline_timelines([measured, other], predictor.tokenizer), labels_at(sorted(times.items()))
+    )
+    np.testing.assert_allclose([r["risk"] for r in online], offline["risk"], rtol=1e-6)
+    np.testing.assert_allclose([r["risk_prs_masked"] for r in online], offline["risk_prs_masked"], rtol=1e-6)
+
+    windows = predictor.windows(records)
+    bins = spec.value_readout().features(windows.tokens, windows.ages, windows.length)
+    assert bins.shape == (2, 3 * 1 * 4) and bins[:, 8:].sum(axis=1).tolist() == [1.0, 1.0]  # anywhere: one bin each
+    with torch.no_grad():  # the value columns' weights are the last ones of the head
+        predictor.model.head.linear.weight[:, -bins.shape[1] :] = 0.0
+    blind = predictor.predict(records)
+    # (a random head saturates some risks near 0 or 1, so at least one person must move)
+    assert max(abs(a["risk"] - b["risk"]) for a, b in zip(online, blind)) > 1e-3
 
 
 @pytest.mark.parametrize(("visit_days", "truncated"), [(5, 0), (6, 3), (8, 11)])

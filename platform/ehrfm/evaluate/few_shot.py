@@ -110,6 +110,11 @@ class FewShotConfig(StrictModel):
     # (129 on the default cohort: as many as the states, mostly noise to 2k shots). 20k cohort,
     # fm_lr cross-fitted: 0.762 / 0.766 / 0.758; few-shot, k = 32: 0.731 / 0.713 / 0.720 (README)
     fm_prs: Literal["scores", "summary", "states"] = "states"
+    # > 0: the FM heads also read the window's recent lab-value bins, one-hot, for this many of the
+    # most measured codes with bins (model/value_bins.py): the hybrid that gives a linear head the
+    # lab thresholds the pooled states hold only entangled (README, #21). 0: the states alone
+    fm_value_codes: int = Field(0, ge=0)
+    fm_value_recency_days: list[int] = Field(default_factory=lambda: [30, 365])  # and "anywhere in the window"
     # > 1: also fit every head on K person folds of all label rows, each row scored out of fold
     # (evaluate/cross_fit.py); 0: off
     cross_fit_folds: int = Field(0, ge=0)
@@ -162,6 +167,13 @@ class Design:
 
     kind: Literal["lr", "hgb"]
     x: np.ndarray | sp.csr_matrix
+    # trailing columns an LR head reads as they are (0/1 indicators such as the value-bin readout):
+    # standardising a rare indicator would multiply it by up to 1/sqrt(p) and let it overfit
+    unscaled: int = 0
+
+    def __post_init__(self) -> None:
+        if self.unscaled and (sp.issparse(self.x) or not 0 < self.unscaled <= self.x.shape[1]):
+            raise ValueError(f"unscaled={self.unscaled} needs a dense design with at least that many columns")
 
 
 # ---- draws --------------------------------------------------------------------------------------
@@ -226,11 +238,18 @@ def fit_and_score(
     # every fit, not only run_few_shot's loop: OpenMP threads that spin beside other work cost 10x
     with threadpool_limits(limits=config.threads):
         if design.kind == "lr":
+            scaled = design.x.shape[1] - design.unscaled
             scaler = MaxAbsScaler() if sp.issparse(design.x) else StandardScaler()
-            scaler.fit(x_fit if scale_rows is None else design.x[scale_rows])
+            scaler.fit((x_fit if scale_rows is None else design.x[scale_rows])[:, :scaled])
+
+            def prepared(x):
+                if not design.unscaled:
+                    return scaler.transform(x)
+                return np.column_stack([scaler.transform(x[:, :scaled]), x[:, scaled:]])
+
             model = logistic_head(y_fit, config)
-            model.fit(scaler.transform(x_fit), y_fit)
-            return model.predict_proba(scaler.transform(x_score))[:, 1]
+            model.fit(prepared(x_fit), y_fit)
+            return model.predict_proba(prepared(x_score))[:, 1]
         # a column unmeasured (NaN) in every shot is constant to the fit and breaks scikit-learn's binning
         measured = ~np.isnan(x_fit).all(axis=0)
         x_fit, x_score = x_fit[:, measured], x_score[:, measured]
@@ -251,16 +270,20 @@ def fm_design(
     has_prs: np.ndarray | None,
     mean: np.ndarray | None = None,
     prs_summary: np.ndarray | None = None,
+    value_bins: np.ndarray | None = None,
 ) -> Design:
     """The FM head's inputs: frozen last-token states (and the mean state, and the decoder's PRS
-    summary, when given) beside the PRS columns and has-PRS flag (when `prs` is given)."""
+    summary, when given) beside the PRS columns and has-PRS flag (when `prs` is given), and last the
+    window's value-bin one-hots (when given), which the LR head reads unscaled."""
     x = np.asarray(hidden, dtype=np.float64)
     for extra in (mean, prs_summary):
         if extra is not None:
             x = np.column_stack([x, np.asarray(extra, dtype=np.float64)])
     if prs is not None:
         x = np.column_stack([x, prs_design(prs, has_prs)])
-    return Design("lr", x)
+    if value_bins is None or value_bins.shape[1] == 0:
+        return Design("lr", x)
+    return Design("lr", np.column_stack([x, np.asarray(value_bins, dtype=np.float64)]), unscaled=value_bins.shape[1])
 
 
 def count_designs(

@@ -63,9 +63,12 @@ from ehrfm.evaluate.few_shot import (
 from ehrfm.evaluate.plots import curve_style
 from ehrfm.evaluate.report import metric_key
 from ehrfm.evaluate.targets import FEW_SHOT_MAX_K
+from ehrfm.model.value_bins import ValueBinReadout
+from ehrfm.preprocess.tokenizer import Tokenizer
 from ehrfm.small_counts import binary_hidden, show
 from ehrfm.transfer.examples import read_labels
 from ehrfm.transfer.frozen_features import label_row_features
+from ehrfm.transfer.value_bins import readout_from_tokenizer
 
 EXPERIMENT = "ehrfm-few-shot"
 JSON_FILE, CSV_FILE, MARKDOWN_FILE, PLOT_FILE = "few_shot.json", "few_shot.csv", "few_shot.md", "few_shot_auroc.png"
@@ -104,6 +107,14 @@ def published_counts(y: np.ndarray, split: np.ndarray) -> dict[str, str]:
     return out
 
 
+def value_readout(data_dir: Path, config: FewShotConfig) -> ValueBinReadout | None:
+    """The value-bin readout `fm_value_codes` asks for, over the dataset's own tokenizer."""
+    if not config.fm_value_codes:
+        return None
+    tokenizer = Tokenizer.load(Path(data_dir) / "tokenizer.json")
+    return readout_from_tokenizer(tokenizer, config.fm_value_codes, tuple(config.fm_value_recency_days))
+
+
 def few_shot_evaluation(
     checkpoint_dir: Path, data_dir: Path, labels_path: Path, out_dir: Path, config: FewShotConfig
 ) -> dict:
@@ -123,6 +134,7 @@ def few_shot_evaluation(
         config.history_windows,
         prs_masked_too=FM_LR_NO_PRS in config.models,
         prs_summary_too=config.fm_prs == "summary",
+        value_readout=value_readout(data_dir, config),
     )
     designs = {}
     mean = frozen.mean if config.fm_inputs == "last+mean" else None
@@ -130,14 +142,16 @@ def few_shot_evaluation(
         raise ValueError("fm_prs=summary needs a decoder with PRS fusion; this one has none (use fm_prs=states)")
     summary = frozen.prs_summary if config.fm_prs == "summary" else None
     scores = (frozen.prs, frozen.has_prs) if config.fm_prs == "scores" else (None, None)
-    fm_inputs = fm_design(frozen.hidden, *scores, mean, summary)
+    fm_inputs = fm_design(frozen.hidden, *scores, mean, summary, frozen.value_bins)
     if FM_LR in config.models:
         designs[FM_LR] = fm_inputs
     if FM_HGB in config.models:
         designs[FM_HGB] = Design("hgb", fm_inputs.x)  # the same inputs, a boosted head
     if FM_LR_NO_PRS in config.models:
         masked_mean = frozen.mean_prs_masked if config.fm_inputs == "last+mean" else None
-        designs[FM_LR_NO_PRS] = fm_design(frozen.hidden_prs_masked, None, None, masked_mean)
+        designs[FM_LR_NO_PRS] = fm_design(
+            frozen.hidden_prs_masked, None, None, masked_mean, value_bins=frozen.value_bins
+        )  # the same value bins: they are no part of the PRS
     if any(m in config.models for m in (*COUNT_MODELS, FM_COUNTS_HGB)):
         counts = config.features
         events = read_events(data_dir)
@@ -309,6 +323,8 @@ def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
                     "zero_shot_files": len(config["zero_shot"]),
                     "fm_prs": config["fm_prs"],
                     "fm_inputs": config["fm_inputs"],
+                    "fm_value_codes": config["fm_value_codes"],
+                    "fm_value_recency_days": ",".join(map(str, config["fm_value_recency_days"])),
                     "hgb_min_samples_leaf": config["hgb_min_samples_leaf"] or "min(20, max(1, 2k // 10))",
                     "hgb_early_stopping": config["hgb_early_stopping"],
                     "pretrained": result["pretrained"],

@@ -104,6 +104,12 @@ def model_card(
         f"- Input: the last {spec.context} tokens of the coded record up to the prediction time; "
         f"head on `{spec.head_inputs}`",
         f"- Polygenic scores: {len(spec.pgs_ids)} PGS ids" if spec.pgs_ids else "- Polygenic scores: not used",
+        (
+            f"- Lab values: the head also reads the latest value bin of {len(spec.value_codes)} lab codes in the "
+            f"window (within {', '.join(f'{d} days' for d in spec.value_recency_days)} and anywhere)"
+            if spec.value_codes
+            else "- Lab values: through the decoder's states only"
+        ),
         f"- Tokenizer: {spec.tokenizer_version or 'unversioned'}",
         f"- Calibration: {calibration}",
         "",

@@ -124,6 +124,7 @@ def log_risk_model(
                 "horizon_days": spec.horizon_days,
                 "context": spec.context,
                 "head_inputs": spec.head_inputs,
+                "value_codes": len(spec.value_codes),
                 "num_pgs": len(spec.pgs_ids),
                 "tokenizer_version": spec.tokenizer_version,
                 "calibrated": spec.platt is not None,

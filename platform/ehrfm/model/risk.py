@@ -35,6 +35,7 @@ from ehrfm.model.config import ModelConfig
 from ehrfm.model.heads import ClassificationHead
 from ehrfm.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model_config, save_model_files
 from ehrfm.model.transformer import EHRDecoder
+from ehrfm.model.value_bins import ValueBinFeatures, ValueBinReadout
 
 # what the head reads: the last hidden state, + the mean hidden state of the window, + the mean PRS soft token
 HeadInputs = Literal["last", "last+prs", "last+mean", "last+mean+prs"]
@@ -62,6 +63,34 @@ class HeadSpec:
     platt: tuple[float, float] | None = None  # calibrated = sigmoid(a * logit + b), fit on validation
     reference_quantiles: list[float] = field(default_factory=list)  # 101 quantiles of validation risks
     metrics: dict[str, float] = field(default_factory=dict)
+    # the head also reads the newest window's recent lab-value bins for these codes (one-hot per
+    # recency bound in days, plus "anywhere in the window"; model/value_bins.py). Empty: it does not
+    value_codes: list[str] = field(default_factory=list)
+    value_code_ids: list[int] = field(default_factory=list)  # their token ids
+    value_token_ids: list[int] = field(default_factory=list)  # the value tokens', lowest bin first
+    value_recency_days: list[int] = field(default_factory=list)
+
+    @classmethod
+    def value_fields(cls, readout: ValueBinReadout | None) -> dict:
+        """The spec's value-readout fields for `readout` (empty lists for None)."""
+        if readout is None:
+            return {}
+        return {
+            "value_codes": list(readout.codes),
+            "value_code_ids": list(readout.code_ids),
+            "value_token_ids": list(readout.value_ids),
+            "value_recency_days": list(readout.recency_days),
+        }
+
+    def value_readout(self) -> ValueBinReadout | None:
+        if not self.value_codes:
+            return None
+        return ValueBinReadout(
+            tuple(self.value_codes),
+            tuple(self.value_code_ids),
+            tuple(self.value_token_ids),
+            tuple(self.value_recency_days),
+        )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -128,14 +157,23 @@ def pooled_states(
 class RiskModel(nn.Module):
     """Decoder + head: logit of the task at the end of each prediction window."""
 
-    def __init__(self, decoder: EHRDecoder, head_inputs: HeadInputs = "last+prs", dropout: float = 0.0):
+    def __init__(
+        self,
+        decoder: EHRDecoder,
+        head_inputs: HeadInputs = "last+prs",
+        dropout: float = 0.0,
+        value_readout: ValueBinReadout | None = None,
+    ):
         super().__init__()
         if head_uses_prs(head_inputs) and decoder.prs_encoder is None:
             raise ValueError(f"head_inputs {head_inputs!r} needs a decoder with PRS fusion; drop '+prs'")
         self.decoder = decoder
         self.head_inputs = head_inputs
         self.pool_mean = "+mean" in head_inputs
+        # the window's recent lab-value bins beside the states: read from the input tokens, no weights
+        self.value_bins = None if value_readout is None else ValueBinFeatures(value_readout)
         width = decoder.cfg.hidden * (1 + self.pool_mean + head_uses_prs(head_inputs))
+        width += 0 if value_readout is None else value_readout.width
         self.head = ClassificationHead(width, 1, dropout)
 
     def forward(
@@ -158,6 +196,8 @@ class RiskModel(nn.Module):
                 prs = torch.zeros(tokens.shape[0], self.decoder.cfg.num_pgs, device=tokens.device)
                 has_prs = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
             features.append(self.decoder.prs_summary(prs, has_prs).to(last.dtype))
+        if self.value_bins is not None:
+            features.append(self.value_bins(tokens, ages, length).to(last.dtype))
         return self.head(torch.cat(features, dim=-1)).squeeze(-1)
 
     def freeze_decoder(self, unfrozen_layers: int = 0) -> None:
@@ -208,7 +248,7 @@ def load_risk_model(directory: str | Path) -> tuple[RiskModel, HeadSpec]:
     cfg: ModelConfig = load_model_config(directory)
     spec = HeadSpec.from_json((directory / HEAD_FILE).read_text())
     state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    model = RiskModel(EHRDecoder(cfg), spec.head_inputs)
+    model = RiskModel(EHRDecoder(cfg), spec.head_inputs, value_readout=spec.value_readout())
     decoder_state = {k[len("decoder.") :]: v for k, v in state.items() if k.startswith("decoder.")}
     head_state = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
     model.decoder.load_state_dict(decoder_state)

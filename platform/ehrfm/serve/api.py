@@ -98,6 +98,7 @@ class ModelInfo(BaseModel):
     context: int
     history_windows: int  # windows of `context` tokens read per person, newest last
     head_inputs: str
+    value_codes: int = Field(0, description="lab codes whose recent value bins the head reads beside the states")
     pgs_ids: list[str]
     min_prs_share: float
     calibrated: bool

@@ -110,6 +110,7 @@ class LoadedModel:
             "context": spec.context,
             "history_windows": spec.history_windows,
             "head_inputs": spec.head_inputs,
+            "value_codes": len(spec.value_codes),
             "pgs_ids": list(spec.pgs_ids),
             "min_prs_share": self.predictor.min_prs_share,
             "calibrated": spec.platt is not None,

@@ -42,6 +42,11 @@ class FinetuneModel(StrictModel):
     unfrozen_layers: int = Field(0, ge=0)  # partial mode: how many top decoder blocks train
     head_inputs: HeadInputs = "last+mean+prs"
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # > 0: the head also reads the newest window's recent lab-value bins, one-hot, for this many of
+    # the tokenizer's most measured codes with bins (model/value_bins.py; README, #21: the hybrid
+    # that gives a head the lab thresholds the pooled states hold only entangled). 0: states only
+    value_codes: int = Field(0, ge=0)
+    value_recency_days: list[int] = Field(default_factory=lambda: [30, 365])  # + "anywhere in the window"
 
 
 class FinetuneOptim(StrictModel):

@@ -35,6 +35,7 @@ from ehrfm.metrics import auroc
 from ehrfm.model.io import load_model_config, load_state_dict
 from ehrfm.model.risk import HeadSpec, RiskModel, predict_logits, save_risk_files
 from ehrfm.model.transformer import EHRDecoder
+from ehrfm.model.value_bins import ValueBinReadout
 from ehrfm.training.checkpoint import TrainState, report_checkpoint, resume
 from ehrfm.training.engine import WarmupCosine, initialize_engine, parameter_groups
 from ehrfm.training.engine import build_optimizer as engine_optimizer
@@ -58,14 +59,15 @@ class ExampleCollate(ArrowBatchCollateFn):
         return example_tensors(batch)
 
 
-def build_risk_model(cfg: FinetuneConfig) -> RiskModel:
-    """Pretrained decoder + fresh head (seeded: the same on every rank), trainable per the mode."""
+def build_risk_model(cfg: FinetuneConfig, value_readout: ValueBinReadout | None = None) -> RiskModel:
+    """Pretrained decoder + fresh head (seeded: the same on every rank), trainable per the mode;
+    `value_readout`: the head also reads the window's value bins (the head spec's)."""
     directory = cfg.model.pretrained
     decoder_cfg = dataclasses.replace(load_model_config(directory), modality_dropout=0.0, adapter=False)
     torch.manual_seed(cfg.train.seed)
     decoder = EHRDecoder(decoder_cfg)
     decoder.load_state_dict(load_state_dict(directory))
-    model = RiskModel(decoder, cfg.model.head_inputs, cfg.model.head_dropout)
+    model = RiskModel(decoder, cfg.model.head_inputs, cfg.model.head_dropout, value_readout)
     if cfg.model.mode == "full":
         for param in model.parameters():
             param.requires_grad = True
@@ -190,7 +192,7 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
     spec = HeadSpec.from_json(loop_config["spec"])
     rank, world = worker_setup(cfg.scaling)
 
-    core = build_risk_model(cfg)
+    core = build_risk_model(cfg, spec.value_readout())
     # constant LR: the shared schedule with no warmup and a floor of 1
     engine, _ = initialize_engine(core, optimizer_groups(core, cfg), cfg.engine_spec(), WarmupCosine.constant(), world)
     state = resume(engine) or TrainState()

@@ -24,6 +24,7 @@ import torch
 from ehrfm.model.io import load_model_config, load_state_dict
 from ehrfm.model.risk import pooled_states
 from ehrfm.model.transformer import EHRDecoder
+from ehrfm.model.value_bins import ValueBinReadout
 from ehrfm.prs.person import stored_width, vectors_to_numpy
 from ehrfm.transfer.examples import build_examples, example_tensors
 
@@ -33,7 +34,8 @@ class LabelRowFeatures:
     """Per label row, in the labels' order: hidden [n, H] float32 (last state), mean [n, H] float32,
     prs [n, K] float32, has_prs [n], split [n] (the timelines' split, the one the fine-tune trains
     and tests on); with `prs_summary_too`, prs_summary [n, H], the decoder's PRS summary (None
-    without PRS fusion); with `prs_masked_too`, the two states again with every PRS masked."""
+    without PRS fusion); with `prs_masked_too`, the two states again with every PRS masked; with a
+    value readout, value_bins [n, readout.width], the window's recent lab-value bins one-hot."""
 
     hidden: np.ndarray
     mean: np.ndarray
@@ -43,6 +45,7 @@ class LabelRowFeatures:
     prs_summary: np.ndarray | None = None
     hidden_prs_masked: np.ndarray | None = None
     mean_prs_masked: np.ndarray | None = None
+    value_bins: np.ndarray | None = None
 
 
 def load_frozen_decoder(checkpoint_dir: str | Path) -> EHRDecoder:
@@ -90,6 +93,15 @@ def pooled_features(
     return np.concatenate(lasts), np.concatenate(means)
 
 
+def window_value_bins(readout: ValueBinReadout, examples: pa.Table, batch_size: int = 256) -> np.ndarray:
+    """[n, readout.width] recent value bins of each example's (newest) window, batch by batch."""
+    parts = [np.zeros((0, readout.width), np.float32)]
+    for start in range(0, examples.num_rows, batch_size):
+        batch = example_tensors(examples.slice(start, batch_size))
+        parts.append(readout.features(batch["tokens"].numpy(), batch["ages"].numpy(), batch["length"].numpy()))
+    return np.concatenate(parts)
+
+
 def label_order(labels: pa.Table, examples: pa.Table) -> np.ndarray:
     """For each label row, the index of its example (build_examples returns them shard by shard).
 
@@ -118,12 +130,14 @@ def label_row_features(
     history_windows: int = 1,
     prs_masked_too: bool = False,
     prs_summary_too: bool = False,
+    value_readout: ValueBinReadout | None = None,
 ) -> LabelRowFeatures:
     """Frozen features, PRS and has-PRS for every label row (labels' order), from a checkpoint dir.
 
     `context` None: the pretrained model's window length (as the fine-tune's default);
     `history_windows`: windows of history read per row (examples.cut_history_at); `prs_masked_too`:
-    a second pass with every PRS masked (a decoder without PRS fusion gives the same states)."""
+    a second pass with every PRS masked (a decoder without PRS fusion gives the same states);
+    `value_readout`: also each window's recent lab-value bins (model/value_bins.py)."""
     decoder = load_frozen_decoder(checkpoint_dir)
     context = context or decoder.cfg.context
     if context > decoder.cfg.context:
@@ -141,6 +155,7 @@ def label_row_features(
         prs_summary=prs_summaries(decoder, examples, batch_size) if prs_summary_too else None,
         hidden_prs_masked=masked_last,
         mean_prs_masked=masked_mean,
+        value_bins=None if value_readout is None else window_value_bins(value_readout, examples, batch_size),
         prs=prs,
         has_prs=examples["has_prs"].to_numpy(zero_copy_only=False).astype(bool),
         split=examples["split"].to_numpy(zero_copy_only=False).astype(str),

@@ -1,0 +1,25 @@
+"""The value-bin readout (model/value_bins.py) of a tokenizer's most measured lab codes."""
+
+from __future__ import annotations
+
+from ehrfm.model.value_bins import DEFAULT_RECENCY_DAYS, ValueBinReadout
+from ehrfm.preprocess.tokenizer import Tokenizer, value_token_names
+
+
+def readout_from_tokenizer(
+    tokenizer: Tokenizer, n_codes: int, recency_days: tuple[int, ...] = DEFAULT_RECENCY_DAYS
+) -> ValueBinReadout:
+    """The `n_codes` codes with value bins that the train split measured most (ties by code name)."""
+    if n_codes < 1:
+        raise ValueError(f"n_codes must be >= 1, got {n_codes}")
+    ids = tokenizer.token_id
+    binned = [c for c in tokenizer.value_edges if c in ids]
+    if not binned:
+        raise ValueError("the tokenizer has no code with value bins: nothing for a value readout to read")
+    ranked = sorted(binned, key=lambda c: (-tokenizer.code_counts.get(c, 0), c))[:n_codes]
+    return ValueBinReadout(
+        codes=tuple(ranked),
+        code_ids=tuple(int(ids[c]) for c in ranked),
+        value_ids=tuple(int(ids[name]) for name in value_token_names(tokenizer.n_bins)),
+        recency_days=tuple(int(d) for d in recency_days),
+    )
