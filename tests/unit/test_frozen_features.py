@@ -166,6 +166,32 @@ def test_few_shot_value_bins_reach_the_fm_head_from_the_datasets_tokenizer(tiny,
         result = json.loads((out / "few_shot.json").read_text())
         return result["config"]["fm_value_codes"], result["cross_fit"]["models"]["fm_lr"]["auroc"]
 
-    plain, with_values = cross_fitted_auroc(tmp_path / "a"), cross_fitted_auroc(tmp_path / "b", "fm_value_codes=5")
+    plain = cross_fitted_auroc(tmp_path / "a", "fm_value_codes=0")
+    with_values = cross_fitted_auroc(tmp_path / "b", "fm_value_codes=5")
     assert plain[0] == 0 and with_values[0] == 5
     assert plain[1] != with_values[1]
+    assert json.loads((tmp_path / "b" / "few_shot.json").read_text())["value_readout_codes"] == 5
+
+
+def test_few_shot_reads_the_states_alone_when_the_tokenizer_binned_no_values(tiny, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from ehrfm.cli import main
+    from ehrfm.preprocess.tokenizer import Tokenizer, build_tokenizer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    info, labels, checkpoint, labels_path = tiny
+    data = tmp_path / "data"
+    shutil.copytree(info.root, data)
+    binned = Tokenizer.load(info.root / "tokenizer.json")
+    unbinned = build_tokenizer(
+        binned.code_counts, {}, min_count=1, n_bins=10, min_values_for_bins=20, gap_edges_days=[1]
+    )
+    assert unbinned.tokens == binned.tokens and not unbinned.value_edges  # the same ids, no code with bins
+    unbinned.save(data / "tokenizer.json")
+    argv = ["few_shot", "--pretrained", str(checkpoint.parent), "--data", str(data), "--labels", str(labels_path)]
+    argv += ["--out", str(tmp_path / "out"), "models=[fm_lr]", "shots=[2]", "replicates=1", "threads=1"]
+    assert main(argv) == 0  # the default asks for 40 codes
+    result = json.loads((tmp_path / "out" / "few_shot.json").read_text())
+    assert result["config"]["fm_value_codes"] == 40 and result["value_readout_codes"] == 0
+    assert "no code has value bins, so the FM heads read the states alone" in capsys.readouterr().out

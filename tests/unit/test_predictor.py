@@ -92,12 +92,17 @@ def test_short_windows_scored_alone_or_beside_longer_ones_equal_the_full_width_o
         np.testing.assert_allclose([r["risk_prs_masked"] for r in online], offline["risk_prs_masked"], rtol=1e-6)
 
 
+def mean_head_model_dir(tmp_path_factory, name: str, **head):
+    """model_dir's decoder weights (seed 1) under a mean-pooling head with `head`'s extra inputs."""
+    root = tmp_path_factory.mktemp(name)
+    tokenizer = write_tokenizer(root / "tokenizer.json")
+    return write_risk_model(root / "model", tokenizer, seed=1, head_inputs="last+mean+prs", **head)
+
+
 @pytest.fixture(scope="module")
 def history_model_dir(tmp_path_factory):
-    """The same weights as model_dir's decoder (seed 1), a mean-pooling head reading three windows."""
-    root = tmp_path_factory.mktemp("history")
-    tokenizer = write_tokenizer(root / "tokenizer.json")
-    return write_risk_model(root / "model", tokenizer, seed=1, head_inputs="last+mean+prs", history_windows=3)
+    """A head reading three windows of history."""
+    return mean_head_model_dir(tmp_path_factory, "history", history_windows=3)
 
 
 def test_whole_history_scores_online_equal_the_offline_path_and_read_the_older_windows(history_model_dir):
@@ -132,9 +137,7 @@ def test_whole_history_scores_online_equal_the_offline_path_and_read_the_older_w
 @pytest.fixture(scope="module")
 def values_model_dir(tmp_path_factory):
     """A head that also reads the window's recent HbA1c bins (the factory's one code with bins)."""
-    root = tmp_path_factory.mktemp("values")
-    tokenizer = write_tokenizer(root / "tokenizer.json")
-    return write_risk_model(root / "model", tokenizer, seed=1, head_inputs="last+mean+prs", value_codes=3)
+    return mean_head_model_dir(tmp_path_factory, "values", value_codes=3)
 
 
 def test_a_head_reading_value_bins_scores_online_as_offline_and_the_bins_reach_the_risk(values_model_dir):

@@ -108,10 +108,15 @@ def published_counts(y: np.ndarray, split: np.ndarray) -> dict[str, str]:
 
 
 def value_readout(data_dir: Path, config: FewShotConfig) -> ValueBinReadout | None:
-    """The value-bin readout `fm_value_codes` asks for, over the dataset's own tokenizer."""
+    """The value-bin readout `fm_value_codes` asks for, over the dataset's own tokenizer; None, said
+    on stdout, when that tokenizer binned no values (a dataset without numeric measurements)."""
     if not config.fm_value_codes:
         return None
-    tokenizer = Tokenizer.load(Path(data_dir) / "tokenizer.json")
+    path = Path(data_dir) / "tokenizer.json"
+    tokenizer = Tokenizer.load(path)
+    if not any(code in tokenizer.token_id for code in tokenizer.value_edges):
+        print(f"{path}: no code has value bins, so the FM heads read the states alone (fm_value_codes unused)")
+        return None
     return readout_from_tokenizer(tokenizer, config.fm_value_codes, tuple(config.fm_value_recency_days))
 
 
@@ -125,6 +130,7 @@ def few_shot_evaluation(
     zero_shot = zero_shot_files(config.zero_shot)
     if zero_shot:  # a row missing or repeated fails here, in seconds, not after the decoder's pass
         align_scores(zero_shot, labels, None, {ZERO_SHOT: ZERO_SHOT_COLUMN}, required_split=None)
+    readout = value_readout(data_dir, config)
     frozen = label_row_features(
         checkpoint_dir,
         data_dir,
@@ -134,7 +140,7 @@ def few_shot_evaluation(
         config.history_windows,
         prs_masked_too=FM_LR_NO_PRS in config.models,
         prs_summary_too=config.fm_prs == "summary",
-        value_readout=value_readout(data_dir, config),
+        value_readout=readout,
     )
     designs = {}
     mean = frozen.mean if config.fm_inputs == "last+mean" else None
@@ -180,6 +186,7 @@ def few_shot_evaluation(
         "pretrained": str(checkpoint_dir),
         "labels": str(labels_path),
         "counts": published_counts(y, frozen.split),
+        "value_readout_codes": 0 if readout is None else len(readout.codes),  # what the FM heads read
         "feature_seconds": round(feature_seconds, 1),
         "fit_seconds": round(fit_seconds, 1),
         "cross_fit_seconds": round(time.perf_counter() - started - feature_seconds - fit_seconds, 1),
@@ -325,6 +332,7 @@ def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
                     "fm_inputs": config["fm_inputs"],
                     "fm_value_codes": config["fm_value_codes"],
                     "fm_value_recency_days": ",".join(map(str, config["fm_value_recency_days"])),
+                    "value_readout_codes": result.get("value_readout_codes", 0),
                     "hgb_min_samples_leaf": config["hgb_min_samples_leaf"] or "min(20, max(1, 2k // 10))",
                     "hgb_early_stopping": config["hgb_early_stopping"],
                     "pretrained": result["pretrained"],
