@@ -194,4 +194,4 @@ def test_few_shot_reads_the_states_alone_when_the_tokenizer_binned_no_values(tin
     assert main(argv) == 0  # the default asks for 40 codes
     result = json.loads((tmp_path / "out" / "few_shot.json").read_text())
     assert result["config"]["fm_value_codes"] == 40 and result["value_readout_codes"] == 0
-    assert "no code has value bins, so the FM heads read the states alone" in capsys.readouterr().out
+    assert "no code has value bins, so the head reads the states alone" in capsys.readouterr().out

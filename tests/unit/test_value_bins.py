@@ -127,3 +127,16 @@ def test_the_module_matches_the_numpy_call_and_moves_no_weights():
                         want[i, b, code - 20, value - 5] = 1
     np.testing.assert_array_equal(got, want.reshape(16, -1))
     assert got.any()
+
+
+def test_a_config_default_asks_for_a_readout_only_where_values_were_binned(tmp_path, capsys):
+    from ehrfm.transfer.value_bins import readout_if_binned
+
+    binned, _ = make_tokenizer()
+    binned.save(tmp_path / "binned.json")
+    plain = build_tokenizer({"DX/1": 5}, {}, min_count=1, n_bins=BINS, min_values_for_bins=20, gap_edges_days=[1])
+    plain.save(tmp_path / "plain.json")
+    assert readout_if_binned(tmp_path / "binned.json", 0) is None  # asked for none
+    assert readout_if_binned(tmp_path / "binned.json", 40).codes == ("LAB/A", "LAB/B", "LAB/C")  # all it has
+    assert readout_if_binned(tmp_path / "plain.json", 40) is None
+    assert "plain.json: no code has value bins, so the head reads the states alone" in capsys.readouterr().out

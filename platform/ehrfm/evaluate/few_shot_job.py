@@ -64,11 +64,10 @@ from ehrfm.evaluate.plots import curve_style
 from ehrfm.evaluate.report import metric_key
 from ehrfm.evaluate.targets import FEW_SHOT_MAX_K
 from ehrfm.model.value_bins import ValueBinReadout
-from ehrfm.preprocess.tokenizer import Tokenizer
 from ehrfm.small_counts import binary_hidden, show
 from ehrfm.transfer.examples import read_labels
 from ehrfm.transfer.frozen_features import label_row_features
-from ehrfm.transfer.value_bins import readout_from_tokenizer
+from ehrfm.transfer.value_bins import readout_if_binned
 
 EXPERIMENT = "ehrfm-few-shot"
 JSON_FILE, CSV_FILE, MARKDOWN_FILE, PLOT_FILE = "few_shot.json", "few_shot.csv", "few_shot.md", "few_shot_auroc.png"
@@ -108,16 +107,9 @@ def published_counts(y: np.ndarray, split: np.ndarray) -> dict[str, str]:
 
 
 def value_readout(data_dir: Path, config: FewShotConfig) -> ValueBinReadout | None:
-    """The value-bin readout `fm_value_codes` asks for, over the dataset's own tokenizer; None, said
-    on stdout, when that tokenizer binned no values (a dataset without numeric measurements)."""
-    if not config.fm_value_codes:
-        return None
+    """The value-bin readout `fm_value_codes` asks for, over the dataset's own tokenizer."""
     path = Path(data_dir) / "tokenizer.json"
-    tokenizer = Tokenizer.load(path)
-    if not any(code in tokenizer.token_id for code in tokenizer.value_edges):
-        print(f"{path}: no code has value bins, so the FM heads read the states alone (fm_value_codes unused)")
-        return None
-    return readout_from_tokenizer(tokenizer, config.fm_value_codes, tuple(config.fm_value_recency_days))
+    return readout_if_binned(path, config.fm_value_codes, tuple(config.fm_value_recency_days))
 
 
 def few_shot_evaluation(

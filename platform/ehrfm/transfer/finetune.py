@@ -45,14 +45,13 @@ from ehrfm.model.risk import (
     save_risk_model,
 )
 from ehrfm.paths import absolute_path
-from ehrfm.preprocess.tokenizer import Tokenizer
 from ehrfm.training.launch import artifact_root, torch_trainer
 from ehrfm.training.pretrain import RESULT_FILE as PRETRAIN_RESULT_FILE
 from ehrfm.training.run_logger import RunLogger, resolve_tracking_uri
 from ehrfm.training.windows import TimelineManifest
 from ehrfm.transfer.examples import build_examples, example_tensors, read_labels
 from ehrfm.transfer.finetune_config import FinetuneConfig
-from ehrfm.transfer.value_bins import readout_from_tokenizer
+from ehrfm.transfer.value_bins import readout_if_binned
 
 RESULT_FILE = "finetune_result.json"
 PREDICTIONS_FILE = "predictions.parquet"
@@ -238,10 +237,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[FinetuneConfig, PreparedData]
 # ---- the Ray Train run -----------------------------------------------------------------------
 def head_spec(cfg: FinetuneConfig, data: PreparedData) -> HeadSpec:
     """The spec every epoch checkpoint carries (calibration and metrics come at the end)."""
-    readout = None
-    if cfg.model.value_codes:
-        tokenizer = Tokenizer.load(data.tokenizer)
-        readout = readout_from_tokenizer(tokenizer, cfg.model.value_codes, tuple(cfg.model.value_recency_days))
+    readout = readout_if_binned(data.tokenizer, cfg.model.value_codes, tuple(cfg.model.value_recency_days))
     return HeadSpec(
         task=cfg.task,
         horizon_days=int(cfg.horizon_days),

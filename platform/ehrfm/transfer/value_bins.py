@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ehrfm.model.value_bins import DEFAULT_RECENCY_DAYS, ValueBinReadout
 from ehrfm.preprocess.tokenizer import Tokenizer, value_token_names
 
@@ -23,3 +25,18 @@ def readout_from_tokenizer(
         value_ids=tuple(int(ids[name]) for name in value_token_names(tokenizer.n_bins)),
         recency_days=tuple(int(d) for d in recency_days),
     )
+
+
+def readout_if_binned(
+    tokenizer_path: str | Path, n_codes: int, recency_days: tuple[int, ...] = DEFAULT_RECENCY_DAYS
+) -> ValueBinReadout | None:
+    """The readout a config asks for (`n_codes` > 0) over the dataset's tokenizer; None when it asks
+    for none, or, said on stdout, when the tokenizer binned no values (a dataset without numeric
+    measurements), so that a default that asks for one still runs there."""
+    if not n_codes:
+        return None
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if not any(code in tokenizer.token_id for code in tokenizer.value_edges):
+        print(f"{tokenizer_path}: no code has value bins, so the head reads the states alone (value codes unused)")
+        return None
+    return readout_from_tokenizer(tokenizer, n_codes, recency_days)
