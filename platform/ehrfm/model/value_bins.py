@@ -110,6 +110,7 @@ class ValueBinFeatures(nn.Module):
                 0, key.reshape(-1), torch.where(keep, position, 0).reshape(-1), "amax"
             )
             bins = value_bin[flat_rows, (latest - 1).clamp(min=0)].clamp(min=0)
-            one_hot = torch.nn.functional.one_hot(bins, n_bins) * (latest > 0)[:, None]
+            # a comparison, not F.one_hot, which checks its indices with a host sync on CUDA
+            one_hot = (bins[:, None] == torch.arange(n_bins, device=tokens.device)) & (latest > 0)[:, None]
             parts.append(one_hot.reshape(n, n_codes * n_bins))
         return torch.cat(parts, dim=1).float()
