@@ -114,7 +114,8 @@ class FewShotConfig(StrictModel):
     # most measured codes with bins (model/value_bins.py; none when the tokenizer binned no values):
     # the hybrid that gives a linear head the lab thresholds the pooled states hold only entangled.
     # 0: the states alone. Default 40, measured on both cohorts (README, #21): cross-fitted fm_lr
-    # 0.769 -> 0.790 (20k) and 0.789 -> 0.799 (test bed); few-shot above counts boosting at every k
+    # (fm_prs=states) 0.768 -> 0.790 (20k) and 0.771 -> 0.799 (test bed); few-shot above counts
+    # boosting at every k <= 64 on both, which the states alone miss at k = 64 on the test bed
     fm_value_codes: int = Field(40, ge=0)
     fm_value_recency_days: list[int] = Field(default_factory=lambda: [30, 365])  # and "anywhere in the window"
     # > 1: also fit every head on K person folds of all label rows, each row scored out of fold

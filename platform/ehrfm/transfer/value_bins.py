@@ -8,6 +8,11 @@ from ehrfm.model.value_bins import DEFAULT_RECENCY_DAYS, ValueBinReadout
 from ehrfm.preprocess.tokenizer import Tokenizer, value_token_names
 
 
+def binned_codes(tokenizer: Tokenizer) -> list[str]:
+    """The vocabulary's codes whose values the tokenizer writes as bin tokens."""
+    return [code for code in tokenizer.value_edges if code in tokenizer.token_id]
+
+
 def readout_from_tokenizer(
     tokenizer: Tokenizer, n_codes: int, recency_days: tuple[int, ...] = DEFAULT_RECENCY_DAYS
 ) -> ValueBinReadout:
@@ -15,7 +20,7 @@ def readout_from_tokenizer(
     if n_codes < 1:
         raise ValueError(f"n_codes must be >= 1, got {n_codes}")
     ids = tokenizer.token_id
-    binned = [c for c in tokenizer.value_edges if c in ids]
+    binned = binned_codes(tokenizer)
     if not binned:
         raise ValueError("the tokenizer has no code with value bins: nothing for a value readout to read")
     ranked = sorted(binned, key=lambda c: (-tokenizer.code_counts.get(c, 0), c))[:n_codes]
@@ -36,7 +41,7 @@ def readout_if_binned(
     if not n_codes:
         return None
     tokenizer = Tokenizer.load(tokenizer_path)
-    if not any(code in tokenizer.token_id for code in tokenizer.value_edges):
+    if not binned_codes(tokenizer):
         print(f"{tokenizer_path}: no code has value bins, so the head reads the states alone (value codes unused)")
         return None
     return readout_from_tokenizer(tokenizer, n_codes, recency_days)
