@@ -4,6 +4,7 @@ chosen lab code, per recency bucket; nothing from padding or older windows."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -140,3 +141,33 @@ def test_a_config_default_asks_for_a_readout_only_where_values_were_binned(tmp_p
     assert readout_if_binned(tmp_path / "binned.json", 40).codes == ("LAB/A", "LAB/B", "LAB/C")  # all it has
     assert readout_if_binned(tmp_path / "plain.json", 40) is None
     assert "plain.json: no code has value bins, so the head reads the states alone" in capsys.readouterr().out
+
+
+def test_cumulative_columns_are_the_one_hots_summed_from_each_bin_up():
+    """Cumulative column j is "measured and bin >= j": the running sum of the one-hot from the top,
+    so column 0 is "measured" and a row without the code stays all zero."""
+    rng = np.random.default_rng(5)
+    one_hot = ValueBinReadout(("A", "B"), (20, 21), (5, 6, 7, 8), (10,))
+    cumulative = ValueBinReadout(("A", "B"), (20, 21), (5, 6, 7, 8), (10,), encoding="cumulative")
+    tokens = rng.choice([2, 5, 6, 7, 8, 20, 21, 30], size=(32, 24))
+    ages = np.sort(rng.integers(0, 60, size=(32, 24)), axis=1)
+    length = rng.integers(1, 25, size=32)
+    hot = one_hot.features(tokens, ages, length).reshape(32, 2, 2, 4)
+    got = cumulative.features(tokens, ages, length).reshape(32, 2, 2, 4)
+    want = np.flip(np.cumsum(np.flip(hot, -1), -1), -1)
+    np.testing.assert_array_equal(got, want)
+    assert got.max() == 1 and (got[..., 0] == hot.sum(-1)).all()
+    assert (got.sum(-1) > 1).any() and not np.array_equal(got, hot)  # the data holds bins above the lowest
+    with pytest.raises(ValueError, match="encoding"):
+        ValueBinReadout(("A",), (20,), (5, 6), encoding="thermo")
+
+
+def test_the_encoding_travels_in_the_head_spec_and_old_specs_read_one_hot():
+    from ehrfm.model.risk import HeadSpec
+
+    readout = ValueBinReadout(("A",), (20,), (5, 6), (30,), encoding="cumulative")
+    spec = HeadSpec(task="t2d", horizon_days=730, context=8, **HeadSpec.value_fields(readout))
+    assert HeadSpec.from_json(spec.to_json()).value_readout() == readout
+    old = json.loads(spec.to_json())
+    del old["value_encoding"]  # a head.json written before the field existed
+    assert HeadSpec.from_json(json.dumps(old)).value_readout().encoding == "one_hot"

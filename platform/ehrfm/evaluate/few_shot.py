@@ -118,6 +118,9 @@ class FewShotConfig(StrictModel):
     # boosting at every k <= 64 on both, which the states alone miss at k = 64 on the test bed
     fm_value_codes: int = Field(40, ge=0)
     fm_value_recency_days: list[int] = Field(default_factory=lambda: [30, 365])  # and "anywhere in the window"
+    # the bins as one_hot columns or cumulative ones ("measured", "bin >= 1", ...): the same
+    # functions for a linear head, but the penalty falls on steps between neighbouring bins
+    fm_value_encoding: Literal["one_hot", "cumulative"] = "one_hot"
     # > 1: also fit every head on K person folds of all label rows, each row scored out of fold
     # (evaluate/cross_fit.py); 0: off
     cross_fit_folds: int = Field(0, ge=0)

@@ -109,7 +109,9 @@ def published_counts(y: np.ndarray, split: np.ndarray) -> dict[str, str]:
 def value_readout(data_dir: Path, config: FewShotConfig) -> ValueBinReadout | None:
     """The value-bin readout `fm_value_codes` asks for, over the dataset's own tokenizer."""
     path = Path(data_dir) / "tokenizer.json"
-    return readout_if_binned(path, config.fm_value_codes, tuple(config.fm_value_recency_days))
+    return readout_if_binned(
+        path, config.fm_value_codes, tuple(config.fm_value_recency_days), config.fm_value_encoding
+    )
 
 
 def few_shot_evaluation(
@@ -324,6 +326,7 @@ def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
                     "fm_inputs": config["fm_inputs"],
                     "fm_value_codes": config["fm_value_codes"],
                     "fm_value_recency_days": ",".join(map(str, config["fm_value_recency_days"])),
+                    "fm_value_encoding": config["fm_value_encoding"],
                     "value_readout_codes": result.get("value_readout_codes", 0),
                     "hgb_min_samples_leaf": config["hgb_min_samples_leaf"] or "min(20, max(1, 2k // 10))",
                     "hgb_early_stopping": config["hgb_early_stopping"],

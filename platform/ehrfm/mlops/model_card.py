@@ -106,7 +106,8 @@ def model_card(
         f"- Polygenic scores: {len(spec.pgs_ids)} PGS ids" if spec.pgs_ids else "- Polygenic scores: not used",
         (
             f"- Lab values: the head also reads the latest value bin of {len(spec.value_codes)} lab codes in the "
-            f"window (within {', '.join(f'{d} days' for d in spec.value_recency_days)} and anywhere)"
+            f"window (within {', '.join(f'{d} days' for d in spec.value_recency_days)} and anywhere; "
+            f"{spec.value_encoding.replace('_', '-')} columns)"
             if spec.value_codes
             else "- Lab values: through the decoder's states only"
         ),

@@ -125,6 +125,7 @@ def log_risk_model(
                 "context": spec.context,
                 "head_inputs": spec.head_inputs,
                 "value_codes": len(spec.value_codes),
+                "value_encoding": spec.value_encoding if spec.value_codes else "",
                 "num_pgs": len(spec.pgs_ids),
                 "tokenizer_version": spec.tokenizer_version,
                 "calibrated": spec.platt is not None,

@@ -63,12 +63,13 @@ class HeadSpec:
     platt: tuple[float, float] | None = None  # calibrated = sigmoid(a * logit + b), fit on validation
     reference_quantiles: list[float] = field(default_factory=list)  # 101 quantiles of validation risks
     metrics: dict[str, float] = field(default_factory=dict)
-    # the head also reads the newest window's recent lab-value bins for these codes (one-hot per
-    # recency bound in days, plus "anywhere in the window"; model/value_bins.py). Empty: it does not
+    # the head also reads the newest window's recent lab-value bins for these codes (per recency
+    # bound in days, plus "anywhere in the window"; model/value_bins.py). Empty: it does not
     value_codes: list[str] = field(default_factory=list)
     value_code_ids: list[int] = field(default_factory=list)  # their token ids
     value_token_ids: list[int] = field(default_factory=list)  # the value tokens', lowest bin first
     value_recency_days: list[int] = field(default_factory=list)
+    value_encoding: str = "one_hot"  # or "cumulative" (model/value_bins.py); older specs: one_hot
 
     @classmethod
     def value_fields(cls, readout: ValueBinReadout | None) -> dict:
@@ -80,6 +81,7 @@ class HeadSpec:
             "value_code_ids": list(readout.code_ids),
             "value_token_ids": list(readout.value_ids),
             "value_recency_days": list(readout.recency_days),
+            "value_encoding": readout.encoding,
         }
 
     def value_readout(self) -> ValueBinReadout | None:
@@ -90,6 +92,7 @@ class HeadSpec:
             tuple(self.value_code_ids),
             tuple(self.value_token_ids),
             tuple(self.value_recency_days),
+            self.value_encoding,
         )
 
     def to_json(self) -> str:

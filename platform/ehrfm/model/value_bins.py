@@ -8,9 +8,12 @@ cannot learn that map, while a one-hot of the bins hands it a ready-made basis (
 "Where the values are lost").
 
 The readout: for each of the `n_codes` most frequent codes with value bins (the tokenizer's train
-counts), the quantile-bin token of its last measurement inside the window, one-hot, once per
-recency bucket (within 30 days of the window's last token, within 365 days, anywhere in the
-window). A measurement is a code token immediately followed by a value token, as the tokenizer
+counts), the quantile-bin token of its last measurement inside the window, once per recency
+bucket (within 30 days of the window's last token, within 365 days, anywhere in the window), as
+either a one-hot of the bin or cumulative columns (measured, bin >= 1, ..., bin >= n-1). The
+cumulative form spans the same functions for a linear head, but its L2 penalty then falls on the
+steps between neighbouring bins, so adjacent deciles share evidence instead of each being learned
+from its own few events (README, "The value-bin readout"). A measurement is a code token immediately followed by a value token, as the tokenizer
 writes them (`[gap] code [Q]`). Only tokens the decoder reads are used: nothing from outside the
 window, and for whole-history inputs only the newest window.
 """
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 DEFAULT_RECENCY_DAYS = (30, 365)  # and a last bucket with no bound: anywhere in the window
+ENCODINGS = ("one_hot", "cumulative")
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,11 @@ class ValueBinReadout:
     code_ids: tuple[int, ...]
     value_ids: tuple[int, ...]  # the value tokens, lowest bin first
     recency_days: tuple[int, ...] = DEFAULT_RECENCY_DAYS
+    encoding: str = "one_hot"  # or "cumulative": column j is "measured and bin >= j" (j = 0: measured)
 
     def __post_init__(self) -> None:
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {list(ENCODINGS)}, got {self.encoding!r}")
         if not self.code_ids or len(self.codes) != len(self.code_ids) or not self.value_ids:
             raise ValueError("a value readout needs codes, their token ids (as many) and the value token ids")
         if any(d < 0 for d in self.recency_days):
@@ -66,13 +73,14 @@ class ValueBinReadout:
 class ValueBinFeatures(nn.Module):
     """The readout as a module (its lookups move with the model, no host sync in a step).
 
-    forward -> [n, width] float 0/1, laid out (recency bucket, code, bin). tokens/ages [n, T] with
+    forward -> [n, width] float 0/1, laid out (recency bucket, code, bin column). tokens/ages [n, T] with
     `length` [n] real tokens, or [n, W, T] with length [n, W] (oldest window first: the newest is
     read)."""
 
     def __init__(self, readout: ValueBinReadout):
         super().__init__()
         self.readout = readout
+        self.cumulative = readout.encoding == "cumulative"
         top = max(*readout.code_ids, *readout.value_ids) + 1
         code_of = torch.full((top,), -1, dtype=torch.long)
         code_of[torch.tensor(readout.code_ids)] = torch.arange(len(readout.code_ids))
@@ -110,7 +118,8 @@ class ValueBinFeatures(nn.Module):
                 0, key.reshape(-1), torch.where(keep, position, 0).reshape(-1), "amax"
             )
             bins = value_bin[flat_rows, (latest - 1).clamp(min=0)].clamp(min=0)
-            # a comparison, not F.one_hot, which checks its indices with a host sync on CUDA
-            one_hot = (bins[:, None] == torch.arange(n_bins, device=tokens.device)) & (latest > 0)[:, None]
-            parts.append(one_hot.reshape(n, n_codes * n_bins))
+            # comparisons, not F.one_hot, which checks its indices with a host sync on CUDA
+            columns = torch.arange(n_bins, device=tokens.device)
+            hit = bins[:, None] >= columns if self.cumulative else bins[:, None] == columns
+            parts.append((hit & (latest > 0)[:, None]).reshape(n, n_codes * n_bins))
         return torch.cat(parts, dim=1).float()

@@ -237,7 +237,9 @@ def prepare_finetune(cfg: FinetuneConfig) -> tuple[FinetuneConfig, PreparedData]
 # ---- the Ray Train run -----------------------------------------------------------------------
 def head_spec(cfg: FinetuneConfig, data: PreparedData) -> HeadSpec:
     """The spec every epoch checkpoint carries (calibration and metrics come at the end)."""
-    readout = readout_if_binned(data.tokenizer, cfg.model.value_codes, tuple(cfg.model.value_recency_days))
+    readout = readout_if_binned(
+        data.tokenizer, cfg.model.value_codes, tuple(cfg.model.value_recency_days), cfg.model.value_encoding
+    )
     return HeadSpec(
         task=cfg.task,
         horizon_days=int(cfg.horizon_days),

@@ -48,6 +48,7 @@ class FinetuneModel(StrictModel):
     # cohorts; this fine-tune on the default cohort +0.017 val / +0.018 test AUROC
     value_codes: int = Field(40, ge=0)
     value_recency_days: list[int] = Field(default_factory=lambda: [30, 365])  # + "anywhere in the window"
+    value_encoding: Literal["one_hot", "cumulative"] = "one_hot"  # model/value_bins.py
 
 
 class FinetuneOptim(StrictModel):

@@ -14,7 +14,10 @@ def binned_codes(tokenizer: Tokenizer) -> list[str]:
 
 
 def readout_from_tokenizer(
-    tokenizer: Tokenizer, n_codes: int, recency_days: tuple[int, ...] = DEFAULT_RECENCY_DAYS
+    tokenizer: Tokenizer,
+    n_codes: int,
+    recency_days: tuple[int, ...] = DEFAULT_RECENCY_DAYS,
+    encoding: str = "one_hot",
 ) -> ValueBinReadout:
     """The `n_codes` codes with value bins that the train split measured most (ties by code name)."""
     if n_codes < 1:
@@ -29,11 +32,15 @@ def readout_from_tokenizer(
         code_ids=tuple(int(ids[c]) for c in ranked),
         value_ids=tuple(int(ids[name]) for name in value_token_names(tokenizer.n_bins)),
         recency_days=tuple(int(d) for d in recency_days),
+        encoding=encoding,
     )
 
 
 def readout_if_binned(
-    tokenizer_path: str | Path, n_codes: int, recency_days: tuple[int, ...] = DEFAULT_RECENCY_DAYS
+    tokenizer_path: str | Path,
+    n_codes: int,
+    recency_days: tuple[int, ...] = DEFAULT_RECENCY_DAYS,
+    encoding: str = "one_hot",
 ) -> ValueBinReadout | None:
     """The readout a config asks for (`n_codes` > 0) over the dataset's tokenizer; None when it asks
     for none, or, said on stdout, when the tokenizer binned no values (a dataset without numeric
@@ -44,4 +51,4 @@ def readout_if_binned(
     if not binned_codes(tokenizer):
         print(f"{tokenizer_path}: no code has value bins, so the head reads the states alone (value codes unused)")
         return None
-    return readout_from_tokenizer(tokenizer, n_codes, recency_days)
+    return readout_from_tokenizer(tokenizer, n_codes, recency_days, encoding)
