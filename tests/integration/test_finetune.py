@@ -57,6 +57,7 @@ def probe(ray_cluster, data, pretrained, storage, mlflow_server):
         "train.modality_dropout=0.0",
         "data.history_windows=2",
         "model.value_codes=3",  # the head also reads the window's value bins (the factory's tokens hold some)
+        "model.value_encoding=cumulative",  # as cumulative columns (the predictor's tests cover one_hot)
         f"mlflow.tracking_uri={mlflow_server}",
     )
     return cfg, run_finetune(cfg), labels
@@ -171,6 +172,7 @@ def test_saved_model_directory_round_trips(probe, data):
     assert spec.history_windows == 2  # the windows the probe read travel with the model
     # so do the value readout's codes and ids: the worker's head read them, the loaded model reads them too
     assert spec.value_codes == ["C00", "C01", "C02"] and spec.value_recency_days == [30, 365]
+    assert spec.value_encoding == "cumulative" and spec.value_readout().encoding == "cumulative"
     assert spec.value_code_ids == [tokenizer.token_id[c] for c in spec.value_codes]
     assert model.head.linear.in_features == 3 * 32 + 3 * 3 * 10
     table = predictions(run_dir)

@@ -171,6 +171,16 @@ def test_few_shot_value_bins_reach_the_fm_head_from_the_datasets_tokenizer(tiny,
     assert plain[0] == 0 and with_values[0] == 5
     assert plain[1] != with_values[1]
     assert json.loads((tmp_path / "b" / "few_shot.json").read_text())["value_readout_codes"] == 5
+    # the encoding setting reaches the readout the job builds, and the job runs with it
+    from ehrfm.evaluate.few_shot import FewShotConfig
+    from ehrfm.evaluate.few_shot_job import value_readout
+
+    cumulative = value_readout(info.root, FewShotConfig(fm_value_codes=5, fm_value_encoding="cumulative"))
+    assert cumulative.encoding == "cumulative" and cumulative.codes == readout.codes
+    assert value_readout(info.root, FewShotConfig(fm_value_codes=5)).encoding == "one_hot"  # the default
+    assert cross_fitted_auroc(tmp_path / "c", "fm_value_codes=5", "fm_value_encoding=cumulative")[0] == 5
+    result = json.loads((tmp_path / "c" / "few_shot.json").read_text())
+    assert result["config"]["fm_value_encoding"] == "cumulative" and result["value_readout_codes"] == 5
 
 
 def test_few_shot_reads_the_states_alone_when_the_tokenizer_binned_no_values(tiny, tmp_path, capsys, monkeypatch):
