@@ -109,9 +109,7 @@ def published_counts(y: np.ndarray, split: np.ndarray) -> dict[str, str]:
 def value_readout(data_dir: Path, config: FewShotConfig) -> ValueBinReadout | None:
     """The value-bin readout `fm_value_codes` asks for, over the dataset's own tokenizer."""
     path = Path(data_dir) / "tokenizer.json"
-    return readout_if_binned(
-        path, config.fm_value_codes, tuple(config.fm_value_recency_days), config.fm_value_encoding
-    )
+    return readout_if_binned(path, config.fm_value_codes, tuple(config.fm_value_recency_days), config.fm_value_encoding)
 
 
 def few_shot_evaluation(
