@@ -13,9 +13,10 @@ bucket (within 30 days of the window's last token, within 365 days, anywhere in 
 either a one-hot of the bin or cumulative columns (measured, bin >= 1, ..., bin >= n-1). The
 cumulative form spans the same functions for a linear head, but its L2 penalty then falls on the
 steps between neighbouring bins, so adjacent deciles share evidence instead of each being learned
-from its own few events (README, "The value-bin readout"). A measurement is a code token immediately followed by a value token, as the tokenizer
-writes them (`[gap] code [Q]`). Only tokens the decoder reads are used: nothing from outside the
-window, and for whole-history inputs only the newest window.
+from its own few events (README, "The value-bin readout"). A measurement is a code token
+immediately followed by a value token, as the tokenizer writes them (`[gap] code [Q]`). Only
+tokens the decoder reads are used: nothing from outside the window, and for whole-history inputs
+only the newest window.
 """
 
 from __future__ import annotations
