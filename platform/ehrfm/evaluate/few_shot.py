@@ -56,6 +56,7 @@ from ehrfm.config import StrictModel
 from ehrfm.evaluate.baselines import BaselineConfig, dense_columns, lr_design, prs_design
 from ehrfm.evaluate.features import FeatureMatrix
 from ehrfm.metrics import auprc, auroc
+from ehrfm.model.value_bins import ValueEncoding
 
 TRAIN, TEST = "train", "test"
 FM_LR, FM_HGB, FM_COUNTS_HGB = "fm_lr", "fm_hgb", "fm_counts_hgb"
@@ -120,7 +121,7 @@ class FewShotConfig(StrictModel):
     fm_value_recency_days: list[int] = Field(default_factory=lambda: [30, 365])  # and "anywhere in the window"
     # the bins as one_hot columns or cumulative ones ("measured", "bin >= 1", ...): the same
     # functions for a linear head, but the penalty falls on steps between neighbouring bins
-    fm_value_encoding: Literal["one_hot", "cumulative"] = "one_hot"
+    fm_value_encoding: ValueEncoding = "one_hot"
     # > 1: also fit every head on K person folds of all label rows, each row scored out of fold
     # (evaluate/cross_fit.py); 0: off
     cross_fit_folds: int = Field(0, ge=0)

@@ -35,7 +35,7 @@ from ehrfm.model.config import ModelConfig
 from ehrfm.model.heads import ClassificationHead
 from ehrfm.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model_config, save_model_files
 from ehrfm.model.transformer import EHRDecoder
-from ehrfm.model.value_bins import ValueBinFeatures, ValueBinReadout
+from ehrfm.model.value_bins import ValueBinFeatures, ValueBinReadout, ValueEncoding
 
 # what the head reads: the last hidden state, + the mean hidden state of the window, + the mean PRS soft token
 HeadInputs = Literal["last", "last+prs", "last+mean", "last+mean+prs"]
@@ -69,7 +69,7 @@ class HeadSpec:
     value_code_ids: list[int] = field(default_factory=list)  # their token ids
     value_token_ids: list[int] = field(default_factory=list)  # the value tokens', lowest bin first
     value_recency_days: list[int] = field(default_factory=list)
-    value_encoding: str = "one_hot"  # or "cumulative" (model/value_bins.py); older specs: one_hot
+    value_encoding: ValueEncoding = "one_hot"  # or "cumulative" (model/value_bins.py); older specs: one_hot
 
     @classmethod
     def value_fields(cls, readout: ValueBinReadout | None) -> dict:

@@ -22,13 +22,15 @@ only the newest window.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
 DEFAULT_RECENCY_DAYS = (30, 365)  # and a last bucket with no bound: anywhere in the window
-ENCODINGS = ("one_hot", "cumulative")
+ValueEncoding = Literal["one_hot", "cumulative"]  # the configs' and head.json's one list
+ENCODINGS = get_args(ValueEncoding)
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class ValueBinReadout:
     code_ids: tuple[int, ...]
     value_ids: tuple[int, ...]  # the value tokens, lowest bin first
     recency_days: tuple[int, ...] = DEFAULT_RECENCY_DAYS
-    encoding: str = "one_hot"  # or "cumulative": column j is "measured and bin >= j" (j = 0: measured)
+    encoding: ValueEncoding = "one_hot"  # or "cumulative": column j is "measured and bin >= j" (j = 0: measured)
 
     def __post_init__(self) -> None:
         if self.encoding not in ENCODINGS:

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from ehrfm.config import StrictModel
 from ehrfm.model.risk import HeadInputs
+from ehrfm.model.value_bins import ValueEncoding
 from ehrfm.training.config import DeepSpeedSection, EngineSpec, MlflowSection, ScalingSection
 
 Mode = Literal["linear_probe", "full", "partial"]
@@ -48,7 +49,7 @@ class FinetuneModel(StrictModel):
     # cohorts; this fine-tune on the default cohort +0.017 val / +0.018 test AUROC
     value_codes: int = Field(40, ge=0)
     value_recency_days: list[int] = Field(default_factory=lambda: [30, 365])  # + "anywhere in the window"
-    value_encoding: Literal["one_hot", "cumulative"] = "one_hot"  # model/value_bins.py
+    value_encoding: ValueEncoding = "one_hot"  # model/value_bins.py
 
 
 class FinetuneOptim(StrictModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ehrfm.model.value_bins import DEFAULT_RECENCY_DAYS, ValueBinReadout
+from ehrfm.model.value_bins import DEFAULT_RECENCY_DAYS, ValueBinReadout, ValueEncoding
 from ehrfm.preprocess.tokenizer import Tokenizer, value_token_names
 
 
@@ -17,7 +17,7 @@ def readout_from_tokenizer(
     tokenizer: Tokenizer,
     n_codes: int,
     recency_days: tuple[int, ...] = DEFAULT_RECENCY_DAYS,
-    encoding: str = "one_hot",
+    encoding: ValueEncoding = "one_hot",
 ) -> ValueBinReadout:
     """The `n_codes` codes with value bins that the train split measured most (ties by code name)."""
     if n_codes < 1:
@@ -40,7 +40,7 @@ def readout_if_binned(
     tokenizer_path: str | Path,
     n_codes: int,
     recency_days: tuple[int, ...] = DEFAULT_RECENCY_DAYS,
-    encoding: str = "one_hot",
+    encoding: ValueEncoding = "one_hot",
 ) -> ValueBinReadout | None:
     """The readout a config asks for (`n_codes` > 0) over the dataset's tokenizer; None when it asks
     for none, or, said on stdout, when the tokenizer binned no values (a dataset without numeric
