@@ -12,14 +12,17 @@ from ehrfm.evaluate.cross_fit import cross_fit_report
 from ehrfm.evaluate.features import FeatureMatrix
 from ehrfm.evaluate.few_shot import (
     FM_COUNTS_HGB,
+    FM_ENS,
     FM_HGB,
     FM_LR,
     Design,
+    Ensemble,
     FewShotConfig,
     NotEnoughShots,
     count_designs,
     draw_shots,
     fit_and_score,
+    fm_boosted_design,
     fm_design,
     hgb_early_stopping,
     logistic_head,
@@ -160,7 +163,7 @@ def test_fm_boosting_heads_read_the_states_and_the_counts_together():
     assert auc[FM_COUNTS_HGB] > 0.97 and auc[FM_COUNTS_HGB] > max(auc[FM_HGB], auc["counts_hgb"]) + 0.05
     assert set(report["comparisons"]) == {f"{m}-counts_hgb" for m in (FM_LR, FM_HGB, FM_COUNTS_HGB)}
     assert report["comparisons"][f"{FM_COUNTS_HGB}-counts_hgb"]["ci"][0] > 0
-    defaults = FewShotConfig().models  # opt-in: the boosted FM heads and values_hgb
+    defaults = FewShotConfig().models  # opt-in: the boosted FM heads, the ensemble and values_hgb
     assert defaults == [FM_LR, "counts_lr", "counts_prs_lr", "counts_hgb", "counts_prs_hgb"]
 
 
@@ -277,3 +280,41 @@ def test_value_bins_come_last_and_an_lr_head_reads_them_unscaled():
         Design("lr", sp.csr_matrix(design.x), unscaled=2)
     with pytest.raises(ValueError, match="dense design"):
         Design("lr", design.x, unscaled=11)
+
+
+def test_the_ensemble_averages_its_members_logits_and_beats_each_where_they_see_different_things():
+    """One member sees a linear signal, the other an interaction it alone can use: the mean of
+    their logits ranks better than either, and it is exactly that mean (no weight fit on labels)."""
+    rng = np.random.default_rng(9)
+    n = 6000
+    linear, a, b = rng.standard_normal((3, n))
+    y = (linear + 1.5 * (a > 0) * (b > 0) + 0.8 * rng.standard_normal(n) > 1.3).astype(int)
+    lr = Design("lr", np.column_stack([linear, rng.standard_normal(n)]))
+    hgb = Design("hgb", np.column_stack([a, b]))
+    config = FewShotConfig(shots=[], cross_fit_folds=3, threads=1, models=[FM_LR, FM_HGB, FM_ENS])
+    fit, score = np.arange(4000), np.arange(4000, n)
+    members = [fit_and_score(d, y, fit, score, config) for d in (lr, hgb)]
+    both = fit_and_score(Ensemble((lr, hgb)), y, fit, score, config)
+    logits = [np.log(p / (1 - p)) for p in members]
+    np.testing.assert_allclose(np.log(both / (1 - both)), (logits[0] + logits[1]) / 2, rtol=1e-9, atol=1e-9)
+    auc = [auroc(y[score], r) for r in (*members, both)]
+    assert auc[2] > max(auc[:2]) + 0.01
+    report = cross_fit_report({FM_LR: lr, FM_HGB: hgb, FM_ENS: Ensemble((lr, hgb))}, y, np.arange(n), config, 100)
+    assert report["models"][FM_ENS]["auroc"] > max(report["models"][m]["auroc"] for m in (FM_LR, FM_HGB))
+    with pytest.raises(ValueError, match="at least two"):
+        Ensemble((lr,))
+
+
+def test_the_boosted_fm_head_reads_bin_numbers_in_place_of_the_value_columns():
+    rng = np.random.default_rng(4)
+    hidden, mean = rng.standard_normal((2, 6, 3))
+    value_columns = (rng.random((6, 8)) < 0.3).astype(float)
+    lr = fm_design(hidden, None, None, mean, value_bins=value_columns)
+    numbers = np.where(rng.random((6, 2)) < 0.5, np.nan, rng.integers(0, 4, (6, 2)))
+    boosted = fm_boosted_design(lr, numbers)
+    assert boosted.kind == "hgb" and boosted.x.shape == (6, 3 + 3 + 2)
+    np.testing.assert_array_equal(boosted.x[:, :6], np.column_stack([hidden, mean]))
+    np.testing.assert_array_equal(boosted.x[:, 6:], numbers)  # NaN kept: the trees' missing branch
+    assert fm_boosted_design(fm_design(hidden, None, None), None).x.shape == (6, 3)
+    with pytest.raises(ValueError, match="bin numbers"):
+        fm_boosted_design(lr, None)

@@ -159,9 +159,9 @@ def test_few_shot_value_bins_reach_the_fm_head_from_the_datasets_tokenizer(tiny,
     assert features.value_bins.shape == (labels.num_rows, readout.width)
     assert 0 < features.value_bins.any(axis=1).mean() < 1  # the factory's tokens hold some code-then-bin pairs
 
-    def cross_fitted_auroc(out, *extra):
+    def cross_fitted_auroc(out, *extra, models="models=[fm_lr]"):
         argv = ["few_shot", "--pretrained", str(checkpoint.parent), "--data", str(info.root), "--labels"]
-        argv += [str(labels_path), "--out", str(out), "models=[fm_lr]", "shots=[]", "threads=1", "cross_fit_folds=3"]
+        argv += [str(labels_path), "--out", str(out), models, "shots=[]", "threads=1", "cross_fit_folds=3"]
         assert main(argv + list(extra)) == 0
         result = json.loads((out / "few_shot.json").read_text())
         return result["config"]["fm_value_codes"], result["cross_fit"]["models"]["fm_lr"]["auroc"]
@@ -178,9 +178,14 @@ def test_few_shot_value_bins_reach_the_fm_head_from_the_datasets_tokenizer(tiny,
     cumulative = value_readout(info.root, FewShotConfig(fm_value_codes=5, fm_value_encoding="cumulative"))
     assert cumulative.encoding == "cumulative" and cumulative.codes == readout.codes
     assert value_readout(info.root, FewShotConfig(fm_value_codes=5)).encoding == "one_hot"  # the default
-    assert cross_fitted_auroc(tmp_path / "c", "fm_value_codes=5", "fm_value_encoding=cumulative")[0] == 5
+    heads = "models=[fm_lr,fm_hgb,fm_ens]"  # the boosted FM head and the ensemble ride along
+    assert cross_fitted_auroc(tmp_path / "c", "fm_value_codes=5", "fm_value_encoding=cumulative", models=heads)[0] == 5
     result = json.loads((tmp_path / "c" / "few_shot.json").read_text())
     assert result["config"]["fm_value_encoding"] == "cumulative" and result["value_readout_codes"] == 5
+    fitted = result["cross_fit"]["models"]
+    assert set(fitted) == {"fm_lr", "fm_hgb", "fm_ens"}
+    assert all(0 < fitted[m]["auroc"] < 1 for m in fitted)
+    assert len({fitted[m]["auroc"] for m in fitted}) == 3  # three different heads
 
 
 def test_few_shot_reads_the_states_alone_when_the_tokenizer_binned_no_values(tiny, tmp_path, capsys, monkeypatch):

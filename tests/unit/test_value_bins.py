@@ -171,3 +171,25 @@ def test_the_encoding_travels_in_the_head_spec_and_old_specs_read_one_hot():
     old = json.loads(spec.to_json())
     del old["value_encoding"]  # a head.json written before the field existed
     assert HeadSpec.from_json(json.dumps(old)).value_readout().encoding == "one_hot"
+
+
+def test_bin_numbers_are_the_same_for_either_encoding_and_nan_where_unmeasured():
+    """A boosted head reads one number per (bucket, code) slot: the bin of the latest measurement,
+    NaN where there is none, whichever columns the readout wrote."""
+    rng = np.random.default_rng(6)
+    one_hot = ValueBinReadout(("A", "B"), (20, 21), (5, 6, 7, 8), (10,))
+    cumulative = ValueBinReadout(("A", "B"), (20, 21), (5, 6, 7, 8), (10,), encoding="cumulative")
+    tokens = rng.choice([2, 5, 6, 7, 8, 20, 21, 30], size=(40, 24))
+    ages = np.sort(rng.integers(0, 60, size=(40, 24)), axis=1)
+    length = rng.integers(1, 25, size=40)
+    hot = one_hot.features(tokens, ages, length)
+    numbers = one_hot.bin_numbers(hot)
+    assert numbers.shape == (40, 2 * 2)  # (bucket, code) slots
+    np.testing.assert_array_equal(numbers, cumulative.bin_numbers(cumulative.features(tokens, ages, length)))
+    slots = hot.reshape(40, 4, BINS)
+    measured = slots.any(-1)
+    assert np.isnan(numbers[~measured]).all() and measured.any() and not measured.all()
+    np.testing.assert_array_equal(numbers[measured], slots.argmax(-1)[measured])
+    assert len(np.unique(numbers[measured])) > 1  # the data holds more than one bin
+    with pytest.raises(ValueError, match="readout columns"):
+        one_hot.bin_numbers(hot[:, :-1])

@@ -38,7 +38,7 @@ from threadpoolctl import threadpool_limits
 
 from ehrfm.calibration import apply_platt, logit, platt_or_none
 from ehrfm.evaluate.calibration import expected_calibration_error
-from ehrfm.evaluate.few_shot import COUNT_MODELS, FM_LR, FM_LR_NO_PRS, FM_MODELS, Design, FewShotConfig, fit_and_score
+from ehrfm.evaluate.few_shot import COUNT_MODELS, FM_LR, FM_LR_NO_PRS, FM_MODELS, FewShotConfig, Head, fit_and_score
 from ehrfm.evaluate.targets import (
     MAX_RECALIBRATED_ECE,
     MAX_ZERO_SHOT_GAP,
@@ -72,7 +72,7 @@ def person_folds(subject_ids: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 
 def cross_fit(
-    designs: Mapping[str, Design], y: np.ndarray, fold: np.ndarray, config: FewShotConfig
+    designs: Mapping[str, Head], y: np.ndarray, fold: np.ndarray, config: FewShotConfig
 ) -> dict[str, np.ndarray]:
     """Out-of-fold risk of every row for every head."""
     y = np.asarray(y).astype(int).ravel()
@@ -102,7 +102,7 @@ def recalibrated_out_of_fold(risk: np.ndarray, y: np.ndarray, fold: np.ndarray) 
 
 
 def cross_fit_report(
-    designs: Mapping[str, Design],
+    designs: Mapping[str, Head],
     y: np.ndarray,
     subject_ids: np.ndarray,
     config: FewShotConfig,

@@ -23,7 +23,15 @@ heads have fixed settings):
   (two rows) can still split and k = 128 keeps scikit-learn's default of 20. Early stopping
   (`hgb_early_stopping`, default auto) as scikit-learn's own default: on a stratified 10% of the
   fit rows when they are more than 10,000 (the cross-fit's folds), never for the few shots.
-- fm_hgb (opt-in): the same boosting on fm_lr's inputs, a non-linear head on the frozen states.
+- fm_hgb (opt-in): the same boosting on fm_lr's inputs, a non-linear head on the frozen states,
+  except that the value-bin readout reaches it as one bin number per (recency bucket, code), NaN
+  where unmeasured (`fm_boosted_design`): a tree splits one ordered column where ten indicators
+  would each need a split (cross-fitted on the 20k cohort: 0.776 with numbers, 0 for unmeasured;
+  0.785 with NaN).
+- fm_ens (opt-in): fm_lr and fm_hgb fit apart on the same rows, their logits averaged with equal
+  weights (nothing chosen on the labels). The two heads read the same frozen decoder, one as
+  linear steps, one as interactions between values; on the 20k cohort their out-of-fold logits
+  correlate at 0.85, and the mean beats either (README, #21).
 - fm_counts_hgb (opt-in): the boosting on counts_prs_hgb's columns plus fm_lr's states, asking
   whether the decoder's states add anything to the strongest count model.
 - fm_lr_no_prs (opt-in): fm_lr with the PRS taken away everywhere: the states come from a second
@@ -46,12 +54,14 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 from pydantic import Field, field_validator, model_validator
+from scipy.special import expit
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import MaxAbsScaler, StandardScaler
 from threadpoolctl import threadpool_limits
 
+from ehrfm.calibration import logit
 from ehrfm.config import StrictModel
 from ehrfm.evaluate.baselines import BaselineConfig, dense_columns, lr_design, prs_design
 from ehrfm.evaluate.features import FeatureMatrix
@@ -61,7 +71,8 @@ from ehrfm.model.value_bins import ValueEncoding
 TRAIN, TEST = "train", "test"
 FM_LR, FM_HGB, FM_COUNTS_HGB = "fm_lr", "fm_hgb", "fm_counts_hgb"
 FM_LR_NO_PRS = "fm_lr_no_prs"  # fm_lr without the PRS anywhere: the decoder's PRS masked, no PRS columns
-FM_MODELS = (FM_LR, FM_HGB, FM_COUNTS_HGB, FM_LR_NO_PRS)  # heads that read the frozen decoder's states
+FM_ENS = "fm_ens"  # fm_lr and fm_hgb, their logits averaged
+FM_MODELS = (FM_LR, FM_HGB, FM_ENS, FM_COUNTS_HGB, FM_LR_NO_PRS)  # heads that read the frozen decoder's states
 # values_hgb (opt-in): boosting on the last measured values and age alone, no code counts: shows
 # how much of counts_hgb's lead comes from thresholds on a few lab values
 VALUES_HGB = "values_hgb"
@@ -183,6 +194,20 @@ class Design:
             raise ValueError(f"unscaled={self.unscaled} needs a dense design with at least that many columns")
 
 
+@dataclass(frozen=True)
+class Ensemble:
+    """Heads fit apart on the same rows whose risks are combined as the mean of their logits."""
+
+    members: tuple[Design, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.members) < 2:
+            raise ValueError("an ensemble needs at least two member heads")
+
+
+Head = Design | Ensemble  # what a model name maps to in run_few_shot and the cross-fit
+
+
 # ---- draws --------------------------------------------------------------------------------------
 def draw_shots(y: np.ndarray, split: np.ndarray, k: int, replicate: int, seed: int) -> np.ndarray:
     """Row indices of k positive then k negative train rows, a pure function of (seed, k, replicate)."""
@@ -232,7 +257,7 @@ def logistic_head(y_fit: np.ndarray, config: FewShotConfig) -> LogisticRegressio
 
 
 def fit_and_score(
-    design: Design,
+    design: Head,
     y: np.ndarray,
     fit_rows: np.ndarray,
     score_rows: np.ndarray,
@@ -241,6 +266,9 @@ def fit_and_score(
 ):
     """Fit one head on `fit_rows` only (labels and all); its risk on `score_rows`. `scale_rows`: the
     rows whose features (never labels) fit an LR head's scaling, default `fit_rows`."""
+    if isinstance(design, Ensemble):
+        logits = [logit(fit_and_score(m, y, fit_rows, score_rows, config, scale_rows)) for m in design.members]
+        return expit(np.mean(logits, axis=0))
     x_fit, y_fit, x_score = design.x[fit_rows], np.asarray(y)[fit_rows].astype(int), design.x[score_rows]
     # every fit, not only run_few_shot's loop: OpenMP threads that spin beside other work cost 10x
     with threadpool_limits(limits=config.threads):
@@ -293,6 +321,18 @@ def fm_design(
     return Design("lr", np.column_stack([x, np.asarray(value_bins, dtype=np.float64)]), unscaled=value_bins.shape[1])
 
 
+def fm_boosted_design(lr_inputs: Design, bin_numbers: np.ndarray | None) -> Design:
+    """fm_hgb's inputs: fm_lr's columns, with the value-bin readout (its trailing unscaled columns)
+    replaced by each slot's bin number (`ValueBinReadout.bin_numbers`, NaN where unmeasured)."""
+    x = np.asarray(lr_inputs.x)
+    states = x[:, : x.shape[1] - lr_inputs.unscaled]
+    if bin_numbers is None or bin_numbers.shape[1] == 0:
+        if lr_inputs.unscaled:
+            raise ValueError("fm_lr's inputs hold value-bin columns: give their bin numbers")
+        return Design("hgb", states)
+    return Design("hgb", np.column_stack([states, np.asarray(bin_numbers, dtype=np.float64)]))
+
+
 def count_designs(
     features: FeatureMatrix,
     prs: np.ndarray | None,
@@ -331,7 +371,7 @@ def _record(model: str, k: int, replicate: int, scores: dict | None = None, reas
     return {"model": model, "k": k, "replicate": replicate, **scores, "reason": reason}
 
 
-def run_few_shot(designs: Mapping[str, Design], y, split, config: FewShotConfig) -> list[dict]:
+def run_few_shot(designs: Mapping[str, Head], y, split, config: FewShotConfig) -> list[dict]:
     """One record per (model, k, replicate): test AUROC/AUPRC, or NaN and the reason it has none."""
     y = np.asarray(y).astype(int).ravel()
     split = np.asarray(split).astype(str).ravel()

@@ -45,6 +45,7 @@ from ehrfm.evaluate.features import CodeVocabulary, build_features
 from ehrfm.evaluate.few_shot import (
     COUNT_MODELS,
     FM_COUNTS_HGB,
+    FM_ENS,
     FM_HGB,
     FM_LR,
     FM_LR_NO_PRS,
@@ -52,9 +53,10 @@ from ehrfm.evaluate.few_shot import (
     MODELS,
     TEST,
     TRAIN,
-    Design,
+    Ensemble,
     FewShotConfig,
     count_designs,
+    fm_boosted_design,
     fm_design,
     paired_differences,
     run_few_shot,
@@ -74,6 +76,7 @@ JSON_FILE, CSV_FILE, MARKDOWN_FILE, PLOT_FILE = "few_shot.json", "few_shot.csv",
 LABELS = {
     FM_LR: "FM (frozen) + PRS, LR",
     FM_HGB: "FM (frozen) + PRS, GBM",
+    FM_ENS: "FM (frozen) + PRS, LR and GBM averaged",
     FM_COUNTS_HGB: "counts + FM (frozen) + PRS, GBM",
     FM_LR_NO_PRS: "FM (frozen), PRS masked, LR",
     "counts_lr": "counts LR",
@@ -143,8 +146,13 @@ def few_shot_evaluation(
     fm_inputs = fm_design(frozen.hidden, *scores, mean, summary, frozen.value_bins)
     if FM_LR in config.models:
         designs[FM_LR] = fm_inputs
-    if FM_HGB in config.models:
-        designs[FM_HGB] = Design("hgb", fm_inputs.x)  # the same inputs, a boosted head
+    if FM_HGB in config.models or FM_ENS in config.models:
+        bin_numbers = None if readout is None else readout.bin_numbers(frozen.value_bins)
+        boosted = fm_boosted_design(fm_inputs, bin_numbers)  # the same inputs, the bins as numbers
+        if FM_HGB in config.models:
+            designs[FM_HGB] = boosted
+        if FM_ENS in config.models:
+            designs[FM_ENS] = Ensemble((fm_inputs, boosted))
     if FM_LR_NO_PRS in config.models:
         masked_mean = frozen.mean_prs_masked if config.fm_inputs == "last+mean" else None
         designs[FM_LR_NO_PRS] = fm_design(

@@ -62,6 +62,21 @@ class ValueBinReadout:
     def width(self) -> int:
         return len(self.buckets) * len(self.code_ids) * len(self.value_ids)
 
+    def bin_numbers(self, columns: np.ndarray) -> np.ndarray:
+        """The readout's columns as one number per (recency bucket, code) slot: the bin (0 = lowest),
+        NaN where the code was not measured. A boosted head's form: it splits one ordered column
+        (and learns "unmeasured" as its own branch), where ten 0/1 columns would each need a split."""
+        columns = np.asarray(columns)
+        n_bins = len(self.value_ids)
+        if columns.ndim != 2 or columns.shape[1] != self.width:
+            raise ValueError(f"expected [rows, {self.width}] readout columns, got {list(columns.shape)}")
+        slots = columns.reshape(len(columns), -1, n_bins) > 0
+        if self.encoding == "cumulative":  # "measured, bin >= 1, ...": the count of ones is bin + 1
+            number = slots.sum(-1) - 1.0
+        else:
+            number = np.where(slots.any(-1), slots.argmax(-1), -1).astype(np.float64)
+        return np.where(number < 0, np.nan, number)
+
     def features(self, tokens: np.ndarray, ages: np.ndarray, length: np.ndarray) -> np.ndarray:
         """numpy in and out: `ValueBinFeatures` on CPU (one implementation for every caller)."""
         with torch.no_grad():
