@@ -58,8 +58,8 @@ def test_run_has_params_metrics_per_k_and_artifacts(tmp_path, mlflow_server):
     logged = run.data.metrics
     gain = cross_fit["prs_gains"]["gains"]["fm_lr"]["auroc_difference"]
     assert logged["cross_fit/prs_gain/fm_lr/auroc_difference"] == pytest.approx(gain)
-    contrast = cross_fit["prs_gains"]["target"]["fm_gain_minus_share_of_hgb_gain"]
-    assert logged["cross_fit/prs_gain/fm_minus_share_of_hgb"] == pytest.approx(contrast)
+    contrast = cross_fit["prs_gains"]["targets"]["fm_lr"]["fm_gain_minus_share_of_hgb_gain"]
+    assert logged["cross_fit/prs_gain/fm_lr/minus_share_of_hgb"] == pytest.approx(contrast)
     gap = cross_fit["zero_shot"]["auroc_difference"]
     assert logged["cross_fit/fm_lr-zero_shot/auroc_difference"] == pytest.approx(gap)
     ece = cross_fit["models"][ZERO_SHOT]["ece_recalibrated"]

@@ -15,7 +15,17 @@ from ehrfm.evaluate.cross_fit import (
     person_folds,
     recalibrated_out_of_fold,
 )
-from ehrfm.evaluate.few_shot import FM_LR, FM_LR_NO_PRS, Design, FewShotConfig, fm_design
+from ehrfm.evaluate.few_shot import (
+    FM_ENS,
+    FM_ENS_NO_PRS,
+    FM_LR,
+    FM_LR_NO_PRS,
+    Design,
+    Ensemble,
+    FewShotConfig,
+    fm_boosted_design,
+    fm_design,
+)
 from ehrfm.metrics import auroc
 
 
@@ -76,32 +86,39 @@ def test_prs_gains_of_the_fm_and_of_boosting_and_the_target_contrast(prs_signal)
     liability = states[:, 0] + prs_signal * np.where(has_prs, prs[:, 0], 0.0) + 0.6 * rng.standard_normal(n)
     y = (liability > 1.5).astype(int)
     prs_cols = np.column_stack([np.where(has_prs[:, None], prs, 0.0), has_prs]).astype(np.float32)
+    with_prs, without = fm_design(states, prs, has_prs), fm_design(states, None, None)
     designs = {
-        FM_LR: fm_design(states, prs, has_prs),
-        FM_LR_NO_PRS: fm_design(states, None, None),
+        FM_LR: with_prs,
+        FM_LR_NO_PRS: without,
+        FM_ENS: Ensemble((with_prs, fm_boosted_design(with_prs, None))),
+        FM_ENS_NO_PRS: Ensemble((without, fm_boosted_design(without, None))),
         "counts_hgb": Design("hgb", states[:, :2]),
         "counts_prs_hgb": Design("hgb", np.column_stack([states[:, :2], prs_cols])),
     }
-    config = FewShotConfig(
-        shots=[], cross_fit_folds=4, threads=1, models=[FM_LR, FM_LR_NO_PRS, "counts_hgb", "counts_prs_hgb"]
-    )
+    config = FewShotConfig(shots=[], cross_fit_folds=4, threads=1, models=list(designs))
     report = cross_fit_report(designs, y, np.arange(n), config, n_boot=200)
-    gains, target = report["prs_gains"]["gains"], report["prs_gains"]["target"]
-    assert set(gains) == {"fm_lr", "counts_hgb"}
+    gains, targets = report["prs_gains"]["gains"], report["prs_gains"]["targets"]
+    assert set(gains) == {"fm_lr", "fm_ens", "counts_hgb"} and set(targets) == {"fm_lr", "fm_ens"}
     auc = {name: m["auroc"] for name, m in report["models"].items()}
     assert gains["fm_lr"]["auroc_difference"] == pytest.approx(auc[FM_LR] - auc[FM_LR_NO_PRS])
+    assert gains["fm_ens"]["auroc_difference"] == pytest.approx(auc[FM_ENS] - auc[FM_ENS_NO_PRS])
+    ens_gain = gains["fm_ens"]["auroc_difference"]
+    target = targets["fm_lr"]
     assert gains["counts_hgb"]["auroc_difference"] == pytest.approx(auc["counts_prs_hgb"] - auc["counts_hgb"])
     fm_gain, hgb_gain = gains["fm_lr"]["auroc_difference"], gains["counts_hgb"]["auroc_difference"]
     assert target["fm_gain_minus_share_of_hgb_gain"] == pytest.approx(fm_gain - 0.6 * hgb_gain)
     assert target["ci"][0] <= target["fm_gain_minus_share_of_hgb_gain"] <= target["ci"][1]
+    assert targets["fm_ens"]["fm_gain_minus_share_of_hgb_gain"] == pytest.approx(ens_gain - 0.6 * hgb_gain)
     if prs_signal:
+        assert gains["fm_ens"]["ci"][0] > 0.03
         assert gains["fm_lr"]["ci"][0] > 0.03 and gains["counts_hgb"]["ci"][0] > 0.03
         assert target["ci"][0] > 0 and target["ratio"] == pytest.approx(fm_gain / hgb_gain)
     else:
         assert gains["fm_lr"]["ci"][0] < 0 < gains["fm_lr"]["ci"][1] or abs(fm_gain) < 0.005
         assert abs(hgb_gain) < 0.02
     text = cross_fit_markdown(report, str(n), str(y.sum()))
-    assert "| PRS gain (with - without the score) |" in text and "FM PRS gain - 0.6 x boosting's" in text
+    assert "| PRS gain (with - without the score) |" in text
+    assert "fm_lr PRS gain - 0.6 x boosting's" in text and "fm_ens PRS gain - 0.6 x boosting's" in text
 
 
 def test_config_needs_two_folds_and_the_mean_for_several_windows():

@@ -100,7 +100,7 @@ def test_few_shot_command_writes_aggregates_table_and_plot(tiny, tmp_path, capsy
     assert "| fm_lr | 1 |" in printed and "Cross-fitted heads on all label rows (3 person folds)" in printed
     cross = result["cross_fit"]
     assert set(cross["models"]) == {"fm_lr", "fm_lr_no_prs"} and cross["comparisons"] == {}  # no count heads
-    assert set(cross["prs_gains"]["gains"]) == {"fm_lr"} and "target" not in cross["prs_gains"]  # no boosting pair
+    assert set(cross["prs_gains"]["gains"]) == {"fm_lr"} and "targets" not in cross["prs_gains"]  # no boosting pair
     assert 0.0 <= cross["models"]["fm_lr"]["auroc_ci"][0] <= cross["models"]["fm_lr"]["auroc"] <= 1.0
     assert "rows" not in cross and cross["published"]["rows"] == str(labels.num_rows)  # published form only
 
@@ -178,14 +178,15 @@ def test_few_shot_value_bins_reach_the_fm_head_from_the_datasets_tokenizer(tiny,
     cumulative = value_readout(info.root, FewShotConfig(fm_value_codes=5, fm_value_encoding="cumulative"))
     assert cumulative.encoding == "cumulative" and cumulative.codes == readout.codes
     assert value_readout(info.root, FewShotConfig(fm_value_codes=5)).encoding == "one_hot"  # the default
-    heads = "models=[fm_lr,fm_hgb,fm_ens]"  # the boosted FM head and the ensemble ride along
+    heads = "models=[fm_lr,fm_hgb,fm_ens,fm_lr_no_prs,fm_ens_no_prs]"  # the boosted head and ensembles ride along
     assert cross_fitted_auroc(tmp_path / "c", "fm_value_codes=5", "fm_value_encoding=cumulative", models=heads)[0] == 5
     result = json.loads((tmp_path / "c" / "few_shot.json").read_text())
     assert result["config"]["fm_value_encoding"] == "cumulative" and result["value_readout_codes"] == 5
     fitted = result["cross_fit"]["models"]
-    assert set(fitted) == {"fm_lr", "fm_hgb", "fm_ens"}
+    assert set(fitted) == {"fm_lr", "fm_hgb", "fm_ens", "fm_lr_no_prs", "fm_ens_no_prs"}
     assert all(0 < fitted[m]["auroc"] < 1 for m in fitted)
-    assert len({fitted[m]["auroc"] for m in fitted}) == 3  # three different heads
+    assert len({fitted[m]["auroc"] for m in ("fm_lr", "fm_hgb", "fm_ens")}) == 3  # three different heads
+    assert set(result["cross_fit"]["prs_gains"]["gains"]) == {"fm_lr", "fm_ens"}
 
 
 def test_few_shot_reads_the_states_alone_when_the_tokenizer_binned_no_values(tiny, tmp_path, capsys, monkeypatch):

@@ -38,7 +38,17 @@ from threadpoolctl import threadpool_limits
 
 from ehrfm.calibration import apply_platt, logit, platt_or_none
 from ehrfm.evaluate.calibration import expected_calibration_error
-from ehrfm.evaluate.few_shot import COUNT_MODELS, FM_LR, FM_LR_NO_PRS, FM_MODELS, FewShotConfig, Head, fit_and_score
+from ehrfm.evaluate.few_shot import (
+    COUNT_MODELS,
+    FM_ENS,
+    FM_ENS_NO_PRS,
+    FM_LR,
+    FM_LR_NO_PRS,
+    FM_MODELS,
+    FewShotConfig,
+    Head,
+    fit_and_score,
+)
 from ehrfm.evaluate.targets import (
     MAX_RECALIBRATED_ECE,
     MAX_ZERO_SHOT_GAP,
@@ -52,6 +62,7 @@ ZERO_SHOT = "zero_shot"  # the zero-shot path probability, read from its job's o
 # (with the PRS, without it): the pairs whose difference is a model's PRS gain
 PRS_PAIRS = {
     "fm_lr": (FM_LR, FM_LR_NO_PRS),
+    "fm_ens": (FM_ENS, FM_ENS_NO_PRS),
     "counts_hgb": ("counts_prs_hgb", "counts_hgb"),
     "counts_lr": ("counts_prs_lr", "counts_lr"),
 }
@@ -184,25 +195,33 @@ def _interval(estimate: Estimate) -> dict:
 
 def prs_gains(risks: Mapping[str, np.ndarray], y: np.ndarray, subject_ids: np.ndarray, n_boot: int, seed: int) -> dict:
     """Each model's AUROC gain from the PRS (PRS_PAIRS whose two heads were fit) with paired CIs, and
-    when the FM's and boosting's both are there, the target's contrast: FM gain - share x boosting's."""
+    for each FM head whose pair is there beside boosting's, the target's contrast: FM gain - share x
+    boosting's (`targets`, by FM head)."""
     present = {name: pair for name, pair in PRS_PAIRS.items() if all(m in risks for m in pair)}
     gains = {
         name: _interval(bootstrap_difference("auroc", y, risks[a], risks[b], n_boot, seed, groups=subject_ids))
         for name, (a, b) in present.items()
     }
     out: dict = {"gains": gains}
-    if "fm_lr" in present and "counts_hgb" in present:
-        fm, hgb = PRS_PAIRS["fm_lr"], PRS_PAIRS["counts_hgb"]
+    if "counts_hgb" not in present:
+        return out
+    hgb = PRS_PAIRS["counts_hgb"]
+    hgb_gain = gains["counts_hgb"]["auroc_difference"]
+    targets = {}
+    for head in (h for h in ("fm_lr", "fm_ens") if h in present):
+        fm = PRS_PAIRS[head]
         scores = [risks[fm[0]], risks[fm[1]], risks[hgb[0]], risks[hgb[1]]]
         weights = [1.0, -1.0, -MIN_PRS_GAIN_SHARE, MIN_PRS_GAIN_SHARE]
         contrast = bootstrap_contrast("auroc", y, scores, weights, n_boot, seed, groups=subject_ids)
-        fm_gain, hgb_gain = gains["fm_lr"]["auroc_difference"], gains["counts_hgb"]["auroc_difference"]
-        out["target"] = {
+        fm_gain = gains[head]["auroc_difference"]
+        targets[head] = {
             "share": MIN_PRS_GAIN_SHARE,
             "fm_gain_minus_share_of_hgb_gain": contrast.value,
             "ci": [contrast.lower, contrast.upper],
             "ratio": fm_gain / hgb_gain if hgb_gain > 0 else None,  # a point figure; the contrast has the CI
         }
+    if targets:
+        out["targets"] = targets
     return out
 
 
@@ -243,12 +262,11 @@ def cross_fit_markdown(report: dict, published_rows: str, published_events: str)
     if prs.get("gains"):
         lines += ["", "| PRS gain (with - without the score) | value [95% CI] | minimum detectable |", "|---|---|---|"]
         lines += [_difference_row(name, c) for name, c in prs["gains"].items()]
-    if prs.get("target"):
-        t = prs["target"]
+    for head, t in (prs.get("targets") or {}).items():
         ratio = "n/a (boosting gains nothing)" if t["ratio"] is None else f"{t['ratio']:.2f}"
         lines += [
             "",
-            f"FM PRS gain - {t['share']} x boosting's: {t['fm_gain_minus_share_of_hgb_gain']:+.3f} "
+            f"{head} PRS gain - {t['share']} x boosting's: {t['fm_gain_minus_share_of_hgb_gain']:+.3f} "
             f"[{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}] (target >= 0); ratio of the gains {ratio}.",
         ]
     gap = report.get("zero_shot")

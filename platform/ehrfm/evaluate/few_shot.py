@@ -38,7 +38,7 @@ heads have fixed settings):
   forward pass with every person's PRS masked (the model's missing-PRS path), and it reads no PRS
   summary or score columns whatever `fm_prs` says. fm_lr - fm_lr_no_prs is the FM's PRS gain,
   measured as counts_prs_hgb - counts_hgb measures gradient boosting's (two heads fit apart, one
-  with the score and one without).
+  with the score and one without). fm_ens_no_prs (opt-in) is fm_ens on those inputs.
 Nothing is skipped silently: a k with fewer than k train positives (or negatives), or a head that
 cannot be fit, is recorded with NaN metrics and the reason.
 """
@@ -72,7 +72,15 @@ TRAIN, TEST = "train", "test"
 FM_LR, FM_HGB, FM_COUNTS_HGB = "fm_lr", "fm_hgb", "fm_counts_hgb"
 FM_LR_NO_PRS = "fm_lr_no_prs"  # fm_lr without the PRS anywhere: the decoder's PRS masked, no PRS columns
 FM_ENS = "fm_ens"  # fm_lr and fm_hgb, their logits averaged
-FM_MODELS = (FM_LR, FM_HGB, FM_ENS, FM_COUNTS_HGB, FM_LR_NO_PRS)  # heads that read the frozen decoder's states
+FM_ENS_NO_PRS = "fm_ens_no_prs"  # fm_ens on fm_lr_no_prs's inputs: the ensemble's own PRS gain
+FM_MODELS = (
+    FM_LR,
+    FM_HGB,
+    FM_ENS,
+    FM_COUNTS_HGB,
+    FM_LR_NO_PRS,
+    FM_ENS_NO_PRS,
+)  # heads that read the frozen decoder's states
 # values_hgb (opt-in): boosting on the last measured values and age alone, no code counts: shows
 # how much of counts_hgb's lead comes from thresholds on a few lab values
 VALUES_HGB = "values_hgb"

@@ -46,6 +46,7 @@ from ehrfm.evaluate.few_shot import (
     COUNT_MODELS,
     FM_COUNTS_HGB,
     FM_ENS,
+    FM_ENS_NO_PRS,
     FM_HGB,
     FM_LR,
     FM_LR_NO_PRS,
@@ -77,6 +78,7 @@ LABELS = {
     FM_LR: "FM (frozen) + PRS, LR",
     FM_HGB: "FM (frozen) + PRS, GBM",
     FM_ENS: "FM (frozen) + PRS, LR and GBM averaged",
+    FM_ENS_NO_PRS: "FM (frozen), PRS masked, LR and GBM averaged",
     FM_COUNTS_HGB: "counts + FM (frozen) + PRS, GBM",
     FM_LR_NO_PRS: "FM (frozen), PRS masked, LR",
     "counts_lr": "counts LR",
@@ -133,7 +135,7 @@ def few_shot_evaluation(
         config.context,
         config.batch_size,
         config.history_windows,
-        prs_masked_too=FM_LR_NO_PRS in config.models,
+        prs_masked_too=FM_LR_NO_PRS in config.models or FM_ENS_NO_PRS in config.models,
         prs_summary_too=config.fm_prs == "summary",
         value_readout=readout,
     )
@@ -146,18 +148,22 @@ def few_shot_evaluation(
     fm_inputs = fm_design(frozen.hidden, *scores, mean, summary, frozen.value_bins)
     if FM_LR in config.models:
         designs[FM_LR] = fm_inputs
+    bin_numbers = None if readout is None else readout.bin_numbers(frozen.value_bins)  # the boosted heads' form
     if FM_HGB in config.models or FM_ENS in config.models:
-        bin_numbers = None if readout is None else readout.bin_numbers(frozen.value_bins)
         boosted = fm_boosted_design(fm_inputs, bin_numbers)  # the same inputs, the bins as numbers
         if FM_HGB in config.models:
             designs[FM_HGB] = boosted
         if FM_ENS in config.models:
             designs[FM_ENS] = Ensemble((fm_inputs, boosted))
-    if FM_LR_NO_PRS in config.models:
+    if FM_LR_NO_PRS in config.models or FM_ENS_NO_PRS in config.models:
         masked_mean = frozen.mean_prs_masked if config.fm_inputs == "last+mean" else None
-        designs[FM_LR_NO_PRS] = fm_design(
+        masked = fm_design(
             frozen.hidden_prs_masked, None, None, masked_mean, value_bins=frozen.value_bins
         )  # the same value bins: they are no part of the PRS
+        if FM_LR_NO_PRS in config.models:
+            designs[FM_LR_NO_PRS] = masked
+        if FM_ENS_NO_PRS in config.models:
+            designs[FM_ENS_NO_PRS] = Ensemble((masked, fm_boosted_design(masked, bin_numbers)))
     if any(m in config.models for m in (*COUNT_MODELS, FM_COUNTS_HGB)):
         counts = config.features
         events = read_events(data_dir)
@@ -365,9 +371,9 @@ def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
             prs = cross_fit.get("prs_gains") or {}
             for name, c in prs.get("gains", {}).items():
                 mlflow.log_metric(metric_key(f"cross_fit/prs_gain/{name}", "auroc_difference"), c["auroc_difference"])
-            if prs.get("target"):
-                contrast = prs["target"]["fm_gain_minus_share_of_hgb_gain"]
-                mlflow.log_metric(metric_key("cross_fit/prs_gain", "fm_minus_share_of_hgb"), contrast)
+            for head, target in (prs.get("targets") or {}).items():
+                contrast = target["fm_gain_minus_share_of_hgb_gain"]
+                mlflow.log_metric(metric_key(f"cross_fit/prs_gain/{head}", "minus_share_of_hgb"), contrast)
             if cross_fit.get("zero_shot"):
                 gap = cross_fit["zero_shot"]["auroc_difference"]
                 mlflow.log_metric(metric_key(f"cross_fit/{FM_LR}-{ZERO_SHOT}", "auroc_difference"), gap)
