@@ -342,6 +342,7 @@ def log_to_mlflow(uri: str, result: dict, paths: list[Path]) -> str:
                     "value_readout_codes": result.get("value_readout_codes", 0),
                     "hgb_min_samples_leaf": config["hgb_min_samples_leaf"] or "min(20, max(1, 2k // 10))",
                     "hgb_early_stopping": config["hgb_early_stopping"],
+                    "hgb_bags": config["hgb_bags"],
                     "pretrained": result["pretrained"],
                     **result["counts"],
                 }
