@@ -143,15 +143,23 @@ def test_a_config_default_asks_for_a_readout_only_where_values_were_binned(tmp_p
     assert "plain.json: no code has value bins, so the head reads the states alone" in capsys.readouterr().out
 
 
+def both_encodings(encoding: str = "one_hot") -> ValueBinReadout:
+    """Codes A, B (ids 20, 21) with bins 5-8 and a 10-day bucket: the encoding tests' readout."""
+    return ValueBinReadout(("A", "B"), (20, 21), (5, 6, 7, 8), (10,), encoding=encoding)
+
+
+def random_windows(seed: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows of 24 tokens mixing those codes, their bins and other tokens; random real lengths."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.choice([2, 5, 6, 7, 8, 20, 21, 30], size=(rows, 24))
+    ages = np.sort(rng.integers(0, 60, size=(rows, 24)), axis=1)
+    return tokens, ages, rng.integers(1, 25, size=rows)
+
+
 def test_cumulative_columns_are_the_one_hots_summed_from_each_bin_up():
     """Cumulative column j is "measured and bin >= j": the running sum of the one-hot from the top,
     so column 0 is "measured" and a row without the code stays all zero."""
-    rng = np.random.default_rng(5)
-    one_hot = ValueBinReadout(("A", "B"), (20, 21), (5, 6, 7, 8), (10,))
-    cumulative = ValueBinReadout(("A", "B"), (20, 21), (5, 6, 7, 8), (10,), encoding="cumulative")
-    tokens = rng.choice([2, 5, 6, 7, 8, 20, 21, 30], size=(32, 24))
-    ages = np.sort(rng.integers(0, 60, size=(32, 24)), axis=1)
-    length = rng.integers(1, 25, size=32)
+    one_hot, cumulative, (tokens, ages, length) = both_encodings(), both_encodings("cumulative"), random_windows(5, 32)
     hot = one_hot.features(tokens, ages, length).reshape(32, 2, 2, 4)
     got = cumulative.features(tokens, ages, length).reshape(32, 2, 2, 4)
     want = np.flip(np.cumsum(np.flip(hot, -1), -1), -1)
@@ -176,12 +184,7 @@ def test_the_encoding_travels_in_the_head_spec_and_old_specs_read_one_hot():
 def test_bin_numbers_are_the_same_for_either_encoding_and_nan_where_unmeasured():
     """A boosted head reads one number per (bucket, code) slot: the bin of the latest measurement,
     NaN where there is none, whichever columns the readout wrote."""
-    rng = np.random.default_rng(6)
-    one_hot = ValueBinReadout(("A", "B"), (20, 21), (5, 6, 7, 8), (10,))
-    cumulative = ValueBinReadout(("A", "B"), (20, 21), (5, 6, 7, 8), (10,), encoding="cumulative")
-    tokens = rng.choice([2, 5, 6, 7, 8, 20, 21, 30], size=(40, 24))
-    ages = np.sort(rng.integers(0, 60, size=(40, 24)), axis=1)
-    length = rng.integers(1, 25, size=40)
+    one_hot, cumulative, (tokens, ages, length) = both_encodings(), both_encodings("cumulative"), random_windows(6, 40)
     hot = one_hot.features(tokens, ages, length)
     numbers = one_hot.bin_numbers(hot)
     assert numbers.shape == (40, 2 * 2)  # (bucket, code) slots
