@@ -93,8 +93,9 @@ def cross_fit(
             held_out, fit_rows = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
             if not 0 < y[fit_rows].sum() < len(fit_rows):
                 raise ValueError(f"fold {k}: the other folds hold one class only")
+            fitted: dict[int, np.ndarray] = {}  # members shared by heads are fit once per fold
             for name, design in designs.items():
-                risks[name][held_out] = fit_and_score(design, y, fit_rows, held_out, config)
+                risks[name][held_out] = fit_and_score(design, y, fit_rows, held_out, config, fitted=fitted)
     return risks
 
 
@@ -208,7 +209,7 @@ def prs_gains(risks: Mapping[str, np.ndarray], y: np.ndarray, subject_ids: np.nd
     hgb = PRS_PAIRS["counts_hgb"]
     hgb_gain = gains["counts_hgb"]["auroc_difference"]
     targets = {}
-    for head in (h for h in ("fm_lr", "fm_ens") if h in present):
+    for head in (h for h in present if h in FM_MODELS):  # fm_lr, fm_ens: the FM heads with a PRS pair
         fm = PRS_PAIRS[head]
         scores = [risks[fm[0]], risks[fm[1]], risks[hgb[0]], risks[hgb[1]]]
         weights = [1.0, -1.0, -MIN_PRS_GAIN_SHARE, MIN_PRS_GAIN_SHARE]

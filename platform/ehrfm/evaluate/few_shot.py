@@ -279,12 +279,30 @@ def fit_and_score(
     score_rows: np.ndarray,
     config: FewShotConfig,
     scale_rows: np.ndarray | None = None,
+    fitted: dict[int, np.ndarray] | None = None,
 ):
     """Fit one head on `fit_rows` only (labels and all); its risk on `score_rows`. `scale_rows`: the
-    rows whose features (never labels) fit an LR head's scaling, default `fit_rows`."""
+    rows whose features (never labels) fit an LR head's scaling, default `fit_rows`. `fitted`: the
+    risks already computed on these rows, by design (id), so that an ensemble member that is also a
+    head of its own (fm_lr, fm_hgb beside fm_ens) is fit once per fold or draw."""
     if isinstance(design, Ensemble):
-        logits = [logit(fit_and_score(m, y, fit_rows, score_rows, config, scale_rows)) for m in design.members]
-        return expit(np.mean(logits, axis=0))
+        return mean_logit(
+            [fit_and_score(m, y, fit_rows, score_rows, config, scale_rows, fitted) for m in design.members]
+        )
+    if fitted is not None and id(design) in fitted:
+        return fitted[id(design)]
+    risk = _fit_design(design, y, fit_rows, score_rows, config, scale_rows)
+    if fitted is not None:
+        fitted[id(design)] = risk
+    return risk
+
+
+def mean_logit(risks: list[np.ndarray]) -> np.ndarray:
+    """Risks combined as the mean of their logits (an ensemble's members, a bag of boosting fits)."""
+    return expit(np.mean([logit(r) for r in risks], axis=0))
+
+
+def _fit_design(design: Design, y, fit_rows, score_rows, config: FewShotConfig, scale_rows) -> np.ndarray:
     x_fit, y_fit, x_score = design.x[fit_rows], np.asarray(y)[fit_rows].astype(int), design.x[score_rows]
     # every fit, not only run_few_shot's loop: OpenMP threads that spin beside other work cost 10x
     with threadpool_limits(limits=config.threads):
@@ -316,7 +334,7 @@ def fit_and_score(
             )
             model.fit(x_fit, y_fit)
             risks.append(model.predict_proba(x_score)[:, 1])
-        return risks[0] if len(risks) == 1 else expit(np.mean([logit(r) for r in risks], axis=0))
+        return risks[0] if len(risks) == 1 else mean_logit(risks)
 
 
 def fm_design(
@@ -410,9 +428,10 @@ def run_few_shot(designs: Mapping[str, Head], y, split, config: FewShotConfig) -
                 except NotEnoughShots as err:
                     records += [_record(name, k, replicate, reason=str(err)) for name in designs]
                     continue
+                fitted: dict[int, np.ndarray] = {}  # members shared by heads are fit once per draw
                 for name, design in designs.items():
                     try:
-                        risk = fit_and_score(design, y, rows, test, config, scale_rows)
+                        risk = fit_and_score(design, y, rows, test, config, scale_rows, fitted)
                     except ValueError as err:  # scikit-learn's refusals of a fit
                         records.append(_record(name, k, replicate, reason=f"{type(err).__name__}: {err}"))
                         continue

@@ -148,7 +148,10 @@ def few_shot_evaluation(
     fm_inputs = fm_design(frozen.hidden, *scores, mean, summary, frozen.value_bins)
     if FM_LR in config.models:
         designs[FM_LR] = fm_inputs
-    bin_numbers = None if readout is None else readout.bin_numbers(frozen.value_bins)  # the boosted heads' form
+    boosted_heads = any(m in config.models for m in (FM_HGB, FM_ENS, FM_ENS_NO_PRS))
+    bin_numbers = (
+        readout.bin_numbers(frozen.value_bins) if readout is not None and boosted_heads else None
+    )  # their form
     if FM_HGB in config.models or FM_ENS in config.models:
         boosted = fm_boosted_design(fm_inputs, bin_numbers)  # the same inputs, the bins as numbers
         if FM_HGB in config.models:
